@@ -1,0 +1,637 @@
+//! Accounts: registration, email verification, password change and reset, profile,
+//! and the bootstrap administrator.
+
+use crate::hibp::HibpVerdict;
+use crate::rbac::roles_of;
+use crate::service::{Bootstrap, BootstrapOutcome};
+use crate::{AuthError, AuthService};
+use sqlx::Row;
+use vaultpay_core::crypto::{opaque_token, sha256_hex};
+use vaultpay_core::password::PolicyViolation;
+use vaultpay_core::secret::Secret;
+use vaultpay_core::time::{now_micros, rfc3339, secs};
+use vaultpay_proto::auth as wire;
+use vaultpay_store::audit::{append, NewAudit, Origin};
+use vaultpay_web::{Ctx, Principal};
+
+pub(crate) const MAX_EMAIL: usize = 254;
+pub(crate) const MAX_NAME: usize = 100;
+
+/// Trims and lower-cases an email address and checks its shape.
+pub(crate) fn normalise_email(raw: &str) -> Result<String, AuthError> {
+    let bad = |why: &str| {
+        AuthError::Invalid(
+            "email_invalid",
+            format!("The email address is invalid: {why}."),
+        )
+    };
+    let email = raw.trim().to_lowercase();
+    if email.is_empty() || email.len() > MAX_EMAIL {
+        return Err(bad("it must be 1 to 254 characters"));
+    }
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return Err(bad("it has no @"));
+    };
+    if local.is_empty() || local.len() > 64 || local.contains('@') {
+        return Err(bad("the part before @ is empty, too long or has another @"));
+    }
+    if email.chars().any(|c| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(
+                c,
+                '<' | '>' | '(' | ')' | '[' | ']' | ',' | ';' | ':' | '\\' | '"'
+            )
+    }) {
+        return Err(bad("it contains characters not allowed in an address"));
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+    };
+    if labels.len() < 2 || !labels.iter().all(label_ok) {
+        return Err(bad("the domain is not a valid host name"));
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return Err(bad("dots in the part before @ are misplaced"));
+    }
+    Ok(email)
+}
+
+fn validate_name(name: &str) -> Result<String, AuthError> {
+    let name = name.trim();
+    let n = name.chars().count();
+    if n == 0 || n > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(AuthError::Invalid(
+            "name_invalid",
+            format!("The name must be 1 to {MAX_NAME} printable characters."),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+impl AuthService {
+    /// Policy, bundled list and (optionally) the breached-password range API.
+    async fn check_new_password(&self, password: &str, inputs: &[&str]) -> Result<(), AuthError> {
+        self.inner
+            .cfg
+            .password_policy
+            .check(password, inputs)
+            .map_err(AuthError::Password)?;
+        if let Some(hibp) = &self.inner.hibp {
+            match hibp.check(password).await {
+                HibpVerdict::Clean => {}
+                HibpVerdict::Breached(count) => {
+                    return Err(AuthError::Password(PolicyViolation::Breached { count }));
+                }
+                HibpVerdict::Unavailable(why) => {
+                    tracing::warn!(reason = %why, fail_open = hibp.fail_open(), "breached-password check unavailable");
+                    if !hibp.fail_open() {
+                        return Err(AuthError::BreachCheckUnavailable);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a password matching one of the last N (current included).
+    async fn check_history(&self, user_id: &str, password: &str) -> Result<(), AuthError> {
+        let n = self.inner.cfg.password_history as i64;
+        if n == 0 {
+            return Ok(());
+        }
+        let rows = sqlx::query(
+            "SELECT password_hash FROM password_history WHERE user_id = $1 ORDER BY created_at DESC LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(n)
+        .fetch_all(self.inner.db.read())
+        .await?;
+        for r in rows {
+            let phc: String = r.try_get("password_hash")?;
+            if self.verify_password(password.to_owned(), Some(phc)).await? {
+                return Err(AuthError::PasswordReused);
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_user(
+        &self,
+        origin: &Origin,
+        email: &str,
+        name: &str,
+        phc: &str,
+        roles: &[&str],
+        verified: bool,
+    ) -> Result<String, AuthError> {
+        let db = &self.inner.db;
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = now_micros();
+        let mut tx = db.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, email_verified, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+        )
+        .bind(&id)
+        .bind(email)
+        .bind(name)
+        .bind(phc)
+        .bind(i64::from(verified))
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if vaultpay_store::is_unique_violation(Some(&e)) => {
+                return Err(AuthError::EmailTaken)
+            }
+            other => other?,
+        };
+        sqlx::query(
+            "INSERT INTO password_history (user_id, password_hash, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(&id)
+        .bind(phc)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for role in roles {
+            sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(*role)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        append(
+            db,
+            &mut tx,
+            origin,
+            NewAudit::success("user.registered")
+                .actor(&id)
+                .resource(&id)
+                .metadata(serde_json::json!({ "roles": roles })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// `POST /v1/auth/register`.
+    pub async fn register(
+        &self,
+        ctx: &Ctx,
+        req: wire::RegisterRequest,
+    ) -> Result<wire::User, AuthError> {
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("register:ip:{}", ctx.ip_key()),
+            self.inner.cfg.rate_limits.register_per_ip,
+        )
+        .await?;
+        let email = normalise_email(&req.email)?;
+        let name = validate_name(&req.name)?;
+        self.check_new_password(&req.password, &[&email, &name])
+            .await?;
+        let exists = sqlx::query("SELECT id FROM users WHERE email = $1")
+            .bind(&email)
+            .fetch_optional(self.inner.db.read())
+            .await?;
+        if exists.is_some() {
+            return Err(AuthError::EmailTaken);
+        }
+        let phc = self.hash_password(req.password).await?;
+        let id = self
+            .create_user(&ctx.origin(), &email, &name, &phc, &["customer"], false)
+            .await?;
+        self.send_verification(&id, &email).await?;
+        self.user(&id).await
+    }
+
+    async fn new_email_token(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        ttl_secs: i64,
+    ) -> Result<String, AuthError> {
+        let token = opaque_token();
+        let now = now_micros();
+        sqlx::query(
+            "INSERT INTO email_tokens (token_hash, user_id, purpose, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(sha256_hex(token.as_bytes()))
+        .bind(user_id)
+        .bind(purpose)
+        .bind(now)
+        .bind(now + secs(ttl_secs))
+        .execute(self.inner.db.writer())
+        .await?;
+        Ok(token)
+    }
+
+    async fn send_verification(&self, user_id: &str, email: &str) -> Result<(), AuthError> {
+        let token = self
+            .new_email_token(user_id, "verify", self.inner.cfg.email_verify_ttl_secs)
+            .await?;
+        let link = format!("{}/v1/auth/verify-email?token={token}", self.public_url());
+        let text = format!(
+            "Welcome to VaultPay.\n\nConfirm your email address by opening this link:\n\n{link}\n\n\
+             The link works once and expires in {} hours. If you did not sign up, ignore this message.\n",
+            self.inner.cfg.email_verify_ttl_secs / 3600
+        );
+        self.send_mail(email, "Confirm your email address", text)
+            .await;
+        Ok(())
+    }
+
+    /// Sends a new verification link to the caller.
+    pub async fn resend_verification(&self, p: &Principal) -> Result<wire::Accepted, AuthError> {
+        let user = self.user(p.user_id()).await?;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("verify:acct:{}", user.id),
+            self.inner.cfg.rate_limits.reset_per_account,
+        )
+        .await?;
+        if !user.email_verified {
+            self.send_verification(&user.id, &user.email).await?;
+        }
+        Ok(wire::Accepted {
+            status: "sent".into(),
+        })
+    }
+
+    /// Consumes a single-use token of `purpose`; returns its user.
+    async fn consume_email_token(
+        &self,
+        tx: &mut vaultpay_store::Tx,
+        token: &str,
+        purpose: &str,
+    ) -> Result<String, AuthError> {
+        if token.is_empty() || token.len() > 128 {
+            return Err(AuthError::BadEmailToken);
+        }
+        let now = now_micros();
+        let row = sqlx::query(&format!(
+            "SELECT user_id, expires_at, used_at FROM email_tokens WHERE token_hash = $1 AND purpose = $2{}",
+            self.inner.db.for_update()
+        ))
+        .bind(sha256_hex(token.as_bytes()))
+        .bind(purpose)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(AuthError::BadEmailToken)?;
+        let used: Option<i64> = row.try_get("used_at")?;
+        let expires: i64 = row.try_get("expires_at")?;
+        if used.is_some() || expires <= now {
+            return Err(AuthError::BadEmailToken);
+        }
+        sqlx::query("UPDATE email_tokens SET used_at = $1 WHERE token_hash = $2")
+            .bind(now)
+            .bind(sha256_hex(token.as_bytes()))
+            .execute(&mut **tx)
+            .await?;
+        Ok(row.try_get("user_id")?)
+    }
+
+    /// Confirms an email address from the emailed link.
+    pub async fn verify_email(&self, ctx: &Ctx, token: &str) -> Result<wire::User, AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let user_id = self.consume_email_token(&mut tx, token, "verify").await?;
+        sqlx::query("UPDATE users SET email_verified = 1, updated_at = $1 WHERE id = $2")
+            .bind(now_micros())
+            .bind(&user_id)
+            .execute(&mut *tx)
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("user.email_verified")
+                .actor(&user_id)
+                .resource(&user_id),
+        )
+        .await?;
+        tx.commit().await?;
+        self.user(&user_id).await
+    }
+
+    /// Starts a reset: always answers the same, whether or not the account exists.
+    pub async fn forgot_password(
+        &self,
+        ctx: &Ctx,
+        email: &str,
+    ) -> Result<wire::Accepted, AuthError> {
+        let rl = &self.inner.cfg.rate_limits;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("reset:ip:{}", ctx.ip_key()),
+            rl.reset_per_ip,
+        )
+        .await?;
+        let email = normalise_email(email)?;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("reset:acct:{email}"),
+            rl.reset_per_account,
+        )
+        .await?;
+        let user = sqlx::query("SELECT id FROM users WHERE email = $1")
+            .bind(&email)
+            .fetch_optional(self.inner.db.read())
+            .await?;
+        if let Some(u) = user {
+            let id: String = u.try_get("id")?;
+            let token = self
+                .new_email_token(&id, "reset", self.inner.cfg.password_reset_ttl_secs)
+                .await?;
+            let link = format!("{}/v1/auth/password/reset?token={token}", self.public_url());
+            let text = format!(
+                "Someone asked to reset the password of your VaultPay account.\n\n\
+                 To choose a new password, POST it with this token to /v1/auth/password/reset:\n\n{token}\n\n({link})\n\n\
+                 The token works once and expires in {} minutes. If it was not you, ignore this message; \
+                 your password is unchanged.\n",
+                self.inner.cfg.password_reset_ttl_secs / 60
+            );
+            self.send_mail(&email, "Reset your password", text).await;
+        }
+        Ok(wire::Accepted {
+            status: "accepted".into(),
+        })
+    }
+
+    async fn set_password(
+        &self,
+        tx: &mut vaultpay_store::Tx,
+        user_id: &str,
+        phc: &str,
+    ) -> Result<(), AuthError> {
+        let now = now_micros();
+        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2, failed_logins = 0, locked_until = NULL WHERE id = $3")
+            .bind(phc)
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO password_history (user_id, password_hash, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(user_id)
+        .bind(phc)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn user_inputs(&self, user_id: &str) -> Result<(String, String), AuthError> {
+        let r = sqlx::query("SELECT email, name FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(self.inner.db.read())
+            .await?
+            .ok_or(AuthError::NotFound("user"))?;
+        Ok((r.try_get("email")?, r.try_get("name")?))
+    }
+
+    /// Completes a reset: new password, every session revoked.
+    pub async fn reset_password(
+        &self,
+        ctx: &Ctx,
+        req: wire::ResetPasswordRequest,
+    ) -> Result<wire::Accepted, AuthError> {
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("reset:ip:{}", ctx.ip_key()),
+            self.inner.cfg.rate_limits.reset_per_ip,
+        )
+        .await?;
+        // Look the token up first (without consuming it) so policy errors do not burn it.
+        let row = sqlx::query("SELECT user_id FROM email_tokens WHERE token_hash = $1 AND purpose = 'reset' AND used_at IS NULL AND expires_at > $2")
+            .bind(sha256_hex(req.token.as_bytes()))
+            .bind(now_micros())
+            .fetch_optional(self.inner.db.read())
+            .await?
+            .ok_or(AuthError::BadEmailToken)?;
+        let user_id: String = row.try_get("user_id")?;
+        let (email, name) = self.user_inputs(&user_id).await?;
+        self.check_new_password(&req.new_password, &[&email, &name])
+            .await?;
+        self.check_history(&user_id, &req.new_password).await?;
+        let phc = self.hash_password(req.new_password).await?;
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let consumed = self
+            .consume_email_token(&mut tx, &req.token, "reset")
+            .await?;
+        if consumed != user_id {
+            return Err(AuthError::BadEmailToken);
+        }
+        self.set_password(&mut tx, &user_id, &phc).await?;
+        let revoked = self
+            .revoke_sessions_tx(&mut tx, &user_id, None, "password_reset")
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("password.reset")
+                .actor(&user_id)
+                .resource(&user_id)
+                .metadata(serde_json::json!({ "sessions_revoked": revoked })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(wire::Accepted {
+            status: "password_reset".into(),
+        })
+    }
+
+    /// Changes the password given the current one; ends every other session.
+    pub async fn change_password(
+        &self,
+        ctx: &Ctx,
+        p: &Principal,
+        req: wire::ChangePasswordRequest,
+    ) -> Result<wire::Accepted, AuthError> {
+        self.require_live_session(p).await?;
+        let user_id = p.user_id();
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("login:acct:{user_id}"),
+            self.inner.cfg.rate_limits.login_per_account,
+        )
+        .await?;
+        let current = sqlx::query("SELECT password_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(self.inner.db.read())
+            .await?
+            .ok_or(AuthError::NotFound("user"))?;
+        let phc: String = current.try_get("password_hash")?;
+        if !self
+            .verify_password(req.current_password, Some(phc))
+            .await?
+        {
+            self.audit_only(
+                ctx,
+                NewAudit::failure("password.change_failed")
+                    .actor(user_id)
+                    .resource(user_id),
+            )
+            .await?;
+            return Err(AuthError::InvalidCredentials);
+        }
+        let (email, name) = self.user_inputs(user_id).await?;
+        self.check_new_password(&req.new_password, &[&email, &name])
+            .await?;
+        self.check_history(user_id, &req.new_password).await?;
+        let phc = self.hash_password(req.new_password).await?;
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        self.set_password(&mut tx, user_id, &phc).await?;
+        let revoked = self
+            .revoke_sessions_tx(&mut tx, user_id, Some(p.session_id()), "password_changed")
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("password.changed")
+                .actor(user_id)
+                .resource(user_id)
+                .metadata(serde_json::json!({ "other_sessions_revoked": revoked })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(wire::Accepted {
+            status: "password_changed".into(),
+        })
+    }
+
+    /// Writes one audit entry on its own (for refusals that change nothing else).
+    pub(crate) async fn audit_only(&self, ctx: &Ctx, new: NewAudit<'_>) -> Result<(), AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        append(db, &mut tx, &ctx.origin(), new).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A user as the API shows it.
+    pub async fn user(&self, user_id: &str) -> Result<wire::User, AuthError> {
+        let r = sqlx::query(
+            "SELECT id, email, name, email_verified, created_at FROM users WHERE id = $1",
+        )
+        .bind(user_id)
+        .fetch_optional(self.inner.db.read())
+        .await?
+        .ok_or(AuthError::NotFound("user"))?;
+        Ok(wire::User {
+            id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            name: r.try_get("name")?,
+            email_verified: r.try_get::<i64, _>("email_verified")? != 0,
+            roles: roles_of(self.inner.db.read(), user_id).await?,
+            created_at: rfc3339(r.try_get("created_at")?),
+        })
+    }
+
+    /// `GET /v1/me`: the caller, if their session is still live.
+    pub async fn me(&self, p: &Principal) -> Result<wire::Me, AuthError> {
+        self.require_live_session(p).await?;
+        let user = self.user(p.user_id()).await?;
+        let permissions = self
+            .permissions(p.user_id())
+            .await?
+            .iter()
+            .cloned()
+            .collect();
+        Ok(wire::Me {
+            user,
+            permissions,
+            session_id: p.session_id().to_owned(),
+        })
+    }
+
+    /// Creates the first administrator when the database has no users.
+    pub async fn bootstrap(&self, b: Bootstrap) -> Result<Option<BootstrapOutcome>, AuthError> {
+        let any = sqlx::query("SELECT id FROM users LIMIT 1")
+            .fetch_optional(self.inner.db.read())
+            .await?;
+        if any.is_some() {
+            return Ok(None);
+        }
+        let email = normalise_email(b.admin_email.as_deref().unwrap_or("admin@vaultpay.local"))?;
+        let (password, generated) = match b.admin_password {
+            Some(p) => {
+                self.inner
+                    .cfg
+                    .password_policy
+                    .check(p.expose(), &[&email])
+                    .map_err(AuthError::Password)?;
+                (p, false)
+            }
+            None => (Secret::new(vaultpay_core::crypto::random_token(18)), true),
+        };
+        let phc = self.hash_password(password.expose().to_owned()).await?;
+        let origin = Origin {
+            request_id: Some("bootstrap".into()),
+            ..Origin::default()
+        };
+        match self
+            .create_user(
+                &origin,
+                &email,
+                "Administrator",
+                &phc,
+                &["admin", "customer"],
+                true,
+            )
+            .await
+        {
+            Ok(_) => {}
+            // another replica bootstrapped at the same moment
+            Err(AuthError::EmailTaken) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        Ok(Some(BootstrapOutcome {
+            email,
+            generated_password: generated.then_some(password),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails() {
+        assert_eq!(
+            normalise_email("  Alice@Example.COM ").ok().as_deref(),
+            Some("alice@example.com")
+        );
+        for bad in [
+            "",
+            "alice",
+            "@x.com",
+            "a@",
+            "a@b",
+            "a b@x.com",
+            "a@x..com",
+            "a@-x.com",
+            "a@@x.com",
+            ".a@x.com",
+            "a<b>@x.com",
+        ] {
+            assert!(normalise_email(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert!(normalise_email(&long).is_err());
+    }
+}

@@ -1,0 +1,151 @@
+//! AuthShield configuration (the `[auth]` table of the config file).
+
+use crate::hibp::HibpConfig;
+use crate::mail::MailConfig;
+use serde::{Deserialize, Serialize};
+use vaultpay_core::gcra::Quota;
+use vaultpay_core::password::{Argon2Params, PasswordPolicy};
+use vaultpay_core::secret::Secret;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `iss` of issued tokens; also the base of links in emails unless `public_url` is set.
+    pub issuer: String,
+    /// `aud` of access tokens.
+    pub audience: String,
+    /// Base URL used in emailed links.
+    pub public_url: Option<String>,
+    pub access_token_ttl_secs: i64,
+    /// A session ends when not refreshed for this long (sliding).
+    pub session_idle_ttl_secs: i64,
+    /// A session ends this long after login, however active (absolute).
+    pub session_absolute_ttl_secs: i64,
+    /// A spent refresh token presented again within this many seconds of its use (a
+    /// client that refreshed twice concurrently) gets one more pair instead of
+    /// revoking the session. 0 disables.
+    pub refresh_reuse_grace_secs: i64,
+    /// Clock skew allowed when verifying tokens.
+    pub leeway_secs: i64,
+    pub argon2: Argon2Params,
+    /// Concurrent password hashes (0 = number of CPUs).
+    pub hash_concurrency: usize,
+    pub password_policy: PasswordPolicy,
+    /// How many previous passwords may not be reused.
+    pub password_history: usize,
+    pub lockout: LockoutConfig,
+    pub rate_limits: RateLimits,
+    pub hibp: HibpConfig,
+    pub mail: MailConfig,
+    pub email_verify_ttl_secs: i64,
+    pub password_reset_ttl_secs: i64,
+    /// How long a user's effective permissions are cached (also invalidated on change).
+    pub permission_cache_ttl_secs: u64,
+    /// Shared secret a separately deployed ledger uses (HTTP Basic, client id
+    /// `vaultpay-ledger`) to call `/oauth/introspect`.
+    pub introspection_secret: Option<Secret>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "http://127.0.0.1:8080".into(),
+            audience: "vaultpay".into(),
+            public_url: None,
+            access_token_ttl_secs: 300,
+            session_idle_ttl_secs: 14 * 86_400,
+            session_absolute_ttl_secs: 30 * 86_400,
+            refresh_reuse_grace_secs: 0,
+            leeway_secs: 5,
+            argon2: Argon2Params::default(),
+            hash_concurrency: 0,
+            password_policy: PasswordPolicy::default(),
+            password_history: 5,
+            lockout: LockoutConfig::default(),
+            rate_limits: RateLimits::default(),
+            hibp: HibpConfig::default(),
+            mail: MailConfig::default(),
+            email_verify_ttl_secs: 86_400,
+            password_reset_ttl_secs: 3_600,
+            permission_cache_ttl_secs: 60,
+            introspection_secret: None,
+        }
+    }
+}
+
+/// Account lockout after consecutive failed logins, with growing back-off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LockoutConfig {
+    /// Failed logins in a row that lock the account.
+    pub threshold: i64,
+    /// First lock duration; each further lock doubles it.
+    pub base_secs: i64,
+    pub max_secs: i64,
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 5,
+            base_secs: 60,
+            max_secs: 3_600,
+        }
+    }
+}
+
+impl LockoutConfig {
+    /// Lock duration (seconds) for the `n`th lock (n ≥ 1).
+    pub fn duration_secs(&self, n: i64) -> i64 {
+        let shift = u32::try_from((n - 1).clamp(0, 30)).unwrap_or(30);
+        self.base_secs
+            .saturating_mul(1i64 << shift)
+            .min(self.max_secs)
+    }
+}
+
+/// GCRA quotas per client IP and per account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    pub login_per_ip: Quota,
+    pub login_per_account: Quota,
+    pub register_per_ip: Quota,
+    pub refresh_per_ip: Quota,
+    pub refresh_per_session: Quota,
+    pub reset_per_ip: Quota,
+    pub reset_per_account: Quota,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            login_per_ip: Quota::new(30, 60),
+            login_per_account: Quota::new(10, 60),
+            register_per_ip: Quota::new(10, 600),
+            refresh_per_ip: Quota::new(600, 60),
+            refresh_per_session: Quota::new(30, 60),
+            reset_per_ip: Quota::new(10, 600),
+            reset_per_account: Quota::new(3, 600),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockout_backoff_grows_and_caps() {
+        let l = LockoutConfig {
+            threshold: 5,
+            base_secs: 60,
+            max_secs: 3600,
+        };
+        assert_eq!(l.duration_secs(1), 60);
+        assert_eq!(l.duration_secs(2), 120);
+        assert_eq!(l.duration_secs(4), 480);
+        assert_eq!(l.duration_secs(10), 3600);
+        assert_eq!(l.duration_secs(1000), 3600);
+    }
+}

@@ -1,0 +1,110 @@
+//! AuthShield's error enum and its mapping to problem documents.
+
+use axum::http::{HeaderName, StatusCode};
+use vaultpay_core::password::PolicyViolation;
+use vaultpay_web::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid request: {1}")]
+    Invalid(&'static str, String),
+    #[error("email or password is wrong")]
+    InvalidCredentials,
+    #[error("account locked")]
+    Locked { retry_after_secs: i64 },
+    #[error("email already registered")]
+    EmailTaken,
+    #[error("password refused: {0}")]
+    Password(PolicyViolation),
+    #[error("password was used recently")]
+    PasswordReused,
+    #[error("password check service unavailable")]
+    BreachCheckUnavailable,
+    #[error("token is invalid, expired or already used")]
+    BadEmailToken,
+    #[error("session is not active")]
+    SessionInactive,
+    #[error("not found")]
+    NotFound(&'static str),
+    #[error("forbidden: missing permission {0}")]
+    Forbidden(String),
+    #[error("OAuth error {0}: {1}")]
+    OAuth(&'static str, String),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("storage: {0}")]
+    Store(#[from] vaultpay_store::StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for AuthError {
+    fn from(e: sqlx::Error) -> Self {
+        AuthError::Store(e.into())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Invalid(code, detail) => ApiError::unprocessable(code, detail),
+            AuthError::InvalidCredentials => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "Unauthorized",
+            )
+            .detail("The email or password is wrong."),
+            AuthError::Locked { retry_after_secs } => {
+                ApiError::new(StatusCode::LOCKED, "account_locked", "Account locked")
+                    .detail("Too many failed logins; the account is locked for a while.")
+                    .with("retry_after", retry_after_secs)
+                    .header(HeaderName::from_static("retry-after"), retry_after_secs)
+            }
+            AuthError::EmailTaken => {
+                ApiError::conflict("email_taken", "An account with this email already exists.")
+            }
+            AuthError::Password(v) => {
+                let mut err = ApiError::unprocessable(v.code(), v.message());
+                if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(&v) {
+                    for (k, val) in m {
+                        if k != "code" && k != "message" {
+                            err = err.with(&k, val);
+                        }
+                    }
+                }
+                err
+            }
+            AuthError::PasswordReused => ApiError::unprocessable(
+                "password_reused",
+                "This password was used recently; choose one you have not used before.",
+            ),
+            AuthError::BreachCheckUnavailable => {
+                ApiError::unavailable("breached-password service unavailable and fail_open is off")
+                    .detail("The breached-password check is unavailable; retry later.")
+            }
+            AuthError::BadEmailToken => ApiError::bad_request(
+                "invalid_token",
+                "The link is invalid, expired or already used.",
+            ),
+            AuthError::SessionInactive => {
+                ApiError::unauthorized("session_revoked", "This session has ended; sign in again.")
+            }
+            AuthError::NotFound(what) => {
+                ApiError::not_found("not_found", format!("No such {what}."))
+            }
+            AuthError::Forbidden(perm) => {
+                ApiError::forbidden("forbidden", format!("This needs the `{perm}` permission."))
+            }
+            AuthError::OAuth(code, detail) => ApiError::bad_request(code, detail),
+            AuthError::Api(e) => e,
+            AuthError::Store(e) => ApiError::internal(e),
+            AuthError::Internal(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for AuthError {
+    fn into_response(self) -> axum::response::Response {
+        ApiError::from(self).into_response()
+    }
+}

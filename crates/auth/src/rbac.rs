@@ -1,0 +1,246 @@
+//! Roles and permissions: effective permissions per user, cached and invalidated on
+//! every role change; the admin operations that change roles or unlock accounts.
+
+use crate::{AuthError, AuthService};
+use parking_lot::Mutex;
+use sqlx::Row;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vaultpay_core::time::now_micros;
+use vaultpay_proto::auth as wire;
+use vaultpay_store::audit::{append, NewAudit};
+use vaultpay_web::{Ctx, Principal};
+
+/// Effective permissions per user, for `ttl` or until invalidated.
+pub(crate) struct PermCache {
+    ttl: Duration,
+    map: Mutex<HashMap<String, (Instant, Arc<BTreeSet<String>>)>>,
+}
+
+impl PermCache {
+    pub fn new(ttl_secs: u64) -> Self {
+        Self {
+            ttl: Duration::from_secs(ttl_secs),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, user: &str) -> Option<Arc<BTreeSet<String>>> {
+        let map = self.map.lock();
+        map.get(user)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, p)| p.clone())
+    }
+
+    fn put(&self, user: &str, perms: Arc<BTreeSet<String>>) {
+        let mut map = self.map.lock();
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(user.to_owned(), (Instant::now(), perms));
+    }
+
+    pub fn invalidate(&self, user: &str) {
+        self.map.lock().remove(user);
+    }
+}
+
+pub(crate) async fn roles_of<'e, E>(exec: E, user_id: &str) -> Result<Vec<String>, AuthError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let rows = sqlx::query("SELECT role FROM user_roles WHERE user_id = $1 ORDER BY role")
+        .bind(user_id)
+        .fetch_all(exec)
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("role").map_err(AuthError::from))
+        .collect()
+}
+
+impl AuthService {
+    /// The user's effective permissions (cached).
+    pub async fn permissions(&self, user_id: &str) -> Result<Arc<BTreeSet<String>>, AuthError> {
+        if let Some(p) = self.inner.perms.get(user_id) {
+            return Ok(p);
+        }
+        let rows = sqlx::query(
+            "SELECT DISTINCT rp.permission AS p FROM user_roles ur JOIN role_permissions rp ON rp.role = ur.role \
+             WHERE ur.user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_all(self.inner.db.read())
+        .await?;
+        let set: BTreeSet<String> = rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>("p").ok())
+            .collect();
+        let set = Arc::new(set);
+        self.inner.perms.put(user_id, set.clone());
+        Ok(set)
+    }
+
+    /// Refuses unless the caller's live permissions include `perm`.
+    pub async fn require(&self, p: &Principal, perm: &str) -> Result<(), AuthError> {
+        if self.permissions(p.user_id()).await?.contains(perm) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(perm.to_owned()))
+        }
+    }
+
+    pub async fn list_roles(&self) -> Result<wire::RoleList, AuthError> {
+        let rows = sqlx::query(
+            "SELECT r.name AS name, r.description AS description, r.builtin AS builtin, rp.permission AS permission \
+             FROM roles r LEFT JOIN role_permissions rp ON rp.role = r.name ORDER BY r.name, rp.permission",
+        )
+        .fetch_all(self.inner.db.read())
+        .await?;
+        let mut roles: Vec<wire::Role> = Vec::new();
+        for r in rows {
+            let name: String = r.try_get("name")?;
+            let perm: Option<String> = r.try_get("permission")?;
+            if roles.last().is_none_or(|l| l.name != name) {
+                roles.push(wire::Role {
+                    name,
+                    description: r.try_get("description")?,
+                    builtin: r.try_get::<i64, _>("builtin")? != 0,
+                    permissions: Vec::new(),
+                });
+            }
+            if let (Some(last), Some(p)) = (roles.last_mut(), perm) {
+                last.permissions.push(p);
+            }
+        }
+        Ok(wire::RoleList { roles })
+    }
+
+    /// Grants `role` to `user_id`. Idempotent; audited; invalidates cached permissions.
+    pub async fn grant_role(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+    ) -> Result<wire::User, AuthError> {
+        self.change_role(ctx, actor, user_id, role, true).await
+    }
+
+    /// Revokes `role` from `user_id`. Audited; invalidates cached permissions.
+    pub async fn revoke_role(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+    ) -> Result<wire::User, AuthError> {
+        self.change_role(ctx, actor, user_id, role, false).await
+    }
+
+    async fn change_role(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+        grant: bool,
+    ) -> Result<wire::User, AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let exists = sqlx::query("SELECT name FROM roles WHERE name = $1")
+            .bind(role)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(AuthError::Invalid(
+                "role_unknown",
+                format!("There is no role `{role}`."),
+            ));
+        }
+        let user = sqlx::query("SELECT id FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if user.is_none() {
+            return Err(AuthError::NotFound("user"));
+        }
+        let changed = if grant {
+            sqlx::query(
+                "INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (user_id, role) DO NOTHING",
+            )
+            .bind(user_id)
+            .bind(role)
+            .bind(now_micros())
+            .bind(actor.user_id())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        } else {
+            if role == "admin" && user_id == actor.user_id() {
+                return Err(AuthError::Invalid(
+                    "cannot_revoke_own_admin",
+                    "Admins cannot remove their own admin role.".into(),
+                ));
+            }
+            sqlx::query("DELETE FROM user_roles WHERE user_id = $1 AND role = $2")
+                .bind(user_id)
+                .bind(role)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+        };
+        if changed > 0 {
+            let action = if grant {
+                "role.granted"
+            } else {
+                "role.revoked"
+            };
+            append(
+                db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::success(action)
+                    .actor(actor.user_id())
+                    .resource(user_id)
+                    .metadata(serde_json::json!({ "role": role })),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.inner.perms.invalidate(user_id);
+        self.user(user_id).await
+    }
+
+    /// Lifts a lockout. Audited.
+    pub async fn unlock(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        user_id: &str,
+    ) -> Result<wire::User, AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let n = sqlx::query("UPDATE users SET locked_until = NULL, failed_logins = 0, updated_at = $1 WHERE id = $2")
+            .bind(now_micros())
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(AuthError::NotFound("user"));
+        }
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("account.unlocked")
+                .actor(actor.user_id())
+                .resource(user_id),
+        )
+        .await?;
+        tx.commit().await?;
+        self.user(user_id).await
+    }
+}

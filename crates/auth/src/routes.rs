@@ -1,0 +1,537 @@
+//! AuthShield's HTTP routes. Each handler parses, calls one service function and maps
+//! the result.
+
+use crate::{AuthError, AuthService};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::OpenApi;
+use vaultpay_proto::auth as wire;
+use vaultpay_proto::Problem;
+use vaultpay_store::audit::{self, AuditFilter};
+use vaultpay_web::{ApiError, ApiForm, ApiJson, ApiQuery, Ctx, Principal};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Every AuthShield route, with the service as state.
+pub fn router(svc: AuthService) -> Router {
+    Router::new()
+        .route("/v1/auth/register", post(register))
+        .route("/v1/auth/login", post(login))
+        .route("/v1/auth/logout", post(logout))
+        .route(
+            "/v1/auth/verify-email",
+            get(verify_email_link).post(verify_email),
+        )
+        .route("/v1/auth/verify-email/resend", post(resend_verification))
+        .route("/v1/auth/password/forgot", post(forgot_password))
+        .route("/v1/auth/password/reset", post(reset_password))
+        .route("/v1/auth/password/change", post(change_password))
+        .route("/v1/me", get(me))
+        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{id}", delete(revoke_session))
+        .route("/v1/admin/roles", get(list_roles))
+        .route("/v1/admin/users/{id}", get(get_user))
+        .route("/v1/admin/users/{id}/roles", post(grant_role))
+        .route("/v1/admin/users/{id}/roles/{role}", delete(revoke_role))
+        .route("/v1/admin/users/{id}/unlock", post(unlock))
+        .route("/v1/admin/audit", get(list_audit))
+        .route("/oauth/token", post(token))
+        .route("/oauth/introspect", post(introspect))
+        .route("/.well-known/jwks.json", get(jwks))
+        .with_state(svc)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        register, login, logout, verify_email, verify_email_link, resend_verification, forgot_password,
+        reset_password, change_password, me, list_sessions, revoke_session, list_roles, get_user, grant_role,
+        revoke_role, unlock, list_audit, token, introspect, jwks
+    ),
+    components(schemas(
+        wire::RegisterRequest, wire::LoginRequest, wire::DeviceInfo, wire::TokenResponse, wire::OAuthError,
+        wire::User, wire::Me, wire::Session, wire::SessionList, wire::TokenRequestBody, wire::EmailRequest,
+        wire::ResetPasswordRequest, wire::ChangePasswordRequest, wire::LogoutRequest, wire::RoleChange,
+        wire::Role, wire::RoleList, wire::AuditEntry, wire::AuditPage, wire::Introspection, wire::Accepted, Problem
+    )),
+    tags((name = "auth", description = "AuthShield: accounts, tokens, sessions, RBAC, audit"))
+)]
+struct AuthApi;
+
+/// The OpenAPI document of AuthShield's routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    AuthApi::openapi()
+}
+
+fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {
+    let mut res = (status, body).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// Register an account (role `customer`); a verification link is mailed.
+#[utoipa::path(post, path = "/v1/auth/register", tag = "auth", request_body = wire::RegisterRequest,
+    responses((status = 201, body = wire::User), (status = 409, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+async fn register(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<wire::RegisterRequest>,
+) -> ApiResult<Response> {
+    let user = svc.register(&ctx, req).await?;
+    Ok(no_store(StatusCode::CREATED, Json(user)))
+}
+
+/// Log in with email and password; answers an OAuth-shaped token response.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = wire::LoginRequest,
+    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+async fn login(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<wire::LoginRequest>,
+) -> ApiResult<Response> {
+    let tokens = svc.login(&ctx, req).await?;
+    Ok(no_store(StatusCode::OK, Json(tokens)))
+}
+
+/// End the current session, or every session with `{"everywhere": true}`.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth", request_body(content = Option<wire::LogoutRequest>),
+    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem)), security(("bearer" = [])))]
+async fn logout(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<wire::Accepted>> {
+    let req: wire::LogoutRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        wire::LogoutRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::unprocessable("invalid_request", e.to_string()))?
+    };
+    Ok(Json(svc.logout(&ctx, &p, req.everywhere).await?))
+}
+
+/// Confirm an email address with the token from the emailed link.
+#[utoipa::path(post, path = "/v1/auth/verify-email", tag = "auth", request_body = wire::TokenRequestBody,
+    responses((status = 200, body = wire::User), (status = 400, body = Problem)))]
+async fn verify_email(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<wire::TokenRequestBody>,
+) -> ApiResult<Json<wire::User>> {
+    Ok(Json(svc.verify_email(&ctx, &req.token).await?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct TokenQuery {
+    token: String,
+}
+
+/// The emailed link itself (opened in a browser).
+#[utoipa::path(get, path = "/v1/auth/verify-email", tag = "auth", params(TokenQuery),
+    responses((status = 200, body = wire::User), (status = 400, body = Problem)))]
+async fn verify_email_link(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiQuery(q): ApiQuery<TokenQuery>,
+) -> ApiResult<Json<wire::User>> {
+    Ok(Json(svc.verify_email(&ctx, &q.token).await?))
+}
+
+/// Mail a new verification link to the caller.
+#[utoipa::path(post, path = "/v1/auth/verify-email/resend", tag = "auth",
+    responses((status = 202, body = wire::Accepted), (status = 401, body = Problem)), security(("bearer" = [])))]
+async fn resend_verification(State(svc): State<AuthService>, p: Principal) -> ApiResult<Response> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(svc.resend_verification(&p).await?),
+    )
+        .into_response())
+}
+
+/// Ask for a password-reset email (same answer whether or not the account exists).
+#[utoipa::path(post, path = "/v1/auth/password/forgot", tag = "auth", request_body = wire::EmailRequest,
+    responses((status = 202, body = wire::Accepted), (status = 429, body = Problem)))]
+async fn forgot_password(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<wire::EmailRequest>,
+) -> ApiResult<Response> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(svc.forgot_password(&ctx, &req.email).await?),
+    )
+        .into_response())
+}
+
+/// Set a new password with a reset token; every session is revoked.
+#[utoipa::path(post, path = "/v1/auth/password/reset", tag = "auth", request_body = wire::ResetPasswordRequest,
+    responses((status = 200, body = wire::Accepted), (status = 400, body = Problem), (status = 422, body = Problem)))]
+async fn reset_password(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<wire::ResetPasswordRequest>,
+) -> ApiResult<Json<wire::Accepted>> {
+    Ok(Json(svc.reset_password(&ctx, req).await?))
+}
+
+/// Change the password (current one required); other sessions are revoked.
+#[utoipa::path(post, path = "/v1/auth/password/change", tag = "auth", request_body = wire::ChangePasswordRequest,
+    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+async fn change_password(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    ApiJson(req): ApiJson<wire::ChangePasswordRequest>,
+) -> ApiResult<Json<wire::Accepted>> {
+    Ok(Json(svc.change_password(&ctx, &p, req).await?))
+}
+
+/// The caller's profile, roles and effective permissions.
+#[utoipa::path(get, path = "/v1/me", tag = "auth", responses((status = 200, body = wire::Me), (status = 401, body = Problem)), security(("bearer" = [])))]
+async fn me(State(svc): State<AuthService>, p: Principal) -> ApiResult<Json<wire::Me>> {
+    Ok(Json(svc.me(&p).await?))
+}
+
+/// The caller's live sessions.
+#[utoipa::path(get, path = "/v1/sessions", tag = "auth", responses((status = 200, body = wire::SessionList), (status = 401, body = Problem)), security(("bearer" = [])))]
+async fn list_sessions(
+    State(svc): State<AuthService>,
+    p: Principal,
+) -> ApiResult<Json<wire::SessionList>> {
+    Ok(Json(svc.list_sessions(&p).await?))
+}
+
+/// Revoke one of the caller's sessions (another user's: 404).
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "auth", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn revoke_session(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    svc.revoke_session(&ctx, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn admin(svc: &AuthService, p: &Principal, perm: &str) -> Result<(), AuthError> {
+    svc.require_live_session(p).await?;
+    svc.require(p, perm).await
+}
+
+/// Roles and their permissions (`roles:manage`).
+#[utoipa::path(get, path = "/v1/admin/roles", tag = "auth", responses((status = 200, body = wire::RoleList), (status = 403, body = Problem)), security(("bearer" = [])))]
+async fn list_roles(
+    State(svc): State<AuthService>,
+    p: Principal,
+) -> ApiResult<Json<wire::RoleList>> {
+    admin(&svc, &p, "roles:manage").await?;
+    Ok(Json(svc.list_roles().await?))
+}
+
+/// A user (`users:read`).
+#[utoipa::path(get, path = "/v1/admin/users/{id}", tag = "auth", params(("id" = String, Path)),
+    responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn get_user(
+    State(svc): State<AuthService>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<wire::User>> {
+    admin(&svc, &p, "users:read").await?;
+    Ok(Json(svc.user(&id).await?))
+}
+
+/// Grant a role (`roles:manage`).
+#[utoipa::path(post, path = "/v1/admin/users/{id}/roles", tag = "auth", params(("id" = String, Path)), request_body = wire::RoleChange,
+    responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+async fn grant_role(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::RoleChange>,
+) -> ApiResult<Json<wire::User>> {
+    admin(&svc, &p, "roles:manage").await?;
+    Ok(Json(svc.grant_role(&ctx, &p, &id, &req.role).await?))
+}
+
+/// Revoke a role (`roles:manage`).
+#[utoipa::path(delete, path = "/v1/admin/users/{id}/roles/{role}", tag = "auth", params(("id" = String, Path), ("role" = String, Path)),
+    responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn revoke_role(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path((id, role)): Path<(String, String)>,
+) -> ApiResult<Json<wire::User>> {
+    admin(&svc, &p, "roles:manage").await?;
+    Ok(Json(svc.revoke_role(&ctx, &p, &id, &role).await?))
+}
+
+/// Lift a lockout (`users:manage`).
+#[utoipa::path(post, path = "/v1/admin/users/{id}/unlock", tag = "auth", params(("id" = String, Path)),
+    responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn unlock(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<wire::User>> {
+    admin(&svc, &p, "users:manage").await?;
+    Ok(Json(svc.unlock(&ctx, &p, &id).await?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    actor: Option<String>,
+    action: Option<String>,
+    request_id: Option<String>,
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+fn time_param(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            vaultpay_core::time::parse_rfc3339(s).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("`{name}` must be an RFC 3339 time."),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The audit log, newest first (`audit:read`: admin and compliance).
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "auth", params(AuditQuery),
+    responses((status = 200, body = wire::AuditPage), (status = 403, body = Problem)), security(("bearer" = [])))]
+async fn list_audit(
+    State(svc): State<AuthService>,
+    p: Principal,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<wire::AuditPage>> {
+    admin(&svc, &p, "audit:read").await?;
+    let before_seq = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::bad_request("invalid_cursor", "The cursor is not valid."))
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`limit` must be between 1 and 500.",
+        ));
+    }
+    let f = AuditFilter {
+        from: time_param("from", &q.from)?,
+        to: time_param("to", &q.to)?,
+        actor: q.actor,
+        action: q.action,
+        request_id: q.request_id,
+        before_seq,
+        limit,
+    };
+    let entries = audit::list(svc.db(), &f).await.map_err(AuthError::from)?;
+    let next_cursor = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.seq.to_string()))
+        .flatten();
+    let entries = entries
+        .into_iter()
+        .map(|e| wire::AuditEntry {
+            seq: e.seq,
+            id: e.id,
+            at: vaultpay_core::time::rfc3339(e.at),
+            actor: e.actor,
+            action: e.action,
+            resource: e.resource,
+            outcome: e.outcome,
+            ip: e.ip,
+            user_agent: e.user_agent,
+            request_id: e.request_id,
+            metadata: serde_json::from_str(&e.metadata).unwrap_or(serde_json::Value::Null),
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        })
+        .collect();
+    Ok(Json(wire::AuditPage {
+        entries,
+        next_cursor,
+    }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+struct TokenForm {
+    grant_type: Option<String>,
+    refresh_token: Option<String>,
+    device_id: Option<String>,
+    #[allow(dead_code)]
+    client_id: Option<String>,
+}
+
+/// An error of the OAuth endpoints, in RFC 6749 §5.2 form.
+struct OAuthFailure(ApiError);
+
+impl From<AuthError> for OAuthFailure {
+    fn from(e: AuthError) -> Self {
+        OAuthFailure(e.into())
+    }
+}
+
+impl From<ApiError> for OAuthFailure {
+    fn from(e: ApiError) -> Self {
+        OAuthFailure(e)
+    }
+}
+
+impl IntoResponse for OAuthFailure {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let status = e.status();
+        if status.is_server_error() {
+            return e.into_response();
+        }
+        let error = match (status, e.code()) {
+            (StatusCode::TOO_MANY_REQUESTS, _) => "slow_down".to_owned(),
+            (
+                _,
+                "invalid_grant" | "invalid_request" | "unsupported_grant_type" | "invalid_client",
+            ) => e.code().to_owned(),
+            (StatusCode::UNAUTHORIZED, _) => "invalid_client".to_owned(),
+            _ => "invalid_request".to_owned(),
+        };
+        let body = wire::OAuthError {
+            error,
+            error_description: e.problem.detail.clone(),
+        };
+        let mut res = (status, Json(body)).into_response();
+        let h = res.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        for (k, v) in e.headers {
+            h.append(k, v);
+        }
+        res
+    }
+}
+
+/// OAuth 2.0 token endpoint (form post). Supports `grant_type=refresh_token` with
+/// the `device_id` of the session's device.
+#[utoipa::path(post, path = "/oauth/token", tag = "auth", request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = wire::TokenResponse), (status = 400, body = wire::OAuthError)))]
+async fn token(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    form: Result<ApiForm<TokenForm>, ApiError>,
+) -> Result<Response, OAuthFailure> {
+    let ApiForm(form) = form.map_err(|e| {
+        OAuthFailure(ApiError::bad_request(
+            "invalid_request",
+            e.problem.detail.unwrap_or_default(),
+        ))
+    })?;
+    match form.grant_type.as_deref() {
+        Some("refresh_token") => {
+            let rt = form.refresh_token.ok_or_else(|| {
+                AuthError::OAuth("invalid_request", "refresh_token is required".into())
+            })?;
+            let tokens = svc.refresh(&ctx, &rt, form.device_id.as_deref()).await?;
+            Ok(no_store(StatusCode::OK, Json(tokens)))
+        }
+        Some(other) => Err(AuthError::OAuth(
+            "unsupported_grant_type",
+            format!(
+                "grant_type `{}` is not supported",
+                other.chars().take(64).collect::<String>()
+            ),
+        )
+        .into()),
+        None => Err(AuthError::OAuth("invalid_request", "grant_type is required".into()).into()),
+    }
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+struct IntrospectForm {
+    token: String,
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+}
+
+fn introspection_client_ok(svc: &AuthService, headers: &HeaderMap) -> bool {
+    use base64::Engine;
+    let Some(secret) = &svc.config().introspection_secret else {
+        return false;
+    };
+    let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(b64) = v.strip_prefix("Basic ") else {
+        return false;
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return false;
+    };
+    let Ok(text) = String::from_utf8(raw) else {
+        return false;
+    };
+    let Some((id, pw)) = text.split_once(':') else {
+        return false;
+    };
+    id == "vaultpay-ledger"
+        && vaultpay_core::crypto::ct_eq(pw.as_bytes(), secret.expose().as_bytes())
+}
+
+/// RFC 7662 token introspection, for the ledger service (HTTP Basic client auth).
+#[utoipa::path(post, path = "/oauth/introspect", tag = "auth", request_body(content = IntrospectForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = wire::Introspection), (status = 401, body = wire::OAuthError)))]
+async fn introspect(
+    State(svc): State<AuthService>,
+    headers: HeaderMap,
+    form: Result<ApiForm<IntrospectForm>, ApiError>,
+) -> Result<Response, OAuthFailure> {
+    if !introspection_client_ok(&svc, &headers) {
+        let e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized")
+            .detail("client authentication failed")
+            .header(header::WWW_AUTHENTICATE, "Basic realm=\"vaultpay\"");
+        return Err(OAuthFailure(e));
+    }
+    let ApiForm(form) = form.map_err(|e| {
+        OAuthFailure(ApiError::bad_request(
+            "invalid_request",
+            e.problem.detail.unwrap_or_default(),
+        ))
+    })?;
+    Ok(no_store(
+        StatusCode::OK,
+        Json(svc.introspect_token(&form.token).await?),
+    ))
+}
+
+/// The public keys that verify access tokens (RFC 7517).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWK Set")))]
+async fn jwks(State(svc): State<AuthService>) -> Response {
+    let mut res = Json(svc.verifier().jwks()).into_response();
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    res
+}

@@ -1,0 +1,266 @@
+//! The AuthShield service object: shared state and the helpers every flow uses.
+
+use crate::config::AuthConfig;
+use crate::hibp::HibpClient;
+use crate::keys;
+use crate::mail::{Mailer, Message};
+use crate::rbac::PermCache;
+use crate::AuthError;
+use parking_lot::RwLock;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use vaultpay_core::crypto::{Envelope, MasterKey};
+use vaultpay_core::jwt::{AccessClaims, Audience, Rules, Signer25519};
+use vaultpay_core::password::PasswordHasher;
+use vaultpay_core::secret::Secret;
+use vaultpay_core::time::now_micros;
+use vaultpay_store::Db;
+use vaultpay_web::{RateLimiter, TokenVerifier};
+
+pub(crate) struct Inner {
+    pub db: Db,
+    pub cfg: AuthConfig,
+    pub env: Envelope,
+    pub hasher: PasswordHasher,
+    pub dummy_hash: String,
+    pub hash_sem: Semaphore,
+    pub signer: RwLock<Arc<Signer25519>>,
+    pub verifier: Arc<TokenVerifier>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub mailer: Arc<dyn Mailer>,
+    pub hibp: Option<HibpClient>,
+    pub perms: PermCache,
+}
+
+/// AuthShield. Cheap to clone.
+#[derive(Clone)]
+pub struct AuthService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// The first administrator, created on the first start of an empty database.
+#[derive(Debug, Clone, Default)]
+pub struct Bootstrap {
+    pub admin_email: Option<String>,
+    pub admin_password: Option<Secret>,
+}
+
+/// What [`AuthService::bootstrap`] did.
+#[derive(Debug)]
+pub struct BootstrapOutcome {
+    pub email: String,
+    /// Set when the password was generated: shown once, never stored in clear.
+    pub generated_password: Option<Secret>,
+}
+
+impl AuthService {
+    /// Builds the service on a migrated database, creating a signing key if none exists.
+    pub async fn new(
+        db: Db,
+        cfg: AuthConfig,
+        master: &MasterKey,
+        limiter: Arc<dyn RateLimiter>,
+        data_dir: &Path,
+    ) -> Result<Self, AuthError> {
+        let env = Envelope::new(master);
+        keys::ensure_key(&db, &env).await?;
+        let loaded = keys::load(&db, &env).await?;
+        let hasher =
+            PasswordHasher::new(cfg.argon2).map_err(|e| AuthError::Internal(e.to_string()))?;
+        let h2 = hasher.clone();
+        let dummy_hash = tokio::task::spawn_blocking(move || h2.dummy_hash())
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let rules = Rules {
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway_secs: cfg.leeway_secs,
+        };
+        let verifier = Arc::new(TokenVerifier::new(
+            rules,
+            Arc::new(keys::DbKeySource { db: db.clone() }),
+            loaded.verify,
+        ));
+        let mailer = crate::mail::build(&cfg.mail, data_dir)
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let hibp = if cfg.hibp.enabled {
+            Some(HibpClient::new(&cfg.hibp).map_err(AuthError::Internal)?)
+        } else {
+            None
+        };
+        let permits = if cfg.hash_concurrency == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        } else {
+            cfg.hash_concurrency
+        };
+        let perms = PermCache::new(cfg.permission_cache_ttl_secs);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                env,
+                hasher,
+                dummy_hash,
+                hash_sem: Semaphore::new(permits),
+                signer: RwLock::new(Arc::new(loaded.signer)),
+                verifier,
+                limiter,
+                mailer,
+                hibp,
+                perms,
+                cfg,
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.inner.cfg
+    }
+
+    /// The verifier of this service's access tokens (install it on routers).
+    pub fn verifier(&self) -> Arc<TokenVerifier> {
+        self.inner.verifier.clone()
+    }
+
+    /// The limiter credential checks go through.
+    pub fn limiter(&self) -> Arc<dyn RateLimiter> {
+        self.inner.limiter.clone()
+    }
+
+    /// Reloads signing and verification keys (after `vaultpay keys rotate`).
+    pub async fn reload_keys(&self) -> Result<(), AuthError> {
+        let loaded = keys::load(&self.inner.db, &self.inner.env).await?;
+        *self.inner.signer.write() = Arc::new(loaded.signer);
+        self.inner.verifier.set_keys(loaded.verify);
+        Ok(())
+    }
+
+    /// Periodic work: picking up rotated keys; stops when `shutdown` turns true.
+    pub fn spawn_background(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let svc = self.clone();
+        vec![tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = svc.reload_keys().await {
+                            tracing::warn!(error = %e, "could not reload signing keys");
+                        }
+                    }
+                    _ = shutdown.changed() => break,
+                }
+            }
+        })]
+    }
+
+    /// Hashes on the blocking pool, at most `hash_concurrency` at once.
+    pub(crate) async fn hash_password(&self, password: String) -> Result<String, AuthError> {
+        let _permit = self
+            .inner
+            .hash_sem
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let hasher = self.inner.hasher.clone();
+        tokio::task::spawn_blocking(move || hasher.hash(&password))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?
+            .map_err(|e| AuthError::Internal(e.to_string()))
+    }
+
+    /// Verifies on the blocking pool; `phc = None` verifies against the dummy hash so
+    /// an unknown account costs the same as a wrong password.
+    pub(crate) async fn verify_password(
+        &self,
+        password: String,
+        phc: Option<String>,
+    ) -> Result<bool, AuthError> {
+        let _permit = self
+            .inner
+            .hash_sem
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let hasher = self.inner.hasher.clone();
+        let known = phc.is_some();
+        let phc = phc.unwrap_or_else(|| self.inner.dummy_hash.clone());
+        let ok = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok(ok && known)
+    }
+
+    /// Signs an access token for a session.
+    pub(crate) fn issue_access(
+        &self,
+        s: &SessionFacts,
+        roles: Vec<String>,
+    ) -> Result<(String, i64), AuthError> {
+        let now = now_micros() / 1_000_000;
+        let ttl = self.inner.cfg.access_token_ttl_secs;
+        let claims = AccessClaims {
+            iss: self.inner.cfg.issuer.clone(),
+            sub: s.user_id.clone(),
+            aud: Audience::One(self.inner.cfg.audience.clone()),
+            exp: now + ttl,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::now_v7().to_string(),
+            sid: s.session_id.clone(),
+            roles,
+            device_id: s.device_id.clone(),
+            auth_time: s.auth_time / 1_000_000,
+            amr: s.amr.clone(),
+            acr: None,
+            scope: None,
+            client_id: None,
+        };
+        let signer = self.inner.signer.read().clone();
+        let token = signer
+            .sign(&claims)
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        metrics::counter!("auth_tokens_issued_total", "kind" => "access").increment(1);
+        Ok((token, ttl))
+    }
+
+    /// Sends mail; a failure is logged, not returned (the flow that sent it stands).
+    pub(crate) async fn send_mail(&self, to: &str, subject: &str, text: String) {
+        let msg = Message {
+            to: to.to_owned(),
+            subject: subject.to_owned(),
+            text,
+        };
+        if let Err(e) = self.inner.mailer.send(msg).await {
+            tracing::warn!(error = %e, "could not send mail");
+        }
+    }
+
+    /// Base of links in emails.
+    pub(crate) fn public_url(&self) -> &str {
+        self.inner
+            .cfg
+            .public_url
+            .as_deref()
+            .unwrap_or(&self.inner.cfg.issuer)
+            .trim_end_matches('/')
+    }
+}
+
+/// What a token is issued from.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionFacts {
+    pub user_id: String,
+    pub session_id: String,
+    pub device_id: String,
+    pub auth_time: i64,
+    pub amr: Vec<String>,
+}

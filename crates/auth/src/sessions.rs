@@ -1,0 +1,617 @@
+//! Login, refresh-token rotation with reuse detection, sessions and logout,
+//! and token introspection.
+
+use crate::accounts::normalise_email;
+use crate::rbac::roles_of;
+use crate::service::SessionFacts;
+use crate::{AuthError, AuthService};
+use futures::future::BoxFuture;
+use sqlx::Row;
+use std::net::IpAddr;
+use vaultpay_core::crypto::{opaque_token, sha256_hex};
+use vaultpay_core::time::{now_micros, rfc3339, secs};
+use vaultpay_proto::auth as wire;
+use vaultpay_store::audit::{append, NewAudit};
+use vaultpay_store::Tx;
+use vaultpay_web::{Ctx, Principal};
+
+const MAX_DEVICE_ID: usize = 128;
+const MAX_DEVICE_NAME: usize = 100;
+
+fn check_device(id: &str, name: &str) -> Result<(), AuthError> {
+    let ok = |s: &str, max: usize| {
+        !s.trim().is_empty() && s.chars().count() <= max && !s.chars().any(char::is_control)
+    };
+    if !ok(id, MAX_DEVICE_ID) || !ok(name, MAX_DEVICE_NAME) {
+        return Err(AuthError::Invalid(
+            "device_invalid",
+            format!("device.id (1–{MAX_DEVICE_ID}) and device.name (1–{MAX_DEVICE_NAME}) must be non-empty printable text."),
+        ));
+    }
+    Ok(())
+}
+
+fn amr_of(text: &str) -> Vec<String> {
+    text.split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl AuthService {
+    /// `POST /v1/auth/login`.
+    pub async fn login(
+        &self,
+        ctx: &Ctx,
+        req: wire::LoginRequest,
+    ) -> Result<wire::TokenResponse, AuthError> {
+        let cfg = &self.inner.cfg;
+        check_device(&req.device.id, &req.device.name)?;
+        if req.password.len() > 1024 {
+            return Err(AuthError::InvalidCredentials);
+        }
+        let limiter = &*self.inner.limiter;
+        vaultpay_web::enforce(
+            limiter,
+            &format!("login:ip:{}", ctx.ip_key()),
+            cfg.rate_limits.login_per_ip,
+        )
+        .await?;
+        let email = normalise_email(&req.email).map_err(|_| AuthError::InvalidCredentials)?;
+        vaultpay_web::enforce(
+            limiter,
+            &format!("login:acct:{email}"),
+            cfg.rate_limits.login_per_account,
+        )
+        .await?;
+
+        let row = sqlx::query("SELECT id, password_hash, locked_until FROM users WHERE email = $1")
+            .bind(&email)
+            .fetch_optional(self.inner.db.read())
+            .await?;
+        let now = now_micros();
+        let (user_id, phc) = match &row {
+            Some(r) => {
+                let locked_until: Option<i64> = r.try_get("locked_until")?;
+                if let Some(until) = locked_until.filter(|u| *u > now) {
+                    metrics::counter!("auth_logins_total", "outcome" => "locked").increment(1);
+                    return Err(AuthError::Locked {
+                        retry_after_secs: ((until - now) / 1_000_000).max(1),
+                    });
+                }
+                (
+                    Some(r.try_get::<String, _>("id")?),
+                    Some(r.try_get::<String, _>("password_hash")?),
+                )
+            }
+            None => (None, None),
+        };
+        let ok = self.verify_password(req.password, phc).await?;
+        let Some(user_id) = user_id.filter(|_| ok) else {
+            self.login_failed(ctx, &email, row.is_some()).await?;
+            metrics::counter!("auth_logins_total", "outcome" => "failure").increment(1);
+            return Err(AuthError::InvalidCredentials);
+        };
+
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
+            .bind(&user_id)
+            .execute(&mut *tx)
+            .await?;
+        let facts = SessionFacts {
+            user_id: user_id.clone(),
+            session_id: uuid::Uuid::now_v7().to_string(),
+            device_id: req.device.id.trim().to_owned(),
+            auth_time: now,
+            amr: vec!["pwd".into()],
+        };
+        let expires = now + secs(cfg.session_absolute_ttl_secs);
+        let idle = (now + secs(cfg.session_idle_ttl_secs)).min(expires);
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
+             idle_expires_at, expires_at, auth_time, amr) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $7, $10)",
+        )
+        .bind(&facts.session_id)
+        .bind(&user_id)
+        .bind(&facts.device_id)
+        .bind(req.device.name.trim())
+        .bind(ctx.ip.map(|i| i.to_string()))
+        .bind(&ctx.user_agent)
+        .bind(now)
+        .bind(idle)
+        .bind(expires)
+        .bind(facts.amr.join(" "))
+        .execute(&mut *tx)
+        .await?;
+        let refresh = self.insert_refresh(&mut tx, &facts.session_id, now).await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("login.succeeded")
+                .actor(&user_id)
+                .resource(&facts.session_id)
+                .metadata(serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr })),
+        )
+        .await?;
+        let roles = roles_of(&mut *tx, &user_id).await?;
+        tx.commit().await?;
+        let _ = self
+            .inner
+            .limiter
+            .reset(&format!("login:acct:{email}"))
+            .await;
+        metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
+        let (access, ttl) = self.issue_access(&facts, roles)?;
+        Ok(wire::TokenResponse {
+            access_token: access,
+            token_type: "Bearer".into(),
+            expires_in: ttl,
+            refresh_token: Some(refresh),
+            scope: None,
+            session_id: Some(facts.session_id),
+        })
+    }
+
+    async fn insert_refresh(
+        &self,
+        tx: &mut Tx,
+        session_id: &str,
+        now: i64,
+    ) -> Result<String, AuthError> {
+        let token = opaque_token();
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(sha256_hex(token.as_bytes()))
+        .bind(session_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        metrics::counter!("auth_tokens_issued_total", "kind" => "refresh").increment(1);
+        Ok(token)
+    }
+
+    /// Counts a failed login; locks the account after too many in a row.
+    async fn login_failed(&self, ctx: &Ctx, email: &str, known: bool) -> Result<(), AuthError> {
+        let db = &self.inner.db;
+        let lock = &self.inner.cfg.lockout;
+        let mut tx = db.begin().await?;
+        let mut actor = None;
+        let mut locked_for = None;
+        if known {
+            let r = sqlx::query(
+                "UPDATE users SET failed_logins = failed_logins + 1 WHERE email = $1 RETURNING id, failed_logins, lock_count",
+            )
+            .bind(email)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(r) = r {
+                let id: String = r.try_get("id")?;
+                let failed: i64 = r.try_get("failed_logins")?;
+                let count: i64 = r.try_get("lock_count")?;
+                if failed >= lock.threshold {
+                    let dur = lock.duration_secs(count + 1);
+                    sqlx::query(
+                        "UPDATE users SET failed_logins = 0, lock_count = lock_count + 1, locked_until = $1 WHERE id = $2",
+                    )
+                    .bind(now_micros() + secs(dur))
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+                    locked_for = Some(dur);
+                }
+                actor = Some(id);
+            }
+        }
+        let failed =
+            NewAudit::failure("login.failed").metadata(serde_json::json!({ "email": email }));
+        let failed = match &actor {
+            Some(id) => failed.actor(id).resource(id),
+            None => failed,
+        };
+        append(db, &mut tx, &ctx.origin(), failed).await?;
+        if let (Some(id), Some(dur)) = (&actor, locked_for) {
+            append(
+                db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::success("account.locked")
+                    .actor("system")
+                    .resource(id)
+                    .metadata(serde_json::json!({ "seconds": dur })),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The refresh-token grant of `POST /oauth/token`.
+    pub async fn refresh(
+        &self,
+        ctx: &Ctx,
+        token: &str,
+        device_id: Option<&str>,
+    ) -> Result<wire::TokenResponse, AuthError> {
+        let cfg = &self.inner.cfg;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("refresh:ip:{}", ctx.ip_key()),
+            cfg.rate_limits.refresh_per_ip,
+        )
+        .await?;
+        let Some(device_id) = device_id.filter(|d| !d.is_empty()) else {
+            return Err(AuthError::OAuth(
+                "invalid_request",
+                "device_id is required".into(),
+            ));
+        };
+        if token.is_empty() || token.len() > 256 {
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "refresh token is invalid".into(),
+            ));
+        }
+        let hash = sha256_hex(token.as_bytes());
+        let db = &self.inner.db;
+        let now = now_micros();
+        let mut tx = db.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT r.session_id AS session_id, r.used_at AS used_at, r.replaced_by AS replaced_by, s.user_id AS user_id, \
+             s.device_id AS device_id, s.revoked_at AS revoked_at, s.expires_at AS expires_at, \
+             s.idle_expires_at AS idle_expires_at, s.auth_time AS auth_time, s.amr AS amr \
+             FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1{}",
+            db.for_update()
+        ))
+        .bind(&hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "refresh token is invalid".into(),
+            ));
+        };
+        let session_id: String = row.try_get("session_id")?;
+        let user_id: String = row.try_get("user_id")?;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("refresh:sid:{session_id}"),
+            cfg.rate_limits.refresh_per_session,
+        )
+        .await?;
+        let used_at: Option<i64> = row.try_get("used_at")?;
+        let replaced_by: Option<String> = row.try_get("replaced_by")?;
+        let revoked_at: Option<i64> = row.try_get("revoked_at")?;
+        let session_device: String = row.try_get("device_id")?;
+        if revoked_at.is_some() {
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "the session has ended".into(),
+            ));
+        }
+        let mut grace = false;
+        if let Some(used) = used_at {
+            let within = cfg.refresh_reuse_grace_secs > 0
+                && now - used <= secs(cfg.refresh_reuse_grace_secs);
+            let first_grace = !replaced_by.as_deref().unwrap_or("").starts_with("grace:");
+            if within && first_grace && session_device == device_id {
+                grace = true;
+            } else {
+                self.revoke_family(&mut tx, ctx, &user_id, &session_id, "refresh_token_reuse")
+                    .await?;
+                tx.commit().await?;
+                metrics::counter!("auth_refresh_reuse_detected_total").increment(1);
+                tracing::warn!(session_id = %session_id, "refresh token reuse detected; session revoked");
+                return Err(AuthError::OAuth(
+                    "invalid_grant",
+                    "refresh token was already used; the session has been revoked".into(),
+                ));
+            }
+        }
+        if session_device != device_id {
+            self.revoke_family(
+                &mut tx,
+                ctx,
+                &user_id,
+                &session_id,
+                "refresh_device_mismatch",
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "refresh token was issued to another device; the session has been revoked".into(),
+            ));
+        }
+        let expires_at: i64 = row.try_get("expires_at")?;
+        let idle_expires_at: i64 = row.try_get("idle_expires_at")?;
+        if expires_at <= now || idle_expires_at <= now {
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "the session has expired".into(),
+            ));
+        }
+        let new_token = self.insert_refresh(&mut tx, &session_id, now).await?;
+        let new_hash = sha256_hex(new_token.as_bytes());
+        let marked = if grace {
+            sqlx::query("UPDATE refresh_tokens SET replaced_by = $1 WHERE token_hash = $2")
+                .bind(format!("grace:{new_hash}"))
+                .bind(&hash)
+                .execute(&mut *tx)
+                .await?
+        } else {
+            sqlx::query("UPDATE refresh_tokens SET used_at = $1, replaced_by = $2 WHERE token_hash = $3 AND used_at IS NULL")
+                .bind(now)
+                .bind(&new_hash)
+                .bind(&hash)
+                .execute(&mut *tx)
+                .await?
+        };
+        if marked.rows_affected() != 1 {
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "refresh token is invalid".into(),
+            ));
+        }
+        sqlx::query("UPDATE sessions SET last_seen_at = $1, idle_expires_at = $2, ip = $3, user_agent = $4 WHERE id = $5")
+            .bind(now)
+            .bind((now + secs(cfg.session_idle_ttl_secs)).min(expires_at))
+            .bind(ctx.ip.map(|i| i.to_string()))
+            .bind(&ctx.user_agent)
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success(if grace {
+                "token.refreshed_in_grace"
+            } else {
+                "token.refreshed"
+            })
+            .actor(&user_id)
+            .resource(&session_id),
+        )
+        .await?;
+        let roles = roles_of(&mut *tx, &user_id).await?;
+        tx.commit().await?;
+        let amr: String = row.try_get("amr")?;
+        let facts = SessionFacts {
+            user_id,
+            session_id: session_id.clone(),
+            device_id: session_device,
+            auth_time: row.try_get("auth_time")?,
+            amr: amr_of(&amr),
+        };
+        let (access, ttl) = self.issue_access(&facts, roles)?;
+        Ok(wire::TokenResponse {
+            access_token: access,
+            token_type: "Bearer".into(),
+            expires_in: ttl,
+            refresh_token: Some(new_token),
+            scope: None,
+            session_id: Some(session_id),
+        })
+    }
+
+    async fn revoke_family(
+        &self,
+        tx: &mut Tx,
+        ctx: &Ctx,
+        user_id: &str,
+        session_id: &str,
+        reason: &str,
+    ) -> Result<(), AuthError> {
+        sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_reason = $2 WHERE id = $3 AND revoked_at IS NULL")
+            .bind(now_micros())
+            .bind(reason)
+            .bind(session_id)
+            .execute(&mut **tx)
+            .await?;
+        append(
+            &self.inner.db,
+            tx,
+            &ctx.origin(),
+            NewAudit::failure("refresh.reuse_detected")
+                .actor(user_id)
+                .resource(session_id)
+                .metadata(serde_json::json!({ "reason": reason, "session_revoked": true })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Revokes a user's live sessions (all, or all but `keep`); returns how many.
+    pub(crate) async fn revoke_sessions_tx(
+        &self,
+        tx: &mut Tx,
+        user_id: &str,
+        keep: Option<&str>,
+        reason: &str,
+    ) -> Result<u64, AuthError> {
+        let n = sqlx::query(
+            "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 WHERE user_id = $3 AND revoked_at IS NULL AND id <> $4",
+        )
+        .bind(now_micros())
+        .bind(reason)
+        .bind(user_id)
+        .bind(keep.unwrap_or(""))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    /// Refuses a token whose session has been revoked or has expired.
+    pub async fn require_live_session(&self, p: &Principal) -> Result<(), AuthError> {
+        if self.session_live(p.session_id(), p.user_id()).await? {
+            Ok(())
+        } else {
+            Err(AuthError::SessionInactive)
+        }
+    }
+
+    async fn session_live(&self, session_id: &str, user_id: &str) -> Result<bool, AuthError> {
+        let now = now_micros();
+        let r = sqlx::query(
+            "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(now)
+        .fetch_optional(self.inner.db.read())
+        .await?;
+        Ok(r.is_some())
+    }
+
+    /// `GET /v1/sessions`: the caller's live sessions.
+    pub async fn list_sessions(&self, p: &Principal) -> Result<wire::SessionList, AuthError> {
+        self.require_live_session(p).await?;
+        let now = now_micros();
+        let rows = sqlx::query(
+            "SELECT id, device_id, device_name, ip, user_agent, created_at, last_seen_at, idle_expires_at, expires_at \
+             FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 AND idle_expires_at > $2 \
+             ORDER BY created_at DESC LIMIT 200",
+        )
+        .bind(p.user_id())
+        .bind(now)
+        .fetch_all(self.inner.db.read())
+        .await?;
+        let sessions = rows
+            .iter()
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                let idle: i64 = r.try_get("idle_expires_at")?;
+                let abs: i64 = r.try_get("expires_at")?;
+                Ok(wire::Session {
+                    current: id == p.session_id(),
+                    id,
+                    device_id: r.try_get("device_id")?,
+                    device_name: r.try_get("device_name")?,
+                    ip: r.try_get("ip")?,
+                    user_agent: r.try_get("user_agent")?,
+                    created_at: rfc3339(r.try_get("created_at")?),
+                    last_seen_at: rfc3339(r.try_get("last_seen_at")?),
+                    expires_at: rfc3339(idle.min(abs)),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(wire::SessionList { sessions })
+    }
+
+    /// `DELETE /v1/sessions/{id}`: only the caller's own sessions (others: 404).
+    pub async fn revoke_session(
+        &self,
+        ctx: &Ctx,
+        p: &Principal,
+        session_id: &str,
+    ) -> Result<(), AuthError> {
+        self.require_live_session(p).await?;
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let n = sqlx::query(
+            "UPDATE sessions SET revoked_at = $1, revoked_reason = 'revoked_by_user' WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now_micros())
+        .bind(session_id)
+        .bind(p.user_id())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(AuthError::NotFound("session"));
+        }
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("session.revoked")
+                .actor(p.user_id())
+                .resource(session_id),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `POST /v1/auth/logout`: ends this session, or every session of the user.
+    pub async fn logout(
+        &self,
+        ctx: &Ctx,
+        p: &Principal,
+        everywhere: bool,
+    ) -> Result<wire::Accepted, AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let n = if everywhere {
+            self.revoke_sessions_tx(&mut tx, p.user_id(), None, "logout_everywhere")
+                .await?
+        } else {
+            sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_reason = 'logout' WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
+                .bind(now_micros())
+                .bind(p.session_id())
+                .bind(p.user_id())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+        };
+        let action = if everywhere {
+            "logout.everywhere"
+        } else {
+            "logout"
+        };
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success(action)
+                .actor(p.user_id())
+                .resource(p.session_id())
+                .metadata(serde_json::json!({ "sessions_revoked": n })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(wire::Accepted {
+            status: "logged_out".into(),
+        })
+    }
+
+    /// RFC 7662: is this access token valid and its session live?
+    pub async fn introspect_token(&self, token: &str) -> Result<wire::Introspection, AuthError> {
+        let Ok(claims) = self.inner.verifier.verify(token).await else {
+            return Ok(wire::Introspection::default());
+        };
+        if !claims.sid.is_empty() && !self.session_live(&claims.sid, &claims.sub).await? {
+            return Ok(wire::Introspection::default());
+        }
+        Ok(wire::Introspection {
+            active: true,
+            sub: Some(claims.sub),
+            sid: (!claims.sid.is_empty()).then_some(claims.sid),
+            exp: Some(claims.exp),
+            iat: Some(claims.iat),
+            token_type: Some("Bearer".into()),
+            roles: Some(claims.roles),
+            client_id: claims.client_id,
+        })
+    }
+}
+
+/// In-process introspection for the all-in-one deployment.
+impl vaultpay_web::Introspector for AuthService {
+    fn introspect<'a>(
+        &'a self,
+        token: &'a str,
+        _client_ip: Option<IpAddr>,
+    ) -> BoxFuture<'a, Result<wire::Introspection, String>> {
+        Box::pin(async move {
+            self.introspect_token(token)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}

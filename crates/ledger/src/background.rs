@@ -1,0 +1,172 @@
+//! Background tasks: void expired holds, purge old idempotency keys, relay the outbox.
+
+use crate::engine::begin;
+use crate::error::LedgerError;
+use crate::ops::expire_hold;
+use crate::Core;
+use sqlx::Row;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+use vaultpay_core::time::{now_micros, secs};
+
+/// An event relayed from the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    pub seq: i64,
+    pub id: String,
+    pub topic: String,
+    pub payload: serde_json::Value,
+    pub created_at: i64,
+}
+
+/// Runs `step` every `every` until `shutdown` turns true.
+pub(crate) fn every<F, Fut>(
+    name: &'static str,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut step: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64, LedgerError>> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() { break; }
+                    continue;
+                }
+            }
+            match step().await {
+                Ok(n) if n > 0 => tracing::debug!(task = name, n, "background step"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(task = name, error = %e, "background step failed"),
+            }
+        }
+        tracing::debug!(task = name, "stopped");
+    })
+}
+
+/// Voids every hold whose timeout has passed; each exactly once. Returns how many.
+pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
+    let now = now_micros();
+    let rows = sqlx::query("SELECT id FROM transfers WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT 500")
+        .bind(now)
+        .fetch_all(core.db.read())
+        .await?;
+    let mut n = 0;
+    for r in rows {
+        let id: String = r.try_get("id")?;
+        let mut tx = begin(&core.db).await?;
+        if expire_hold(core, &mut tx, &id, now).await? {
+            n += 1;
+        }
+        tx.commit().await?;
+    }
+    if n > 0 {
+        metrics::counter!("ledger_holds_expired_total").increment(n);
+    }
+    Ok(n)
+}
+
+/// Deletes idempotency keys older than the configured TTL (at least 24 hours).
+pub async fn purge_idempotency(core: &Core) -> Result<u64, LedgerError> {
+    let ttl = core.config.idempotency_ttl_secs.max(86_400);
+    let cutoff = now_micros().saturating_sub(secs(ttl));
+    let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+        .bind(cutoff)
+        .execute(core.db.writer())
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// Publishes unpublished outbox events to in-process subscribers, in order, and marks
+/// them published. (A NATS relay would publish here instead.)
+pub async fn relay_outbox(
+    core: &Core,
+    events: &broadcast::Sender<OutboxEvent>,
+) -> Result<u64, LedgerError> {
+    let mut tx = core.db.begin().await?;
+    let skip = match core.db.backend() {
+        vaultpay_store::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        vaultpay_store::Backend::Sqlite => "",
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT seq, id, topic, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1000{skip}"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let now = now_micros();
+    let mut n = 0;
+    for r in &rows {
+        let ev = OutboxEvent {
+            seq: r.try_get("seq")?,
+            id: r.try_get("id")?,
+            topic: r.try_get("topic")?,
+            payload: serde_json::from_str(&r.try_get::<String, _>("payload")?)
+                .unwrap_or(serde_json::Value::Null),
+            created_at: r.try_get("created_at")?,
+        };
+        sqlx::query("UPDATE outbox SET published_at = $1 WHERE seq = $2")
+            .bind(now)
+            .bind(ev.seq)
+            .execute(&mut *tx)
+            .await?;
+        let _ = events.send(ev);
+        n += 1;
+    }
+    tx.commit().await?;
+    Ok(n)
+}
+
+pub(crate) fn spawn_all(
+    core: Arc<Core>,
+    events: broadcast::Sender<OutboxEvent>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let c1 = core.clone();
+    let c2 = core.clone();
+    let c3 = core.clone();
+    vec![
+        every(
+            "expire_holds",
+            Duration::from_millis(core.config.expiry_interval_ms.max(10)),
+            shutdown.clone(),
+            move || {
+                let c = c1.clone();
+                async move { expire_holds(&c).await }
+            },
+        ),
+        every(
+            "purge_idempotency",
+            Duration::from_secs(core.config.purge_interval_secs.max(1)),
+            shutdown.clone(),
+            move || {
+                let c = c2.clone();
+                async move { purge_idempotency(&c).await }
+            },
+        ),
+        every(
+            "relay_outbox",
+            Duration::from_millis(core.config.outbox_interval_ms.max(10)),
+            shutdown,
+            move || {
+                let c = c3.clone();
+                let ev = events.clone();
+                async move { relay_outbox(&c, &ev).await }
+            },
+        ),
+    ]
+}

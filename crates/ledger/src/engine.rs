@@ -1,0 +1,326 @@
+//! The write path: every operation that creates or moves something runs as a [`Job`]
+//! inside one database transaction that also checks and stores its idempotency key.
+//!
+//! With group commit on (the default), a single committer task drains the queue of
+//! waiting jobs and runs as many as are ready in ONE transaction (one fsync), each in
+//! its own savepoint so a storage failure in one job rolls back only that job. Replies
+//! are sent only after the shared commit, so nothing is acknowledged before it is
+//! durable. With group commit off, each job gets its own transaction.
+//!
+//! Lock order (both backends, no deadlocks): the ledger's global write lock first (the
+//! audit-chain advisory lock on PostgreSQL; `BEGIN IMMEDIATE` on SQLite), then account
+//! rows in ascending id order, then the transfer row.
+
+use crate::error::LedgerError;
+use crate::model::Actor;
+use crate::ops;
+use crate::Core;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use vaultpay_proto::ledger::{
+    BatchRequest, OpenAccountRequest, PostHoldRequest, TransferRequest, TreasuryRequest,
+    VoidHoldRequest,
+};
+use vaultpay_store::audit::Origin;
+use vaultpay_store::{Db, Tx};
+
+/// The store's audit-chain lock key; taken first by every ledger write transaction so
+/// that all writers are serialised in one order (see module docs).
+pub(crate) const GLOBAL_WRITE_LOCK: i64 = 2;
+
+/// An operation that creates or moves something.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Open(OpenAccountRequest),
+    Transfer(TransferRequest),
+    Deposit(TreasuryRequest),
+    Withdraw(TreasuryRequest),
+    Post(String, PostHoldRequest),
+    Void(String, VoidHoldRequest),
+    Batch(BatchRequest),
+}
+
+impl Op {
+    /// SHA-256 of method, path and the canonical JSON body.
+    pub fn fingerprint(&self) -> String {
+        let (path, body) = match self {
+            Op::Open(r) => ("/v1/accounts".to_owned(), serde_json::to_string(r)),
+            Op::Transfer(r) => ("/v1/transfers".to_owned(), serde_json::to_string(r)),
+            Op::Deposit(r) => ("/v1/admin/deposits".to_owned(), serde_json::to_string(r)),
+            Op::Withdraw(r) => ("/v1/admin/withdrawals".to_owned(), serde_json::to_string(r)),
+            Op::Post(id, r) => (format!("/v1/transfers/{id}/post"), serde_json::to_string(r)),
+            Op::Void(id, r) => (format!("/v1/transfers/{id}/void"), serde_json::to_string(r)),
+            Op::Batch(r) => ("/v1/transfers/batch".to_owned(), serde_json::to_string(r)),
+        };
+        let mut h = Sha256::new();
+        h.update(b"POST\n");
+        h.update(path.as_bytes());
+        h.update(b"\n");
+        h.update(body.unwrap_or_default().as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Open(_) => "open_account",
+            Op::Transfer(_) => "transfer",
+            Op::Deposit(_) => "deposit",
+            Op::Withdraw(_) => "withdrawal",
+            Op::Post(..) => "post_hold",
+            Op::Void(..) => "void_hold",
+            Op::Batch(_) => "batch",
+        }
+    }
+}
+
+/// A response as stored with its idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    /// JSON (a resource, or a problem document when `status >= 400`).
+    pub body: String,
+    pub replayed: bool,
+}
+
+impl Reply {
+    pub fn json<T: serde::Serialize>(status: u16, v: &T) -> Result<Reply, LedgerError> {
+        let body = serde_json::to_string(v).map_err(|e| LedgerError::Internal(e.to_string()))?;
+        Ok(Reply {
+            status,
+            body,
+            replayed: false,
+        })
+    }
+
+    pub fn problem(e: &LedgerError, request_id: Option<String>) -> Reply {
+        let body = serde_json::to_string(&e.problem(request_id)).unwrap_or_default();
+        Reply {
+            status: e.status().as_u16(),
+            body,
+            replayed: false,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as JSON (for tests and in-process callers).
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Idempotency keys with a request in flight in this process.
+#[derive(Default)]
+pub(crate) struct Inflight(Mutex<HashSet<(String, String)>>);
+
+pub(crate) struct InflightGuard {
+    set: Arc<Inflight>,
+    entry: (String, String),
+}
+
+impl Inflight {
+    pub fn claim(self: &Arc<Self>, user: &str, key: &str) -> Option<InflightGuard> {
+        let entry = (user.to_owned(), key.to_owned());
+        if !self.0.lock().insert(entry.clone()) {
+            return None;
+        }
+        Some(InflightGuard {
+            set: self.clone(),
+            entry,
+        })
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.set.0.lock().remove(&self.entry);
+    }
+}
+
+pub(crate) struct Job {
+    pub actor: Actor,
+    pub key: Option<String>,
+    pub op: Op,
+    pub origin: Origin,
+    pub _guard: Option<InflightGuard>,
+}
+
+pub(crate) type Queued = (Job, oneshot::Sender<Result<Reply, LedgerError>>);
+
+/// Checks an Idempotency-Key's shape.
+pub(crate) fn check_key(key: &str) -> Result<(), LedgerError> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(LedgerError::IdempotencyKeyInvalid);
+    }
+    Ok(())
+}
+
+/// Begins a write transaction holding the global write lock.
+pub(crate) async fn begin(db: &Db) -> Result<Tx, LedgerError> {
+    let mut tx = db.begin().await?;
+    db.lock(&mut tx, GLOBAL_WRITE_LOCK).await?;
+    Ok(tx)
+}
+
+pub(crate) async fn exec_sql(tx: &mut Tx, sql: &str) -> Result<(), LedgerError> {
+    sqlx::query(sql).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Runs one job inside `tx`. `Err` means a server-side failure: the caller must roll
+/// back whatever the job wrote (nothing is stored with its key).
+pub(crate) async fn exec_job(core: &Core, tx: &mut Tx, job: &Job) -> Result<Reply, LedgerError> {
+    let fingerprint = job.op.fingerprint();
+    if let Some(key) = &job.key {
+        let row = sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2")
+            .bind(&job.actor.user_id)
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some(row) = row {
+            let fp: String = row.try_get("fingerprint")?;
+            if fp != fingerprint {
+                return Ok(Reply::problem(
+                    &LedgerError::IdempotencyKeyReused,
+                    job.origin.request_id.clone(),
+                ));
+            }
+            let status: i64 = row.try_get("status")?;
+            return Ok(Reply {
+                status: u16::try_from(status).unwrap_or(500),
+                body: row.try_get("body")?,
+                replayed: true,
+            });
+        }
+    }
+    let (reply, resource) = match ops::run(core, tx, job).await {
+        Ok(done) => (done.reply, done.resource),
+        Err(e) if e.is_server_error() => return Err(e),
+        Err(e) => {
+            ops::record_failure(tx, job, &e).await?;
+            (Reply::problem(&e, job.origin.request_id.clone()), None)
+        }
+    };
+    if let Some(key) = &job.key {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&job.actor.user_id)
+        .bind(key)
+        .bind(&fingerprint)
+        .bind(i64::from(reply.status))
+        .bind(&reply.body)
+        .bind(resource)
+        .bind(vaultpay_core::time::now_micros())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(reply)
+}
+
+/// One transaction per job (the comparison path, and group commit's fallback).
+pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerError> {
+    let mut tx = begin(&core.db).await?;
+    let reply = exec_job(core, &mut tx, &job).await?;
+    tx.commit().await?;
+    drop(job);
+    Ok(reply)
+}
+
+/// The group committer: drains whatever is queued and commits it together.
+pub(crate) async fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Queued>) {
+    let max = core.config.group_max.max(1);
+    let mut group: Vec<Queued> = Vec::with_capacity(max);
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while group.len() < max {
+            match rx.try_recv() {
+                Ok(q) => group.push(q),
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("ledger_group_commit_size").record(group.len() as f64);
+        run_group(&core, &mut group).await;
+        group.clear();
+    }
+}
+
+async fn run_group(core: &Core, group: &mut Vec<Queued>) {
+    if group.len() == 1 {
+        if let Some((job, reply_to)) = group.pop() {
+            let r = run_single(core, job).await;
+            let _ = reply_to.send(r);
+        }
+        return;
+    }
+    let mut tx = match begin(&core.db).await {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "group commit: begin failed");
+            for (_, reply_to) in group.drain(..) {
+                let _ = reply_to.send(Err(LedgerError::Internal("begin failed".into())));
+            }
+            return;
+        }
+    };
+    let mut results: Vec<Result<Reply, LedgerError>> = Vec::with_capacity(group.len());
+    let mut broken = false;
+    for (job, _) in group.iter() {
+        if exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
+            broken = true;
+            break;
+        }
+        match exec_job(core, &mut tx, job).await {
+            Ok(reply) => {
+                if exec_sql(&mut tx, "RELEASE SAVEPOINT job").await.is_err() {
+                    broken = true;
+                    break;
+                }
+                results.push(Ok(reply));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, op = job.op.name(), "group commit: job failed; rolled back alone");
+                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job")
+                    .await
+                    .is_err()
+                    || exec_sql(&mut tx, "RELEASE SAVEPOINT job").await.is_err()
+                {
+                    broken = true;
+                    break;
+                }
+                results.push(Err(e));
+            }
+        }
+    }
+    let committed = if broken {
+        let _ = tx.rollback().await;
+        false
+    } else {
+        match tx.commit().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                false
+            }
+        }
+    };
+    let mut results = results.into_iter();
+    for (job, reply_to) in group.drain(..) {
+        let r = if committed {
+            results
+                .next()
+                .unwrap_or_else(|| Err(LedgerError::Internal("missing group result".into())))
+        } else {
+            Err(LedgerError::Internal("group commit failed".into()))
+        };
+        let _ = reply_to.send(r);
+        drop(job);
+    }
+}

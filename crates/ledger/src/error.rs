@@ -1,0 +1,222 @@
+//! The ledger's one error enum and its mapping to problem documents.
+//!
+//! Domain errors (a refused transfer, a missing account) are 4xx problems with a stable
+//! `code`; they are recorded in `failed_transfers` and stored with the idempotency key
+//! so a retry replays them. Storage errors are 5xx: the transaction rolls back, nothing
+//! is stored, and the key stays retryable.
+
+use axum::http::StatusCode;
+use vaultpay_proto::ledger::BatchResponse;
+use vaultpay_proto::Problem;
+use vaultpay_store::StoreError;
+use vaultpay_web::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient funds: {available} available, {requested} requested")]
+    InsufficientFunds { available: i64, requested: i64 },
+    #[error("account {0} is frozen")]
+    AccountFrozen(String),
+    #[error("account {0} is closed")]
+    AccountClosed(String),
+    #[error("currency {requested} does not match the account currency {account}")]
+    CurrencyMismatch { requested: String, account: String },
+    #[error("unknown currency {0:?}: expected an ISO 4217 code such as USD")]
+    CurrencyUnknown(String),
+    #[error("no such account")]
+    AccountNotFound,
+    #[error("the caller does not own the account money would move from")]
+    NotAccountOwner,
+    #[error("{0}")]
+    AmountInvalid(String),
+    #[error("the source and destination accounts are the same")]
+    SameAccount,
+    #[error("no such transfer")]
+    TransferNotFound,
+    #[error("the hold is {0}, not pending: it cannot be resolved again")]
+    HoldNotPending(String),
+    #[error("the hold has expired")]
+    HoldExpired,
+    #[error("the account still holds money or has pending holds")]
+    AccountNotEmpty,
+    #[error("account is not frozen")]
+    AccountNotFrozen,
+    #[error("settlement accounts cannot be changed this way")]
+    SettlementAccount,
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("batch of {0} transfers is larger than the limit of {1}")]
+    BatchTooLarge(usize, usize),
+    #[error("the atomic batch failed; no transfer in it was applied")]
+    BatchFailed(Box<BatchResponse>),
+    #[error("this operation needs the {0} permission")]
+    Forbidden(&'static str),
+    #[error("this operation needs an Idempotency-Key header")]
+    IdempotencyKeyRequired,
+    #[error("the Idempotency-Key must be 1 to 255 printable ASCII characters")]
+    IdempotencyKeyInvalid,
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed")]
+    IdempotencyInProgress,
+    #[error("the session of this token has been revoked")]
+    SessionRevoked,
+    #[error("the invalid cursor {0:?}")]
+    InvalidCursor(String),
+    #[error("session introspection failed: {0}")]
+    IntrospectionUnavailable(String),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        LedgerError::Store(StoreError::Sqlx(e))
+    }
+}
+
+impl From<vaultpay_core::money::MoneyError> for LedgerError {
+    fn from(e: vaultpay_core::money::MoneyError) -> Self {
+        use vaultpay_core::money::MoneyError as M;
+        match e {
+            M::UnknownCurrency(c) => LedgerError::CurrencyUnknown(c),
+            other => LedgerError::AmountInvalid(other.to_string()),
+        }
+    }
+}
+
+impl LedgerError {
+    /// True for errors the caller did not cause (storage, internal, dependency):
+    /// these roll back and are never stored with an idempotency key.
+    pub fn is_server_error(&self) -> bool {
+        self.status().is_server_error()
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use LedgerError::*;
+        match self {
+            InsufficientFunds { .. }
+            | CurrencyMismatch { .. }
+            | CurrencyUnknown(_)
+            | AmountInvalid(_)
+            | SameAccount => StatusCode::UNPROCESSABLE_ENTITY,
+            InvalidRequest(_) | BatchTooLarge(..) | BatchFailed(_) | IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AccountFrozen(_)
+            | AccountClosed(_)
+            | HoldNotPending(_)
+            | HoldExpired
+            | AccountNotEmpty
+            | AccountNotFrozen
+            | SettlementAccount
+            | IdempotencyInProgress => StatusCode::CONFLICT,
+            AccountNotFound | TransferNotFound => StatusCode::NOT_FOUND,
+            NotAccountOwner | Forbidden(_) => StatusCode::FORBIDDEN,
+            IdempotencyKeyRequired | IdempotencyKeyInvalid | InvalidCursor(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            SessionRevoked => StatusCode::UNAUTHORIZED,
+            IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        use LedgerError::*;
+        match self {
+            InsufficientFunds { .. } => "insufficient_funds",
+            AccountFrozen(_) => "account_frozen",
+            AccountClosed(_) => "account_closed",
+            CurrencyMismatch { .. } => "currency_mismatch",
+            CurrencyUnknown(_) => "currency_unknown",
+            AccountNotFound => "account_not_found",
+            NotAccountOwner => "not_account_owner",
+            AmountInvalid(_) => "amount_invalid",
+            SameAccount => "same_account",
+            TransferNotFound => "transfer_not_found",
+            HoldNotPending(_) => "hold_not_pending",
+            HoldExpired => "hold_expired",
+            AccountNotEmpty => "account_not_empty",
+            AccountNotFrozen => "account_not_frozen",
+            SettlementAccount => "settlement_account",
+            InvalidRequest(_) => "invalid_request",
+            BatchTooLarge(..) => "batch_too_large",
+            BatchFailed(_) => "batch_failed",
+            Forbidden(_) => "forbidden",
+            IdempotencyKeyRequired => "idempotency_key_required",
+            IdempotencyKeyInvalid => "idempotency_key_invalid",
+            IdempotencyKeyReused => "idempotency_key_reused",
+            IdempotencyInProgress => "idempotency_request_in_progress",
+            SessionRevoked => "session_revoked",
+            InvalidCursor(_) => "invalid_cursor",
+            IntrospectionUnavailable(_) => "service_unavailable",
+            Store(_) | Internal(_) => "internal_error",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self.status() {
+            StatusCode::NOT_FOUND => "Not found",
+            StatusCode::CONFLICT => "Conflict",
+            StatusCode::FORBIDDEN => "Forbidden",
+            StatusCode::UNAUTHORIZED => "Unauthorized",
+            StatusCode::BAD_REQUEST => "Bad request",
+            StatusCode::UNPROCESSABLE_ENTITY => "Request refused",
+            _ => "Internal server error",
+        }
+    }
+
+    /// The problem document for this error (5xx ones say nothing of the cause).
+    pub fn problem(&self, request_id: Option<String>) -> Problem {
+        let status = self.status().as_u16();
+        if self.is_server_error() {
+            let mut p = Problem::new(status, self.code(), self.title())
+                .detail("An unexpected error occurred; it has been logged with this request id.");
+            if let LedgerError::IntrospectionUnavailable(_) = self {
+                p = Problem::new(status, "service_unavailable", "Service unavailable")
+                    .detail("A dependency of this service is unavailable; retry later.");
+            }
+            p.request_id = request_id;
+            return p;
+        }
+        let mut p = Problem::new(status, self.code(), self.title()).detail(self.to_string());
+        p.request_id = request_id;
+        match self {
+            LedgerError::InsufficientFunds {
+                available,
+                requested,
+            } => {
+                p = p.with("available", available).with("requested", requested);
+            }
+            LedgerError::AccountFrozen(id) | LedgerError::AccountClosed(id) => {
+                p = p.with("account_id", id)
+            }
+            LedgerError::CurrencyMismatch { requested, account } => {
+                p = p
+                    .with("requested_currency", requested)
+                    .with("account_currency", account);
+            }
+            LedgerError::BatchFailed(resp) => p = p.with("items", &resp.items),
+            _ => {}
+        }
+        p
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        match &e {
+            LedgerError::Store(_) | LedgerError::Internal(_) => ApiError::internal(&e),
+            LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
+            LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),
+            _ => ApiError {
+                problem: e.problem(vaultpay_web::current_request_id()),
+                headers: Vec::new(),
+            },
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! VaultPay ledger: wallets, atomic double-entry transfers, holds, batches and
+//! idempotency, over SQLite or PostgreSQL.
+//!
+//! - [`Ledger`] is the service: its methods are what the HTTP handlers call (one each);
+//!   [`Ledger::router`] is the HTTP API under `/v1`.
+//! - Every write runs in one transaction that also writes its audit entry, its outbox
+//!   event and its idempotency record (see [`engine`](crate::engine) for the lock order
+//!   and group commit).
+//! - [`verify`] checks every invariant of the ledger.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod admin;
+mod background;
+mod engine;
+mod error;
+mod model;
+mod ops;
+mod query;
+mod routes;
+mod verify;
+
+pub use admin::AccountAction;
+pub use background::OutboxEvent;
+pub use engine::Reply;
+pub use error::LedgerError;
+pub use model::Actor;
+pub use query::HistoryFilter;
+pub use routes::openapi;
+pub use verify::{verify, VerifyReport, Violation};
+
+use engine::{Inflight, Job, Op, Queued};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use vaultpay_proto::ledger as wire;
+use vaultpay_store::audit::Origin;
+use vaultpay_store::Db;
+use vaultpay_web::Introspector;
+
+/// Ledger settings (the `[ledger]` table of the server config).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct LedgerConfig {
+    /// Transfers of at least this many minor units need a live session (introspection).
+    pub introspection_threshold_minor: i64,
+    /// Timeout of a hold when the request names none.
+    pub hold_default_timeout_secs: i64,
+    /// Longest hold timeout a request may ask for.
+    pub hold_max_timeout_secs: i64,
+    /// How long idempotency keys are kept (at least 24 hours whatever this says).
+    pub idempotency_ttl_secs: i64,
+    /// Most transfers in one batch request.
+    pub max_batch: usize,
+    /// Group concurrent write requests into shared commits (one fsync for many).
+    /// Off: one transaction per request.
+    pub group_commit: bool,
+    /// Most requests in one group commit.
+    pub group_max: usize,
+    /// Largest page a list endpoint returns.
+    pub page_size_max: i64,
+    pub expiry_interval_ms: u64,
+    pub purge_interval_secs: u64,
+    pub outbox_interval_ms: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            introspection_threshold_minor: 100_000,
+            hold_default_timeout_secs: 7 * 86_400,
+            hold_max_timeout_secs: 30 * 86_400,
+            idempotency_ttl_secs: 86_400,
+            max_batch: 1000,
+            group_commit: true,
+            group_max: 256,
+            page_size_max: 200,
+            expiry_interval_ms: 1000,
+            purge_interval_secs: 300,
+            outbox_interval_ms: 200,
+        }
+    }
+}
+
+/// What the committer task and the background tasks share.
+pub(crate) struct Core {
+    pub db: Db,
+    pub config: LedgerConfig,
+}
+
+struct Inner {
+    core: Arc<Core>,
+    introspector: Arc<dyn Introspector>,
+    inflight: Arc<Inflight>,
+    committer: OnceLock<mpsc::Sender<Queued>>,
+    events: broadcast::Sender<OutboxEvent>,
+}
+
+/// The ledger service.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+impl Ledger {
+    pub fn new(db: Db, config: LedgerConfig, introspector: Arc<dyn Introspector>) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            inner: Arc::new(Inner {
+                core: Arc::new(Core { db, config }),
+                introspector,
+                inflight: Arc::new(Inflight::default()),
+                committer: OnceLock::new(),
+                events,
+            }),
+        }
+    }
+
+    /// All ledger routes, with state applied.
+    pub fn router(&self) -> axum::Router {
+        routes::router(self.clone())
+    }
+
+    /// Expired-hold voiding, idempotency purge and the outbox relay; they stop when
+    /// `shutdown` becomes true.
+    pub fn spawn_background(
+        &self,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        background::spawn_all(self.inner.core.clone(), self.inner.events.clone(), shutdown)
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.core.db
+    }
+
+    pub fn config(&self) -> &LedgerConfig {
+        &self.inner.core.config
+    }
+
+    /// Events relayed from the outbox (in process).
+    pub fn subscribe(&self) -> broadcast::Receiver<OutboxEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Runs the hold-expiry step once (the background task calls this periodically).
+    pub async fn expire_holds(&self) -> Result<u64, LedgerError> {
+        background::expire_holds(&self.inner.core).await
+    }
+
+    /// Runs the outbox relay once.
+    pub async fn relay_outbox(&self) -> Result<u64, LedgerError> {
+        background::relay_outbox(&self.inner.core, &self.inner.events).await
+    }
+
+    /// Runs the idempotency purge once.
+    pub async fn purge_idempotency(&self) -> Result<u64, LedgerError> {
+        background::purge_idempotency(&self.inner.core).await
+    }
+
+    /// Asks AuthShield whether the caller's session is still live.
+    async fn require_live_session(&self, actor: &Actor) -> Result<(), LedgerError> {
+        let r = self
+            .inner
+            .introspector
+            .introspect(&actor.token, actor.client_ip)
+            .await
+            .map_err(LedgerError::IntrospectionUnavailable)?;
+        if !r.active {
+            metrics::counter!("ledger_session_revoked_total").increment(1);
+            return Err(LedgerError::SessionRevoked);
+        }
+        Ok(())
+    }
+
+    fn committer(&self) -> &mpsc::Sender<Queued> {
+        self.inner.committer.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.inner.core.config.group_max.max(1) * 8);
+            tokio::spawn(engine::committer(self.inner.core.clone(), rx));
+            tx
+        })
+    }
+
+    /// Runs a write operation with its idempotency key (group commit or its own transaction).
+    async fn submit(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        op: Op,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        let guard = match &key {
+            Some(k) => {
+                engine::check_key(k)?;
+                Some(
+                    self.inner
+                        .inflight
+                        .claim(&actor.user_id, k)
+                        .ok_or(LedgerError::IdempotencyInProgress)?,
+                )
+            }
+            None => None,
+        };
+        let job = Job {
+            actor: actor.clone(),
+            key,
+            op,
+            origin,
+            _guard: guard,
+        };
+        if !self.inner.core.config.group_commit {
+            return engine::run_single(&self.inner.core, job).await;
+        }
+        let (reply_to, reply) = oneshot::channel();
+        self.committer()
+            .send((job, reply_to))
+            .await
+            .map_err(|_| LedgerError::Internal("committer stopped".into()))?;
+        reply
+            .await
+            .map_err(|_| LedgerError::Internal("committer dropped the request".into()))?
+    }
+
+    // ---- the service functions the handlers call ----
+
+    /// `POST /v1/accounts` (Idempotency-Key optional).
+    pub async fn open_account(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        req: wire::OpenAccountRequest,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        self.submit(actor, key, Op::Open(req), origin).await
+    }
+
+    /// `GET /v1/accounts`: the caller's accounts (staff may name another `owner_id`).
+    pub async fn list_accounts(
+        &self,
+        actor: &Actor,
+        owner: Option<&str>,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<wire::AccountList, LedgerError> {
+        query::list_accounts(
+            self.db(),
+            actor,
+            owner,
+            cursor,
+            limit,
+            self.config().page_size_max,
+        )
+        .await
+    }
+
+    /// `GET /v1/accounts/{id}`: 404 unless the caller owns it or is staff.
+    pub async fn get_account(&self, actor: &Actor, id: &str) -> Result<wire::Account, LedgerError> {
+        Ok(query::visible_account(self.db(), actor, id)
+            .await?
+            .to_wire(actor))
+    }
+
+    /// `POST /v1/transfers` (Idempotency-Key required).
+    pub async fn transfer(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        req: wire::TransferRequest,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        if req.amount >= self.config().introspection_threshold_minor {
+            self.require_live_session(actor).await?;
+        }
+        self.submit(actor, Some(key), Op::Transfer(req), origin)
+            .await
+    }
+
+    /// `POST /v1/transfers/batch` (Idempotency-Key required).
+    pub async fn batch(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        req: wire::BatchRequest,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        let threshold = self.config().introspection_threshold_minor;
+        let total = req
+            .transfers
+            .iter()
+            .fold(0i64, |s, t| s.saturating_add(t.amount.max(0)));
+        if total >= threshold {
+            self.require_live_session(actor).await?;
+        }
+        self.submit(actor, Some(key), Op::Batch(req), origin).await
+    }
+
+    /// `POST /v1/transfers/{id}/post` (Idempotency-Key required).
+    pub async fn post_hold(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        id: &str,
+        req: wire::PostHoldRequest,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        if req
+            .amount
+            .is_none_or(|a| a >= self.config().introspection_threshold_minor)
+        {
+            self.require_live_session(actor).await?;
+        }
+        self.submit(actor, Some(key), Op::Post(id.to_owned(), req), origin)
+            .await
+    }
+
+    /// `POST /v1/transfers/{id}/void` (Idempotency-Key optional: voiding is naturally idempotent).
+    pub async fn void_hold(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        id: &str,
+        req: wire::VoidHoldRequest,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        self.submit(actor, key, Op::Void(id.to_owned(), req), origin)
+            .await
+    }
+
+    /// `GET /v1/transfers/{id}`.
+    pub async fn get_transfer(
+        &self,
+        actor: &Actor,
+        id: &str,
+    ) -> Result<wire::Transfer, LedgerError> {
+        query::get_transfer(self.db(), actor, id).await
+    }
+
+    /// `POST /v1/admin/deposits` and `/withdrawals` (admin; Idempotency-Key required).
+    pub async fn treasury(
+        &self,
+        actor: &Actor,
+        key: Option<String>,
+        req: wire::TreasuryRequest,
+        deposit: bool,
+        origin: Origin,
+    ) -> Result<Reply, LedgerError> {
+        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        if !actor.is_admin() {
+            return Err(LedgerError::Forbidden("treasury:move"));
+        }
+        self.require_live_session(actor).await?;
+        let op = if deposit {
+            Op::Deposit(req)
+        } else {
+            Op::Withdraw(req)
+        };
+        self.submit(actor, Some(key), op, origin).await
+    }
+
+    /// `POST /v1/admin/accounts/{id}/freeze|unfreeze|close` (admin, audited).
+    pub async fn account_action(
+        &self,
+        actor: &Actor,
+        id: &str,
+        action: AccountAction,
+        reason: &str,
+        origin: Origin,
+    ) -> Result<wire::Account, LedgerError> {
+        if !actor.is_admin() {
+            return Err(LedgerError::Forbidden("accounts:manage"));
+        }
+        self.require_live_session(actor).await?;
+        Ok(
+            admin::account_action(&self.inner.core, actor, &origin, id, action, reason)
+                .await?
+                .to_wire(actor),
+        )
+    }
+
+    /// `GET /v1/accounts/{id}/transactions`: newest first, `cursor` from the previous page.
+    pub async fn transactions(
+        &self,
+        actor: &Actor,
+        account_id: &str,
+        mut filter: HistoryFilter,
+        cursor: Option<&str>,
+    ) -> Result<wire::TransactionList, LedgerError> {
+        filter.limit = filter.limit.clamp(1, self.config().page_size_max);
+        query::transactions(self.db(), actor, account_id, filter, cursor).await
+    }
+
+    /// `GET /v1/accounts/{id}/statement.csv`.
+    pub async fn statement_csv(
+        &self,
+        actor: &Actor,
+        account_id: &str,
+        from: Option<i64>,
+        to: Option<i64>,
+    ) -> Result<String, LedgerError> {
+        query::statement(self.db(), actor, account_id, from, to).await
+    }
+
+    /// `GET /v1/admin/failed-transfers` (compliance, admin).
+    pub async fn failed_transfers(
+        &self,
+        actor: &Actor,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<wire::FailedTransferList, LedgerError> {
+        query::failed_transfers(self.db(), actor, cursor, limit, self.config().page_size_max).await
+    }
+
+    /// `GET /v1/admin/ledger/audit` (compliance, admin).
+    pub async fn audit_log(
+        &self,
+        actor: &Actor,
+        cursor: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<wire::AuditList, LedgerError> {
+        query::audit_log(self.db(), actor, cursor, limit).await
+    }
+}

@@ -1,0 +1,229 @@
+//! Rows as stored, the caller as the ledger sees it, and conversions to wire types.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use vaultpay_core::time::rfc3339;
+use vaultpay_proto::ledger as wire;
+
+/// The authenticated caller, with the ledger's static reading of their roles.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub user_id: String,
+    pub roles: Vec<String>,
+    /// The bearer token, for introspection of sensitive operations.
+    pub token: String,
+    pub client_ip: Option<std::net::IpAddr>,
+}
+
+impl Actor {
+    pub fn new(user_id: impl Into<String>, roles: Vec<String>, token: impl Into<String>) -> Self {
+        Self {
+            user_id: user_id.into(),
+            roles,
+            token: token.into(),
+            client_ip: None,
+        }
+    }
+
+    pub fn from_principal(
+        p: &vaultpay_web::Principal,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Self {
+        Self {
+            user_id: p.user_id().to_owned(),
+            roles: p.claims.roles.clone(),
+            token: p.token.clone(),
+            client_ip,
+        }
+    }
+
+    fn has(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// May open and use wallets of their own (customer, admin).
+    pub fn can_own(&self) -> bool {
+        self.has("customer") || self.has("admin")
+    }
+
+    /// May read any account and transfer (support, compliance, admin).
+    pub fn can_read_any(&self) -> bool {
+        self.has("support") || self.has("compliance") || self.has("admin")
+    }
+
+    /// Treasury (deposits, withdrawals) and account management (freeze, close).
+    pub fn is_admin(&self) -> bool {
+        self.has("admin")
+    }
+
+    /// Failed transfers and the ledger audit log (compliance, admin).
+    pub fn can_audit(&self) -> bool {
+        self.has("compliance") || self.has("admin")
+    }
+}
+
+pub(crate) const ACCOUNT_COLS: &str =
+    "id, number, owner_id, kind, name, currency, status, balance, held, posting_seq, created_at, updated_at";
+
+#[derive(Debug, Clone)]
+pub(crate) struct AccountRow {
+    pub id: String,
+    pub number: String,
+    pub owner_id: Option<String>,
+    pub kind: String,
+    pub name: String,
+    pub currency: String,
+    pub status: String,
+    pub balance: i64,
+    pub held: i64,
+    pub posting_seq: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl AccountRow {
+    pub fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            number: r.try_get("number")?,
+            owner_id: r.try_get("owner_id")?,
+            kind: r.try_get("kind")?,
+            name: r.try_get("name")?,
+            currency: r.try_get("currency")?,
+            status: r.try_get("status")?,
+            balance: r.try_get("balance")?,
+            held: r.try_get("held")?,
+            posting_seq: r.try_get("posting_seq")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+        })
+    }
+
+    pub fn owned_by(&self, actor: &Actor) -> bool {
+        self.owner_id.as_deref() == Some(actor.user_id.as_str())
+    }
+
+    pub fn visible_to(&self, actor: &Actor) -> bool {
+        self.owned_by(actor) || actor.can_read_any()
+    }
+
+    pub fn is_settlement(&self) -> bool {
+        self.kind == "settlement"
+    }
+
+    pub fn available(&self) -> i64 {
+        self.balance.saturating_sub(self.held)
+    }
+
+    pub fn to_wire(&self, viewer: &Actor) -> wire::Account {
+        let number = if self.owned_by(viewer) {
+            self.number.clone()
+        } else {
+            vaultpay_core::account_number::mask(&self.number)
+        };
+        wire::Account {
+            id: self.id.clone(),
+            number,
+            owner_id: self.owner_id.clone(),
+            kind: match self.kind.as_str() {
+                "savings" => wire::AccountKind::Savings,
+                "current" => wire::AccountKind::Current,
+                _ => wire::AccountKind::Settlement,
+            },
+            name: self.name.clone(),
+            currency: self.currency.clone(),
+            status: match self.status.as_str() {
+                "active" => wire::AccountStatus::Active,
+                "frozen" => wire::AccountStatus::Frozen,
+                _ => wire::AccountStatus::Closed,
+            },
+            balance: self.balance,
+            available_balance: self.available(),
+            created_at: rfc3339(self.created_at),
+            updated_at: rfc3339(self.updated_at),
+        }
+    }
+}
+
+pub(crate) const TRANSFER_COLS: &str =
+    "id, kind, from_account_id, to_account_id, amount, captured, currency, \
+     description, status, expires_at, initiated_by, batch_id, created_at, updated_at";
+
+#[derive(Debug, Clone)]
+pub(crate) struct TransferRow {
+    pub id: String,
+    pub kind: String,
+    pub from_account_id: String,
+    pub to_account_id: String,
+    pub amount: i64,
+    pub captured: i64,
+    pub currency: String,
+    pub description: String,
+    pub status: String,
+    pub expires_at: Option<i64>,
+    pub initiated_by: String,
+    pub batch_id: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub(crate) fn kind_wire(kind: &str) -> wire::TransferKind {
+    match kind {
+        "deposit" => wire::TransferKind::Deposit,
+        "withdrawal" => wire::TransferKind::Withdrawal,
+        "hold" => wire::TransferKind::Hold,
+        _ => wire::TransferKind::Transfer,
+    }
+}
+
+impl TransferRow {
+    pub fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            kind: r.try_get("kind")?,
+            from_account_id: r.try_get("from_account_id")?,
+            to_account_id: r.try_get("to_account_id")?,
+            amount: r.try_get("amount")?,
+            captured: r.try_get("captured")?,
+            currency: r.try_get("currency")?,
+            description: r.try_get("description")?,
+            status: r.try_get("status")?,
+            expires_at: r.try_get("expires_at")?,
+            initiated_by: r.try_get("initiated_by")?,
+            batch_id: r.try_get("batch_id")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+        })
+    }
+
+    pub fn remaining(&self) -> i64 {
+        self.amount - self.captured
+    }
+
+    pub fn to_wire(&self) -> wire::Transfer {
+        wire::Transfer {
+            id: self.id.clone(),
+            kind: kind_wire(&self.kind),
+            from_account_id: self.from_account_id.clone(),
+            to_account_id: self.to_account_id.clone(),
+            amount: self.amount,
+            currency: self.currency.clone(),
+            description: self.description.clone(),
+            status: match self.status.as_str() {
+                "pending" => wire::TransferStatus::Pending,
+                "voided" => wire::TransferStatus::Voided,
+                "expired" => wire::TransferStatus::Expired,
+                _ => wire::TransferStatus::Posted,
+            },
+            pending: self.kind == "hold",
+            captured_amount: if self.kind == "hold" {
+                self.captured
+            } else {
+                self.amount
+            },
+            expires_at: self.expires_at.map(rfc3339),
+            created_at: rfc3339(self.created_at),
+            updated_at: rfc3339(self.updated_at),
+        }
+    }
+}

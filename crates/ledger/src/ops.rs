@@ -1,0 +1,968 @@
+//! The operations that write: open an account, move money, place and resolve holds,
+//! batches. Each validates everything before it writes, so a domain error leaves the
+//! transaction untouched (batches use a savepoint per item).
+
+use crate::engine::{exec_sql, Job, Op, Reply};
+use crate::error::LedgerError;
+use crate::model::{AccountRow, Actor, TransferRow, ACCOUNT_COLS, TRANSFER_COLS};
+use crate::Core;
+use std::collections::HashMap;
+use vaultpay_core::money::{checked_add_balance, checked_sub_balance, Amount, Currency};
+use vaultpay_core::time::{now_micros, secs};
+use vaultpay_proto::ledger::{
+    self as wire, AccountKind, BatchItem, BatchRequest, BatchResponse, TransferRequest,
+    TreasuryRequest,
+};
+use vaultpay_store::audit::{self, NewAudit, Origin};
+use vaultpay_store::{Db, Tx};
+
+pub(crate) struct Done {
+    pub reply: Reply,
+    pub resource: Option<String>,
+}
+
+pub(crate) async fn run(core: &Core, tx: &mut Tx, job: &Job) -> Result<Done, LedgerError> {
+    let actor = &job.actor;
+    let origin = &job.origin;
+    match &job.op {
+        Op::Open(req) => {
+            let a = open_account(core, tx, actor, origin, req).await?;
+            Ok(Done {
+                reply: Reply::json(201, &a.to_wire(actor))?,
+                resource: Some(a.id),
+            })
+        }
+        Op::Transfer(req) => {
+            let t = transfer(core, tx, actor, origin, req, None).await?;
+            Ok(Done {
+                reply: Reply::json(201, &t.to_wire())?,
+                resource: Some(t.id),
+            })
+        }
+        Op::Deposit(req) => {
+            let t = treasury(core, tx, actor, origin, req, true).await?;
+            Ok(Done {
+                reply: Reply::json(201, &t.to_wire())?,
+                resource: Some(t.id),
+            })
+        }
+        Op::Withdraw(req) => {
+            let t = treasury(core, tx, actor, origin, req, false).await?;
+            Ok(Done {
+                reply: Reply::json(201, &t.to_wire())?,
+                resource: Some(t.id),
+            })
+        }
+        Op::Post(id, req) => {
+            let t = post_hold(core, tx, actor, origin, id, req.amount).await?;
+            Ok(Done {
+                reply: Reply::json(200, &t.to_wire())?,
+                resource: Some(t.id),
+            })
+        }
+        Op::Void(id, req) => {
+            let t = void_hold(core, tx, actor, origin, id, req.reason.as_deref()).await?;
+            Ok(Done {
+                reply: Reply::json(200, &t.to_wire())?,
+                resource: Some(t.id),
+            })
+        }
+        Op::Batch(req) => {
+            let r = batch(core, tx, job, req).await?;
+            Ok(Done {
+                reply: Reply::json(200, &r)?,
+                resource: None,
+            })
+        }
+    }
+}
+
+/// Records a refused money movement in `failed_transfers` (in the caller's transaction).
+pub(crate) async fn record_failure(
+    tx: &mut Tx,
+    job: &Job,
+    e: &LedgerError,
+) -> Result<(), LedgerError> {
+    let (from, to, amount, currency) = match &job.op {
+        Op::Transfer(r) => (
+            Some(r.from_account_id.as_str()),
+            Some(r.to_account_id.as_str()),
+            Some(r.amount),
+            Some(r.currency.as_str()),
+        ),
+        Op::Deposit(r) => (
+            None,
+            Some(r.account_id.as_str()),
+            Some(r.amount),
+            Some(r.currency.as_str()),
+        ),
+        Op::Withdraw(r) => (
+            Some(r.account_id.as_str()),
+            None,
+            Some(r.amount),
+            Some(r.currency.as_str()),
+        ),
+        Op::Post(_, r) => (None, None, r.amount, None),
+        Op::Void(..) => (None, None, None, None),
+        // Batches record their failed items themselves; opening an account moves nothing.
+        Op::Batch(_) | Op::Open(_) => return Ok(()),
+    };
+    let op = match &job.op {
+        Op::Post(id, _) | Op::Void(id, _) => format!("{}:{id}", job.op.name()),
+        other => other.name().to_owned(),
+    };
+    insert_failure(
+        tx,
+        &job.actor,
+        job.key.as_deref(),
+        &op,
+        from,
+        to,
+        amount,
+        currency,
+        e,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_failure(
+    tx: &mut Tx,
+    actor: &Actor,
+    key: Option<&str>,
+    op: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+    amount: Option<i64>,
+    currency: Option<&str>,
+    e: &LedgerError,
+) -> Result<(), LedgerError> {
+    let currency: Option<String> = currency.map(|c| c.chars().take(16).collect());
+    sqlx::query(
+        "INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
+         amount, currency, reason, detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&actor.user_id)
+    .bind(key)
+    .bind(op)
+    .bind(from.map(|s| s.chars().take(64).collect::<String>()))
+    .bind(to.map(|s| s.chars().take(64).collect::<String>()))
+    .bind(amount)
+    .bind(currency)
+    .bind(e.code())
+    .bind(e.to_string())
+    .bind(now_micros())
+    .execute(&mut **tx)
+    .await?;
+    metrics::counter!("ledger_failed_transfers_total", "reason" => e.code()).increment(1);
+    Ok(())
+}
+
+fn check_amount(amount: i64) -> Result<Amount, LedgerError> {
+    Amount::new(amount).map_err(|_| {
+        LedgerError::AmountInvalid(format!(
+            "amount must be a positive integer number of minor units, at most {}",
+            vaultpay_core::money::MAX_MINOR_UNITS
+        ))
+    })
+}
+
+fn check_text(field: &str, s: &str, max: usize, required: bool) -> Result<(), LedgerError> {
+    if required && s.trim().is_empty() {
+        return Err(LedgerError::InvalidRequest(format!(
+            "{field} must not be empty"
+        )));
+    }
+    if s.chars().count() > max || s.chars().any(|c| c.is_control()) {
+        return Err(LedgerError::InvalidRequest(format!(
+            "{field} must be at most {max} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Locks the given accounts (ascending id order) and returns them by id.
+pub(crate) async fn lock_accounts(
+    db: &Db,
+    tx: &mut Tx,
+    ids: &[&str],
+) -> Result<HashMap<String, AccountRow>, LedgerError> {
+    let mut ids: Vec<&str> = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = HashMap::with_capacity(ids.len());
+    for id in ids {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = $1{}",
+            db.for_update()
+        ))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(r) = row {
+            let a = AccountRow::from_row(&r)?;
+            out.insert(a.id.clone(), a);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) async fn save_account(tx: &mut Tx, a: &AccountRow) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE accounts SET balance = $1, held = $2, posting_seq = $3, status = $4, updated_at = $5 WHERE id = $6")
+        .bind(a.balance)
+        .bind(a.held)
+        .bind(a.posting_seq)
+        .bind(&a.status)
+        .bind(a.updated_at)
+        .bind(&a.id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn check_active(a: &AccountRow) -> Result<(), LedgerError> {
+    match a.status.as_str() {
+        "active" => Ok(()),
+        "frozen" => Err(LedgerError::AccountFrozen(a.id.clone())),
+        _ => Err(LedgerError::AccountClosed(a.id.clone())),
+    }
+}
+
+fn check_currency(requested: &str, a: &AccountRow) -> Result<(), LedgerError> {
+    if requested != a.currency {
+        return Err(LedgerError::CurrencyMismatch {
+            requested: requested.chars().take(16).collect(),
+            account: a.currency.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// New balances for moving `amount` from `from` to `to`, checked before anything is written.
+fn plan_move(from: &AccountRow, to: &AccountRow, amount: i64) -> Result<(i64, i64), LedgerError> {
+    Ok((
+        checked_sub_balance(from.balance, amount)?,
+        checked_add_balance(to.balance, amount)?,
+    ))
+}
+
+/// Writes the two postings of a money movement and the new balances.
+async fn apply_move(
+    tx: &mut Tx,
+    transfer_id: &str,
+    from: &mut AccountRow,
+    to: &mut AccountRow,
+    amount: i64,
+    balances: (i64, i64),
+    now: i64,
+) -> Result<(), LedgerError> {
+    from.balance = balances.0;
+    to.balance = balances.1;
+    for (acct, signed) in [(&mut *from, -amount), (&mut *to, amount)] {
+        acct.posting_seq += 1;
+        acct.updated_at = now;
+        sqlx::query(
+            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(transfer_id)
+        .bind(&acct.id)
+        .bind(acct.posting_seq)
+        .bind(signed)
+        .bind(&acct.currency)
+        .bind(acct.balance)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        save_account(tx, acct).await?;
+    }
+    Ok(())
+}
+
+async fn insert_transfer(tx: &mut Tx, t: &TransferRow) -> Result<(), LedgerError> {
+    sqlx::query(&format!(
+        "INSERT INTO transfers ({TRANSFER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    ))
+    .bind(&t.id)
+    .bind(&t.kind)
+    .bind(&t.from_account_id)
+    .bind(&t.to_account_id)
+    .bind(t.amount)
+    .bind(t.captured)
+    .bind(&t.currency)
+    .bind(&t.description)
+    .bind(&t.status)
+    .bind(t.expires_at)
+    .bind(&t.initiated_by)
+    .bind(&t.batch_id)
+    .bind(t.created_at)
+    .bind(t.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn update_transfer(tx: &mut Tx, t: &TransferRow) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE transfers SET captured = $1, status = $2, updated_at = $3 WHERE id = $4")
+        .bind(t.captured)
+        .bind(&t.status)
+        .bind(t.updated_at)
+        .bind(&t.id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn outbox(
+    tx: &mut Tx,
+    topic: &str,
+    payload: &serde_json::Value,
+    now: i64,
+) -> Result<(), LedgerError> {
+    sqlx::query("INSERT INTO outbox (id, topic, payload, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(topic)
+        .bind(payload.to_string())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Audit entry plus outbox event for a change to transfer `t`.
+async fn record(
+    db: &Db,
+    tx: &mut Tx,
+    actor: Option<&str>,
+    origin: &Origin,
+    action: &str,
+    t: &TransferRow,
+    extra: serde_json::Value,
+) -> Result<(), LedgerError> {
+    let meta = serde_json::json!({
+        "kind": t.kind, "from": t.from_account_id, "to": t.to_account_id, "amount": t.amount,
+        "captured": t.captured, "currency": t.currency, "status": t.status, "extra": extra,
+    });
+    let mut entry = NewAudit::success(action).resource(&t.id).metadata(meta);
+    if let Some(a) = actor {
+        entry = entry.actor(a);
+    }
+    audit::append(db, tx, origin, entry).await?;
+    let payload = serde_json::to_value(t.to_wire()).unwrap_or_default();
+    outbox(tx, action, &payload, t.updated_at).await
+}
+
+async fn open_account(
+    core: &Core,
+    tx: &mut Tx,
+    actor: &Actor,
+    origin: &Origin,
+    req: &wire::OpenAccountRequest,
+) -> Result<AccountRow, LedgerError> {
+    if !actor.can_own() {
+        return Err(LedgerError::Forbidden("accounts:own"));
+    }
+    let currency = Currency::parse(&req.currency)?;
+    let kind = match req.kind {
+        AccountKind::Savings => "savings",
+        AccountKind::Current => "current",
+        AccountKind::Settlement => {
+            return Err(LedgerError::InvalidRequest(
+                "kind must be savings or current".into(),
+            ))
+        }
+    };
+    check_text("name", &req.name, 100, true)?;
+    let a = insert_account(
+        &core.db,
+        tx,
+        Some(&actor.user_id),
+        kind,
+        req.name.trim(),
+        currency,
+    )
+    .await?;
+    let meta = serde_json::json!({"currency": a.currency, "kind": a.kind});
+    audit::append(
+        &core.db,
+        tx,
+        origin,
+        NewAudit::success("ledger.account.opened")
+            .actor(&actor.user_id)
+            .resource(&a.id)
+            .metadata(meta),
+    )
+    .await?;
+    let payload = serde_json::json!({"account_id": a.id, "owner_id": a.owner_id, "currency": a.currency, "kind": a.kind});
+    outbox(tx, "ledger.account.opened", &payload, a.created_at).await?;
+    Ok(a)
+}
+
+async fn insert_account(
+    _db: &Db,
+    tx: &mut Tx,
+    owner: Option<&str>,
+    kind: &str,
+    name: &str,
+    currency: Currency,
+) -> Result<AccountRow, LedgerError> {
+    let now = now_micros();
+    // Writers are serialised, so check-then-insert cannot race.
+    let mut number = String::new();
+    for _ in 0..16 {
+        let candidate = vaultpay_core::account_number::generate(&mut rand::thread_rng());
+        let taken = sqlx::query("SELECT id FROM accounts WHERE number = $1")
+            .bind(&candidate)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if taken.is_none() {
+            number = candidate;
+            break;
+        }
+    }
+    if number.is_empty() {
+        return Err(LedgerError::Internal(
+            "could not allocate an account number".into(),
+        ));
+    }
+    let a = AccountRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        number,
+        owner_id: owner.map(str::to_owned),
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        currency: currency.code().to_owned(),
+        status: "active".to_owned(),
+        balance: 0,
+        held: 0,
+        posting_seq: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    sqlx::query(&format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"))
+        .bind(&a.id)
+        .bind(&a.number)
+        .bind(&a.owner_id)
+        .bind(&a.kind)
+        .bind(&a.name)
+        .bind(&a.currency)
+        .bind(&a.status)
+        .bind(a.balance)
+        .bind(a.held)
+        .bind(a.posting_seq)
+        .bind(a.created_at)
+        .bind(a.updated_at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(a)
+}
+
+/// The settlement account of `currency`, created on first use.
+async fn settlement_id(db: &Db, tx: &mut Tx, currency: Currency) -> Result<String, LedgerError> {
+    let row = sqlx::query("SELECT id FROM accounts WHERE kind = 'settlement' AND currency = $1")
+        .bind(currency.code())
+        .fetch_optional(&mut **tx)
+        .await?;
+    if let Some(r) = row {
+        return Ok(sqlx::Row::try_get(&r, "id")?);
+    }
+    let a = insert_account(
+        db,
+        tx,
+        None,
+        "settlement",
+        &format!("{} settlement", currency.code()),
+        currency,
+    )
+    .await?;
+    Ok(a.id)
+}
+
+/// A transfer between two customer accounts, or a hold when `req.pending`.
+pub(crate) async fn transfer(
+    core: &Core,
+    tx: &mut Tx,
+    actor: &Actor,
+    origin: &Origin,
+    req: &TransferRequest,
+    batch_id: Option<&str>,
+) -> Result<TransferRow, LedgerError> {
+    let amount = check_amount(req.amount)?.get();
+    if req.from_account_id == req.to_account_id {
+        return Err(LedgerError::SameAccount);
+    }
+    check_text("description", &req.description, 500, false)?;
+    let timeout = if req.pending {
+        let t = req
+            .timeout_secs
+            .unwrap_or(core.config.hold_default_timeout_secs);
+        if !(1..=core.config.hold_max_timeout_secs).contains(&t) {
+            return Err(LedgerError::InvalidRequest(format!(
+                "timeout_secs must be between 1 and {}",
+                core.config.hold_max_timeout_secs
+            )));
+        }
+        Some(t)
+    } else if req.timeout_secs.is_some() {
+        return Err(LedgerError::InvalidRequest(
+            "timeout_secs applies only to pending transfers".into(),
+        ));
+    } else {
+        None
+    };
+    let mut accts =
+        lock_accounts(&core.db, tx, &[&req.from_account_id, &req.to_account_id]).await?;
+    let mut from = accts
+        .remove(&req.from_account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    if !from.visible_to(actor) {
+        return Err(LedgerError::AccountNotFound);
+    }
+    if !from.owned_by(actor) {
+        return Err(LedgerError::NotAccountOwner);
+    }
+    let mut to = accts
+        .remove(&req.to_account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    if to.is_settlement() {
+        return Err(LedgerError::AccountNotFound);
+    }
+    check_currency(&req.currency, &from)?;
+    check_currency(&req.currency, &to)?;
+    check_active(&from)?;
+    check_active(&to)?;
+    if from.available() < amount {
+        return Err(LedgerError::InsufficientFunds {
+            available: from.available(),
+            requested: amount,
+        });
+    }
+    let now = now_micros();
+    let mut t = TransferRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: "transfer".to_owned(),
+        from_account_id: from.id.clone(),
+        to_account_id: to.id.clone(),
+        amount,
+        captured: 0,
+        currency: from.currency.clone(),
+        description: req.description.clone(),
+        status: "posted".to_owned(),
+        expires_at: None,
+        initiated_by: actor.user_id.clone(),
+        batch_id: batch_id.map(str::to_owned),
+        created_at: now,
+        updated_at: now,
+    };
+    if let Some(timeout) = timeout {
+        from.held = checked_add_balance(from.held, amount)?;
+        from.updated_at = now;
+        t.kind = "hold".to_owned();
+        t.status = "pending".to_owned();
+        t.expires_at = Some(now.saturating_add(secs(timeout)));
+        insert_transfer(tx, &t).await?;
+        save_account(tx, &from).await?;
+        if batch_id.is_none() {
+            record(
+                &core.db,
+                tx,
+                Some(&actor.user_id),
+                origin,
+                "ledger.hold.created",
+                &t,
+                serde_json::Value::Null,
+            )
+            .await?;
+        }
+    } else {
+        let balances = plan_move(&from, &to, amount)?;
+        insert_transfer(tx, &t).await?;
+        apply_move(tx, &t.id, &mut from, &mut to, amount, balances, now).await?;
+        if batch_id.is_none() {
+            record(
+                &core.db,
+                tx,
+                Some(&actor.user_id),
+                origin,
+                "ledger.transfer.posted",
+                &t,
+                serde_json::Value::Null,
+            )
+            .await?;
+        }
+    }
+    metrics::counter!("ledger_transfers_total", "kind" => t.kind.clone()).increment(1);
+    Ok(t)
+}
+
+/// Deposit (settlement → account) or withdrawal (account → settlement).
+async fn treasury(
+    core: &Core,
+    tx: &mut Tx,
+    actor: &Actor,
+    origin: &Origin,
+    req: &TreasuryRequest,
+    deposit: bool,
+) -> Result<TransferRow, LedgerError> {
+    if !actor.is_admin() {
+        return Err(LedgerError::Forbidden("treasury:move"));
+    }
+    let amount = check_amount(req.amount)?.get();
+    let currency = Currency::parse(&req.currency)?;
+    check_text("reference", &req.reference, 500, false)?;
+    // Does the account exist at all (and in which currency)? Checked before the
+    // settlement account is created so a typo creates nothing.
+    let exists = lock_accounts(&core.db, tx, &[&req.account_id]).await?;
+    let acct = exists
+        .get(&req.account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    if acct.is_settlement() {
+        return Err(LedgerError::SettlementAccount);
+    }
+    check_currency(currency.code(), acct)?;
+    let settlement = settlement_id(&core.db, tx, currency).await?;
+    let mut accts = lock_accounts(&core.db, tx, &[&req.account_id, &settlement]).await?;
+    let mut acct = accts
+        .remove(&req.account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    let mut settle = accts
+        .remove(&settlement)
+        .ok_or(LedgerError::Internal("settlement account vanished".into()))?;
+    check_active(&acct)?;
+    let now = now_micros();
+    let (kind, from_id, to_id) = if deposit {
+        ("deposit", settle.id.clone(), acct.id.clone())
+    } else {
+        ("withdrawal", acct.id.clone(), settle.id.clone())
+    };
+    if !deposit && acct.available() < amount {
+        return Err(LedgerError::InsufficientFunds {
+            available: acct.available(),
+            requested: amount,
+        });
+    }
+    let t = TransferRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: kind.to_owned(),
+        from_account_id: from_id,
+        to_account_id: to_id,
+        amount,
+        captured: 0,
+        currency: currency.code().to_owned(),
+        description: req.reference.clone(),
+        status: "posted".to_owned(),
+        expires_at: None,
+        initiated_by: actor.user_id.clone(),
+        batch_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let (from, to) = if deposit {
+        (&mut settle, &mut acct)
+    } else {
+        (&mut acct, &mut settle)
+    };
+    let balances = plan_move(from, to, amount)?;
+    insert_transfer(tx, &t).await?;
+    apply_move(tx, &t.id, from, to, amount, balances, now).await?;
+    record(
+        &core.db,
+        tx,
+        Some(&actor.user_id),
+        origin,
+        &format!("ledger.{kind}.posted"),
+        &t,
+        serde_json::Value::Null,
+    )
+    .await?;
+    Ok(t)
+}
+
+/// Loads a hold, locks both of its accounts, and reloads it under the locks.
+async fn lock_hold(
+    db: &Db,
+    tx: &mut Tx,
+    id: &str,
+) -> Result<(TransferRow, AccountRow, AccountRow), LedgerError> {
+    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = $1");
+    let t = sqlx::query(&sql)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(LedgerError::TransferNotFound)?;
+    let t = TransferRow::from_row(&t)?;
+    let mut accts = lock_accounts(db, tx, &[&t.from_account_id, &t.to_account_id]).await?;
+    let from = accts
+        .remove(&t.from_account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    let to = accts
+        .remove(&t.to_account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    let t = sqlx::query(&format!("{sql}{}", db.for_update()))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(LedgerError::TransferNotFound)?;
+    Ok((TransferRow::from_row(&t)?, from, to))
+}
+
+async fn post_hold(
+    core: &Core,
+    tx: &mut Tx,
+    actor: &Actor,
+    origin: &Origin,
+    id: &str,
+    amount: Option<i64>,
+) -> Result<TransferRow, LedgerError> {
+    let (mut t, mut from, mut to) = lock_hold(&core.db, tx, id).await?;
+    if !(from.visible_to(actor) || to.owned_by(actor)) {
+        return Err(LedgerError::TransferNotFound);
+    }
+    if !from.owned_by(actor) {
+        return Err(LedgerError::NotAccountOwner);
+    }
+    if t.kind != "hold" || t.status != "pending" {
+        return Err(LedgerError::HoldNotPending(if t.kind == "hold" {
+            t.status.clone()
+        } else {
+            "not a hold".into()
+        }));
+    }
+    let now = now_micros();
+    if t.expires_at.is_some_and(|e| e <= now) {
+        return Err(LedgerError::HoldExpired);
+    }
+    let remaining = t.remaining();
+    let p = amount.unwrap_or(remaining);
+    if p < 1 || p > remaining {
+        return Err(LedgerError::AmountInvalid(format!(
+            "amount must be between 1 and the {remaining} still held"
+        )));
+    }
+    check_active(&from)?;
+    check_active(&to)?;
+    let balances = plan_move(&from, &to, p)?;
+    from.held = checked_sub_balance(from.held, p)?;
+    t.captured += p;
+    if t.captured == t.amount {
+        t.status = "posted".to_owned();
+    }
+    t.updated_at = now;
+    update_transfer(tx, &t).await?;
+    apply_move(tx, &t.id, &mut from, &mut to, p, balances, now).await?;
+    record(
+        &core.db,
+        tx,
+        Some(&actor.user_id),
+        origin,
+        "ledger.hold.posted",
+        &t,
+        serde_json::json!({"posted": p}),
+    )
+    .await?;
+    Ok(t)
+}
+
+async fn void_hold(
+    core: &Core,
+    tx: &mut Tx,
+    actor: &Actor,
+    origin: &Origin,
+    id: &str,
+    reason: Option<&str>,
+) -> Result<TransferRow, LedgerError> {
+    if let Some(r) = reason {
+        check_text("reason", r, 500, false)?;
+    }
+    let (mut t, mut from, to) = lock_hold(&core.db, tx, id).await?;
+    if !(from.visible_to(actor) || to.owned_by(actor)) {
+        return Err(LedgerError::TransferNotFound);
+    }
+    if !(from.owned_by(actor) || to.owned_by(actor)) {
+        return Err(LedgerError::NotAccountOwner);
+    }
+    if t.kind != "hold" || t.status != "pending" {
+        return Err(LedgerError::HoldNotPending(if t.kind == "hold" {
+            t.status.clone()
+        } else {
+            "not a hold".into()
+        }));
+    }
+    let now = now_micros();
+    release_hold(tx, &mut t, &mut from, "voided", now).await?;
+    let extra = serde_json::json!({"reason": reason});
+    record(
+        &core.db,
+        tx,
+        Some(&actor.user_id),
+        origin,
+        "ledger.hold.voided",
+        &t,
+        extra,
+    )
+    .await?;
+    Ok(t)
+}
+
+/// Releases what a pending hold still reserves and marks it `status`.
+pub(crate) async fn release_hold(
+    tx: &mut Tx,
+    t: &mut TransferRow,
+    from: &mut AccountRow,
+    status: &str,
+    now: i64,
+) -> Result<(), LedgerError> {
+    from.held = checked_sub_balance(from.held, t.remaining())?;
+    from.updated_at = now;
+    t.status = status.to_owned();
+    t.updated_at = now;
+    update_transfer(tx, t).await?;
+    save_account(tx, from).await
+}
+
+/// Voids one expired hold, if it is still pending (exactly once: the status check
+/// happens under the row locks). Returns whether it expired it.
+pub(crate) async fn expire_hold(
+    core: &Core,
+    tx: &mut Tx,
+    id: &str,
+    now: i64,
+) -> Result<bool, LedgerError> {
+    let (mut t, mut from, _to) = match lock_hold(&core.db, tx, id).await {
+        Ok(x) => x,
+        Err(LedgerError::TransferNotFound) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if t.kind != "hold" || t.status != "pending" || t.expires_at.is_none_or(|e| e > now) {
+        return Ok(false);
+    }
+    release_hold(tx, &mut t, &mut from, "expired", now).await?;
+    record(
+        &core.db,
+        tx,
+        None,
+        &Origin::default(),
+        "ledger.hold.expired",
+        &t,
+        serde_json::Value::Null,
+    )
+    .await?;
+    Ok(true)
+}
+
+async fn batch(
+    core: &Core,
+    tx: &mut Tx,
+    job: &Job,
+    req: &BatchRequest,
+) -> Result<BatchResponse, LedgerError> {
+    let n = req.transfers.len();
+    if n == 0 {
+        return Err(LedgerError::InvalidRequest(
+            "a batch needs at least one transfer".into(),
+        ));
+    }
+    if n > core.config.max_batch {
+        return Err(LedgerError::BatchTooLarge(n, core.config.max_batch));
+    }
+    let batch_id = uuid::Uuid::now_v7().to_string();
+    exec_sql(tx, "SAVEPOINT batch").await?;
+    let mut items = Vec::with_capacity(n);
+    let mut failures: Vec<(usize, LedgerError)> = Vec::new();
+    for (index, item) in req.transfers.iter().enumerate() {
+        exec_sql(tx, "SAVEPOINT item").await?;
+        match transfer(core, tx, &job.actor, &job.origin, item, Some(&batch_id)).await {
+            Ok(t) => {
+                exec_sql(tx, "RELEASE SAVEPOINT item").await?;
+                items.push(BatchItem {
+                    index,
+                    status: 201,
+                    transfer: Some(t.to_wire()),
+                    problem: None,
+                });
+            }
+            Err(e) if e.is_server_error() => return Err(e),
+            Err(e) => {
+                exec_sql(tx, "ROLLBACK TO SAVEPOINT item").await?;
+                exec_sql(tx, "RELEASE SAVEPOINT item").await?;
+                items.push(BatchItem {
+                    index,
+                    status: e.status().as_u16(),
+                    transfer: None,
+                    problem: Some(e.problem(job.origin.request_id.clone())),
+                });
+                failures.push((index, e));
+                if req.atomic {
+                    break;
+                }
+            }
+        }
+    }
+    let failed = failures.len();
+    if req.atomic && failed > 0 {
+        exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;
+        exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+        // Report only the failing item: nothing else was applied.
+        let items: Vec<BatchItem> = items.into_iter().filter(|i| i.status >= 400).collect();
+        for (index, e) in &failures {
+            record_item_failure(tx, job, &req.transfers[*index], e).await?;
+        }
+        return Err(LedgerError::BatchFailed(Box::new(BatchResponse {
+            atomic: true,
+            succeeded: 0,
+            failed,
+            items,
+        })));
+    }
+    exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+    for (index, e) in &failures {
+        record_item_failure(tx, job, &req.transfers[*index], e).await?;
+    }
+    let succeeded = n - failed;
+    if succeeded > 0 {
+        let ids: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i.transfer.as_ref().map(|t| t.id.as_str()))
+            .collect();
+        let meta = serde_json::json!({"batch_id": batch_id, "succeeded": succeeded, "failed": failed, "transfers": ids});
+        audit::append(
+            &core.db,
+            tx,
+            &job.origin,
+            NewAudit::success("ledger.batch.posted")
+                .actor(&job.actor.user_id)
+                .resource(&batch_id)
+                .metadata(meta.clone()),
+        )
+        .await?;
+        outbox(tx, "ledger.batch.posted", &meta, now_micros()).await?;
+    }
+    Ok(BatchResponse {
+        atomic: req.atomic,
+        succeeded,
+        failed,
+        items,
+    })
+}
+
+async fn record_item_failure(
+    tx: &mut Tx,
+    job: &Job,
+    r: &TransferRequest,
+    e: &LedgerError,
+) -> Result<(), LedgerError> {
+    insert_failure(
+        tx,
+        &job.actor,
+        job.key.as_deref(),
+        "batch_item",
+        Some(&r.from_account_id),
+        Some(&r.to_account_id),
+        Some(r.amount),
+        Some(&r.currency),
+        e,
+    )
+    .await
+}

@@ -1,0 +1,426 @@
+//! HTTP routes: parse, call one [`Ledger`] method, map the result. No SQL here.
+
+use crate::admin::AccountAction;
+use crate::engine::Reply;
+use crate::error::LedgerError;
+use crate::model::Actor;
+use crate::query::HistoryFilter;
+use crate::Ledger;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use utoipa::OpenApi;
+use vaultpay_proto::ledger::{self as wire, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER};
+use vaultpay_proto::{Problem, PROBLEM_CONTENT_TYPE};
+use vaultpay_web::{ApiError, ApiJson, ApiQuery, Ctx, Principal};
+
+pub(crate) fn router(ledger: Ledger) -> Router {
+    Router::new()
+        .route("/v1/accounts", post(open_account).get(list_accounts))
+        .route("/v1/accounts/{id}", get(get_account))
+        .route("/v1/accounts/{id}/transactions", get(transactions))
+        .route("/v1/accounts/{id}/statement.csv", get(statement))
+        .route("/v1/transfers", post(create_transfer))
+        .route("/v1/transfers/batch", post(batch))
+        .route("/v1/transfers/{id}", get(get_transfer))
+        .route("/v1/transfers/{id}/post", post(post_hold))
+        .route("/v1/transfers/{id}/void", post(void_hold))
+        .route("/v1/admin/deposits", post(deposit))
+        .route("/v1/admin/withdrawals", post(withdraw))
+        .route("/v1/admin/accounts/{id}/freeze", post(freeze))
+        .route("/v1/admin/accounts/{id}/unfreeze", post(unfreeze))
+        .route("/v1/admin/accounts/{id}/close", post(close))
+        .route("/v1/admin/failed-transfers", get(failed_transfers))
+        .route("/v1/admin/ledger/audit", get(audit_log))
+        .with_state(ledger)
+}
+
+fn actor(p: &Principal, ctx: &Ctx) -> Actor {
+    Actor::from_principal(p, ctx.ip)
+}
+
+/// The Idempotency-Key header, if present (its shape is checked by the service).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(LedgerError::IdempotencyKeyInvalid.into());
+    }
+    let v = v
+        .to_str()
+        .map_err(|_| ApiError::from(LedgerError::IdempotencyKeyInvalid))?;
+    Ok(Some(v.to_owned()))
+}
+
+/// An optional JSON body (empty = default) for the hold endpoints.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
+        } else {
+            ApiError::unprocessable("invalid_request", e.to_string())
+        }
+    })
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let ct = if self.status >= 400 {
+            PROBLEM_CONTENT_TYPE
+        } else {
+            "application/json"
+        };
+        let mut res = (status, self.body).into_response();
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.replayed {
+            h.insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+        }
+        res
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    /// Opaque cursor from the previous page's `next_cursor`.
+    cursor: Option<String>,
+    limit: Option<i64>,
+    /// Staff only: list another user's accounts.
+    owner_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    cursor: Option<String>,
+    limit: Option<i64>,
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+}
+
+fn time_param(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
+    match v {
+        None => Ok(None),
+        Some(s) => vaultpay_core::time::parse_rfc3339(s)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("{name} must be an RFC 3339 timestamp"),
+                )
+            }),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/accounts", tag = "ledger", request_body = wire::OpenAccountRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the request safely retryable")),
+    responses((status = 201, body = wire::Account), (status = 422, body = Problem)))]
+async fn open_account(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<wire::OpenAccountRequest>,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    Ok(l.open_account(&actor(&p, &ctx), key, req, ctx.origin())
+        .await?)
+}
+
+#[utoipa::path(get, path = "/v1/accounts", tag = "ledger", params(PageQuery),
+    responses((status = 200, body = wire::AccountList)))]
+async fn list_accounts(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<axum::Json<wire::AccountList>> {
+    Ok(axum::Json(
+        l.list_accounts(
+            &actor(&p, &ctx),
+            q.owner_id.as_deref(),
+            q.cursor.as_deref(),
+            q.limit,
+        )
+        .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}", tag = "ledger", params(("id" = String, Path)),
+    responses((status = 200, body = wire::Account), (status = 404, body = Problem)))]
+async fn get_account(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<wire::Account>> {
+    Ok(axum::Json(l.get_account(&actor(&p, &ctx), &id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", tag = "ledger", params(("id" = String, Path), HistoryQuery),
+    responses((status = 200, body = wire::TransactionList), (status = 404, body = Problem)))]
+async fn transactions(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> ApiResult<axum::Json<wire::TransactionList>> {
+    let filter = HistoryFilter {
+        from: time_param("from", q.from.as_deref())?,
+        to: time_param("to", q.to.as_deref())?,
+        limit: q.limit.unwrap_or(50),
+        ..Default::default()
+    };
+    Ok(axum::Json(
+        l.transactions(&actor(&p, &ctx), &id, filter, q.cursor.as_deref())
+            .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}/statement.csv", tag = "ledger", params(("id" = String, Path), HistoryQuery),
+    responses((status = 200, content_type = "text/csv", body = String), (status = 404, body = Problem)))]
+async fn statement(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> ApiResult<Response> {
+    let from = time_param("from", q.from.as_deref())?;
+    let to = time_param("to", q.to.as_deref())?;
+    let csv = l.statement_csv(&actor(&p, &ctx), &id, from, to).await?;
+    let disposition = format!(
+        "attachment; filename=\"statement-{}.csv\"",
+        id.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect::<String>()
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        csv,
+    )
+        .into_response())
+}
+
+#[utoipa::path(post, path = "/v1/transfers", tag = "ledger", request_body = wire::TransferRequest,
+    params(("Idempotency-Key" = String, Header, description = "Required; scoped to the caller")),
+    responses((status = 201, body = wire::Transfer), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn create_transfer(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<wire::TransferRequest>,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    Ok(l.transfer(&actor(&p, &ctx), key, req, ctx.origin()).await?)
+}
+
+#[utoipa::path(post, path = "/v1/transfers/batch", tag = "ledger", request_body = wire::BatchRequest,
+    params(("Idempotency-Key" = String, Header, description = "Required; scoped to the caller")),
+    responses((status = 200, body = wire::BatchResponse), (status = 422, body = Problem)))]
+async fn batch(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<wire::BatchRequest>,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    Ok(l.batch(&actor(&p, &ctx), key, req, ctx.origin()).await?)
+}
+
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "ledger", params(("id" = String, Path)),
+    responses((status = 200, body = wire::Transfer), (status = 404, body = Problem)))]
+async fn get_transfer(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<wire::Transfer>> {
+    Ok(axum::Json(l.get_transfer(&actor(&p, &ctx), &id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/transfers/{id}/post", tag = "ledger", request_body = wire::PostHoldRequest,
+    params(("id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 200, body = wire::Transfer), (status = 409, body = Problem)))]
+async fn post_hold(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    let req: wire::PostHoldRequest = optional_json(&body)?;
+    Ok(l.post_hold(&actor(&p, &ctx), key, &id, req, ctx.origin())
+        .await?)
+}
+
+#[utoipa::path(post, path = "/v1/transfers/{id}/void", tag = "ledger", request_body = wire::VoidHoldRequest,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = wire::Transfer), (status = 409, body = Problem)))]
+async fn void_hold(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    let req: wire::VoidHoldRequest = optional_json(&body)?;
+    Ok(l.void_hold(&actor(&p, &ctx), key, &id, req, ctx.origin())
+        .await?)
+}
+
+#[utoipa::path(post, path = "/v1/admin/deposits", tag = "ledger-admin", request_body = wire::TreasuryRequest,
+    params(("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = wire::Transfer), (status = 403, body = Problem)))]
+async fn deposit(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<wire::TreasuryRequest>,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    Ok(l.treasury(&actor(&p, &ctx), key, req, true, ctx.origin())
+        .await?)
+}
+
+#[utoipa::path(post, path = "/v1/admin/withdrawals", tag = "ledger-admin", request_body = wire::TreasuryRequest,
+    params(("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = wire::Transfer), (status = 403, body = Problem), (status = 422, body = Problem)))]
+async fn withdraw(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<wire::TreasuryRequest>,
+) -> ApiResult<Reply> {
+    let key = idempotency_key(&headers)?;
+    Ok(l.treasury(&actor(&p, &ctx), key, req, false, ctx.origin())
+        .await?)
+}
+
+async fn account_action(
+    l: Ledger,
+    ctx: Ctx,
+    p: Principal,
+    id: String,
+    action: AccountAction,
+    req: wire::AccountActionRequest,
+) -> ApiResult<axum::Json<wire::Account>> {
+    Ok(axum::Json(
+        l.account_action(&actor(&p, &ctx), &id, action, &req.reason, ctx.origin())
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/admin/accounts/{id}/freeze", tag = "ledger-admin", request_body = wire::AccountActionRequest,
+    params(("id" = String, Path)), responses((status = 200, body = wire::Account), (status = 409, body = Problem)))]
+async fn freeze(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::AccountActionRequest>,
+) -> ApiResult<axum::Json<wire::Account>> {
+    account_action(l, ctx, p, id, AccountAction::Freeze, req).await
+}
+
+#[utoipa::path(post, path = "/v1/admin/accounts/{id}/unfreeze", tag = "ledger-admin", request_body = wire::AccountActionRequest,
+    params(("id" = String, Path)), responses((status = 200, body = wire::Account), (status = 409, body = Problem)))]
+async fn unfreeze(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::AccountActionRequest>,
+) -> ApiResult<axum::Json<wire::Account>> {
+    account_action(l, ctx, p, id, AccountAction::Unfreeze, req).await
+}
+
+#[utoipa::path(post, path = "/v1/admin/accounts/{id}/close", tag = "ledger-admin", request_body = wire::AccountActionRequest,
+    params(("id" = String, Path)), responses((status = 200, body = wire::Account), (status = 409, body = Problem)))]
+async fn close(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::AccountActionRequest>,
+) -> ApiResult<axum::Json<wire::Account>> {
+    account_action(l, ctx, p, id, AccountAction::Close, req).await
+}
+
+#[utoipa::path(get, path = "/v1/admin/failed-transfers", tag = "ledger-admin", params(PageQuery),
+    responses((status = 200, body = wire::FailedTransferList), (status = 403, body = Problem)))]
+async fn failed_transfers(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<axum::Json<wire::FailedTransferList>> {
+    Ok(axum::Json(
+        l.failed_transfers(&actor(&p, &ctx), q.cursor.as_deref(), q.limit)
+            .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/admin/ledger/audit", tag = "ledger-admin", params(PageQuery),
+    responses((status = 200, body = wire::AuditList), (status = 403, body = Problem)))]
+async fn audit_log(
+    State(l): State<Ledger>,
+    ctx: Ctx,
+    p: Principal,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<axum::Json<wire::AuditList>> {
+    Ok(axum::Json(
+        l.audit_log(&actor(&p, &ctx), q.cursor.as_deref(), q.limit)
+            .await?,
+    ))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        open_account, list_accounts, get_account, transactions, statement, create_transfer, batch, get_transfer,
+        post_hold, void_hold, deposit, withdraw, freeze, unfreeze, close, failed_transfers, audit_log
+    ),
+    components(schemas(
+        wire::OpenAccountRequest, wire::Account, wire::AccountList, wire::AccountKind, wire::AccountStatus,
+        wire::TransferRequest, wire::Transfer, wire::TransferKind, wire::TransferStatus, wire::PostHoldRequest,
+        wire::VoidHoldRequest, wire::BatchRequest, wire::BatchResponse, wire::BatchItem, wire::TreasuryRequest,
+        wire::AccountActionRequest, wire::AccountTransaction, wire::TransactionList, wire::FailedTransfer,
+        wire::FailedTransferList, wire::AuditEntry, wire::AuditList, Problem
+    )),
+    tags((name = "ledger", description = "Wallets, transfers, holds"), (name = "ledger-admin", description = "Treasury and account management"))
+)]
+struct LedgerApi;
+
+/// The OpenAPI document of the ledger routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    LedgerApi::openapi()
+}

@@ -1,0 +1,130 @@
+//! `vaultpay ledger verify`: checks every invariant of the ledger and names each
+//! violation. Run it on a quiescent database (or accept that a concurrent writer may
+//! show up as a transient violation between two reads).
+
+use crate::error::LedgerError;
+use sqlx::Row;
+use vaultpay_store::audit::{verify_chain, ChainReport};
+use vaultpay_store::Db;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    /// Stable name of the invariant, e.g. `balance_equals_postings`.
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    pub accounts: i64,
+    pub transfers: i64,
+    pub postings: i64,
+    pub audit_entries: u64,
+    pub violations: Vec<Violation>,
+}
+
+impl VerifyReport {
+    pub fn is_consistent(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} accounts, {} transfers, {} postings, {} audit entries",
+            self.accounts, self.transfers, self.postings, self.audit_entries
+        )?;
+        if self.violations.is_empty() {
+            return writeln!(f, "ledger consistent");
+        }
+        for v in &self.violations {
+            writeln!(f, "VIOLATION {}: {}", v.invariant, v.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// (invariant, query returning rows with a `detail` text column for each violation).
+const CHECKS: &[(&str, &str)] = &[
+    (
+        "transfer_postings_sum_to_zero",
+        "SELECT transfer_id AS detail FROM postings GROUP BY transfer_id HAVING SUM(amount) <> 0",
+    ),
+    (
+        "balance_equals_postings",
+        "SELECT a.id AS detail FROM accounts a LEFT JOIN postings p ON p.account_id = a.id \
+         GROUP BY a.id, a.balance HAVING a.balance <> COALESCE(SUM(p.amount), 0)",
+    ),
+    ("currency_sums_to_zero", "SELECT currency AS detail FROM accounts GROUP BY currency HAVING SUM(balance) <> 0"),
+    (
+        "posting_currency_matches_account",
+        "SELECT p.id AS detail FROM postings p JOIN accounts a ON a.id = p.account_id WHERE p.currency <> a.currency",
+    ),
+    (
+        "running_balance_matches",
+        "SELECT a.id AS detail FROM accounts a WHERE a.posting_seq <> (SELECT COUNT(*) FROM postings p WHERE p.account_id = a.id) \
+         OR (a.posting_seq > 0 AND a.balance <> (SELECT p.balance_after FROM postings p WHERE p.account_id = a.id AND p.account_seq = a.posting_seq))",
+    ),
+    (
+        "transfer_moved_its_amount",
+        "SELECT t.id AS detail FROM transfers t LEFT JOIN postings p ON p.transfer_id = t.id AND p.amount > 0 \
+         GROUP BY t.id, t.kind, t.amount, t.captured \
+         HAVING COALESCE(SUM(p.amount), 0) <> (CASE WHEN t.kind = 'hold' THEN t.captured ELSE t.amount END)",
+    ),
+    (
+        "hold_not_negative_or_over_captured",
+        "SELECT id AS detail FROM transfers WHERE captured < 0 OR captured > amount OR amount <= 0 \
+         OR (kind = 'hold' AND status = 'posted' AND captured <> amount) OR (kind <> 'hold' AND (captured <> 0 OR status <> 'posted'))",
+    ),
+    (
+        "held_equals_pending_holds",
+        "SELECT a.id AS detail FROM accounts a WHERE a.held < 0 OR a.held <> COALESCE((SELECT SUM(t.amount - t.captured) \
+         FROM transfers t WHERE t.from_account_id = a.id AND t.kind = 'hold' AND t.status = 'pending'), 0)",
+    ),
+    (
+        "wallet_not_overdrawn",
+        "SELECT id AS detail FROM accounts WHERE kind <> 'settlement' AND (balance < 0 OR balance - held < 0)",
+    ),
+    ("closed_account_empty", "SELECT id AS detail FROM accounts WHERE status = 'closed' AND (balance <> 0 OR held <> 0)"),
+];
+
+/// Checks every invariant; `Ok(report)` lists the violations (empty = consistent).
+pub async fn verify(db: &Db) -> Result<VerifyReport, LedgerError> {
+    let mut report = VerifyReport::default();
+    let counts = sqlx::query(
+        "SELECT (SELECT COUNT(*) FROM accounts) AS a, (SELECT COUNT(*) FROM transfers) AS t, (SELECT COUNT(*) FROM postings) AS p",
+    )
+    .fetch_one(db.read())
+    .await?;
+    report.accounts = counts.try_get("a")?;
+    report.transfers = counts.try_get("t")?;
+    report.postings = counts.try_get("p")?;
+    for (invariant, sql) in CHECKS {
+        let rows = sqlx::query(sql).fetch_all(db.read()).await?;
+        for r in rows.iter().take(100) {
+            report.violations.push(Violation {
+                invariant,
+                detail: r.try_get("detail")?,
+            });
+        }
+        if rows.len() > 100 {
+            report.violations.push(Violation {
+                invariant,
+                detail: format!("… and {} more", rows.len() - 100),
+            });
+        }
+    }
+    match verify_chain(db).await? {
+        ChainReport::Intact { entries } => report.audit_entries = entries,
+        ChainReport::Broken { checked, link } => {
+            report.audit_entries = checked;
+            report.violations.push(Violation {
+                invariant: "audit_chain_intact",
+                detail: format!("{link:?}"),
+            });
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,131 @@
+use crate::common::*;
+use axum::http::Method;
+use serde_json::json;
+use vaultpay_store::sqlx;
+
+#[tokio::test]
+async fn same_key_same_request_replays_exactly() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        app.deposit(&a, 1_000, "USD").await.expect(201);
+        let k = key();
+        let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 100, "currency": "USD", "description": "rent"});
+        let first = app.post("/v1/transfers", &alice, Some(&k), body.clone()).await.expect(201);
+        assert!(!first.replayed());
+        let second = app.post("/v1/transfers", &alice, Some(&k), body.clone()).await.expect(201);
+        assert!(second.replayed());
+        assert_eq!(first.text, second.text);
+        assert_eq!(app.balance(&alice, &a).await.0, 900, "paid once");
+
+        // same key, different request → 422, nothing moves
+        let other = json!({"from_account_id": a, "to_account_id": bb, "amount": 101, "currency": "USD", "description": "rent"});
+        app.post("/v1/transfers", &alice, Some(&k), other).await.problem(422, "idempotency_key_reused");
+        // same key on another path is a different request too
+        app.post("/v1/accounts", &alice, Some(&k), json!({"currency": "USD", "kind": "current", "name": "x"}))
+            .await
+            .problem(422, "idempotency_key_reused");
+        // keys are scoped to the user: bob's use of the same key is independent
+        let bob_body = json!({"from_account_id": bb, "to_account_id": a, "amount": 10, "currency": "USD", "description": "rent"});
+        let rb = app.post("/v1/transfers", &bob, Some(&k), bob_body).await.expect(201);
+        assert!(!rb.replayed());
+        assert_eq!(app.balance(&alice, &a).await.0, 910);
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_errors_are_stored_and_replayed_but_malformed_requests_store_nothing() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        let k = key();
+        let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 500, "currency": "USD"});
+        let first = app.post("/v1/transfers", &alice, Some(&k), body.clone()).await.problem(422, "insufficient_funds");
+        app.deposit(&a, 1_000, "USD").await.expect(201);
+        // the stored 4xx is replayed even though the transfer would now succeed
+        let again = app.post("/v1/transfers", &alice, Some(&k), body.clone()).await.problem(422, "insufficient_funds");
+        assert!(again.replayed());
+        assert_eq!(first.text, again.text);
+        assert_eq!(app.balance(&alice, &a).await.0, 1_000);
+
+        // a malformed body is refused before execution and stores nothing
+        let k2 = key();
+        let r = app.raw(Method::POST, "/v1/transfers", Some(&alice), Some(&k2), Some("{\"from_account_id\": ".into())).await;
+        assert_eq!(r.status.as_u16(), 400);
+        let r = app
+            .post("/v1/transfers", &alice, Some(&k2), json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD", "bogus": true}))
+            .await;
+        assert!(r.status.is_client_error());
+        let ok = app.post("/v1/transfers", &alice, Some(&k2), body.clone()).await.expect(201);
+        assert!(!ok.replayed());
+        assert_eq!(app.balance(&alice, &a).await.0, 500);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_retries_with_one_key_pay_once() {
+    each_backend(|b| async move {
+        let app = std::sync::Arc::new(TestApp::new(b).await);
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        app.deposit(&a, 1_000, "USD").await.expect(201);
+        let k = key();
+        let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 7, "currency": "USD"});
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (app, alice, k, body) = (app.clone(), alice.clone(), k.clone(), body.clone());
+            tasks.push(tokio::spawn(async move { app.post("/v1/transfers", &alice, Some(&k), body).await }));
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut in_progress = 0;
+        for t in tasks {
+            let r = t.await.unwrap();
+            match r.status.as_u16() {
+                201 => {
+                    ids.insert(r.id());
+                }
+                409 => {
+                    assert_eq!(r.code(), "idempotency_request_in_progress");
+                    in_progress += 1;
+                }
+                s => panic!("unexpected {s}: {}", r.text),
+            }
+        }
+        assert_eq!(ids.len(), 1, "every success is the same transfer");
+        assert!(in_progress < 16);
+        assert_eq!(app.balance(&alice, &a).await.0, 993, "paid exactly once");
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keys_are_kept_a_day_then_purged() {
+    each_backend(|b| async move {
+        let mut cfg = vaultpay_ledger::LedgerConfig::default();
+        cfg.idempotency_ttl_secs = 1; // below the floor: still kept 24 hours
+        let app = TestApp::with_config(b, cfg).await;
+        let alice = app.customer("alice");
+        app.post("/v1/accounts", &alice, Some("k-1"), json!({"currency": "USD", "kind": "current", "name": "x"})).await.expect(201);
+        assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 0);
+        // age the key past 24 hours
+        let old = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
+        sqlx::query("UPDATE idempotency_keys SET created_at = $1").bind(old).execute(app.db.writer()).await.unwrap();
+        assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 1);
+        // the key is usable again (a new account is opened)
+        let r = app.post("/v1/accounts", &alice, Some("k-1"), json!({"currency": "USD", "kind": "current", "name": "x"})).await.expect(201);
+        assert!(!r.replayed());
+    })
+    .await;
+}

@@ -1,0 +1,374 @@
+//! Building and running the server in one of its modes.
+
+use crate::config::Config;
+use crate::{docs, middleware, remote, telemetry};
+use anyhow::{bail, Context};
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+use vaultpay_auth::{AuthService, Bootstrap};
+use vaultpay_core::crypto::MasterKey;
+use vaultpay_core::jwt::{KeySet, Rules};
+use vaultpay_ledger::Ledger;
+use vaultpay_store::{Db, DbOptions, Service};
+use vaultpay_web::{ApiError, ClientIpConfig, Introspector, RateLimiter, TokenVerifier};
+
+/// Which services this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// AuthShield and the ledger in one process (the embedded default).
+    All,
+    Auth,
+    Ledger,
+}
+
+impl Mode {
+    fn auth(self) -> bool {
+        matches!(self, Mode::All | Mode::Auth)
+    }
+    fn ledger(self) -> bool {
+        matches!(self, Mode::All | Mode::Ledger)
+    }
+}
+
+/// A started server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub auth: Option<AuthService>,
+    pub ledger: Option<Ledger>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+    dbs: Vec<Db>,
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests, stops background work.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.finish().await
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received; finishing in-flight requests");
+        self.stop().await
+    }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        let res = self.server.await;
+        for b in self.background {
+            let _ = tokio::time::timeout(Duration::from_secs(5), b).await;
+        }
+        for db in &self.dbs {
+            db.close().await;
+        }
+        res.context("server task")?.context("server")?;
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Creates the data directory (0700 on unix).
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// The master key from config/env, or (embedded mode only) the one generated once
+/// into `<data_dir>/master.key` with mode 0600.
+pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
+    if let Some(k) = &cfg.master_key {
+        return MasterKey::parse(k.expose()).context("master_key");
+    }
+    let path = cfg
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("master.key"));
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        return MasterKey::parse(&text)
+            .with_context(|| format!("master key in {}", path.display()));
+    }
+    if cfg.master_key_file.is_some() || cfg.auth_db().starts_with("postgres") {
+        bail!("no master key: set VAULTPAY_MASTER_KEY (or master_key_file); it is only generated in embedded mode");
+    }
+    ensure_data_dir(&cfg.data_dir)?;
+    let key = MasterKey::generate();
+    write_private(&path, key.to_hex().as_bytes())?;
+    tracing::warn!(path = %path.display(), "generated a new master key; back it up with the data directory");
+    Ok(key)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn db_options(cfg: &Config) -> DbOptions {
+    DbOptions {
+        max_connections: cfg.database.max_connections,
+        sqlite_synchronous_full: cfg.database.sqlite_synchronous_full,
+        ..DbOptions::default()
+    }
+}
+
+/// Opens and migrates the databases of `mode` (for `vaultpay migrate`).
+pub async fn open_dbs(cfg: &Config, mode: Mode) -> anyhow::Result<(Option<Db>, Option<Db>)> {
+    if cfg.auth_db() == cfg.ledger_db() {
+        bail!("AuthShield and the ledger must not share a database");
+    }
+    let needs_dir = !cfg.auth_db().contains("://") || !cfg.ledger_db().contains("://");
+    if needs_dir {
+        ensure_data_dir(&cfg.data_dir)?;
+    }
+    let opts = db_options(cfg);
+    let auth = if mode.auth() {
+        Some(
+            Db::open(&cfg.auth_db(), Service::Auth, &opts)
+                .await
+                .context("opening AuthShield's database")?,
+        )
+    } else {
+        None
+    };
+    let ledger = if mode.ledger() {
+        Some(
+            Db::open(&cfg.ledger_db(), Service::Ledger, &opts)
+                .await
+                .context("opening the ledger's database")?,
+        )
+    } else {
+        None
+    };
+    Ok((auth, ledger))
+}
+
+fn rate_limiter(cfg: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {
+    match &cfg.redis_url {
+        #[cfg(feature = "redis")]
+        Some(url) => Ok(Arc::new(crate::redis_limiter::RedisRateLimiter::new(
+            url.expose(),
+        )?)),
+        #[cfg(not(feature = "redis"))]
+        Some(_) => bail!("redis_url is set but this binary was built without the `redis` feature"),
+        None => Ok(Arc::new(vaultpay_web::MemoryRateLimiter::default())),
+    }
+}
+
+/// Builds everything and starts listening on `cfg.listen` (port 0 picks a free port).
+pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Result<Running> {
+    let prometheus = telemetry::prometheus();
+    let (auth_db, ledger_db) = open_dbs(&cfg, mode).await?;
+    let limiter = rate_limiter(&cfg)?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    let mut router = Router::new();
+    let mut dbs = Vec::new();
+
+    let auth = match &auth_db {
+        Some(db) => {
+            dbs.push(db.clone());
+            let key = master_key(&cfg)?;
+            let svc = AuthService::new(
+                db.clone(),
+                cfg.auth.clone(),
+                &key,
+                limiter.clone(),
+                &cfg.data_dir,
+            )
+            .await
+            .context("starting AuthShield")?;
+            if let Some(done) = svc
+                .bootstrap(bootstrap)
+                .await
+                .context("creating the bootstrap admin")?
+            {
+                match done.generated_password {
+                    Some(pw) => println!(
+                        "\n  Bootstrap administrator created.\n    email:    {}\n    password: {}\n  \
+                         This password is shown only once; change it after signing in.\n",
+                        done.email,
+                        pw.expose()
+                    ),
+                    None => println!("Bootstrap administrator created: {}", done.email),
+                }
+            }
+            background.extend(svc.spawn_background(shutdown_rx.clone()));
+            router = router.merge(vaultpay_auth::router(svc.clone()));
+            Some(svc)
+        }
+        None => None,
+    };
+
+    let verifier: Arc<TokenVerifier> = match (&auth, &cfg.auth_url) {
+        (Some(a), _) => a.verifier(),
+        (None, Some(url)) => {
+            let source = Arc::new(remote::JwksSource::new(url).map_err(anyhow::Error::msg)?);
+            let rules = Rules {
+                issuer: cfg.auth.issuer.clone(),
+                audience: cfg.auth.audience.clone(),
+                leeway_secs: cfg.auth.leeway_secs,
+            };
+            let v = Arc::new(TokenVerifier::new(rules, source, KeySet::default()));
+            if let Err(e) = v.refresh().await {
+                tracing::warn!(error = %e, "AuthShield's JWKS not reachable yet; will fetch on first token");
+            }
+            v
+        }
+        (None, None) => bail!("the ledger alone needs --auth-url (where AuthShield runs)"),
+    };
+
+    let ledger = match &ledger_db {
+        Some(db) => {
+            dbs.push(db.clone());
+            let introspector: Arc<dyn Introspector> = match (&auth, &cfg.auth_url) {
+                (Some(a), _) => Arc::new(a.clone()),
+                (None, Some(url)) => {
+                    let secret = cfg
+                        .auth
+                        .introspection_secret
+                        .clone()
+                        .context("the ledger alone needs auth.introspection_secret (VAULTPAY_AUTH__INTROSPECTION_SECRET)")?;
+                    Arc::new(
+                        remote::HttpIntrospector::new(url, secret).map_err(anyhow::Error::msg)?,
+                    )
+                }
+                (None, None) => bail!("the ledger alone needs --auth-url"),
+            };
+            let l = Ledger::new(db.clone(), cfg.ledger.clone(), introspector);
+            background.extend(l.spawn_background(shutdown_rx.clone()));
+            router = router.merge(l.router());
+            Some(l)
+        }
+        None => None,
+    };
+
+    let ready_dbs = dbs.clone();
+    let system = Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(move || readyz(ready_dbs.clone())))
+        .route(
+            "/metrics",
+            get(move || async move { metrics_text(prometheus) }),
+        )
+        .route("/openapi.json", get(docs::openapi_json))
+        .route("/docs", get(docs::page));
+    let ip_cfg = Arc::new(ClientIpConfig::parse(&cfg.trusted_proxies).map_err(anyhow::Error::msg)?);
+    let app = router
+        .merge(system)
+        .fallback(middleware::not_found)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .layer(Extension(verifier))
+        .layer(Extension(ip_cfg))
+        .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            middleware::Deadline(Duration::from_secs(cfg.request_timeout_secs)),
+            middleware::request_context,
+        ));
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let mut rx = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    tracing::info!(%addr, ?mode, "listening");
+    Ok(Running {
+        addr,
+        auth,
+        ledger,
+        shutdown,
+        server,
+        background,
+        dbs,
+    })
+}
+
+async fn readyz(dbs: Vec<Db>) -> Response {
+    for db in &dbs {
+        if let Err(e) = db.ping().await {
+            return ApiError::unavailable(format!("{} database: {e}", db.service().name()))
+                .into_response();
+        }
+    }
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({ "status": "ready" })),
+    )
+        .into_response()
+}
+
+fn metrics_text(
+    handle: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
+) -> Response {
+    match handle {
+        Some(h) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::internal("metrics recorder not installed").into_response(),
+    }
+}

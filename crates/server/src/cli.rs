@@ -1,0 +1,249 @@
+//! The `vaultpay` command line: server and operator commands.
+
+use crate::app::{self, Mode};
+use crate::config::Config;
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vaultpay_auth::Bootstrap;
+use vaultpay_core::secret::Secret;
+use vaultpay_store::audit::ChainReport;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vaultpay",
+    version,
+    about = "VaultPay: identity (AuthShield) and a double-entry ledger in one binary"
+)]
+pub struct Cli {
+    /// Configuration file (TOML); `VAULTPAY_*` environment variables override it.
+    #[arg(long, global = true, env = "VAULTPAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (SQLite files, master key, mail outbox).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (both services by default).
+    Serve {
+        #[arg(value_enum, default_value_t = ServeWhat::All)]
+        what: ServeWhat,
+        /// Address to listen on (default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Where AuthShield runs, for `serve ledger`.
+        #[arg(long)]
+        auth_url: Option<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Token signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The hash-chained audit logs.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Ledger operations.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeWhat {
+    All,
+    Auth,
+    Ledger,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print the effective configuration, secrets redacted.
+    Show,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Add a new signing key; the old one keeps verifying until its tokens expire.
+    Rotate,
+    /// List signing keys.
+    List,
+    /// Stop a rotated-out key from verifying anything, now (key compromise).
+    Retire { kid: String },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Auth,
+    Ledger,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Verify the hash chain; names the first broken link. Exit status 1 if broken.
+    Verify {
+        #[arg(long, value_enum, default_value_t = Which::All)]
+        service: Which,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Check every ledger invariant. Exit status 1 on any violation.
+    Verify,
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut cfg = load_config(&cli)?;
+    match cli.command {
+        Command::Serve {
+            what,
+            listen,
+            auth_url,
+        } => {
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if auth_url.is_some() {
+                cfg.auth_url = auth_url;
+            }
+            crate::telemetry::init_logging(&cfg);
+            let mode = match what {
+                ServeWhat::All => Mode::All,
+                ServeWhat::Auth => Mode::Auth,
+                ServeWhat::Ledger => Mode::Ledger,
+            };
+            let bootstrap = Bootstrap {
+                admin_email: std::env::var("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL")
+                    .ok()
+                    .filter(|s| !s.is_empty()),
+                admin_password: std::env::var("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new),
+            };
+            let running = app::start(cfg, mode, bootstrap).await?;
+            println!("VaultPay listening on http://{}", running.addr);
+            running.run_until_signal().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            crate::telemetry::init_logging(&cfg);
+            app::open_dbs(&cfg, Mode::All).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
+            print!("{}", cfg.show()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { command } => keys(&cfg, command).await,
+        Command::Audit {
+            command: AuditCommand::Verify { service },
+        } => audit_verify(&cfg, service).await,
+        Command::Ledger {
+            command: LedgerCommand::Verify,
+        } => {
+            let (_, ledger) = app::open_dbs(&cfg, Mode::Ledger).await?;
+            let db = ledger.context("ledger database")?;
+            let report = vaultpay_ledger::verify(&db)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{report}");
+            Ok(if report.is_consistent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
+    let (auth, _) = app::open_dbs(cfg, Mode::Auth).await?;
+    let db = auth.context("auth database")?;
+    let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
+    vaultpay_auth::keys::ensure_key(&db, &env).await?;
+    match command {
+        KeysCommand::Rotate => {
+            let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs;
+            let kid = vaultpay_auth::keys::rotate(&db, &env, overlap, "cli").await?;
+            println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
+        }
+        KeysCommand::List => {
+            for k in vaultpay_auth::keys::list(&db).await? {
+                println!("{}", serde_json::to_string(&k)?);
+            }
+        }
+        KeysCommand::Retire { kid } => {
+            if !vaultpay_auth::keys::retire(&db, &kid, "cli").await? {
+                eprintln!(
+                    "no rotated-out key {kid} (the signing key cannot be retired; rotate first)"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("key {kid} no longer verifies tokens");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
+    let mode = match which {
+        Which::Auth => Mode::Auth,
+        Which::Ledger => Mode::Ledger,
+        Which::All => Mode::All,
+    };
+    let (auth, ledger) = app::open_dbs(cfg, mode).await?;
+    let mut ok = true;
+    for db in [auth, ledger].into_iter().flatten() {
+        match vaultpay_store::audit::verify_chain(&db).await? {
+            ChainReport::Intact { entries } => println!(
+                "{}: audit chain intact ({entries} entries)",
+                db.service().name()
+            ),
+            ChainReport::Broken { checked, link } => {
+                ok = false;
+                println!(
+                    "{}: AUDIT CHAIN BROKEN at seq {}: {} ({checked} entries before it verified)",
+                    db.service().name(),
+                    link.seq,
+                    link.reason
+                );
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

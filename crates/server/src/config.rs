@@ -1,0 +1,302 @@
+//! Server configuration: one TOML file plus `VAULTPAY_*` environment overrides.
+//!
+//! `VAULTPAY_LISTEN=…` sets `listen`; nested keys use a double underscore:
+//! `VAULTPAY_AUTH__ACCESS_TOKEN_TTL_SECS=600` sets `[auth] access_token_ttl_secs`.
+//! Values parse as TOML (numbers, booleans, arrays) and fall back to strings. A
+//! variable ending in `_FILE` reads the value from that file (for secrets mounted as
+//! files): `VAULTPAY_MASTER_KEY_FILE=/run/secrets/master`.
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use vaultpay_auth::AuthConfig;
+use vaultpay_core::secret::Secret;
+use vaultpay_ledger::LedgerConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// 32-byte master key (hex or base64). In embedded mode a missing key is
+    /// generated once into `<data_dir>/master.key` (mode 0600).
+    pub master_key: Option<Secret>,
+    pub master_key_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// Peers allowed to set the client address through X-Forwarded-For / Forwarded.
+    pub trusted_proxies: Vec<String>,
+    pub body_limit_bytes: usize,
+    pub request_timeout_secs: u64,
+    /// Redis for shared rate limits (needs the `redis` cargo feature).
+    pub redis_url: Option<Secret>,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub ledger: LedgerConfig,
+    /// The ledger process of a split deployment: where AuthShield is.
+    pub auth_url: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            master_key: None,
+            master_key_file: None,
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            trusted_proxies: Vec::new(),
+            body_limit_bytes: 64 * 1024,
+            request_timeout_secs: 30,
+            redis_url: None,
+            database: DatabaseConfig::default(),
+            auth: AuthConfig::default(),
+            ledger: LedgerConfig::default(),
+            auth_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// AuthShield's database: a `postgres://` URL, or a SQLite path
+    /// (default `<data_dir>/auth.db`).
+    pub auth_url: Option<Secret>,
+    /// The ledger's database (default `<data_dir>/ledger.db`). Never the same as auth's.
+    pub ledger_url: Option<Secret>,
+    pub max_connections: u32,
+    /// SQLite `synchronous=FULL` (fsync every commit). Turning it off keeps commits
+    /// safe across process crashes but not power loss.
+    pub sqlite_synchronous_full: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            auth_url: None,
+            ledger_url: None,
+            max_connections: 16,
+            sqlite_synchronous_full: true,
+        }
+    }
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "listen",
+    "data_dir",
+    "master_key",
+    "master_key_file",
+    "log_format",
+    "log_level",
+    "trusted_proxies",
+    "body_limit_bytes",
+    "request_timeout_secs",
+    "redis_url",
+    "database",
+    "auth",
+    "ledger",
+    "auth_url",
+];
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> anyhow::Result<()> {
+    let (last, parents) = path.split_last().context("empty key")?;
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .with_context(|| format!("`{p}` is not a table"))?;
+    }
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+impl Config {
+    /// Reads the file (if any), applies `VAULTPAY_*` overrides from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table = match file {
+            Some(f) => {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading config file {}", f.display()))?;
+                toml::from_str::<toml::Table>(&text)
+                    .with_context(|| format!("parsing config file {}", f.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("VAULTPAY_"))
+            .collect();
+        vars.sort();
+        for (k, v) in vars {
+            let rest = &k["VAULTPAY_".len()..];
+            let (rest, value) = match rest.strip_suffix("_FILE") {
+                Some(r) => {
+                    let text =
+                        std::fs::read_to_string(&v).with_context(|| format!("{k}: reading {v}"))?;
+                    (
+                        r,
+                        toml::Value::String(text.trim_end_matches(['\n', '\r']).to_owned()),
+                    )
+                }
+                None => (rest, parse_env_value(&v)),
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+            if !TOP_LEVEL.contains(&path[0].as_str()) {
+                continue;
+            }
+            // secrets and free text stay strings even if they look like numbers
+            let value = match (&value, path.last().map(String::as_str)) {
+                (
+                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_),
+                    Some(key),
+                ) if key.ends_with("password")
+                    || key.ends_with("secret")
+                    || key.ends_with("key")
+                    || key.ends_with("url") =>
+                {
+                    toml::Value::String(v.clone())
+                }
+                _ => value,
+            };
+            set_path(&mut table, &path, value).with_context(|| format!("applying {k}"))?;
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .context("invalid configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.auth.argon2.validate().context("auth.argon2")?;
+        if self.auth.access_token_ttl_secs < 30 || self.auth.access_token_ttl_secs > 3600 {
+            bail!("auth.access_token_ttl_secs must be between 30 and 3600");
+        }
+        if self.auth.session_idle_ttl_secs <= 0 || self.auth.session_absolute_ttl_secs <= 0 {
+            bail!("auth session lifetimes must be positive");
+        }
+        if self.body_limit_bytes < 1024 {
+            bail!("body_limit_bytes must be at least 1024");
+        }
+        vaultpay_web::ClientIpConfig::parse(&self.trusted_proxies).map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
+
+    pub fn auth_db(&self) -> String {
+        match &self.database.auth_url {
+            Some(u) => u.expose().to_owned(),
+            None => self.data_dir.join("auth.db").display().to_string(),
+        }
+    }
+
+    pub fn ledger_db(&self) -> String {
+        match &self.database.ledger_url {
+            Some(u) => u.expose().to_owned(),
+            None => self.data_dir.join("ledger.db").display().to_string(),
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn show(&self) -> anyhow::Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_keeps_secrets_as_strings() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("VAULTPAY_LISTEN", "0.0.0.0:9000"),
+                ("VAULTPAY_AUTH__ACCESS_TOKEN_TTL_SECS", "600"),
+                ("VAULTPAY_AUTH__LOCKOUT__THRESHOLD", "3"),
+                ("VAULTPAY_MASTER_KEY", "1234"),
+                ("VAULTPAY_TEST_PG_URL", "ignored"),
+                ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.auth.access_token_ttl_secs, 600);
+        assert_eq!(c.auth.lockout.threshold, 3);
+        assert_eq!(c.master_key.unwrap().expose(), "1234");
+    }
+
+    #[test]
+    fn show_redacts_secrets() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("VAULTPAY_MASTER_KEY", "supersecretvalue"),
+                ("VAULTPAY_DATABASE__AUTH_URL", "postgres://u:pw@h/db"),
+            ]),
+        )
+        .unwrap();
+        let shown = c.show().unwrap();
+        assert!(
+            !shown.contains("supersecretvalue") && !shown.contains("pw@h"),
+            "{shown}"
+        );
+        assert!(shown.contains("**redacted**"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = std::env::temp_dir().join(format!("vp-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:1\"\n[auth]\naccess_token_ttl = 5\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&f), vec![]).is_err());
+        std::fs::write(&f, "[auth.argon2]\nm_cost_kib = 1024\n").unwrap();
+        assert!(
+            Config::load(Some(&f), vec![]).is_err(),
+            "weak argon2 refused"
+        );
+        let secret = dir.join("key");
+        std::fs::write(&secret, "abcd\n").unwrap();
+        let c = Config::load(
+            None,
+            env(&[("VAULTPAY_MASTER_KEY_FILE", secret.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(c.master_key.unwrap().expose(), "abcd");
+    }
+}

@@ -1,0 +1,16 @@
+//! The VaultPay server: configuration, wiring of AuthShield and the ledger,
+//! middleware (request ids, metrics, limits, security headers), and the CLI.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+mod docs;
+mod middleware;
+#[cfg(feature = "redis")]
+pub mod redis_limiter;
+pub mod remote;
+mod telemetry;
+
+pub use app::{start, Mode, Running};
+pub use config::Config;

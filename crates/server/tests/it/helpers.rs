@@ -1,0 +1,278 @@
+//! `TestApp`: the real server, started in-process on a free port with fresh databases.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use vaultpay_server::{Config, Mode, Running};
+use vaultpay_store::Backend;
+
+pub const PASSWORD: &str = "correct-Horse-battery-staple-42";
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub backend: Backend,
+    pub cfg: Config,
+    pub running: Option<Running>,
+}
+
+/// A response read once: status, headers and JSON body (Null when not JSON).
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an RFC 9457 problem with this status and code.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "body: {}",
+            self.text
+        );
+        assert_eq!(self.body["code"], code, "body: {}", self.text);
+        assert_eq!(self.body["status"], status);
+        assert!(self.body["title"].is_string());
+    }
+}
+
+pub fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir()
+        .join("vaultpay-tests")
+        .join(uuid::Uuid::now_v7().to_string());
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A test config: free port, fresh data dir and databases on `backend`.
+pub async fn test_config(backend: Backend) -> Config {
+    let mut cfg = Config::default();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.data_dir = temp_dir();
+    let auth = vaultpay_store::testing::fresh_location(backend)
+        .await
+        .unwrap();
+    let ledger = vaultpay_store::testing::fresh_location(backend)
+        .await
+        .unwrap();
+    cfg.database.auth_url = Some(vaultpay_core::secret::Secret::new(auth));
+    cfg.database.ledger_url = Some(vaultpay_core::secret::Secret::new(ledger));
+    cfg.database.sqlite_synchronous_full = false;
+    cfg.database.max_connections = 8;
+    if backend == Backend::Postgres {
+        cfg.master_key = Some(vaultpay_core::secret::Secret::new(
+            vaultpay_core::crypto::MasterKey::generate()
+                .to_hex()
+                .to_string(),
+        ));
+    }
+    cfg
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut cfg = test_config(backend).await;
+        tweak(&mut cfg);
+        Self::start(cfg, backend).await
+    }
+
+    pub async fn start(cfg: Config, backend: Backend) -> TestApp {
+        let bootstrap = vaultpay_auth::Bootstrap {
+            admin_email: Some("admin@example.com".into()),
+            admin_password: Some(vaultpay_core::secret::Secret::new(PASSWORD)),
+        };
+        let running = vaultpay_server::start(cfg.clone(), Mode::All, bootstrap)
+            .await
+            .expect("server starts");
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        TestApp {
+            base,
+            http,
+            backend,
+            cfg,
+            running: Some(running),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.unwrap();
+        }
+    }
+
+    pub fn auth(&self) -> &vaultpay_auth::AuthService {
+        self.running.as_ref().unwrap().auth.as_ref().unwrap()
+    }
+
+    pub fn auth_db(&self) -> &vaultpay_store::Db {
+        self.auth().db()
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Resp {
+        self.send(Method::POST, path, token, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(Method::DELETE, path, token, None).await
+    }
+
+    /// Sends a raw body with a content type.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Resp {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body);
+        read(req.send().await.unwrap()).await
+    }
+
+    /// `POST /oauth/token` with form fields.
+    pub async fn token_form(&self, fields: &[(&str, &str)]) -> Resp {
+        let req = self
+            .http
+            .post(format!("{}/oauth/token", self.base))
+            .form(fields);
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn register(&self, email: &str) -> Resp {
+        self.post(
+            "/v1/auth/register",
+            None,
+            json!({ "email": email, "password": PASSWORD, "name": "Test User" }),
+        )
+        .await
+    }
+
+    pub async fn login_device(&self, email: &str, password: &str, device: &str) -> Resp {
+        self.post(
+            "/v1/auth/login",
+            None,
+            json!({ "email": email, "password": password, "device": { "id": device, "name": format!("{device} laptop") } }),
+        )
+        .await
+    }
+
+    /// Registers (if needed) and logs in; returns (access, refresh, session id).
+    pub async fn user(&self, email: &str) -> Tokens {
+        let r = self.register(email).await;
+        assert!(
+            r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT,
+            "{}",
+            r.text
+        );
+        self.login(email, PASSWORD).await
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Tokens {
+        let r = self.login_device(email, password, "dev-1").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        Tokens {
+            access: r.body["access_token"].as_str().unwrap().to_owned(),
+            refresh: r.body["refresh_token"].as_str().unwrap().to_owned(),
+            session: r.body["session_id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// The bootstrap admin's tokens.
+    pub async fn admin(&self) -> Tokens {
+        self.login("admin@example.com", PASSWORD).await
+    }
+
+    /// Mail files written to the outbox, oldest first.
+    pub fn mails(&self) -> Vec<String> {
+        let dir = self.cfg.data_dir.join("mail");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "eml"));
+        files.sort();
+        files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    }
+
+    /// Counts rows of a table in the auth database.
+    pub async fn count(&self, table: &str) -> i64 {
+        use sqlx::Row;
+        sqlx::query(&format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table}"
+        ))
+        .fetch_one(self.auth_db().read())
+        .await
+        .unwrap()
+        .get::<i64, _>("n")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub access: String,
+    pub refresh: String,
+    pub session: String,
+}
+
+pub async fn read(res: reqwest::Response) -> Resp {
+    let status = res.status();
+    let headers = res.headers().clone();
+    let text = res.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+/// Runs `f` once per configured backend.
+#[macro_export]
+macro_rules! each_backend {
+    ($f:expr) => {
+        for backend in vaultpay_store::testing::backends() {
+            eprintln!("-- backend {backend:?}");
+            $f(backend).await;
+        }
+    };
+}

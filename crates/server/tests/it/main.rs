@@ -1,0 +1,8 @@
+//! One integration-test binary for the server (link time dominates on small machines).
+//! Each test starts the real server on port 0 with fresh databases, on every backend
+//! `vaultpay_store::testing::backends()` names (SQLite always; PostgreSQL when
+//! `VAULTPAY_TEST_PG_URL` is set, as CI does).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+mod platform;

@@ -1,0 +1,72 @@
+//! The platform: health, metrics, OpenAPI, docs, request ids, problem documents.
+
+use crate::each_backend;
+use crate::helpers::*;
+use vaultpay_store::Backend;
+
+#[tokio::test]
+async fn health_ready_metrics_openapi_docs() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        assert_eq!(app.get("/healthz", None).await.body["status"], "ok");
+        assert_eq!(app.get("/readyz", None).await.body["status"], "ready");
+        let doc = app.get("/openapi.json", None).await;
+        assert!(doc.body["openapi"].as_str().unwrap().starts_with("3.1"));
+        assert!(doc.body["paths"]["/v1/auth/login"].is_object());
+        let docs = app.get("/docs", None).await;
+        assert!(docs.text.contains("<title>VaultPay API</title>"));
+        app.login_device("nobody@example.com", "wrong-password-123", "d")
+            .await;
+        let m = app.get("/metrics", None).await;
+        assert!(m.text.contains("http_requests_total"), "{}", m.text);
+        assert!(m.text.contains("auth_logins_total"), "{}", m.text);
+        assert!(
+            m.text.contains("http_request_duration_seconds_bucket"),
+            "{}",
+            m.text
+        );
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_and_in_problems() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let res = app
+        .http
+        .get(format!("{}/nope", app.base))
+        .header("x-request-id", "my-req-123")
+        .send()
+        .await
+        .unwrap();
+    let r = read(res).await;
+    r.assert_problem(404, "route_not_found");
+    assert_eq!(r.header("x-request-id"), Some("my-req-123"));
+    assert_eq!(r.body["request_id"], "my-req-123");
+    // generated when absent or invalid
+    let res = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    let id = res
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(id, "bad id with spaces");
+    assert_eq!(id.len(), 36);
+    assert_eq!(
+        res.headers().get("x-content-type-options").unwrap(),
+        "nosniff"
+    );
+    let r = app
+        .send(reqwest::Method::PUT, "/v1/auth/login", None, None)
+        .await;
+    r.assert_problem(405, "method_not_allowed");
+    app.stop().await;
+}

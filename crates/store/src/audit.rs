@@ -1,0 +1,233 @@
+//! The append-only, hash-chained audit log each service keeps in its own database.
+//!
+//! Entries are appended inside the transaction that makes the change they record, so
+//! an audited change and its entry commit together or not at all. Appends are
+//! serialised (advisory lock on PostgreSQL, the write lock on SQLite) so the chain
+//! has no forks; the database itself refuses UPDATE and DELETE on the table.
+
+use crate::{Db, StoreError, Tx};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use vaultpay_core::audit::{AuditEntry, BrokenLink, ChainVerifier, GENESIS};
+
+const LOCK_AUDIT: i64 = 2;
+
+/// Where a request came from, recorded with every audit entry it causes.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// What to record.
+#[derive(Debug, Clone)]
+pub struct NewAudit<'a> {
+    pub actor: Option<&'a str>,
+    pub action: &'a str,
+    pub resource: Option<&'a str>,
+    pub outcome: &'a str,
+    pub metadata: serde_json::Value,
+}
+
+impl<'a> NewAudit<'a> {
+    pub fn success(action: &'a str) -> Self {
+        Self {
+            actor: None,
+            action,
+            resource: None,
+            outcome: "success",
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    pub fn failure(action: &'a str) -> Self {
+        Self {
+            outcome: "failure",
+            ..Self::success(action)
+        }
+    }
+
+    pub fn actor(mut self, actor: &'a str) -> Self {
+        self.actor = Some(actor);
+        self
+    }
+
+    pub fn resource(mut self, resource: &'a str) -> Self {
+        self.resource = Some(resource);
+        self
+    }
+
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+const COLUMNS: &str =
+    "seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash";
+
+fn entry(row: &AnyRow) -> Result<AuditEntry, sqlx::Error> {
+    Ok(AuditEntry {
+        seq: row.try_get("seq")?,
+        id: row.try_get("id")?,
+        at: row.try_get("at")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        resource: row.try_get("resource")?,
+        outcome: row.try_get("outcome")?,
+        ip: row.try_get("ip")?,
+        user_agent: row.try_get("user_agent")?,
+        request_id: row.try_get("request_id")?,
+        metadata: row.try_get("metadata")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+/// Appends one entry within `tx`; returns its sequence number.
+pub async fn append(
+    db: &Db,
+    tx: &mut Tx,
+    origin: &Origin,
+    new: NewAudit<'_>,
+) -> Result<i64, StoreError> {
+    db.lock(tx, LOCK_AUDIT).await?;
+    let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut **tx)
+        .await?;
+    let (prev_seq, prev_hash) = match last {
+        Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+        None => (0, GENESIS.to_owned()),
+    };
+    let metadata = if new.metadata.is_null() {
+        "{}".to_owned()
+    } else {
+        new.metadata.to_string()
+    };
+    let e = AuditEntry {
+        seq: prev_seq + 1,
+        id: uuid::Uuid::now_v7().to_string(),
+        at: vaultpay_core::time::now_micros(),
+        actor: new.actor.map(str::to_owned),
+        action: new.action.to_owned(),
+        resource: new.resource.map(str::to_owned),
+        outcome: new.outcome.to_owned(),
+        ip: origin.ip.clone(),
+        user_agent: origin.user_agent.clone(),
+        request_id: origin.request_id.clone(),
+        metadata,
+        prev_hash,
+        hash: String::new(),
+    }
+    .seal();
+    sqlx::query(
+        "INSERT INTO audit_log (seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(e.seq)
+    .bind(&e.id)
+    .bind(e.at)
+    .bind(&e.actor)
+    .bind(&e.action)
+    .bind(&e.resource)
+    .bind(&e.outcome)
+    .bind(&e.ip)
+    .bind(&e.user_agent)
+    .bind(&e.request_id)
+    .bind(&e.metadata)
+    .bind(&e.prev_hash)
+    .bind(&e.hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(e.seq)
+}
+
+/// Result of walking the whole chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainReport {
+    Intact { entries: u64 },
+    Broken { checked: u64, link: BrokenLink },
+}
+
+/// Walks the whole chain in order and reports the first broken link.
+pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
+    let mut verifier = ChainVerifier::default();
+    let mut after = 0i64;
+    loop {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT 1000"
+        ))
+        .bind(after)
+        .fetch_all(db.read())
+        .await?;
+        if rows.is_empty() {
+            return Ok(ChainReport::Intact {
+                entries: verifier.checked,
+            });
+        }
+        for row in &rows {
+            let e = entry(row)?;
+            if let Err(link) = verifier.push(&e) {
+                return Ok(ChainReport::Broken {
+                    checked: verifier.checked,
+                    link,
+                });
+            }
+            after = e.seq;
+        }
+    }
+}
+
+/// Filters for listing audit entries, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub request_id: Option<String>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    /// Only entries with `seq` below this (the cursor).
+    pub before_seq: Option<i64>,
+    pub limit: i64,
+}
+
+/// Lists entries matching `f`, newest first.
+pub async fn list(db: &Db, f: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut sql = format!("SELECT {COLUMNS} FROM audit_log WHERE 1 = 1");
+    let mut n = 0;
+    let mut next = |col: &str, op: &str| {
+        n += 1;
+        format!(" AND {col} {op} ${n}")
+    };
+    if f.actor.is_some() {
+        sql += &next("actor", "=");
+    }
+    if f.action.is_some() {
+        sql += &next("action", "=");
+    }
+    if f.request_id.is_some() {
+        sql += &next("request_id", "=");
+    }
+    if f.from.is_some() {
+        sql += &next("at", ">=");
+    }
+    if f.to.is_some() {
+        sql += &next("at", "<");
+    }
+    if f.before_seq.is_some() {
+        sql += &next("seq", "<");
+    }
+    sql += &format!(" ORDER BY seq DESC LIMIT {}", f.limit.clamp(1, 500));
+    let mut q = sqlx::query(&sql);
+    for s in [&f.actor, &f.action, &f.request_id].into_iter().flatten() {
+        q = q.bind(s.as_str());
+    }
+    for i in [f.from, f.to, f.before_seq].into_iter().flatten() {
+        q = q.bind(i);
+    }
+    let rows = q.fetch_all(db.read()).await?;
+    rows.iter()
+        .map(|r| entry(r).map_err(StoreError::from))
+        .collect()
+}

@@ -1,0 +1,58 @@
+//! Database access for both backends.
+//!
+//! One `Db` type serves SQLite (embedded mode) and PostgreSQL (production) through
+//! sqlx's `Any` driver, so each query is written once: placeholders are `$1…`, integer
+//! columns are 64-bit, times are microseconds, ids are text. Where the dialects differ
+//! (row locks, the audit chain lock) `Db` says what to use.
+//!
+//! Writes on SQLite go through a single connection that opens `BEGIN IMMEDIATE`
+//! transactions: writers queue in the pool instead of failing with `SQLITE_BUSY`, and
+//! every write transaction sees the latest committed state. Reads use their own pool
+//! (WAL lets them run beside the writer).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod audit;
+mod db;
+mod migrate;
+pub mod testing;
+
+pub use db::{Backend, Db, DbOptions, Service, Tx};
+pub use sqlx;
+
+/// Errors from the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("unsupported database url (expected sqlite:// or postgres://): {0}")]
+    BadUrl(String),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i64,
+        name: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("database schema is at version {found}, newer than this binary knows ({known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("audit log: {0}")]
+    Audit(String),
+}
+
+impl StoreError {
+    /// True when the error is a unique-constraint violation.
+    pub fn is_unique_violation(&self) -> bool {
+        is_unique_violation(self.sqlx())
+    }
+
+    fn sqlx(&self) -> Option<&sqlx::Error> {
+        match self {
+            StoreError::Sqlx(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// True when `e` is a unique-constraint violation on either backend.
+pub fn is_unique_violation(e: Option<&sqlx::Error>) -> bool {
+    matches!(e, Some(sqlx::Error::Database(d)) if d.is_unique_violation())
+}

@@ -1,0 +1,106 @@
+//! A small embedded migrator: one folder of SQL files per service and backend,
+//! applied in order, each in its own transaction, recorded in `schema_migrations`.
+//! On PostgreSQL an advisory lock keeps replicas starting together from racing.
+
+use crate::{Backend, Db, Service, StoreError};
+use sqlx::Row;
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+macro_rules! migration {
+    ($version:literal, $service:literal, $file:literal) => {
+        Migration {
+            version: $version,
+            name: $file,
+            sqlite: include_str!(concat!(
+                "../migrations/",
+                $service,
+                "/sqlite/",
+                $file,
+                ".sql"
+            )),
+            postgres: include_str!(concat!(
+                "../migrations/",
+                $service,
+                "/postgres/",
+                $file,
+                ".sql"
+            )),
+        }
+    };
+}
+
+const AUTH: &[Migration] = &[migration!(1, "auth", "0001_init")];
+const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
+
+const LOCK_MIGRATIONS: i64 = 1;
+
+impl Db {
+    /// Applies every migration of this service not yet applied. Returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let list = match self.service() {
+            Service::Auth => AUTH,
+            Service::Ledger => LEDGER,
+        };
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(self.writer())
+        .await?;
+        let known = list.last().map(|m| m.version).unwrap_or(0);
+        let mut applied = 0;
+        for m in list {
+            let mut tx = self.begin().await?;
+            self.lock(&mut tx, LOCK_MIGRATIONS).await?;
+            let current: i64 = sqlx::query(
+                "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) AS v FROM schema_migrations",
+            )
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("v")?;
+            if current > known {
+                return Err(StoreError::SchemaTooNew {
+                    found: current,
+                    known,
+                });
+            }
+            if current >= m.version {
+                continue;
+            }
+            let sql = match self.backend() {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| StoreError::Migration {
+                    version: m.version,
+                    name: m.name,
+                    source,
+                })?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(m.version)
+            .bind(m.name)
+            .bind(vaultpay_core::time::now_micros())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(
+                service = self.service().name(),
+                version = m.version,
+                name = m.name,
+                "migration applied"
+            );
+            applied += 1;
+        }
+        Ok(applied)
+    }
+}

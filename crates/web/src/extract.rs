@@ -1,0 +1,279 @@
+use crate::error::{current_request_id, ApiError};
+use axum::extract::rejection::{FormRejection, JsonRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use vaultpay_store::audit::Origin;
+
+fn rejection(status: StatusCode, text: String) -> ApiError {
+    let (code, title) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", "Request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "Unsupported media type"),
+        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_request", "Invalid request"),
+        _ => ("malformed_request", "Malformed request"),
+    };
+    let status = if status.is_client_error() {
+        status
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError::new(status, code, title).detail(text)
+}
+
+/// JSON body extractor whose every rejection is a problem document.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => Err(match rej {
+                JsonRejection::JsonSyntaxError(_) => {
+                    ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
+                }
+                other => rejection(other.status(), other.body_text()),
+            }),
+        }
+    }
+}
+
+/// Query-string extractor whose rejections are problem documents.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|rej: QueryRejection| ApiError::bad_request("invalid_query", rej.body_text()))
+    }
+}
+
+/// Form-body extractor (OAuth endpoints); the caller maps the error to its format.
+pub struct ApiForm<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiForm<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::Form::<T>::from_request(req, state)
+            .await
+            .map(|f| ApiForm(f.0))
+            .map_err(|rej: FormRejection| rejection(rej.status(), rej.body_text()))
+    }
+}
+
+/// Which peers may tell us the client address (X-Forwarded-For / Forwarded).
+#[derive(Debug, Clone, Default)]
+pub struct ClientIpConfig {
+    /// Trusted proxy networks as (address, prefix length).
+    pub trusted_proxies: Vec<(IpAddr, u8)>,
+}
+
+impl ClientIpConfig {
+    /// Parses entries like `10.0.0.0/8`, `127.0.0.1` or `::1/128`.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut trusted_proxies = Vec::new();
+        for e in entries {
+            let (addr, len) = match e.split_once('/') {
+                Some((a, l)) => (a, Some(l)),
+                None => (e.as_str(), None),
+            };
+            let ip: IpAddr = addr
+                .trim()
+                .parse()
+                .map_err(|_| format!("not an IP network: {e}"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = match len {
+                Some(l) => l
+                    .trim()
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or(format!("bad prefix: {e}"))?,
+                None => max,
+            };
+            trusted_proxies.push((ip, len));
+        }
+        Ok(Self { trusted_proxies })
+    }
+
+    fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies
+            .iter()
+            .any(|(net, len)| in_network(peer, *net, *len))
+    }
+}
+
+fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V4(_)) => a
+            .to_ipv4_mapped()
+            .is_some_and(|a| in_network(IpAddr::V4(a), net, len)),
+        _ => false,
+    }
+}
+
+/// The client address: the peer, or — when the peer is a trusted proxy — the last
+/// address in `X-Forwarded-For` / `Forwarded` that is not itself a trusted proxy.
+pub fn client_ip(parts: &Parts) -> Option<IpAddr> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())?;
+    let Some(cfg) = parts.extensions.get::<Arc<ClientIpConfig>>() else {
+        return Some(peer);
+    };
+    if !cfg.trusts(peer) {
+        return Some(peer);
+    }
+    let mut chain: Vec<IpAddr> = Vec::new();
+    for v in parts.headers.get_all("forwarded") {
+        for elem in v.to_str().unwrap_or("").split(',') {
+            for pair in elem.split(';') {
+                if let Some((k, val)) = pair.trim().split_once('=') {
+                    if k.eq_ignore_ascii_case("for") {
+                        let val = val.trim_matches('"').trim_start_matches('[');
+                        let val = val.split(']').next().unwrap_or(val);
+                        if let Ok(ip) = val.parse::<IpAddr>() {
+                            chain.push(ip);
+                        } else if let Ok(sa) = val.parse::<SocketAddr>() {
+                            chain.push(sa.ip());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if chain.is_empty() {
+        for v in parts.headers.get_all("x-forwarded-for") {
+            chain.extend(
+                v.to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .filter_map(|s| s.trim().parse::<IpAddr>().ok()),
+            );
+        }
+    }
+    Some(
+        chain
+            .into_iter()
+            .rev()
+            .find(|ip| !cfg.trusts(*ip))
+            .unwrap_or(peer),
+    )
+}
+
+/// Who is asking, as the audit log records it.
+#[derive(Debug, Clone, Default)]
+pub struct Ctx {
+    pub request_id: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+}
+
+impl Ctx {
+    pub fn origin(&self) -> Origin {
+        Origin {
+            ip: self.ip.map(|i| i.to_string()),
+            user_agent: self.user_agent.clone(),
+            request_id: self.request_id.clone(),
+        }
+    }
+
+    /// The rate-limit key of the client address.
+    pub fn ip_key(&self) -> String {
+        self.ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect());
+        Ok(Ctx {
+            request_id: current_request_id(),
+            ip: client_ip(parts),
+            user_agent,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parts(peer: &str, headers: &[(&str, &str)], trusted: &[&str]) -> Parts {
+        let mut b = axum::http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let (mut p, _) = b.body(()).unwrap().into_parts();
+        p.extensions
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        let cfg = ClientIpConfig::parse(&trusted.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        p.extensions.insert(Arc::new(cfg));
+        p
+    }
+
+    #[test]
+    fn forwarded_headers_only_from_trusted_proxies() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // untrusted peer: header ignored
+        assert_eq!(
+            client_ip(&parts("1.2.3.4:5", &[("x-forwarded-for", "9.9.9.9")], &[])),
+            ip("1.2.3.4")
+        );
+        // trusted peer: the last untrusted hop
+        let p = parts(
+            "10.0.0.2:5",
+            &[("x-forwarded-for", "6.6.6.6, 9.9.9.9, 10.0.0.3")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("9.9.9.9"));
+        let p = parts(
+            "10.0.0.2:5",
+            &[("forwarded", "for=\"[2001:db8::1]:4711\";proto=https")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("2001:db8::1"));
+        // trusted peer, no header: the peer
+        assert_eq!(
+            client_ip(&parts("10.0.0.2:5", &[], &["10.0.0.0/8"])),
+            ip("10.0.0.2")
+        );
+        assert!(ClientIpConfig::parse(&["10.0.0.0/33".into()]).is_err());
+    }
+}

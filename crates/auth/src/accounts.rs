@@ -195,6 +195,7 @@ impl AuthService {
         )
         .await?;
         let email = normalise_email(&req.email)?;
+        vaultpay_web::enforce(&*self.inner.limiter, &format!("register:acct:{email}"), self.inner.cfg.rate_limits.register_per_account).await?;
         let name = validate_name(&req.name)?;
         self.check_new_password(&req.password, &[&email, &name])
             .await?;
@@ -251,6 +252,7 @@ impl AuthService {
 
     /// Sends a new verification link to the caller.
     pub async fn resend_verification(&self, p: &Principal) -> Result<wire::Accepted, AuthError> {
+        self.require_live_session(p).await?;
         let user = self.user(p.user_id()).await?;
         vaultpay_web::enforce(
             &*self.inner.limiter,
@@ -387,6 +389,14 @@ impl AuthService {
         .bind(now)
         .execute(&mut **tx)
         .await?;
+        // Reset links mailed before this change must not change the password again.
+        sqlx::query(
+            "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = 'reset' AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
@@ -473,6 +483,7 @@ impl AuthService {
             .await?
             .ok_or(AuthError::NotFound("user"))?;
         let phc: String = current.try_get("password_hash")?;
+        let (email, name) = self.user_inputs(user_id).await?;
         if !self
             .verify_password(req.current_password, Some(phc))
             .await?
@@ -484,9 +495,11 @@ impl AuthService {
                     .resource(user_id),
             )
             .await?;
+            // A wrong current password counts toward lockout like a failed login, so a
+            // stolen access token cannot be used to guess the password.
+            self.login_failed(ctx, &email, true).await?;
             return Err(AuthError::InvalidCredentials);
         }
-        let (email, name) = self.user_inputs(user_id).await?;
         self.check_new_password(&req.new_password, &[&email, &name])
             .await?;
         self.check_history(user_id, &req.new_password).await?;

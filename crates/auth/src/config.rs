@@ -111,6 +111,8 @@ pub struct RateLimits {
     pub login_per_ip: Quota,
     pub login_per_account: Quota,
     pub register_per_ip: Quota,
+    /// Attempts to register one email address (stops enumeration by registration).
+    pub register_per_account: Quota,
     pub refresh_per_ip: Quota,
     pub refresh_per_session: Quota,
     pub reset_per_ip: Quota,
@@ -123,6 +125,7 @@ impl Default for RateLimits {
             login_per_ip: Quota::new(30, 60),
             login_per_account: Quota::new(10, 60),
             register_per_ip: Quota::new(10, 600),
+            register_per_account: Quota::new(5, 600),
             refresh_per_ip: Quota::new(600, 60),
             refresh_per_session: Quota::new(30, 60),
             reset_per_ip: Quota::new(10, 600),

@@ -72,8 +72,12 @@ pub struct HibpClient {
 
 impl HibpClient {
     /// Builds a client (rustls, the configured timeout, a `VaultPay/<version>`
-    /// User-Agent). Fails on a base URL that is not absolute `http(s)` or a zero
-    /// timeout. `cfg.enabled` is the caller's switch and is not looked at here.
+    /// User-Agent). `cfg.enabled` is the caller's switch and is not looked at here.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the setting when the base URL is not an absolute `http(s)`
+    /// URL without query or fragment, or the timeout is zero.
     pub fn new(cfg: &HibpConfig) -> Result<Self, String> {
         let base = cfg.base_url.trim().trim_end_matches('/');
         let url = Url::parse(base).map_err(|e| format!("hibp.base_url {base:?}: {e}"))?;
@@ -110,7 +114,8 @@ impl HibpClient {
         })
     }
 
-    /// GET {base_url}/range/{PREFIX} with `Add-Padding: true`; never sends more than the 5-char prefix.
+    /// `GET {base_url}/range/{PREFIX}` with `Add-Padding: true`; never sends more
+    /// than the 5-char prefix.
     pub async fn check(&self, password: &str) -> HibpVerdict {
         let (prefix, suffix) = hibp_prefix_suffix(password);
         let verdict = match self.fetch_range(&prefix).await {
@@ -131,6 +136,7 @@ impl HibpClient {
 
     /// Whether a password is accepted when the verdict is
     /// [`HibpVerdict::Unavailable`].
+    #[must_use]
     pub fn fail_open(&self) -> bool {
         self.fail_open
     }
@@ -249,7 +255,7 @@ mod tests {
         );
         assert_eq!(
             verdict_from_range(&body, suffix),
-            HibpVerdict::Breached(3861493)
+            HibpVerdict::Breached(3_861_493)
         );
         assert_eq!(
             verdict_from_range(&body, "00D4F6E8FA6EECAD2A3AA415EEC418D38EC"),

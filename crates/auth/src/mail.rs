@@ -165,8 +165,13 @@ pub trait Mailer: Send + Sync + 'static {
 }
 
 /// Builds the configured mailer: SMTP when `[mail.smtp]` is present, otherwise the
-/// file outbox under `data_dir/mail`. The sender address is checked here, so a bad
-/// configuration fails at start-up rather than at the first registration.
+/// file outbox under `data_dir/mail`.
+///
+/// # Errors
+///
+/// [`MailError::InvalidAddress`] for a bad `from`, [`MailError::Config`] for an SMTP
+/// section that cannot work. Both are found here, at start-up, rather than at the
+/// first registration.
 pub fn build(cfg: &MailConfig, data_dir: &Path) -> Result<Arc<dyn Mailer>, MailError> {
     match &cfg.smtp {
         Some(smtp) => Ok(Arc::new(SmtpMailer::new(smtp, &cfg.from)?)),
@@ -249,12 +254,13 @@ fn readable_body(text: &str) -> Option<Body> {
     Some(Body::dangerous_pre_encoded(crlf.into_bytes(), encoding))
 }
 
-/// Writes each message as an RFC 5322 `.eml` file (with Date, From, To, Subject,
-/// Message-ID, text/plain UTF-8 body) into `dir` (created if missing, 0700 on unix),
-/// file names sortable by time: `<unix micros>-<uuid>.eml`. Written to a temp name
-/// then renamed so readers never see half a file.
+/// Writes each message as an RFC 5322 `.eml` file into a directory.
 ///
-/// Files are created 0600 on unix: they contain single-use tokens.
+/// Each file has Date, From, To, Subject, Message-ID and a `text/plain` UTF-8 body.
+/// The directory is created if missing (0700 on unix); file names sort by time:
+/// `<unix micros>-<uuid>.eml`. Each message is written to a temp name, synced, then
+/// renamed, so readers never see half a file. Files are 0600 on unix: they carry
+/// single-use tokens.
 #[derive(Debug, Clone)]
 pub struct FileOutbox {
     dir: PathBuf,
@@ -265,11 +271,16 @@ pub struct FileOutbox {
 impl FileOutbox {
     /// An outbox writing into `dir`, sending as [`DEFAULT_FROM`]. The directory is
     /// created on the first message.
+    #[must_use]
     pub fn new(dir: PathBuf) -> Self {
         Self { dir, from: None }
     }
 
     /// Uses `from` (e.g. `VaultPay <no-reply@example.com>`) as the sender.
+    ///
+    /// # Errors
+    ///
+    /// [`MailError::InvalidAddress`] when `from` is not a mailbox.
     pub fn with_from(mut self, from: &str) -> Result<Self, MailError> {
         self.from = Some(parse_mailbox(from)?);
         Ok(self)
@@ -283,6 +294,7 @@ impl FileOutbox {
     }
 
     /// The directory messages are written to.
+    #[must_use]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -375,7 +387,7 @@ fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// lettre AsyncSmtpTransport<Tokio1Executor> over rustls.
+/// lettre `AsyncSmtpTransport<Tokio1Executor>` over rustls.
 ///
 /// Each message opens a fresh connection. lettre's own timeout covers only the TCP
 /// connect, so every delivery is additionally bounded by `timeout_secs` as a whole:
@@ -397,6 +409,12 @@ impl fmt::Debug for SmtpMailer {
 
 impl SmtpMailer {
     /// Builds the transport; nothing is connected until the first message.
+    ///
+    /// # Errors
+    ///
+    /// [`MailError::InvalidAddress`] for a bad `from`; [`MailError::Config`] for an
+    /// empty host, a zero timeout, a user name without a password (or the reverse)
+    /// or a TLS setup failure.
     pub fn new(cfg: &SmtpConfig, from: &str) -> Result<Self, MailError> {
         let from = parse_mailbox(from)?;
         let host = cfg.host.trim();

@@ -12,10 +12,12 @@ use vaultpay_proto::auth as wire;
 use vaultpay_store::audit::{append, NewAudit};
 use vaultpay_web::{Ctx, Principal};
 
+type PermSet = Arc<BTreeSet<String>>;
+
 /// Effective permissions per user, for `ttl` or until invalidated.
 pub(crate) struct PermCache {
     ttl: Duration,
-    map: Mutex<HashMap<String, (Instant, Arc<BTreeSet<String>>)>>,
+    map: Mutex<HashMap<String, (Instant, PermSet)>>,
 }
 
 impl PermCache {

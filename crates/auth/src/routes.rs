@@ -504,10 +504,14 @@ fn introspection_client_ok(svc: &AuthService, headers: &HeaderMap) -> bool {
     responses((status = 200, body = wire::Introspection), (status = 401, body = wire::OAuthError)))]
 async fn introspect(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     headers: HeaderMap,
     form: Result<ApiForm<IntrospectForm>, ApiError>,
 ) -> Result<Response, OAuthFailure> {
     if !introspection_client_ok(&svc, &headers) {
+        // Failed client authentications are rate limited like logins (secret guessing).
+        let key = format!("introspect:fail:{}", ctx.ip_key());
+        vaultpay_web::enforce(&*svc.limiter(), &key, svc.config().rate_limits.login_per_ip).await?;
         let e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized")
             .detail("client authentication failed")
             .header(header::WWW_AUTHENTICATE, "Basic realm=\"vaultpay\"");

@@ -75,8 +75,14 @@ impl AuthService {
                 let locked_until: Option<i64> = r.try_get("locked_until")?;
                 if let Some(until) = locked_until.filter(|u| *u > now) {
                     metrics::counter!("auth_logins_total", "outcome" => "locked").increment(1);
+                    let id: String = r.try_get("id")?;
+                    self.audit_only(
+                        ctx,
+                        NewAudit::failure("login.refused_locked").actor(&id).resource(&id),
+                    )
+                    .await?;
                     return Err(AuthError::Locked {
-                        retry_after_secs: ((until - now) / 1_000_000).max(1),
+                        retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
                     });
                 }
                 (
@@ -174,7 +180,7 @@ impl AuthService {
     }
 
     /// Counts a failed login; locks the account after too many in a row.
-    async fn login_failed(&self, ctx: &Ctx, email: &str, known: bool) -> Result<(), AuthError> {
+    pub(crate) async fn login_failed(&self, ctx: &Ctx, email: &str, known: bool) -> Result<(), AuthError> {
         let db = &self.inner.db;
         let lock = &self.inner.cfg.lockout;
         let mut tx = db.begin().await?;
@@ -242,7 +248,8 @@ impl AuthService {
             cfg.rate_limits.refresh_per_ip,
         )
         .await?;
-        let Some(device_id) = device_id.filter(|d| !d.is_empty()) else {
+        // Login stores the device id trimmed; compare it the same way here.
+        let Some(device_id) = device_id.map(str::trim).filter(|d| !d.is_empty()) else {
             return Err(AuthError::OAuth(
                 "invalid_request",
                 "device_id is required".into(),
@@ -416,8 +423,12 @@ impl AuthService {
             &self.inner.db,
             tx,
             &ctx.origin(),
-            NewAudit::failure("refresh.reuse_detected")
-                .actor(user_id)
+            NewAudit::failure(if reason == "refresh_device_mismatch" {
+                "refresh.device_mismatch"
+            } else {
+                "refresh.reuse_detected"
+            })
+            .actor(user_id)
                 .resource(session_id)
                 .metadata(serde_json::json!({ "reason": reason, "session_revoked": true })),
         )
@@ -545,6 +556,9 @@ impl AuthService {
         p: &Principal,
         everywhere: bool,
     ) -> Result<wire::Accepted, AuthError> {
+        // A token whose session has already ended must not act (above all, not end
+        // the user's live sessions with `everywhere`).
+        self.require_live_session(p).await?;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
         let n = if everywhere {

@@ -320,7 +320,9 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         } else {
             Err(LedgerError::Internal("group commit failed".into()))
         };
-        let _ = reply_to.send(r);
+        // Release the in-flight claim before answering: a retry that races the answer
+        // then sees the committed key and replays instead of getting a 409.
         drop(job);
+        let _ = reply_to.send(r);
     }
 }

@@ -214,7 +214,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
             LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),
             _ => ApiError {
-                problem: e.problem(vaultpay_web::current_request_id()),
+                problem: Box::new(e.problem(vaultpay_web::current_request_id())),
                 headers: Vec::new(),
             },
         }

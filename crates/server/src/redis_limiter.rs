@@ -50,7 +50,14 @@ impl RedisRateLimiter {
 
     async fn conn(&self) -> Result<ConnectionManager, String> {
         self.conn
-            .get_or_try_init(|| async { ConnectionManager::new(self.client.clone()).await })
+            .get_or_try_init(|| async {
+                // Fail fast: a limiter that cannot answer makes the request fail closed (503).
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_number_of_retries(1)
+                    .set_connection_timeout(std::time::Duration::from_secs(2))
+                    .set_response_timeout(std::time::Duration::from_secs(2));
+                ConnectionManager::new_with_config(self.client.clone(), cfg).await
+            })
             .await
             .cloned()
             .map_err(|e| e.to_string())

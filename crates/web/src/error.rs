@@ -15,14 +15,15 @@ pub fn current_request_id() -> Option<String> {
 /// An error answered as `application/problem+json`.
 #[derive(Debug)]
 pub struct ApiError {
-    pub problem: Problem,
+    /// Boxed: `Result<T, ApiError>` stays small on the happy path.
+    pub problem: Box<Problem>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, title: &str) -> Self {
         Self {
-            problem: Problem::new(status.as_u16(), code, title),
+            problem: Box::new(Problem::new(status.as_u16(), code, title)),
             headers: Vec::new(),
         }
     }
@@ -89,7 +90,9 @@ impl ApiError {
     }
 
     pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
-        self.problem = self.problem.with(key, value);
+        if let Ok(v) = serde_json::to_value(value) {
+            self.problem.extensions.insert(key.to_owned(), v);
+        }
         self
     }
 

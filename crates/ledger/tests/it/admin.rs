@@ -36,7 +36,7 @@ async fn freeze_unfreeze_close_are_audited_and_need_admin_and_a_live_session() {
         app.post(&format!("/v1/admin/accounts/{a}/unfreeze"), &admin, None, json!({"reason": "x"})).await.problem(409, "account_closed");
         app.post("/v1/admin/accounts/nope/freeze", &admin, None, json!({"reason": "x"})).await.problem(404, "account_not_found");
 
-        let audit = app.get("/v1/admin/audit?limit=100", &app.token("comp", &["compliance"])).await.expect(200);
+        let audit = app.get("/v1/admin/ledger/audit?limit=100", &app.token("comp", &["compliance"])).await.expect(200);
         let actions: Vec<&str> = audit.body["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
         for a in ["ledger.account.frozen", "ledger.account.unfrozen", "ledger.account.closed", "ledger.account.opened", "ledger.deposit.posted", "ledger.withdrawal.posted"] {
             assert!(actions.contains(&a), "{a} missing in {actions:?}");
@@ -44,7 +44,7 @@ async fn freeze_unfreeze_close_are_audited_and_need_admin_and_a_live_session() {
         let frozen = audit.body["items"].as_array().unwrap().iter().find(|e| e["action"] == "ledger.account.frozen").unwrap();
         assert_eq!(frozen["actor"], "admin-1");
         assert_eq!(frozen["metadata"]["reason"], "kyc");
-        app.get("/v1/admin/audit", &alice).await.problem(403, "forbidden");
+        app.get("/v1/admin/ledger/audit", &alice).await.problem(403, "forbidden");
         app.assert_consistent().await;
     })
     .await;

@@ -113,8 +113,8 @@ async fn concurrent_retries_with_one_key_pay_once() {
 #[tokio::test]
 async fn keys_are_kept_a_day_then_purged() {
     each_backend(|b| async move {
-        let mut cfg = vaultpay_ledger::LedgerConfig::default();
-        cfg.idempotency_ttl_secs = 1; // below the floor: still kept 24 hours
+        // a TTL below the floor: keys are still kept 24 hours
+        let cfg = vaultpay_ledger::LedgerConfig { idempotency_ttl_secs: 1, ..Default::default() };
         let app = TestApp::with_config(b, cfg).await;
         let alice = app.customer("alice");
         app.post("/v1/accounts", &alice, Some("k-1"), json!({"currency": "USD", "kind": "current", "name": "x"})).await.expect(201);
@@ -126,6 +126,66 @@ async fn keys_are_kept_a_day_then_purged() {
         // the key is usable again (a new account is opened)
         let r = app.post("/v1/accounts", &alice, Some("k-1"), json!({"currency": "USD", "kind": "current", "name": "x"})).await.expect(201);
         assert!(!r.replayed());
+    })
+    .await;
+}
+
+/// Makes inserting a transfer described "boom" fail inside the database.
+async fn install_fault(app: &TestApp) {
+    let sqls: &[&str] = match app.backend {
+        vaultpay_store::Backend::Sqlite => &["CREATE TRIGGER boom BEFORE INSERT ON transfers WHEN NEW.description = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+        vaultpay_store::Backend::Postgres => &[
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.description = 'boom' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END; $$",
+            "CREATE TRIGGER boom BEFORE INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION boom()",
+        ],
+    };
+    for s in sqls {
+        sqlx::raw_sql(s).execute(app.db.writer()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_stores_nothing_and_leaves_the_key_retryable() {
+    each_backend(|b| async move {
+        for group_commit in [true, false] {
+            let cfg = vaultpay_ledger::LedgerConfig { group_commit, ..Default::default() };
+            let app = std::sync::Arc::new(TestApp::with_config(b, cfg).await);
+            let alice = app.customer("alice");
+            let bob = app.customer("bob");
+            let a = app.open(&alice, "USD").await;
+            let bb = app.open(&bob, "USD").await;
+            app.deposit(&a, 10_000, "USD").await.expect(201);
+            install_fault(&app).await;
+
+            let k = key();
+            let boom = json!({"from_account_id": a, "to_account_id": bb, "amount": 100, "currency": "USD", "description": "boom"});
+            // the faulty request runs among healthy ones (same group commit, when grouping)
+            let mut healthy = Vec::new();
+            for _ in 0..20 {
+                let (app, alice, a, bb) = (app.clone(), alice.clone(), a.clone(), bb.clone());
+                healthy.push(tokio::spawn(async move { app.transfer(&alice, &a, &bb, 1).await.status.as_u16() }));
+            }
+            let r = app.raw_unchecked(Method::POST, "/v1/transfers", Some(&alice), Some(&k), Some(boom.to_string())).await;
+            assert_eq!(r.status.as_u16(), 500, "{}", r.text);
+            assert_eq!(r.code(), "internal_error");
+            assert!(!r.text.contains("injected"), "internal details must not leak: {}", r.text);
+            for h in healthy {
+                assert_eq!(h.await.unwrap(), 201, "a failure in one job does not abort the others");
+            }
+            assert_eq!(app.balance(&alice, &a).await.0, 10_000 - 20);
+            // still failing: still a 500, nothing stored
+            let r = app.raw_unchecked(Method::POST, "/v1/transfers", Some(&alice), Some(&k), Some(boom.to_string())).await;
+            assert_eq!(r.status.as_u16(), 500);
+            // fault cleared: the same key executes for real
+            sqlx::raw_sql("DROP TRIGGER boom ON transfers").execute(app.db.writer()).await.ok();
+            sqlx::raw_sql("DROP TRIGGER boom").execute(app.db.writer()).await.ok();
+            let ok = app.post("/v1/transfers", &alice, Some(&k), boom.clone()).await.expect(201);
+            assert!(!ok.replayed());
+            assert_eq!(app.balance(&alice, &a).await.0, 10_000 - 20 - 100);
+            app.assert_consistent().await;
+        }
     })
     .await;
 }

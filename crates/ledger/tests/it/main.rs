@@ -8,5 +8,6 @@ mod common;
 mod concurrency;
 mod holds;
 mod idempotency;
+mod openapi;
 mod props;
 mod transfers;

@@ -27,7 +27,7 @@ async fn transfer_moves_money_with_double_entry() {
         app.get(&format!("/v1/transfers/{tid}"), &app.token("c", &["compliance"])).await.expect(200);
 
         // audit entry and outbox event were written with it
-        let audit = app.get("/v1/admin/audit", &app.admin()).await.expect(200);
+        let audit = app.get("/v1/admin/ledger/audit", &app.admin()).await.expect(200);
         assert!(audit.body["items"].as_array().unwrap().iter().any(|e| e["action"] == "ledger.transfer.posted" && e["resource"] == tid.as_str()));
         let mut events = app.ledger.subscribe();
         assert!(app.ledger.relay_outbox().await.unwrap() >= 3);

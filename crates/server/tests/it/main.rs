@@ -6,3 +6,12 @@
 
 mod helpers;
 mod platform;
+#[cfg(feature = "redis")]
+mod redis;
+mod split;
+mod crash;
+mod hibp;
+mod audit;
+mod auth_attacks;
+mod auth_flows;
+mod bad_input;

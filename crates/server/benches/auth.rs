@@ -1,0 +1,266 @@
+//! AuthShield benchmarks on this machine. Run:
+//!
+//! ```sh
+//! cargo bench -p vaultpay-server --bench auth                      # SQLite
+//! VAULTPAY_TEST_PG_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//!   cargo bench -p vaultpay-server --bench auth                    # + PostgreSQL
+//! ```
+//!
+//! Measures (1) local JWT verification per core, (2) raw Argon2id verifications per
+//! second on all cores against password logins over HTTP in the same run, (3) refresh
+//! rotations per second over HTTP, (4) the latency of an authenticated `GET /v1/me`
+//! at a fixed open-loop rate of 1,000 requests/s (latency counted from each request's
+//! scheduled send time, so a stall is not hidden by the generator waiting).
+//! The load generator runs in the same process as the server, on the same 2 cores.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vaultpay_core::jwt::{AccessClaims, Audience, KeySet, Rules, Signer25519};
+use vaultpay_core::password::PasswordHasher;
+use vaultpay_server::{Config, Mode};
+use vaultpay_store::Backend;
+
+const PASSWORD: &str = "correct-Horse-battery-staple-42";
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn jwt_verification() {
+    let (signer, _) = Signer25519::generate("k1");
+    let mut keys = KeySet::default();
+    keys.insert("k1", &signer.public_key()).unwrap();
+    let now = vaultpay_core::time::now_micros() / 1_000_000;
+    let claims = AccessClaims {
+        iss: "http://127.0.0.1:8080".into(),
+        sub: uuid::Uuid::now_v7().to_string(),
+        aud: Audience::One("vaultpay".into()),
+        exp: now + 300,
+        iat: now,
+        nbf: now,
+        jti: uuid::Uuid::now_v7().to_string(),
+        sid: uuid::Uuid::now_v7().to_string(),
+        roles: vec!["customer".into()],
+        device_id: "laptop-1".into(),
+        auth_time: now,
+        amr: vec!["pwd".into()],
+        acr: None,
+        scope: None,
+        client_id: None,
+    };
+    let token = signer.sign(&claims).unwrap();
+    let rules = Rules { issuer: claims.iss.clone(), audience: "vaultpay".into(), leeway_secs: 5 };
+    for _ in 0..2_000 {
+        vaultpay_core::jwt::verify(&token, &keys, &rules, now).unwrap();
+    }
+    let n = 100_000;
+    let start = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(vaultpay_core::jwt::verify(std::hint::black_box(&token), &keys, &rules, now).unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "jwt_verify_single_core: {:.0} verifications/s ({:.2} µs each, token {} bytes)",
+        n as f64 / secs,
+        secs * 1e6 / n as f64,
+        token.len()
+    );
+}
+
+fn argon2_ceiling(seconds: f64) -> f64 {
+    let hasher = PasswordHasher::default();
+    let phc = hasher.hash(PASSWORD).unwrap();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (h, p, c) = (hasher.clone(), phc.clone(), count.clone());
+            s.spawn(move || {
+                while Instant::now() < deadline {
+                    assert!(h.verify(PASSWORD, &p));
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    println!("argon2id_raw_verify ({threads} threads, m=19456 t=2 p=1): {rate:.1} verifications/s");
+    rate
+}
+
+async fn config(backend: Backend) -> Config {
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: std::env::temp_dir().join("vaultpay-bench").join(uuid::Uuid::now_v7().to_string()),
+        ..Config::default()
+    };
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    let auth = vaultpay_store::testing::fresh_location(backend).await.unwrap();
+    let ledger = vaultpay_store::testing::fresh_location(backend).await.unwrap();
+    cfg.database.auth_url = Some(vaultpay_core::secret::Secret::new(auth));
+    cfg.database.ledger_url = Some(vaultpay_core::secret::Secret::new(ledger));
+    cfg.database.sqlite_synchronous_full = true; // durable commits
+    cfg.master_key = Some(vaultpay_core::secret::Secret::new(vaultpay_core::crypto::MasterKey::generate().to_hex().to_string()));
+    // The benchmark drives many requests from one address and a few accounts.
+    let big = vaultpay_core::gcra::Quota::new(1_000_000, 1);
+    let rl = &mut cfg.auth.rate_limits;
+    rl.login_per_ip = big;
+    rl.login_per_account = big;
+    rl.register_per_ip = big;
+    rl.register_per_account = big;
+    rl.refresh_per_ip = big;
+    rl.refresh_per_session = big;
+    cfg
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let r = self.http.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    async fn login(&self, email: &str, device: &str) -> Value {
+        self.post("/v1/auth/login", json!({"email": email, "password": PASSWORD, "device": {"id": device, "name": device}})).await
+    }
+}
+
+async fn http_benchmarks(backend: Backend, argon_ceiling: Option<f64>) {
+    let cfg = config(backend).await;
+    let running = vaultpay_server::start(cfg, Mode::All, Default::default()).await.unwrap();
+    let c = Arc::new(Client {
+        http: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().unwrap(),
+        base: format!("http://{}", running.addr),
+    });
+    c.post("/v1/auth/register", json!({"email": "bench@example.com", "password": PASSWORD, "name": "Bench"})).await;
+
+    // (2) logins over HTTP vs the raw Argon2 ceiling
+    if let Some(ceiling) = argon_ceiling {
+        let n = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, n) = (c.clone(), n.clone());
+                tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        c.login("bench@example.com", &format!("dev-{i}")).await;
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rate = n.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "[{backend:?}] http_password_logins (8 concurrent): {rate:.1} logins/s = {:.1}% of the raw Argon2 ceiling",
+            100.0 * rate / ceiling
+        );
+    }
+
+    // (3) refresh rotations: 64 clients, each rotating its own session's chain
+    let clients = 64;
+    let mut chains = Vec::new();
+    for i in 0..clients {
+        let t = c.login("bench@example.com", &format!("r-{i}")).await;
+        chains.push((format!("r-{i}"), t["refresh_token"].as_str().unwrap().to_owned()));
+    }
+    let n = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let start = Instant::now();
+    let tasks: Vec<_> = chains
+        .into_iter()
+        .map(|(device, mut rt)| {
+            let (c, n) = (c.clone(), n.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let r = c
+                        .http
+                        .post(format!("{}/oauth/token", c.base))
+                        .form(&[("grant_type", "refresh_token"), ("refresh_token", rt.as_str()), ("device_id", device.as_str())])
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(r.status().is_success(), "refresh: {}", r.status());
+                    let v: Value = r.json().await.unwrap();
+                    rt = v["refresh_token"].as_str().unwrap().to_owned();
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = n.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    println!("[{backend:?}] http_refresh_rotations ({clients} concurrent, durable commits): {rate:.0} rotations/s");
+
+    // (4) GET /v1/me at a fixed 1,000 requests/s, open loop
+    let token = c.login("bench@example.com", "me-bench").await["access_token"].as_str().unwrap().to_owned();
+    let rate_per_s = 1000u64;
+    let total = 10 * rate_per_s;
+    let interval = Duration::from_micros(1_000_000 / rate_per_s);
+    let token = Arc::new(token);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut handles = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let scheduled = start + interval * i as u32;
+        let (c, token) = (c.clone(), token.clone());
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep_until(scheduled).await;
+            let r = c.http.get(format!("{}/v1/me", c.base)).bearer_auth(&*token).send().await.unwrap();
+            let ok = r.status().is_success();
+            let _ = r.bytes().await;
+            (scheduled.elapsed().as_secs_f64() * 1e3, ok)
+        }));
+    }
+    let mut lat = Vec::with_capacity(handles.len());
+    let mut errors = 0;
+    for h in handles {
+        let (ms, ok) = h.await.unwrap();
+        if !ok {
+            errors += 1;
+        }
+        lat.push(ms);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "[{backend:?}] get_me_open_loop at {rate_per_s}/s for {}s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {errors}",
+        total / rate_per_s,
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        percentile(&lat, 99.9),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    running.stop().await.unwrap();
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    jwt_verification();
+    let ceiling = argon2_ceiling(5.0);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        for backend in vaultpay_store::testing::backends() {
+            http_benchmarks(backend, Some(ceiling)).await;
+        }
+    });
+}

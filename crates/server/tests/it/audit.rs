@@ -1,0 +1,604 @@
+//! The audit log: every auth event recorded with who, what, outcome, IP, user agent
+//! and request id; filters and cursor pagination of `GET /v1/admin/audit`; the
+//! database refusing UPDATE and DELETE; tampering found by `verify_chain` and by
+//! `vaultpay audit verify`.
+
+use crate::auth_flows::{
+    id_of, jwt_part, mail_token, send_with, token_form_rid, NEW_PASSWORD, THIRD_PASSWORD, UA,
+};
+use crate::each_backend;
+use crate::helpers::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use vaultpay_store::audit::{verify_chain, ChainReport};
+use vaultpay_store::Backend;
+
+/// Entries with request id `rid`, newest first.
+async fn by_request(app: &TestApp, admin: &str, rid: &str) -> Vec<Value> {
+    crate::auth_flows::audit(app, admin, &format!("request_id={rid}")).await
+}
+
+fn login_body(email: &str, password: &str, device: &str) -> Value {
+    json!({ "email": email, "password": password, "device": { "id": device, "name": format!("{device} phone") } })
+}
+
+#[tokio::test]
+async fn every_auth_event_is_audited_with_its_origin() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |cfg| cfg.auth.lockout.threshold = 2).await;
+        let email = "ivy@example.com";
+        let post = |path: &'static str, token: Option<String>, body: Value, rid: &'static str| {
+            let app = &app;
+            async move {
+                send_with(
+                    app,
+                    Method::POST,
+                    path,
+                    token.as_deref(),
+                    Some(body),
+                    Some(rid),
+                )
+                .await
+            }
+        };
+        let ok = |r: &Resp| assert!(r.status.is_success(), "{}", r.text);
+
+        let r = post(
+            "/v1/auth/register",
+            None,
+            json!({ "email": email, "password": PASSWORD, "name": "Ivy" }),
+            "r-register",
+        )
+        .await;
+        let ivy = id_of(&r);
+        let token = mail_token(&app, email, "verify-email?token=");
+        ok(&send_with(
+            &app,
+            Method::GET,
+            &format!("/v1/auth/verify-email?token={token}"),
+            None,
+            None,
+            Some("r-verify"),
+        )
+        .await);
+        let r = post(
+            "/v1/auth/login",
+            None,
+            login_body(email, PASSWORD, "dev-1"),
+            "r-login",
+        )
+        .await;
+        ok(&r);
+        let s1 = r.body["session_id"].as_str().unwrap().to_owned();
+        let rt1 = r.body["refresh_token"].as_str().unwrap().to_owned();
+        post(
+            "/v1/auth/login",
+            None,
+            login_body("ghost@example.com", PASSWORD, "d"),
+            "r-fail-unknown",
+        )
+        .await
+        .assert_problem(401, "invalid_credentials");
+        post(
+            "/v1/auth/login",
+            None,
+            login_body(email, "Wrong-password-1!", "d"),
+            "r-fail-1",
+        )
+        .await
+        .assert_problem(401, "invalid_credentials");
+        post(
+            "/v1/auth/login",
+            None,
+            login_body(email, "Wrong-password-2!", "d"),
+            "r-fail-2",
+        )
+        .await
+        .assert_problem(401, "invalid_credentials");
+        let r = post(
+            "/v1/auth/login",
+            None,
+            login_body("admin@example.com", PASSWORD, "adm"),
+            "r-admin-login",
+        )
+        .await;
+        ok(&r);
+        let admin = r.body["access_token"].as_str().unwrap().to_owned();
+        let admin_id = jwt_part(&admin, 1)["sub"].as_str().unwrap().to_owned();
+        ok(&send_with(
+            &app,
+            Method::POST,
+            &format!("/v1/admin/users/{ivy}/unlock"),
+            Some(&admin),
+            None,
+            Some("r-unlock"),
+        )
+        .await);
+        let fields = [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt1.as_str()),
+            ("device_id", "dev-1"),
+        ];
+        ok(&token_form_rid(&app, &fields, "r-refresh").await);
+        assert_eq!(
+            token_form_rid(&app, &fields, "r-reuse").await.status,
+            StatusCode::BAD_REQUEST
+        );
+        let r = post(
+            "/v1/auth/login",
+            None,
+            login_body(email, PASSWORD, "dev-2"),
+            "r-login-2",
+        )
+        .await;
+        let at2 = r.body["access_token"].as_str().unwrap().to_owned();
+        let s2 = r.body["session_id"].as_str().unwrap().to_owned();
+        let r = post(
+            "/v1/auth/login",
+            None,
+            login_body(email, PASSWORD, "dev-3"),
+            "r-login-3",
+        )
+        .await;
+        let s3 = r.body["session_id"].as_str().unwrap().to_owned();
+        let r = send_with(
+            &app,
+            Method::DELETE,
+            &format!("/v1/sessions/{s3}"),
+            Some(&at2),
+            None,
+            Some("r-revoke"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let change = json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD });
+        ok(&post(
+            "/v1/auth/password/change",
+            Some(at2.clone()),
+            change,
+            "r-change",
+        )
+        .await);
+        ok(&post(
+            "/v1/auth/password/forgot",
+            None,
+            json!({ "email": email }),
+            "r-forgot",
+        )
+        .await);
+        let token = mail_token(&app, email, "password/reset?token=");
+        ok(&post(
+            "/v1/auth/password/reset",
+            None,
+            json!({ "token": token, "new_password": THIRD_PASSWORD }),
+            "r-reset",
+        )
+        .await);
+        let grant = send_with(
+            &app,
+            Method::POST,
+            &format!("/v1/admin/users/{ivy}/roles"),
+            Some(&admin),
+            Some(json!({ "role": "support" })),
+            Some("r-grant"),
+        )
+        .await;
+        ok(&grant);
+        ok(&send_with(
+            &app,
+            Method::DELETE,
+            &format!("/v1/admin/users/{ivy}/roles/support"),
+            Some(&admin),
+            None,
+            Some("r-ungrant"),
+        )
+        .await);
+        let r = post(
+            "/v1/auth/login",
+            None,
+            login_body(email, THIRD_PASSWORD, "dev-4"),
+            "r-login-4",
+        )
+        .await;
+        let at4 = r.body["access_token"].as_str().unwrap().to_owned();
+        let s4 = r.body["session_id"].as_str().unwrap().to_owned();
+        ok(&post("/v1/auth/logout", Some(at4), json!({}), "r-logout").await);
+
+        let ivy = ivy.as_str();
+        let admin_id = admin_id.as_str();
+        // (request id, [(action, actor, resource, outcome)] newest first)
+        type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str);
+        let expected: Vec<(&str, Vec<Row>)> = vec![
+            (
+                "r-register",
+                vec![("user.registered", Some(ivy), Some(ivy), "success")],
+            ),
+            (
+                "r-verify",
+                vec![("user.email_verified", Some(ivy), Some(ivy), "success")],
+            ),
+            (
+                "r-login",
+                vec![("login.succeeded", Some(ivy), Some(&s1), "success")],
+            ),
+            (
+                "r-fail-unknown",
+                vec![("login.failed", None, None, "failure")],
+            ),
+            (
+                "r-fail-1",
+                vec![("login.failed", Some(ivy), Some(ivy), "failure")],
+            ),
+            (
+                "r-fail-2",
+                vec![
+                    ("account.locked", Some("system"), Some(ivy), "success"),
+                    ("login.failed", Some(ivy), Some(ivy), "failure"),
+                ],
+            ),
+            (
+                "r-unlock",
+                vec![("account.unlocked", Some(admin_id), Some(ivy), "success")],
+            ),
+            (
+                "r-refresh",
+                vec![("token.refreshed", Some(ivy), Some(&s1), "success")],
+            ),
+            (
+                "r-reuse",
+                vec![("refresh.reuse_detected", Some(ivy), Some(&s1), "failure")],
+            ),
+            (
+                "r-login-2",
+                vec![("login.succeeded", Some(ivy), Some(&s2), "success")],
+            ),
+            (
+                "r-revoke",
+                vec![("session.revoked", Some(ivy), Some(&s3), "success")],
+            ),
+            (
+                "r-change",
+                vec![("password.changed", Some(ivy), Some(ivy), "success")],
+            ),
+            (
+                "r-reset",
+                vec![("password.reset", Some(ivy), Some(ivy), "success")],
+            ),
+            (
+                "r-grant",
+                vec![("role.granted", Some(admin_id), Some(ivy), "success")],
+            ),
+            (
+                "r-ungrant",
+                vec![("role.revoked", Some(admin_id), Some(ivy), "success")],
+            ),
+            (
+                "r-login-4",
+                vec![("login.succeeded", Some(ivy), Some(&s4), "success")],
+            ),
+            (
+                "r-logout",
+                vec![("logout", Some(ivy), Some(&s4), "success")],
+            ),
+        ];
+        for (rid, rows) in expected {
+            let got = by_request(&app, &admin, rid).await;
+            assert_eq!(got.len(), rows.len(), "{rid}: {got:#?}");
+            for (e, (action, actor, resource, outcome)) in got.iter().zip(rows) {
+                assert_eq!(e["action"], action, "{rid}: {e}");
+                assert_eq!(e["actor"].as_str(), actor, "{rid}: {e}");
+                assert_eq!(e["resource"].as_str(), resource, "{rid}: {e}");
+                assert_eq!(e["outcome"], outcome, "{rid}: {e}");
+                assert_eq!(e["ip"], "127.0.0.1", "{rid}: {e}");
+                assert_eq!(e["user_agent"], UA, "{rid}: {e}");
+                assert_eq!(e["request_id"], rid, "{rid}: {e}");
+                assert!(
+                    vaultpay_core::time::parse_rfc3339(e["at"].as_str().unwrap()).is_some(),
+                    "{e}"
+                );
+                assert_eq!(e["hash"].as_str().unwrap().len(), 64, "{e}");
+                assert_eq!(e["prev_hash"].as_str().unwrap().len(), 64, "{e}");
+            }
+        }
+        // details that matter to an investigator
+        let unknown = &by_request(&app, &admin, "r-fail-unknown").await[0];
+        assert_eq!(unknown["metadata"]["email"], "ghost@example.com");
+        let locked = &by_request(&app, &admin, "r-fail-2").await[0];
+        assert!(locked["metadata"]["seconds"].as_i64().unwrap() > 0);
+        let reuse = &by_request(&app, &admin, "r-reuse").await[0];
+        assert_eq!(reuse["metadata"]["session_revoked"], true);
+        let grant = &by_request(&app, &admin, "r-grant").await[0];
+        assert_eq!(grant["metadata"]["role"], "support");
+        // no secret ever lands in the log
+        let all = crate::auth_flows::audit(&app, &admin, "limit=500").await;
+        let text = serde_json::to_string(&all).unwrap();
+        for secret in [
+            PASSWORD,
+            NEW_PASSWORD,
+            THIRD_PASSWORD,
+            rt1.as_str(),
+            token.as_str(),
+            at2.as_str(),
+        ] {
+            assert!(!text.contains(secret), "a secret in the audit log");
+        }
+        assert_eq!(
+            verify_chain(app.auth_db()).await.unwrap(),
+            ChainReport::Intact {
+                entries: app.count("audit_log").await as u64
+            }
+        );
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn audit_filters_and_cursor_pagination() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let mut ids = Vec::new();
+        for (i, email) in ["p1@example.com", "p2@example.com", "p3@example.com"]
+            .iter()
+            .enumerate()
+        {
+            let body = json!({ "email": email, "password": PASSWORD, "name": "P" });
+            let r = send_with(
+                &app,
+                Method::POST,
+                "/v1/auth/register",
+                None,
+                Some(body),
+                Some(&format!("reg-{i}")),
+            )
+            .await;
+            ids.push(id_of(&r));
+        }
+        let admin = app.admin().await.access;
+        let q = |query: String| {
+            let app = &app;
+            let admin = admin.clone();
+            async move { crate::auth_flows::audit(app, &admin, &query).await }
+        };
+        let seqs = |v: &[Value]| {
+            v.iter()
+                .map(|e| e["seq"].as_i64().unwrap())
+                .collect::<Vec<_>>()
+        };
+
+        let regs = q("action=user.registered".into()).await;
+        assert_eq!(regs.len(), 4, "bootstrap admin + 3: {regs:#?}");
+        let s = seqs(&regs);
+        assert!(s.windows(2).all(|w| w[0] > w[1]), "newest first: {s:?}");
+        assert_eq!(regs[0]["actor"], ids[2].as_str());
+
+        let by_actor = q(format!("actor={}", ids[1])).await;
+        assert_eq!(by_actor.len(), 1, "{by_actor:#?}");
+        assert_eq!(by_actor[0]["action"], "user.registered");
+        assert_eq!(
+            q(format!("actor={}&action=login.succeeded", ids[1]))
+                .await
+                .len(),
+            0
+        );
+        let by_rid = q("request_id=reg-2".into()).await;
+        assert_eq!(by_rid.len(), 1);
+        assert_eq!(by_rid[0]["actor"], ids[2].as_str());
+        assert_eq!(q("request_id=no-such-request".into()).await.len(), 0);
+
+        // time range: from is inclusive, to exclusive
+        let at = by_actor[0]["at"].as_str().unwrap().to_owned();
+        let from = q(format!("action=user.registered&from={at}")).await;
+        assert_eq!(
+            from.iter()
+                .map(|e| e["actor"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            vec![ids[2].as_str(), ids[1].as_str()]
+        );
+        let to = q(format!("action=user.registered&to={at}")).await;
+        assert_eq!(to.len(), 2, "{to:#?}");
+        assert!(to
+            .iter()
+            .all(|e| e["actor"] != ids[1].as_str() && e["actor"] != ids[2].as_str()));
+        let between = q(format!("from={at}&to={at}")).await;
+        assert_eq!(between.len(), 0);
+
+        // cursor pagination over everything: pages of 2, no overlap, nothing missed
+        let total = app.count("audit_log").await;
+        let mut seen: Vec<i64> = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/admin/audit?limit=2&cursor={c}"),
+                None => "/v1/admin/audit?limit=2".to_owned(),
+            };
+            let r = app.get(&path, Some(&admin)).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            let page = seqs(r.body["entries"].as_array().unwrap());
+            assert!(page.len() <= 2);
+            if let Some(last) = seen.last() {
+                assert!(
+                    page.iter().all(|s| s < last),
+                    "older page, no overlap: {seen:?} then {page:?}"
+                );
+            }
+            seen.extend(&page);
+            pages += 1;
+            assert!(pages <= total + 1, "pagination does not end");
+            match r.body["next_cursor"].as_str() {
+                Some(c) => {
+                    assert_eq!(c, page.last().unwrap().to_string());
+                    cursor = Some(c.to_owned());
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen.len() as i64, total);
+        assert_eq!(
+            seen.iter().copied().collect::<BTreeSet<_>>(),
+            (1..=total).collect::<BTreeSet<_>>()
+        );
+
+        // pagination with a filter
+        let r = app
+            .get(
+                "/v1/admin/audit?action=user.registered&limit=3",
+                Some(&admin),
+            )
+            .await;
+        let p1 = seqs(r.body["entries"].as_array().unwrap());
+        let c = r.body["next_cursor"].as_str().unwrap().to_owned();
+        let r = app
+            .get(
+                &format!("/v1/admin/audit?action=user.registered&limit=3&cursor={c}"),
+                Some(&admin),
+            )
+            .await;
+        let p2 = seqs(r.body["entries"].as_array().unwrap());
+        assert_eq!((p1.len(), p2.len()), (3, 1));
+        assert!(r.body["next_cursor"].is_null(), "{}", r.text);
+        assert_eq!([p1, p2].concat(), s);
+
+        // compliance may read the log; support may not
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{}/roles", ids[0]),
+                Some(&admin),
+                json!({ "role": "compliance" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{}/roles", ids[1]),
+                Some(&admin),
+                json!({ "role": "support" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let c = app.login("p1@example.com", PASSWORD).await;
+        assert_eq!(
+            app.get("/v1/admin/audit?limit=1", Some(&c.access))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let s = app.login("p2@example.com", PASSWORD).await;
+        app.get("/v1/admin/audit?limit=1", Some(&s.access))
+            .await
+            .assert_problem(403, "forbidden");
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn the_database_refuses_update_and_delete_on_the_audit_log() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        app.user("append@example.com").await;
+        let db = app.auth_db();
+        let n = app.count("audit_log").await;
+        for sql in [
+            "UPDATE audit_log SET outcome = 'success' WHERE seq = 1",
+            "UPDATE audit_log SET actor = NULL",
+            "DELETE FROM audit_log WHERE seq = (SELECT MAX(seq) FROM audit_log)",
+            "DELETE FROM audit_log",
+        ] {
+            let res = sqlx::query(sql).execute(db.writer()).await;
+            let err = res.expect_err(sql).to_string();
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
+        if backend == Backend::Postgres {
+            let err = sqlx::query("TRUNCATE audit_log")
+                .execute(db.writer())
+                .await
+                .expect_err("TRUNCATE")
+                .to_string();
+            assert!(err.contains("append-only"), "TRUNCATE: {err}");
+        }
+        assert_eq!(app.count("audit_log").await, n);
+        assert_eq!(
+            verify_chain(db).await.unwrap(),
+            ChainReport::Intact { entries: n as u64 }
+        );
+        app.stop().await;
+    });
+}
+
+/// Runs `vaultpay audit verify --service <which>` against the app's databases.
+fn cli_audit_verify(cfg: &vaultpay_server::Config, which: &str) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+    cmd.env_clear()
+        .args(["audit", "verify", "--service", which])
+        .env("VAULTPAY_DATABASE__AUTH_URL", cfg.auth_db())
+        .env("VAULTPAY_DATABASE__LEDGER_URL", cfg.ledger_db())
+        .env("VAULTPAY_DATA_DIR", &cfg.data_dir);
+    if let Some(k) = &cfg.master_key {
+        cmd.env("VAULTPAY_MASTER_KEY", k.expose());
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn a_tampered_row_is_found_at_its_seq() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        app.user("tamper@example.com").await;
+        app.login_device("tamper@example.com", "Wrong-password-123!", "d")
+            .await
+            .assert_problem(401, "invalid_credentials");
+        app.user("later@example.com").await;
+        let admin = app.admin().await;
+        let db = app.auth_db().clone();
+        let n = app.count("audit_log").await;
+        assert_eq!(
+            verify_chain(&db).await.unwrap(),
+            ChainReport::Intact { entries: n as u64 }
+        );
+
+        let failed = crate::auth_flows::audit_action(&app, &admin.access, "login.failed").await;
+        assert_eq!(failed.len(), 1);
+        let seq = failed[0]["seq"].as_i64().unwrap();
+        assert!(seq > 1 && seq < n, "a row in the middle: {seq} of {n}");
+
+        // an attacker with database access hides the failed login
+        let bypass = match backend {
+            Backend::Sqlite => "DROP TRIGGER audit_log_no_update",
+            Backend::Postgres => "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update",
+        };
+        sqlx::query(bypass).execute(db.writer()).await.unwrap();
+        let changed = sqlx::query("UPDATE audit_log SET outcome = 'success' WHERE seq = $1")
+            .bind(seq)
+            .execute(db.writer())
+            .await
+            .unwrap();
+        assert_eq!(changed.rows_affected(), 1);
+
+        match verify_chain(&db).await.unwrap() {
+            ChainReport::Broken { checked, link } => {
+                assert_eq!(link.seq, seq);
+                assert_eq!(checked, (seq - 1) as u64);
+                assert!(link.reason.contains("hash"), "{}", link.reason);
+            }
+            other => panic!("tampering not found: {other:?}"),
+        }
+
+        let cfg = app.cfg.clone();
+        app.stop().await;
+        let (code, out) = cli_audit_verify(&cfg, "auth");
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(&format!("seq {seq}")), "{out}");
+        assert!(out.contains("BROKEN"), "{out}");
+        // the ledger's chain is untouched: exit status 0
+        let (code, out) = cli_audit_verify(&cfg, "ledger");
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("intact"), "{out}");
+    });
+}

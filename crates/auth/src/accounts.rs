@@ -195,7 +195,12 @@ impl AuthService {
         )
         .await?;
         let email = normalise_email(&req.email)?;
-        vaultpay_web::enforce(&*self.inner.limiter, &format!("register:acct:{email}"), self.inner.cfg.rate_limits.register_per_account).await?;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("register:acct:{email}"),
+            self.inner.cfg.rate_limits.register_per_account,
+        )
+        .await?;
         let name = validate_name(&req.name)?;
         self.check_new_password(&req.password, &[&email, &name])
             .await?;
@@ -554,19 +559,34 @@ impl AuthService {
         })
     }
 
-    /// `GET /v1/me`: the caller, if their session is still live.
+    /// `GET /v1/me`: the caller, if their session is still live (one query; roles and
+    /// permissions come from the invalidated-on-change cache).
     pub async fn me(&self, p: &Principal) -> Result<wire::Me, AuthError> {
-        self.require_live_session(p).await?;
-        let user = self.user(p.user_id()).await?;
-        let permissions = self
-            .permissions(p.user_id())
-            .await?
-            .iter()
-            .cloned()
-            .collect();
+        let now = now_micros();
+        let r = sqlx::query(
+            "SELECT u.id AS id, u.email AS email, u.name AS name, u.email_verified AS email_verified, \
+             u.created_at AS created_at FROM sessions s JOIN users u ON u.id = s.user_id \
+             WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 \
+             AND s.idle_expires_at > $3",
+        )
+        .bind(p.session_id())
+        .bind(p.user_id())
+        .bind(now)
+        .fetch_optional(self.inner.db.read())
+        .await?
+        .ok_or(AuthError::SessionInactive)?;
+        let effective = self.effective(p.user_id()).await?;
+        let user = wire::User {
+            id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            name: r.try_get("name")?,
+            email_verified: r.try_get::<i64, _>("email_verified")? != 0,
+            roles: effective.roles.clone(),
+            created_at: rfc3339(r.try_get("created_at")?),
+        };
         Ok(wire::Me {
             user,
-            permissions,
+            permissions: effective.permissions.iter().cloned().collect(),
             session_id: p.session_id().to_owned(),
         })
     }

@@ -5,6 +5,7 @@ use crate::{AuthError, AuthService};
 use parking_lot::Mutex;
 use sqlx::Row;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vaultpay_core::time::now_micros;
@@ -12,39 +13,55 @@ use vaultpay_proto::auth as wire;
 use vaultpay_store::audit::{append, NewAudit};
 use vaultpay_web::{Ctx, Principal};
 
-type PermSet = Arc<BTreeSet<String>>;
+/// A user's roles and the permissions they grant.
+#[derive(Debug)]
+pub struct Effective {
+    pub roles: Vec<String>,
+    pub permissions: BTreeSet<String>,
+}
 
-/// Effective permissions per user, for `ttl` or until invalidated.
+type Shared = Arc<Effective>;
+
+/// Effective roles and permissions per user, for `ttl` or until invalidated. A load
+/// that started before an invalidation is not stored (the generation check), so a
+/// role change is never masked by a slow concurrent read.
 pub(crate) struct PermCache {
     ttl: Duration,
-    map: Mutex<HashMap<String, (Instant, PermSet)>>,
+    generation: AtomicU64,
+    map: Mutex<HashMap<String, (Instant, Shared)>>,
 }
 
 impl PermCache {
     pub fn new(ttl_secs: u64) -> Self {
         Self {
             ttl: Duration::from_secs(ttl_secs),
+            generation: AtomicU64::new(0),
             map: Mutex::new(HashMap::new()),
         }
     }
 
-    fn get(&self, user: &str) -> Option<Arc<BTreeSet<String>>> {
+    fn get(&self, user: &str) -> Option<Shared> {
         let map = self.map.lock();
         map.get(user)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, p)| p.clone())
     }
 
-    fn put(&self, user: &str, perms: Arc<BTreeSet<String>>) {
+    fn put(&self, user: &str, generation: u64, e: Shared) {
         let mut map = self.map.lock();
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
         if map.len() > 100_000 {
             map.clear();
         }
-        map.insert(user.to_owned(), (Instant::now(), perms));
+        map.insert(user.to_owned(), (Instant::now(), e));
     }
 
     pub fn invalidate(&self, user: &str) {
-        self.map.lock().remove(user);
+        let mut map = self.map.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.remove(user);
     }
 }
 
@@ -62,30 +79,44 @@ where
 }
 
 impl AuthService {
-    /// The user's effective permissions (cached).
-    pub async fn permissions(&self, user_id: &str) -> Result<Arc<BTreeSet<String>>, AuthError> {
-        if let Some(p) = self.inner.perms.get(user_id) {
-            return Ok(p);
+    /// The user's roles and effective permissions (cached, invalidated on change).
+    pub async fn effective(&self, user_id: &str) -> Result<Shared, AuthError> {
+        let cache = &self.inner.perms;
+        if let Some(e) = cache.get(user_id) {
+            return Ok(e);
         }
+        let generation = cache.generation.load(Ordering::Acquire);
         let rows = sqlx::query(
-            "SELECT DISTINCT rp.permission AS p FROM user_roles ur JOIN role_permissions rp ON rp.role = ur.role \
-             WHERE ur.user_id = $1",
+            "SELECT ur.role AS role, rp.permission AS p FROM user_roles ur \
+             LEFT JOIN role_permissions rp ON rp.role = ur.role WHERE ur.user_id = $1",
         )
         .bind(user_id)
         .fetch_all(self.inner.db.read())
         .await?;
-        let set: BTreeSet<String> = rows
-            .iter()
-            .filter_map(|r| r.try_get::<String, _>("p").ok())
-            .collect();
-        let set = Arc::new(set);
-        self.inner.perms.put(user_id, set.clone());
-        Ok(set)
+        let mut roles = BTreeSet::new();
+        let mut permissions = BTreeSet::new();
+        for r in &rows {
+            roles.insert(r.try_get::<String, _>("role")?);
+            if let Some(p) = r.try_get::<Option<String>, _>("p")? {
+                permissions.insert(p);
+            }
+        }
+        let e = Arc::new(Effective {
+            roles: roles.into_iter().collect(),
+            permissions,
+        });
+        cache.put(user_id, generation, e.clone());
+        Ok(e)
     }
 
     /// Refuses unless the caller's live permissions include `perm`.
     pub async fn require(&self, p: &Principal, perm: &str) -> Result<(), AuthError> {
-        if self.permissions(p.user_id()).await?.contains(perm) {
+        if self
+            .effective(p.user_id())
+            .await?
+            .permissions
+            .contains(perm)
+        {
             Ok(())
         } else {
             Err(AuthError::Forbidden(perm.to_owned()))

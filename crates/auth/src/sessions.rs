@@ -2,7 +2,6 @@
 //! and token introspection.
 
 use crate::accounts::normalise_email;
-use crate::rbac::roles_of;
 use crate::service::SessionFacts;
 use crate::{AuthError, AuthService};
 use futures::future::BoxFuture;
@@ -78,7 +77,9 @@ impl AuthService {
                     let id: String = r.try_get("id")?;
                     self.audit_only(
                         ctx,
-                        NewAudit::failure("login.refused_locked").actor(&id).resource(&id),
+                        NewAudit::failure("login.refused_locked")
+                            .actor(&id)
+                            .resource(&id),
                     )
                     .await?;
                     return Err(AuthError::Locked {
@@ -141,8 +142,8 @@ impl AuthService {
                 .metadata(serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr })),
         )
         .await?;
-        let roles = roles_of(&mut *tx, &user_id).await?;
         tx.commit().await?;
+        let roles = self.effective(&user_id).await?.roles.clone();
         let _ = self
             .inner
             .limiter
@@ -180,7 +181,12 @@ impl AuthService {
     }
 
     /// Counts a failed login; locks the account after too many in a row.
-    pub(crate) async fn login_failed(&self, ctx: &Ctx, email: &str, known: bool) -> Result<(), AuthError> {
+    pub(crate) async fn login_failed(
+        &self,
+        ctx: &Ctx,
+        email: &str,
+        known: bool,
+    ) -> Result<(), AuthError> {
         let db = &self.inner.db;
         let lock = &self.inner.cfg.lockout;
         let mut tx = db.begin().await?;
@@ -263,6 +269,25 @@ impl AuthService {
         }
         let hash = sha256_hex(token.as_bytes());
         let db = &self.inner.db;
+        // The per-session limit is checked before the write transaction starts, so no
+        // database lock is held across a limiter round trip (Redis in production).
+        let family = sqlx::query("SELECT session_id FROM refresh_tokens WHERE token_hash = $1")
+            .bind(&hash)
+            .fetch_optional(db.read())
+            .await?;
+        let Some(family) = family else {
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "refresh token is invalid".into(),
+            ));
+        };
+        let family: String = family.try_get("session_id")?;
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("refresh:sid:{family}"),
+            cfg.rate_limits.refresh_per_session,
+        )
+        .await?;
         let now = now_micros();
         let mut tx = db.begin().await?;
         let row = sqlx::query(&format!(
@@ -283,12 +308,6 @@ impl AuthService {
         };
         let session_id: String = row.try_get("session_id")?;
         let user_id: String = row.try_get("user_id")?;
-        vaultpay_web::enforce(
-            &*self.inner.limiter,
-            &format!("refresh:sid:{session_id}"),
-            cfg.rate_limits.refresh_per_session,
-        )
-        .await?;
         let used_at: Option<i64> = row.try_get("used_at")?;
         let replaced_by: Option<String> = row.try_get("replaced_by")?;
         let revoked_at: Option<i64> = row.try_get("revoked_at")?;
@@ -384,8 +403,8 @@ impl AuthService {
             .resource(&session_id),
         )
         .await?;
-        let roles = roles_of(&mut *tx, &user_id).await?;
         tx.commit().await?;
+        let roles = self.effective(&user_id).await?.roles.clone();
         let amr: String = row.try_get("amr")?;
         let facts = SessionFacts {
             user_id,
@@ -429,8 +448,8 @@ impl AuthService {
                 "refresh.reuse_detected"
             })
             .actor(user_id)
-                .resource(session_id)
-                .metadata(serde_json::json!({ "reason": reason, "session_revoked": true })),
+            .resource(session_id)
+            .metadata(serde_json::json!({ "reason": reason, "session_revoked": true })),
         )
         .await?;
         Ok(())

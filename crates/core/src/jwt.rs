@@ -169,6 +169,13 @@ impl KeySet {
         self.keys.is_empty()
     }
 
+    /// The key ids, sorted.
+    pub fn kids(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn contains(&self, kid: &str) -> bool {
         self.keys.contains_key(kid)
     }

@@ -18,7 +18,7 @@ use crate::Core;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use vaultpay_proto::ledger::{
@@ -173,30 +173,106 @@ pub(crate) async fn exec_sql(tx: &mut Tx, sql: &str) -> Result<(), LedgerError> 
     Ok(())
 }
 
+/// A stored idempotency record, as looked up before a job runs.
+pub(crate) struct StoredKey {
+    fingerprint: String,
+    status: i64,
+    body: String,
+}
+
+/// Stored keys of a whole group, fetched with one query, by (user, key).
+pub(crate) type Prefetched = HashMap<(String, String), StoredKey>;
+
+/// An idempotency record to write with the job's outcome.
+pub(crate) struct NewKey {
+    user_id: String,
+    key: String,
+    fingerprint: String,
+    status: i64,
+    body: String,
+    resource: Option<String>,
+}
+
+async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredKey>, LedgerError> {
+    let row = sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2")
+        .bind(user)
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(match row {
+        Some(r) => Some(StoredKey { fingerprint: r.try_get("fingerprint")?, status: r.try_get("status")?, body: r.try_get("body")? }),
+        None => None,
+    })
+}
+
+/// Looks up the stored keys of every job of a group in one statement.
+async fn prefetch_keys(tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerError> {
+    let keys: Vec<&str> = jobs.iter().filter_map(|j| j.key.as_deref()).collect();
+    let mut out = Prefetched::new();
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let placeholders: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT user_id, key, fingerprint, status, body FROM idempotency_keys WHERE key IN ({})",
+        placeholders.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for k in &keys {
+        q = q.bind(*k);
+    }
+    for r in q.fetch_all(&mut **tx).await? {
+        out.insert(
+            (r.try_get("user_id")?, r.try_get("key")?),
+            StoredKey { fingerprint: r.try_get("fingerprint")?, status: r.try_get("status")?, body: r.try_get("body")? },
+        );
+    }
+    Ok(out)
+}
+
+/// Writes idempotency records (several rows per statement).
+async fn store_keys(tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
+    let now = vaultpay_core::time::now_micros();
+    for chunk in keys.chunks(500) {
+        let mut sql = String::from(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 7;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+        }
+        let mut q = sqlx::query(&sql);
+        for k in chunk {
+            q = q.bind(&k.user_id).bind(&k.key).bind(&k.fingerprint).bind(k.status).bind(&k.body).bind(&k.resource).bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Runs one job inside `tx`. `Err` means a server-side failure: the caller must roll
-/// back whatever the job wrote (nothing is stored with its key).
-pub(crate) async fn exec_job(core: &Core, tx: &mut Tx, job: &Job) -> Result<Reply, LedgerError> {
+/// back whatever the job wrote (nothing is stored with its key). On success, the
+/// returned record (if any) must be stored in the same transaction.
+pub(crate) async fn exec_job(
+    core: &Core,
+    tx: &mut Tx,
+    job: &Job,
+    prefetched: Option<&Prefetched>,
+) -> Result<(Reply, Option<NewKey>), LedgerError> {
     let fingerprint = job.op.fingerprint();
     if let Some(key) = &job.key {
-        let row = sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2")
-            .bind(&job.actor.user_id)
-            .bind(key)
-            .fetch_optional(&mut **tx)
-            .await?;
-        if let Some(row) = row {
-            let fp: String = row.try_get("fingerprint")?;
+        let found = match prefetched {
+            Some(p) => p.get(&(job.actor.user_id.clone(), key.clone())).map(|s| (s.fingerprint.clone(), s.status, s.body.clone())),
+            None => lookup_key(tx, &job.actor.user_id, key).await?.map(|s| (s.fingerprint, s.status, s.body)),
+        };
+        if let Some((fp, status, body)) = found {
             if fp != fingerprint {
-                return Ok(Reply::problem(
-                    &LedgerError::IdempotencyKeyReused,
-                    job.origin.request_id.clone(),
-                ));
+                return Ok((Reply::problem(&LedgerError::IdempotencyKeyReused, job.origin.request_id.clone()), None));
             }
-            let status: i64 = row.try_get("status")?;
-            return Ok(Reply {
-                status: u16::try_from(status).unwrap_or(500),
-                body: row.try_get("body")?,
-                replayed: true,
-            });
+            return Ok((Reply { status: u16::try_from(status).unwrap_or(500), body, replayed: true }, None));
         }
     }
     let (reply, resource) = match ops::run(core, tx, job).await {
@@ -207,28 +283,24 @@ pub(crate) async fn exec_job(core: &Core, tx: &mut Tx, job: &Job) -> Result<Repl
             (Reply::problem(&e, job.origin.request_id.clone()), None)
         }
     };
-    if let Some(key) = &job.key {
-        sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&job.actor.user_id)
-        .bind(key)
-        .bind(&fingerprint)
-        .bind(i64::from(reply.status))
-        .bind(&reply.body)
-        .bind(resource)
-        .bind(vaultpay_core::time::now_micros())
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(reply)
+    let new_key = job.key.as_ref().map(|key| NewKey {
+        user_id: job.actor.user_id.clone(),
+        key: key.clone(),
+        fingerprint,
+        status: i64::from(reply.status),
+        body: reply.body.clone(),
+        resource,
+    });
+    Ok((reply, new_key))
 }
 
 /// One transaction per job (the comparison path, and group commit's fallback).
 pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerError> {
     let mut tx = begin(&core.db).await?;
-    let reply = exec_job(core, &mut tx, &job).await?;
+    let (reply, key) = exec_job(core, &mut tx, &job, None).await?;
+    if let Some(k) = key {
+        store_keys(&mut tx, &[k]).await?;
+    }
     tx.commit().await?;
     drop(job);
     Ok(reply)
@@ -271,25 +343,32 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         }
     };
     let mut results: Vec<Result<Reply, LedgerError>> = Vec::with_capacity(group.len());
-    let mut broken = false;
-    for (job, _) in group.iter() {
-        if exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
+    let mut new_keys: Vec<NewKey> = Vec::new();
+    let jobs: Vec<&Job> = group.iter().map(|(j, _)| j).collect();
+    let (prefetched, mut broken) = match prefetch_keys(&mut tx, &jobs).await {
+        Ok(p) => (p, false),
+        Err(e) => {
+            tracing::error!(error = %e, "group commit: idempotency lookup failed");
+            (Prefetched::new(), true)
+        }
+    };
+    for job in &jobs {
+        if broken || exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
             broken = true;
             break;
         }
-        match exec_job(core, &mut tx, job).await {
-            Ok(reply) => {
+        match exec_job(core, &mut tx, job, Some(&prefetched)).await {
+            Ok((reply, key)) => {
                 if exec_sql(&mut tx, "RELEASE SAVEPOINT job").await.is_err() {
                     broken = true;
                     break;
                 }
+                new_keys.extend(key);
                 results.push(Ok(reply));
             }
             Err(e) => {
                 tracing::error!(error = %e, op = job.op.name(), "group commit: job failed; rolled back alone");
-                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job")
-                    .await
-                    .is_err()
+                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job").await.is_err()
                     || exec_sql(&mut tx, "RELEASE SAVEPOINT job").await.is_err()
                 {
                     broken = true;
@@ -298,6 +377,9 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
                 results.push(Err(e));
             }
         }
+    }
+    if !broken && store_keys(&mut tx, &new_keys).await.is_err() {
+        broken = true;
     }
     let committed = if broken {
         let _ = tx.rollback().await;

@@ -174,7 +174,23 @@ impl Ledger {
     fn committer(&self) -> &mpsc::Sender<Queued> {
         self.inner.committer.get_or_init(|| {
             let (tx, rx) = mpsc::channel(self.inner.core.config.group_max.max(1) * 8);
-            tokio::spawn(engine::committer(self.inner.core.clone(), rx));
+            let core = self.inner.core.clone();
+            // The committer gets a thread and a runtime of its own: its statements then
+            // never wait behind request handling in the shared runtime's queues.
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => {
+                    let spawned = std::thread::Builder::new()
+                        .name("ledger-committer".into())
+                        .spawn(move || rt.block_on(engine::committer(core, rx)));
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, "could not start the committer thread");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "committer runtime unavailable; using the shared runtime");
+                    tokio::spawn(engine::committer(core, rx));
+                }
+            }
             tx
         })
     }

@@ -191,19 +191,23 @@ pub(crate) async fn lock_accounts(
     let mut ids: Vec<&str> = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    let mut out = HashMap::with_capacity(ids.len());
-    for id in ids {
-        let row = sqlx::query(&format!(
-            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = $1{}",
-            db.for_update()
-        ))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if let Some(r) = row {
-            let a = AccountRow::from_row(&r)?;
-            out.insert(a.id.clone(), a);
-        }
+    // One statement; rows are locked in ascending id order (ORDER BY with FOR UPDATE
+    // locks as rows are returned from the sort).
+    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT {ACCOUNT_COLS} FROM accounts WHERE id IN ({}) ORDER BY id{}",
+        placeholders.join(", "),
+        db.for_update()
+    );
+    let mut q = sqlx::query(&sql);
+    for id in &ids {
+        q = q.bind(*id);
+    }
+    let rows = q.fetch_all(&mut **tx).await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let a = AccountRow::from_row(r)?;
+        out.insert(a.id.clone(), a);
     }
     Ok(out)
 }
@@ -259,25 +263,54 @@ async fn apply_move(
 ) -> Result<(), LedgerError> {
     from.balance = balances.0;
     to.balance = balances.1;
-    for (acct, signed) in [(&mut *from, -amount), (&mut *to, amount)] {
+    for acct in [&mut *from, &mut *to] {
         acct.posting_seq += 1;
         acct.updated_at = now;
-        sqlx::query(
-            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(transfer_id)
-        .bind(&acct.id)
-        .bind(acct.posting_seq)
-        .bind(signed)
-        .bind(&acct.currency)
-        .bind(acct.balance)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        save_account(tx, acct).await?;
     }
+    // Both postings in one statement, both balances in another.
+    sqlx::query(
+        "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(transfer_id)
+    .bind(&from.id)
+    .bind(from.posting_seq)
+    .bind(-amount)
+    .bind(&from.currency)
+    .bind(from.balance)
+    .bind(now)
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(transfer_id)
+    .bind(&to.id)
+    .bind(to.posting_seq)
+    .bind(amount)
+    .bind(&to.currency)
+    .bind(to.balance)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE accounts SET \
+         balance = CASE WHEN id = $1 THEN $2 ELSE $3 END, \
+         held = CASE WHEN id = $4 THEN $5 ELSE $6 END, \
+         posting_seq = CASE WHEN id = $7 THEN $8 ELSE $9 END, \
+         updated_at = $10 WHERE id IN ($11, $12)",
+    )
+    .bind(&from.id)
+    .bind(from.balance)
+    .bind(to.balance)
+    .bind(&from.id)
+    .bind(from.held)
+    .bind(to.held)
+    .bind(&from.id)
+    .bind(from.posting_seq)
+    .bind(to.posting_seq)
+    .bind(now)
+    .bind(&from.id)
+    .bind(&to.id)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

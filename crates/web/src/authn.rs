@@ -4,6 +4,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,12 +29,63 @@ pub trait Introspector: Send + Sync + 'static {
 /// forged tokens cannot turn into a flood of JWKS requests.
 const UNKNOWN_KID_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 
+const CACHE_SHARDS: usize = 16;
+const CACHE_PER_SHARD: usize = 4096;
+
+type ClaimsMap = HashMap<Box<str>, AccessClaims>;
+
+/// Tokens that passed full verification, keyed by the whole token text (never by the
+/// signature alone, so a swapped payload cannot hit). An entry is reused only while
+/// the token's `exp`/`nbf` still hold, and the cache is emptied whenever the key set
+/// changes, so a retired key stops verifying at once.
+struct VerifiedCache {
+    hasher: std::hash::RandomState,
+    shards: Vec<Mutex<ClaimsMap>>,
+}
+
+impl VerifiedCache {
+    fn new() -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, token: &str) -> &Mutex<ClaimsMap> {
+        use std::hash::BuildHasher;
+        &self.shards[(self.hasher.hash_one(token) as usize) % CACHE_SHARDS]
+    }
+
+    fn get(&self, token: &str, rules: &Rules, now: i64) -> Option<AccessClaims> {
+        let shard = self.shard(token).lock();
+        let c = shard.get(token)?;
+        (c.exp + rules.leeway_secs > now && c.nbf - rules.leeway_secs <= now).then(|| c.clone())
+    }
+
+    fn put(&self, token: &str, claims: &AccessClaims) {
+        let mut shard = self.shard(token).lock();
+        if shard.len() >= CACHE_PER_SHARD {
+            shard.clear();
+        }
+        shard.insert(token.into(), claims.clone());
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            s.lock().clear();
+        }
+    }
+}
+
 /// Verifies access tokens locally against a cached key set.
 pub struct TokenVerifier {
     keys: RwLock<KeySet>,
     rules: Rules,
     source: Arc<dyn KeySource>,
     last_refetch: Mutex<Option<Instant>>,
+    verified: VerifiedCache,
 }
 
 impl TokenVerifier {
@@ -43,6 +95,7 @@ impl TokenVerifier {
             rules,
             source,
             last_refetch: Mutex::new(None),
+            verified: VerifiedCache::new(),
         }
     }
 
@@ -51,19 +104,32 @@ impl TokenVerifier {
     }
 
     /// Verifies `token`; on an unknown `kid`, refetches the keys once and retries.
+    /// A token that already verified is answered from the verified-token cache.
     pub async fn verify(&self, token: &str) -> Result<AccessClaims, JwtError> {
         let now = vaultpay_core::time::now_micros() / 1_000_000;
-        let first = jwt::verify(token, &self.keys.read(), &self.rules, now);
-        match first {
+        if let Some(claims) = self.verified.get(token, &self.rules, now) {
+            return Ok(claims);
+        }
+        let first = self.verify_uncached(token, now);
+        let result = match first {
             Err(JwtError::UnknownKey) if self.claim_refetch() => {
                 if let Err(e) = self.refresh().await {
                     tracing::warn!(error = %e, "could not refetch verification keys");
                     return first;
                 }
-                jwt::verify(token, &self.keys.read(), &self.rules, now)
+                self.verify_uncached(token, now)
             }
             other => other,
+        };
+        if let Ok(claims) = &result {
+            self.verified.put(token, claims);
         }
+        result
+    }
+
+    /// Full cryptographic verification, bypassing the verified-token cache.
+    pub fn verify_uncached(&self, token: &str, now_secs: i64) -> Result<AccessClaims, JwtError> {
+        jwt::verify(token, &self.keys.read(), &self.rules, now_secs)
     }
 
     fn claim_refetch(&self) -> bool {
@@ -78,12 +144,18 @@ impl TokenVerifier {
     /// Reloads the key set from its source.
     pub async fn refresh(&self) -> Result<(), String> {
         let keys = self.source.fetch().await?;
-        *self.keys.write() = keys;
+        self.set_keys(keys);
         Ok(())
     }
 
+    /// Replaces the key set; when it changes, tokens verified under the old set
+    /// must verify again.
     pub fn set_keys(&self, keys: KeySet) {
-        *self.keys.write() = keys;
+        let mut guard = self.keys.write();
+        if guard.kids() != keys.kids() {
+            self.verified.clear();
+        }
+        *guard = keys;
     }
 
     pub fn jwks(&self) -> serde_json::Value {
@@ -190,5 +262,103 @@ impl<S: Send + Sync> FromRequestParts<S> for MaybePrincipal {
         Principal::from_request_parts(parts, state)
             .await
             .map(|p| MaybePrincipal(Some(p)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use vaultpay_core::jwt::{Audience, Signer25519};
+
+    struct Fixed(KeySet);
+
+    impl KeySource for Fixed {
+        fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
+            let k = self.0.clone();
+            Box::pin(async move { Ok(k) })
+        }
+    }
+
+    fn claims(now: i64) -> AccessClaims {
+        AccessClaims {
+            iss: "iss".into(),
+            sub: "u1".into(),
+            aud: Audience::One("aud".into()),
+            exp: now + 300,
+            iat: now,
+            nbf: now,
+            jti: "j".into(),
+            sid: "s".into(),
+            roles: vec!["customer".into()],
+            device_id: "d".into(),
+            auth_time: now,
+            amr: vec!["pwd".into()],
+            acr: None,
+            scope: None,
+            client_id: None,
+        }
+    }
+
+    fn verifier(keys: KeySet) -> TokenVerifier {
+        let rules = Rules {
+            issuer: "iss".into(),
+            audience: "aud".into(),
+            leeway_secs: 0,
+        };
+        TokenVerifier::new(rules, Arc::new(Fixed(KeySet::default())), keys)
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_stop_verifying_when_their_key_is_retired() {
+        let (signer, _) = Signer25519::generate("k1");
+        let mut keys = KeySet::default();
+        keys.insert("k1", &signer.public_key()).unwrap();
+        let v = verifier(keys);
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let token = signer.sign(&claims(now)).unwrap();
+        assert_eq!(v.verify(&token).await.unwrap().sub, "u1");
+        assert_eq!(
+            v.verify(&token).await.unwrap().sub,
+            "u1",
+            "second use is a cache hit"
+        );
+        // the key is removed (retired): the cached token must be refused too
+        v.set_keys(KeySet::default());
+        assert_eq!(v.verify(&token).await, Err(JwtError::UnknownKey));
+    }
+
+    #[tokio::test]
+    async fn a_different_payload_with_a_cached_signature_is_not_a_hit() {
+        let (signer, _) = Signer25519::generate("k1");
+        let mut keys = KeySet::default();
+        keys.insert("k1", &signer.public_key()).unwrap();
+        let v = verifier(keys);
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let token = signer.sign(&claims(now)).unwrap();
+        v.verify(&token).await.unwrap();
+        let mut evil = claims(now);
+        evil.roles = vec!["admin".into()];
+        let evil_payload = signer.sign(&evil).unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        let evil_parts: Vec<&str> = evil_payload.split('.').collect();
+        let forged = format!("{}.{}.{}", parts[0], evil_parts[1], parts[2]);
+        assert_eq!(v.verify(&forged).await, Err(JwtError::Signature));
+    }
+
+    #[tokio::test]
+    async fn expired_cached_tokens_are_refused() {
+        let (signer, _) = Signer25519::generate("k1");
+        let mut keys = KeySet::default();
+        keys.insert("k1", &signer.public_key()).unwrap();
+        let v = verifier(keys);
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let mut c = claims(now);
+        c.exp = now - 1;
+        let token = signer.sign(&c).unwrap();
+        assert_eq!(v.verify(&token).await, Err(JwtError::Expired));
+        // even if it had been cached while valid, a hit re-checks exp
+        v.verified.put(&token, &c);
+        assert_eq!(v.verify(&token).await, Err(JwtError::Expired));
     }
 }

@@ -31,7 +31,11 @@ struct Server {
 
 impl Server {
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vaultpay"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .stdin(Stdio::null())
@@ -74,7 +78,11 @@ async fn wait_ready(http: &reqwest::Client, base: &str, server: &mut Server) {
             }
         }
         if let Some(c) = server.child.as_mut() {
-            assert!(c.try_wait().unwrap().is_none(), "server exited; see {}", server.log.display());
+            assert!(
+                c.try_wait().unwrap().is_none(),
+                "server exited; see {}",
+                server.log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -91,7 +99,12 @@ struct Planned {
 }
 
 /// Sends one planned request; `Some((status, body))` when the server answered.
-async fn send(http: &reqwest::Client, base: &str, token: &str, p: &Planned) -> Option<(u16, Value, bool)> {
+async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    p: &Planned,
+) -> Option<(u16, Value, bool)> {
     let res = http
         .post(format!("{base}/v1/transfers"))
         .bearer_auth(token)
@@ -102,7 +115,10 @@ async fn send(http: &reqwest::Client, base: &str, token: &str, p: &Planned) -> O
         .await
         .ok()?;
     let status = res.status().as_u16();
-    let replayed = res.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+    let replayed = res
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
     let body: Value = res.json().await.ok()?;
     Some((status, body, replayed))
 }
@@ -115,23 +131,48 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 }
 
 async fn run(backend: Backend) {
-    let seed: u64 = std::env::var("VAULTPAY_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("VAULTPAY_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("crash test on {backend:?} with VAULTPAY_CRASH_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = temp_dir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut server = Server {
         child: None,
         env: vec![
             ("VAULTPAY_DATA_DIR", dir.display().to_string()),
-            ("VAULTPAY_DATABASE__AUTH_URL", vaultpay_store::testing::fresh_location(backend).await.unwrap()),
-            ("VAULTPAY_DATABASE__LEDGER_URL", vaultpay_store::testing::fresh_location(backend).await.unwrap()),
-            ("VAULTPAY_MASTER_KEY", vaultpay_core::crypto::MasterKey::generate().to_hex().to_string()),
+            (
+                "VAULTPAY_DATABASE__AUTH_URL",
+                vaultpay_store::testing::fresh_location(backend)
+                    .await
+                    .unwrap(),
+            ),
+            (
+                "VAULTPAY_DATABASE__LEDGER_URL",
+                vaultpay_store::testing::fresh_location(backend)
+                    .await
+                    .unwrap(),
+            ),
+            (
+                "VAULTPAY_MASTER_KEY",
+                vaultpay_core::crypto::MasterKey::generate()
+                    .to_hex()
+                    .to_string(),
+            ),
             ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com".into()),
             ("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD.into()),
             ("VAULTPAY_LOG_FORMAT", "pretty".into()),
             ("VAULTPAY_LOG_LEVEL", "warn".into()),
-            ("VAULTPAY_AUTH__RATE_LIMITS__LOGIN_PER_IP", "{ burst = 1000, period_secs = 1 }".into()),
+            (
+                "VAULTPAY_AUTH__RATE_LIMITS__LOGIN_PER_IP",
+                "{ burst = 1000, period_secs = 1 }".into(),
+            ),
         ],
         port,
         log: dir.join("server.log"),
@@ -200,20 +241,36 @@ async fn run(backend: Backend) {
     for (round, delay_ms) in kill_points.iter().enumerate() {
         let pending: Vec<Planned> = {
             let a = acked.lock().await;
-            plan.iter().filter(|p| !a.contains_key(&p.key)).cloned().collect()
+            plan.iter()
+                .filter(|p| !a.contains_key(&p.key))
+                .cloned()
+                .collect()
         };
         let queue = Arc::new(Mutex::new(pending));
         let mut workers = Vec::new();
         for _ in 0..WORKERS {
-            let (queue, acked, http, base, token) = (queue.clone(), acked.clone(), http.clone(), base.clone(), token.clone());
+            let (queue, acked, http, base, token) = (
+                queue.clone(),
+                acked.clone(),
+                http.clone(),
+                base.clone(),
+                token.clone(),
+            );
             workers.push(tokio::spawn(async move {
                 loop {
-                    let Some(p) = queue.lock().await.pop() else { break };
+                    let Some(p) = queue.lock().await.pop() else {
+                        break;
+                    };
                     match send(&http, &base, &token, &p).await {
                         Some((201, body, _)) => {
-                            acked.lock().await.insert(p.key.clone(), body["id"].as_str().unwrap().to_owned());
+                            acked
+                                .lock()
+                                .await
+                                .insert(p.key.clone(), body["id"].as_str().unwrap().to_owned());
                         }
-                        Some((status, body, _)) if status < 500 => panic!("unexpected {status}: {body}"),
+                        Some((status, body, _)) if status < 500 => {
+                            panic!("unexpected {status}: {body}")
+                        }
                         _ => break, // the server died (or answered 5xx): not acknowledged
                     }
                 }
@@ -224,7 +281,10 @@ async fn run(backend: Backend) {
         for w in workers {
             w.await.unwrap();
         }
-        eprintln!("round {round}: killed after {delay_ms} ms; {} acknowledged so far", acked.lock().await.len());
+        eprintln!(
+            "round {round}: killed after {delay_ms} ms; {} acknowledged so far",
+            acked.lock().await.len()
+        );
         server.start();
         wait_ready(&http, &base, &mut server).await;
     }
@@ -232,12 +292,18 @@ async fn run(backend: Backend) {
     // retry everything not acknowledged, with its key, until it is
     let pending: Vec<Planned> = {
         let a = acked.lock().await;
-        plan.iter().filter(|p| !a.contains_key(&p.key)).cloned().collect()
+        plan.iter()
+            .filter(|p| !a.contains_key(&p.key))
+            .cloned()
+            .collect()
     };
     for p in &pending {
         let (status, body, _) = send(&http, &base, &token, p).await.expect("server is up");
         assert_eq!(status, 201, "{body}");
-        acked.lock().await.insert(p.key.clone(), body["id"].as_str().unwrap().to_owned());
+        acked
+            .lock()
+            .await
+            .insert(p.key.clone(), body["id"].as_str().unwrap().to_owned());
     }
     let acked = acked.lock().await.clone();
     assert_eq!(acked.len(), TRANSFERS);
@@ -246,16 +312,30 @@ async fn run(backend: Backend) {
     for p in plan.iter().step_by(7) {
         let (status, body, replayed) = send(&http, &base, &token, p).await.unwrap();
         assert_eq!(status, 201);
-        assert!(replayed, "a retried key must be replayed, not executed again");
+        assert!(
+            replayed,
+            "a retried key must be replayed, not executed again"
+        );
         assert_eq!(body["id"].as_str().unwrap(), acked[&p.key]);
     }
     // each acknowledged transfer exists exactly once
     let mut ids: Vec<&String> = acked.values().collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), TRANSFERS, "two keys acknowledged the same transfer");
+    assert_eq!(
+        ids.len(),
+        TRANSFERS,
+        "two keys acknowledged the same transfer"
+    );
     for id in ids.iter().step_by(5) {
-        let r = read(http.get(format!("{base}/v1/transfers/{id}")).bearer_auth(&token).send().await.unwrap()).await;
+        let r = read(
+            http.get(format!("{base}/v1/transfers/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text);
     }
     // balances equal the plan applied exactly once
@@ -265,24 +345,53 @@ async fn run(backend: Backend) {
         expected[p.to] += p.amount;
     }
     for (i, id) in accounts.iter().enumerate() {
-        let r = read(http.get(format!("{base}/v1/accounts/{id}")).bearer_auth(&token).send().await.unwrap()).await;
-        assert_eq!(r.body["balance"].as_i64().unwrap(), expected[i], "account {i}: {}", r.text);
+        let r = read(
+            http.get(format!("{base}/v1/accounts/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            r.body["balance"].as_i64().unwrap(),
+            expected[i],
+            "account {i}: {}",
+            r.text
+        );
     }
     server.kill();
 
     // no transfer beyond the plan and the deposits was written
-    let db = vaultpay_store::Db::connect(&server.env[2].1, vaultpay_store::Service::Ledger, &Default::default()).await.unwrap();
+    let db = vaultpay_store::Db::connect(
+        &server.env[2].1,
+        vaultpay_store::Service::Ledger,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     use sqlx::Row;
-    let n: i64 = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM transfers WHERE kind = 'transfer'")
-        .fetch_one(db.read())
-        .await
-        .unwrap()
-        .get("n");
+    let n: i64 =
+        sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM transfers WHERE kind = 'transfer'")
+            .fetch_one(db.read())
+            .await
+            .unwrap()
+            .get("n");
     assert_eq!(n as usize, TRANSFERS, "transfers applied more than once");
     db.close().await;
 
     let out = server.cli(&["ledger", "verify"]);
-    assert!(out.status.success(), "ledger verify: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ledger verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = server.cli(&["audit", "verify"]);
-    assert!(out.status.success(), "audit verify: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -55,7 +55,11 @@ pub fn temp_dir() -> PathBuf {
 
 /// A test config: free port, fresh data dir and databases on `backend`.
 pub async fn test_config(backend: Backend) -> Config {
-    let mut cfg = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: temp_dir(), ..Config::default() };
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: temp_dir(),
+        ..Config::default()
+    };
     let auth = vaultpay_store::testing::fresh_location(backend)
         .await
         .unwrap();

@@ -39,7 +39,13 @@ async fn breached_passwords_are_refused_at_registration() {
         cfg.auth.hibp.base_url = url;
     })
     .await;
-    let r = app.post("/v1/auth/register", None, json!({"email": "b@example.com", "password": breached, "name": "B"})).await;
+    let r = app
+        .post(
+            "/v1/auth/register",
+            None,
+            json!({"email": "b@example.com", "password": breached, "name": "B"}),
+        )
+        .await;
     r.assert_problem(422, "password_breached");
     assert_eq!(r.body["count"], 52341);
     let users = app.count("users").await;

@@ -4,14 +4,14 @@
 //! `VAULTPAY_TEST_PG_URL` is set, as CI does).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod helpers;
-mod platform;
-#[cfg(feature = "redis")]
-mod redis;
-mod split;
-mod crash;
-mod hibp;
 mod audit;
 mod auth_attacks;
 mod auth_flows;
 mod bad_input;
+mod crash;
+mod helpers;
+mod hibp;
+mod platform;
+#[cfg(feature = "redis")]
+mod redis;
+mod split;

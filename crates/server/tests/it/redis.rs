@@ -8,7 +8,9 @@ use vaultpay_store::Backend;
 use vaultpay_web::RateLimiter;
 
 fn redis_url() -> Option<String> {
-    let url = std::env::var("VAULTPAY_TEST_REDIS_URL").ok().filter(|u| !u.is_empty());
+    let url = std::env::var("VAULTPAY_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
     if url.is_none() {
         eprintln!("note: VAULTPAY_TEST_REDIS_URL is not set; Redis tests skipped");
     }
@@ -19,7 +21,9 @@ fn redis_url() -> Option<String> {
 async fn replicas_share_one_budget() {
     let Some(url) = redis_url() else { return };
     let prefix = format!("vaultpay-test:{}:", uuid::Uuid::now_v7());
-    let a = RedisRateLimiter::new(&url).unwrap().with_prefix(prefix.clone());
+    let a = RedisRateLimiter::new(&url)
+        .unwrap()
+        .with_prefix(prefix.clone());
     let b = RedisRateLimiter::new(&url).unwrap().with_prefix(prefix);
     let q = Quota::new(3, 60);
     assert!(a.check("k", q).await.unwrap().allowed);
@@ -51,8 +55,18 @@ async fn two_servers_enforce_the_same_login_limit() {
     let two = TestApp::spawn_with(Backend::Sqlite, tweak).await;
     // a fresh address so earlier runs' keys don't interfere
     let email = format!("shared-{}@example.com", uuid::Uuid::now_v7().simple());
-    assert_eq!(one.login_device(&email, "wrong-password-1", "d").await.status, 401);
-    assert_eq!(two.login_device(&email, "wrong-password-2", "d").await.status, 401);
+    assert_eq!(
+        one.login_device(&email, "wrong-password-1", "d")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        two.login_device(&email, "wrong-password-2", "d")
+            .await
+            .status,
+        401
+    );
     let third = one.login_device(&email, "wrong-password-3", "d").await;
     third.assert_problem(429, "rate_limited");
     assert!(third.header("retry-after").is_some());

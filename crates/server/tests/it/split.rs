@@ -18,13 +18,20 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn(args: &[&str], env: &[(&str, String)], log: std::path::PathBuf) -> Proc {
     let log = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vaultpay"));
-    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -38,7 +45,10 @@ async fn wait_ready(http: &reqwest::Client, base: &str, proc: &mut Proc) {
                 return;
             }
         }
-        assert!(proc.0.try_wait().unwrap().is_none(), "server process exited early");
+        assert!(
+            proc.0.try_wait().unwrap().is_none(),
+            "server process exited early"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("{base} never became ready");
@@ -53,33 +63,63 @@ async fn ledger_in_its_own_process_trusts_authshield_tokens_and_revocations() {
 
 async fn run(backend: Backend) {
     let dir = temp_dir();
-    let auth_db = vaultpay_store::testing::fresh_location(backend).await.unwrap();
-    let ledger_db = vaultpay_store::testing::fresh_location(backend).await.unwrap();
+    let auth_db = vaultpay_store::testing::fresh_location(backend)
+        .await
+        .unwrap();
+    let ledger_db = vaultpay_store::testing::fresh_location(backend)
+        .await
+        .unwrap();
     let (pa, pl) = (free_port(), free_port());
     let common = vec![
         ("VAULTPAY_DATA_DIR", dir.display().to_string()),
         ("VAULTPAY_DATABASE__AUTH_URL", auth_db),
         ("VAULTPAY_DATABASE__LEDGER_URL", ledger_db),
         ("VAULTPAY_DATABASE__SQLITE_SYNCHRONOUS_FULL", "false".into()),
-        ("VAULTPAY_AUTH__INTROSPECTION_SECRET", "split-test-secret".into()),
+        (
+            "VAULTPAY_AUTH__INTROSPECTION_SECRET",
+            "split-test-secret".into(),
+        ),
         ("VAULTPAY_AUTH__ISSUER", format!("http://127.0.0.1:{pa}")),
-        ("VAULTPAY_MASTER_KEY", vaultpay_core::crypto::MasterKey::generate().to_hex().to_string()),
+        (
+            "VAULTPAY_MASTER_KEY",
+            vaultpay_core::crypto::MasterKey::generate()
+                .to_hex()
+                .to_string(),
+        ),
         ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com".into()),
         ("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD.into()),
         ("VAULTPAY_LOG_FORMAT", "pretty".into()),
     ];
-    let mut auth = spawn(&["serve", "auth", "--listen", &format!("127.0.0.1:{pa}")], &common, dir.join("auth.log"));
+    let mut auth = spawn(
+        &["serve", "auth", "--listen", &format!("127.0.0.1:{pa}")],
+        &common,
+        dir.join("auth.log"),
+    );
     let mut ledger = spawn(
-        &["serve", "ledger", "--listen", &format!("127.0.0.1:{pl}"), "--auth-url", &format!("http://127.0.0.1:{pa}")],
+        &[
+            "serve",
+            "ledger",
+            "--listen",
+            &format!("127.0.0.1:{pl}"),
+            "--auth-url",
+            &format!("http://127.0.0.1:{pa}"),
+        ],
         &common,
         dir.join("ledger.log"),
     );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let (a, l) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pl}"));
+    let (a, l) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pl}"),
+    );
     wait_ready(&http, &a, &mut auth).await;
     wait_ready(&http, &l, &mut ledger).await;
 
-    let post = |base: &str, path: &str, token: Option<&str>, key: Option<&str>, body: serde_json::Value| {
+    let post = |base: &str,
+                path: &str,
+                token: Option<&str>,
+                key: Option<&str>,
+                body: serde_json::Value| {
         let mut r = http.post(format!("{base}{path}")).json(&body);
         if let Some(t) = token {
             r = r.bearer_auth(t);
@@ -90,7 +130,8 @@ async fn run(backend: Backend) {
         async move { read(r.send().await.unwrap()).await }
     };
     let login = |email: &'static str| {
-        let body = json!({"email": email, "password": PASSWORD, "device": {"id": "d1", "name": "d1"}});
+        let body =
+            json!({"email": email, "password": PASSWORD, "device": {"id": "d1", "name": "d1"}});
         let r = http.post(format!("{a}/v1/auth/login")).json(&body);
         async move {
             let r = read(r.send().await.unwrap()).await;
@@ -100,23 +141,65 @@ async fn run(backend: Backend) {
     };
 
     // routes are split: AuthShield does not serve the ledger and vice versa
-    assert_eq!(http.get(format!("{a}/v1/accounts")).send().await.unwrap().status(), 404);
-    assert_eq!(http.get(format!("{l}/v1/me")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        http.get(format!("{a}/v1/accounts"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        http.get(format!("{l}/v1/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 
-    let r = post(&a, "/v1/auth/register", None, None, json!({"email": "ann@example.com", "password": PASSWORD, "name": "Ann"})).await;
+    let r = post(
+        &a,
+        "/v1/auth/register",
+        None,
+        None,
+        json!({"email": "ann@example.com", "password": PASSWORD, "name": "Ann"}),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.text);
     let ann = login("ann@example.com").await;
     let admin = login("admin@example.com").await;
 
     // the ledger verifies AuthShield's token locally (JWKS fetched over HTTP)
-    let acct = post(&l, "/v1/accounts", Some(&ann), Some("open-1"), json!({"currency": "USD", "kind": "current", "name": "Main"})).await;
+    let acct = post(
+        &l,
+        "/v1/accounts",
+        Some(&ann),
+        Some("open-1"),
+        json!({"currency": "USD", "kind": "current", "name": "Main"}),
+    )
+    .await;
     assert_eq!(acct.status, 201, "{}", acct.text);
     let acct_id = acct.body["id"].as_str().unwrap().to_owned();
-    let other = post(&l, "/v1/accounts", Some(&ann), Some("open-2"), json!({"currency": "USD", "kind": "savings", "name": "Savings"})).await;
+    let other = post(
+        &l,
+        "/v1/accounts",
+        Some(&ann),
+        Some("open-2"),
+        json!({"currency": "USD", "kind": "savings", "name": "Savings"}),
+    )
+    .await;
     let other_id = other.body["id"].as_str().unwrap().to_owned();
 
     // an admin action: introspected over HTTP, roles from the token
-    let dep = post(&l, "/v1/admin/deposits", Some(&admin), Some("dep-1"), json!({"account_id": acct_id, "amount": 500_000, "currency": "USD", "reference": "split"})).await;
+    let dep = post(
+        &l,
+        "/v1/admin/deposits",
+        Some(&admin),
+        Some("dep-1"),
+        json!({"account_id": acct_id, "amount": 500_000, "currency": "USD", "reference": "split"}),
+    )
+    .await;
     assert!(dep.status.is_success(), "{}", dep.text);
 
     // a large transfer (>= the introspection threshold) while the session is live
@@ -130,7 +213,14 @@ async fn run(backend: Backend) {
     let r = post(&l, "/v1/transfers", Some(&ann), Some("big-2"), t).await;
     r.assert_problem(401, "session_revoked");
     // …while plain reads accept the still-unexpired token
-    let r = read(http.get(format!("{l}/v1/accounts/{acct_id}")).bearer_auth(&ann).send().await.unwrap()).await;
+    let r = read(
+        http.get(format!("{l}/v1/accounts/{acct_id}"))
+            .bearer_auth(&ann)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["balance"], 300_000);
 
@@ -140,6 +230,13 @@ async fn run(backend: Backend) {
     let forged = evil
         .sign(&json!({"iss": format!("http://127.0.0.1:{pa}"), "sub": "x", "aud": "vaultpay", "exp": now + 60, "iat": now, "nbf": now, "jti": "j", "auth_time": now, "roles": ["admin"]}))
         .unwrap();
-    let r = read(http.get(format!("{l}/v1/accounts")).bearer_auth(&forged).send().await.unwrap()).await;
+    let r = read(
+        http.get(format!("{l}/v1/accounts"))
+            .bearer_auth(&forged)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     r.assert_problem(401, "invalid_token");
 }

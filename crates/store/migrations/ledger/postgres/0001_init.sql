@@ -90,6 +90,8 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (user_id, key)
 );
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+-- group commit looks up the keys of a whole group at once by key
+CREATE INDEX idempotency_keys_key ON idempotency_keys (key);
 
 -- Transactional outbox: events written with the change, relayed afterwards.
 CREATE TABLE outbox (

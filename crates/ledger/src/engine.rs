@@ -253,6 +253,14 @@ async fn store_keys(tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Several statements without parameters in one round trip.
+pub(crate) fn exec_multi<'a>(tx: &'a mut Tx, sql: &'static str) -> futures::future::BoxFuture<'a, Result<(), LedgerError>> {
+    Box::pin(async move {
+        sqlx::Executor::execute(&mut **tx, sql).await?;
+        Ok(())
+    })
+}
+
 /// Runs one job inside `tx`. `Err` means a server-side failure: the caller must roll
 /// back whatever the job wrote (nothing is stored with its key). On success, the
 /// returned record (if any) must be stored in the same transaction.
@@ -352,14 +360,19 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             (Prefetched::new(), true)
         }
     };
+    // One savepoint per job. After a job succeeds, releasing its savepoint and opening
+    // the next one is a single round trip; after a failure, ROLLBACK TO leaves the
+    // savepoint in place for the next job. Committing releases the last one.
+    if !broken && exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
+        broken = true;
+    }
     for job in &jobs {
-        if broken || exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
-            broken = true;
+        if broken {
             break;
         }
         match exec_job(core, &mut tx, job, Some(&prefetched)).await {
             Ok((reply, key)) => {
-                if exec_sql(&mut tx, "RELEASE SAVEPOINT job").await.is_err() {
+                if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job").await.is_err() {
                     broken = true;
                     break;
                 }
@@ -368,9 +381,7 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, op = job.op.name(), "group commit: job failed; rolled back alone");
-                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job").await.is_err()
-                    || exec_sql(&mut tx, "RELEASE SAVEPOINT job").await.is_err()
-                {
+                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job").await.is_err() {
                     broken = true;
                     break;
                 }

@@ -300,6 +300,18 @@ mod tests {
         }
     }
 
+    /// A signer, a verifier trusting its key, and the current time in seconds.
+    fn setup() -> (Signer25519, TokenVerifier, i64) {
+        let (signer, _) = Signer25519::generate("k1");
+        let mut keys = KeySet::default();
+        keys.insert("k1", &signer.public_key()).unwrap();
+        (
+            signer,
+            verifier(keys),
+            vaultpay_core::time::now_micros() / 1_000_000,
+        )
+    }
+
     fn verifier(keys: KeySet) -> TokenVerifier {
         let rules = Rules {
             issuer: "iss".into(),
@@ -311,11 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn cached_tokens_stop_verifying_when_their_key_is_retired() {
-        let (signer, _) = Signer25519::generate("k1");
-        let mut keys = KeySet::default();
-        keys.insert("k1", &signer.public_key()).unwrap();
-        let v = verifier(keys);
-        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let (signer, v, now) = setup();
         let token = signer.sign(&claims(now)).unwrap();
         assert_eq!(v.verify(&token).await.unwrap().sub, "u1");
         assert_eq!(
@@ -330,11 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_different_payload_with_a_cached_signature_is_not_a_hit() {
-        let (signer, _) = Signer25519::generate("k1");
-        let mut keys = KeySet::default();
-        keys.insert("k1", &signer.public_key()).unwrap();
-        let v = verifier(keys);
-        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let (signer, v, now) = setup();
         let token = signer.sign(&claims(now)).unwrap();
         v.verify(&token).await.unwrap();
         let mut evil = claims(now);
@@ -348,11 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn expired_cached_tokens_are_refused() {
-        let (signer, _) = Signer25519::generate("k1");
-        let mut keys = KeySet::default();
-        keys.insert("k1", &signer.public_key()).unwrap();
-        let v = verifier(keys);
-        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let (signer, v, now) = setup();
         let mut c = claims(now);
         c.exp = now - 1;
         let token = signer.sign(&c).unwrap();

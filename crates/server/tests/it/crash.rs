@@ -10,7 +10,6 @@ use crate::helpers::*;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -22,8 +21,9 @@ const WORKERS: usize = 16;
 const KILLS: usize = 4;
 const INITIAL: i64 = 1_000_000;
 
+/// The server process with the environment it restarts with.
 struct Server {
-    child: Option<Child>,
+    proc: Option<Proc>,
     env: Vec<(&'static str, String)>,
     port: u16,
     log: std::path::PathBuf,
@@ -31,62 +31,32 @@ struct Server {
 
 impl Server {
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vaultpay"));
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().unwrap());
+        let listen = format!("127.0.0.1:{}", self.port);
+        self.proc = Some(Proc::spawn(
+            &["serve", "--listen", &listen],
+            &self.env,
+            self.log.clone(),
+        ));
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
 
+    async fn wait_ready(&mut self, http: &reqwest::Client, base: &str) {
+        self.proc.as_mut().unwrap().wait_ready(http, base).await;
+    }
+
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
         cmd.args(args);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
         cmd.output().unwrap()
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn wait_ready(http: &reqwest::Client, base: &str, server: &mut Server) {
-    for _ in 0..600 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        if let Some(c) = server.child.as_mut() {
-            assert!(
-                c.try_wait().unwrap().is_none(),
-                "server exited; see {}",
-                server.log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server never became ready; see {}", server.log.display());
 }
 
 #[derive(Clone)]
@@ -144,7 +114,7 @@ async fn run(backend: Backend) {
         .unwrap()
         .port();
     let mut server = Server {
-        child: None,
+        proc: None,
         env: vec![
             ("VAULTPAY_DATA_DIR", dir.display().to_string()),
             (
@@ -180,7 +150,7 @@ async fn run(backend: Backend) {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     server.start();
-    wait_ready(&http, &base, &mut server).await;
+    server.wait_ready(&http, &base).await;
 
     // the admin opens the accounts and funds them (treasury), all with keys
     let login = read(
@@ -286,7 +256,7 @@ async fn run(backend: Backend) {
             acked.lock().await.len()
         );
         server.start();
-        wait_ready(&http, &base, &mut server).await;
+        server.wait_ready(&http, &base).await;
     }
 
     // retry everything not acknowledged, with its key, until it is

@@ -11,7 +11,6 @@ pub const PASSWORD: &str = "correct-Horse-battery-staple-42";
 pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
-    pub backend: Backend,
     pub cfg: Config,
     pub running: Option<Running>,
 }
@@ -88,10 +87,10 @@ impl TestApp {
     pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let mut cfg = test_config(backend).await;
         tweak(&mut cfg);
-        Self::start(cfg, backend).await
+        Self::start(cfg).await
     }
 
-    pub async fn start(cfg: Config, backend: Backend) -> TestApp {
+    pub async fn start(cfg: Config) -> TestApp {
         let bootstrap = vaultpay_auth::Bootstrap {
             admin_email: Some("admin@example.com".into()),
             admin_password: Some(vaultpay_core::secret::Secret::new(PASSWORD)),
@@ -104,7 +103,6 @@ impl TestApp {
         TestApp {
             base,
             http,
-            backend,
             cfg,
             running: Some(running),
         }
@@ -277,4 +275,86 @@ macro_rules! each_backend {
             $f(backend).await;
         }
     };
+}
+
+/// A `vaultpay` process started by a test; killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Option<std::process::Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts the real binary with `args` and `env`, appending its output to `log`.
+    pub fn spawn(args: &[&str], env: &[(&str, String)], log: PathBuf) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Proc {
+            child: Some(cmd.spawn().unwrap()),
+            log,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        c.wait().unwrap()
+    }
+
+    /// Polls `/readyz` until it answers 200 (bounded; fails if the process exits).
+    pub async fn wait_ready(&mut self, http: &reqwest::Client, base: &str) {
+        for _ in 0..600 {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                assert!(
+                    c.try_wait().unwrap().is_none(),
+                    "server exited; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("{base} never became ready; see {}", self.log.display());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -4,55 +4,7 @@
 
 use crate::helpers::*;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
 use vaultpay_store::Backend;
-
-/// Kills the process when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(args: &[&str], env: &[(&str, String)], log: std::path::PathBuf) -> Proc {
-    let log = std::fs::File::create(log).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vaultpay"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
-async fn wait_ready(http: &reqwest::Client, base: &str, proc: &mut Proc) {
-    for _ in 0..300 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            proc.0.try_wait().unwrap().is_none(),
-            "server process exited early"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("{base} never became ready");
-}
 
 #[tokio::test]
 async fn ledger_in_its_own_process_trusts_authshield_tokens_and_revocations() {
@@ -89,13 +41,17 @@ async fn run(backend: Backend) {
         ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com".into()),
         ("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD.into()),
         ("VAULTPAY_LOG_FORMAT", "pretty".into()),
+        (
+            "VAULTPAY_AUTH__RATE_LIMITS__LOGIN_PER_ACCOUNT",
+            "{ burst = 100, period_secs = 60 }".into(),
+        ),
     ];
-    let mut auth = spawn(
+    let mut auth = Proc::spawn(
         &["serve", "auth", "--listen", &format!("127.0.0.1:{pa}")],
         &common,
         dir.join("auth.log"),
     );
-    let mut ledger = spawn(
+    let mut ledger = Proc::spawn(
         &[
             "serve",
             "ledger",
@@ -112,8 +68,8 @@ async fn run(backend: Backend) {
         format!("http://127.0.0.1:{pa}"),
         format!("http://127.0.0.1:{pl}"),
     );
-    wait_ready(&http, &a, &mut auth).await;
-    wait_ready(&http, &l, &mut ledger).await;
+    auth.wait_ready(&http, &a).await;
+    ledger.wait_ready(&http, &l).await;
 
     let post = |base: &str,
                 path: &str,
@@ -239,4 +195,25 @@ async fn run(backend: Backend) {
     )
     .await;
     r.assert_problem(401, "invalid_token");
+
+    // graceful shutdown: logins in flight when SIGTERM arrives still complete
+    let inflight: Vec<_> = (0..12)
+        .map(|i| {
+            let body = json!({"email": "admin@example.com", "password": PASSWORD, "device": {"id": format!("g{i}"), "name": "g"}});
+            let req = http.post(format!("{a}/v1/auth/login")).json(&body);
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let status = auth.terminate();
+    for t in inflight {
+        assert_eq!(
+            t.await
+                .unwrap()
+                .expect("accepted requests are answered, not dropped"),
+            200
+        );
+    }
+    assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
+    assert!(ledger.terminate().success());
 }

@@ -316,7 +316,12 @@ pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerErr
 
 /// The group committer: drains whatever is queued and commits it together.
 pub(crate) async fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Queued>) {
-    let max = core.config.group_max.max(1);
+    // Each job of a group is a subtransaction (savepoint); PostgreSQL caches 64 per
+    // transaction and slows down sharply beyond that, so groups stay below it there.
+    let max = match core.db.backend() {
+        vaultpay_store::Backend::Postgres => core.config.group_max.clamp(1, 60),
+        vaultpay_store::Backend::Sqlite => core.config.group_max.max(1),
+    };
     let mut group: Vec<Queued> = Vec::with_capacity(max);
     while let Some(first) = rx.recv().await {
         group.push(first);

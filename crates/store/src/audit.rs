@@ -93,6 +93,53 @@ pub async fn append(
     new: NewAudit<'_>,
 ) -> Result<i64, StoreError> {
     db.lock(tx, LOCK_AUDIT).await?;
+    let metadata = if new.metadata.is_null() {
+        "{}".to_owned()
+    } else {
+        new.metadata.to_string()
+    };
+    let entry = |seq: i64, prev_hash: String| {
+        AuditEntry {
+            seq,
+            id: uuid::Uuid::now_v7().to_string(),
+            at: vaultpay_core::time::now_micros(),
+            actor: new.actor.map(str::to_owned),
+            action: new.action.to_owned(),
+            resource: new.resource.map(str::to_owned),
+            outcome: new.outcome.to_owned(),
+            ip: origin.ip.clone(),
+            user_agent: origin.user_agent.clone(),
+            request_id: origin.request_id.clone(),
+            metadata: metadata.clone(),
+            prev_hash,
+            hash: String::new(),
+        }
+        .seal()
+    };
+    // Fast path: one statement, guarded so it inserts only if the database's head is
+    // exactly the cached one (same seq and hash, nothing after it). A stale cache (a
+    // rolled-back transaction, another process appending) inserts nothing and falls
+    // through to reading the head, so the chain can never fork or gap.
+    if let Some((seq, hash)) = db.audit_head() {
+        let e = entry(seq + 1, hash);
+        let n = bind_entry(
+            sqlx::query(
+                "INSERT INTO audit_log (seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
+                 WHERE (SELECT hash FROM audit_log WHERE seq = $14) = $12 \
+                 AND NOT EXISTS (SELECT 1 FROM audit_log WHERE seq > $14)",
+            ),
+            &e,
+        )
+        .bind(seq)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            db.set_audit_head(e.seq, e.hash);
+            return Ok(e.seq);
+        }
+    }
     let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
         .await?;
@@ -100,47 +147,36 @@ pub async fn append(
         Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
         None => (0, GENESIS.to_owned()),
     };
-    let metadata = if new.metadata.is_null() {
-        "{}".to_owned()
-    } else {
-        new.metadata.to_string()
-    };
-    let e = AuditEntry {
-        seq: prev_seq + 1,
-        id: uuid::Uuid::now_v7().to_string(),
-        at: vaultpay_core::time::now_micros(),
-        actor: new.actor.map(str::to_owned),
-        action: new.action.to_owned(),
-        resource: new.resource.map(str::to_owned),
-        outcome: new.outcome.to_owned(),
-        ip: origin.ip.clone(),
-        user_agent: origin.user_agent.clone(),
-        request_id: origin.request_id.clone(),
-        metadata,
-        prev_hash,
-        hash: String::new(),
-    }
-    .seal();
-    sqlx::query(
-        "INSERT INTO audit_log (seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    let e = entry(prev_seq + 1, prev_hash);
+    bind_entry(
+        sqlx::query(
+            "INSERT INTO audit_log (seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        ),
+        &e,
     )
-    .bind(e.seq)
-    .bind(&e.id)
-    .bind(e.at)
-    .bind(&e.actor)
-    .bind(&e.action)
-    .bind(&e.resource)
-    .bind(&e.outcome)
-    .bind(&e.ip)
-    .bind(&e.user_agent)
-    .bind(&e.request_id)
-    .bind(&e.metadata)
-    .bind(&e.prev_hash)
-    .bind(&e.hash)
     .execute(&mut **tx)
     .await?;
+    db.set_audit_head(e.seq, e.hash);
     Ok(e.seq)
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn bind_entry<'q>(q: AnyQuery<'q>, e: &'q AuditEntry) -> AnyQuery<'q> {
+    q.bind(e.seq)
+        .bind(&e.id)
+        .bind(e.at)
+        .bind(&e.actor)
+        .bind(&e.action)
+        .bind(&e.resource)
+        .bind(&e.outcome)
+        .bind(&e.ip)
+        .bind(&e.user_agent)
+        .bind(&e.request_id)
+        .bind(&e.metadata)
+        .bind(&e.prev_hash)
+        .bind(&e.hash)
 }
 
 /// Result of walking the whole chain.

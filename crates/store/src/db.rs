@@ -63,6 +63,8 @@ struct Inner {
     reader: AnyPool,
     backend: Backend,
     service: Service,
+    /// The last audit entry this process wrote (seq, hash): a hint, always re-checked.
+    audit_head: parking_lot::Mutex<Option<(i64, String)>>,
 }
 
 /// A service's database: a write pool and a read pool (the same pool on PostgreSQL).
@@ -148,6 +150,7 @@ impl Db {
                     reader: pool,
                     backend,
                     service,
+                    audit_head: Default::default(),
                 }
             }
             Backend::Sqlite => {
@@ -190,6 +193,7 @@ impl Db {
                     reader,
                     backend,
                     service,
+                    audit_head: Default::default(),
                 }
             }
         };
@@ -244,6 +248,14 @@ impl Db {
                 .await?;
         }
         Ok(())
+    }
+
+    pub(crate) fn audit_head(&self) -> Option<(i64, String)> {
+        self.inner.audit_head.lock().clone()
+    }
+
+    pub(crate) fn set_audit_head(&self, seq: i64, hash: String) {
+        *self.inner.audit_head.lock() = Some((seq, hash));
     }
 
     /// Liveness of the database, for `/readyz`.

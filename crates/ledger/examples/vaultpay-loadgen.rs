@@ -37,9 +37,22 @@ impl KeySource for Keys {
 
 struct AlwaysLive;
 impl Introspector for AlwaysLive {
-    fn introspect<'a>(&'a self, _: &'a str, _: Option<std::net::IpAddr>) -> BoxFuture<'a, Result<Introspection, String>> {
+    fn introspect<'a>(
+        &'a self,
+        _: &'a str,
+        _: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'a, Result<Introspection, String>> {
         Box::pin(async {
-            Ok(Introspection { active: true, sub: None, sid: None, exp: None, iat: None, token_type: None, roles: None, client_id: None })
+            Ok(Introspection {
+                active: true,
+                sub: None,
+                sid: None,
+                exp: None,
+                iat: None,
+                token_type: None,
+                roles: None,
+                client_id: None,
+            })
         })
     }
 }
@@ -145,7 +158,10 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(args()));
 }
 
@@ -156,30 +172,52 @@ async fn run(a: Args) {
         let p = dir.join(format!("ledger-{}.db", uuid::Uuid::now_v7().simple()));
         p.display().to_string()
     } else {
-        vaultpay_store::testing::fresh_location(vaultpay_store::Backend::Postgres).await.unwrap()
+        vaultpay_store::testing::fresh_location(vaultpay_store::Backend::Postgres)
+            .await
+            .unwrap()
     };
-    let opts = DbOptions { max_connections: 16, sqlite_synchronous_full: true, ..DbOptions::default() };
+    let opts = DbOptions {
+        max_connections: 16,
+        sqlite_synchronous_full: true,
+        ..DbOptions::default()
+    };
     let db = Db::open(&location, Service::Ledger, &opts).await.unwrap();
-    let config = LedgerConfig { group_commit: a.group_commit, introspection_threshold_minor: i64::MAX, ..LedgerConfig::default() };
+    let config = LedgerConfig {
+        group_commit: a.group_commit,
+        introspection_threshold_minor: i64::MAX,
+        ..LedgerConfig::default()
+    };
     let ledger = Ledger::new(db.clone(), config, Arc::new(AlwaysLive));
     let (signer, _) = Signer25519::generate("lg");
     let mut keys = KeySet::default();
     keys.insert("lg", &signer.public_key()).unwrap();
-    let rules = Rules { issuer: "loadgen".into(), audience: "vaultpay".into(), leeway_secs: 5 };
-    let verifier = Arc::new(TokenVerifier::new(rules, Arc::new(Keys(keys.clone())), keys));
+    let rules = Rules {
+        issuer: "loadgen".into(),
+        audience: "vaultpay".into(),
+        leeway_secs: 5,
+    };
+    let verifier = Arc::new(TokenVerifier::new(
+        rules,
+        Arc::new(Keys(keys.clone())),
+        keys,
+    ));
     let app = ledger.router().layer(axum::Extension(verifier));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let http = reqwest::Client::builder().pool_max_idle_per_host(a.clients * 2).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.clients * 2)
+        .build()
+        .unwrap();
     let admin = token(&signer, "admin", &["admin"]);
     // setup: one wallet per user, each with a deposit
     let mut wallets: Vec<(String, String)> = Vec::with_capacity(a.accounts);
     let setup = Instant::now();
     let mut futs = Vec::new();
     for i in 0..a.accounts {
-        let (http, base, signer, admin) = (http.clone(), base.clone(), signer.clone(), admin.clone());
+        let (http, base, signer, admin) =
+            (http.clone(), base.clone(), signer.clone(), admin.clone());
         futs.push(tokio::spawn(async move {
             let tok = token(&signer, &format!("user-{i}"), &["customer"]);
             let r: serde_json::Value = http
@@ -209,16 +247,30 @@ async fn run(a: Args) {
     for f in futs {
         wallets.push(f.await.unwrap());
     }
-    eprintln!("setup: {} wallets in {:.1}s", wallets.len(), setup.elapsed().as_secs_f64());
+    eprintln!(
+        "setup: {} wallets in {:.1}s",
+        wallets.len(),
+        setup.elapsed().as_secs_f64()
+    );
 
     let wallets = Arc::new(wallets);
     let zipf = Arc::new(Zipf::new(a.accounts, a.zipf_s));
     let start = Instant::now() + Duration::from_millis(50);
     let deadline = start + Duration::from_secs_f64(a.duration);
-    let per_client = if a.rate > 0.0 { Some(a.rate / a.clients as f64) } else { None };
+    let per_client = if a.rate > 0.0 {
+        Some(a.rate / a.clients as f64)
+    } else {
+        None
+    };
     let mut tasks = Vec::new();
     for c in 0..a.clients {
-        let (http, base, wallets, zipf, a) = (http.clone(), base.clone(), wallets.clone(), zipf.clone(), a.clone());
+        let (http, base, wallets, zipf, a) = (
+            http.clone(),
+            base.clone(),
+            wallets.clone(),
+            zipf.clone(),
+            a.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let (mut ok, mut failed, mut transfers) = (0u64, 0u64, 0u64);

@@ -194,13 +194,19 @@ pub(crate) struct NewKey {
 }
 
 async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredKey>, LedgerError> {
-    let row = sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2")
-        .bind(user)
-        .bind(key)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let row = sqlx::query(
+        "SELECT fingerprint, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+    )
+    .bind(user)
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?;
     Ok(match row {
-        Some(r) => Some(StoredKey { fingerprint: r.try_get("fingerprint")?, status: r.try_get("status")?, body: r.try_get("body")? }),
+        Some(r) => Some(StoredKey {
+            fingerprint: r.try_get("fingerprint")?,
+            status: r.try_get("status")?,
+            body: r.try_get("body")?,
+        }),
         None => None,
     })
 }
@@ -217,14 +223,18 @@ async fn prefetch_keys(tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerE
         "SELECT user_id, key, fingerprint, status, body FROM idempotency_keys WHERE key IN ({})",
         placeholders.join(", ")
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = sqlx::query(&sql).persistent(false);
     for k in &keys {
         q = q.bind(*k);
     }
     for r in q.fetch_all(&mut **tx).await? {
         out.insert(
             (r.try_get("user_id")?, r.try_get("key")?),
-            StoredKey { fingerprint: r.try_get("fingerprint")?, status: r.try_get("status")?, body: r.try_get("body")? },
+            StoredKey {
+                fingerprint: r.try_get("fingerprint")?,
+                status: r.try_get("status")?,
+                body: r.try_get("body")?,
+            },
         );
     }
     Ok(out)
@@ -242,11 +252,27 @@ async fn store_keys(tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7
+            ));
         }
-        let mut q = sqlx::query(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
         for k in chunk {
-            q = q.bind(&k.user_id).bind(&k.key).bind(&k.fingerprint).bind(k.status).bind(&k.body).bind(&k.resource).bind(now);
+            q = q
+                .bind(&k.user_id)
+                .bind(&k.key)
+                .bind(&k.fingerprint)
+                .bind(k.status)
+                .bind(&k.body)
+                .bind(&k.resource)
+                .bind(now);
         }
         q.execute(&mut **tx).await?;
     }
@@ -254,7 +280,10 @@ async fn store_keys(tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
 }
 
 /// Several statements without parameters in one round trip.
-pub(crate) fn exec_multi<'a>(tx: &'a mut Tx, sql: &'static str) -> futures::future::BoxFuture<'a, Result<(), LedgerError>> {
+pub(crate) fn exec_multi<'a>(
+    tx: &'a mut Tx,
+    sql: &'static str,
+) -> futures::future::BoxFuture<'a, Result<(), LedgerError>> {
     Box::pin(async move {
         sqlx::Executor::execute(&mut **tx, sql).await?;
         Ok(())
@@ -273,14 +302,31 @@ pub(crate) async fn exec_job(
     let fingerprint = job.op.fingerprint();
     if let Some(key) = &job.key {
         let found = match prefetched {
-            Some(p) => p.get(&(job.actor.user_id.clone(), key.clone())).map(|s| (s.fingerprint.clone(), s.status, s.body.clone())),
-            None => lookup_key(tx, &job.actor.user_id, key).await?.map(|s| (s.fingerprint, s.status, s.body)),
+            Some(p) => p
+                .get(&(job.actor.user_id.clone(), key.clone()))
+                .map(|s| (s.fingerprint.clone(), s.status, s.body.clone())),
+            None => lookup_key(tx, &job.actor.user_id, key)
+                .await?
+                .map(|s| (s.fingerprint, s.status, s.body)),
         };
         if let Some((fp, status, body)) = found {
             if fp != fingerprint {
-                return Ok((Reply::problem(&LedgerError::IdempotencyKeyReused, job.origin.request_id.clone()), None));
+                return Ok((
+                    Reply::problem(
+                        &LedgerError::IdempotencyKeyReused,
+                        job.origin.request_id.clone(),
+                    ),
+                    None,
+                ));
             }
-            return Ok((Reply { status: u16::try_from(status).unwrap_or(500), body, replayed: true }, None));
+            return Ok((
+                Reply {
+                    status: u16::try_from(status).unwrap_or(500),
+                    body,
+                    replayed: true,
+                },
+                None,
+            ));
         }
     }
     let (reply, resource) = match ops::run(core, tx, job).await {
@@ -377,7 +423,10 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         }
         match exec_job(core, &mut tx, job, Some(&prefetched)).await {
             Ok((reply, key)) => {
-                if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job").await.is_err() {
+                if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
+                    .await
+                    .is_err()
+                {
                     broken = true;
                     break;
                 }
@@ -386,7 +435,10 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, op = job.op.name(), "group commit: job failed; rolled back alone");
-                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job").await.is_err() {
+                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job")
+                    .await
+                    .is_err()
+                {
                     broken = true;
                     break;
                 }

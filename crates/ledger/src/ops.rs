@@ -907,7 +907,16 @@ async fn batch(
     // No savepoint per item: `transfer` validates everything before its first write,
     // so a refused item has written nothing (and a storage error fails the whole job).
     // Savepoints per item would also push PostgreSQL past its 64 cached subtransactions.
-    for (index, item) in req.transfers.iter().enumerate() {
+    // Batches of plain transfers take the bulk path: all accounts locked with a few
+    // statements, every item checked in memory, rows written with multi-row statements.
+    let bulk = !req
+        .transfers
+        .iter()
+        .any(|t| t.pending || t.timeout_secs.is_some());
+    if bulk {
+        bulk_transfers(core, tx, job, req, &batch_id, &mut items, &mut failures).await?;
+    }
+    for (index, item) in req.transfers.iter().enumerate().filter(|_| !bulk) {
         match transfer(core, tx, &job.actor, &job.origin, item, Some(&batch_id)).await {
             Ok(t) => {
                 items.push(BatchItem {
@@ -997,4 +1006,232 @@ async fn record_item_failure(
         e,
     )
     .await
+}
+
+/// Checks one plain transfer of a batch against the in-memory (locked) accounts and,
+/// when it is valid, applies it to them. Same checks, same order, as [`transfer`].
+fn check_and_apply(
+    actor: &Actor,
+    req: &TransferRequest,
+    accts: &mut HashMap<String, AccountRow>,
+) -> Result<i64, LedgerError> {
+    let amount = check_amount(req.amount)?.get();
+    if req.from_account_id == req.to_account_id {
+        return Err(LedgerError::SameAccount);
+    }
+    check_text("description", &req.description, 500, false)?;
+    let from = accts
+        .get(&req.from_account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    if !from.visible_to(actor) {
+        return Err(LedgerError::AccountNotFound);
+    }
+    if !from.owned_by(actor) {
+        return Err(LedgerError::NotAccountOwner);
+    }
+    let to = accts
+        .get(&req.to_account_id)
+        .ok_or(LedgerError::AccountNotFound)?;
+    if to.is_settlement() {
+        return Err(LedgerError::AccountNotFound);
+    }
+    check_currency(&req.currency, from)?;
+    check_currency(&req.currency, to)?;
+    check_active(from)?;
+    check_active(to)?;
+    if from.available() < amount {
+        return Err(LedgerError::InsufficientFunds {
+            available: from.available(),
+            requested: amount,
+        });
+    }
+    let (from_balance, to_balance) = plan_move(from, to, amount)?;
+    for (id, balance) in [
+        (&req.from_account_id, from_balance),
+        (&req.to_account_id, to_balance),
+    ] {
+        if let Some(a) = accts.get_mut(id) {
+            a.balance = balance;
+            a.posting_seq += 1;
+        }
+    }
+    Ok(amount)
+}
+
+fn placeholders(rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("${}", r * cols + c + 1));
+        }
+        out.push(')');
+    }
+    out
+}
+
+const BULK_CHUNK: usize = 200;
+
+#[allow(clippy::too_many_arguments)]
+async fn bulk_transfers(
+    core: &Core,
+    tx: &mut Tx,
+    job: &Job,
+    req: &BatchRequest,
+    batch_id: &str,
+    items: &mut Vec<BatchItem>,
+    failures: &mut Vec<(usize, LedgerError)>,
+) -> Result<(), LedgerError> {
+    // Lock every account of the batch, in ascending id order across chunks.
+    let mut ids: Vec<&str> = req
+        .transfers
+        .iter()
+        .flat_map(|t| [t.from_account_id.as_str(), t.to_account_id.as_str()])
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut accts: HashMap<String, AccountRow> = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        accts.extend(lock_accounts(&core.db, tx, chunk).await?);
+    }
+    let now = now_micros();
+    let mut transfers: Vec<TransferRow> = Vec::new();
+    // (transfer id, account id, account seq, signed amount, currency, balance after)
+    let mut postings: Vec<(String, String, i64, i64, String, i64)> = Vec::new();
+    for (index, item) in req.transfers.iter().enumerate() {
+        match check_and_apply(&job.actor, item, &mut accts) {
+            Ok(amount) => {
+                let t = TransferRow {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    kind: "transfer".to_owned(),
+                    from_account_id: item.from_account_id.clone(),
+                    to_account_id: item.to_account_id.clone(),
+                    amount,
+                    captured: 0,
+                    currency: item.currency.clone(),
+                    description: item.description.clone(),
+                    status: "posted".to_owned(),
+                    expires_at: None,
+                    initiated_by: job.actor.user_id.clone(),
+                    batch_id: Some(batch_id.to_owned()),
+                    created_at: now,
+                    updated_at: now,
+                };
+                for (acct, signed) in [
+                    (&item.from_account_id, -amount),
+                    (&item.to_account_id, amount),
+                ] {
+                    if let Some(a) = accts.get(acct) {
+                        postings.push((
+                            t.id.clone(),
+                            a.id.clone(),
+                            a.posting_seq,
+                            signed,
+                            a.currency.clone(),
+                            a.balance,
+                        ));
+                    }
+                }
+                items.push(BatchItem {
+                    index,
+                    status: 201,
+                    transfer: Some(t.to_wire()),
+                    problem: None,
+                });
+                transfers.push(t);
+            }
+            Err(e) => {
+                items.push(BatchItem {
+                    index,
+                    status: e.status().as_u16(),
+                    transfer: None,
+                    problem: Some(e.problem(job.origin.request_id.clone())),
+                });
+                failures.push((index, e));
+                if req.atomic {
+                    // Nothing has been written yet.
+                    return Ok(());
+                }
+            }
+        }
+    }
+    // The running balance of a posting is the balance after it: postings of one account
+    // are numbered in item order, so the in-memory values at the time of each item are
+    // right. Write transfers, then postings, then the final balances.
+    for chunk in transfers.chunks(BULK_CHUNK) {
+        let sql = format!(
+            "INSERT INTO transfers ({TRANSFER_COLS}) VALUES {}",
+            placeholders(chunk.len(), 14)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for t in chunk {
+            q = q
+                .bind(&t.id)
+                .bind(&t.kind)
+                .bind(&t.from_account_id)
+                .bind(&t.to_account_id)
+                .bind(t.amount)
+                .bind(t.captured)
+                .bind(&t.currency)
+                .bind(&t.description)
+                .bind(&t.status)
+                .bind(t.expires_at)
+                .bind(&t.initiated_by)
+                .bind(&t.batch_id)
+                .bind(t.created_at)
+                .bind(t.updated_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    for chunk in postings.chunks(BULK_CHUNK) {
+        let sql = format!(
+            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+            placeholders(chunk.len(), 8)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for (tid, acct, seq, amount, currency, after) in chunk {
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(tid)
+                .bind(acct)
+                .bind(*seq)
+                .bind(*amount)
+                .bind(currency)
+                .bind(*after)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let mut touched: Vec<&AccountRow> = Vec::new();
+    {
+        let mut seen = std::collections::HashSet::new();
+        for (_, acct, ..) in &postings {
+            if seen.insert(acct.as_str()) {
+                if let Some(a) = accts.get(acct) {
+                    touched.push(a);
+                }
+            }
+        }
+    }
+    for chunk in touched.chunks(BULK_CHUNK) {
+        let sql = format!(
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
+             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            placeholders(chunk.len(), 4)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for a in chunk {
+            q = q.bind(&a.id).bind(a.balance).bind(a.posting_seq).bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    metrics::counter!("ledger_transfers_total", "kind" => "transfer")
+        .increment(transfers.len() as u64);
+    Ok(())
 }

@@ -10,7 +10,15 @@ async fn open_list_get_with_masking_and_no_existence_leak() {
         let bob = app.customer("bob");
         let support = app.token("sup-1", &["support"]);
 
-        let r = app.post("/v1/accounts", &alice, None, json!({"currency": "USD", "kind": "savings", "name": "Rainy day"})).await.expect(201);
+        let r = app
+            .post(
+                "/v1/accounts",
+                &alice,
+                None,
+                json!({"currency": "USD", "kind": "savings", "name": "Rainy day"}),
+            )
+            .await
+            .expect(201);
         let id = r.id();
         let number = r.body["number"].as_str().unwrap().to_owned();
         assert!(vaultpay_core::account_number::is_valid(&number), "{number}");
@@ -30,21 +38,54 @@ async fn open_list_get_with_masking_and_no_existence_leak() {
         let p1 = app.get("/v1/accounts?limit=2", &alice).await.expect(200);
         assert_eq!(p1.body["items"].as_array().unwrap().len(), 2);
         let cur = p1.body["next_cursor"].as_str().unwrap().to_owned();
-        let p2 = app.get(&format!("/v1/accounts?limit=2&cursor={cur}"), &alice).await.expect(200);
+        let p2 = app
+            .get(&format!("/v1/accounts?limit=2&cursor={cur}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(p2.body["items"].as_array().unwrap().len(), 1);
         assert!(p2.body["next_cursor"].is_null());
 
         // owner sees the full number; support sees it masked; bob gets 404.
-        let own = app.get(&format!("/v1/accounts/{id}"), &alice).await.expect(200);
+        let own = app
+            .get(&format!("/v1/accounts/{id}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(own.body["number"], number.as_str());
-        let s = app.get(&format!("/v1/accounts/{id}"), &support).await.expect(200);
-        assert_eq!(s.body["number"].as_str().unwrap(), vaultpay_core::account_number::mask(&number));
-        app.get(&format!("/v1/accounts/{id}"), &bob).await.problem(404, "account_not_found");
-        app.get("/v1/accounts/does-not-exist", &bob).await.problem(404, "account_not_found");
-        assert_eq!(app.get("/v1/accounts", &bob).await.expect(200).body["items"].as_array().unwrap().len(), 0);
+        let s = app
+            .get(&format!("/v1/accounts/{id}"), &support)
+            .await
+            .expect(200);
+        assert_eq!(
+            s.body["number"].as_str().unwrap(),
+            vaultpay_core::account_number::mask(&number)
+        );
+        app.get(&format!("/v1/accounts/{id}"), &bob)
+            .await
+            .problem(404, "account_not_found");
+        app.get("/v1/accounts/does-not-exist", &bob)
+            .await
+            .problem(404, "account_not_found");
+        assert_eq!(
+            app.get("/v1/accounts", &bob).await.expect(200).body["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
         // bob cannot list alice's accounts by owner id; support can.
-        app.get("/v1/accounts?owner_id=alice", &bob).await.problem(403, "forbidden");
-        assert_eq!(app.get("/v1/accounts?owner_id=alice", &support).await.expect(200).body["items"].as_array().unwrap().len(), 3);
+        app.get("/v1/accounts?owner_id=alice", &bob)
+            .await
+            .problem(403, "forbidden");
+        assert_eq!(
+            app.get("/v1/accounts?owner_id=alice", &support)
+                .await
+                .expect(200)
+                .body["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
     })
     .await;
 }
@@ -54,30 +95,83 @@ async fn bad_input_is_never_a_500() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let alice = app.customer("alice");
-        app.post("/v1/accounts", &alice, None, json!({"currency": "XYZ", "kind": "current", "name": "x"}))
-            .await
-            .problem(422, "currency_unknown");
-        app.post("/v1/accounts", &alice, None, json!({"currency": "USD", "kind": "current", "name": "  "}))
-            .await
-            .problem(422, "invalid_request");
-        app.post("/v1/accounts", &alice, None, json!({"currency": "USD", "kind": "settlement", "name": "x"}))
-            .await
-            .problem(422, "invalid_request");
-        let r = app.post("/v1/accounts", &alice, None, json!({"currency": "USD", "kind": "current", "name": "x", "extra": 1})).await;
+        app.post(
+            "/v1/accounts",
+            &alice,
+            None,
+            json!({"currency": "XYZ", "kind": "current", "name": "x"}),
+        )
+        .await
+        .problem(422, "currency_unknown");
+        app.post(
+            "/v1/accounts",
+            &alice,
+            None,
+            json!({"currency": "USD", "kind": "current", "name": "  "}),
+        )
+        .await
+        .problem(422, "invalid_request");
+        app.post(
+            "/v1/accounts",
+            &alice,
+            None,
+            json!({"currency": "USD", "kind": "settlement", "name": "x"}),
+        )
+        .await
+        .problem(422, "invalid_request");
+        let r = app
+            .post(
+                "/v1/accounts",
+                &alice,
+                None,
+                json!({"currency": "USD", "kind": "current", "name": "x", "extra": 1}),
+            )
+            .await;
         assert!(r.status.is_client_error());
-        let r = app.raw(Method::POST, "/v1/accounts", Some(&alice), None, Some("{not json".into())).await;
+        let r = app
+            .raw(
+                Method::POST,
+                "/v1/accounts",
+                Some(&alice),
+                None,
+                Some("{not json".into()),
+            )
+            .await;
         assert_eq!(r.status.as_u16(), 400);
         // no token / bad token
-        app.raw(Method::GET, "/v1/accounts", None, None, None).await.problem(401, "missing_token");
-        app.raw(Method::GET, "/v1/accounts", Some("abc.def.ghi"), None, None).await.problem(401, "invalid_token");
+        app.raw(Method::GET, "/v1/accounts", None, None, None)
+            .await
+            .problem(401, "missing_token");
+        app.raw(Method::GET, "/v1/accounts", Some("abc.def.ghi"), None, None)
+            .await
+            .problem(401, "invalid_token");
         // a role without accounts:own cannot open wallets
         let sup = app.token("sup", &["support"]);
-        app.post("/v1/accounts", &sup, None, json!({"currency": "USD", "kind": "current", "name": "x"})).await.problem(403, "forbidden");
+        app.post(
+            "/v1/accounts",
+            &sup,
+            None,
+            json!({"currency": "USD", "kind": "current", "name": "x"}),
+        )
+        .await
+        .problem(403, "forbidden");
         // bad query parameters
         let id = app.open(&alice, "USD").await;
-        app.get(&format!("/v1/accounts/{id}/transactions?from=yesterday"), &alice).await.problem(400, "invalid_query");
-        app.get(&format!("/v1/accounts/{id}/transactions?cursor=abc"), &alice).await.problem(400, "invalid_cursor");
-        app.get(&format!("/v1/accounts/{id}/transactions?limit=x"), &alice).await.problem(400, "invalid_query");
+        app.get(
+            &format!("/v1/accounts/{id}/transactions?from=yesterday"),
+            &alice,
+        )
+        .await
+        .problem(400, "invalid_query");
+        app.get(
+            &format!("/v1/accounts/{id}/transactions?cursor=abc"),
+            &alice,
+        )
+        .await
+        .problem(400, "invalid_cursor");
+        app.get(&format!("/v1/accounts/{id}/transactions?limit=x"), &alice)
+            .await
+            .problem(400, "invalid_query");
     })
     .await;
 }

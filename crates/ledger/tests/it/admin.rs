@@ -11,18 +11,72 @@ async fn freeze_unfreeze_close_are_audited_and_need_admin_and_a_live_session() {
         let bb = app.open(&app.customer("bob"), "USD").await;
         app.deposit(&a, 100, "USD").await.expect(201);
 
-        app.post(&format!("/v1/admin/accounts/{a}/freeze"), &alice, None, json!({"reason": "x"})).await.problem(403, "forbidden");
-        app.post(&format!("/v1/admin/accounts/{a}/freeze"), &admin, None, json!({"reason": ""})).await.problem(422, "invalid_request");
-        let f = app.post(&format!("/v1/admin/accounts/{a}/freeze"), &admin, None, json!({"reason": "kyc"})).await.expect(200);
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &alice,
+            None,
+            json!({"reason": "x"}),
+        )
+        .await
+        .problem(403, "forbidden");
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &admin,
+            None,
+            json!({"reason": ""}),
+        )
+        .await
+        .problem(422, "invalid_request");
+        let f = app
+            .post(
+                &format!("/v1/admin/accounts/{a}/freeze"),
+                &admin,
+                None,
+                json!({"reason": "kyc"}),
+            )
+            .await
+            .expect(200);
         assert_eq!(f.body["status"], "frozen");
-        app.post(&format!("/v1/admin/accounts/{a}/freeze"), &admin, None, json!({"reason": "kyc"})).await.problem(409, "account_frozen");
-        app.transfer(&alice, &a, &bb, 1).await.problem(409, "account_frozen");
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &admin,
+            None,
+            json!({"reason": "kyc"}),
+        )
+        .await
+        .problem(409, "account_frozen");
+        app.transfer(&alice, &a, &bb, 1)
+            .await
+            .problem(409, "account_frozen");
         // money cannot come in either
-        app.deposit(&a, 1, "USD").await.problem(409, "account_frozen");
-        app.post(&format!("/v1/admin/accounts/{a}/unfreeze"), &admin, None, json!({"reason": "ok"})).await.expect(200);
-        app.post(&format!("/v1/admin/accounts/{a}/unfreeze"), &admin, None, json!({"reason": "ok"})).await.problem(409, "account_not_frozen");
+        app.deposit(&a, 1, "USD")
+            .await
+            .problem(409, "account_frozen");
+        app.post(
+            &format!("/v1/admin/accounts/{a}/unfreeze"),
+            &admin,
+            None,
+            json!({"reason": "ok"}),
+        )
+        .await
+        .expect(200);
+        app.post(
+            &format!("/v1/admin/accounts/{a}/unfreeze"),
+            &admin,
+            None,
+            json!({"reason": "ok"}),
+        )
+        .await
+        .problem(409, "account_not_frozen");
         app.transfer(&alice, &a, &bb, 1).await.expect(201);
-        app.post(&format!("/v1/admin/accounts/{a}/close"), &admin, None, json!({"reason": "bye"})).await.problem(409, "account_not_empty");
+        app.post(
+            &format!("/v1/admin/accounts/{a}/close"),
+            &admin,
+            None,
+            json!({"reason": "bye"}),
+        )
+        .await
+        .problem(409, "account_not_empty");
         app.post(
             "/v1/admin/withdrawals",
             &admin,
@@ -31,20 +85,67 @@ async fn freeze_unfreeze_close_are_audited_and_need_admin_and_a_live_session() {
         )
         .await
         .expect(201);
-        let c = app.post(&format!("/v1/admin/accounts/{a}/close"), &admin, None, json!({"reason": "bye"})).await.expect(200);
+        let c = app
+            .post(
+                &format!("/v1/admin/accounts/{a}/close"),
+                &admin,
+                None,
+                json!({"reason": "bye"}),
+            )
+            .await
+            .expect(200);
         assert_eq!(c.body["status"], "closed");
-        app.post(&format!("/v1/admin/accounts/{a}/unfreeze"), &admin, None, json!({"reason": "x"})).await.problem(409, "account_closed");
-        app.post("/v1/admin/accounts/nope/freeze", &admin, None, json!({"reason": "x"})).await.problem(404, "account_not_found");
+        app.post(
+            &format!("/v1/admin/accounts/{a}/unfreeze"),
+            &admin,
+            None,
+            json!({"reason": "x"}),
+        )
+        .await
+        .problem(409, "account_closed");
+        app.post(
+            "/v1/admin/accounts/nope/freeze",
+            &admin,
+            None,
+            json!({"reason": "x"}),
+        )
+        .await
+        .problem(404, "account_not_found");
 
-        let audit = app.get("/v1/admin/ledger/audit?limit=100", &app.token("comp", &["compliance"])).await.expect(200);
-        let actions: Vec<&str> = audit.body["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-        for a in ["ledger.account.frozen", "ledger.account.unfrozen", "ledger.account.closed", "ledger.account.opened", "ledger.deposit.posted", "ledger.withdrawal.posted"] {
+        let audit = app
+            .get(
+                "/v1/admin/ledger/audit?limit=100",
+                &app.token("comp", &["compliance"]),
+            )
+            .await
+            .expect(200);
+        let actions: Vec<&str> = audit.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        for a in [
+            "ledger.account.frozen",
+            "ledger.account.unfrozen",
+            "ledger.account.closed",
+            "ledger.account.opened",
+            "ledger.deposit.posted",
+            "ledger.withdrawal.posted",
+        ] {
             assert!(actions.contains(&a), "{a} missing in {actions:?}");
         }
-        let frozen = audit.body["items"].as_array().unwrap().iter().find(|e| e["action"] == "ledger.account.frozen").unwrap();
+        let frozen = audit.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["action"] == "ledger.account.frozen")
+            .unwrap();
         assert_eq!(frozen["actor"], "admin-1");
         assert_eq!(frozen["metadata"]["reason"], "kyc");
-        app.get("/v1/admin/ledger/audit", &alice).await.problem(403, "forbidden");
+        app.get("/v1/admin/ledger/audit", &alice)
+            .await
+            .problem(403, "forbidden");
         app.assert_consistent().await;
     })
     .await;
@@ -64,16 +165,35 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
         app.introspector.revoked.lock().insert("s-alice".into());
         // below the threshold: the signed token is enough
         app.transfer(&alice, &a, &bb, 10).await.expect(201);
-        app.get(&format!("/v1/accounts/{a}"), &alice).await.expect(200);
+        app.get(&format!("/v1/accounts/{a}"), &alice)
+            .await
+            .expect(200);
         // at the threshold: refused at once
-        app.transfer(&alice, &a, &bb, threshold).await.problem(401, "session_revoked");
-        assert_eq!(app.balance(&app.customer("alice"), &a).await.0, 1_000_000 - 10);
-
-        app.introspector.revoked.lock().insert("s-admin".into());
-        app.post(&format!("/v1/admin/accounts/{a}/freeze"), &admin, None, json!({"reason": "x"})).await.problem(401, "session_revoked");
-        app.post("/v1/admin/deposits", &admin, Some(&key()), json!({"account_id": a, "amount": 1, "currency": "USD", "reference": ""}))
+        app.transfer(&alice, &a, &bb, threshold)
             .await
             .problem(401, "session_revoked");
+        assert_eq!(
+            app.balance(&app.customer("alice"), &a).await.0,
+            1_000_000 - 10
+        );
+
+        app.introspector.revoked.lock().insert("s-admin".into());
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &admin,
+            None,
+            json!({"reason": "x"}),
+        )
+        .await
+        .problem(401, "session_revoked");
+        app.post(
+            "/v1/admin/deposits",
+            &admin,
+            Some(&key()),
+            json!({"account_id": a, "amount": 1, "currency": "USD", "reference": ""}),
+        )
+        .await
+        .problem(401, "session_revoked");
         assert!(*app.introspector.calls.lock() >= 3);
     })
     .await;

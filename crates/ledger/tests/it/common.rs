@@ -33,10 +33,17 @@ pub struct TestIntrospector {
 }
 
 impl Introspector for TestIntrospector {
-    fn introspect<'a>(&'a self, token: &'a str, _ip: Option<IpAddr>) -> BoxFuture<'a, Result<Introspection, String>> {
+    fn introspect<'a>(
+        &'a self,
+        token: &'a str,
+        _ip: Option<IpAddr>,
+    ) -> BoxFuture<'a, Result<Introspection, String>> {
         Box::pin(async move {
             *self.calls.lock() += 1;
-            let claims: AccessClaims = self.keys.verify_signature(token).map_err(|e| e.to_string())?;
+            let claims: AccessClaims = self
+                .keys
+                .verify_signature(token)
+                .map_err(|e| e.to_string())?;
             let active = !self.revoked.lock().contains(&claims.sid);
             Ok(Introspection {
                 active,
@@ -73,18 +80,36 @@ impl Resp {
         self.body["code"].as_str().unwrap_or("")
     }
     pub fn replayed(&self) -> bool {
-        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
     }
     #[track_caller]
     pub fn expect(self, status: u16) -> Self {
-        assert_eq!(self.status.as_u16(), status, "unexpected status; body: {}", self.text);
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected status; body: {}",
+            self.text
+        );
         self
     }
     #[track_caller]
     pub fn problem(self, status: u16, code: &str) -> Self {
-        assert_eq!(self.status.as_u16(), status, "unexpected status; body: {}", self.text);
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected status; body: {}",
+            self.text
+        );
         assert_eq!(self.code(), code, "unexpected code; body: {}", self.text);
-        let ct = self.headers.get("content-type").unwrap().to_str().unwrap().to_owned();
+        let ct = self
+            .headers
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(ct, "application/problem+json");
         self
     }
@@ -103,16 +128,37 @@ impl TestApp {
     }
 
     pub async fn with_config(backend: Backend, config: LedgerConfig) -> TestApp {
-        let db = vaultpay_store::testing::fresh_db(Service::Ledger, backend).await.expect("fresh db");
+        let db = vaultpay_store::testing::fresh_db(Service::Ledger, backend)
+            .await
+            .expect("fresh db");
         let (signer, _) = Signer25519::generate("test-key");
         let mut keys = KeySet::default();
         keys.insert("test-key", &signer.public_key()).unwrap();
-        let introspector = Arc::new(TestIntrospector { keys: keys.clone(), revoked: Mutex::default(), calls: Mutex::new(0) });
+        let introspector = Arc::new(TestIntrospector {
+            keys: keys.clone(),
+            revoked: Mutex::default(),
+            calls: Mutex::new(0),
+        });
         let ledger = Ledger::new(db.clone(), config, introspector.clone());
-        let rules = Rules { issuer: "https://auth.test".into(), audience: "vaultpay".into(), leeway_secs: 5 };
-        let verifier = Arc::new(TokenVerifier::new(rules, Arc::new(StaticKeys(keys.clone())), keys));
+        let rules = Rules {
+            issuer: "https://auth.test".into(),
+            audience: "vaultpay".into(),
+            leeway_secs: 5,
+        };
+        let verifier = Arc::new(TokenVerifier::new(
+            rules,
+            Arc::new(StaticKeys(keys.clone())),
+            keys,
+        ));
         let router = ledger.router().layer(axum::Extension(verifier));
-        TestApp { backend, db, ledger, router, signer, introspector }
+        TestApp {
+            backend,
+            db,
+            ledger,
+            router,
+            signer,
+            introspector,
+        }
     }
 
     /// A token for `user` with `roles`, in session `sid`.
@@ -150,14 +196,33 @@ impl TestApp {
         self.token("admin-1", &["admin"])
     }
 
-    pub async fn raw(&self, method: Method, path: &str, token: Option<&str>, key: Option<&str>, body: Option<String>) -> Resp {
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> Resp {
         let r = self.raw_unchecked(method, path, token, key, body).await;
-        assert!(r.status.as_u16() < 500, "server error {}: {}", r.status, r.text);
+        assert!(
+            r.status.as_u16() < 500,
+            "server error {}: {}",
+            r.status,
+            r.text
+        );
         r
     }
 
     /// Like [`raw`](Self::raw) but a 5xx is not a test failure.
-    pub async fn raw_unchecked(&self, method: Method, path: &str, token: Option<&str>, key: Option<&str>, body: Option<String>) -> Resp {
+    pub async fn raw_unchecked(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> Resp {
         let mut b = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
@@ -166,16 +231,26 @@ impl TestApp {
             b = b.header("idempotency-key", k);
         }
         let req = match body {
-            Some(s) => b.header("content-type", "application/json").body(Body::from(s)).unwrap(),
+            Some(s) => b
+                .header("content-type", "application/json")
+                .body(Body::from(s))
+                .unwrap(),
             None => b.body(Body::empty()).unwrap(),
         };
         let res = self.router.clone().oneshot(req).await.unwrap();
         let status = res.status();
         let headers = res.headers().clone();
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 24).await.unwrap();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 24)
+            .await
+            .unwrap();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, headers, body, text }
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Resp {
@@ -183,11 +258,20 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, token: &str, key: Option<&str>, body: Value) -> Resp {
-        self.raw(Method::POST, path, Some(token), key, Some(body.to_string())).await
+        self.raw(Method::POST, path, Some(token), key, Some(body.to_string()))
+            .await
     }
 
     pub async fn open(&self, token: &str, currency: &str) -> String {
-        self.post("/v1/accounts", token, None, json!({"currency": currency, "kind": "current", "name": "Main"})).await.expect(201).id()
+        self.post(
+            "/v1/accounts",
+            token,
+            None,
+            json!({"currency": currency, "kind": "current", "name": "Main"}),
+        )
+        .await
+        .expect(201)
+        .id()
     }
 
     pub async fn deposit(&self, account: &str, amount: i64, currency: &str) -> Resp {
@@ -212,8 +296,14 @@ impl TestApp {
     }
 
     pub async fn balance(&self, token: &str, account: &str) -> (i64, i64) {
-        let r = self.get(&format!("/v1/accounts/{account}"), token).await.expect(200);
-        (r.body["balance"].as_i64().unwrap(), r.body["available_balance"].as_i64().unwrap())
+        let r = self
+            .get(&format!("/v1/accounts/{account}"), token)
+            .await
+            .expect(200);
+        (
+            r.body["balance"].as_i64().unwrap(),
+            r.body["available_balance"].as_i64().unwrap(),
+        )
     }
 
     pub async fn assert_consistent(&self) {

@@ -28,8 +28,16 @@ async fn storm(app: Arc<TestApp>, tasks: usize, per_task: usize) {
                     let mut rng = rand::thread_rng();
                     // account 0 is hot: half of all transfers touch it
                     let hot = rng.gen_bool(0.5);
-                    let mut from = if hot && rng.gen_bool(0.5) { 0 } else { rng.gen_range(0..accounts.len()) };
-                    let mut to = if hot && from != 0 { 0 } else { rng.gen_range(0..accounts.len()) };
+                    let mut from = if hot && rng.gen_bool(0.5) {
+                        0
+                    } else {
+                        rng.gen_range(0..accounts.len())
+                    };
+                    let mut to = if hot && from != 0 {
+                        0
+                    } else {
+                        rng.gen_range(0..accounts.len())
+                    };
                     if from == to {
                         to = (to + 1) % accounts.len();
                     }
@@ -38,12 +46,23 @@ async fn storm(app: Arc<TestApp>, tasks: usize, per_task: usize) {
                     }
                     (from, to, rng.gen_range(1..4_000))
                 };
-                let r = app.transfer(&accounts[from].0, &accounts[from].1, &accounts[to].1, amount).await;
+                let r = app
+                    .transfer(
+                        &accounts[from].0,
+                        &accounts[from].1,
+                        &accounts[to].1,
+                        amount,
+                    )
+                    .await;
                 match r.status.as_u16() {
                     201 => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    422 => assert!(["insufficient_funds", "same_account"].contains(&r.code()), "{}", r.text),
+                    422 => assert!(
+                        ["insufficient_funds", "same_account"].contains(&r.code()),
+                        "{}",
+                        r.text
+                    ),
                     s => panic!("unexpected {s}: {}", r.text),
                 }
             }
@@ -69,7 +88,10 @@ async fn storm(app: Arc<TestApp>, tasks: usize, per_task: usize) {
 async fn random_transfer_storm_with_hot_accounts_keeps_every_invariant() {
     each_backend(|b| async move {
         for group_commit in [true, false] {
-            let cfg = LedgerConfig { group_commit, ..LedgerConfig::default() };
+            let cfg = LedgerConfig {
+                group_commit,
+                ..LedgerConfig::default()
+            };
             let app = Arc::new(TestApp::with_config(b, cfg).await);
             storm(app, 24, 25).await;
         }
@@ -88,7 +110,13 @@ async fn no_transfer_posts_after_a_freeze_commits() {
         let frozen = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..8 {
-            let (app, alice, a, bb, frozen) = (app.clone(), alice.clone(), a.clone(), bb.clone(), frozen.clone());
+            let (app, alice, a, bb, frozen) = (
+                app.clone(),
+                alice.clone(),
+                a.clone(),
+                bb.clone(),
+                frozen.clone(),
+            );
             handles.push(tokio::spawn(async move {
                 let mut posted = Vec::new();
                 loop {
@@ -96,7 +124,10 @@ async fn no_transfer_posts_after_a_freeze_commits() {
                     let r = app.transfer(&alice, &a, &bb, 1).await;
                     match r.status.as_u16() {
                         201 => {
-                            assert!(!started_after_freeze, "a transfer posted after the freeze committed");
+                            assert!(
+                                !started_after_freeze,
+                                "a transfer posted after the freeze committed"
+                            );
                             posted.push(r.id());
                         }
                         409 => {
@@ -111,7 +142,14 @@ async fn no_transfer_posts_after_a_freeze_commits() {
             }));
         }
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        app.post(&format!("/v1/admin/accounts/{a}/freeze"), &app.admin(), None, json!({"reason": "race"})).await.expect(200);
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &app.admin(),
+            None,
+            json!({"reason": "race"}),
+        )
+        .await
+        .expect(200);
         frozen.store(true, Ordering::SeqCst);
         let mut posted = std::collections::HashSet::new();
         for h in handles {
@@ -119,24 +157,51 @@ async fn no_transfer_posts_after_a_freeze_commits() {
         }
         assert!(!posted.is_empty(), "some transfers ran before the freeze");
         // In commit order (the audit chain), every posted transfer precedes the freeze.
-        let entries = list(&app.db, &AuditFilter { limit: 500, ..Default::default() }).await.unwrap();
+        let entries = list(
+            &app.db,
+            &AuditFilter {
+                limit: 500,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let mut all = entries;
         while all.len() < 5_000 {
             let before = all.last().map(|e| e.seq).unwrap_or(0);
             if before <= 1 {
                 break;
             }
-            let more = list(&app.db, &AuditFilter { limit: 500, before_seq: Some(before), ..Default::default() }).await.unwrap();
+            let more = list(
+                &app.db,
+                &AuditFilter {
+                    limit: 500,
+                    before_seq: Some(before),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
             if more.is_empty() {
                 break;
             }
             all.extend(more);
         }
-        let freeze_seq = all.iter().find(|e| e.action == "ledger.account.frozen").unwrap().seq;
+        let freeze_seq = all
+            .iter()
+            .find(|e| e.action == "ledger.account.frozen")
+            .unwrap()
+            .seq;
         let mut checked = 0;
         for e in &all {
-            if e.action == "ledger.transfer.posted" && posted.contains(e.resource.as_deref().unwrap_or("")) {
-                assert!(e.seq < freeze_seq, "transfer {:?} committed after the freeze", e.resource);
+            if e.action == "ledger.transfer.posted"
+                && posted.contains(e.resource.as_deref().unwrap_or(""))
+            {
+                assert!(
+                    e.seq < freeze_seq,
+                    "transfer {:?} committed after the freeze",
+                    e.resource
+                );
                 checked += 1;
             }
         }

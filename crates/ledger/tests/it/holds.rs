@@ -1,7 +1,14 @@
 use crate::common::*;
 use serde_json::json;
 
-async fn hold(app: &TestApp, token: &str, from: &str, to: &str, amount: i64, timeout: Option<i64>) -> Resp {
+async fn hold(
+    app: &TestApp,
+    token: &str,
+    from: &str,
+    to: &str,
+    amount: i64,
+    timeout: Option<i64>,
+) -> Resp {
     let mut body = json!({"from_account_id": from, "to_account_id": to, "amount": amount, "currency": "USD", "pending": true});
     if let Some(t) = timeout {
         body["timeout_secs"] = json!(t);
@@ -27,34 +34,100 @@ async fn holds_reserve_then_post_partially_and_fully_then_never_again() {
         // reserved at once, not moved
         assert_eq!(app.balance(&alice, &a).await, (1_000, 400));
         assert_eq!(app.balance(&bob, &bb).await, (0, 0));
-        let r = app.transfer(&alice, &a, &bb, 401).await.problem(422, "insufficient_funds");
+        let r = app
+            .transfer(&alice, &a, &bb, 401)
+            .await
+            .problem(422, "insufficient_funds");
         assert_eq!(r.body["available"], 400);
 
         // bob cannot post alice's hold (he is the payee, not the payer)
-        app.post(&format!("/v1/transfers/{id}/post"), &bob, Some(&key()), json!({})).await.problem(403, "not_account_owner");
-        app.post(&format!("/v1/transfers/{id}/post"), &app.customer("eve"), Some(&key()), json!({})).await.problem(404, "transfer_not_found");
-        app.post(&format!("/v1/transfers/{id}/post"), &alice, Some(&key()), json!({"amount": 601})).await.problem(422, "amount_invalid");
-        let p = app.post(&format!("/v1/transfers/{id}/post"), &alice, Some(&key()), json!({"amount": 200})).await.expect(200);
+        app.post(
+            &format!("/v1/transfers/{id}/post"),
+            &bob,
+            Some(&key()),
+            json!({}),
+        )
+        .await
+        .problem(403, "not_account_owner");
+        app.post(
+            &format!("/v1/transfers/{id}/post"),
+            &app.customer("eve"),
+            Some(&key()),
+            json!({}),
+        )
+        .await
+        .problem(404, "transfer_not_found");
+        app.post(
+            &format!("/v1/transfers/{id}/post"),
+            &alice,
+            Some(&key()),
+            json!({"amount": 601}),
+        )
+        .await
+        .problem(422, "amount_invalid");
+        let p = app
+            .post(
+                &format!("/v1/transfers/{id}/post"),
+                &alice,
+                Some(&key()),
+                json!({"amount": 200}),
+            )
+            .await
+            .expect(200);
         assert_eq!(p.body["status"], "pending");
         assert_eq!(p.body["captured_amount"], 200);
         assert_eq!(app.balance(&alice, &a).await, (800, 400));
         assert_eq!(app.balance(&bob, &bb).await, (200, 200));
         // post the rest (empty body = everything left)
         let k = key();
-        let p = app.raw(axum::http::Method::POST, &format!("/v1/transfers/{id}/post"), Some(&alice), Some(&k), None).await.expect(200);
+        let p = app
+            .raw(
+                axum::http::Method::POST,
+                &format!("/v1/transfers/{id}/post"),
+                Some(&alice),
+                Some(&k),
+                None,
+            )
+            .await
+            .expect(200);
         assert_eq!(p.body["status"], "posted");
         assert_eq!(p.body["captured_amount"], 600);
         // retry with the same key replays; a new post is refused
-        let again = app.raw(axum::http::Method::POST, &format!("/v1/transfers/{id}/post"), Some(&alice), Some(&k), None).await.expect(200);
+        let again = app
+            .raw(
+                axum::http::Method::POST,
+                &format!("/v1/transfers/{id}/post"),
+                Some(&alice),
+                Some(&k),
+                None,
+            )
+            .await
+            .expect(200);
         assert!(again.replayed());
-        app.post(&format!("/v1/transfers/{id}/post"), &alice, Some(&key()), json!({"amount": 1})).await.problem(409, "hold_not_pending");
-        app.post(&format!("/v1/transfers/{id}/void"), &alice, None, json!({})).await.problem(409, "hold_not_pending");
+        app.post(
+            &format!("/v1/transfers/{id}/post"),
+            &alice,
+            Some(&key()),
+            json!({"amount": 1}),
+        )
+        .await
+        .problem(409, "hold_not_pending");
+        app.post(&format!("/v1/transfers/{id}/void"), &alice, None, json!({}))
+            .await
+            .problem(409, "hold_not_pending");
         assert_eq!(app.balance(&alice, &a).await, (400, 400));
         assert_eq!(app.balance(&bob, &bb).await, (600, 600));
 
         // a plain transfer is not a hold
         let t = app.transfer(&alice, &a, &bb, 1).await.expect(201).id();
-        app.post(&format!("/v1/transfers/{t}/post"), &alice, Some(&key()), json!({})).await.problem(409, "hold_not_pending");
+        app.post(
+            &format!("/v1/transfers/{t}/post"),
+            &alice,
+            Some(&key()),
+            json!({}),
+        )
+        .await
+        .problem(409, "hold_not_pending");
         app.assert_consistent().await;
     })
     .await;
@@ -98,32 +171,64 @@ async fn expired_holds_are_voided_exactly_once() {
         let a = app.open(&alice, "USD").await;
         let bb = app.open(&bob, "USD").await;
         app.deposit(&a, 1_000, "USD").await.expect(201);
-        let id = hold(&app, &alice, &a, &bb, 250, Some(1)).await.expect(201).id();
-        let keep = hold(&app, &alice, &a, &bb, 50, Some(3600)).await.expect(201).id();
+        let id = hold(&app, &alice, &a, &bb, 250, Some(1))
+            .await
+            .expect(201)
+            .id();
+        let keep = hold(&app, &alice, &a, &bb, 50, Some(3600))
+            .await
+            .expect(201)
+            .id();
         assert_eq!(app.balance(&alice, &a).await, (1_000, 700));
         assert_eq!(app.ledger.expire_holds().await.unwrap(), 0);
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         // posting an expired hold is refused even before the task runs
-        app.post(&format!("/v1/transfers/{id}/post"), &alice, Some(&key()), json!({})).await.problem(409, "hold_expired");
+        app.post(
+            &format!("/v1/transfers/{id}/post"),
+            &alice,
+            Some(&key()),
+            json!({}),
+        )
+        .await
+        .problem(409, "hold_expired");
         // several expiry runs at once: exactly one voids it
-        let (x, y, z) = tokio::join!(app.ledger.expire_holds(), app.ledger.expire_holds(), app.ledger.expire_holds());
+        let (x, y, z) = tokio::join!(
+            app.ledger.expire_holds(),
+            app.ledger.expire_holds(),
+            app.ledger.expire_holds()
+        );
         assert_eq!(x.unwrap() + y.unwrap() + z.unwrap(), 1);
         assert_eq!(app.ledger.expire_holds().await.unwrap(), 0);
-        let t = app.get(&format!("/v1/transfers/{id}"), &alice).await.expect(200);
+        let t = app
+            .get(&format!("/v1/transfers/{id}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(t.body["status"], "expired");
         assert_eq!(app.balance(&alice, &a).await, (1_000, 950));
-        let k = app.get(&format!("/v1/transfers/{keep}"), &alice).await.expect(200);
+        let k = app
+            .get(&format!("/v1/transfers/{keep}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(k.body["status"], "pending");
         // the background task does the same on its own
-        let id2 = hold(&app, &alice, &a, &bb, 10, Some(1)).await.expect(201).id();
+        let id2 = hold(&app, &alice, &a, &bb, 10, Some(1))
+            .await
+            .expect(201)
+            .id();
         let (stop, rx) = tokio::sync::watch::channel(false);
         let mut cfg_tasks = app.ledger.spawn_background(rx);
         tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-        let t = app.get(&format!("/v1/transfers/{id2}"), &alice).await.expect(200);
+        let t = app
+            .get(&format!("/v1/transfers/{id2}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(t.body["status"], "expired");
         stop.send(true).unwrap();
         for h in cfg_tasks.drain(..) {
-            tokio::time::timeout(std::time::Duration::from_secs(5), h).await.unwrap().unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), h)
+                .await
+                .unwrap()
+                .unwrap();
         }
         app.assert_consistent().await;
     })

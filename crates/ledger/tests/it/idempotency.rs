@@ -81,11 +81,14 @@ async fn concurrent_retries_with_one_key_pay_once() {
         let bb = app.open(&bob, "USD").await;
         app.deposit(&a, 1_000, "USD").await.expect(201);
         let k = key();
-        let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 7, "currency": "USD"});
+        let body =
+            json!({"from_account_id": a, "to_account_id": bb, "amount": 7, "currency": "USD"});
         let mut tasks = Vec::new();
         for _ in 0..16 {
             let (app, alice, k, body) = (app.clone(), alice.clone(), k.clone(), body.clone());
-            tasks.push(tokio::spawn(async move { app.post("/v1/transfers", &alice, Some(&k), body).await }));
+            tasks.push(tokio::spawn(async move {
+                app.post("/v1/transfers", &alice, Some(&k), body).await
+            }));
         }
         let mut ids = std::collections::HashSet::new();
         let mut in_progress = 0;
@@ -114,17 +117,39 @@ async fn concurrent_retries_with_one_key_pay_once() {
 async fn keys_are_kept_a_day_then_purged() {
     each_backend(|b| async move {
         // a TTL below the floor: keys are still kept 24 hours
-        let cfg = vaultpay_ledger::LedgerConfig { idempotency_ttl_secs: 1, ..Default::default() };
+        let cfg = vaultpay_ledger::LedgerConfig {
+            idempotency_ttl_secs: 1,
+            ..Default::default()
+        };
         let app = TestApp::with_config(b, cfg).await;
         let alice = app.customer("alice");
-        app.post("/v1/accounts", &alice, Some("k-1"), json!({"currency": "USD", "kind": "current", "name": "x"})).await.expect(201);
+        app.post(
+            "/v1/accounts",
+            &alice,
+            Some("k-1"),
+            json!({"currency": "USD", "kind": "current", "name": "x"}),
+        )
+        .await
+        .expect(201);
         assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 0);
         // age the key past 24 hours
         let old = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
-        sqlx::query("UPDATE idempotency_keys SET created_at = $1").bind(old).execute(app.db.writer()).await.unwrap();
+        sqlx::query("UPDATE idempotency_keys SET created_at = $1")
+            .bind(old)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
         assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 1);
         // the key is usable again (a new account is opened)
-        let r = app.post("/v1/accounts", &alice, Some("k-1"), json!({"currency": "USD", "kind": "current", "name": "x"})).await.expect(201);
+        let r = app
+            .post(
+                "/v1/accounts",
+                &alice,
+                Some("k-1"),
+                json!({"currency": "USD", "kind": "current", "name": "x"}),
+            )
+            .await
+            .expect(201);
         assert!(!r.replayed());
     })
     .await;

@@ -20,9 +20,21 @@ fn openapi_documents_every_ledger_route() {
         "/v1/admin/failed-transfers",
         "/v1/admin/ledger/audit",
     ] {
-        assert!(v["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
+        assert!(
+            v["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
     }
-    for schema in ["TransferRequest", "Transfer", "Account", "BatchRequest", "Problem"] {
-        assert!(v["components"]["schemas"].get(schema).is_some(), "{schema} schema missing");
+    for schema in [
+        "TransferRequest",
+        "Transfer",
+        "Account",
+        "BatchRequest",
+        "Problem",
+    ] {
+        assert!(
+            v["components"]["schemas"].get(schema).is_some(),
+            "{schema} schema missing"
+        );
     }
 }

@@ -7,15 +7,42 @@ use serde_json::json;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Transfer { from: usize, to: usize, amount: i64 },
-    Hold { from: usize, to: usize, amount: i64, timeout: i64 },
-    Post { hold: usize, amount: Option<i64> },
-    Void { hold: usize },
-    Freeze { acct: usize },
-    Unfreeze { acct: usize },
-    Deposit { acct: usize, amount: i64 },
-    Withdraw { acct: usize, amount: i64 },
-    Batch { items: Vec<(usize, usize, i64)>, atomic: bool },
+    Transfer {
+        from: usize,
+        to: usize,
+        amount: i64,
+    },
+    Hold {
+        from: usize,
+        to: usize,
+        amount: i64,
+        timeout: i64,
+    },
+    Post {
+        hold: usize,
+        amount: Option<i64>,
+    },
+    Void {
+        hold: usize,
+    },
+    Freeze {
+        acct: usize,
+    },
+    Unfreeze {
+        acct: usize,
+    },
+    Deposit {
+        acct: usize,
+        amount: i64,
+    },
+    Withdraw {
+        acct: usize,
+        amount: i64,
+    },
+    Batch {
+        items: Vec<(usize, usize, i64)>,
+        atomic: bool,
+    },
     Retry,
     Expire,
 }
@@ -59,14 +86,34 @@ async fn run(steps: Vec<Step>) {
             Step::Transfer { from, to, amount } => {
                 let body = json!({"from_account_id": accts[from].1, "to_account_id": accts[to].1, "amount": amount, "currency": "USD"});
                 let k = key();
-                let r = app.post("/v1/transfers", &accts[from].0, Some(&k), body.clone()).await;
-                assert!(r.status.as_u16() == 201 || r.status.is_client_error(), "{}", r.text);
-                last = Some((accts[from].0.clone(), "/v1/transfers".into(), k, body, r.status.as_u16(), r.text));
+                let r = app
+                    .post("/v1/transfers", &accts[from].0, Some(&k), body.clone())
+                    .await;
+                assert!(
+                    r.status.as_u16() == 201 || r.status.is_client_error(),
+                    "{}",
+                    r.text
+                );
+                last = Some((
+                    accts[from].0.clone(),
+                    "/v1/transfers".into(),
+                    k,
+                    body,
+                    r.status.as_u16(),
+                    r.text,
+                ));
             }
-            Step::Hold { from, to, amount, timeout } => {
+            Step::Hold {
+                from,
+                to,
+                amount,
+                timeout,
+            } => {
                 let body = json!({"from_account_id": accts[from].1, "to_account_id": accts[to].1, "amount": amount,
                     "currency": "USD", "pending": true, "timeout_secs": timeout});
-                let r = app.post("/v1/transfers", &accts[from].0, Some(&key()), body).await;
+                let r = app
+                    .post("/v1/transfers", &accts[from].0, Some(&key()), body)
+                    .await;
                 if r.status.as_u16() == 201 {
                     holds.push((accts[from].0.clone(), r.id()));
                 }
@@ -80,26 +127,56 @@ async fn run(steps: Vec<Step>) {
                     let path = format!("/v1/transfers/{id}/post");
                     let k = key();
                     let r = app.post(&path, tok, Some(&k), body.clone()).await;
-                    assert!(r.status.as_u16() == 200 || r.status.is_client_error(), "{}", r.text);
+                    assert!(
+                        r.status.as_u16() == 200 || r.status.is_client_error(),
+                        "{}",
+                        r.text
+                    );
                     last = Some((tok.clone(), path, k, body, r.status.as_u16(), r.text));
                 }
             }
             Step::Void { hold } => {
                 if let Some((tok, id)) = holds.get(hold) {
-                    let r = app.post(&format!("/v1/transfers/{id}/void"), tok, None, json!({})).await;
-                    assert!(r.status.as_u16() == 200 || r.code() == "hold_not_pending", "{}", r.text);
+                    let r = app
+                        .post(&format!("/v1/transfers/{id}/void"), tok, None, json!({}))
+                        .await;
+                    assert!(
+                        r.status.as_u16() == 200 || r.code() == "hold_not_pending",
+                        "{}",
+                        r.text
+                    );
                 }
             }
             Step::Freeze { acct } => {
-                let r = app.post(&format!("/v1/admin/accounts/{}/freeze", accts[acct].1), &admin, None, json!({"reason": "p"})).await;
+                let r = app
+                    .post(
+                        &format!("/v1/admin/accounts/{}/freeze", accts[acct].1),
+                        &admin,
+                        None,
+                        json!({"reason": "p"}),
+                    )
+                    .await;
                 assert!(r.status.as_u16() == 200 || r.code() == "account_frozen");
             }
             Step::Unfreeze { acct } => {
-                let r = app.post(&format!("/v1/admin/accounts/{}/unfreeze", accts[acct].1), &admin, None, json!({"reason": "p"})).await;
+                let r = app
+                    .post(
+                        &format!("/v1/admin/accounts/{}/unfreeze", accts[acct].1),
+                        &admin,
+                        None,
+                        json!({"reason": "p"}),
+                    )
+                    .await;
                 assert!(r.status.as_u16() == 200 || r.code() == "account_not_frozen");
             }
             Step::Deposit { acct, amount } => {
-                if app.deposit(&accts[acct].1, amount, "USD").await.status.as_u16() == 201 {
+                if app
+                    .deposit(&accts[acct].1, amount, "USD")
+                    .await
+                    .status
+                    .as_u16()
+                    == 201
+                {
                     external += amount;
                 }
             }
@@ -118,8 +195,19 @@ async fn run(steps: Vec<Step>) {
                     .iter()
                     .map(|(f, t, a)| json!({"from_account_id": accts[*f].1, "to_account_id": accts[*t].1, "amount": a, "currency": "USD"}))
                     .collect();
-                let r = app.post("/v1/transfers/batch", owner, Some(&key()), json!({"transfers": transfers, "atomic": atomic})).await;
-                assert!(r.status.as_u16() == 200 || r.code() == "batch_failed", "{}", r.text);
+                let r = app
+                    .post(
+                        "/v1/transfers/batch",
+                        owner,
+                        Some(&key()),
+                        json!({"transfers": transfers, "atomic": atomic}),
+                    )
+                    .await;
+                assert!(
+                    r.status.as_u16() == 200 || r.code() == "batch_failed",
+                    "{}",
+                    r.text
+                );
             }
             Step::Retry => {
                 if let Some((tok, path, k, body, status, text)) = &last {
@@ -141,7 +229,10 @@ async fn run(steps: Vec<Step>) {
         assert!(bal >= 0 && avail >= 0 && avail <= bal);
         total += bal;
     }
-    assert_eq!(total, external, "wallets hold exactly what came in minus what went out");
+    assert_eq!(
+        total, external,
+        "wallets hold exactly what came in minus what went out"
+    );
     app.assert_consistent().await;
 }
 

@@ -21,21 +21,42 @@ async fn transfer_moves_money_with_double_entry() {
 
         // both parties can read the transfer; a stranger cannot
         let tid = t.id();
-        app.get(&format!("/v1/transfers/{tid}"), &alice).await.expect(200);
-        app.get(&format!("/v1/transfers/{tid}"), &bob).await.expect(200);
-        app.get(&format!("/v1/transfers/{tid}"), &app.customer("eve")).await.problem(404, "transfer_not_found");
-        app.get(&format!("/v1/transfers/{tid}"), &app.token("c", &["compliance"])).await.expect(200);
+        app.get(&format!("/v1/transfers/{tid}"), &alice)
+            .await
+            .expect(200);
+        app.get(&format!("/v1/transfers/{tid}"), &bob)
+            .await
+            .expect(200);
+        app.get(&format!("/v1/transfers/{tid}"), &app.customer("eve"))
+            .await
+            .problem(404, "transfer_not_found");
+        app.get(
+            &format!("/v1/transfers/{tid}"),
+            &app.token("c", &["compliance"]),
+        )
+        .await
+        .expect(200);
 
         // audit entry and outbox event were written with it
-        let audit = app.get("/v1/admin/ledger/audit", &app.admin()).await.expect(200);
-        assert!(audit.body["items"].as_array().unwrap().iter().any(|e| e["action"] == "ledger.transfer.posted" && e["resource"] == tid.as_str()));
+        let audit = app
+            .get("/v1/admin/ledger/audit", &app.admin())
+            .await
+            .expect(200);
+        assert!(audit.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "ledger.transfer.posted" && e["resource"] == tid.as_str()));
         let mut events = app.ledger.subscribe();
         assert!(app.ledger.relay_outbox().await.unwrap() >= 3);
         let mut topics = Vec::new();
         while let Ok(ev) = events.try_recv() {
             topics.push(ev.topic);
         }
-        assert!(topics.iter().any(|t| t == "ledger.transfer.posted"), "{topics:?}");
+        assert!(
+            topics.iter().any(|t| t == "ledger.transfer.posted"),
+            "{topics:?}"
+        );
         assert_eq!(app.ledger.relay_outbox().await.unwrap(), 0);
         app.assert_consistent().await;
     })
@@ -55,53 +76,137 @@ async fn every_failure_has_its_code_and_is_recorded() {
         let bb = app.open(&bob, "USD").await;
         app.deposit(&a, 1_000, "USD").await.expect(201);
 
-        let r = app.transfer(&alice, &a, &bb, 1_001).await.problem(422, "insufficient_funds");
+        let r = app
+            .transfer(&alice, &a, &bb, 1_001)
+            .await
+            .problem(422, "insufficient_funds");
         assert_eq!(r.body["available"], 1_000);
         assert_eq!(r.body["requested"], 1_001);
-        app.transfer(&alice, &a, &bb, 0).await.problem(422, "amount_invalid");
-        app.transfer(&alice, &a, &bb, -5).await.problem(422, "amount_invalid");
-        app.transfer(&alice, &a, &bb, 2_000_000_000_000_000).await.problem(422, "amount_invalid");
-        app.transfer(&alice, &a, &a, 1).await.problem(422, "same_account");
-        app.transfer(&alice, &a, &e, 1).await.problem(422, "currency_mismatch");
-        app.transfer(&alice, &a, "missing", 1).await.problem(404, "account_not_found");
-        app.transfer(&alice, "missing", &bb, 1).await.problem(404, "account_not_found");
+        app.transfer(&alice, &a, &bb, 0)
+            .await
+            .problem(422, "amount_invalid");
+        app.transfer(&alice, &a, &bb, -5)
+            .await
+            .problem(422, "amount_invalid");
+        app.transfer(&alice, &a, &bb, 2_000_000_000_000_000)
+            .await
+            .problem(422, "amount_invalid");
+        app.transfer(&alice, &a, &a, 1)
+            .await
+            .problem(422, "same_account");
+        app.transfer(&alice, &a, &e, 1)
+            .await
+            .problem(422, "currency_mismatch");
+        app.transfer(&alice, &a, "missing", 1)
+            .await
+            .problem(404, "account_not_found");
+        app.transfer(&alice, "missing", &bb, 1)
+            .await
+            .problem(404, "account_not_found");
         // IDOR: bob cannot move alice's money and cannot tell her account exists
-        app.transfer(&bob, &a, &bb, 1).await.problem(404, "account_not_found");
+        app.transfer(&bob, &a, &bb, 1)
+            .await
+            .problem(404, "account_not_found");
         // staff can see the account, but it is not theirs to move
-        app.transfer(&admin, &a, &bb, 1).await.problem(403, "not_account_owner");
+        app.transfer(&admin, &a, &bb, 1)
+            .await
+            .problem(403, "not_account_owner");
         let r = app
-            .post("/v1/transfers", &alice, Some(&key()), json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "EUR"}))
+            .post(
+                "/v1/transfers",
+                &alice,
+                Some(&key()),
+                json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "EUR"}),
+            )
             .await
             .problem(422, "currency_mismatch");
         assert_eq!(r.body["account_currency"], "USD");
         // frozen / closed
-        app.post(&format!("/v1/admin/accounts/{bb}/freeze"), &admin, None, json!({"reason": "fraud check"})).await.expect(200);
-        app.transfer(&alice, &a, &bb, 1).await.problem(409, "account_frozen");
-        app.post(&format!("/v1/admin/accounts/{a2}/close"), &admin, None, json!({"reason": "customer request"})).await.expect(200);
-        app.transfer(&alice, &a, &a2, 1).await.problem(409, "account_closed");
+        app.post(
+            &format!("/v1/admin/accounts/{bb}/freeze"),
+            &admin,
+            None,
+            json!({"reason": "fraud check"}),
+        )
+        .await
+        .expect(200);
+        app.transfer(&alice, &a, &bb, 1)
+            .await
+            .problem(409, "account_frozen");
+        app.post(
+            &format!("/v1/admin/accounts/{a2}/close"),
+            &admin,
+            None,
+            json!({"reason": "customer request"}),
+        )
+        .await
+        .expect(200);
+        app.transfer(&alice, &a, &a2, 1)
+            .await
+            .problem(409, "account_closed");
         // missing key
-        app.post("/v1/transfers", &alice, None, json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD"}))
-            .await
-            .problem(400, "idempotency_key_required");
-        app.post("/v1/transfers", &alice, Some(&"x".repeat(300)), json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD"}))
-            .await
-            .problem(400, "idempotency_key_invalid");
+        app.post(
+            "/v1/transfers",
+            &alice,
+            None,
+            json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD"}),
+        )
+        .await
+        .problem(400, "idempotency_key_required");
+        app.post(
+            "/v1/transfers",
+            &alice,
+            Some(&"x".repeat(300)),
+            json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD"}),
+        )
+        .await
+        .problem(400, "idempotency_key_invalid");
 
         // nothing moved
         assert_eq!(app.balance(&alice, &a).await, (1_000, 1_000));
         // failed transfers are listed for compliance, with their reasons
         let c = app.token("comp", &["compliance"]);
-        let list = app.get("/v1/admin/failed-transfers?limit=100", &c).await.expect(200);
-        let reasons: Vec<&str> = list.body["items"].as_array().unwrap().iter().map(|f| f["reason"].as_str().unwrap()).collect();
-        for code in ["insufficient_funds", "amount_invalid", "same_account", "currency_mismatch", "account_not_found", "not_account_owner", "account_frozen", "account_closed"] {
+        let list = app
+            .get("/v1/admin/failed-transfers?limit=100", &c)
+            .await
+            .expect(200);
+        let reasons: Vec<&str> = list.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["reason"].as_str().unwrap())
+            .collect();
+        for code in [
+            "insufficient_funds",
+            "amount_invalid",
+            "same_account",
+            "currency_mismatch",
+            "account_not_found",
+            "not_account_owner",
+            "account_frozen",
+            "account_closed",
+        ] {
             assert!(reasons.contains(&code), "{code} missing from {reasons:?}");
         }
-        let p = app.get("/v1/admin/failed-transfers?limit=2", &c).await.expect(200);
+        let p = app
+            .get("/v1/admin/failed-transfers?limit=2", &c)
+            .await
+            .expect(200);
         let cur = p.body["next_cursor"].as_str().unwrap().to_owned();
-        let p2 = app.get(&format!("/v1/admin/failed-transfers?limit=2&cursor={cur}"), &c).await.expect(200);
+        let p2 = app
+            .get(
+                &format!("/v1/admin/failed-transfers?limit=2&cursor={cur}"),
+                &c,
+            )
+            .await
+            .expect(200);
         assert_ne!(p.body["items"][0]["id"], p2.body["items"][0]["id"]);
-        app.get("/v1/admin/failed-transfers", &alice).await.problem(403, "forbidden");
-        app.get("/v1/admin/failed-transfers", &app.token("s", &["support"])).await.problem(403, "forbidden");
+        app.get("/v1/admin/failed-transfers", &alice)
+            .await
+            .problem(403, "forbidden");
+        app.get("/v1/admin/failed-transfers", &app.token("s", &["support"]))
+            .await
+            .problem(403, "forbidden");
         app.assert_consistent().await;
     })
     .await;
@@ -123,23 +228,41 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         app.transfer(&bob, &bb, &a, 50).await.expect(201);
 
-        let all = app.get(&format!("/v1/accounts/{a}/transactions"), &alice).await.expect(200);
+        let all = app
+            .get(&format!("/v1/accounts/{a}/transactions"), &alice)
+            .await
+            .expect(200);
         let items = all.body["items"].as_array().unwrap();
         assert_eq!(items.len(), 5);
         // newest first, with running balances
-        let balances: Vec<i64> = items.iter().map(|i| i["balance_after"].as_i64().unwrap()).collect();
+        let balances: Vec<i64> = items
+            .iter()
+            .map(|i| i["balance_after"].as_i64().unwrap())
+            .collect();
         assert_eq!(balances, vec![9_450, 9_400, 9_700, 9_900, 10_000]);
-        let amounts: Vec<i64> = items.iter().map(|i| i["amount"].as_i64().unwrap()).collect();
+        let amounts: Vec<i64> = items
+            .iter()
+            .map(|i| i["amount"].as_i64().unwrap())
+            .collect();
         assert_eq!(amounts, vec![50, -300, -200, -100, 10_000]);
         assert_eq!(items[0]["counterparty_account_id"], bb.as_str());
 
         // cursor pagination
-        let p1 = app.get(&format!("/v1/accounts/{a}/transactions?limit=2"), &alice).await.expect(200);
+        let p1 = app
+            .get(&format!("/v1/accounts/{a}/transactions?limit=2"), &alice)
+            .await
+            .expect(200);
         assert_eq!(p1.body["items"].as_array().unwrap().len(), 2);
         let mut seen = 2;
         let mut cursor = p1.body["next_cursor"].as_str().map(str::to_owned);
         while let Some(c) = cursor {
-            let p = app.get(&format!("/v1/accounts/{a}/transactions?limit=2&cursor={c}"), &alice).await.expect(200);
+            let p = app
+                .get(
+                    &format!("/v1/accounts/{a}/transactions?limit=2&cursor={c}"),
+                    &alice,
+                )
+                .await
+                .expect(200);
             seen += p.body["items"].as_array().unwrap().len();
             cursor = p.body["next_cursor"].as_str().map(str::to_owned);
         }
@@ -147,14 +270,26 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
 
         // time filters
         let enc = mid.replace(':', "%3A").replace('+', "%2B");
-        let after = app.get(&format!("/v1/accounts/{a}/transactions?from={enc}"), &alice).await.expect(200);
+        let after = app
+            .get(&format!("/v1/accounts/{a}/transactions?from={enc}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(after.body["items"].as_array().unwrap().len(), 1);
-        let before = app.get(&format!("/v1/accounts/{a}/transactions?to={enc}"), &alice).await.expect(200);
+        let before = app
+            .get(&format!("/v1/accounts/{a}/transactions?to={enc}"), &alice)
+            .await
+            .expect(200);
         assert_eq!(before.body["items"].as_array().unwrap().len(), 4);
 
         // CSV statement, oldest first, in major units
-        let csv = app.get(&format!("/v1/accounts/{a}/statement.csv"), &alice).await.expect(200);
-        assert!(csv.headers["content-type"].to_str().unwrap().starts_with("text/csv"));
+        let csv = app
+            .get(&format!("/v1/accounts/{a}/statement.csv"), &alice)
+            .await
+            .expect(200);
+        assert!(csv.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv"));
         let lines: Vec<&str> = csv.text.lines().collect();
         assert_eq!(lines.len(), 6);
         assert!(lines[0].starts_with("date,"));
@@ -162,8 +297,12 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
         assert!(lines[5].ends_with(",0.50,94.50,USD"), "{}", lines[5]);
 
         // IDOR on history
-        app.get(&format!("/v1/accounts/{a}/transactions"), &bob).await.problem(404, "account_not_found");
-        app.get(&format!("/v1/accounts/{a}/statement.csv"), &bob).await.problem(404, "account_not_found");
+        app.get(&format!("/v1/accounts/{a}/transactions"), &bob)
+            .await
+            .problem(404, "account_not_found");
+        app.get(&format!("/v1/accounts/{a}/statement.csv"), &bob)
+            .await
+            .problem(404, "account_not_found");
         app.assert_consistent().await;
     })
     .await;

@@ -398,7 +398,7 @@ fn assert_rate_limited(r: &Resp, limit: u32) {
         .expect("Retry-After")
         .parse()
         .unwrap();
-    assert!(retry >= 1 && retry <= 60, "{retry}");
+    assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(
         r.header("ratelimit-limit"),
         Some(limit.to_string().as_str())
@@ -409,7 +409,7 @@ fn assert_rate_limited(r: &Resp, limit: u32) {
         .expect("RateLimit-Reset")
         .parse()
         .unwrap();
-    assert!(reset >= 1 && reset <= 60, "{reset}");
+    assert!((1..=60).contains(&reset), "{reset}");
 }
 
 #[tokio::test]

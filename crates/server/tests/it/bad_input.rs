@@ -1,5 +1,6 @@
 //! Bad input: every class answers a 4xx problem document, never a 5xx, and writes
 //! nothing (no user, no audit entry, no session).
+#![allow(clippy::type_complexity)] // tables of cases read best inline
 
 use crate::each_backend;
 use crate::helpers::*;

@@ -309,7 +309,7 @@ async fn run(backend: Backend) {
         assert_eq!(r.status, 200, "{}", r.text);
     }
     // balances equal the plan applied exactly once
-    let mut expected = vec![INITIAL; ACCOUNTS];
+    let mut expected = [INITIAL; ACCOUNTS];
     for p in &plan {
         expected[p.from] -= p.amount;
         expected[p.to] += p.amount;

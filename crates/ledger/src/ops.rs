@@ -314,26 +314,33 @@ async fn apply_move(
     Ok(())
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds a transfer row's columns in `TRANSFER_COLS` order.
+fn bind_transfer<'q>(q: AnyQuery<'q>, t: &'q TransferRow) -> AnyQuery<'q> {
+    q.bind(&t.id)
+        .bind(&t.kind)
+        .bind(&t.from_account_id)
+        .bind(&t.to_account_id)
+        .bind(t.amount)
+        .bind(t.captured)
+        .bind(&t.currency)
+        .bind(&t.description)
+        .bind(&t.status)
+        .bind(t.expires_at)
+        .bind(&t.initiated_by)
+        .bind(&t.batch_id)
+        .bind(t.created_at)
+        .bind(t.updated_at)
+}
+
 async fn insert_transfer(tx: &mut Tx, t: &TransferRow) -> Result<(), LedgerError> {
-    sqlx::query(&format!(
+    let sql = format!(
         "INSERT INTO transfers ({TRANSFER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    ))
-    .bind(&t.id)
-    .bind(&t.kind)
-    .bind(&t.from_account_id)
-    .bind(&t.to_account_id)
-    .bind(t.amount)
-    .bind(t.captured)
-    .bind(&t.currency)
-    .bind(&t.description)
-    .bind(&t.status)
-    .bind(t.expires_at)
-    .bind(&t.initiated_by)
-    .bind(&t.batch_id)
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_transfer(sqlx::query(&sql), t)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -1171,21 +1178,7 @@ async fn bulk_transfers(
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for t in chunk {
-            q = q
-                .bind(&t.id)
-                .bind(&t.kind)
-                .bind(&t.from_account_id)
-                .bind(&t.to_account_id)
-                .bind(t.amount)
-                .bind(t.captured)
-                .bind(&t.currency)
-                .bind(&t.description)
-                .bind(&t.status)
-                .bind(t.expires_at)
-                .bind(&t.initiated_by)
-                .bind(&t.batch_id)
-                .bind(t.created_at)
-                .bind(t.updated_at);
+            q = bind_transfer(q, t);
         }
         q.execute(&mut **tx).await?;
     }

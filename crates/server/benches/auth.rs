@@ -14,6 +14,8 @@
 //! The load generator runs in the same process as the server, on the same 2 cores.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -133,28 +135,7 @@ fn argon2_ceiling(seconds: f64) -> f64 {
 }
 
 async fn config(backend: Backend) -> Config {
-    let mut cfg = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: std::env::temp_dir()
-            .join("vaultpay-bench")
-            .join(uuid::Uuid::now_v7().to_string()),
-        ..Config::default()
-    };
-    std::fs::create_dir_all(&cfg.data_dir).unwrap();
-    let auth = vaultpay_store::testing::fresh_location(backend)
-        .await
-        .unwrap();
-    let ledger = vaultpay_store::testing::fresh_location(backend)
-        .await
-        .unwrap();
-    cfg.database.auth_url = Some(vaultpay_core::secret::Secret::new(auth));
-    cfg.database.ledger_url = Some(vaultpay_core::secret::Secret::new(ledger));
-    cfg.database.sqlite_synchronous_full = true; // durable commits
-    cfg.master_key = Some(vaultpay_core::secret::Secret::new(
-        vaultpay_core::crypto::MasterKey::generate()
-            .to_hex()
-            .to_string(),
-    ));
+    let mut cfg = common::server_config(backend).await;
     if let Some(n) = std::env::var("VAULTPAY_BENCH_HASH_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -16,6 +16,8 @@
 //! run on separate tokio runtimes in one process and share the 2 cores.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use rand::Rng;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -268,30 +270,9 @@ async fn batches(ctx: &Arc<Ctx>) -> f64 {
 }
 
 async fn config(backend: Backend, group_commit: bool) -> Config {
-    let mut cfg = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: std::env::temp_dir()
-            .join("vaultpay-bench")
-            .join(uuid::Uuid::now_v7().to_string()),
-        body_limit_bytes: 4 * 1024 * 1024,
-        ..Config::default()
-    };
-    std::fs::create_dir_all(&cfg.data_dir).unwrap();
-    let auth = vaultpay_store::testing::fresh_location(backend)
-        .await
-        .unwrap();
-    let ledger = vaultpay_store::testing::fresh_location(backend)
-        .await
-        .unwrap();
-    cfg.database.auth_url = Some(vaultpay_core::secret::Secret::new(auth));
-    cfg.database.ledger_url = Some(vaultpay_core::secret::Secret::new(ledger));
-    cfg.database.sqlite_synchronous_full = true;
+    let mut cfg = common::server_config(backend).await;
+    cfg.body_limit_bytes = 4 * 1024 * 1024;
     cfg.database.max_connections = 32;
-    cfg.master_key = Some(vaultpay_core::secret::Secret::new(
-        vaultpay_core::crypto::MasterKey::generate()
-            .to_hex()
-            .to_string(),
-    ));
     cfg.ledger.group_commit = group_commit;
     cfg
 }

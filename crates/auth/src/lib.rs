@@ -12,6 +12,7 @@ pub mod hibp;
 pub mod keys;
 pub mod mail;
 mod rbac;
+mod rotation;
 mod routes;
 mod service;
 mod sessions;

@@ -5,6 +5,7 @@ use crate::hibp::HibpClient;
 use crate::keys;
 use crate::mail::{Mailer, Message};
 use crate::rbac::PermCache;
+use crate::rotation::{Policy, RotationQueue};
 use crate::AuthError;
 use parking_lot::RwLock;
 use std::path::Path;
@@ -31,6 +32,7 @@ pub(crate) struct Inner {
     pub mailer: Arc<dyn Mailer>,
     pub hibp: Option<HibpClient>,
     pub perms: PermCache,
+    pub rotations: RotationQueue,
 }
 
 /// AuthShield. Cheap to clone.
@@ -97,6 +99,13 @@ impl AuthService {
             cfg.hash_concurrency
         };
         let perms = PermCache::new(cfg.permission_cache_ttl_secs);
+        let rotations = RotationQueue::spawn(
+            db.clone(),
+            Policy {
+                reuse_grace_secs: cfg.refresh_reuse_grace_secs,
+                idle_ttl_secs: cfg.session_idle_ttl_secs,
+            },
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -110,6 +119,7 @@ impl AuthService {
                 mailer,
                 hibp,
                 perms,
+                rotations,
                 cfg,
             }),
         })

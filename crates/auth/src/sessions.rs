@@ -2,6 +2,7 @@
 //! and token introspection.
 
 use crate::accounts::normalise_email;
+use crate::rotation::Rotation;
 use crate::service::SessionFacts;
 use crate::{AuthError, AuthService};
 use futures::future::BoxFuture;
@@ -288,171 +289,32 @@ impl AuthService {
             cfg.rate_limits.refresh_per_session,
         )
         .await?;
-        let now = now_micros();
-        let mut tx = db.begin().await?;
-        let row = sqlx::query(&format!(
-            "SELECT r.session_id AS session_id, r.used_at AS used_at, r.replaced_by AS replaced_by, s.user_id AS user_id, \
-             s.device_id AS device_id, s.revoked_at AS revoked_at, s.expires_at AS expires_at, \
-             s.idle_expires_at AS idle_expires_at, s.auth_time AS auth_time, s.amr AS amr \
-             FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1{}",
-            db.for_update()
-        ))
-        .bind(&hash)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(AuthError::OAuth(
-                "invalid_grant",
-                "refresh token is invalid".into(),
-            ));
-        };
-        let session_id: String = row.try_get("session_id")?;
-        let user_id: String = row.try_get("user_id")?;
-        let used_at: Option<i64> = row.try_get("used_at")?;
-        let replaced_by: Option<String> = row.try_get("replaced_by")?;
-        let revoked_at: Option<i64> = row.try_get("revoked_at")?;
-        let session_device: String = row.try_get("device_id")?;
-        if revoked_at.is_some() {
-            return Err(AuthError::OAuth(
-                "invalid_grant",
-                "the session has ended".into(),
-            ));
-        }
-        let mut grace = false;
-        if let Some(used) = used_at {
-            let within = cfg.refresh_reuse_grace_secs > 0
-                && now - used <= secs(cfg.refresh_reuse_grace_secs);
-            let first_grace = !replaced_by.as_deref().unwrap_or("").starts_with("grace:");
-            if within && first_grace && session_device == device_id {
-                grace = true;
-            } else {
-                self.revoke_family(&mut tx, ctx, &user_id, &session_id, "refresh_token_reuse")
-                    .await?;
-                tx.commit().await?;
-                metrics::counter!("auth_refresh_reuse_detected_total").increment(1);
-                tracing::warn!(session_id = %session_id, "refresh token reuse detected; session revoked");
-                return Err(AuthError::OAuth(
-                    "invalid_grant",
-                    "refresh token was already used; the session has been revoked".into(),
-                ));
-            }
-        }
-        if session_device != device_id {
-            self.revoke_family(
-                &mut tx,
-                ctx,
-                &user_id,
-                &session_id,
-                "refresh_device_mismatch",
-            )
-            .await?;
-            tx.commit().await?;
-            return Err(AuthError::OAuth(
-                "invalid_grant",
-                "refresh token was issued to another device; the session has been revoked".into(),
-            ));
-        }
-        let expires_at: i64 = row.try_get("expires_at")?;
-        let idle_expires_at: i64 = row.try_get("idle_expires_at")?;
-        if expires_at <= now || idle_expires_at <= now {
-            return Err(AuthError::OAuth(
-                "invalid_grant",
-                "the session has expired".into(),
-            ));
-        }
-        let new_token = self.insert_refresh(&mut tx, &session_id, now).await?;
-        let new_hash = sha256_hex(new_token.as_bytes());
-        let marked = if grace {
-            sqlx::query("UPDATE refresh_tokens SET replaced_by = $1 WHERE token_hash = $2")
-                .bind(format!("grace:{new_hash}"))
-                .bind(&hash)
-                .execute(&mut *tx)
-                .await?
-        } else {
-            sqlx::query("UPDATE refresh_tokens SET used_at = $1, replaced_by = $2 WHERE token_hash = $3 AND used_at IS NULL")
-                .bind(now)
-                .bind(&new_hash)
-                .bind(&hash)
-                .execute(&mut *tx)
-                .await?
-        };
-        if marked.rows_affected() != 1 {
-            return Err(AuthError::OAuth(
-                "invalid_grant",
-                "refresh token is invalid".into(),
-            ));
-        }
-        sqlx::query("UPDATE sessions SET last_seen_at = $1, idle_expires_at = $2, ip = $3, user_agent = $4 WHERE id = $5")
-            .bind(now)
-            .bind((now + secs(cfg.session_idle_ttl_secs)).min(expires_at))
-            .bind(ctx.ip.map(|i| i.to_string()))
-            .bind(&ctx.user_agent)
-            .bind(&session_id)
-            .execute(&mut *tx)
-            .await?;
-        append(
-            db,
-            &mut tx,
-            &ctx.origin(),
-            NewAudit::success(if grace {
-                "token.refreshed_in_grace"
-            } else {
-                "token.refreshed"
+        let rotated = self
+            .inner
+            .rotations
+            .rotate(Rotation {
+                hash,
+                device_id: device_id.to_owned(),
+                origin: ctx.origin(),
             })
-            .actor(&user_id)
-            .resource(&session_id),
-        )
-        .await?;
-        tx.commit().await?;
-        let roles = self.effective(&user_id).await?.roles.clone();
-        let amr: String = row.try_get("amr")?;
+            .await?;
+        let roles = self.effective(&rotated.user_id).await?.roles.clone();
         let facts = SessionFacts {
-            user_id,
-            session_id: session_id.clone(),
-            device_id: session_device,
-            auth_time: row.try_get("auth_time")?,
-            amr: amr_of(&amr),
+            user_id: rotated.user_id,
+            session_id: rotated.session_id.clone(),
+            device_id: rotated.device_id,
+            auth_time: rotated.auth_time,
+            amr: amr_of(&rotated.amr),
         };
         let (access, ttl) = self.issue_access(&facts, roles)?;
         Ok(wire::TokenResponse {
             access_token: access,
             token_type: "Bearer".into(),
             expires_in: ttl,
-            refresh_token: Some(new_token),
+            refresh_token: Some(rotated.refresh_token),
             scope: None,
-            session_id: Some(session_id),
+            session_id: Some(rotated.session_id),
         })
-    }
-
-    async fn revoke_family(
-        &self,
-        tx: &mut Tx,
-        ctx: &Ctx,
-        user_id: &str,
-        session_id: &str,
-        reason: &str,
-    ) -> Result<(), AuthError> {
-        sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_reason = $2 WHERE id = $3 AND revoked_at IS NULL")
-            .bind(now_micros())
-            .bind(reason)
-            .bind(session_id)
-            .execute(&mut **tx)
-            .await?;
-        append(
-            &self.inner.db,
-            tx,
-            &ctx.origin(),
-            NewAudit::failure(if reason == "refresh_device_mismatch" {
-                "refresh.device_mismatch"
-            } else {
-                "refresh.reuse_detected"
-            })
-            .actor(user_id)
-            .resource(session_id)
-            .metadata(serde_json::json!({ "reason": reason, "session_revoked": true })),
-        )
-        .await?;
-        Ok(())
     }
 
     /// Revokes a user's live sessions (all, or all but `keep`); returns how many.

@@ -12,6 +12,7 @@
 //! at a fixed open-loop rate of 1,000 requests/s (latency counted from each request's
 //! scheduled send time, so a stall is not hidden by the generator waiting).
 //! The load generator runs in the same process as the server, on the same 2 cores.
+//! `VAULTPAY_BENCH_ONLY=jwt,login,refresh,me` runs only the named phases.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -26,6 +27,14 @@ use vaultpay_server::{Config, Mode};
 use vaultpay_store::Backend;
 
 const PASSWORD: &str = "correct-Horse-battery-staple-42";
+
+/// Whether a phase was asked for (`VAULTPAY_BENCH_ONLY`, comma-separated; unset = all).
+fn phase(name: &str) -> bool {
+    match std::env::var("VAULTPAY_BENCH_ONLY") {
+        Ok(v) => v.split(',').any(|p| p.trim() == name),
+        Err(_) => true,
+    }
+}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -223,6 +232,15 @@ async fn http_benchmarks(base: String, backend: Backend, argon_ceiling: Option<f
     }
 
     // (3) refresh rotations: 64 clients, each rotating its own session's chain
+    if phase("refresh") {
+        refresh_rotations(&c, backend).await;
+    }
+    if phase("me") {
+        me_open_loop(&c, backend).await;
+    }
+}
+
+async fn refresh_rotations(c: &Arc<Client>, backend: Backend) {
     let clients = 64;
     let mut chains = Vec::new();
     for i in 0..clients {
@@ -265,8 +283,10 @@ async fn http_benchmarks(base: String, backend: Backend, argon_ceiling: Option<f
     }
     let rate = n.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     println!("[{backend:?}] http_refresh_rotations ({clients} concurrent, durable commits): {rate:.0} rotations/s");
+}
 
-    // (4) GET /v1/me at a fixed 1,000 requests/s, open loop
+/// (4) GET /v1/me at a fixed 1,000 requests/s, open loop
+async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
     let token = c.login("bench@example.com", "me-bench").await["access_token"]
         .as_str()
         .unwrap()
@@ -318,7 +338,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    jwt_verification();
+    if phase("jwt") {
+        jwt_verification();
+    }
     // The server and the load generator get separate runtimes (as separate processes
     // would), so server tasks never queue behind client tasks; both share the 2 cores.
     let server_rt = tokio::runtime::Builder::new_multi_thread()
@@ -339,8 +361,8 @@ fn main() {
         });
         let base = format!("http://{}", running.addr);
         // the raw ceiling is measured right before the logins it is compared with
-        let ceiling = argon2_ceiling(5.0);
-        client_rt.block_on(http_benchmarks(base, backend, Some(ceiling)));
+        let ceiling = phase("login").then(|| argon2_ceiling(5.0));
+        client_rt.block_on(http_benchmarks(base, backend, ceiling));
         server_rt.block_on(running.stop()).unwrap();
     }
 }

@@ -92,52 +92,82 @@ pub async fn append(
     origin: &Origin,
     new: NewAudit<'_>,
 ) -> Result<i64, StoreError> {
+    append_many(db, tx, &[(origin, new)]).await
+}
+
+/// Appends several entries, in order, within `tx` with one multi-row statement (the
+/// group writers use it: one audit round trip per group, not per change). Returns the
+/// sequence number of the last one; an empty slice appends nothing and returns 0.
+pub async fn append_many(
+    db: &Db,
+    tx: &mut Tx,
+    items: &[(&Origin, NewAudit<'_>)],
+) -> Result<i64, StoreError> {
+    if items.is_empty() {
+        return Ok(0);
+    }
     db.lock(tx, LOCK_AUDIT).await?;
-    let metadata = if new.metadata.is_null() {
-        "{}".to_owned()
-    } else {
-        new.metadata.to_string()
-    };
-    let entry = |seq: i64, prev_hash: String| {
-        AuditEntry {
-            seq,
-            id: uuid::Uuid::now_v7().to_string(),
-            at: vaultpay_core::time::now_micros(),
-            actor: new.actor.map(str::to_owned),
-            action: new.action.to_owned(),
-            resource: new.resource.map(str::to_owned),
-            outcome: new.outcome.to_owned(),
-            ip: origin.ip.clone(),
-            user_agent: origin.user_agent.clone(),
-            request_id: origin.request_id.clone(),
-            metadata: metadata.clone(),
-            prev_hash,
-            hash: String::new(),
-        }
-        .seal()
+    let chain = |mut seq: i64, mut prev_hash: String| -> Vec<AuditEntry> {
+        let at = vaultpay_core::time::now_micros();
+        items
+            .iter()
+            .map(|(origin, new)| {
+                seq += 1;
+                let e = AuditEntry {
+                    seq,
+                    id: uuid::Uuid::now_v7().to_string(),
+                    at,
+                    actor: new.actor.map(str::to_owned),
+                    action: new.action.to_owned(),
+                    resource: new.resource.map(str::to_owned),
+                    outcome: new.outcome.to_owned(),
+                    ip: origin.ip.clone(),
+                    user_agent: origin.user_agent.clone(),
+                    request_id: origin.request_id.clone(),
+                    metadata: if new.metadata.is_null() {
+                        "{}".to_owned()
+                    } else {
+                        new.metadata.to_string()
+                    },
+                    prev_hash: std::mem::take(&mut prev_hash),
+                    hash: String::new(),
+                }
+                .seal();
+                prev_hash.clone_from(&e.hash);
+                e
+            })
+            .collect()
     };
     // Fast path: one statement, guarded so it inserts only if the database's head is
     // exactly the cached one (same seq and hash, nothing after it). A stale cache (a
     // rolled-back transaction, another process appending) inserts nothing and falls
     // through to reading the head, so the chain can never fork or gap.
     if let Some((seq, hash)) = db.audit_head() {
-        let e = entry(seq + 1, hash);
-        let n = bind_entry(
-            sqlx::query(
-                "INSERT INTO audit_log (seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
-                 WHERE (SELECT hash FROM audit_log WHERE seq = $14) = $12 \
-                 AND NOT EXISTS (SELECT 1 FROM audit_log WHERE seq > $14)",
-            ),
-            &e,
-        )
-        .bind(seq)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            db.set_audit_head(e.seq, e.hash);
-            return Ok(e.seq);
+        let entries = chain(seq, hash.clone());
+        if entries.len() <= CHUNK {
+            let n = entries.len();
+            let sql = format!(
+                "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
+                 WHERE (SELECT hash FROM audit_log WHERE seq = ${}) = ${} \
+                 AND NOT EXISTS (SELECT 1 FROM audit_log WHERE seq > ${})",
+                values(n),
+                n * 13 + 1,
+                n * 13 + 2,
+                n * 13 + 1
+            );
+            let mut q = sqlx::query(&sql).persistent(n == 1);
+            for e in &entries {
+                q = bind_entry(q, e);
+            }
+            let inserted = q
+                .bind(seq)
+                .bind(&hash)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if inserted == n as u64 {
+                return Ok(set_head(db, entries));
+            }
         }
     }
     let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -147,18 +177,53 @@ pub async fn append(
         Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
         None => (0, GENESIS.to_owned()),
     };
-    let e = entry(prev_seq + 1, prev_hash);
-    bind_entry(
-        sqlx::query(
-            "INSERT INTO audit_log (seq, id, at, actor, action, resource, outcome, ip, user_agent, request_id, metadata, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        ),
-        &e,
-    )
-    .execute(&mut **tx)
-    .await?;
-    db.set_audit_head(e.seq, e.hash);
-    Ok(e.seq)
+    let entries = chain(prev_seq, prev_hash);
+    for part in entries.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
+            values(part.len())
+        );
+        let mut q = sqlx::query(&sql).persistent(part.len() == 1);
+        for e in part {
+            q = bind_entry(q, e);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(set_head(db, entries))
+}
+
+/// Rows per multi-row audit insert (13 parameters each).
+const CHUNK: usize = 500;
+
+/// `($1, …, $13), ($14, …, $26), …` for `rows` entries.
+fn values(rows: usize) -> String {
+    let mut out = String::with_capacity(rows * 60);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 1..=13 {
+            if c > 1 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * 13 + c).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+fn set_head(db: &Db, mut entries: Vec<AuditEntry>) -> i64 {
+    match entries.pop() {
+        Some(last) => {
+            let seq = last.seq;
+            db.set_audit_head(seq, last.hash);
+            seq
+        }
+        None => 0,
+    }
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;

@@ -1095,3 +1095,70 @@ async fn expired_email_links_are_refused() {
         app.stop().await;
     });
 }
+
+/// Rotations commit in groups; each is still decided as if it ran alone: fresh tokens
+/// rotate, a token presented twice in the same burst is reuse (its session revoked,
+/// the winner's pair included), garbage is refused, and the audit chain stays whole.
+#[tokio::test]
+async fn grouped_rotations_decide_each_token_as_if_alone() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |cfg| {
+            cfg.auth.rate_limits.register_per_ip = Quota::new(100, 60);
+            cfg.auth.rate_limits.login_per_ip = Quota::new(100, 60);
+        })
+        .await;
+        let mut users = Vec::new();
+        for i in 0..12 {
+            users.push(app.user(&format!("burst{i}@example.com")).await);
+        }
+        // users 0..8 refresh once; users 8..12 present their token twice
+        let mut presented: Vec<(usize, String)> = Vec::new();
+        for (i, t) in users.iter().enumerate() {
+            presented.push((i, t.refresh.clone()));
+            if i >= 8 {
+                presented.push((i, t.refresh.clone()));
+            }
+        }
+        presented.push((usize::MAX, "not-a-refresh-token".into()));
+        let results =
+            futures::future::join_all(presented.iter().map(|(_, rt)| refresh(&app, rt))).await;
+        for r in &results {
+            assert!(!r.status.is_server_error(), "{}", r.text);
+        }
+        for (i, user) in users.iter().enumerate() {
+            let mine: Vec<&Resp> = presented
+                .iter()
+                .zip(&results)
+                .filter(|((who, _), _)| *who == i)
+                .map(|(_, r)| r)
+                .collect();
+            let ok: Vec<&&Resp> = mine.iter().filter(|r| r.status == StatusCode::OK).collect();
+            assert_eq!(ok.len(), 1, "user {i}: one rotation wins");
+            let next = ok[0].body["refresh_token"].as_str().unwrap();
+            let again = refresh(&app, next).await;
+            if i < 8 {
+                assert_eq!(again.status, StatusCode::OK, "user {i}: {}", again.text);
+            } else {
+                // the duplicate was reuse: the whole family is gone
+                assert_oauth_error(&again, 400, "invalid_grant");
+                app.get("/v1/me", Some(&user.access))
+                    .await
+                    .assert_problem(401, "session_revoked");
+            }
+        }
+        assert_oauth_error(results.last().unwrap(), 400, "invalid_grant");
+        let reuse = app
+            .count_where("audit_log", "action = 'refresh.reuse_detected'")
+            .await;
+        assert_eq!(reuse, 4);
+        assert_eq!(
+            vaultpay_store::audit::verify_chain(app.auth_db())
+                .await
+                .unwrap(),
+            vaultpay_store::audit::ChainReport::Intact {
+                entries: app.count("audit_log").await as u64
+            }
+        );
+        app.stop().await;
+    });
+}

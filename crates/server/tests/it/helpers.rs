@@ -235,9 +235,14 @@ impl TestApp {
 
     /// Counts rows of a table in the auth database.
     pub async fn count(&self, table: &str) -> i64 {
+        self.count_where(table, "1 = 1").await
+    }
+
+    /// Rows of an AuthShield table matching a (test-written) SQL condition.
+    pub async fn count_where(&self, table: &str, condition: &str) -> i64 {
         use sqlx::Row;
         sqlx::query(&format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table}"
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table} WHERE {condition}"
         ))
         .fetch_one(self.auth_db().read())
         .await

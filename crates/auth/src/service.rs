@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     pub mailer: Arc<dyn Mailer>,
     pub hibp: Option<HibpClient>,
     pub perms: PermCache,
+    pub iptrust: crate::iptrust::TrustState,
+    pub bus: crate::custom_roles::Bus,
 }
 
 /// AuthShield. Cheap to clone.
@@ -110,6 +112,8 @@ impl AuthService {
                 mailer,
                 hibp,
                 perms,
+                iptrust: Default::default(),
+                bus: Default::default(),
                 cfg,
             }),
         })

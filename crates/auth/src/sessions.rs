@@ -99,6 +99,9 @@ impl AuthService {
             metrics::counter!("auth_logins_total", "outcome" => "failure").increment(1);
             return Err(AuthError::InvalidCredentials);
         };
+        // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
+        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
+            .await?;
 
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
@@ -161,7 +164,7 @@ impl AuthService {
         })
     }
 
-    async fn insert_refresh(
+    pub(crate) async fn insert_refresh(
         &self,
         tx: &mut Tx,
         session_id: &str,
@@ -288,6 +291,7 @@ impl AuthService {
             cfg.rate_limits.refresh_per_session,
         )
         .await?;
+        self.ip_trust_refresh_gate(ctx, &hash).await?;
         let now = now_micros();
         let mut tx = db.begin().await?;
         let row = sqlx::query(&format!(
@@ -630,6 +634,7 @@ impl AuthService {
             token_type: Some("Bearer".into()),
             roles: Some(claims.roles),
             client_id: claims.client_id,
+            network_trusted: None,
         })
     }
 }
@@ -639,10 +644,10 @@ impl vaultpay_web::Introspector for AuthService {
     fn introspect<'a>(
         &'a self,
         token: &'a str,
-        _client_ip: Option<IpAddr>,
+        client_ip: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<wire::Introspection, String>> {
         Box::pin(async move {
-            self.introspect_token(token)
+            self.introspect_from(token, client_ip)
                 .await
                 .map_err(|e| e.to_string())
         })

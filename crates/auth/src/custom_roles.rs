@@ -70,6 +70,27 @@ impl AuthService {
         }
     }
 
+    /// Refuses to grant a role carrying permissions the granting actor lacks (a
+    /// `roles:manage` holder cannot make themselves admin).
+    pub(crate) async fn ensure_can_grant(
+        &self,
+        actor: &Principal,
+        role: &str,
+    ) -> Result<(), AuthError> {
+        let rows = sqlx::query("SELECT permission FROM role_permissions WHERE role = $1")
+            .bind(role)
+            .fetch_all(self.inner.db.read())
+            .await?;
+        let mine = self.effective(actor.user_id()).await?;
+        for r in rows {
+            let p: String = r.try_get("permission")?;
+            if !mine.permissions.contains(&p) {
+                return Err(AuthError::Forbidden(p));
+            }
+        }
+        Ok(())
+    }
+
     /// `POST /v1/admin/roles`.
     pub async fn create_role(
         &self,

@@ -623,7 +623,7 @@ impl AuthService {
         let cfg = &self.inner.cfg;
         vaultpay_web::enforce(
             &*self.inner.limiter,
-            &format!("login:ip:{}", ctx.ip_key()),
+            &format!("login-complete:ip:{}", ctx.ip_key()),
             cfg.rate_limits.refresh_per_ip,
         )
         .await?;
@@ -633,7 +633,10 @@ impl AuthService {
         let hold = self
             .hold_by(&mut tx, "ticket_hash", &req.login_ticket)
             .await
-            .map_err(|_| AuthError::BadLoginTicket)?;
+            .map_err(|e| match e {
+                AuthError::BadEmailToken => AuthError::BadLoginTicket,
+                other => other,
+            })?;
         let same_network = ctx
             .ip
             .is_some_and(|ip| network_of(ip, self.trust_cfg()) == hold.network);

@@ -163,6 +163,7 @@ impl AuthService {
         user_id: &str,
         role: &str,
     ) -> Result<wire::User, AuthError> {
+        self.ensure_can_grant(actor, role).await?;
         self.change_role(ctx, actor, user_id, role, true).await
     }
 

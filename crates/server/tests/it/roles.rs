@@ -223,6 +223,28 @@ async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
         )
         .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        // nor grant a role that carries them (not even to themselves)
+        for role in ["admin", "compliance"] {
+            app.post(
+                &format!("/v1/admin/users/{id}/roles"),
+                Some(&t.access),
+                json!({ "role": role }),
+            )
+            .await
+            .assert_problem(403, "forbidden");
+        }
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{id}/roles"),
+                Some(&t.access),
+                json!({ "role": "reader" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let u = app
+            .get(&format!("/v1/admin/users/{id}"), Some(&admin))
+            .await;
+        assert!(!u.text.contains("\"admin\""), "{}", u.text);
         app.stop().await;
     });
 }

@@ -805,3 +805,61 @@ async fn exact_address_trust_with_full_prefixes() {
     ticket_of(&login_from(&app, HOME, email, "dev-1").await);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn trust_slides_forward_when_used_and_lapses_when_not() {
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |_| {}).await;
+        let email = "zoe@example.com";
+        let (uid, _) = user_at(&app, email, HOME).await;
+        let now = vaultpay_core::time::now_micros();
+        let day = 86_400_000_000i64;
+        let expiry = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT expires_at FROM trusted_networks WHERE user_id = $1 AND network = '198.51.100.0/24'",
+            )
+            .bind(&uid)
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap()
+        };
+        // last used long ago, expiring in a day: a login from it pushes it to ~90 days
+        sqlx::query(
+            "UPDATE trusted_networks SET last_used_at = $1, expires_at = $2 WHERE user_id = $3",
+        )
+        .bind(now - 89 * day)
+        .bind(now + day)
+        .bind(&uid)
+        .execute(app.auth_db().writer())
+        .await
+        .unwrap();
+        // (a fresh in-memory copy may still hold the old expiry; the write goes by the database)
+        assert_eq!(
+            login_from(&app, HOME, email, "dev-1").await.status,
+            StatusCode::OK
+        );
+        assert!(
+            expiry().await > now + 89 * day,
+            "sliding expiry moved forward"
+        );
+        // expired: no longer trusted (and not silently re-trusted)
+        sqlx::query("UPDATE trusted_networks SET expires_at = $1 WHERE user_id = $2")
+            .bind(now - 1)
+            .bind(&uid)
+            .execute(app.auth_db().writer())
+            .await
+            .unwrap();
+        let mut held = false;
+        // the node's copy is reloaded within 30 s; poll instead of sleeping blindly
+        for _ in 0..400 {
+            let r = login_from(&app, HOME, email, "dev-1").await;
+            if r.status == StatusCode::ACCEPTED {
+                held = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(held, "an expired network stops being trusted");
+        app.stop().await;
+    });
+}

@@ -91,7 +91,7 @@ async fn register(
 
 /// Log in with email and password; answers an OAuth-shaped token response.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = wire::LoginRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::iptrust::LoginHeld), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
 async fn login(
     State(svc): State<AuthService>,
     ctx: Ctx,

@@ -380,7 +380,7 @@ impl AuthService {
         phc: &str,
     ) -> Result<(), AuthError> {
         let now = now_micros();
-        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2, failed_logins = 0, locked_until = NULL WHERE id = $3")
+        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2, failed_logins = 0, locked_until = NULL, security_locked_at = NULL WHERE id = $3")
             .bind(phc)
             .bind(now)
             .bind(user_id)

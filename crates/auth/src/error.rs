@@ -28,6 +28,15 @@ pub enum AuthError {
     NotFound(&'static str),
     #[error("forbidden: missing permission {0}")]
     Forbidden(String),
+    #[error("conflict: {1}")]
+    Conflict(&'static str, String),
+    /// A login from an untrusted network is held (`202` with this ticket).
+    #[error("the network must be confirmed by email")]
+    IpConfirmationRequired(String),
+    #[error("the login ticket is invalid, expired or already used")]
+    BadLoginTicket,
+    #[error("account locked until the password is reset")]
+    ResetRequired,
     #[error("OAuth error {0}: {1}")]
     OAuth(&'static str, String),
     #[error(transparent)]
@@ -95,6 +104,23 @@ impl From<AuthError> for ApiError {
             AuthError::Forbidden(perm) => {
                 ApiError::forbidden("forbidden", format!("This needs the `{perm}` permission."))
             }
+            AuthError::Conflict(code, detail) => ApiError::conflict(code, detail),
+            AuthError::IpConfirmationRequired(_) => ApiError::new(
+                StatusCode::ACCEPTED,
+                "ip_confirmation_required",
+                "Confirmation required",
+            )
+            .detail("Confirm this network with the emailed link, then complete the login."),
+            AuthError::BadLoginTicket => ApiError::bad_request(
+                "invalid_login_ticket",
+                "The login ticket is invalid, expired, already used, or used from another device or network.",
+            ),
+            AuthError::ResetRequired => ApiError::new(
+                StatusCode::LOCKED,
+                "password_reset_required",
+                "Account locked",
+            )
+            .detail("The account was locked after a sign-in was reported as not yours; reset the password to unlock it."),
             AuthError::OAuth(code, detail) => ApiError::bad_request(code, detail),
             AuthError::Api(e) => e,
             AuthError::Store(e) => ApiError::internal(e),

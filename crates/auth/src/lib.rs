@@ -7,8 +7,11 @@
 
 mod accounts;
 pub mod config;
+mod custom_roles;
 mod error;
+mod ext_routes;
 pub mod hibp;
+pub mod iptrust;
 pub mod keys;
 pub mod mail;
 mod rbac;
@@ -18,6 +21,8 @@ mod service;
 mod sessions;
 
 pub use config::AuthConfig;
+pub use custom_roles::InvalidationBus;
 pub use error::AuthError;
+pub use iptrust::{IpTrustConfig, Lookup, TrustBackend};
 pub use routes::{openapi, router};
 pub use service::{AuthService, Bootstrap};

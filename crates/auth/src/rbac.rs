@@ -58,6 +58,12 @@ impl PermCache {
         map.insert(user.to_owned(), (Instant::now(), e));
     }
 
+    pub fn invalidate_all(&self) {
+        let mut map = self.map.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.clear();
+    }
+
     pub fn invalidate(&self, user: &str) {
         let mut map = self.map.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -157,6 +163,7 @@ impl AuthService {
         user_id: &str,
         role: &str,
     ) -> Result<wire::User, AuthError> {
+        self.ensure_can_grant(actor, role).await?;
         self.change_role(ctx, actor, user_id, role, true).await
     }
 
@@ -242,7 +249,7 @@ impl AuthService {
             .await?;
         }
         tx.commit().await?;
-        self.inner.perms.invalidate(user_id);
+        self.invalidate_everywhere(Some(user_id)).await;
         self.user(user_id).await
     }
 

@@ -42,7 +42,8 @@ pub fn router(svc: AuthService) -> Router {
         .route("/oauth/token", post(token))
         .route("/oauth/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
-        .with_state(svc)
+        .with_state(svc.clone())
+        .merge(crate::ext_routes::router(svc))
 }
 
 #[derive(OpenApi)]
@@ -64,7 +65,9 @@ struct AuthApi;
 
 /// The OpenAPI document of AuthShield's routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    AuthApi::openapi()
+    let mut doc = AuthApi::openapi();
+    doc.merge(<crate::ext_routes::ExtApi as OpenApi>::openapi());
+    doc
 }
 
 fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {
@@ -88,14 +91,17 @@ async fn register(
 
 /// Log in with email and password; answers an OAuth-shaped token response.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = wire::LoginRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::iptrust::LoginHeld), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
 async fn login(
     State(svc): State<AuthService>,
     ctx: Ctx,
     ApiJson(req): ApiJson<wire::LoginRequest>,
 ) -> ApiResult<Response> {
-    let tokens = svc.login(&ctx, req).await?;
-    Ok(no_store(StatusCode::OK, Json(tokens)))
+    match svc.login(&ctx, req).await {
+        Ok(tokens) => Ok(no_store(StatusCode::OK, Json(tokens))),
+        Err(AuthError::IpConfirmationRequired(ticket)) => Ok(crate::ext_routes::held(ticket)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// End the current session, or every session with `{"everywhere": true}`.
@@ -470,6 +476,9 @@ struct IntrospectForm {
     token: String,
     #[allow(dead_code)]
     token_type_hint: Option<String>,
+    /// The address of the end user's request at the resource server (the ledger):
+    /// the token is reported inactive when it is outside the user's trusted networks.
+    client_ip: Option<String>,
 }
 
 fn introspection_client_ok(svc: &AuthService, headers: &HeaderMap) -> bool {
@@ -523,9 +532,15 @@ async fn introspect(
             e.problem.detail.unwrap_or_default(),
         ))
     })?;
+    let client_ip = match form.client_ip.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<std::net::IpAddr>().map_err(|_| {
+            AuthError::OAuth("invalid_request", "client_ip is not an IP address".into())
+        })?),
+    };
     Ok(no_store(
         StatusCode::OK,
-        Json(svc.introspect_token(&form.token).await?),
+        Json(svc.introspect_from(&form.token, client_ip).await?),
     ))
 }
 

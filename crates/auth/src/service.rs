@@ -33,6 +33,8 @@ pub(crate) struct Inner {
     pub hibp: Option<HibpClient>,
     pub perms: PermCache,
     pub rotations: RotationQueue,
+    pub iptrust: crate::iptrust::TrustState,
+    pub bus: crate::custom_roles::Bus,
 }
 
 /// AuthShield. Cheap to clone.
@@ -120,6 +122,8 @@ impl AuthService {
                 hibp,
                 perms,
                 rotations,
+                iptrust: Default::default(),
+                bus: Default::default(),
                 cfg,
             }),
         })

@@ -100,6 +100,9 @@ impl AuthService {
             metrics::counter!("auth_logins_total", "outcome" => "failure").increment(1);
             return Err(AuthError::InvalidCredentials);
         };
+        // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
+        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
+            .await?;
 
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
@@ -162,7 +165,7 @@ impl AuthService {
         })
     }
 
-    async fn insert_refresh(
+    pub(crate) async fn insert_refresh(
         &self,
         tx: &mut Tx,
         session_id: &str,
@@ -272,23 +275,30 @@ impl AuthService {
         let db = &self.inner.db;
         // The per-session limit is checked before the write transaction starts, so no
         // database lock is held across a limiter round trip (Redis in production).
-        let family = sqlx::query("SELECT session_id FROM refresh_tokens WHERE token_hash = $1")
-            .bind(&hash)
-            .fetch_optional(db.read())
-            .await?;
+        let family = sqlx::query(
+            "SELECT r.session_id AS session_id, r.used_at AS used_at, s.user_id AS user_id \
+             FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1",
+        )
+        .bind(&hash)
+        .fetch_optional(db.read())
+        .await?;
         let Some(family) = family else {
             return Err(AuthError::OAuth(
                 "invalid_grant",
                 "refresh token is invalid".into(),
             ));
         };
-        let family: String = family.try_get("session_id")?;
+        let session_id: String = family.try_get("session_id")?;
         vaultpay_web::enforce(
             &*self.inner.limiter,
-            &format!("refresh:sid:{family}"),
+            &format!("refresh:sid:{session_id}"),
             cfg.rate_limits.refresh_per_session,
         )
         .await?;
+        let spent = family.try_get::<Option<i64>, _>("used_at")?.is_some();
+        let user_id: String = family.try_get("user_id")?;
+        self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
+            .await?;
         let rotated = self
             .inner
             .rotations
@@ -492,6 +502,7 @@ impl AuthService {
             token_type: Some("Bearer".into()),
             roles: Some(claims.roles),
             client_id: claims.client_id,
+            network_trusted: None,
         })
     }
 }
@@ -501,10 +512,10 @@ impl vaultpay_web::Introspector for AuthService {
     fn introspect<'a>(
         &'a self,
         token: &'a str,
-        _client_ip: Option<IpAddr>,
+        client_ip: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<wire::Introspection, String>> {
         Box::pin(async move {
-            self.introspect_token(token)
+            self.introspect_from(token, client_ip)
                 .await
                 .map_err(|e| e.to_string())
         })

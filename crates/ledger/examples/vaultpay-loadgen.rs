@@ -52,6 +52,7 @@ impl Introspector for AlwaysLive {
                 token_type: None,
                 roles: None,
                 client_id: None,
+                network_trusted: None,
             })
         })
     }

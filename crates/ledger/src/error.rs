@@ -61,6 +61,8 @@ pub enum LedgerError {
     IdempotencyInProgress,
     #[error("the session of this token has been revoked")]
     SessionRevoked,
+    #[error("this operation is refused from a network the account has not confirmed; sign in from here to confirm it")]
+    UntrustedNetwork,
     #[error("the invalid cursor {0:?}")]
     InvalidCursor(String),
     #[error("session introspection failed: {0}")]
@@ -119,6 +121,7 @@ impl LedgerError {
                 StatusCode::BAD_REQUEST
             }
             SessionRevoked => StatusCode::UNAUTHORIZED,
+            UntrustedNetwork => StatusCode::FORBIDDEN,
             IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -152,6 +155,7 @@ impl LedgerError {
             IdempotencyKeyReused => "idempotency_key_reused",
             IdempotencyInProgress => "idempotency_request_in_progress",
             SessionRevoked => "session_revoked",
+            UntrustedNetwork => "untrusted_network",
             InvalidCursor(_) => "invalid_cursor",
             IntrospectionUnavailable(_) => "service_unavailable",
             Store(_) | Internal(_) => "internal_error",

@@ -164,6 +164,10 @@ impl Ledger {
             .introspect(&actor.token, actor.client_ip)
             .await
             .map_err(LedgerError::IntrospectionUnavailable)?;
+        if !r.active && r.network_trusted == Some(false) {
+            metrics::counter!("ledger_untrusted_network_total").increment(1);
+            return Err(LedgerError::UntrustedNetwork);
+        }
         if !r.active {
             metrics::counter!("ledger_session_revoked_total").increment(1);
             return Err(LedgerError::SessionRevoked);

@@ -185,6 +185,10 @@ pub struct Introspection {
     pub roles: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// Present when the caller passed `client_ip`: false (with `active: false`) when
+    /// that address is not in one of the user's trusted networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_trusted: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

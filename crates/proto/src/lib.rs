@@ -5,6 +5,7 @@
 //! silently ignored value.
 
 pub mod auth;
+pub mod iptrust;
 pub mod ledger;
 mod problem;
 

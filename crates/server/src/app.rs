@@ -240,6 +240,12 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                 }
             }
             background.extend(svc.spawn_background(shutdown_rx.clone()));
+            #[cfg(feature = "redis")]
+            background.extend(crate::redis_cluster::install(
+                &cfg,
+                &svc,
+                shutdown_rx.clone(),
+            )?);
             router = router.merge(vaultpay_auth::router(svc.clone()));
             Some(svc)
         }

@@ -192,6 +192,11 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.auth.argon2.validate().context("auth.argon2")?;
+        self.auth
+            .ip_trust
+            .validate()
+            .map_err(anyhow::Error::msg)
+            .context("auth.ip_trust")?;
         if self.auth.access_token_ttl_secs < 30 || self.auth.access_token_ttl_secs > 3600 {
             bail!("auth.access_token_ttl_secs must be between 30 and 3600");
         }

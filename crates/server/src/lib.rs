@@ -8,6 +8,8 @@ pub mod config;
 mod docs;
 mod middleware;
 #[cfg(feature = "redis")]
+pub mod redis_cluster;
+#[cfg(feature = "redis")]
 pub mod redis_limiter;
 pub mod remote;
 mod telemetry;

@@ -74,14 +74,17 @@ impl vaultpay_web::Introspector for HttpIntrospector {
         client_ip: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<Introspection, String>> {
         Box::pin(async move {
+            let ip = client_ip.map(|i| i.to_string());
+            let mut form = vec![("token", token), ("token_type_hint", "access_token")];
+            if let Some(ip) = ip.as_deref() {
+                // AuthShield answers inactive when the caller's network is not trusted.
+                form.push(("client_ip", ip));
+            }
             let mut req = self
                 .http
                 .post(&self.url)
                 .basic_auth("vaultpay-ledger", Some(self.secret.expose()))
-                .form(&[("token", token), ("token_type_hint", "access_token")]);
-            if let Some(ip) = client_ip {
-                req = req.header("x-vaultpay-client-ip", ip.to_string());
-            }
+                .form(&form);
             if let Some(id) = vaultpay_web::current_request_id() {
                 req = req.header("x-request-id", id);
             }

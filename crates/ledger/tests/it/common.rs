@@ -54,6 +54,7 @@ impl Introspector for TestIntrospector {
                 token_type: Some("Bearer".into()),
                 roles: Some(claims.roles),
                 client_id: None,
+                network_trusted: None,
             })
         })
     }

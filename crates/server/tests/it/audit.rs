@@ -207,6 +207,13 @@ async fn every_auth_event_is_audited_with_its_origin() {
 
         let ivy = ivy.as_str();
         let admin_id = admin_id.as_str();
+        // the first login also trusted its network (IP trust)
+        let network: String =
+            sqlx::query_scalar("SELECT id FROM trusted_networks WHERE user_id = $1")
+                .bind(ivy)
+                .fetch_one(app.auth_db().read())
+                .await
+                .unwrap();
         // (request id, [(action, actor, resource, outcome)] newest first)
         type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str);
         let expected: Vec<(&str, Vec<Row>)> = vec![
@@ -220,7 +227,10 @@ async fn every_auth_event_is_audited_with_its_origin() {
             ),
             (
                 "r-login",
-                vec![("login.succeeded", Some(ivy), Some(&s1), "success")],
+                vec![
+                    ("login.succeeded", Some(ivy), Some(&s1), "success"),
+                    ("ip_trust.added", Some(ivy), Some(&network), "success"),
+                ],
             ),
             (
                 "r-fail-unknown",

@@ -11,7 +11,9 @@ mod bad_input;
 mod crash;
 mod helpers;
 mod hibp;
+mod iptrust;
 mod platform;
 #[cfg(feature = "redis")]
 mod redis;
+mod roles;
 mod split;

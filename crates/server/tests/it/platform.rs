@@ -13,6 +13,8 @@ async fn health_ready_metrics_openapi_docs() {
         let doc = app.get("/openapi.json", None).await;
         assert!(doc.body["openapi"].as_str().unwrap().starts_with("3.1"));
         assert!(doc.body["paths"]["/v1/auth/login"].is_object());
+        assert!(doc.body["paths"]["/v1/auth/login/complete"].is_object());
+        assert!(doc.body["paths"]["/v1/me/trusted-networks"].is_object());
         let docs = app.get("/docs", None).await;
         assert!(docs.text.contains("<title>VaultPay API</title>"));
         app.login_device("nobody@example.com", "wrong-password-123", "d")

@@ -41,6 +41,8 @@ async fn run(backend: Backend) {
         ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com".into()),
         ("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD.into()),
         ("VAULTPAY_LOG_FORMAT", "pretty".into()),
+        // X-Forwarded-For from loopback names the client (the untrusted-network step)
+        ("VAULTPAY_TRUSTED_PROXIES", "[\"127.0.0.1\"]".into()),
         (
             "VAULTPAY_AUTH__RATE_LIMITS__LOGIN_PER_ACCOUNT",
             "{ burst = 100, period_secs = 60 }".into(),
@@ -162,6 +164,20 @@ async fn run(backend: Backend) {
     let t = json!({"from_account_id": acct_id, "to_account_id": other_id, "amount": 200_000, "currency": "USD", "description": "big"});
     let r = post(&l, "/v1/transfers", Some(&ann), Some("big-1"), t.clone()).await;
     assert_eq!(r.status, 201, "{}", r.text);
+    // the same from a network Ann never confirmed: the ledger passes the client
+    // address to AuthShield's introspection, which refuses it
+    let r = read(
+        http.post(format!("{l}/v1/transfers"))
+            .bearer_auth(&ann)
+            .header("idempotency-key", "big-away")
+            .header("x-forwarded-for", "203.0.113.50")
+            .json(&t)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.assert_problem(403, "untrusted_network");
 
     // log out at AuthShield: the ledger refuses sensitive operations at once…
     let r = post(&a, "/v1/auth/logout", Some(&ann), None, json!({})).await;

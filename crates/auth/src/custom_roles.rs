@@ -1,0 +1,238 @@
+//! Custom roles (admin API) and cluster-wide invalidation of cached permissions.
+//!
+//! The four built-in tiers (`builtin = 1`) can be neither changed nor deleted. A
+//! custom role is a name plus permissions from the known set; the creator may only
+//! hand out permissions they hold themselves. Every change is audited and drops
+//! cached permissions on this node and, through an [`InvalidationBus`] (Redis
+//! pub/sub), on every other node.
+
+use crate::{AuthError, AuthService};
+use futures::future::BoxFuture;
+use parking_lot::RwLock;
+use sqlx::Row;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use vaultpay_proto::auth as wire;
+use vaultpay_proto::iptrust as iwire;
+use vaultpay_store::audit::{append, NewAudit};
+use vaultpay_web::{Ctx, Principal};
+
+/// Carries "drop cached permissions" to every node (`None` = every user).
+pub trait InvalidationBus: Send + Sync + 'static {
+    fn publish<'a>(&'a self, user: Option<&'a str>) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// The installed bus, if any.
+#[derive(Default)]
+pub(crate) struct Bus(RwLock<Option<Arc<dyn InvalidationBus>>>);
+
+const MAX_ROLE_NAME: usize = 48;
+const MAX_DESCRIPTION: usize = 200;
+
+fn check_name(name: &str) -> Result<(), AuthError> {
+    let ok = (2..=MAX_ROLE_NAME).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::Invalid(
+            "role_name_invalid",
+            format!("A role name is 2–{MAX_ROLE_NAME} characters: a–z first, then a–z, 0–9, `_` or `-`."),
+        ))
+    }
+}
+
+impl AuthService {
+    /// Installs the bus that carries permission invalidations to other nodes.
+    pub fn set_invalidation_bus(&self, bus: Arc<dyn InvalidationBus>) {
+        *self.inner.bus.0.write() = Some(bus);
+    }
+
+    /// Drops cached permissions on this node only (what a bus subscriber calls).
+    pub fn drop_cached_permissions(&self, user: Option<&str>) {
+        match user {
+            Some(u) => self.inner.perms.invalidate(u),
+            None => self.inner.perms.invalidate_all(),
+        }
+    }
+
+    /// Drops cached permissions here and tells the other nodes to do the same.
+    pub(crate) async fn invalidate_everywhere(&self, user: Option<&str>) {
+        self.drop_cached_permissions(user);
+        let bus = self.inner.bus.0.read().clone();
+        if let Some(bus) = bus {
+            if let Err(e) = bus.publish(user).await {
+                tracing::warn!(error = %e, "could not publish a permission invalidation");
+            }
+        }
+    }
+
+    /// Refuses to grant a role carrying permissions the granting actor lacks (a
+    /// `roles:manage` holder cannot make themselves admin).
+    pub(crate) async fn ensure_can_grant(
+        &self,
+        actor: &Principal,
+        role: &str,
+    ) -> Result<(), AuthError> {
+        let rows = sqlx::query("SELECT permission FROM role_permissions WHERE role = $1")
+            .bind(role)
+            .fetch_all(self.inner.db.read())
+            .await?;
+        let mine = self.effective(actor.user_id()).await?;
+        for r in rows {
+            let p: String = r.try_get("permission")?;
+            if !mine.permissions.contains(&p) {
+                return Err(AuthError::Forbidden(p));
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/admin/roles`.
+    pub async fn create_role(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        req: iwire::CreateRoleRequest,
+    ) -> Result<wire::Role, AuthError> {
+        let name = req.name.trim().to_owned();
+        check_name(&name)?;
+        let description = req.description.trim().to_owned();
+        if description.chars().count() > MAX_DESCRIPTION
+            || description.chars().any(char::is_control)
+        {
+            return Err(AuthError::Invalid(
+                "description_invalid",
+                format!("The description is at most {MAX_DESCRIPTION} printable characters."),
+            ));
+        }
+        let permissions: BTreeSet<String> = req
+            .permissions
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .collect();
+        if permissions.is_empty() || permissions.len() > 64 {
+            return Err(AuthError::Invalid(
+                "permissions_invalid",
+                "A role needs 1 to 64 permissions.".into(),
+            ));
+        }
+        let db = &self.inner.db;
+        let known: BTreeSet<String> = sqlx::query("SELECT name FROM permissions")
+            .fetch_all(db.read())
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("name"))
+            .collect::<Result<_, _>>()?;
+        if let Some(bad) = permissions.iter().find(|p| !known.contains(*p)) {
+            return Err(AuthError::Invalid(
+                "permission_unknown",
+                format!(
+                    "There is no permission `{}`.",
+                    bad.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        // No escalation through roles: only permissions the creator holds.
+        let mine = self.effective(actor.user_id()).await?;
+        if let Some(p) = permissions.iter().find(|p| !mine.permissions.contains(*p)) {
+            return Err(AuthError::Forbidden(p.clone()));
+        }
+        let mut tx = db.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO roles (name, description, builtin) VALUES ($1, $2, 0) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&name)
+        .bind(&description)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(AuthError::Conflict(
+                "role_exists",
+                format!("A role named `{name}` already exists."),
+            ));
+        }
+        for p in &permissions {
+            sqlx::query("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
+                .bind(&name)
+                .bind(p)
+                .execute(&mut *tx)
+                .await?;
+        }
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("role.created")
+                .actor(actor.user_id())
+                .resource(&name)
+                .metadata(
+                    serde_json::json!({ "permissions": permissions, "description": description }),
+                ),
+        )
+        .await?;
+        tx.commit().await?;
+        self.invalidate_everywhere(None).await;
+        Ok(wire::Role {
+            name,
+            description,
+            builtin: false,
+            permissions: permissions.into_iter().collect(),
+        })
+    }
+
+    /// `DELETE /v1/admin/roles/{name}`: custom roles only; holders lose it at once.
+    pub async fn delete_role(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        name: &str,
+    ) -> Result<(), AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT builtin FROM roles WHERE name = $1{}",
+            db.for_update()
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(AuthError::NotFound("role"))?;
+        if row.try_get::<i64, _>("builtin")? != 0 {
+            return Err(AuthError::Conflict(
+                "role_builtin",
+                format!("`{name}` is a built-in role; it cannot be changed or deleted."),
+            ));
+        }
+        let holders = sqlx::query("DELETE FROM user_roles WHERE role = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM role_permissions WHERE role = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM roles WHERE name = $1 AND builtin = 0")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("role.deleted")
+                .actor(actor.user_id())
+                .resource(name)
+                .metadata(serde_json::json!({ "holders_removed": holders })),
+        )
+        .await?;
+        tx.commit().await?;
+        self.invalidate_everywhere(None).await;
+        Ok(())
+    }
+}

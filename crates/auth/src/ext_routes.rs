@@ -1,0 +1,226 @@
+//! Routes of IP trust (held logins, emailed confirm / deny links, trusted networks)
+//! and custom roles.
+
+use crate::{AuthError, AuthService};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::OpenApi;
+use vaultpay_proto::auth as wire;
+use vaultpay_proto::iptrust as iwire;
+use vaultpay_proto::Problem;
+use vaultpay_web::{ApiError, ApiForm, ApiJson, ApiQuery, Ctx, Principal};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub(crate) fn router(svc: AuthService) -> Router {
+    Router::new()
+        .route("/v1/auth/login/complete", post(complete_login))
+        .route("/v1/auth/login/confirm", get(confirm_page).post(confirm))
+        .route("/v1/auth/login/deny", get(deny_page).post(deny))
+        .route("/v1/me/trusted-networks", get(list_networks))
+        .route("/v1/me/trusted-networks/{id}", delete(revoke_network))
+        .route("/v1/admin/roles", post(create_role))
+        .route("/v1/admin/roles/{name}", delete(delete_role))
+        .with_state(svc)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        complete_login,
+        confirm_page,
+        confirm,
+        deny_page,
+        deny,
+        list_networks,
+        revoke_network,
+        create_role,
+        delete_role
+    ),
+    components(schemas(
+        iwire::LoginHeld,
+        iwire::LoginCompleteRequest,
+        iwire::TrustedNetwork,
+        iwire::TrustedNetworkList,
+        iwire::CreateRoleRequest
+    ))
+)]
+pub(crate) struct ExtApi;
+
+fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {
+    let mut res = (status, body).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// The answer of a login that is held or still pending: `202` with the ticket.
+pub(crate) fn held(ticket: String) -> Response {
+    no_store(
+        StatusCode::ACCEPTED,
+        Json(iwire::LoginHeld {
+            status: "ip_confirmation_required".into(),
+            login_ticket: ticket,
+        }),
+    )
+}
+
+/// Finish a held login once its network was confirmed by email (`202` until then).
+#[utoipa::path(post, path = "/v1/auth/login/complete", tag = "auth", request_body = iwire::LoginCompleteRequest,
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = iwire::LoginHeld), (status = 400, body = Problem), (status = 423, body = Problem)))]
+async fn complete_login(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiJson(req): ApiJson<iwire::LoginCompleteRequest>,
+) -> ApiResult<Response> {
+    match svc.complete_login(&ctx, req).await {
+        Ok(tokens) => Ok(no_store(StatusCode::OK, Json(tokens))),
+        Err(AuthError::IpConfirmationRequired(t)) => Ok(held(t)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams, utoipa::ToSchema)]
+struct TokenParam {
+    token: String,
+}
+
+/// A tiny page with one button: link scanners that prefetch GETs change nothing.
+fn page(title: &str, text: &str, action: &str, button: &str, token: &str) -> ApiResult<Response> {
+    let ok = !token.is_empty()
+        && token.len() <= 128
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(AuthError::BadEmailToken.into());
+    }
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body>\
+         <h1>{title}</h1><p>{text}</p><form method=\"post\" action=\"{action}\">\
+         <input type=\"hidden\" name=\"token\" value=\"{token}\"><button type=\"submit\">{button}</button>\
+         </form></body></html>"
+    );
+    let mut res = no_store(StatusCode::OK, axum::response::Html(html));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    Ok(res)
+}
+
+/// The emailed "this was me" link: a page whose button confirms.
+#[utoipa::path(get, path = "/v1/auth/login/confirm", tag = "auth", params(TokenParam),
+    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem)))]
+async fn confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
+    page(
+        "Confirm this sign-in",
+        "Trust the network of the sign-in and let it finish?",
+        "/v1/auth/login/confirm",
+        "Yes, it was me",
+        &q.token,
+    )
+}
+
+/// Confirm the network of a held login (form field `token`).
+#[utoipa::path(post, path = "/v1/auth/login/confirm", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = wire::Accepted), (status = 400, body = Problem)))]
+async fn confirm(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiForm(f): ApiForm<TokenParam>,
+) -> ApiResult<Response> {
+    let done = svc.confirm_login_network(&ctx, &f.token).await?;
+    Ok(no_store(StatusCode::OK, Json(done)))
+}
+
+/// The emailed "this wasn't me" link: a page whose button locks the account.
+#[utoipa::path(get, path = "/v1/auth/login/deny", tag = "auth", params(TokenParam),
+    responses((status = 200, description = "HTML page"), (status = 400, body = Problem)))]
+async fn deny_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
+    page(
+        "This wasn't me",
+        "Sign out every session and lock the account until the password is reset?",
+        "/v1/auth/login/deny",
+        "Lock my account",
+        &q.token,
+    )
+}
+
+/// "This wasn't me": every session ends; the account is locked until a password reset.
+#[utoipa::path(post, path = "/v1/auth/login/deny", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = wire::Accepted), (status = 400, body = Problem)))]
+async fn deny(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    ApiForm(f): ApiForm<TokenParam>,
+) -> ApiResult<Response> {
+    let done = svc.deny_login_network(&ctx, &f.token).await?;
+    Ok(no_store(StatusCode::OK, Json(done)))
+}
+
+/// The caller's trusted networks.
+#[utoipa::path(get, path = "/v1/me/trusted-networks", tag = "auth",
+    responses((status = 200, body = iwire::TrustedNetworkList), (status = 401, body = Problem)), security(("bearer" = [])))]
+async fn list_networks(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+) -> ApiResult<Json<iwire::TrustedNetworkList>> {
+    Ok(Json(svc.list_trusted_networks(&ctx, &p).await?))
+}
+
+/// Stop trusting one of the caller's networks (another user's: 404).
+#[utoipa::path(delete, path = "/v1/me/trusted-networks/{id}", tag = "auth", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)), security(("bearer" = [])))]
+async fn revoke_network(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    svc.revoke_trusted_network(&ctx, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn roles_admin(svc: &AuthService, p: &Principal) -> Result<(), AuthError> {
+    svc.require_live_session(p).await?;
+    svc.require(p, "roles:manage").await
+}
+
+/// Create a custom role (`roles:manage`; only permissions the caller holds).
+#[utoipa::path(post, path = "/v1/admin/roles", tag = "auth", request_body = iwire::CreateRoleRequest,
+    responses((status = 201, body = wire::Role), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+async fn create_role(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    ApiJson(req): ApiJson<iwire::CreateRoleRequest>,
+) -> ApiResult<Response> {
+    roles_admin(&svc, &p).await?;
+    let role = svc.create_role(&ctx, &p, req).await?;
+    Ok((StatusCode::CREATED, Json(role)).into_response())
+}
+
+/// Delete a custom role (`roles:manage`; built-in roles: 409).
+#[utoipa::path(delete, path = "/v1/admin/roles/{name}", tag = "auth", params(("name" = String, Path)),
+    responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)), security(("bearer" = [])))]
+async fn delete_role(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    roles_admin(&svc, &p).await?;
+    svc.delete_role(&ctx, &p, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,222 @@
+//! State AuthShield replicas share through Redis (cargo feature `redis`):
+//!
+//! * trusted networks: one set per user (`SISMEMBER` answers the check), filled from
+//!   the database on a miss and dropped on every change, with a generation counter
+//!   so a fill that raced with a change is not stored;
+//! * permission invalidations: published on a pub/sub channel; every replica
+//!   subscribes and drops its cached permissions.
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use vaultpay_auth::{AuthService, InvalidationBus, Lookup, TrustBackend};
+
+/// Replaces the set only when nobody changed it since the caller's `Missing` answer.
+const FILL: &str = r#"
+local gen = tonumber(redis.call('GET', KEYS[2]) or '0')
+if gen ~= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SADD', KEYS[1], '-')
+for i = 3, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"#;
+
+/// A sentinel member so a user with no networks still has a (present) set.
+const SENTINEL: &str = "-";
+/// How long the generation counters live (far longer than any set).
+const GEN_TTL_SECS: i64 = 7 * 86_400;
+
+pub struct RedisCluster {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    fill: Script,
+    prefix: String,
+}
+
+impl RedisCluster {
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            conn: OnceCell::new(),
+            fill: Script::new(FILL),
+            prefix: "vaultpay:".into(),
+        })
+    }
+
+    /// Keys and channel under a different prefix (tests use one per run).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn set_key(&self, user: &str) -> String {
+        format!("{}trust:{user}", self.prefix)
+    }
+
+    fn gen_key(&self, user: &str) -> String {
+        format!("{}trust-gen:{user}", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}perms", self.prefix)
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, String> {
+        self.conn
+            .get_or_try_init(|| async {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_number_of_retries(1)
+                    .set_connection_timeout(Duration::from_secs(2))
+                    .set_response_timeout(Duration::from_secs(2));
+                ConnectionManager::new_with_config(self.client.clone(), cfg).await
+            })
+            .await
+            .cloned()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Subscribes to invalidations and applies them to `svc` until `shutdown`;
+    /// reconnects after errors, dropping every cached permission on (re)connect
+    /// since messages may have been missed meanwhile.
+    pub fn spawn_subscriber(
+        &self,
+        svc: AuthService,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let channel = self.channel();
+        tokio::spawn(async move {
+            loop {
+                let run = async {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    svc.drop_cached_permissions(None);
+                    let mut stream = pubsub.on_message();
+                    while let Some(msg) = stream.next().await {
+                        let payload: String = msg.get_payload()?;
+                        match payload.strip_prefix("user:") {
+                            Some(user) => svc.drop_cached_permissions(Some(user)),
+                            None => svc.drop_cached_permissions(None),
+                        }
+                    }
+                    Ok::<(), redis::RedisError>(())
+                };
+                tokio::select! {
+                    r = run => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "permission invalidation subscription lost; reconnecting");
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })
+    }
+}
+
+impl TrustBackend for RedisCluster {
+    fn contains<'a>(
+        &'a self,
+        user: &'a str,
+        network: &'a str,
+    ) -> BoxFuture<'a, Result<Lookup, String>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let (exists, member, generation): (bool, bool, Option<u64>) = redis::pipe()
+                .exists(self.set_key(user))
+                .sismember(self.set_key(user), network)
+                .get(self.gen_key(user))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if exists {
+                Lookup::Member(member)
+            } else {
+                Lookup::Missing(generation.unwrap_or(0))
+            })
+        })
+    }
+
+    fn fill<'a>(
+        &'a self,
+        user: &'a str,
+        generation: u64,
+        networks: Vec<String>,
+        ttl_secs: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let mut inv = self.fill.key(self.set_key(user));
+            inv.key(self.gen_key(user))
+                .arg(generation)
+                .arg(ttl_secs.max(1));
+            for n in networks.iter().filter(|n| n.as_str() != SENTINEL) {
+                inv.arg(n);
+            }
+            inv.invoke_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn forget<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            redis::pipe()
+                .atomic()
+                .incr(self.gen_key(user), 1)
+                .ignore()
+                .expire(self.gen_key(user), GEN_TTL_SECS)
+                .ignore()
+                .del(self.set_key(user))
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl InvalidationBus for RedisCluster {
+    fn publish<'a>(&'a self, user: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let payload = match user {
+                Some(u) => format!("user:{u}"),
+                None => "all".to_owned(),
+            };
+            redis::cmd("PUBLISH")
+                .arg(self.channel())
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// With `redis_url` configured: shares trusted networks and permission
+/// invalidations of `svc` through Redis; returns the subscriber task.
+pub fn install(
+    cfg: &crate::Config,
+    svc: &AuthService,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(url) = &cfg.redis_url else {
+        return Ok(None);
+    };
+    let cluster = std::sync::Arc::new(RedisCluster::new(url.expose())?);
+    svc.set_trust_backend(cluster.clone());
+    svc.set_invalidation_bus(cluster.clone());
+    Ok(Some(cluster.spawn_subscriber(svc.clone(), shutdown)))
+}

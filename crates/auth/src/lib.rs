@@ -11,6 +11,7 @@ mod error;
 pub mod hibp;
 pub mod keys;
 pub mod mail;
+mod mfa;
 mod rbac;
 mod routes;
 mod service;
@@ -18,5 +19,6 @@ mod sessions;
 
 pub use config::AuthConfig;
 pub use error::AuthError;
+pub use mfa::{MfaConfig, StepUpConfig, StepUpOp};
 pub use routes::{openapi, router};
 pub use service::{AuthService, Bootstrap};

@@ -42,6 +42,7 @@ pub fn router(svc: AuthService) -> Router {
         .route("/oauth/token", post(token))
         .route("/oauth/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
+        .merge(crate::mfa::routes::routes())
         .with_state(svc)
 }
 
@@ -64,7 +65,9 @@ struct AuthApi;
 
 /// The OpenAPI document of AuthShield's routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    AuthApi::openapi()
+    let mut doc = AuthApi::openapi();
+    doc.merge(<crate::mfa::routes::MfaApi as OpenApi>::openapi());
+    doc
 }
 
 fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {
@@ -86,16 +89,20 @@ async fn register(
     Ok(no_store(StatusCode::CREATED, Json(user)))
 }
 
-/// Log in with email and password; answers an OAuth-shaped token response.
+/// Log in with email and password; answers an OAuth-shaped token response, or 202
+/// `mfa_required` with a ticket for `/v1/auth/mfa/verify` when a second factor is on.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = wire::LoginRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::mfa::MfaChallenge), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
 async fn login(
     State(svc): State<AuthService>,
     ctx: Ctx,
     ApiJson(req): ApiJson<wire::LoginRequest>,
 ) -> ApiResult<Response> {
-    let tokens = svc.login(&ctx, req).await?;
-    Ok(no_store(StatusCode::OK, Json(tokens)))
+    match svc.login(&ctx, req).await {
+        Ok(tokens) => Ok(no_store(StatusCode::OK, Json(tokens))),
+        Err(AuthError::MfaRequired(c)) => Ok(no_store(StatusCode::ACCEPTED, Json(c))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// End the current session, or every session with `{"everywhere": true}`.

@@ -99,6 +99,7 @@ impl AuthService {
             metrics::counter!("auth_logins_total", "outcome" => "failure").increment(1);
             return Err(AuthError::InvalidCredentials);
         };
+        self.mfa_gate(ctx, &user_id, &req.device).await?;
 
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
@@ -161,7 +162,7 @@ impl AuthService {
         })
     }
 
-    async fn insert_refresh(
+    pub(crate) async fn insert_refresh(
         &self,
         tx: &mut Tx,
         session_id: &str,

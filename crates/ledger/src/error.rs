@@ -61,6 +61,8 @@ pub enum LedgerError {
     IdempotencyInProgress,
     #[error("the session of this token has been revoked")]
     SessionRevoked,
+    #[error("this operation needs a second factor within the last {max_age_secs} seconds")]
+    StepUpRequired { max_age_secs: i64 },
     #[error("the invalid cursor {0:?}")]
     InvalidCursor(String),
     #[error("session introspection failed: {0}")]
@@ -118,7 +120,7 @@ impl LedgerError {
             IdempotencyKeyRequired | IdempotencyKeyInvalid | InvalidCursor(_) => {
                 StatusCode::BAD_REQUEST
             }
-            SessionRevoked => StatusCode::UNAUTHORIZED,
+            SessionRevoked | StepUpRequired { .. } => StatusCode::UNAUTHORIZED,
             IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -152,6 +154,7 @@ impl LedgerError {
             IdempotencyKeyReused => "idempotency_key_reused",
             IdempotencyInProgress => "idempotency_request_in_progress",
             SessionRevoked => "session_revoked",
+            StepUpRequired { .. } => "insufficient_user_authentication",
             InvalidCursor(_) => "invalid_cursor",
             IntrospectionUnavailable(_) => "service_unavailable",
             Store(_) | Internal(_) => "internal_error",
@@ -213,6 +216,9 @@ impl From<LedgerError> for ApiError {
             LedgerError::Store(_) | LedgerError::Internal(_) => ApiError::internal(&e),
             LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
             LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),
+            LedgerError::StepUpRequired { max_age_secs } => {
+                vaultpay_web::step_up_required(*max_age_secs)
+            }
             _ => ApiError {
                 problem: Box::new(e.problem(vaultpay_web::current_request_id())),
                 headers: Vec::new(),

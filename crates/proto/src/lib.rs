@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod ledger;
+pub mod mfa;
 mod problem;
 
 pub use problem::{Problem, PROBLEM_CONTENT_TYPE};

@@ -176,8 +176,10 @@ impl TestApp {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             device_id: String::new(),
             auth_time: now,
-            amr: vec!["pwd".into()],
-            acr: None,
+            // Test callers have a fresh second factor, so large transfers pass step-up
+            // (step-up itself is tested end to end in the server's `mfa` tests).
+            amr: vec!["pwd".into(), "otp".into(), "mfa".into()],
+            acr: Some(vaultpay_core::step_up::ACR_MFA.into()),
             scope: None,
             client_id: None,
         };

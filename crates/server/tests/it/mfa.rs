@@ -798,3 +798,95 @@ async fn large_ledger_transfers_need_step_up() {
         app.stop().await;
     });
 }
+
+#[tokio::test]
+async fn mfa_routes_refuse_bad_input_with_4xx_and_are_documented() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let t = app.user("junk@example.com").await;
+    let long = "9".repeat(5000);
+    let cases: Vec<(&str, bool, Value)> = vec![
+        ("/v1/mfa/totp/confirm", true, json!({"code": long})),
+        ("/v1/mfa/totp/confirm", true, json!({"code": 123456})),
+        (
+            "/v1/mfa/totp/confirm",
+            true,
+            json!({"code": "123456", "x": 1}),
+        ),
+        (
+            "/v1/mfa/totp/disable",
+            true,
+            json!({"password": long, "code": "1"}),
+        ),
+        (
+            "/v1/mfa/email/confirm",
+            true,
+            json!({"code": "１２３４５６"}),
+        ),
+        (
+            "/v1/auth/mfa/verify",
+            false,
+            json!({"mfa_ticket": long, "code": long}),
+        ),
+        (
+            "/v1/auth/mfa/verify",
+            false,
+            json!({"mfa_ticket": "t", "code": "1", "method": "sms"}),
+        ),
+        ("/v1/auth/mfa/verify", false, json!({})),
+        ("/v1/auth/mfa/email", false, json!({"mfa_ticket": long})),
+        (
+            "/v1/auth/step-up",
+            true,
+            json!({"code": long, "method": "totp"}),
+        ),
+        (
+            "/v1/auth/step-up",
+            true,
+            json!({"code": "123456", "method": "sms"}),
+        ),
+        ("/v1/auth/step-up", true, json!([])),
+    ];
+    for (path, authed, body) in cases {
+        let token = authed.then_some(t.access.as_str());
+        let r = app.post(path, token, body.clone()).await;
+        assert!(
+            r.status.is_client_error(),
+            "{path} {body}: {} {}",
+            r.status,
+            r.text
+        );
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    }
+    // without a token: 401
+    for path in [
+        "/v1/mfa/totp",
+        "/v1/auth/step-up",
+        "/v1/auth/step-up/email",
+        "/v1/mfa/email/enable",
+    ] {
+        app.post(path, None, json!({"code": "123456"}))
+            .await
+            .assert_problem(401, "missing_token");
+    }
+    let doc = app.get("/openapi.json", None).await;
+    for path in [
+        "/v1/mfa",
+        "/v1/mfa/totp",
+        "/v1/mfa/totp/confirm",
+        "/v1/mfa/totp/disable",
+        "/v1/mfa/email/enable",
+        "/v1/mfa/email/confirm",
+        "/v1/auth/mfa/verify",
+        "/v1/auth/mfa/email",
+        "/v1/auth/step-up",
+        "/v1/auth/step-up/email",
+    ] {
+        assert!(
+            doc.body["paths"][path].is_object(),
+            "{path} is not documented"
+        );
+    }
+    assert!(doc.body["paths"]["/v1/auth/login"]["post"]["responses"]["202"].is_object());
+    assert!(doc.body["components"]["schemas"]["MfaChallenge"].is_object());
+    app.stop().await;
+}

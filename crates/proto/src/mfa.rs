@@ -37,6 +37,13 @@ pub struct TotpDisableRequest {
     pub code: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordRequest {
+    /// The account password.
+    pub password: String,
+}
+
 /// The caller's second factors.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MfaStatus {

@@ -556,6 +556,65 @@ impl AuthService {
         self.mfa_status(p).await
     }
 
+    /// `POST /v1/mfa/email/disable`: needs the password and a token that has
+    /// stepped up within `max_age` (a second factor, whichever).
+    pub async fn email_mfa_disable(
+        &self,
+        ctx: &Ctx,
+        p: &Principal,
+        password: String,
+    ) -> Result<mw::MfaStatus, AuthError> {
+        self.require_live_session(p).await?;
+        let user_id = p.user_id();
+        self.refuse_locked(user_id).await?;
+        if !self.factors(user_id).await?.email {
+            return Err(AuthError::Invalid(
+                "mfa_method_unavailable",
+                "Emailed codes are not enabled for this account.".into(),
+            ));
+        }
+        vaultpay_web::require_step_up(
+            p,
+            self.inner.cfg.step_up.max_age_secs,
+            now_micros() / 1_000_000,
+        )?;
+        self.mfa_limit(ctx, user_id).await?;
+        let email = self.user_email(user_id).await?;
+        let phc: String = sqlx::query("SELECT password_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_one(self.inner.db.read())
+            .await?
+            .try_get("password_hash")?;
+        if password.len() > 1024 || !self.verify_password(password, Some(phc)).await? {
+            self.audit_only(
+                ctx,
+                NewAudit::failure("mfa.email_disable_failed")
+                    .actor(user_id)
+                    .resource(user_id),
+            )
+            .await?;
+            self.login_failed(ctx, &email, true).await?;
+            return Err(AuthError::InvalidCredentials);
+        }
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        sqlx::query("DELETE FROM mfa_email WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("mfa.email_disabled")
+                .actor(user_id)
+                .resource(user_id),
+        )
+        .await?;
+        tx.commit().await?;
+        self.mfa_status(p).await
+    }
+
     async fn check_email_code(
         &self,
         tx: &mut Tx,

@@ -23,6 +23,7 @@ pub(crate) fn routes() -> Router<AuthService> {
         .route("/v1/mfa/totp/disable", post(totp_disable))
         .route("/v1/mfa/email/enable", post(email_enable))
         .route("/v1/mfa/email/confirm", post(email_confirm))
+        .route("/v1/mfa/email/disable", post(email_disable))
         .route("/v1/auth/mfa/verify", post(mfa_verify))
         .route("/v1/auth/mfa/email", post(mfa_email))
         .route("/v1/auth/step-up", post(step_up))
@@ -38,6 +39,7 @@ pub(crate) fn routes() -> Router<AuthService> {
         totp_disable,
         email_enable,
         email_confirm,
+        email_disable,
         mfa_verify,
         mfa_email,
         step_up,
@@ -49,6 +51,7 @@ pub(crate) fn routes() -> Router<AuthService> {
         mw::TotpConfirmed,
         mw::TotpDisableRequest,
         mw::MfaStatus,
+        mw::PasswordRequest,
         mw::MfaChallenge,
         mw::MfaVerifyRequest,
         mw::MfaTicketRequest,
@@ -130,6 +133,18 @@ async fn email_confirm(
     ApiJson(req): ApiJson<mw::CodeRequest>,
 ) -> ApiResult<Json<mw::MfaStatus>> {
     Ok(Json(svc.email_mfa_confirm(&ctx, &p, &req.code).await?))
+}
+
+/// Turn emailed codes off: the password and a stepped-up token (`/v1/auth/step-up`).
+#[utoipa::path(post, path = "/v1/mfa/email/disable", tag = "auth", request_body = mw::PasswordRequest,
+    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem), (status = 423, body = Problem)), security(("bearer" = [])))]
+async fn email_disable(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    ApiJson(req): ApiJson<mw::PasswordRequest>,
+) -> ApiResult<Json<mw::MfaStatus>> {
+    Ok(Json(svc.email_mfa_disable(&ctx, &p, req.password).await?))
 }
 
 /// Finish a login that answered `mfa_required`: ticket + code → tokens

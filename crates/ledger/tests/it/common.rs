@@ -186,6 +186,35 @@ impl TestApp {
         self.signer.sign(&claims).unwrap()
     }
 
+    /// A token whose `acr` and `auth_time` (this many seconds ago) are as given.
+    pub fn token_acr(
+        &self,
+        user: &str,
+        roles: &[&str],
+        acr: Option<&str>,
+        age_secs: i64,
+    ) -> String {
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let claims = AccessClaims {
+            iss: "https://auth.test".into(),
+            sub: user.into(),
+            aud: Audience::One("vaultpay".into()),
+            exp: now + 3600,
+            iat: now,
+            nbf: now,
+            jti: key(),
+            sid: format!("sid-{user}"),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            device_id: String::new(),
+            auth_time: now - age_secs,
+            amr: vec!["pwd".into()],
+            acr: acr.map(str::to_owned),
+            scope: None,
+            client_id: None,
+        };
+        self.signer.sign(&claims).unwrap()
+    }
+
     pub fn token(&self, user: &str, roles: &[&str]) -> String {
         self.token_sid(user, roles, &format!("sid-{user}"))
     }

@@ -713,6 +713,34 @@ async fn step_up_by_emailed_code_and_for_role_changes() {
             )
             .await;
         r.assert_problem(401, "mfa_code_invalid");
+        // turning emailed codes off: step-up and the password
+        let off = json!({"password": PASSWORD});
+        assert_step_up_challenge(
+            &app.post("/v1/mfa/email/disable", Some(&admin.access), off.clone())
+                .await,
+        );
+        app.post(
+            "/v1/mfa/email/disable",
+            Some(&stepped),
+            json!({"password": "wrong-password-123"}),
+        )
+        .await
+        .assert_problem(401, "invalid_credentials");
+        let r = app.post("/v1/mfa/email/disable", Some(&stepped), off).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["email_enabled"], false);
+        // the password alone logs the admin in again
+        assert_eq!(
+            login(&app, "admin@example.com", PASSWORD).await.status,
+            StatusCode::OK
+        );
+        let admin2 = app.admin().await;
+        assert_eq!(
+            audit_action(&app, &admin2.access, "mfa.email_disabled")
+                .await
+                .len(),
+            1
+        );
         app.stop().await;
     });
 }
@@ -876,6 +904,7 @@ async fn mfa_routes_refuse_bad_input_with_4xx_and_are_documented() {
         "/v1/mfa/totp/disable",
         "/v1/mfa/email/enable",
         "/v1/mfa/email/confirm",
+        "/v1/mfa/email/disable",
         "/v1/auth/mfa/verify",
         "/v1/auth/mfa/email",
         "/v1/auth/step-up",

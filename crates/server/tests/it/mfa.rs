@@ -919,3 +919,45 @@ async fn mfa_routes_refuse_bad_input_with_4xx_and_are_documented() {
     assert!(doc.body["components"]["schemas"]["MfaChallenge"].is_object());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_totp_code_raced_on_several_tickets_logs_in_once() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "race@example.com";
+        let t = app.user(who).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let mut tickets = Vec::new();
+        for _ in 0..4 {
+            tickets.push(ticket(&app, who).await);
+        }
+        let c = code(&secret, 0);
+        let results =
+            futures::future::join_all(tickets.iter().map(|tk| verify(&app, tk, &c, Some("totp"))))
+                .await;
+        let ok = results
+            .iter()
+            .filter(|r| r.status == StatusCode::OK)
+            .count();
+        assert_eq!(ok, 1, "exactly one login with one code");
+        for r in results.iter().filter(|r| r.status != StatusCode::OK) {
+            r.assert_problem(401, "mfa_code_invalid");
+        }
+        // and a step-up with it on the session that won is a replay too
+        let winner = results.iter().find(|r| r.status == StatusCode::OK).unwrap();
+        let access = winner.body["access_token"].as_str().unwrap();
+        app.post("/v1/auth/step-up", Some(access), json!({ "code": c }))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        // a revoked session cannot step up
+        app.post("/v1/auth/logout", Some(access), json!({})).await;
+        app.post(
+            "/v1/auth/step-up",
+            Some(access),
+            json!({ "code": code(&secret, 1) }),
+        )
+        .await
+        .assert_problem(401, "session_revoked");
+        app.stop().await;
+    });
+}

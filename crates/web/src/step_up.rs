@@ -27,6 +27,26 @@ pub fn step_up_required(max_age_secs: i64) -> ApiError {
     e
 }
 
+/// `401 insufficient_user_authentication` asking only for a recent authentication
+/// (`max_age` without `acr_values`, RFC 9470 §3): the client signs in again.
+pub fn reauthentication_required(max_age_secs: i64) -> ApiError {
+    let detail = "This needs a sign-in within the last few minutes; log in again and retry with the new token.";
+    let challenge = format!(
+        "Bearer error=\"insufficient_user_authentication\", error_description=\"{detail}\", max_age={max_age_secs}"
+    );
+    let mut e = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "insufficient_user_authentication",
+        "Recent authentication required",
+    )
+    .detail(detail)
+    .with("max_age", max_age_secs);
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        e.headers.push((header::WWW_AUTHENTICATE, v));
+    }
+    e
+}
+
 /// Refuses a caller whose token does not show a second factor within `max_age_secs`.
 pub fn require_step_up(p: &Principal, max_age_secs: i64, now_secs: i64) -> Result<(), ApiError> {
     if is_fresh_mfa(

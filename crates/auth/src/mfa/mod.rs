@@ -194,6 +194,26 @@ impl AuthService {
         Ok(())
     }
 
+    /// Adding a second factor needs proof of a recent authentication, so a stolen
+    /// (or long-refreshed) access token cannot enrol an attacker's authenticator:
+    /// a login within `max_age` (RFC 9470 `max_age` challenge), or, when the user
+    /// already has a second factor, a step-up within `max_age`.
+    async fn require_recent_auth(&self, p: &Principal) -> Result<(), AuthError> {
+        let max_age = self.inner.cfg.step_up.max_age_secs;
+        let now = now_micros() / 1_000_000;
+        if self.factors(p.user_id()).await?.any() {
+            return vaultpay_web::require_step_up(p, max_age, now).map_err(AuthError::Api);
+        }
+        let auth_time = p.claims.auth_time;
+        if auth_time <= now + 60 && now - auth_time <= max_age {
+            Ok(())
+        } else {
+            Err(AuthError::Api(vaultpay_web::reauthentication_required(
+                max_age,
+            )))
+        }
+    }
+
     // ---- TOTP enrolment ----
 
     /// `POST /v1/mfa/totp`: a new pending secret (replaces a pending one).
@@ -203,6 +223,7 @@ impl AuthService {
         p: &Principal,
     ) -> Result<mw::TotpEnrollment, AuthError> {
         self.require_live_session(p).await?;
+        self.require_recent_auth(p).await?;
         let user_id = p.user_id();
         let email = self.user_email(user_id).await?;
         let secret = zeroize::Zeroizing::new(totp::generate_secret());
@@ -260,6 +281,7 @@ impl AuthService {
         code: &str,
     ) -> Result<mw::TotpConfirmed, AuthError> {
         self.require_live_session(p).await?;
+        self.require_recent_auth(p).await?;
         let user_id = p.user_id();
         self.mfa_limit(ctx, user_id).await?;
         let db = &self.inner.db;
@@ -501,6 +523,7 @@ impl AuthService {
         p: &Principal,
     ) -> Result<wire::Accepted, AuthError> {
         self.require_live_session(p).await?;
+        self.require_recent_auth(p).await?;
         self.send_email_code(ctx, p.user_id(), "enrol").await?;
         Ok(wire::Accepted {
             status: "code_sent".into(),
@@ -515,6 +538,7 @@ impl AuthService {
         code: &str,
     ) -> Result<mw::MfaStatus, AuthError> {
         self.require_live_session(p).await?;
+        self.require_recent_auth(p).await?;
         let user_id = p.user_id();
         self.mfa_limit(ctx, user_id).await?;
         let db = &self.inner.db;

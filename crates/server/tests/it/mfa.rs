@@ -166,10 +166,8 @@ async fn totp_enrol_confirm_login_and_replay_refused() {
             let c = c.as_str().unwrap();
             assert!(stored.iter().all(|h| !h.contains(c) && h.len() == 64));
         }
-        // a second enrolment while enabled is refused
-        app.post("/v1/mfa/totp", Some(&t.access), json!({}))
-            .await
-            .assert_problem(409, "totp_already_enabled");
+        // a second enrolment needs the first factor (step-up)…
+        assert_step_up_challenge(&app.post("/v1/mfa/totp", Some(&t.access), json!({})).await);
 
         // login now answers 202 with a ticket
         let r = login(&app, "tia@example.com", PASSWORD).await;
@@ -191,6 +189,10 @@ async fn totp_enrol_confirm_login_and_replay_refused() {
         let access = r.body["access_token"].as_str().unwrap().to_owned();
         assert_mfa_claims(&access);
         assert_eq!(app.get("/v1/me", Some(&access)).await.status, 200);
+        // …and is refused while TOTP is enabled
+        app.post("/v1/mfa/totp", Some(&access), json!({}))
+            .await
+            .assert_problem(409, "totp_already_enabled");
 
         // the ticket is single use; the code is single use on a fresh ticket too
         verify(&app, &ticket, &good, None)
@@ -958,6 +960,57 @@ async fn one_totp_code_raced_on_several_tickets_logs_in_once() {
         )
         .await
         .assert_problem(401, "session_revoked");
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn enrolling_a_factor_needs_a_recent_sign_in_or_step_up() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "stolen@example.com";
+        let t = app.user(who).await;
+        // a token of a session signed in long ago (refreshed since): refused, with a
+        // max_age challenge (sign in again), so a stolen token cannot enrol a device
+        sqlx::query("UPDATE sessions SET auth_time = auth_time - 901000000 WHERE id = $1")
+            .bind(&t.session)
+            .execute(app.auth_db().read())
+            .await
+            .unwrap();
+        let r = crate::auth_flows::refresh(&app, &t.refresh).await;
+        let old = r.body["access_token"].as_str().unwrap().to_owned();
+        for path in ["/v1/mfa/totp", "/v1/mfa/email/enable"] {
+            let r = app.post(path, Some(&old), json!({})).await;
+            r.assert_problem(401, "insufficient_user_authentication");
+            let h = r.header("www-authenticate").unwrap();
+            assert!(
+                h.starts_with("Bearer error=\"insufficient_user_authentication\"")
+                    && h.ends_with(", max_age=900")
+                    && !h.contains("acr_values"),
+                "{h}"
+            );
+        }
+        assert_eq!(app.count("mfa_totp").await, 0);
+        // a fresh sign-in may enrol; a second factor then needs step-up to add another
+        let fresh = app.login(who, PASSWORD).await;
+        let (secret, _) = enable_totp(&app, &fresh.access).await;
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&fresh.access), json!({}))
+            .await;
+        assert_step_up_challenge(&r);
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&fresh.access),
+                json!({"code": code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&stepped), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
         app.stop().await;
     });
 }

@@ -33,7 +33,7 @@ pub struct TotpConfirmed {
 pub struct TotpDisableRequest {
     /// The account password.
     pub password: String,
-    /// A current TOTP code.
+    /// A current TOTP code, or a recovery code when the authenticator is lost.
     pub code: String,
 }
 

@@ -371,7 +371,8 @@ impl AuthService {
         Ok(codes)
     }
 
-    /// `POST /v1/mfa/totp/disable`: needs the password and a current code.
+    /// `POST /v1/mfa/totp/disable`: needs the password and a current code (or a
+    /// recovery code, for a lost authenticator).
     pub async fn totp_disable(
         &self,
         ctx: &Ctx,
@@ -402,8 +403,14 @@ impl AuthService {
         }
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
+        // A current TOTP code, or a recovery code when the authenticator is lost.
+        let method = if req.code.trim().len() == 6 {
+            METHOD_TOTP
+        } else {
+            METHOD_RECOVERY
+        };
         match self
-            .consume_factor(&mut tx, user_id, Some(METHOD_TOTP), &req.code, "")
+            .consume_factor(&mut tx, user_id, Some(method), &req.code, "")
             .await?
         {
             Check::Ok(_) => {}

@@ -556,6 +556,17 @@ async fn disabling_totp_needs_password_and_code() {
                 .len(),
             2
         );
+        // a lost authenticator: a recovery code stands in for the current code, once
+        let (_lost, codes) = enable_totp(&app, &t.access).await;
+        let r = app
+            .post(
+                "/v1/mfa/totp/disable",
+                Some(&t.access),
+                json!({"password": PASSWORD, "code": codes[3]}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(login(&app, "dis@example.com", PASSWORD).await.status, 200);
         app.stop().await;
     });
 }

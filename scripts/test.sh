@@ -4,11 +4,16 @@
 # PostgreSQL and Redis variants run when VAULTPAY_TEST_PG_URL / VAULTPAY_TEST_REDIS_URL
 # are set (.ci/run sets both and starts the services); a set variable whose service is
 # unreachable fails the run. The SMTP test talks to a real SMTP server (Python aiosmtpd),
-# installed here when missing.
+# installed here when missing, as is pyotp (scripts/interop/totp_pyotp.py cross-checks
+# our TOTP against it; that test fails when pyotp is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
   echo "installing aiosmtpd (the SMTP server the mail tests send to)"
   python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
+fi
+if ! python3 -c 'import pyotp' 2>/dev/null; then
+  echo "installing pyotp (the independent TOTP implementation the interop test checks against)"
+  python3 -m pip install --quiet --disable-pip-version-check pyotp
 fi
 exec cargo test --workspace --all-features "$@"

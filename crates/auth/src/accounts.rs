@@ -475,6 +475,8 @@ impl AuthService {
         req: wire::ChangePasswordRequest,
     ) -> Result<wire::Accepted, AuthError> {
         self.require_live_session(p).await?;
+        self.require_step_up(p, crate::mfa::StepUpOp::PasswordChange)
+            .await?;
         let user_id = p.user_id();
         vaultpay_web::enforce(
             &*self.inner.limiter,

@@ -46,6 +46,8 @@ pub struct AuthConfig {
     pub introspection_secret: Option<Secret>,
     /// `[auth.ip_trust]`: trusted networks and held logins.
     pub ip_trust: crate::iptrust::IpTrustConfig,
+    pub mfa: crate::mfa::MfaConfig,
+    pub step_up: crate::mfa::StepUpConfig,
 }
 
 impl Default for AuthConfig {
@@ -72,6 +74,8 @@ impl Default for AuthConfig {
             permission_cache_ttl_secs: 60,
             introspection_secret: None,
             ip_trust: Default::default(),
+            mfa: Default::default(),
+            step_up: Default::default(),
         }
     }
 }

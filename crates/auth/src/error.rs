@@ -39,6 +39,9 @@ pub enum AuthError {
     ResetRequired,
     #[error("OAuth error {0}: {1}")]
     OAuth(&'static str, String),
+    /// Not a failure: the password was right and a second factor is due (answered 202).
+    #[error("a second factor is required")]
+    MfaRequired(Box<vaultpay_proto::mfa::MfaChallenge>),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("storage: {0}")]
@@ -122,6 +125,11 @@ impl From<AuthError> for ApiError {
             )
             .detail("The account was locked after a sign-in was reported as not yours; reset the password to unlock it."),
             AuthError::OAuth(code, detail) => ApiError::bad_request(code, detail),
+            AuthError::MfaRequired(_) => ApiError::new(
+                StatusCode::ACCEPTED,
+                "mfa_required",
+                "Second factor required",
+            ),
             AuthError::Api(e) => e,
             AuthError::Store(e) => ApiError::internal(e),
             AuthError::Internal(e) => ApiError::internal(e),

@@ -80,6 +80,7 @@ async fn complete_login(
     match svc.complete_login(&ctx, req).await {
         Ok(tokens) => Ok(no_store(StatusCode::OK, Json(tokens))),
         Err(AuthError::IpConfirmationRequired(t)) => Ok(held(t)),
+        Err(AuthError::MfaRequired(c)) => Ok(no_store(StatusCode::ACCEPTED, Json(c))),
         Err(e) => Err(e.into()),
     }
 }

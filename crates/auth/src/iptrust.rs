@@ -673,6 +673,18 @@ impl AuthService {
         if done != 1 {
             return Err(AuthError::BadLoginTicket);
         }
+        // A confirmed network replaces no factor: a user with a second factor goes on
+        // to the MFA step (202 mfa_required with a ticket) exactly as a trusted login.
+        if self.has_second_factor(&hold.user_id).await? {
+            tx.commit().await?;
+            let device = wire::DeviceInfo {
+                id: hold.device_id.clone(),
+                name: hold.device_name.clone(),
+            };
+            self.mfa_gate(ctx, &hold.user_id, &device).await?;
+            // The factor was removed in between: the user signs in again.
+            return Err(AuthError::BadLoginTicket);
+        }
         let facts = SessionFacts {
             user_id: hold.user_id.clone(),
             session_id: uuid::Uuid::now_v7().to_string(),

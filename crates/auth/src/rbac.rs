@@ -186,6 +186,8 @@ impl AuthService {
         role: &str,
         grant: bool,
     ) -> Result<wire::User, AuthError> {
+        self.require_step_up(actor, crate::mfa::StepUpOp::RoleChange)
+            .await?;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
         let exists = sqlx::query("SELECT name FROM roles WHERE name = $1")

@@ -42,6 +42,7 @@ pub fn router(svc: AuthService) -> Router {
         .route("/oauth/token", post(token))
         .route("/oauth/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
+        .merge(crate::mfa::routes::routes())
         .with_state(svc.clone())
         .merge(crate::ext_routes::router(svc))
 }
@@ -67,6 +68,7 @@ struct AuthApi;
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = AuthApi::openapi();
     doc.merge(<crate::ext_routes::ExtApi as OpenApi>::openapi());
+    doc.merge(<crate::mfa::routes::MfaApi as OpenApi>::openapi());
     doc
 }
 
@@ -89,9 +91,10 @@ async fn register(
     Ok(no_store(StatusCode::CREATED, Json(user)))
 }
 
-/// Log in with email and password; answers an OAuth-shaped token response.
+/// Log in with email and password; answers an OAuth-shaped token response, or 202
+/// `mfa_required` with a ticket for `/v1/auth/mfa/verify` when a second factor is on.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = wire::LoginRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::iptrust::LoginHeld), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::mfa::MfaChallenge, description = "A second factor is needed (`mfa_required`), or, with a `LoginHeld` body, the network must be confirmed first (`ip_confirmation_required`)"), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
 async fn login(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -100,6 +103,7 @@ async fn login(
     match svc.login(&ctx, req).await {
         Ok(tokens) => Ok(no_store(StatusCode::OK, Json(tokens))),
         Err(AuthError::IpConfirmationRequired(ticket)) => Ok(crate::ext_routes::held(ticket)),
+        Err(AuthError::MfaRequired(c)) => Ok(no_store(StatusCode::ACCEPTED, Json(c))),
         Err(e) => Err(e.into()),
     }
 }

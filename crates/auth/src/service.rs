@@ -234,7 +234,7 @@ impl AuthService {
             device_id: s.device_id.clone(),
             auth_time: s.auth_time / 1_000_000,
             amr: s.amr.clone(),
-            acr: None,
+            acr: vaultpay_core::step_up::acr_for(&s.amr),
             scope: None,
             client_id: None,
         };

@@ -103,6 +103,7 @@ impl AuthService {
         // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
         self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
             .await?;
+        self.mfa_gate(ctx, &user_id, &req.device).await?;
 
         let db = &self.inner.db;
         let mut tx = db.begin().await?;

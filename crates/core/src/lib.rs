@@ -12,4 +12,6 @@ pub mod jwt;
 pub mod money;
 pub mod password;
 pub mod secret;
+pub mod step_up;
 pub mod time;
+pub mod totp;

@@ -63,6 +63,8 @@ pub enum LedgerError {
     SessionRevoked,
     #[error("this operation is refused from a network the account has not confirmed; sign in from here to confirm it")]
     UntrustedNetwork,
+    #[error("this operation needs a second factor within the last {max_age_secs} seconds")]
+    StepUpRequired { max_age_secs: i64 },
     #[error("the invalid cursor {0:?}")]
     InvalidCursor(String),
     #[error("session introspection failed: {0}")]
@@ -120,7 +122,7 @@ impl LedgerError {
             IdempotencyKeyRequired | IdempotencyKeyInvalid | InvalidCursor(_) => {
                 StatusCode::BAD_REQUEST
             }
-            SessionRevoked => StatusCode::UNAUTHORIZED,
+            SessionRevoked | StepUpRequired { .. } => StatusCode::UNAUTHORIZED,
             UntrustedNetwork => StatusCode::FORBIDDEN,
             IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -156,6 +158,7 @@ impl LedgerError {
             IdempotencyInProgress => "idempotency_request_in_progress",
             SessionRevoked => "session_revoked",
             UntrustedNetwork => "untrusted_network",
+            StepUpRequired { .. } => "insufficient_user_authentication",
             InvalidCursor(_) => "invalid_cursor",
             IntrospectionUnavailable(_) => "service_unavailable",
             Store(_) | Internal(_) => "internal_error",
@@ -217,6 +220,9 @@ impl From<LedgerError> for ApiError {
             LedgerError::Store(_) | LedgerError::Internal(_) => ApiError::internal(&e),
             LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
             LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),
+            LedgerError::StepUpRequired { max_age_secs } => {
+                vaultpay_web::step_up_required(*max_age_secs)
+            }
             _ => ApiError {
                 problem: Box::new(e.problem(vaultpay_web::current_request_id())),
                 headers: Vec::new(),

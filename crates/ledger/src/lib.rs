@@ -42,6 +42,11 @@ use vaultpay_web::Introspector;
 pub struct LedgerConfig {
     /// Transfers of at least this many minor units need a live session (introspection).
     pub introspection_threshold_minor: i64,
+    /// Transfers (and batches) at or above `introspection_threshold_minor` also need a
+    /// second factor within `step_up_max_age_secs` (RFC 9470 step-up at AuthShield).
+    pub step_up_large_transfers: bool,
+    /// How recent that second factor must be (match `[auth.step_up] max_age_secs`).
+    pub step_up_max_age_secs: i64,
     /// Timeout of a hold when the request names none.
     pub hold_default_timeout_secs: i64,
     /// Longest hold timeout a request may ask for.
@@ -66,6 +71,8 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         Self {
             introspection_threshold_minor: 100_000,
+            step_up_large_transfers: true,
+            step_up_max_age_secs: 900,
             hold_default_timeout_secs: 7 * 86_400,
             hold_max_timeout_secs: 30 * 86_400,
             idempotency_ttl_secs: 86_400,
@@ -173,6 +180,28 @@ impl Ledger {
             return Err(LedgerError::SessionRevoked);
         }
         Ok(())
+    }
+
+    /// Refuses a large transfer whose token shows no recent second factor.
+    fn require_step_up(&self, actor: &Actor) -> Result<(), LedgerError> {
+        let cfg = self.config();
+        if !cfg.step_up_large_transfers {
+            return Ok(());
+        }
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        if vaultpay_core::step_up::is_fresh_mfa(
+            actor.acr.as_deref(),
+            actor.auth_time,
+            now,
+            cfg.step_up_max_age_secs,
+        ) {
+            Ok(())
+        } else {
+            metrics::counter!("ledger_step_up_required_total").increment(1);
+            Err(LedgerError::StepUpRequired {
+                max_age_secs: cfg.step_up_max_age_secs,
+            })
+        }
     }
 
     fn committer(&self) -> &mpsc::Sender<Queued> {
@@ -289,6 +318,7 @@ impl Ledger {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
         if req.amount >= self.config().introspection_threshold_minor {
             self.require_live_session(actor).await?;
+            self.require_step_up(actor)?;
         }
         self.submit(actor, Some(key), Op::Transfer(req), origin)
             .await
@@ -310,6 +340,7 @@ impl Ledger {
             .fold(0i64, |s, t| s.saturating_add(t.amount.max(0)));
         if total >= threshold {
             self.require_live_session(actor).await?;
+            self.require_step_up(actor)?;
         }
         self.submit(actor, Some(key), Op::Batch(req), origin).await
     }

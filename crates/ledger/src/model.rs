@@ -13,6 +13,9 @@ pub struct Actor {
     /// The bearer token, for introspection of sensitive operations.
     pub token: String,
     pub client_ip: Option<std::net::IpAddr>,
+    /// `acr` and `auth_time` (seconds) of the token, for step-up (RFC 9470).
+    pub acr: Option<String>,
+    pub auth_time: i64,
 }
 
 impl Actor {
@@ -22,6 +25,8 @@ impl Actor {
             roles,
             token: token.into(),
             client_ip: None,
+            acr: None,
+            auth_time: 0,
         }
     }
 
@@ -34,6 +39,8 @@ impl Actor {
             roles: p.claims.roles.clone(),
             token: p.token.clone(),
             client_ip,
+            acr: p.claims.acr.clone(),
+            auth_time: p.claims.auth_time,
         }
     }
 

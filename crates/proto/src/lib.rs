@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod iptrust;
 pub mod ledger;
+pub mod mfa;
 mod problem;
 
 pub use problem::{Problem, PROBLEM_CONTENT_TYPE};

@@ -37,6 +37,7 @@ macro_rules! migration {
 
 const AUTH: &[Migration] = &[
     migration!(1, "auth", "0001_init"),
+    migration!(2, "auth", "0002_mfa"),
     migration!(3, "auth", "0003_iptrust"),
 ];
 const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
@@ -60,19 +61,22 @@ impl Db {
         for m in list {
             let mut tx = self.begin().await?;
             self.lock(&mut tx, LOCK_MIGRATIONS).await?;
-            let current: i64 = sqlx::query(
-                "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) AS v FROM schema_migrations",
-            )
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("v")?;
-            if current > known {
+            // Set-based: a version missing below the newest applied one (branches
+            // merged in another order) is still applied.
+            let rows = sqlx::query("SELECT version FROM schema_migrations")
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut done = std::collections::HashSet::with_capacity(rows.len());
+            for r in &rows {
+                done.insert(r.try_get::<i64, _>("version")?);
+            }
+            if let Some(&current) = done.iter().filter(|v| **v > known).max() {
                 return Err(StoreError::SchemaTooNew {
                     found: current,
                     known,
                 });
             }
-            if current >= m.version {
+            if done.contains(&m.version) {
                 continue;
             }
             let sql = match self.backend() {

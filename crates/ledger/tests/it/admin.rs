@@ -198,3 +198,71 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn large_transfers_need_a_recent_second_factor() {
+    use vaultpay_core::step_up::ACR_MFA;
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&app.customer("bob"), "USD").await;
+        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let threshold = app.ledger.config().introspection_threshold_minor;
+        let pwd = app.token_acr("alice", &["customer"], None, 0);
+        app.transfer(&pwd, &a, &bb, threshold - 1).await.expect(201);
+        let r = app
+            .transfer(&pwd, &a, &bb, threshold)
+            .await
+            .problem(401, "insufficient_user_authentication");
+        let h = r.headers.get("www-authenticate").unwrap().to_str().unwrap();
+        assert!(
+            h.starts_with("Bearer error=\"insufficient_user_authentication\"")
+                && h.ends_with(&format!("acr_values=\"{ACR_MFA}\", max_age=900")),
+            "{h}"
+        );
+        // a second factor older than max_age, or another acr, does not count
+        let stale = app.token_acr("alice", &["customer"], Some(ACR_MFA), 901);
+        app.transfer(&stale, &a, &bb, threshold)
+            .await
+            .problem(401, "insufficient_user_authentication");
+        let other = app.token_acr("alice", &["customer"], Some("urn:other"), 0);
+        app.transfer(&other, &a, &bb, threshold)
+            .await
+            .problem(401, "insufficient_user_authentication");
+        // a batch counts its total
+        let item = json!({"from_account_id": a, "to_account_id": bb, "amount": threshold / 2 + 1, "currency": "USD", "description": "b"});
+        app.post(
+            "/v1/transfers/batch",
+            &pwd,
+            Some(&key()),
+            json!({"transfers": [item.clone(), item]}),
+        )
+        .await
+        .problem(401, "insufficient_user_authentication");
+        assert_eq!(
+            app.balance(&alice, &a).await.0,
+            1_000_000 - (threshold - 1),
+            "refused transfers moved nothing"
+        );
+        let fresh = app.token_acr("alice", &["customer"], Some(ACR_MFA), 880);
+        app.transfer(&fresh, &a, &bb, threshold).await.expect(201);
+    })
+    .await;
+
+    // switched off: the live session is enough
+    each_backend(|b| async move {
+        let cfg = vaultpay_ledger::LedgerConfig {
+            step_up_large_transfers: false,
+            ..Default::default()
+        };
+        let app = TestApp::with_config(b, cfg).await;
+        let alice = app.customer("alice");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&app.customer("bob"), "USD").await;
+        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let pwd = app.token_acr("alice", &["customer"], None, 0);
+        app.transfer(&pwd, &a, &bb, 500_000).await.expect(201);
+    })
+    .await;
+}

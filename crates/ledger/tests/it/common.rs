@@ -177,8 +177,39 @@ impl TestApp {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             device_id: String::new(),
             auth_time: now,
+            // Test callers have a fresh second factor, so large transfers pass step-up
+            // (step-up itself is tested end to end in the server's `mfa` tests).
+            amr: vec!["pwd".into(), "otp".into(), "mfa".into()],
+            acr: Some(vaultpay_core::step_up::ACR_MFA.into()),
+            scope: None,
+            client_id: None,
+        };
+        self.signer.sign(&claims).unwrap()
+    }
+
+    /// A token whose `acr` and `auth_time` (this many seconds ago) are as given.
+    pub fn token_acr(
+        &self,
+        user: &str,
+        roles: &[&str],
+        acr: Option<&str>,
+        age_secs: i64,
+    ) -> String {
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let claims = AccessClaims {
+            iss: "https://auth.test".into(),
+            sub: user.into(),
+            aud: Audience::One("vaultpay".into()),
+            exp: now + 3600,
+            iat: now,
+            nbf: now,
+            jti: key(),
+            sid: format!("sid-{user}"),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            device_id: String::new(),
+            auth_time: now - age_secs,
             amr: vec!["pwd".into()],
-            acr: None,
+            acr: acr.map(str::to_owned),
             scope: None,
             client_id: None,
         };

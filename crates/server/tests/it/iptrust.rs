@@ -108,7 +108,7 @@ fn ticket_of(r: &Resp) -> String {
 }
 
 /// Registers `email` and logs in once from `ip` (its first, trusted network).
-async fn user_at(app: &TestApp, email: &str, ip: &str) -> (String, Tokens) {
+pub async fn user_at(app: &TestApp, email: &str, ip: &str) -> (String, Tokens) {
     let id = id_of(&app.register(email).await);
     let r = login_from(app, ip, email, "dev-1").await;
     assert_eq!(
@@ -563,7 +563,8 @@ async fn introspection_reports_untrusted_client_addresses() {
 #[tokio::test]
 async fn ledger_refuses_sensitive_operations_from_untrusted_networks() {
     each_backend!(|backend: Backend| async move {
-        let app = spawn_proxied(backend, |_| {}).await;
+        // about networks only: step-up for large transfers is tested in mfa.rs
+        let app = spawn_proxied(backend, |c| c.ledger.step_up_large_transfers = false).await;
         let admin = app.admin().await.access;
         let (_, t) = user_at(&app, "tess@example.com", HOME).await;
         let post = |ip: &'static str,

@@ -12,6 +12,7 @@ mod crash;
 mod helpers;
 mod hibp;
 mod iptrust;
+mod mfa;
 mod platform;
 #[cfg(feature = "redis")]
 mod redis;

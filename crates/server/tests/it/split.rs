@@ -160,8 +160,36 @@ async fn run(backend: Backend) {
     .await;
     assert!(dep.status.is_success(), "{}", dep.text);
 
-    // a large transfer (>= the introspection threshold) while the session is live
+    // a large transfer (>= the introspection threshold) needs step-up (RFC 9470)…
     let t = json!({"from_account_id": acct_id, "to_account_id": other_id, "amount": 200_000, "currency": "USD", "description": "big"});
+    let r = post(&l, "/v1/transfers", Some(&ann), Some("big-1"), t.clone()).await;
+    r.assert_problem(401, "insufficient_user_authentication");
+    // …satisfied at AuthShield (enrol TOTP, step up) without logging out
+    let e = post(&a, "/v1/mfa/totp", Some(&ann), None, json!({})).await;
+    assert_eq!(e.status, 201, "{}", e.text);
+    let secret = vaultpay_core::totp::base32_decode(e.body["secret"].as_str().unwrap()).unwrap();
+    let step = vaultpay_core::totp::step_of(vaultpay_core::time::now_micros() / 1_000_000, 30);
+    let code = |s: i64| vaultpay_core::totp::code_for_step(&secret, s, 6);
+    let r = post(
+        &a,
+        "/v1/mfa/totp/confirm",
+        Some(&ann),
+        None,
+        json!({"code": code(step - 1)}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = post(
+        &a,
+        "/v1/auth/step-up",
+        Some(&ann),
+        None,
+        json!({"code": code(step)}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ann = r.body["access_token"].as_str().unwrap().to_owned();
+    // while the session is live
     let r = post(&l, "/v1/transfers", Some(&ann), Some("big-1"), t.clone()).await;
     assert_eq!(r.status, 201, "{}", r.text);
     // the same from a network Ann never confirmed: the ledger passes the client

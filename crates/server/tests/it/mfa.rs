@@ -1,0 +1,1066 @@
+//! Second factors and step-up: TOTP enrolment and login, replay, recovery codes,
+//! emailed codes, MFA tickets, lockout by wrong codes, RFC 9470 step-up at AuthShield
+//! and for large ledger transfers.
+//!
+//! TOTP codes are computed from the enrolled secret at the current time: the ±1 step
+//! window lets a test use the codes of steps now-1, now and now+1 in ascending order
+//! without waiting. Expiry is shown by moving the stored deadline into the past (the
+//! database is the clock the server reads), never by sleeping.
+
+use crate::auth_flows::{audit_action, jwt_part};
+use crate::each_backend;
+use crate::helpers::{Resp, TestApp, PASSWORD};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use vaultpay_core::step_up::ACR_MFA;
+use vaultpay_core::totp;
+use vaultpay_store::Backend;
+
+fn now_secs() -> i64 {
+    vaultpay_core::time::now_micros() / 1_000_000
+}
+
+/// The TOTP code of the current step plus `offset`.
+fn code(secret: &[u8], offset: i64) -> String {
+    totp::code_for_step(secret, totp::step_of(now_secs(), 30) + offset, 6)
+}
+
+/// Enrols and confirms TOTP (with the code of step now-1); returns the secret and the
+/// recovery codes.
+async fn enable_totp(app: &TestApp, access: &str) -> (Vec<u8>, Vec<String>) {
+    let r = app.post("/v1/mfa/totp", Some(access), json!({})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let secret = totp::base32_decode(r.body["secret"].as_str().unwrap()).unwrap();
+    let r = app
+        .post(
+            "/v1/mfa/totp/confirm",
+            Some(access),
+            json!({ "code": code(&secret, -1) }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let codes = r.body["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    (secret, codes)
+}
+
+async fn login(app: &TestApp, email: &str, password: &str) -> Resp {
+    app.login_device(email, password, "dev-1").await
+}
+
+/// Logs in a user with a second factor: answers the ticket.
+async fn ticket(app: &TestApp, email: &str) -> String {
+    let r = login(app, email, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    r.body["mfa_ticket"].as_str().unwrap().to_owned()
+}
+
+async fn verify(app: &TestApp, ticket: &str, code: &str, method: Option<&str>) -> Resp {
+    let mut body = json!({ "mfa_ticket": ticket, "code": code });
+    if let Some(m) = method {
+        body["method"] = json!(m);
+    }
+    app.post("/v1/auth/mfa/verify", None, body).await
+}
+
+/// The newest emailed code sent to `to`.
+fn mailed_code(app: &TestApp, to: &str) -> String {
+    let mails = app.mails();
+    let marker = "Your VaultPay code is ";
+    let mail = mails
+        .iter()
+        .rev()
+        .find(|m| m.contains(&format!("To: {to}")) && m.contains(marker))
+        .unwrap_or_else(|| panic!("no code mailed to {to}"));
+    let start = mail.rfind(marker).unwrap() + marker.len();
+    mail[start..start + 6].to_owned()
+}
+
+fn mails_with_code(app: &TestApp, to: &str) -> usize {
+    app.mails()
+        .iter()
+        .filter(|m| m.contains(&format!("To: {to}")) && m.contains("Your VaultPay code is "))
+        .count()
+}
+
+fn assert_mfa_claims(access: &str) {
+    let claims = jwt_part(access, 1);
+    assert_eq!(claims["acr"], ACR_MFA, "{claims}");
+    assert_eq!(claims["amr"], json!(["pwd", "otp", "mfa"]), "{claims}");
+    assert!((claims["auth_time"].as_i64().unwrap() - now_secs()).abs() <= 5);
+}
+
+async fn exec(app: &TestApp, sql: &str, user_email: &str) {
+    sqlx::query(sql)
+        .bind(user_email)
+        .execute(app.auth_db().read())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn totp_enrol_confirm_login_and_replay_refused() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let t = app.user("tia@example.com").await;
+        let r = app.get("/v1/mfa", Some(&t.access)).await;
+        assert_eq!(r.body["totp_enabled"], false, "{}", r.text);
+
+        let r = app.post("/v1/mfa/totp", Some(&t.access), json!({})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let b32 = r.body["secret"].as_str().unwrap().to_owned();
+        let secret = totp::base32_decode(&b32).unwrap();
+        assert_eq!(secret.len(), 20);
+        let uri = r.body["otpauth_uri"].as_str().unwrap();
+        assert!(
+            uri.starts_with("otpauth://totp/VaultPay:tia%40example.com?secret=")
+                && uri.contains(&b32),
+            "{uri}"
+        );
+        assert!(r.body["qr_svg"].as_str().unwrap().contains("<svg"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        // sealed at rest with the envelope, not stored in clear
+        let sealed: String = sqlx::query_scalar("SELECT secret_sealed FROM mfa_totp")
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+        assert!(
+            sealed.starts_with("v1.") && !sealed.contains(&b32),
+            "{sealed}"
+        );
+        // pending: login still needs only the password
+        assert_eq!(login(&app, "tia@example.com", PASSWORD).await.status, 200);
+
+        // a code outside the ±1 window does not confirm
+        let r = app
+            .post(
+                "/v1/mfa/totp/confirm",
+                Some(&t.access),
+                json!({ "code": code(&secret, 3) }),
+            )
+            .await;
+        r.assert_problem(401, "mfa_code_invalid");
+        let confirm_code = code(&secret, -1);
+        let r = app
+            .post(
+                "/v1/mfa/totp/confirm",
+                Some(&t.access),
+                json!({ "code": confirm_code }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let recovery = r.body["recovery_codes"].as_array().unwrap();
+        assert_eq!(recovery.len(), 10);
+        let distinct: std::collections::HashSet<_> = recovery.iter().collect();
+        assert_eq!(distinct.len(), 10);
+        assert_eq!(app.count("mfa_recovery_codes").await, 10);
+        let stored: Vec<String> = sqlx::query_scalar("SELECT code_hash FROM mfa_recovery_codes")
+            .fetch_all(app.auth_db().read())
+            .await
+            .unwrap();
+        for c in recovery {
+            let c = c.as_str().unwrap();
+            assert!(stored.iter().all(|h| !h.contains(c) && h.len() == 64));
+        }
+        // a second enrolment needs the first factor (step-up)…
+        assert_step_up_challenge(&app.post("/v1/mfa/totp", Some(&t.access), json!({})).await);
+
+        // login now answers 202 with a ticket
+        let r = login(&app, "tia@example.com", PASSWORD).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        assert_eq!(r.body["status"], "mfa_required");
+        assert_eq!(r.body["methods"], json!(["totp", "recovery_code"]));
+        assert!(r.body.get("access_token").is_none());
+        let ticket = r.body["mfa_ticket"].as_str().unwrap().to_owned();
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+
+        // the code that confirmed enrolment (its step is spent) is a replay
+        verify(&app, &ticket, &confirm_code, None)
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        let good = code(&secret, 1);
+        let r = verify(&app, &ticket, &good, Some("totp")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(r.body["refresh_token"].is_string());
+        let access = r.body["access_token"].as_str().unwrap().to_owned();
+        assert_mfa_claims(&access);
+        assert_eq!(app.get("/v1/me", Some(&access)).await.status, 200);
+        // …and is refused while TOTP is enabled
+        app.post("/v1/mfa/totp", Some(&access), json!({}))
+            .await
+            .assert_problem(409, "totp_already_enabled");
+
+        // the ticket is single use; the code is single use on a fresh ticket too
+        verify(&app, &ticket, &good, None)
+            .await
+            .assert_problem(401, "mfa_ticket_invalid");
+        let t2 = ticket_for(&app, "tia@example.com").await;
+        verify(&app, &t2, &good, None)
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+
+        // refreshed tokens keep the second factor of the session
+        let rt = r.body["refresh_token"].as_str().unwrap();
+        let r = crate::auth_flows::refresh(&app, rt).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(
+            jwt_part(r.body["access_token"].as_str().unwrap(), 1)["acr"],
+            ACR_MFA
+        );
+
+        let admin = app.admin().await;
+        assert_eq!(
+            audit_action(&app, &admin.access, "mfa.totp_enabled")
+                .await
+                .len(),
+            1
+        );
+        assert_eq!(
+            audit_action(&app, &admin.access, "login.mfa_required")
+                .await
+                .len(),
+            2
+        );
+        assert_eq!(
+            audit_action(&app, &admin.access, "login.mfa_failed")
+                .await
+                .len(),
+            2
+        );
+        let ok = audit_action(&app, &admin.access, "login.succeeded").await;
+        assert!(ok.iter().any(|e| e["metadata"]["mfa_method"] == "totp"));
+        app.stop().await;
+    });
+}
+
+async fn ticket_for(app: &TestApp, email: &str) -> String {
+    ticket(app, email).await
+}
+
+#[tokio::test]
+async fn recovery_codes_work_once() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let t = app.user("rory@example.com").await;
+        let (_secret, codes) = enable_totp(&app, &t.access).await;
+        // any case, without dashes, method guessed from the shape
+        let sloppy = codes[0].to_lowercase().replace('-', " ");
+        let tk = ticket(&app, "rory@example.com").await;
+        let r = verify(&app, &tk, &sloppy, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_mfa_claims(r.body["access_token"].as_str().unwrap());
+        let tk = ticket(&app, "rory@example.com").await;
+        verify(&app, &tk, &codes[0], Some("recovery_code"))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        let tk = ticket(&app, "rory@example.com").await;
+        let r = verify(&app, &tk, &codes[1], Some("recovery_code")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let access = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = app.get("/v1/mfa", Some(&access)).await;
+        assert_eq!(r.body["recovery_codes_remaining"], 8, "{}", r.text);
+        // a method the account does not have is refused as such
+        let tk = ticket(&app, "rory@example.com").await;
+        verify(&app, &tk, "123456", Some("email"))
+            .await
+            .assert_problem(422, "mfa_method_unavailable");
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn wrong_codes_count_toward_lockout_and_kill_the_ticket() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let t = app.user("brute@example.com").await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let tk = ticket(&app, "brute@example.com").await;
+        // an attacker with the password guesses codes: threshold (5) wrong ones lock
+        for i in 0..5 {
+            let guess = code(&secret, 5 + i); // never inside the window
+            verify(&app, &tk, &guess, Some("totp"))
+                .await
+                .assert_problem(401, "mfa_code_invalid");
+        }
+        // locked: the password alone no longer even gets a ticket…
+        login(&app, "brute@example.com", PASSWORD)
+            .await
+            .assert_problem(423, "account_locked");
+        // …and the ticket is dead, whatever the code
+        let r = verify(&app, &tk, &code(&secret, 1), Some("totp")).await;
+        assert!(
+            r.status == 401 || r.status == 423,
+            "a dead ticket or a locked account: {}",
+            r.text
+        );
+        let locked: Option<i64> =
+            sqlx::query_scalar("SELECT locked_until FROM users WHERE email = $1")
+                .bind("brute@example.com")
+                .fetch_one(app.auth_db().read())
+                .await
+                .unwrap();
+        assert!(locked.is_some());
+        let admin = app.admin().await;
+        assert!(
+            audit_action(&app, &admin.access, "account.locked")
+                .await
+                .len()
+                == 1
+        );
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn tickets_expire_and_are_bound_to_the_device() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let t = app.user("tick@example.com").await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let tk = ticket(&app, "tick@example.com").await;
+        // stored hashed
+        let n: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_tickets WHERE ticket_hash = $1",
+        )
+        .bind(vaultpay_core::crypto::sha256_hex(tk.as_bytes()))
+        .fetch_one(app.auth_db().read())
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+        // expire it (the deadline is what the server reads)
+        sqlx::query("UPDATE mfa_tickets SET expires_at = 0")
+            .execute(app.auth_db().read())
+            .await
+            .unwrap();
+        verify(&app, &tk, &code(&secret, 0), None)
+            .await
+            .assert_problem(401, "mfa_ticket_invalid");
+        // presented for another device: burnt
+        let tk = ticket(&app, "tick@example.com").await;
+        let r = app
+            .post(
+                "/v1/auth/mfa/verify",
+                None,
+                json!({"mfa_ticket": tk, "code": code(&secret, 0), "device_id": "other"}),
+            )
+            .await;
+        r.assert_problem(401, "mfa_ticket_invalid");
+        let r = app
+            .post(
+                "/v1/auth/mfa/verify",
+                None,
+                json!({"mfa_ticket": tk, "code": code(&secret, 0), "device_id": "dev-1"}),
+            )
+            .await;
+        r.assert_problem(401, "mfa_ticket_invalid");
+        // the right device
+        let tk = ticket(&app, "tick@example.com").await;
+        let r = app
+            .post(
+                "/v1/auth/mfa/verify",
+                None,
+                json!({"mfa_ticket": tk, "code": code(&secret, 1), "device_id": "dev-1"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let claims = jwt_part(r.body["access_token"].as_str().unwrap(), 1);
+        assert_eq!(claims["device_id"], "dev-1");
+        // garbage tickets
+        for bad in ["", "x", &"a".repeat(500)] {
+            verify(&app, bad, "123456", None)
+                .await
+                .assert_problem(401, "mfa_ticket_invalid");
+        }
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn email_codes_expire_die_after_attempts_and_work_once() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |c| {
+            // wrong guesses here are about the code's own attempt limit
+            c.auth.lockout.threshold = 100;
+            c.auth.mfa.ticket_max_attempts = 100;
+            c.auth.mfa.email_send.burst = 20;
+            c.auth.rate_limits.login_per_account.burst = 100;
+        })
+        .await;
+        let who = "eve.mail@example.com";
+        let t = app.user(who).await;
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&t.access), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let c = mailed_code(&app, who);
+        // stored hashed
+        let h: String = sqlx::query_scalar("SELECT code_hash FROM mfa_email_codes")
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+        assert!(h.len() == 64 && !h.contains(&c));
+        let r = app
+            .post(
+                "/v1/mfa/email/confirm",
+                Some(&t.access),
+                json!({ "code": c }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["email_enabled"], true);
+
+        let tk = ticket(&app, who).await;
+        let r = login(&app, who, PASSWORD).await;
+        assert_eq!(r.body["methods"], json!(["email"]));
+        let sent = mails_with_code(&app, who);
+        let r = app
+            .post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": tk }))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        assert_eq!(mails_with_code(&app, who), sent + 1);
+        let c = mailed_code(&app, who);
+        let wrong = format!("{:06}", (c.parse::<u32>().unwrap() + 1) % 1_000_000);
+        // five wrong guesses kill the code: the right one then fails too
+        for _ in 0..5 {
+            verify(&app, &tk, &wrong, Some("email"))
+                .await
+                .assert_problem(401, "mfa_code_invalid");
+        }
+        verify(&app, &tk, &c, Some("email"))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        // a fresh code works, once
+        app.post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": tk }))
+            .await;
+        let c2 = mailed_code(&app, who);
+        let r = verify(&app, &tk, &c2, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_mfa_claims(r.body["access_token"].as_str().unwrap());
+        let tk = ticket(&app, who).await;
+        verify(&app, &tk, &c2, Some("email"))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        // an expired code fails
+        app.post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": tk }))
+            .await;
+        let c3 = mailed_code(&app, who);
+        exec(
+            &app,
+            "UPDATE mfa_email_codes SET expires_at = 0 WHERE user_id = (SELECT id FROM users WHERE email = $1)",
+            who,
+        )
+        .await;
+        verify(&app, &tk, &c3, Some("email"))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        // a code mailed for one ticket does not complete another
+        app.post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": tk }))
+            .await;
+        let c4 = mailed_code(&app, who);
+        let other = ticket(&app, who).await;
+        verify(&app, &other, &c4, Some("email"))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn emailed_codes_are_rate_limited() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "spam@example.com";
+        let t = app.user(who).await;
+        // default quota: 3 codes per 5 minutes per user
+        for _ in 0..3 {
+            let r = app
+                .post("/v1/mfa/email/enable", Some(&t.access), json!({}))
+                .await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        }
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&t.access), json!({}))
+            .await;
+        r.assert_problem(429, "rate_limited");
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(mails_with_code(&app, who), 3);
+        // only the newest code is alive
+        let c = mailed_code(&app, who);
+        let r = app
+            .post(
+                "/v1/mfa/email/confirm",
+                Some(&t.access),
+                json!({ "code": c }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn disabling_totp_needs_password_and_code() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let t = app.user("dis@example.com").await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let r = app
+            .post(
+                "/v1/mfa/totp/disable",
+                Some(&t.access),
+                json!({"password": "wrong-password-123", "code": code(&secret, 0)}),
+            )
+            .await;
+        r.assert_problem(401, "invalid_credentials");
+        let r = app
+            .post(
+                "/v1/mfa/totp/disable",
+                Some(&t.access),
+                json!({"password": PASSWORD, "code": code(&secret, 4)}),
+            )
+            .await;
+        r.assert_problem(401, "mfa_code_invalid");
+        assert_eq!(
+            app.get("/v1/mfa", Some(&t.access)).await.body["totp_enabled"],
+            true
+        );
+        let r = app
+            .post(
+                "/v1/mfa/totp/disable",
+                Some(&t.access),
+                json!({"password": PASSWORD, "code": code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(
+            app.get("/v1/mfa", Some(&t.access)).await.body["totp_enabled"],
+            false
+        );
+        assert_eq!(app.count("mfa_recovery_codes").await, 0);
+        // the password alone logs in again
+        assert_eq!(login(&app, "dis@example.com", PASSWORD).await.status, 200);
+        let admin = app.admin().await;
+        assert_eq!(
+            audit_action(&app, &admin.access, "mfa.totp_disabled")
+                .await
+                .len(),
+            1
+        );
+        assert_eq!(
+            audit_action(&app, &admin.access, "mfa.totp_disable_failed")
+                .await
+                .len(),
+            2
+        );
+        // a lost authenticator: a recovery code stands in for the current code, once
+        let (_lost, codes) = enable_totp(&app, &t.access).await;
+        let r = app
+            .post(
+                "/v1/mfa/totp/disable",
+                Some(&t.access),
+                json!({"password": PASSWORD, "code": codes[3]}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(login(&app, "dis@example.com", PASSWORD).await.status, 200);
+        app.stop().await;
+    });
+}
+
+fn assert_step_up_challenge(r: &Resp) {
+    r.assert_problem(401, "insufficient_user_authentication");
+    let h = r.header("www-authenticate").unwrap();
+    assert!(
+        h.starts_with("Bearer error=\"insufficient_user_authentication\", error_description=\""),
+        "{h}"
+    );
+    assert!(
+        h.ends_with(&format!(", acr_values=\"{ACR_MFA}\", max_age=900")),
+        "{h}"
+    );
+    assert_eq!(r.body["acr_values"], ACR_MFA);
+    assert_eq!(r.body["max_age"], 900);
+}
+
+#[tokio::test]
+async fn step_up_challenge_and_satisfying_it_without_logging_out() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "step@example.com";
+        let t = app.user(who).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        // the token from before enrolment has no second factor
+        let change =
+            json!({"current_password": PASSWORD, "new_password": crate::auth_flows::NEW_PASSWORD});
+        let r = app
+            .post("/v1/auth/password/change", Some(&t.access), change.clone())
+            .await;
+        assert_step_up_challenge(&r);
+
+        // wrong code: refused and counted
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&t.access),
+                json!({"code": code(&secret, 5)}),
+            )
+            .await;
+        r.assert_problem(401, "mfa_code_invalid");
+        let failed: i64 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = $1")
+            .bind(who)
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+        assert_eq!(failed, 1);
+
+        let used = code(&secret, 0);
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&t.access),
+                json!({"code": used, "method": "totp"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["session_id"], t.session.as_str());
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        assert_mfa_claims(&stepped);
+        assert_eq!(jwt_part(&stepped, 1)["sid"], t.session.as_str());
+        let r = app
+            .post("/v1/auth/password/change", Some(&stepped), change)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+        // the session keeps the step-up: refreshed tokens carry it…
+        let r = crate::auth_flows::refresh(&app, &t.refresh).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let refreshed = r.body["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(jwt_part(&refreshed, 1)["acr"], ACR_MFA);
+        // …until max_age passes (moved back in the session row)
+        sqlx::query("UPDATE sessions SET auth_time = auth_time - 901000000 WHERE id = $1")
+            .bind(&t.session)
+            .execute(app.auth_db().read())
+            .await
+            .unwrap();
+        let rt = r.body["refresh_token"].as_str().unwrap();
+        let r = crate::auth_flows::refresh(&app, rt).await;
+        let old = r.body["access_token"].as_str().unwrap().to_owned();
+        let back =
+            json!({"current_password": crate::auth_flows::NEW_PASSWORD, "new_password": PASSWORD});
+        assert_step_up_challenge(&app.post("/v1/auth/password/change", Some(&old), back).await);
+        // a replayed step-up code does not help
+        let r = app
+            .post("/v1/auth/step-up", Some(&old), json!({"code": used}))
+            .await;
+        r.assert_problem(401, "mfa_code_invalid");
+        let admin = app.admin().await;
+        assert_eq!(
+            audit_action(&app, &admin.access, "mfa.step_up").await.len(),
+            1
+        );
+        assert_eq!(
+            audit_action(&app, &admin.access, "mfa.step_up_failed")
+                .await
+                .len(),
+            2
+        );
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn step_up_by_emailed_code_and_for_role_changes() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let target = app.user("promote@example.com").await;
+        let id = jwt_part(&target.access, 1)["sub"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // the admin turns on emailed codes
+        app.post("/v1/mfa/email/enable", Some(&admin.access), json!({}))
+            .await;
+        let c = mailed_code(&app, "admin@example.com");
+        let r = app
+            .post(
+                "/v1/mfa/email/confirm",
+                Some(&admin.access),
+                json!({ "code": c }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let path = format!("/v1/admin/users/{id}/roles");
+        let r = app
+            .post(&path, Some(&admin.access), json!({"role": "support"}))
+            .await;
+        assert_step_up_challenge(&r);
+        let r = app
+            .post("/v1/auth/step-up/email", Some(&admin.access), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let c = mailed_code(&app, "admin@example.com");
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&admin.access),
+                json!({"code": c, "method": "email"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = app
+            .post(&path, Some(&stepped), json!({"role": "support"}))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        // the same code does not step up twice
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&admin.access),
+                json!({"code": c, "method": "email"}),
+            )
+            .await;
+        r.assert_problem(401, "mfa_code_invalid");
+        // turning emailed codes off: step-up and the password
+        let off = json!({"password": PASSWORD});
+        assert_step_up_challenge(
+            &app.post("/v1/mfa/email/disable", Some(&admin.access), off.clone())
+                .await,
+        );
+        app.post(
+            "/v1/mfa/email/disable",
+            Some(&stepped),
+            json!({"password": "wrong-password-123"}),
+        )
+        .await
+        .assert_problem(401, "invalid_credentials");
+        let r = app.post("/v1/mfa/email/disable", Some(&stepped), off).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["email_enabled"], false);
+        // the password alone logs the admin in again
+        assert_eq!(
+            login(&app, "admin@example.com", PASSWORD).await.status,
+            StatusCode::OK
+        );
+        let admin2 = app.admin().await;
+        assert_eq!(
+            audit_action(&app, &admin2.access, "mfa.email_disabled")
+                .await
+                .len(),
+            1
+        );
+        app.stop().await;
+    });
+}
+
+async fn ledger_post(app: &TestApp, path: &str, token: &str, key: &str, body: Value) -> Resp {
+    crate::helpers::read(
+        app.http
+            .post(format!("{}{path}", app.base))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn large_ledger_transfers_need_step_up() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let u = app.user("rich@example.com").await;
+        let open = |k: &'static str| {
+            let app = &app;
+            let tok = u.access.clone();
+            async move {
+                let r = ledger_post(
+                    app,
+                    "/v1/accounts",
+                    &tok,
+                    k,
+                    json!({"currency": "USD", "kind": "current", "name": k}),
+                )
+                .await;
+                assert_eq!(r.status, 201, "{}", r.text);
+                r.body["id"].as_str().unwrap().to_owned()
+            }
+        };
+        let a = open("open-a").await;
+        let b = open("open-b").await;
+        let r = ledger_post(
+            &app,
+            "/v1/admin/deposits",
+            &admin.access,
+            "dep-1",
+            json!({"account_id": a, "amount": 500_000, "currency": "USD", "reference": "x"}),
+        )
+        .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        let transfer = |amount: i64| json!({"from_account_id": a, "to_account_id": b, "amount": amount, "currency": "USD", "description": "t"});
+        // small: the password session is enough
+        let r = ledger_post(&app, "/v1/transfers", &u.access, "t-small", transfer(100)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        // at the threshold: step-up, with the RFC 9470 challenge
+        let r = ledger_post(&app, "/v1/transfers", &u.access, "t-big", transfer(100_000)).await;
+        assert_step_up_challenge(&r);
+        let r = ledger_post(
+            &app,
+            "/v1/transfers/batch",
+            &u.access,
+            "b-big",
+            json!({"transfers": [transfer(60_000), transfer(60_000)]}),
+        )
+        .await;
+        assert_step_up_challenge(&r);
+        // enrol, step up, retry the same request
+        let (secret, _) = enable_totp(&app, &u.access).await;
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&u.access),
+                json!({"code": code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = ledger_post(&app, "/v1/transfers", &stepped, "t-big", transfer(100_000)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let r = app.get(&format!("/v1/accounts/{b}"), Some(&stepped)).await;
+        assert_eq!(r.body["balance"], 100_100, "{}", r.text);
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn mfa_routes_refuse_bad_input_with_4xx_and_are_documented() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let t = app.user("junk@example.com").await;
+    let long = "9".repeat(5000);
+    let cases: Vec<(&str, bool, Value)> = vec![
+        ("/v1/mfa/totp/confirm", true, json!({"code": long})),
+        ("/v1/mfa/totp/confirm", true, json!({"code": 123456})),
+        (
+            "/v1/mfa/totp/confirm",
+            true,
+            json!({"code": "123456", "x": 1}),
+        ),
+        (
+            "/v1/mfa/totp/disable",
+            true,
+            json!({"password": long, "code": "1"}),
+        ),
+        (
+            "/v1/mfa/email/confirm",
+            true,
+            json!({"code": "１２３４５６"}),
+        ),
+        (
+            "/v1/auth/mfa/verify",
+            false,
+            json!({"mfa_ticket": long, "code": long}),
+        ),
+        (
+            "/v1/auth/mfa/verify",
+            false,
+            json!({"mfa_ticket": "t", "code": "1", "method": "sms"}),
+        ),
+        ("/v1/auth/mfa/verify", false, json!({})),
+        ("/v1/auth/mfa/email", false, json!({"mfa_ticket": long})),
+        (
+            "/v1/auth/step-up",
+            true,
+            json!({"code": long, "method": "totp"}),
+        ),
+        (
+            "/v1/auth/step-up",
+            true,
+            json!({"code": "123456", "method": "sms"}),
+        ),
+        ("/v1/auth/step-up", true, json!([])),
+    ];
+    for (path, authed, body) in cases {
+        let token = authed.then_some(t.access.as_str());
+        let r = app.post(path, token, body.clone()).await;
+        assert!(
+            r.status.is_client_error(),
+            "{path} {body}: {} {}",
+            r.status,
+            r.text
+        );
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    }
+    // without a token: 401
+    for path in [
+        "/v1/mfa/totp",
+        "/v1/auth/step-up",
+        "/v1/auth/step-up/email",
+        "/v1/mfa/email/enable",
+    ] {
+        app.post(path, None, json!({"code": "123456"}))
+            .await
+            .assert_problem(401, "missing_token");
+    }
+    let doc = app.get("/openapi.json", None).await;
+    for path in [
+        "/v1/mfa",
+        "/v1/mfa/totp",
+        "/v1/mfa/totp/confirm",
+        "/v1/mfa/totp/disable",
+        "/v1/mfa/email/enable",
+        "/v1/mfa/email/confirm",
+        "/v1/mfa/email/disable",
+        "/v1/auth/mfa/verify",
+        "/v1/auth/mfa/email",
+        "/v1/auth/step-up",
+        "/v1/auth/step-up/email",
+    ] {
+        assert!(
+            doc.body["paths"][path].is_object(),
+            "{path} is not documented"
+        );
+    }
+    assert!(doc.body["paths"]["/v1/auth/login"]["post"]["responses"]["202"].is_object());
+    assert!(doc.body["components"]["schemas"]["MfaChallenge"].is_object());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_totp_code_raced_on_several_tickets_logs_in_once() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "race@example.com";
+        let t = app.user(who).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let mut tickets = Vec::new();
+        for _ in 0..4 {
+            tickets.push(ticket(&app, who).await);
+        }
+        let c = code(&secret, 0);
+        let results =
+            futures::future::join_all(tickets.iter().map(|tk| verify(&app, tk, &c, Some("totp"))))
+                .await;
+        let ok = results
+            .iter()
+            .filter(|r| r.status == StatusCode::OK)
+            .count();
+        assert_eq!(ok, 1, "exactly one login with one code");
+        for r in results.iter().filter(|r| r.status != StatusCode::OK) {
+            r.assert_problem(401, "mfa_code_invalid");
+        }
+        // and a step-up with it on the session that won is a replay too
+        let winner = results.iter().find(|r| r.status == StatusCode::OK).unwrap();
+        let access = winner.body["access_token"].as_str().unwrap();
+        app.post("/v1/auth/step-up", Some(access), json!({ "code": c }))
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        // a revoked session cannot step up
+        app.post("/v1/auth/logout", Some(access), json!({})).await;
+        app.post(
+            "/v1/auth/step-up",
+            Some(access),
+            json!({ "code": code(&secret, 1) }),
+        )
+        .await
+        .assert_problem(401, "session_revoked");
+        app.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn enrolling_a_factor_needs_a_recent_sign_in_or_step_up() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "stolen@example.com";
+        let t = app.user(who).await;
+        // a token of a session signed in long ago (refreshed since): refused, with a
+        // max_age challenge (sign in again), so a stolen token cannot enrol a device
+        sqlx::query("UPDATE sessions SET auth_time = auth_time - 901000000 WHERE id = $1")
+            .bind(&t.session)
+            .execute(app.auth_db().read())
+            .await
+            .unwrap();
+        let r = crate::auth_flows::refresh(&app, &t.refresh).await;
+        let old = r.body["access_token"].as_str().unwrap().to_owned();
+        for path in ["/v1/mfa/totp", "/v1/mfa/email/enable"] {
+            let r = app.post(path, Some(&old), json!({})).await;
+            r.assert_problem(401, "insufficient_user_authentication");
+            let h = r.header("www-authenticate").unwrap();
+            assert!(
+                h.starts_with("Bearer error=\"insufficient_user_authentication\"")
+                    && h.ends_with(", max_age=900")
+                    && !h.contains("acr_values"),
+                "{h}"
+            );
+        }
+        assert_eq!(app.count("mfa_totp").await, 0);
+        // a fresh sign-in may enrol; a second factor then needs step-up to add another
+        let fresh = app.login(who, PASSWORD).await;
+        let (secret, _) = enable_totp(&app, &fresh.access).await;
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&fresh.access), json!({}))
+            .await;
+        assert_step_up_challenge(&r);
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&fresh.access),
+                json!({"code": code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&stepped), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        app.stop().await;
+    });
+}
+
+/// Confirming a new network by email replaces no factor: the held login of a user with
+/// TOTP goes on to the MFA step, and only a valid code ends it with tokens.
+#[tokio::test]
+async fn an_ip_confirmed_login_still_needs_the_second_factor() {
+    use crate::iptrust::{complete_from, link_post, login_from, spawn_proxied, user_at};
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |_| {}).await;
+        let email = "both@example.com";
+        let (_, t) = user_at(&app, email, "198.51.100.10").await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+
+        let away = "203.0.113.5";
+        let held = login_from(&app, away, email, "dev-2").await;
+        assert_eq!(held.status, StatusCode::ACCEPTED, "{}", held.text);
+        assert_eq!(held.body["status"], "ip_confirmation_required");
+        let login_ticket = held.body["login_ticket"].as_str().unwrap().to_owned();
+        let confirm = crate::auth_flows::mail_token(&app, email, "login/confirm?token=");
+        let r = link_post(&app, "confirm", &confirm).await;
+        assert!(r.status.is_success(), "{}", r.text);
+
+        let next = complete_from(&app, away, &login_ticket, "dev-2").await;
+        assert_eq!(next.status, StatusCode::ACCEPTED, "{}", next.text);
+        assert_eq!(next.body["status"], "mfa_required");
+        assert!(next.body.get("access_token").is_none());
+        let mfa_ticket = next.body["mfa_ticket"].as_str().unwrap().to_owned();
+        // the login ticket is spent: it cannot skip the second factor on a retry
+        let again = complete_from(&app, away, &login_ticket, "dev-2").await;
+        assert_eq!(again.status, StatusCode::BAD_REQUEST, "{}", again.text);
+
+        verify(&app, &mfa_ticket, "000000", None)
+            .await
+            .assert_problem(401, "mfa_code_invalid");
+        let done = verify(&app, &mfa_ticket, &code(&secret, 0), None).await;
+        assert_eq!(done.status, StatusCode::OK, "{}", done.text);
+        assert_mfa_claims(done.body["access_token"].as_str().unwrap());
+        app.stop().await;
+    });
+}

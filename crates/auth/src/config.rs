@@ -44,6 +44,8 @@ pub struct AuthConfig {
     /// Shared secret a separately deployed ledger uses (HTTP Basic, client id
     /// `vaultpay-ledger`) to call `/oauth/introspect`.
     pub introspection_secret: Option<Secret>,
+    /// OAuth 2.0 / OpenID Connect authorization server.
+    pub oauth: crate::oauth::OAuthConfig,
 }
 
 impl Default for AuthConfig {
@@ -69,6 +71,7 @@ impl Default for AuthConfig {
             password_reset_ttl_secs: 3_600,
             permission_cache_ttl_secs: 60,
             introspection_secret: None,
+            oauth: Default::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ mod error;
 pub mod hibp;
 pub mod keys;
 pub mod mail;
+pub mod oauth;
 mod rbac;
 mod routes;
 mod service;

@@ -31,6 +31,7 @@ pub(crate) struct Inner {
     pub mailer: Arc<dyn Mailer>,
     pub hibp: Option<HibpClient>,
     pub perms: PermCache,
+    pub oauth: crate::oauth::OAuthState,
 }
 
 /// AuthShield. Cheap to clone.
@@ -110,6 +111,7 @@ impl AuthService {
                 mailer,
                 hibp,
                 perms,
+                oauth: Default::default(),
                 cfg,
             }),
         })

@@ -247,6 +247,19 @@ impl AuthService {
         token: &str,
         device_id: Option<&str>,
     ) -> Result<wire::TokenResponse, AuthError> {
+        self.refresh_as(ctx, token, device_id, None).await
+    }
+
+    /// The refresh grant for first-party sessions (`client = None`) or for the
+    /// sessions of one OAuth client: a refresh token only ever refreshes for the
+    /// client its session was created for.
+    pub(crate) async fn refresh_as(
+        &self,
+        ctx: &Ctx,
+        token: &str,
+        device_id: Option<&str>,
+        client: Option<&str>,
+    ) -> Result<wire::TokenResponse, AuthError> {
         let cfg = &self.inner.cfg;
         vaultpay_web::enforce(
             &*self.inner.limiter,
@@ -293,8 +306,8 @@ impl AuthService {
         let row = sqlx::query(&format!(
             "SELECT r.session_id AS session_id, r.used_at AS used_at, r.replaced_by AS replaced_by, s.user_id AS user_id, \
              s.device_id AS device_id, s.revoked_at AS revoked_at, s.expires_at AS expires_at, \
-             s.idle_expires_at AS idle_expires_at, s.auth_time AS auth_time, s.amr AS amr \
-             FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1{}",
+             s.idle_expires_at AS idle_expires_at, s.auth_time AS auth_time, s.amr AS amr, \
+             s.client_id AS client_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1{}",
             db.for_update()
         ))
         .bind(&hash)
@@ -316,6 +329,22 @@ impl AuthService {
             return Err(AuthError::OAuth(
                 "invalid_grant",
                 "the session has ended".into(),
+            ));
+        }
+        let session_client: Option<String> = row.try_get("client_id")?;
+        if session_client.as_deref() != client {
+            self.revoke_family(
+                &mut tx,
+                ctx,
+                &user_id,
+                &session_id,
+                "refresh_client_mismatch",
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(AuthError::OAuth(
+                "invalid_grant",
+                "refresh token was issued to another client; the session has been revoked".into(),
             ));
         }
         let mut grace = false;
@@ -424,7 +453,7 @@ impl AuthService {
         })
     }
 
-    async fn revoke_family(
+    pub(crate) async fn revoke_family(
         &self,
         tx: &mut Tx,
         ctx: &Ctx,
@@ -444,6 +473,8 @@ impl AuthService {
             &ctx.origin(),
             NewAudit::failure(if reason == "refresh_device_mismatch" {
                 "refresh.device_mismatch"
+            } else if reason == "refresh_client_mismatch" {
+                "refresh.client_mismatch"
             } else {
                 "refresh.reuse_detected"
             })
@@ -478,6 +509,8 @@ impl AuthService {
 
     /// Refuses a token whose session has been revoked or has expired.
     pub async fn require_live_session(&self, p: &Principal) -> Result<(), AuthError> {
+        // A token issued to an OAuth client acts on the first-party API only with `api`.
+        crate::oauth::require_api_scope(p)?;
         if self.session_live(p.session_id(), p.user_id()).await? {
             Ok(())
         } else {
@@ -485,7 +518,11 @@ impl AuthService {
         }
     }
 
-    async fn session_live(&self, session_id: &str, user_id: &str) -> Result<bool, AuthError> {
+    pub(crate) async fn session_live(
+        &self,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<bool, AuthError> {
         let now = now_micros();
         let r = sqlx::query(
             "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3",

@@ -35,7 +35,10 @@ macro_rules! migration {
     };
 }
 
-const AUTH: &[Migration] = &[migration!(1, "auth", "0001_init")];
+const AUTH: &[Migration] = &[
+    migration!(1, "auth", "0001_init"),
+    migration!(4, "auth", "0004_oauth"),
+];
 const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
 
 const LOCK_MIGRATIONS: i64 = 1;

@@ -81,6 +81,7 @@ struct Checked {
 }
 
 /// `Err(page)`: shown in the browser; `Err(redirect)`: sent back to the client.
+#[allow(clippy::result_large_err)]
 fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked, Response> {
     let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
     let redirect_uri = match get("redirect_uri") {

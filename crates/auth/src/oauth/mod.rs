@@ -155,7 +155,7 @@ impl OAuthError {
 impl From<AuthError> for OAuthError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::OAuth(code, d) if code == "invalid_client" => OAuthError::invalid_client(d),
+            AuthError::OAuth("invalid_client", d) => OAuthError::invalid_client(d),
             AuthError::OAuth(code, d) => OAuthError::new(code, d),
             other => OAuthError::Api(other.into()),
         }

@@ -498,7 +498,7 @@ pub struct TokenOnlyForm {
 
 /// What a token is, for introspection and revocation.
 enum Found {
-    Access(AccessClaims),
+    Access(Box<AccessClaims>),
     Refresh {
         session_id: String,
         user_id: String,
@@ -515,7 +515,7 @@ async fn find(svc: &AuthService, token: &str) -> Result<Found, AuthError> {
     }
     if token.matches('.').count() == 2 {
         if let Ok(c) = svc.verifier().verify(token).await {
-            return Ok(Found::Access(c));
+            return Ok(Found::Access(Box::new(c)));
         }
         return Ok(Found::Unknown);
     }

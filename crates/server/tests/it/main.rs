@@ -11,6 +11,7 @@ mod bad_input;
 mod crash;
 mod helpers;
 mod hibp;
+mod oauth;
 mod platform;
 #[cfg(feature = "redis")]
 mod redis;

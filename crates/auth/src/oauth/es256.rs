@@ -140,8 +140,18 @@ async fn load_or_create(svc: &AuthService) -> Result<Es256Key, AuthError> {
     Ok(key)
 }
 
-/// Adds the ES256 key to a JWK Set document.
+/// Adds the ES256 key to a JWK Set document once it exists (it is created when the
+/// first ES256 ID token is signed, so deployments without such clients publish only
+/// their Ed25519 keys).
 pub(crate) async fn add_to_jwks(svc: &AuthService, doc: &mut serde_json::Value) {
+    if svc.inner.oauth.es256.get().is_none() {
+        let exists = sqlx::query("SELECT kid FROM oauth_es256_keys LIMIT 1")
+            .fetch_optional(svc.db().read())
+            .await;
+        if !matches!(exists, Ok(Some(_))) {
+            return;
+        }
+    }
     match svc.es256().await {
         Ok(k) => {
             if let Some(keys) = doc.get_mut("keys").and_then(|k| k.as_array_mut()) {

@@ -4,11 +4,18 @@
 # PostgreSQL and Redis variants run when VAULTPAY_TEST_PG_URL / VAULTPAY_TEST_REDIS_URL
 # are set (.ci/run sets both and starts the services); a set variable whose service is
 # unreachable fails the run. The SMTP test talks to a real SMTP server (Python aiosmtpd),
-# installed here when missing.
+# installed here when missing; so are the Python OAuth/OIDC libraries (Authlib,
+# requests, PyJWT) scripts/interop/oauth_authlib.py drives the server with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
   echo "installing aiosmtpd (the SMTP server the mail tests send to)"
   python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
+fi
+if ! python3 -c 'import authlib, requests, jwt, cryptography' 2>/dev/null; then
+  echo "installing Authlib, requests, PyJWT, cryptography (the OAuth interop test's clients)"
+  python3 -m pip install --quiet --disable-pip-version-check authlib requests pyjwt cryptography
+  python3 -c 'import authlib, requests, jwt, cryptography' \
+    || { echo "error: the OAuth interop test needs authlib, requests, pyjwt and cryptography" >&2; exit 1; }
 fi
 exec cargo test --workspace --all-features "$@"

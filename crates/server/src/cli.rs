@@ -272,7 +272,8 @@ async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCo
                 public,
                 id_token_alg,
             };
-            let created = clients::create(&db, &origin, "cli", new).await?;
+            let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
+            let created = clients::create(&db, &env, &origin, "cli", new).await?;
             println!("{}", serde_json::to_string(&created)?);
         }
         ClientsCommand::List => {

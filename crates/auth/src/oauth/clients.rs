@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use vaultpay_core::crypto::{opaque_token, random_token, sha256_hex};
+use vaultpay_core::crypto::{opaque_token, random_token, sha256_hex, Envelope};
 use vaultpay_core::time::{now_micros, rfc3339};
 use vaultpay_store::audit::{append, NewAudit, Origin};
 use vaultpay_store::Db;
@@ -276,13 +276,18 @@ pub async fn list(db: &Db) -> Result<Vec<Client>, AuthError> {
 }
 
 /// Registers a client (with its audit entry, in one transaction).
+/// `env` seals the ES256 key, created with the first client that needs it.
 pub async fn create(
     db: &Db,
+    env: &Envelope,
     origin: &Origin,
     actor: &str,
     new: NewClient,
 ) -> Result<CreatedClient, AuthError> {
     let (grants, scopes, alg) = check(&new)?;
+    if alg == "ES256" {
+        super::es256::ensure_key(db, env).await?;
+    }
     let client_id = format!("vpc_{}", random_token(16));
     let secret = (!new.public).then(opaque_token);
     let now = now_micros();
@@ -385,7 +390,7 @@ pub(crate) async fn create_route(
     ApiJson(req): ApiJson<NewClient>,
 ) -> Result<Response, ApiError> {
     admin(&svc, &p).await?;
-    let created = create(svc.db(), &ctx.origin(), p.user_id(), req).await?;
+    let created = create(svc.db(), &svc.inner.env, &ctx.origin(), p.user_id(), req).await?;
     let mut res = (StatusCode::CREATED, Json(created)).into_response();
     res.headers_mut().insert(
         axum::http::header::CACHE_CONTROL,

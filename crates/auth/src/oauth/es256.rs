@@ -10,7 +10,9 @@ use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use serde::Serialize;
 use sqlx::Row;
 use std::sync::Arc;
+use vaultpay_core::crypto::Envelope;
 use vaultpay_core::time::now_micros;
+use vaultpay_store::Db;
 use zeroize::Zeroizing;
 
 const LOCK_ES256: i64 = 0x4f41;
@@ -82,15 +84,23 @@ impl AuthService {
         self.inner
             .oauth
             .es256
-            .get_or_try_init(|| async { load_or_create(self).await.map(Arc::new) })
+            .get_or_try_init(|| async {
+                load_or_create(self.db(), &self.inner.env)
+                    .await
+                    .map(Arc::new)
+            })
             .await
             .cloned()
     }
 }
 
-async fn load_or_create(svc: &AuthService) -> Result<Es256Key, AuthError> {
-    let db = svc.db();
-    let env = &svc.inner.env;
+/// Makes sure the P-256 key exists. Called when an ES256 client is registered, so
+/// the key is in the JWKS before it signs anything (relying parties cache JWKS).
+pub async fn ensure_key(db: &Db, env: &Envelope) -> Result<(), AuthError> {
+    load_or_create(db, env).await.map(|_| ())
+}
+
+async fn load_or_create(db: &Db, env: &Envelope) -> Result<Es256Key, AuthError> {
     let mut tx = db.begin().await?;
     db.lock(&mut tx, LOCK_ES256).await?;
     let row = sqlx::query(
@@ -141,7 +151,7 @@ async fn load_or_create(svc: &AuthService) -> Result<Es256Key, AuthError> {
 }
 
 /// Adds the ES256 key to a JWK Set document once it exists (it is created when the
-/// first ES256 ID token is signed, so deployments without such clients publish only
+/// first ES256 client is registered, so deployments without such clients publish only
 /// their Ed25519 keys).
 pub(crate) async fn add_to_jwks(svc: &AuthService, doc: &mut serde_json::Value) {
     if svc.inner.oauth.es256.get().is_none() {

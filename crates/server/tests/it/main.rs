@@ -12,6 +12,7 @@ mod crash;
 mod helpers;
 mod hibp;
 mod oauth;
+mod oauth_interop;
 mod platform;
 #[cfg(feature = "redis")]
 mod redis;

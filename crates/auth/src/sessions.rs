@@ -658,6 +658,10 @@ impl AuthService {
         if !claims.sid.is_empty() && !self.session_live(&claims.sid, &claims.sub).await? {
             return Ok(wire::Introspection::default());
         }
+        // Session-less (client_credentials) tokens can be revoked one by one.
+        if claims.sid.is_empty() && crate::oauth::tokens::jti_revoked(self, &claims.jti).await? {
+            return Ok(wire::Introspection::default());
+        }
         Ok(wire::Introspection {
             active: true,
             sub: Some(claims.sub),

@@ -74,6 +74,7 @@ pub(crate) fn pkce_s256_ok(verifier: &str, challenge: &str) -> bool {
 struct Checked {
     client: Client,
     redirect_uri: String,
+    redirect_given: bool,
     scope: Vec<String>,
     state: Option<String>,
     nonce: Option<String>,
@@ -157,6 +158,7 @@ fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked,
     };
     Ok(Checked {
         client,
+        redirect_given: get("redirect_uri").is_some(),
         redirect_uri,
         scope,
         state,
@@ -247,9 +249,14 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
         .bind(now)
         .execute(&mut *tx)
         .await?;
+    // Spent and expired codes are kept a day (a late replay still revokes), then go.
+    sqlx::query("DELETE FROM oauth_codes WHERE expires_at < $1")
+        .bind(now - secs(86_400))
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO oauth_requests (id_hash, csrf_hash, client_id, redirect_uri, scope, state, nonce, code_challenge, \
-         stage, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'signin', $9, $10)",
+         stage, created_at, expires_at, redirect_given) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'signin', $9, $10, $11)",
     )
     .bind(sha256_hex(id.as_bytes()))
     .bind(sha256_hex(csrf.as_bytes()))
@@ -261,6 +268,7 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
     .bind(&c.code_challenge)
     .bind(now)
     .bind(now + secs(svc.config().oauth.request_ttl_secs))
+    .bind(i64::from(c.redirect_given))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -272,6 +280,7 @@ struct Pending {
     id_hash: String,
     client: Client,
     redirect_uri: String,
+    redirect_given: bool,
     scope: String,
     state: Option<String>,
     nonce: Option<String>,
@@ -297,7 +306,7 @@ async fn pending(
         return Ok(Err(expired()));
     };
     let r = sqlx::query(
-        "SELECT id_hash, csrf_hash, client_id, redirect_uri, scope, state, nonce, code_challenge, user_id, auth_time, \
+        "SELECT id_hash, csrf_hash, client_id, redirect_uri, redirect_given, scope, state, nonce, code_challenge, user_id, auth_time, \
          amr, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
     )
     .bind(sha256_hex(id.as_bytes()))
@@ -325,6 +334,7 @@ async fn pending(
         id_hash: r.try_get("id_hash")?,
         client,
         redirect_uri: r.try_get("redirect_uri")?,
+        redirect_given: r.try_get::<i64, _>("redirect_given")? != 0,
         scope: r.try_get("scope")?,
         state: r.try_get("state")?,
         nonce: r.try_get("nonce")?,
@@ -336,15 +346,19 @@ async fn pending(
     }))
 }
 
-/// Moves a request to its next stage (only from the stage it was read in).
+/// Moves a request to its next stage (only from the stage it was read in), with the
+/// audit entry of the sign-in step, in one transaction.
 async fn advance(
     svc: &AuthService,
+    ctx: &Ctx,
     p: &Pending,
     to: &str,
     user_id: &str,
     auth_time: i64,
     amr: &str,
 ) -> Result<bool, AuthError> {
+    let db = svc.db();
+    let mut tx = db.begin().await?;
     let n = sqlx::query(
         "UPDATE oauth_requests SET stage = $1, user_id = $2, auth_time = $3, amr = $4 WHERE id_hash = $5 AND stage = $6",
     )
@@ -354,10 +368,28 @@ async fn advance(
     .bind(amr)
     .bind(&p.id_hash)
     .bind(&p.stage)
-    .execute(svc.db().writer())
+    .execute(&mut *tx)
     .await?
     .rows_affected();
-    Ok(n == 1)
+    if n != 1 {
+        return Ok(false);
+    }
+    append(
+        db,
+        &mut tx,
+        &ctx.origin(),
+        NewAudit::success(if p.stage == "signin" {
+            "oauth.signin"
+        } else {
+            "oauth.second_factor"
+        })
+        .actor(user_id)
+        .resource(&p.client.client_id)
+        .metadata(serde_json::json!({ "amr": amr, "next": to })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 fn internal(e: AuthError) -> Response {
@@ -419,7 +451,7 @@ pub(crate) async fn signin(
     } else {
         "consent"
     };
-    match advance(&svc, &p, next, &user_id, now, "pwd").await {
+    match advance(&svc, &ctx, &p, next, &user_id, now, "pwd").await {
         Ok(true) => {}
         Ok(false) => return stage_error(),
         Err(e) => return internal(e),
@@ -440,6 +472,7 @@ pub(crate) struct CodeForm {
 /// The second-factor step (plugs into the MFA branch's verifier).
 pub(crate) async fn second_factor(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     headers: HeaderMap,
     form: Result<ApiForm<CodeForm>, vaultpay_web::ApiError>,
 ) -> Response {
@@ -464,6 +497,7 @@ pub(crate) async fn second_factor(
     let amr = format!("{} mfa", p.amr.as_deref().unwrap_or("pwd"));
     match advance(
         &svc,
+        &ctx,
         &p,
         "consent",
         &user_id,
@@ -562,7 +596,11 @@ async fn issue_code(
     .bind(sha256_hex(code.as_bytes()))
     .bind(&p.client.client_id)
     .bind(user_id)
-    .bind(&p.redirect_uri)
+    .bind(if p.redirect_given {
+        p.redirect_uri.as_str()
+    } else {
+        ""
+    })
     .bind(&p.scope)
     .bind(&p.nonce)
     .bind(&p.code_challenge)
@@ -584,4 +622,49 @@ async fn issue_code(
     .await?;
     tx.commit().await?;
     Ok(Some(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_s256_matches_rfc7636_appendix_b() {
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+        assert!(pkce_shape_ok(verifier));
+        assert!(pkce_s256_ok(verifier, challenge));
+        assert!(
+            !pkce_s256_ok(challenge, challenge),
+            "plain must not pass as S256"
+        );
+        assert!(!pkce_s256_ok(
+            "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXX",
+            challenge
+        ));
+    }
+
+    #[test]
+    fn pkce_shape_is_43_to_128_unreserved() {
+        assert!(!pkce_shape_ok(&"a".repeat(42)));
+        assert!(pkce_shape_ok(&"a".repeat(43)));
+        assert!(pkce_shape_ok(&"a".repeat(128)));
+        assert!(!pkce_shape_ok(&"a".repeat(129)));
+        assert!(!pkce_shape_ok(&format!("{}+", "a".repeat(43))));
+    }
+
+    #[test]
+    fn params_are_encoded_onto_the_redirect() {
+        assert_eq!(
+            with_params(
+                "https://a.example/cb",
+                &[("code", "x y"), ("state", "&s=1")]
+            ),
+            "https://a.example/cb?code=x%20y&state=%26s%3D1"
+        );
+        assert_eq!(
+            with_params("https://a.example/cb?k=v", &[("code", "c")]),
+            "https://a.example/cb?k=v&code=c"
+        );
+    }
 }

@@ -88,6 +88,14 @@ pub(crate) async fn device_authorization(
     let now = now_micros();
     let db = svc.db();
     let mut tx = db.begin().await?;
+    sqlx::query("DELETE FROM oauth_device_codes WHERE expires_at < $1")
+        .bind(now - secs(86_400))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM oauth_revoked_tokens WHERE expires_at < $1")
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO oauth_device_codes (device_code_hash, user_code, client_id, scope, status, interval_secs, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
@@ -403,5 +411,20 @@ pub(crate) async fn device_submit(
             Some(t) => again(StatusCode::TOO_MANY_REQUESTS, t),
             None => ApiError::from(e).into_response(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_codes_are_eight_consonants_and_normalise() {
+        let c = user_code();
+        assert_eq!(c.len(), 8);
+        assert!(c.bytes().all(|b| USER_CODE_ALPHABET.contains(&b)));
+        assert_eq!(display("BCDFGHJK"), "BCDF-GHJK");
+        assert_eq!(normalise_user_code(" bcdf-ghjk "), "BCDFGHJK");
+        assert_eq!(normalise_user_code("BCDF GHJK"), "BCDFGHJK");
     }
 }

@@ -372,3 +372,54 @@ pub(crate) fn routes() -> Router<AuthService> {
         .route("/.well-known/openid-configuration", get(oidc::discovery))
         .route("/userinfo", get(oidc::userinfo).post(oidc::userinfo))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn basic(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn basic_credentials_are_form_urldecoded() {
+        use base64::Engine;
+        let enc = base64::engine::general_purpose::STANDARD.encode("my%3Aclient:s%2Bc+ret");
+        let (id, pw) = basic_credentials(&basic(&format!("Basic {enc}")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(id, "my:client");
+        assert_eq!(pw, "s+c ret");
+        assert!(basic_credentials(&basic("Basic !!!")).is_err());
+        assert!(basic_credentials(&basic("Bearer x")).unwrap().is_none());
+    }
+
+    #[test]
+    fn one_client_authentication_method_only() {
+        use base64::Engine;
+        let enc = base64::engine::general_purpose::STANDARD.encode("a:b");
+        let h = basic(&format!("Basic {enc}"));
+        assert!(presented_client(&h, None, Some("b")).is_err());
+        assert!(presented_client(&h, Some("other"), None).is_err());
+        let p = presented_client(&h, Some("a"), None).unwrap().unwrap();
+        assert!(p.basic);
+        let p = presented_client(&HeaderMap::new(), Some("pub"), None)
+            .unwrap()
+            .unwrap();
+        assert!(p.secret.is_none());
+        assert!(presented_client(&HeaderMap::new(), None, Some("s")).is_err());
+        assert!(presented_client(&HeaderMap::new(), None, None)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn scopes_split_and_dedupe() {
+        assert_eq!(split_scope("openid  email openid"), vec!["openid", "email"]);
+        assert!(has_scope("openid email", "email"));
+        assert!(!has_scope("openid emails", "email"));
+    }
+}

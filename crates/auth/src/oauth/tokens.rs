@@ -330,7 +330,15 @@ async fn exchange_code(
         return Err(OAuthError::grant("the authorization code has expired"));
     }
     let redirect_uri: String = r.try_get("redirect_uri")?;
-    if f.redirect_uri.as_deref() != Some(redirect_uri.as_str()) {
+    let redirect_ok = if redirect_uri.is_empty() {
+        // The request named none: the token request may omit it or name the one used.
+        f.redirect_uri
+            .as_deref()
+            .is_none_or(|u| client.redirect_uris.len() == 1 && client.redirect_uris[0] == u)
+    } else {
+        f.redirect_uri.as_deref() == Some(redirect_uri.as_str())
+    };
+    if !redirect_ok {
         return Err(OAuthError::grant(
             "redirect_uri does not match the authorization request",
         ));
@@ -547,7 +555,7 @@ async fn find(svc: &AuthService, token: &str) -> Result<Found, AuthError> {
     })
 }
 
-async fn jti_revoked(svc: &AuthService, jti: &str) -> Result<bool, AuthError> {
+pub(crate) async fn jti_revoked(svc: &AuthService, jti: &str) -> Result<bool, AuthError> {
     Ok(
         sqlx::query("SELECT jti FROM oauth_revoked_tokens WHERE jti = $1")
             .bind(jti)

@@ -1334,3 +1334,61 @@ async fn slow_down_case(backend: Backend) {
     assert!(r.body["error_description"].as_str().unwrap().contains("35"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn redirect_uri_may_be_omitted_with_one_registered() {
+    each_backend!(omitted_redirect_case);
+}
+
+async fn omitted_redirect_case(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let admin = app.admin().await.access;
+    let c = web_client(&app, &admin).await;
+    user_email(&app, "ria@example.com").await;
+    let (verifier, challenge) = pkce();
+    let mut b = Browser::new(&app);
+    let q = format!(
+        "/oauth/authorize?response_type=code&client_id={}&scope=openid&state=s1&code_challenge={challenge}&code_challenge_method=S256",
+        c.id
+    );
+    let p = b.get(&q).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    let csrf = p.csrf();
+    b.post(
+        "/oauth/authorize/signin",
+        &[
+            ("csrf", &csrf),
+            ("email", "ria@example.com"),
+            ("password", PASSWORD),
+        ],
+    )
+    .await;
+    let p = b
+        .post(
+            "/oauth/authorize/consent",
+            &[("csrf", &csrf), ("decision", "approve")],
+        )
+        .await;
+    assert!(p.location.as_deref().unwrap().starts_with(CB));
+    let code = p.param("code").unwrap();
+    // A redirect_uri the request did not name is refused; omitting it works.
+    let r = exchange(&app, &c, &code, "https://app.example/elsewhere", &verifier).await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&c.id, c.secret.as_deref().unwrap())),
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("code_verifier", &verifier),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // The sign-in step is audited.
+    let signins = audit_action(&app, &admin, "oauth.signin").await;
+    assert_eq!(signins.len(), 1);
+    assert_eq!(signins[0]["resource"], c.id.as_str());
+    app.stop().await;
+}

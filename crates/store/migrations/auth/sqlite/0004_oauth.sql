@@ -24,6 +24,8 @@ CREATE TABLE oauth_requests (
     csrf_hash TEXT NOT NULL,
     client_id TEXT NOT NULL,
     redirect_uri TEXT NOT NULL,
+    -- 0 when the request named no redirect_uri (the client's only one was used).
+    redirect_given INTEGER NOT NULL DEFAULT 1,
     scope TEXT NOT NULL,
     state TEXT,
     nonce TEXT,
@@ -41,6 +43,7 @@ CREATE TABLE oauth_codes (
     code_hash TEXT PRIMARY KEY,
     client_id TEXT NOT NULL,
     user_id TEXT NOT NULL REFERENCES users(id),
+    -- The redirect_uri of the request ('' if it named none): the token request must repeat it.
     redirect_uri TEXT NOT NULL,
     scope TEXT NOT NULL,
     nonce TEXT,

@@ -65,7 +65,9 @@ struct AuthApi;
 
 /// The OpenAPI document of AuthShield's routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    AuthApi::openapi()
+    let mut doc = AuthApi::openapi();
+    doc.merge(crate::oauth::openapi());
+    doc
 }
 
 fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {

@@ -200,7 +200,14 @@ pub(crate) fn set_cookie(
     }
 }
 
-/// The start of the authorization code flow.
+/// The start of the authorization code flow (RFC 6749 §4.1, PKCE S256 per RFC 7636):
+/// `response_type=code`, `client_id`, `redirect_uri`, `scope`, `state`, `nonce`,
+/// `code_challenge`, `code_challenge_method=S256`. Answers the sign-in page; an unknown
+/// client or unregistered redirect URI gets an error page, never a redirect.
+#[utoipa::path(get, path = "/oauth/authorize", tag = "oauth",
+    responses((status = 200, description = "Sign-in page (HTML)", content_type = "text/html"),
+        (status = 303, description = "Error redirect to the verified redirect URI"),
+        (status = 400, description = "Error page (HTML)", content_type = "text/html")))]
 pub(crate) async fn authorize(
     State(svc): State<AuthService>,
     q: Result<ApiQuery<HashMap<String, String>>, vaultpay_web::ApiError>,
@@ -410,7 +417,10 @@ fn stage_error() -> Response {
     )
 }
 
-/// The sign-in form's post.
+/// The sign-in form's post (browser; CSRF token bound to the request cookie).
+#[utoipa::path(post, path = "/oauth/authorize/signin", tag = "oauth",
+    responses((status = 200, description = "Consent or second-factor page (HTML)", content_type = "text/html"),
+        (status = 401, description = "Sign-in page with an error", content_type = "text/html")))]
 pub(crate) async fn signin(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -470,6 +480,8 @@ pub(crate) struct CodeForm {
 }
 
 /// The second-factor step (plugs into the MFA branch's verifier).
+#[utoipa::path(post, path = "/oauth/authorize/second-factor", tag = "oauth",
+    responses((status = 200, description = "Consent page (HTML)", content_type = "text/html")))]
 pub(crate) async fn second_factor(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -519,6 +531,8 @@ pub(crate) struct ConsentForm {
 }
 
 /// The consent page's post: a code goes back to the client, or `access_denied`.
+#[utoipa::path(post, path = "/oauth/authorize/consent", tag = "oauth",
+    responses((status = 303, description = "Redirect with `code`, `state` and `iss`, or `error=access_denied`")))]
 pub(crate) async fn consent(
     State(svc): State<AuthService>,
     ctx: Ctx,

@@ -383,6 +383,9 @@ async fn admin(svc: &AuthService, p: &Principal) -> Result<(), AuthError> {
 }
 
 /// Register an OAuth client (`clients:manage`); the secret is shown once.
+#[utoipa::path(post, path = "/v1/admin/clients", tag = "oauth", request_body = NewClient,
+    responses((status = 201, body = CreatedClient), (status = 403, body = vaultpay_proto::Problem), (status = 422, body = vaultpay_proto::Problem)),
+    security(("bearer" = [])))]
 pub(crate) async fn create_route(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -400,6 +403,8 @@ pub(crate) async fn create_route(
 }
 
 /// List OAuth clients (`clients:manage`).
+#[utoipa::path(get, path = "/v1/admin/clients", tag = "oauth",
+    responses((status = 200, body = ClientList), (status = 403, body = vaultpay_proto::Problem)), security(("bearer" = [])))]
 pub(crate) async fn list_route(
     State(svc): State<AuthService>,
     p: Principal,
@@ -410,6 +415,9 @@ pub(crate) async fn list_route(
 }
 
 /// Delete an OAuth client and revoke its sessions (`clients:manage`).
+#[utoipa::path(delete, path = "/v1/admin/clients/{id}", tag = "oauth", params(("id" = String, Path)),
+    responses((status = 204), (status = 403, body = vaultpay_proto::Problem), (status = 404, body = vaultpay_proto::Problem)),
+    security(("bearer" = [])))]
 pub(crate) async fn delete_route(
     State(svc): State<AuthService>,
     ctx: Ctx,

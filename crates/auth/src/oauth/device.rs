@@ -56,7 +56,10 @@ pub(crate) struct DeviceAuthForm {
     scope: Option<String>,
 }
 
-/// `POST /oauth/device_authorization`.
+/// Device authorization request (RFC 8628 §3.1).
+#[utoipa::path(post, path = "/oauth/device_authorization", tag = "oauth",
+    responses((status = 200, description = "device_code, user_code, verification_uri(_complete), expires_in, interval"),
+        (status = 400, body = vaultpay_proto::auth::OAuthError), (status = 401, body = vaultpay_proto::auth::OAuthError)))]
 pub(crate) async fn device_authorization(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -291,14 +294,17 @@ impl AuthService {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ApproveRequest {
     user_code: String,
     #[serde(default)]
     deny: bool,
 }
 
-/// `POST /v1/oauth/device/approve`: approve a device code with a bearer token.
+/// Approve (or with `deny: true` refuse) a device code as the signed-in caller.
+#[utoipa::path(post, path = "/v1/oauth/device/approve", tag = "oauth", request_body = ApproveRequest,
+    responses((status = 200, description = "{status: approved|denied}"), (status = 404, body = vaultpay_proto::Problem)),
+    security(("bearer" = [])))]
 pub(crate) async fn approve_route(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -329,7 +335,9 @@ pub(crate) async fn approve_route(
     )
 }
 
-/// `GET /oauth/device`: the page a person opens on another device.
+/// The page a person opens on another device (`?user_code=` prefills the code).
+#[utoipa::path(get, path = "/oauth/device", tag = "oauth",
+    responses((status = 200, description = "Device page (HTML)", content_type = "text/html")))]
 pub(crate) async fn device_page(
     State(svc): State<AuthService>,
     q: Result<ApiQuery<HashMap<String, String>>, ApiError>,
@@ -356,7 +364,9 @@ pub(crate) struct DeviceForm {
     decision: String,
 }
 
-/// `POST /oauth/device`: sign in and decide.
+/// The device page's post: sign in and approve or deny.
+#[utoipa::path(post, path = "/oauth/device", tag = "oauth",
+    responses((status = 200, description = "Result page (HTML)", content_type = "text/html")))]
 pub(crate) async fn device_submit(
     State(svc): State<AuthService>,
     ctx: Ctx,

@@ -344,6 +344,25 @@ impl AuthService {
     }
 }
 
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(
+        clients::create_route, clients::list_route, clients::delete_route, authorize::authorize,
+        authorize::signin, authorize::second_factor, authorize::consent, device::device_authorization,
+        device::device_page, device::device_submit, device::approve_route, tokens::revoke,
+        oidc::discovery, oidc::userinfo
+    ),
+    components(schemas(clients::NewClient, clients::ClientView, clients::CreatedClient, clients::ClientList,
+        device::ApproveRequest, tokens::TokenOnlyForm, tokens::TokenParams)),
+    tags((name = "oauth", description = "OAuth 2.0 / OpenID Connect provider"))
+)]
+struct OAuthApi;
+
+/// The OpenAPI document of the OAuth/OIDC routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <OAuthApi as utoipa::OpenApi>::openapi()
+}
+
 /// The OAuth/OIDC routes (merged into AuthShield's router).
 pub(crate) fn routes() -> Router<AuthService> {
     Router::new()

@@ -100,7 +100,9 @@ impl AuthService {
     }
 }
 
-/// `/.well-known/openid-configuration`.
+/// OpenID Provider metadata (OIDC Discovery 1.0).
+#[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "oauth",
+    responses((status = 200, description = "Provider metadata")))]
 pub(crate) async fn discovery(State(svc): State<AuthService>) -> Response {
     let base = svc.public_url().to_owned();
     let doc = serde_json::json!({
@@ -147,7 +149,11 @@ fn bearer_error(status: StatusCode, error: &str, description: &str) -> Response 
     res
 }
 
-/// `/userinfo` (GET or POST, bearer access token with the `openid` scope).
+/// The signed-in user's claims (bearer access token with the `openid` scope):
+/// `sub`, and by scope `email`, `email_verified`, `name`.
+#[utoipa::path(method(get, post), path = "/userinfo", tag = "oauth",
+    responses((status = 200, description = "Claims"), (status = 401, description = "invalid_token"), (status = 403, description = "insufficient_scope")),
+    security(("bearer" = [])))]
 pub(crate) async fn userinfo(
     State(svc): State<AuthService>,
     p: Result<Principal, vaultpay_web::ApiError>,

@@ -642,6 +642,9 @@ pub(crate) async fn introspect_for_client(
 
 /// `POST /oauth/revoke` (RFC 7009): revokes the client's own token (the whole session
 /// for session tokens); unknown or foreign tokens are answered 200 all the same.
+#[utoipa::path(post, path = "/oauth/revoke", tag = "oauth",
+    request_body(content = TokenOnlyForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200), (status = 401, body = vaultpay_proto::auth::OAuthError)))]
 pub(crate) async fn revoke(
     State(svc): State<AuthService>,
     ctx: Ctx,

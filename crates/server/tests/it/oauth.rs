@@ -483,6 +483,24 @@ async fn discovery_case(backend: Backend) {
         .as_array()
         .unwrap()
         .contains(&json!("ES256")));
+    let doc = app.get("/openapi.json", None).await.body;
+    for path in [
+        "/oauth/authorize",
+        "/oauth/token",
+        "/oauth/revoke",
+        "/oauth/device_authorization",
+        "/v1/admin/clients",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+    assert!(doc["paths"]["/userinfo"]["post"].is_object());
+    // No ES256 key before an ES256 client exists; one after.
+    let jwks = app.get("/.well-known/jwks.json", None).await.body;
+    assert!(jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["kty"] == "OKP"));
     let admin = app.admin().await.access;
     let c = create_client(
         &app,

@@ -238,7 +238,13 @@ pub(crate) async fn authorize(
     };
     match start_request(&svc, &c).await {
         Ok((id, csrf)) => {
-            let mut res = pages::signin(StatusCode::OK, &csrf, &c.client.name, None);
+            let mut res = pages::signin(
+                StatusCode::OK,
+                &csrf,
+                &c.client.name,
+                None,
+                &super::upstream::providers(&svc),
+            );
             set_cookie(&mut res, &svc, COOKIE, &id, "/oauth/authorize");
             res
         }
@@ -283,8 +289,8 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
 }
 
 /// A pending request found by the browser's cookie and the form's CSRF token.
-struct Pending {
-    id_hash: String,
+pub(crate) struct Pending {
+    pub(crate) id_hash: String,
     client: Client,
     redirect_uri: String,
     redirect_given: bool,
@@ -295,13 +301,33 @@ struct Pending {
     user_id: Option<String>,
     auth_time: Option<i64>,
     amr: Option<String>,
-    stage: String,
+    pub(crate) stage: String,
 }
 
-async fn pending(
+/// The pending request of this browser (its cookie), checked against the form's CSRF
+/// token.
+pub(crate) async fn pending_request(
     svc: &AuthService,
     headers: &HeaderMap,
-    csrf: &str,
+    csrf: Option<&str>,
+) -> Result<Result<Pending, Response>, AuthError> {
+    let Some(id) = cookie_value(headers, COOKIE) else {
+        return Ok(Err(expired_page()));
+    };
+    load_pending(svc, &sha256_hex(id.as_bytes()), csrf).await
+}
+
+fn expired_page() -> Response {
+    pages::error(
+        StatusCode::BAD_REQUEST,
+        "This sign-in request has expired or is not valid. Go back to the application and start again.",
+    )
+}
+
+async fn load_pending(
+    svc: &AuthService,
+    id_hash: &str,
+    csrf: Option<&str>,
 ) -> Result<Result<Pending, Response>, AuthError> {
     let expired = || {
         pages::error(
@@ -309,21 +335,18 @@ async fn pending(
             "This sign-in request has expired or is not valid. Go back to the application and start again.",
         )
     };
-    let Some(id) = cookie_value(headers, COOKIE) else {
-        return Ok(Err(expired()));
-    };
     let r = sqlx::query(
         "SELECT id_hash, csrf_hash, client_id, redirect_uri, redirect_given, scope, state, nonce, code_challenge, user_id, auth_time, \
          amr, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
     )
-    .bind(sha256_hex(id.as_bytes()))
+    .bind(id_hash)
     .fetch_optional(svc.db().read())
     .await?;
     let Some(r) = r else {
         return Ok(Err(expired()));
     };
     let csrf_hash: String = r.try_get("csrf_hash")?;
-    if !ct_eq(sha256_hex(csrf.as_bytes()).as_bytes(), csrf_hash.as_bytes()) {
+    if csrf.is_some_and(|c| !ct_eq(sha256_hex(c.as_bytes()).as_bytes(), csrf_hash.as_bytes())) {
         return Ok(Err(pages::error(
             StatusCode::FORBIDDEN,
             "The form is not valid (CSRF check failed).",
@@ -430,7 +453,7 @@ pub(crate) async fn signin(
     let Ok(ApiForm(form)) = form else {
         return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
     };
-    let p = match pending(&svc, &headers, &form.csrf).await {
+    let p = match pending_request(&svc, &headers, Some(&form.csrf)).await {
         Ok(Ok(p)) => p,
         Ok(Err(page)) => return page,
         Err(e) => return internal(e),
@@ -448,7 +471,13 @@ pub(crate) async fn signin(
                     } else {
                         StatusCode::UNAUTHORIZED
                     };
-                    pages::signin(status, &form.csrf, &p.client.name, Some(text))
+                    pages::signin(
+                        status,
+                        &form.csrf,
+                        &p.client.name,
+                        Some(text),
+                        &super::upstream::providers(&svc),
+                    )
                 }
                 None => internal(e),
             }
@@ -473,6 +502,61 @@ pub(crate) async fn signin(
     }
 }
 
+/// After an upstream provider vouched for `user_id`: the request (found by its id, the
+/// callback having checked the browser) moves on, under a fresh CSRF token.
+pub(crate) async fn federated_signin(
+    svc: &AuthService,
+    ctx: &Ctx,
+    id_hash: &str,
+    user_id: &str,
+    provider: &str,
+) -> Result<Option<Response>, AuthError> {
+    let p = match load_pending(svc, id_hash, None).await? {
+        Ok(p) if p.stage == "signin" => p,
+        _ => return Ok(None),
+    };
+    let needs_2fa = second_factor_required(svc, user_id).await;
+    let next = if needs_2fa {
+        "second_factor"
+    } else {
+        "consent"
+    };
+    let csrf = opaque_token();
+    let db = svc.db();
+    let mut tx = db.begin().await?;
+    let n = sqlx::query(
+        "UPDATE oauth_requests SET stage = $1, user_id = $2, auth_time = $3, amr = 'fed', csrf_hash = $4 \
+         WHERE id_hash = $5 AND stage = 'signin'",
+    )
+    .bind(next)
+    .bind(user_id)
+    .bind(now_micros())
+    .bind(sha256_hex(csrf.as_bytes()))
+    .bind(id_hash)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        return Ok(None);
+    }
+    append(
+        db,
+        &mut tx,
+        &ctx.origin(),
+        NewAudit::success("oauth.signin")
+            .actor(user_id)
+            .resource(&p.client.client_id)
+            .metadata(serde_json::json!({ "amr": "fed", "provider": provider, "next": next })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(if needs_2fa {
+        pages::second_factor(StatusCode::OK, &csrf, None)
+    } else {
+        pages::consent(&csrf, &p.client.name, &split_scope(&p.scope))
+    }))
+}
+
 #[derive(Deserialize)]
 pub(crate) struct CodeForm {
     csrf: String,
@@ -491,7 +575,7 @@ pub(crate) async fn second_factor(
     let Ok(ApiForm(form)) = form else {
         return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
     };
-    let p = match pending(&svc, &headers, &form.csrf).await {
+    let p = match pending_request(&svc, &headers, Some(&form.csrf)).await {
         Ok(Ok(p)) => p,
         Ok(Err(page)) => return page,
         Err(e) => return internal(e),
@@ -542,7 +626,7 @@ pub(crate) async fn consent(
     let Ok(ApiForm(form)) = form else {
         return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
     };
-    let p = match pending(&svc, &headers, &form.csrf).await {
+    let p = match pending_request(&svc, &headers, Some(&form.csrf)).await {
         Ok(Ok(p)) => p,
         Ok(Err(page)) => return page,
         Err(e) => return internal(e),

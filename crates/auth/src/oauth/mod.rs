@@ -21,6 +21,7 @@ pub mod oidc;
 pub mod pages;
 pub mod signin;
 pub mod tokens;
+pub mod upstream;
 
 use crate::{AuthError, AuthService};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -52,6 +53,8 @@ pub struct OAuthConfig {
     pub id_token_ttl_secs: i64,
     /// Lifetime of client-credentials access tokens (0 = the access-token TTL).
     pub client_credentials_ttl_secs: i64,
+    /// Upstream sign-in providers by name ("Sign in with …" on the sign-in page).
+    pub upstream: std::collections::BTreeMap<String, upstream::UpstreamConfig>,
 }
 
 impl Default for OAuthConfig {
@@ -63,6 +66,7 @@ impl Default for OAuthConfig {
             device_poll_interval_secs: 5,
             id_token_ttl_secs: 300,
             client_credentials_ttl_secs: 0,
+            upstream: Default::default(),
         }
     }
 }
@@ -378,6 +382,11 @@ pub(crate) fn routes() -> Router<AuthService> {
             post(authorize::second_factor),
         )
         .route("/oauth/authorize/consent", post(authorize::consent))
+        .route("/oauth/authorize/upstream/{name}", post(upstream::start))
+        .route(
+            "/oauth/authorize/upstream/{name}/callback",
+            get(upstream::callback),
+        )
         .route(
             "/oauth/device_authorization",
             post(device::device_authorization),

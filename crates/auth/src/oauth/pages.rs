@@ -62,7 +62,26 @@ fn err_line(error: Option<&str>) -> String {
 }
 
 /// The sign-in form of an authorization request.
-pub fn signin(status: StatusCode, csrf: &str, client_name: &str, error: Option<&str>) -> Response {
+pub fn signin(
+    status: StatusCode,
+    csrf: &str,
+    client_name: &str,
+    error: Option<&str>,
+    providers: &[(String, String)],
+) -> Response {
+    let upstream: String = providers
+        .iter()
+        .map(|(name, display)| {
+            format!(
+                "<form method=\"post\" action=\"/oauth/authorize/upstream/{n}\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{c}\">\
+                 <button type=\"submit\">Sign in with {d}</button></form>",
+                n = esc(&urlencoding::encode(name)),
+                c = esc(csrf),
+                d = esc(display),
+            )
+        })
+        .collect();
     page(
         status,
         "Sign in",
@@ -72,7 +91,7 @@ pub fn signin(status: StatusCode, csrf: &str, client_name: &str, error: Option<&
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
              <label>Email <input type=\"email\" name=\"email\" autocomplete=\"username\" required></label>\
              <label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" required></label>\
-             <button type=\"submit\">Sign in</button></form>",
+             <button type=\"submit\">Sign in</button></form>{upstream}",
             client = esc(client_name),
             err = err_line(error),
             csrf = esc(csrf),

@@ -1410,3 +1410,217 @@ async fn omitted_redirect_case(backend: Backend) {
     assert_eq!(signins[0]["resource"], c.id.as_str());
     app.stop().await;
 }
+
+/// A TestApp whose issuer is its real address (needed when another server calls it).
+async fn spawn_addressed(
+    backend: Backend,
+    tweak: impl FnOnce(&mut vaultpay_server::Config),
+) -> TestApp {
+    let port = free_port();
+    TestApp::spawn_with(backend, |c| {
+        c.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        c.auth.issuer = format!("http://127.0.0.1:{port}");
+        tweak(c);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn upstream_oidc_sign_in_with_another_vaultpay() {
+    each_backend!(upstream_case);
+}
+
+async fn upstream_case(backend: Backend) {
+    use crate::auth_flows::mail_token;
+    // The upstream provider is another AuthShield.
+    let up = spawn_addressed(backend, |_| {}).await;
+    let up_admin = up.admin().await.access;
+    let down_port = free_port();
+    let cb = format!("http://127.0.0.1:{down_port}/oauth/authorize/upstream/corp/callback");
+    let up_client = create_client(
+        &up,
+        &up_admin,
+        json!({ "name": "Downstream", "redirect_uris": [cb], "scopes": ["openid", "email", "profile"] }),
+    )
+    .await;
+    up.register("fed@example.com").await;
+    let t = mail_token(&up, "fed@example.com", "verify-email?token=");
+    assert_eq!(
+        up.post("/v1/auth/verify-email", None, json!({ "token": t }))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    up.register("unverified@example.com").await;
+
+    let up_issuer = up.cfg.auth.issuer.clone();
+    let (cid, secret) = (up_client.id.clone(), up_client.secret.clone().unwrap());
+    let down = TestApp::spawn_with(backend, move |c| {
+        c.listen = format!("127.0.0.1:{down_port}").parse().unwrap();
+        c.auth.issuer = format!("http://127.0.0.1:{down_port}");
+        c.auth.oauth.upstream.insert(
+            "corp".into(),
+            vaultpay_auth::oauth::upstream::UpstreamConfig {
+                kind: "oidc".into(),
+                display_name: "Corp SSO".into(),
+                issuer: Some(up_issuer),
+                client_id: cid,
+                client_secret: vaultpay_core::secret::Secret::new(secret),
+                scopes: None,
+                authorize_url: None,
+                token_url: None,
+                api_url: None,
+                link_by_verified_email: false,
+            },
+        );
+    })
+    .await;
+    let admin = down.admin().await.access;
+    let web = web_client(&down, &admin).await;
+
+    // One full federated sign-in; returns (downstream browser, callback path, ID token claims).
+    async fn federated(
+        down: &TestApp,
+        up: &TestApp,
+        web: &OClient,
+        email: &str,
+    ) -> (Browser, String, Page, String) {
+        let (verifier, challenge) = pkce();
+        let mut bd = Browser::new(down);
+        let mut bu = Browser::new(up);
+        let p = bd
+            .get(&authorize_query(
+                &web.id,
+                CB,
+                "openid email",
+                Some(&challenge),
+            ))
+            .await;
+        assert!(p.text.contains("Sign in with Corp SSO"), "{}", p.text);
+        let csrf = p.csrf();
+        let p = bd
+            .post("/oauth/authorize/upstream/corp", &[("csrf", &csrf)])
+            .await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.text);
+        let to_up = p.location.unwrap();
+        assert!(to_up.contains("code_challenge_method=S256") && to_up.contains("nonce="));
+        let p = bu.get(to_up.strip_prefix(&up.base).unwrap()).await;
+        assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+        let ucsrf = p.csrf();
+        bu.post(
+            "/oauth/authorize/signin",
+            &[("csrf", &ucsrf), ("email", email), ("password", PASSWORD)],
+        )
+        .await;
+        let p = bu
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &ucsrf), ("decision", "approve")],
+            )
+            .await;
+        let back = p.location.unwrap();
+        let path = back.strip_prefix(&down.base).unwrap().to_owned();
+        let p = bd.get(&path).await;
+        (bd, path, p, verifier)
+    }
+
+    let (mut bd, path, p, verifier) = federated(&down, &up, &web, "fed@example.com").await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    assert!(p.text.contains("Allow access"), "{}", p.text);
+    let csrf = p.csrf();
+    let p2 = bd
+        .post(
+            "/oauth/authorize/consent",
+            &[("csrf", &csrf), ("decision", "approve")],
+        )
+        .await;
+    let code = p2.param("code").unwrap();
+    let r = exchange(&down, &web, &code, CB, &verifier).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id = jwt_part(r.body["id_token"].as_str().unwrap(), 1);
+    assert_eq!(id["email"], "fed@example.com");
+    assert_eq!(id["amr"], json!(["fed"]));
+    let local_sub = id["sub"].clone();
+    // A local account was created for the upstream identity, with the upstream email.
+    assert_eq!(down.count("upstream_identities").await, 1);
+    assert!(!audit_action(&down, &admin, "account.created_upstream")
+        .await
+        .is_empty());
+    // The callback is single use.
+    let again = bd.get(&path).await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+    // A second sign-in reuses the link (no new account).
+    let (mut bd, _, p, verifier) = federated(&down, &up, &web, "fed@example.com").await;
+    let csrf = p.csrf();
+    let p = bd
+        .post(
+            "/oauth/authorize/consent",
+            &[("csrf", &csrf), ("decision", "approve")],
+        )
+        .await;
+    let r = exchange(&down, &web, &p.param("code").unwrap(), CB, &verifier).await;
+    assert_eq!(
+        jwt_part(r.body["id_token"].as_str().unwrap(), 1)["sub"],
+        local_sub
+    );
+    assert_eq!(down.count("upstream_identities").await, 1);
+    // A callback opened in another browser (no pending request cookie): refused.
+    let mut stranger = Browser::new(&down);
+    let (bd2, path2, _) = {
+        // Stop before the downstream callback: redo the upstream part by hand.
+        let (_, challenge) = pkce();
+        let mut bd = Browser::new(&down);
+        let mut bu = Browser::new(&up);
+        let p = bd
+            .get(&authorize_query(&web.id, CB, "openid", Some(&challenge)))
+            .await;
+        let csrf = p.csrf();
+        let p = bd
+            .post("/oauth/authorize/upstream/corp", &[("csrf", &csrf)])
+            .await;
+        let p = bu
+            .get(p.location.unwrap().strip_prefix(&up.base).unwrap())
+            .await;
+        let ucsrf = p.csrf();
+        bu.post(
+            "/oauth/authorize/signin",
+            &[
+                ("csrf", &ucsrf),
+                ("email", "fed@example.com"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+        let p = bu
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &ucsrf), ("decision", "approve")],
+            )
+            .await;
+        let path = p
+            .location
+            .unwrap()
+            .strip_prefix(&down.base)
+            .unwrap()
+            .to_owned();
+        (bd, path, ())
+    };
+    let p = stranger.get(&path2).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST, "{}", p.text);
+    drop(bd2);
+    // An unverified upstream email creates nothing.
+    let (_, _, p, _) = federated(&down, &up, &web, "unverified@example.com").await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "{}", p.text);
+    // An upstream identity whose email is a local account's is not merged silently.
+    down.register("taken@example.com").await;
+    up.register("taken@example.com").await;
+    let t = mail_token(&up, "taken@example.com", "verify-email?token=");
+    up.post("/v1/auth/verify-email", None, json!({ "token": t }))
+        .await;
+    let (_, _, p, _) = federated(&down, &up, &web, "taken@example.com").await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "{}", p.text);
+    assert!(p.text.contains("already exists"));
+    assert_eq!(down.count("upstream_identities").await, 1);
+    down.stop().await;
+    up.stop().await;
+}

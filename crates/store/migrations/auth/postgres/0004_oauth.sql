@@ -90,3 +90,23 @@ CREATE TABLE oauth_es256_keys (
 
 INSERT INTO permissions (name, description) VALUES ('clients:manage', 'Register and delete OAuth clients');
 INSERT INTO role_permissions (role, permission) VALUES ('admin', 'clients:manage');
+
+-- Upstream sign-in ("Sign in with GitHub" / any OIDC provider): pending round trips
+-- (state → the browser's authorization request) and linked identities.
+CREATE TABLE oauth_upstream_states (
+    state_hash TEXT PRIMARY KEY,
+    request_id_hash TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    verifier TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE TABLE upstream_identities (
+    provider TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    email TEXT,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (provider, subject)
+);
+CREATE INDEX upstream_identities_user ON upstream_identities (user_id);

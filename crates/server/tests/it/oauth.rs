@@ -1624,3 +1624,140 @@ async fn upstream_case(backend: Backend) {
     down.stop().await;
     up.stop().await;
 }
+
+/// A fake GitHub: token endpoint, `/user` and `/user/emails`; records token requests.
+async fn fake_github() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::routing::{get, post};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let app = axum::Router::new()
+        .route(
+            "/login/oauth/access_token",
+            post(move |headers: axum::http::HeaderMap, body: String| {
+                let s2 = s2.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    s2.lock().unwrap().push(format!("{auth} {body}"));
+                    axum::Json(json!({ "access_token": "gho_fake", "token_type": "bearer" }))
+                }
+            }),
+        )
+        .route(
+            "/user",
+            get(|| async {
+                axum::Json(json!({ "id": 4242, "login": "octocat", "name": "Octo Cat" }))
+            }),
+        )
+        .route(
+            "/user/emails",
+            get(|| async {
+                axum::Json(json!([
+                    { "email": "old@example.com", "primary": false, "verified": true },
+                    { "email": "octo@example.com", "primary": true, "verified": true }
+                ]))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn upstream_github_sign_in() {
+    let (gh, seen) = fake_github().await;
+    let g = gh.clone();
+    let down = spawn_addressed(Backend::Sqlite, move |c| {
+        c.auth.oauth.upstream.insert(
+            "gh".into(),
+            vaultpay_auth::oauth::upstream::UpstreamConfig {
+                kind: "github".into(),
+                display_name: "GitHub".into(),
+                issuer: None,
+                client_id: "gh-client".into(),
+                client_secret: vaultpay_core::secret::Secret::new("gh-secret"),
+                scopes: None,
+                authorize_url: Some(format!("{g}/login/oauth/authorize")),
+                token_url: Some(format!("{g}/login/oauth/access_token")),
+                api_url: Some(g),
+                link_by_verified_email: false,
+            },
+        );
+    })
+    .await;
+    let admin = down.admin().await.access;
+    let web = web_client(&down, &admin).await;
+    let (verifier, challenge) = pkce();
+    let mut b = Browser::new(&down);
+    let p = b
+        .get(&authorize_query(
+            &web.id,
+            CB,
+            "openid email profile",
+            Some(&challenge),
+        ))
+        .await;
+    assert!(p.text.contains("Sign in with GitHub"));
+    let csrf = p.csrf();
+    let p = b
+        .post("/oauth/authorize/upstream/gh", &[("csrf", &csrf)])
+        .await;
+    let to_gh = p.location.unwrap();
+    assert!(
+        to_gh.starts_with(&format!("{gh}/login/oauth/authorize?")),
+        "{to_gh}"
+    );
+    let state = p_param(&to_gh, "state");
+    // GitHub sends the browser back with a code.
+    let p = b
+        .get(&format!(
+            "/oauth/authorize/upstream/gh/callback?code=gh-code&state={}",
+            urlencoding::encode(&state)
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    let token_request = seen.lock().unwrap()[0].clone();
+    assert!(token_request.starts_with("Basic "), "{token_request}");
+    assert!(token_request.contains("code=gh-code") && token_request.contains("code_verifier="));
+    let csrf = p.csrf();
+    let p = b
+        .post(
+            "/oauth/authorize/consent",
+            &[("csrf", &csrf), ("decision", "approve")],
+        )
+        .await;
+    let r = exchange(&down, &web, &p.param("code").unwrap(), CB, &verifier).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id = jwt_part(r.body["id_token"].as_str().unwrap(), 1);
+    assert_eq!(id["email"], "octo@example.com");
+    assert_eq!(id["name"], "Octo Cat");
+    // The GitHub user id is the linked subject.
+    use sqlx::Row;
+    let subject: String =
+        sqlx::query("SELECT subject FROM upstream_identities WHERE provider = 'gh'")
+            .fetch_one(down.auth_db().read())
+            .await
+            .unwrap()
+            .get("subject");
+    assert_eq!(subject, "4242");
+    // A forged state is refused.
+    let p = b
+        .get("/oauth/authorize/upstream/gh/callback?code=x&state=forged")
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    down.stop().await;
+}
+
+fn p_param(url: &str, name: &str) -> String {
+    let q = url.split_once('?').unwrap().1;
+    q.split('&')
+        .find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| urlencoding::decode(v).unwrap().into_owned())
+        })
+        .unwrap()
+}

@@ -425,7 +425,9 @@ pub(crate) async fn delete_route(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     admin(&svc, &p).await?;
-    if delete(svc.db(), &ctx.origin(), p.user_id(), &id).await? {
+    let deleted = delete(svc.db(), &ctx.origin(), p.user_id(), &id).await?;
+    svc.inner.oauth.forget_client(&id);
+    if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(AuthError::NotFound("client").into())

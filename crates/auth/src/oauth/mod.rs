@@ -35,6 +35,20 @@ use vaultpay_web::{ApiError, Principal};
 #[derive(Debug, Default)]
 pub struct OAuthState {
     pub(crate) es256: tokio::sync::OnceCell<std::sync::Arc<es256::Es256Key>>,
+    /// Clients by id for client authentication, briefly (see [`CLIENT_CACHE_TTL`]).
+    clients: parking_lot::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, clients::Client)>,
+    >,
+}
+
+/// How long a client looked up for authentication is reused. A deletion on this
+/// process takes effect at once; on other replicas (or by the CLI) within this time.
+pub const CLIENT_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl OAuthState {
+    pub(crate) fn forget_client(&self, client_id: &str) {
+        self.clients.lock().remove(client_id);
+    }
 }
 
 /// The `[auth.oauth]` table.
@@ -301,6 +315,33 @@ pub(crate) fn presented_client(
 }
 
 impl AuthService {
+    /// A client by id, from the short-lived cache (hot paths: token, introspection).
+    pub(crate) async fn cached_client(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<clients::Client>, AuthError> {
+        let state = &self.inner.oauth;
+        if let Some((at, c)) = state.clients.lock().get(client_id) {
+            if at.elapsed() < CLIENT_CACHE_TTL {
+                return Ok(Some(c.clone()));
+            }
+        }
+        let c = clients::get(self.db(), client_id).await?;
+        let mut map = state.clients.lock();
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        match &c {
+            Some(c) => {
+                map.insert(client_id.to_owned(), (std::time::Instant::now(), c.clone()));
+            }
+            None => {
+                map.remove(client_id);
+            }
+        }
+        Ok(c)
+    }
+
     /// Authenticates a client: a confidential client by its secret (constant-time
     /// comparison of SHA-256 hashes), a public one by its id alone. Failures are rate
     /// limited per address like logins (secret guessing).
@@ -315,7 +356,7 @@ impl AuthService {
             ));
         };
         let client = if p.client_id.len() <= 128 {
-            clients::get(self.db(), &p.client_id).await?
+            self.cached_client(&p.client_id).await?
         } else {
             None
         };

@@ -179,5 +179,40 @@ async fn run(backend: Backend) {
         dir.join("server.log").display()
     );
     assert!(stdout.contains("ALL OK"));
+
+    // `vaultpay clients list|delete` against the running server's database.
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+        cmd.arg("clients").args(args);
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let svc_id = svc["client_id"].as_str().unwrap();
+    let list = cli(&["list"]);
+    assert!(list.status.success());
+    let list = String::from_utf8(list.stdout).unwrap();
+    assert_eq!(list.lines().count(), 4, "{list}");
+    assert!(list.contains(svc_id) && !list.contains("secret"), "{list}");
+    assert!(cli(&["delete", svc_id]).status.success());
+    assert!(!cli(&["delete", svc_id]).status.success());
+    // The server stops accepting the client (its client cache lasts at most 2 s).
+    let mut refused = false;
+    for _ in 0..100 {
+        let r = http
+            .post(format!("{base}/oauth/token"))
+            .basic_auth(svc_id, svc["client_secret"].as_str())
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refused, "a deleted client still authenticates");
     server.terminate();
 }

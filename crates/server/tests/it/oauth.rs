@@ -443,6 +443,43 @@ async fn code_flow_case(backend: Backend) {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert!(r.body.get("refresh_token").is_none(), "{}", r.text);
 
+    // Without `api` the ledger shows the token nothing of the user's (no wallets), and
+    // /v1/me refuses it.
+    let olivia = app.login("olivia@example.com", PASSWORD).await;
+    let open = app
+        .http
+        .post(format!("{}/v1/accounts", app.base))
+        .bearer_auth(&olivia.access)
+        .header("idempotency-key", "olivia-open-1")
+        .json(&json!({"currency": "USD", "kind": "current", "name": "Main"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), StatusCode::CREATED);
+    let (verifier, challenge) = pkce();
+    let code = get_code(
+        &app,
+        &c.id,
+        CB,
+        "openid email",
+        &challenge,
+        "olivia@example.com",
+    )
+    .await;
+    let r = exchange(&app, &c, &code, CB, &verifier).await;
+    let narrow = r.body["access_token"].as_str().unwrap().to_owned();
+    let l = app.get("/v1/accounts", Some(&narrow)).await;
+    assert_eq!(l.status, StatusCode::OK, "{}", l.text);
+    assert!(!l.text.contains("Main"), "{}", l.text);
+    assert!(app
+        .get("/v1/accounts", Some(&olivia.access))
+        .await
+        .text
+        .contains("Main"));
+    app.get("/v1/me", Some(&narrow))
+        .await
+        .assert_problem(403, "forbidden");
+
     // With `api` the token acts on the first-party API with the user's roles.
     let (verifier, challenge) = pkce();
     let code = get_code(
@@ -461,6 +498,12 @@ async fn code_flow_case(backend: Backend) {
         app.get("/v1/sessions", Some(at)).await.status,
         StatusCode::OK
     );
+    assert_eq!(app.get("/v1/me", Some(at)).await.status, StatusCode::OK);
+    assert!(app
+        .get("/v1/accounts", Some(at))
+        .await
+        .text
+        .contains("Main"));
 
     assert!(!audit_action(&app, &admin, "oauth.code_exchanged")
         .await

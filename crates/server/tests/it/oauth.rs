@@ -1712,9 +1712,13 @@ async fn fake_github() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>
 
 #[tokio::test]
 async fn upstream_github_sign_in() {
+    each_backend!(github_case);
+}
+
+async fn github_case(backend: Backend) {
     let (gh, seen) = fake_github().await;
     let g = gh.clone();
-    let down = spawn_addressed(Backend::Sqlite, move |c| {
+    let down = spawn_addressed(backend, move |c| {
         c.auth.oauth.upstream.insert(
             "gh".into(),
             vaultpay_auth::oauth::upstream::UpstreamConfig {

@@ -5,7 +5,8 @@
 # are set (.ci/run sets both and starts the services); a set variable whose service is
 # unreachable fails the run. The SMTP test talks to a real SMTP server (Python aiosmtpd),
 # installed here when missing, as is pyotp (scripts/interop/totp_pyotp.py cross-checks
-# our TOTP against it; that test fails when pyotp is missing).
+# our TOTP against it; that test fails when pyotp is missing), and the Python OAuth/OIDC
+# libraries (Authlib, requests, PyJWT) scripts/interop/oauth_authlib.py drives the server with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
@@ -15,5 +16,11 @@ fi
 if ! python3 -c 'import pyotp' 2>/dev/null; then
   echo "installing pyotp (the independent TOTP implementation the interop test checks against)"
   python3 -m pip install --quiet --disable-pip-version-check pyotp
+fi
+if ! python3 -c 'import authlib, requests, jwt, cryptography' 2>/dev/null; then
+  echo "installing Authlib, requests, PyJWT, cryptography (the OAuth interop test's clients)"
+  python3 -m pip install --quiet --disable-pip-version-check authlib requests pyjwt cryptography
+  python3 -c 'import authlib, requests, jwt, cryptography' \
+    || { echo "error: the OAuth interop test needs authlib, requests, pyjwt and cryptography" >&2; exit 1; }
 fi
 exec cargo test --workspace --all-features "$@"

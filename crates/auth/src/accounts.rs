@@ -564,6 +564,7 @@ impl AuthService {
     /// `GET /v1/me`: the caller, if their session is still live (one query; roles and
     /// permissions come from the invalidated-on-change cache).
     pub async fn me(&self, p: &Principal) -> Result<wire::Me, AuthError> {
+        crate::oauth::require_api_scope(p)?;
         let now = now_micros();
         let r = sqlx::query(
             "SELECT u.id AS id, u.email AS email, u.name AS name, u.email_verified AS email_verified, \

@@ -48,6 +48,8 @@ pub struct AuthConfig {
     pub ip_trust: crate::iptrust::IpTrustConfig,
     pub mfa: crate::mfa::MfaConfig,
     pub step_up: crate::mfa::StepUpConfig,
+    /// OAuth 2.0 / OpenID Connect authorization server.
+    pub oauth: crate::oauth::OAuthConfig,
 }
 
 impl Default for AuthConfig {
@@ -76,6 +78,7 @@ impl Default for AuthConfig {
             ip_trust: Default::default(),
             mfa: Default::default(),
             step_up: Default::default(),
+            oauth: Default::default(),
         }
     }
 }

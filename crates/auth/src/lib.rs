@@ -15,6 +15,7 @@ pub mod iptrust;
 pub mod keys;
 pub mod mail;
 mod mfa;
+pub mod oauth;
 mod rbac;
 mod rotation;
 mod routes;

@@ -32,6 +32,9 @@ pub(crate) struct Rotation {
     /// SHA-256 (hex) of the presented refresh token.
     pub hash: String,
     pub device_id: String,
+    /// The OAuth client refreshing, or `None` for a first-party session: a token only
+    /// ever refreshes for the client its session was created for.
+    pub client: Option<String>,
     pub origin: Origin,
 }
 
@@ -125,6 +128,7 @@ struct Current {
     used_at: Option<i64>,
     replaced_by: Option<String>,
     session_device: String,
+    client: Option<String>,
     revoked: bool,
     expires_at: i64,
     idle_expires_at: i64,
@@ -171,6 +175,21 @@ async fn rotate_group(
         };
         if row.revoked || revoked.contains_key(&row.session_id) {
             outcomes.push(Err(invalid("the session has ended")));
+            continue;
+        }
+        if row.client != job.client {
+            revoked.insert(row.session_id.clone(), "refresh_client_mismatch");
+            audits.push(Audit {
+                origin: i,
+                action: "refresh.client_mismatch",
+                ok: false,
+                user_id: row.user_id.clone(),
+                session_id: row.session_id.clone(),
+                reason: Some("refresh_client_mismatch"),
+            });
+            outcomes.push(Err(invalid(
+                "refresh token was issued to another client; the session has been revoked",
+            )));
             continue;
         }
         let mut grace = false;
@@ -315,7 +334,7 @@ async fn lock_rows(
         "SELECT r.token_hash AS token_hash, r.session_id AS session_id, r.used_at AS used_at, \
          r.replaced_by AS replaced_by, s.user_id AS user_id, s.device_id AS device_id, \
          s.revoked_at AS revoked_at, s.expires_at AS expires_at, s.idle_expires_at AS idle_expires_at, \
-         s.auth_time AS auth_time, s.amr AS amr FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
+         s.auth_time AS auth_time, s.amr AS amr, s.client_id AS client_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
          WHERE r.token_hash IN ({}){}",
         placeholders(1, jobs.len()),
         db.for_update()
@@ -334,6 +353,7 @@ async fn lock_rows(
                 used_at: r.try_get("used_at")?,
                 replaced_by: r.try_get("replaced_by")?,
                 session_device: r.try_get("device_id")?,
+                client: r.try_get("client_id")?,
                 revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
                 expires_at: r.try_get("expires_at")?,
                 idle_expires_at: r.try_get("idle_expires_at")?,

@@ -43,6 +43,7 @@ pub fn router(svc: AuthService) -> Router {
         .route("/oauth/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
         .merge(crate::mfa::routes::routes())
+        .merge(crate::oauth::routes())
         .with_state(svc.clone())
         .merge(crate::ext_routes::router(svc))
 }
@@ -55,7 +56,7 @@ pub fn router(svc: AuthService) -> Router {
         revoke_role, unlock, list_audit, token, introspect, jwks
     ),
     components(schemas(
-        wire::RegisterRequest, wire::LoginRequest, wire::DeviceInfo, wire::TokenResponse, wire::OAuthError,
+        wire::RegisterRequest, wire::LoginRequest, wire::DeviceInfo, wire::TokenResponse, wire::OAuthError, crate::oauth::tokens::TokenParams, crate::oauth::tokens::TokenOnlyForm,
         wire::User, wire::Me, wire::Session, wire::SessionList, wire::TokenRequestBody, wire::EmailRequest,
         wire::ResetPasswordRequest, wire::ChangePasswordRequest, wire::LogoutRequest, wire::RoleChange,
         wire::Role, wire::RoleList, wire::AuditEntry, wire::AuditPage, wire::Introspection, wire::Accepted, Problem
@@ -69,6 +70,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = AuthApi::openapi();
     doc.merge(<crate::ext_routes::ExtApi as OpenApi>::openapi());
     doc.merge(<crate::mfa::routes::MfaApi as OpenApi>::openapi());
+    doc.merge(crate::oauth::openapi());
     doc
 }
 
@@ -385,104 +387,18 @@ async fn list_audit(
     }))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-struct TokenForm {
-    grant_type: Option<String>,
-    refresh_token: Option<String>,
-    device_id: Option<String>,
-    #[allow(dead_code)]
-    client_id: Option<String>,
-}
-
-/// An error of the OAuth endpoints, in RFC 6749 §5.2 form.
-struct OAuthFailure(ApiError);
-
-impl From<AuthError> for OAuthFailure {
-    fn from(e: AuthError) -> Self {
-        OAuthFailure(e.into())
-    }
-}
-
-impl From<ApiError> for OAuthFailure {
-    fn from(e: ApiError) -> Self {
-        OAuthFailure(e)
-    }
-}
-
-impl IntoResponse for OAuthFailure {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        let status = e.status();
-        if status.is_server_error() {
-            return e.into_response();
-        }
-        let error = match (status, e.code()) {
-            (StatusCode::TOO_MANY_REQUESTS, _) => "slow_down".to_owned(),
-            (
-                _,
-                "invalid_grant" | "invalid_request" | "unsupported_grant_type" | "invalid_client",
-            ) => e.code().to_owned(),
-            (StatusCode::UNAUTHORIZED, _) => "invalid_client".to_owned(),
-            _ => "invalid_request".to_owned(),
-        };
-        let body = wire::OAuthError {
-            error,
-            error_description: e.problem.detail.clone(),
-        };
-        let mut res = (status, Json(body)).into_response();
-        let h = res.headers_mut();
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-        for (k, v) in e.headers {
-            h.append(k, v);
-        }
-        res
-    }
-}
-
-/// OAuth 2.0 token endpoint (form post). Supports `grant_type=refresh_token` with
-/// the `device_id` of the session's device.
-#[utoipa::path(post, path = "/oauth/token", tag = "auth", request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+/// OAuth 2.0 token endpoint (form post): authorization_code, refresh_token (OAuth
+/// clients, or first-party with the `device_id` of the session's device),
+/// client_credentials and the device_code grant.
+#[utoipa::path(post, path = "/oauth/token", tag = "auth", request_body(content = crate::oauth::tokens::TokenParams, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, body = wire::TokenResponse), (status = 400, body = wire::OAuthError)))]
 async fn token(
     State(svc): State<AuthService>,
     ctx: Ctx,
-    form: Result<ApiForm<TokenForm>, ApiError>,
-) -> Result<Response, OAuthFailure> {
-    let ApiForm(form) = form.map_err(|e| {
-        OAuthFailure(ApiError::bad_request(
-            "invalid_request",
-            e.problem.detail.unwrap_or_default(),
-        ))
-    })?;
-    match form.grant_type.as_deref() {
-        Some("refresh_token") => {
-            let rt = form.refresh_token.ok_or_else(|| {
-                AuthError::OAuth("invalid_request", "refresh_token is required".into())
-            })?;
-            let tokens = svc.refresh(&ctx, &rt, form.device_id.as_deref()).await?;
-            Ok(no_store(StatusCode::OK, Json(tokens)))
-        }
-        Some(other) => Err(AuthError::OAuth(
-            "unsupported_grant_type",
-            format!(
-                "grant_type `{}` is not supported",
-                other.chars().take(64).collect::<String>()
-            ),
-        )
-        .into()),
-        None => Err(AuthError::OAuth("invalid_request", "grant_type is required".into()).into()),
-    }
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-struct IntrospectForm {
-    token: String,
-    #[allow(dead_code)]
-    token_type_hint: Option<String>,
-    /// The address of the end user's request at the resource server (the ledger):
-    /// the token is reported inactive when it is outside the user's trusted networks.
-    client_ip: Option<String>,
+    headers: HeaderMap,
+    form: Result<ApiForm<crate::oauth::tokens::TokenParams>, ApiError>,
+) -> Result<Response, crate::oauth::OAuthError> {
+    crate::oauth::tokens::token_endpoint(&svc, &ctx, &headers, form).await
 }
 
 fn introspection_client_ok(svc: &AuthService, headers: &HeaderMap) -> bool {
@@ -512,46 +428,45 @@ fn introspection_client_ok(svc: &AuthService, headers: &HeaderMap) -> bool {
         && vaultpay_core::crypto::ct_eq(pw.as_bytes(), secret.expose().as_bytes())
 }
 
-/// RFC 7662 token introspection, for the ledger service (HTTP Basic client auth).
-#[utoipa::path(post, path = "/oauth/introspect", tag = "auth", request_body(content = IntrospectForm, content_type = "application/x-www-form-urlencoded"),
+/// RFC 7662 token introspection: for the ledger service (HTTP Basic client
+/// `vaultpay-ledger`) and for registered confidential OAuth clients (their own tokens).
+#[utoipa::path(post, path = "/oauth/introspect", tag = "auth", request_body(content = crate::oauth::tokens::TokenOnlyForm, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, body = wire::Introspection), (status = 401, body = wire::OAuthError)))]
 async fn introspect(
     State(svc): State<AuthService>,
     ctx: Ctx,
     headers: HeaderMap,
-    form: Result<ApiForm<IntrospectForm>, ApiError>,
-) -> Result<Response, OAuthFailure> {
+    form: Result<ApiForm<crate::oauth::tokens::TokenOnlyForm>, ApiError>,
+) -> Result<Response, crate::oauth::OAuthError> {
+    use crate::oauth::OAuthError;
     if !introspection_client_ok(&svc, &headers) {
-        // Failed client authentications are rate limited like logins (secret guessing).
-        let key = format!("introspect:fail:{}", ctx.ip_key());
-        vaultpay_web::enforce(&*svc.limiter(), &key, svc.config().rate_limits.login_per_ip).await?;
-        let e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized")
-            .detail("client authentication failed")
-            .header(header::WWW_AUTHENTICATE, "Basic realm=\"vaultpay\"");
-        return Err(OAuthFailure(e));
+        // Registered OAuth clients; failures are rate limited like logins (secret guessing).
+        return crate::oauth::tokens::introspect_for_client(&svc, &ctx, &headers, form).await;
     }
-    let ApiForm(form) = form.map_err(|e| {
-        OAuthFailure(ApiError::bad_request(
-            "invalid_request",
-            e.problem.detail.unwrap_or_default(),
-        ))
-    })?;
+    let ApiForm(form) =
+        form.map_err(|e| OAuthError::request(e.problem.detail.unwrap_or_default()))?;
+    let token = form
+        .token
+        .ok_or_else(|| OAuthError::request("token is required"))?;
     let client_ip = match form.client_ip.as_deref().map(str::trim) {
         None | Some("") => None,
-        Some(s) => Some(s.parse::<std::net::IpAddr>().map_err(|_| {
-            AuthError::OAuth("invalid_request", "client_ip is not an IP address".into())
-        })?),
+        Some(s) => Some(
+            s.parse::<std::net::IpAddr>()
+                .map_err(|_| OAuthError::request("client_ip is not an IP address"))?,
+        ),
     };
     Ok(no_store(
         StatusCode::OK,
-        Json(svc.introspect_from(&form.token, client_ip).await?),
+        Json(svc.introspect_from(&token, client_ip).await?),
     ))
 }
 
 /// The public keys that verify access tokens (RFC 7517).
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWK Set")))]
 async fn jwks(State(svc): State<AuthService>) -> Response {
-    let mut res = Json(svc.verifier().jwks()).into_response();
+    let mut doc = svc.verifier().jwks();
+    crate::oauth::es256::add_to_jwks(&svc, &mut doc).await;
+    let mut res = Json(doc).into_response();
     res.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=60"),

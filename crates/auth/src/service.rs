@@ -35,6 +35,7 @@ pub(crate) struct Inner {
     pub rotations: RotationQueue,
     pub iptrust: crate::iptrust::TrustState,
     pub bus: crate::custom_roles::Bus,
+    pub oauth: crate::oauth::OAuthState,
 }
 
 /// AuthShield. Cheap to clone.
@@ -124,6 +125,7 @@ impl AuthService {
                 rotations,
                 iptrust: Default::default(),
                 bus: Default::default(),
+                oauth: Default::default(),
                 cfg,
             }),
         })

@@ -252,6 +252,19 @@ impl AuthService {
         token: &str,
         device_id: Option<&str>,
     ) -> Result<wire::TokenResponse, AuthError> {
+        self.refresh_as(ctx, token, device_id, None).await
+    }
+
+    /// The refresh grant for first-party sessions (`client = None`) or for the
+    /// sessions of one OAuth client: a refresh token only ever refreshes for the
+    /// client its session was created for.
+    pub(crate) async fn refresh_as(
+        &self,
+        ctx: &Ctx,
+        token: &str,
+        device_id: Option<&str>,
+        client: Option<&str>,
+    ) -> Result<wire::TokenResponse, AuthError> {
         let cfg = &self.inner.cfg;
         vaultpay_web::enforce(
             &*self.inner.limiter,
@@ -298,14 +311,19 @@ impl AuthService {
         .await?;
         let spent = family.try_get::<Option<i64>, _>("used_at")?.is_some();
         let user_id: String = family.try_get("user_id")?;
-        self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
-            .await?;
+        // An OAuth client refreshes from its own servers, not the user's network: the
+        // user's network was checked when they signed in to the client.
+        if client.is_none() {
+            self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
+                .await?;
+        }
         let rotated = self
             .inner
             .rotations
             .rotate(Rotation {
                 hash,
                 device_id: device_id.to_owned(),
+                client: client.map(str::to_owned),
                 origin: ctx.origin(),
             })
             .await?;
@@ -351,6 +369,8 @@ impl AuthService {
 
     /// Refuses a token whose session has been revoked or has expired.
     pub async fn require_live_session(&self, p: &Principal) -> Result<(), AuthError> {
+        // A token issued to an OAuth client acts on the first-party API only with `api`.
+        crate::oauth::require_api_scope(p)?;
         if self.session_live(p.session_id(), p.user_id()).await? {
             Ok(())
         } else {
@@ -358,7 +378,11 @@ impl AuthService {
         }
     }
 
-    async fn session_live(&self, session_id: &str, user_id: &str) -> Result<bool, AuthError> {
+    pub(crate) async fn session_live(
+        &self,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<bool, AuthError> {
         let now = now_micros();
         let r = sqlx::query(
             "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3",
@@ -492,6 +516,10 @@ impl AuthService {
             return Ok(wire::Introspection::default());
         };
         if !claims.sid.is_empty() && !self.session_live(&claims.sid, &claims.sub).await? {
+            return Ok(wire::Introspection::default());
+        }
+        // Session-less (client_credentials) tokens can be revoked one by one.
+        if claims.sid.is_empty() && crate::oauth::tokens::jti_revoked(self, &claims.jti).await? {
             return Ok(wire::Introspection::default());
         }
         Ok(wire::Introspection {

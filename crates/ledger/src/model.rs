@@ -34,6 +34,23 @@ impl Actor {
         p: &vaultpay_web::Principal,
         client_ip: Option<std::net::IpAddr>,
     ) -> Self {
+        // A token AuthShield issued to an OAuth client acts on the ledger only with the
+        // `api` scope; without it the caller owns nothing and holds no role.
+        let c = &p.claims;
+        let api = c
+            .scope
+            .as_deref()
+            .is_some_and(|s| s.split(' ').any(|x| x == "api"));
+        if let (Some(client), false) = (&c.client_id, api) {
+            return Self {
+                user_id: format!("oauth-client:{client}"),
+                roles: Vec::new(),
+                token: p.token.clone(),
+                client_ip,
+                acr: None,
+                auth_time: c.auth_time,
+            };
+        }
         Self {
             user_id: p.user_id().to_owned(),
             roles: p.claims.roles.clone(),

@@ -11,6 +11,9 @@
 //! rotations per second over HTTP, (4) the latency of an authenticated `GET /v1/me`
 //! at a fixed open-loop rate of 1,000 requests/s (latency counted from each request's
 //! scheduled send time, so a stall is not hidden by the generator waiting).
+//! (5) OAuth: `client_credentials` grants per second and RFC 7662 introspections per
+//! second (client_secret_basic), each with p50/p99 latency, 32 concurrent clients,
+//! closed loop (`VAULTPAY_BENCH_OAUTH_SECS`, default 5 s per phase).
 //! The load generator runs in the same process as the server, on the same 2 cores.
 //! `VAULTPAY_BENCH_ONLY=jwt,login,refresh,me` runs only the named phases.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -334,6 +337,136 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
     );
 }
 
+/// Runs `op` from `workers` concurrent tasks for `secs`; returns (ops/s, sorted ms).
+async fn closed_loop<F, Fut>(workers: usize, secs: f64, op: F) -> (f64, Vec<f64>)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    op().await;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (rate, all)
+}
+
+/// (5) client_credentials grants/s and introspections/s (targets: ≥3,000/s; ≥10,000/s
+/// with p99 < 5 ms).
+async fn oauth_benchmarks(base: String, backend: Backend) {
+    let secs: f64 = std::env::var("VAULTPAY_BENCH_OAUTH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let c = Client {
+        http: http.clone(),
+        base: base.clone(),
+    };
+    let admin = c.login(ADMIN, "oauth-bench").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .post(format!("{base}/v1/admin/clients"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "bench", "grant_types": ["client_credentials"], "scopes": []}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "create client: {}", r.status());
+    let client: Value = r.json().await.unwrap();
+    let id = Arc::new(client["client_id"].as_str().unwrap().to_owned());
+    let secret = Arc::new(client["client_secret"].as_str().unwrap().to_owned());
+    let url = Arc::new(format!("{base}/oauth/token"));
+    let (h, i, s, u) = (http.clone(), id.clone(), secret.clone(), url.clone());
+    let (rate, lat) = closed_loop(32, secs, move || {
+        let (h, i, s, u) = (h.clone(), i.clone(), s.clone(), u.clone());
+        async move {
+            let r = h
+                .post(&*u)
+                .basic_auth(&*i, Some(&*s))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "client_credentials: {}",
+                r.status()
+            );
+            let _ = r.bytes().await;
+        }
+    })
+    .await;
+    println!(
+        "[{backend:?}] oauth_client_credentials (32 concurrent): {rate:.0} grants/s, p50 {:.3} ms, p99 {:.3} ms (target >= 3000/s)",
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0)
+    );
+    let r = http
+        .post(&*url)
+        .basic_auth(&*id, Some(&*secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    let token: Value = r.json().await.unwrap();
+    let token = Arc::new(token["access_token"].as_str().unwrap().to_owned());
+    let url = Arc::new(format!("{base}/oauth/introspect"));
+    let (rate, lat) = closed_loop(32, secs, move || {
+        let (h, i, s, u, t) = (
+            http.clone(),
+            id.clone(),
+            secret.clone(),
+            url.clone(),
+            token.clone(),
+        );
+        async move {
+            let r = h
+                .post(&*u)
+                .basic_auth(&*i, Some(&*s))
+                .form(&[("token", t.as_str())])
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "introspect: {}", r.status());
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["active"], true);
+        }
+    })
+    .await;
+    println!(
+        "[{backend:?}] oauth_introspection (32 concurrent): {rate:.0} introspections/s, p50 {:.3} ms, p99 {:.3} ms (target >= 10000/s, p99 < 5 ms)",
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0)
+    );
+}
+
+const ADMIN: &str = "bench-admin@example.com";
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -355,14 +488,22 @@ fn main() {
     for backend in vaultpay_store::testing::backends() {
         let running = server_rt.block_on(async {
             let cfg = config(backend).await;
-            vaultpay_server::start(cfg, Mode::All, Default::default())
+            // An administrator registers the OAuth client of phase (5).
+            let bootstrap = vaultpay_auth::Bootstrap {
+                admin_email: Some(ADMIN.into()),
+                admin_password: Some(vaultpay_core::secret::Secret::new(PASSWORD)),
+            };
+            vaultpay_server::start(cfg, Mode::All, bootstrap)
                 .await
                 .unwrap()
         });
         let base = format!("http://{}", running.addr);
         // the raw ceiling is measured right before the logins it is compared with
         let ceiling = phase("login").then(|| argon2_ceiling(5.0));
-        client_rt.block_on(http_benchmarks(base, backend, ceiling));
+        client_rt.block_on(http_benchmarks(base.clone(), backend, ceiling));
+        if phase("oauth") {
+            client_rt.block_on(oauth_benchmarks(base, backend));
+        }
         server_rt.block_on(running.stop()).unwrap();
     }
 }

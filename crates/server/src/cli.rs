@@ -58,6 +58,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// OAuth clients of AuthShield.
+    Clients {
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
     /// Ledger operations.
     Ledger {
         #[command(subcommand)]
@@ -102,6 +107,34 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t = Which::All)]
         service: Which,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientsCommand {
+    /// Register a client; prints its id and (confidential clients) its secret, once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Exact redirect URI (repeatable).
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// Grant type (repeatable; default authorization_code + refresh_token).
+        #[arg(long = "grant-type")]
+        grant_types: Vec<String>,
+        /// Allowed scope (repeatable; default openid profile email offline_access).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// A public client (no secret; PKCE required).
+        #[arg(long)]
+        public: bool,
+        /// ID token algorithm: EdDSA (default) or ES256.
+        #[arg(long)]
+        id_token_alg: Option<String>,
+    },
+    /// List clients (JSON lines).
+    List,
+    /// Delete a client and revoke its sessions.
+    Delete { client_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,6 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys { command } => keys(&cfg, command).await,
+        Command::Clients { command } => clients(&cfg, command).await,
         Command::Audit {
             command: AuditCommand::Verify { service },
         } => audit_verify(&cfg, service).await,
@@ -211,6 +245,48 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             println!("key {kid} no longer verifies tokens");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCode> {
+    use vaultpay_auth::oauth::clients;
+    let (auth, _) = app::open_dbs(cfg, Mode::Auth).await?;
+    let db = auth.context("auth database")?;
+    let origin = vaultpay_store::audit::Origin::default();
+    match command {
+        ClientsCommand::Create {
+            name,
+            redirect_uris,
+            grant_types,
+            scopes,
+            public,
+            id_token_alg,
+        } => {
+            let new = clients::NewClient {
+                name,
+                redirect_uris,
+                grant_types: (!grant_types.is_empty()).then_some(grant_types),
+                scopes: (!scopes.is_empty()).then_some(scopes),
+                public,
+                id_token_alg,
+            };
+            let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
+            let created = clients::create(&db, &env, &origin, "cli", new).await?;
+            println!("{}", serde_json::to_string(&created)?);
+        }
+        ClientsCommand::List => {
+            for c in clients::list(&db).await? {
+                println!("{}", serde_json::to_string(&c.view())?);
+            }
+        }
+        ClientsCommand::Delete { client_id } => {
+            if !clients::delete(&db, &origin, "cli", &client_id).await? {
+                eprintln!("no client {client_id}");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("client {client_id} deleted; its sessions are revoked");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -39,6 +39,7 @@ const AUTH: &[Migration] = &[
     migration!(1, "auth", "0001_init"),
     migration!(2, "auth", "0002_mfa"),
     migration!(3, "auth", "0003_iptrust"),
+    migration!(4, "auth", "0004_oauth"),
 ];
 const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
 

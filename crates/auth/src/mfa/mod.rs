@@ -842,6 +842,49 @@ impl AuthService {
         Ok(())
     }
 
+    // ---- browser sign-in (OAuth authorize and device pages) ----
+
+    /// Whether the browser sign-in of `user_id` needs a second factor; mails a code
+    /// when emailed codes are the user's only factor.
+    pub(crate) async fn browser_second_factor_start(
+        &self,
+        ctx: &Ctx,
+        user_id: &str,
+    ) -> Result<bool, AuthError> {
+        let f = self.factors(user_id).await?;
+        if f.any() && !f.totp {
+            self.send_email_code(ctx, user_id, &format!("browser:{user_id}"))
+                .await?;
+        }
+        Ok(f.any())
+    }
+
+    /// Checks and consumes a second factor of `user_id` for the browser sign-in. A
+    /// wrong code is audited and counts toward the lockout like a wrong password.
+    pub(crate) async fn browser_second_factor(
+        &self,
+        ctx: &Ctx,
+        user_id: &str,
+        code: &str,
+    ) -> Result<bool, AuthError> {
+        self.mfa_limit(ctx, user_id).await?;
+        self.refuse_locked(user_id).await?;
+        let mut tx = self.inner.db.begin().await?;
+        let check = self
+            .consume_factor(&mut tx, user_id, None, code, &format!("browser:{user_id}"))
+            .await?;
+        tx.commit().await?;
+        match check {
+            Check::Ok(_) => Ok(true),
+            Check::Wrong(_) => {
+                let email = self.user_email(user_id).await?;
+                self.factor_failed(ctx, user_id, &email, "oauth.mfa_failed")
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+
     // ---- login ----
 
     /// The login hook: after a correct password, a user with a second factor gets a

@@ -864,3 +864,58 @@ async fn trust_slides_forward_when_used_and_lapses_when_not() {
         app.stop().await;
     });
 }
+
+/// The OAuth browser sign-in applies the same trust: a new network gets no consent
+/// page but a mailed confirm link; after confirming, signing in again works.
+#[tokio::test]
+async fn oauth_browser_sign_in_from_a_new_network_is_held() {
+    use crate::oauth::{authorize_query, pkce, web_client, Browser, CB};
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |_| {}).await;
+        let admin = app.admin().await;
+        let client = web_client(&app, &admin.access).await;
+        let email = "olga@example.com";
+        user_at(&app, email, HOME).await;
+        let browser_at = |ip: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert("x-forwarded-for", ip.parse().unwrap());
+            Browser {
+                http: reqwest::Client::builder()
+                    .no_proxy()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .default_headers(headers)
+                    .build()
+                    .unwrap(),
+                cookies: Vec::new(),
+                base: app.base.clone(),
+            }
+        };
+        let client_id = client.id.clone();
+        let sign_in = |mut b: Browser| {
+            let client_id = client_id.clone();
+            async move {
+                let (_, challenge) = pkce();
+                let p = b
+                    .get(&authorize_query(&client_id, CB, "openid", Some(&challenge)))
+                    .await;
+                let csrf = p.csrf();
+                b.post(
+                    "/oauth/authorize/signin",
+                    &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
+                )
+                .await
+            }
+        };
+        let mails = app.mails().len();
+        let held = sign_in(browser_at(AWAY)).await;
+        assert!(!held.text.contains("Allow access"), "{}", held.text);
+        assert!(held.text.contains("confirm"), "{}", held.text);
+        assert_eq!(app.mails().len(), mails + 1);
+        let confirm = mail_token(&app, email, "login/confirm?token=");
+        let r = link_post(&app, "confirm", &confirm).await;
+        assert!(r.status.is_success(), "{}", r.text);
+        let again = sign_in(browser_at(AWAY)).await;
+        assert!(again.text.contains("Allow access"), "{}", again.text);
+        app.stop().await;
+    });
+}

@@ -13,6 +13,8 @@ mod helpers;
 mod hibp;
 mod iptrust;
 mod mfa;
+mod oauth;
+mod oauth_interop;
 mod platform;
 #[cfg(feature = "redis")]
 mod redis;

@@ -1064,3 +1064,83 @@ async fn an_ip_confirmed_login_still_needs_the_second_factor() {
         app.stop().await;
     });
 }
+
+/// The OAuth browser sign-in of a user with TOTP shows the code step after the
+/// password: no code, a wrong one or a replayed one gets no consent page; a fresh
+/// code does, and the authorization code it leads to carries `mfa` in `amr`.
+#[tokio::test]
+async fn oauth_browser_sign_in_asks_for_the_second_factor() {
+    use crate::oauth::{authorize_query, exchange, pkce, web_client, Browser, CB};
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let client = web_client(&app, &admin.access).await;
+        let email = "browser2fa@example.com";
+        let t = app.user(email).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+
+        let redirect = CB.to_owned();
+        let (verifier, challenge) = pkce();
+        let mut b = Browser::new(&app);
+        let p = b
+            .get(&authorize_query(
+                &client.id,
+                &redirect,
+                "openid email",
+                Some(&challenge),
+            ))
+            .await;
+        let csrf = p.csrf();
+        let p = b
+            .post(
+                "/oauth/authorize/signin",
+                &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
+            )
+            .await;
+        assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+        assert!(
+            p.text.contains("/oauth/authorize/second-factor"),
+            "{}",
+            p.text
+        );
+        assert!(!p.text.contains("Allow access"));
+        // consent cannot be skipped to
+        let skip = b
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &csrf), ("decision", "approve")],
+            )
+            .await;
+        assert!(skip.location.is_none(), "{}", skip.text);
+        let wrong = b
+            .post(
+                "/oauth/authorize/second-factor",
+                &[("csrf", &csrf), ("code", "000000")],
+            )
+            .await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.text);
+        let ok = b
+            .post(
+                "/oauth/authorize/second-factor",
+                &[("csrf", &csrf), ("code", &code(&secret, 0))],
+            )
+            .await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+        assert!(ok.text.contains("Allow access"), "{}", ok.text);
+        let p = b
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &csrf), ("decision", "approve")],
+            )
+            .await;
+        let code_param = p.param("code").expect("code in redirect");
+        let tokens = exchange(&app, &client, &code_param, &redirect, &verifier).await;
+        assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
+        let id = crate::auth_flows::jwt_part(tokens.body["id_token"].as_str().unwrap(), 1);
+        assert!(
+            id["amr"].as_array().unwrap().iter().any(|m| m == "mfa"),
+            "{id}"
+        );
+        app.stop().await;
+    });
+}

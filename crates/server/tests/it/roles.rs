@@ -180,7 +180,7 @@ async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
             .find(|r| r["name"] == "admin")
             .cloned()
             .unwrap();
-        assert_eq!(admin_role["permissions"].as_array().unwrap().len(), 14);
+        assert_eq!(admin_role["permissions"].as_array().unwrap().len(), 15);
         assert_eq!(admin_role["builtin"], true);
         assert!(audit_action(&app, &admin, "role.created").await.is_empty());
 

@@ -1,0 +1,728 @@
+//! `POST /oauth/token` (every grant), RFC 7662 introspection and RFC 7009 revocation.
+
+use super::clients::Client;
+use super::{
+    has_scope, presented_client, split_scope, OAuthError, GRANT_CLIENT_CREDENTIALS, GRANT_CODE,
+    GRANT_DEVICE, GRANT_REFRESH,
+};
+use crate::service::SessionFacts;
+use crate::{AuthError, AuthService};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use sqlx::Row;
+use vaultpay_core::crypto::{opaque_token, sha256_hex};
+use vaultpay_core::jwt::{AccessClaims, Audience};
+use vaultpay_core::time::{now_micros, secs};
+use vaultpay_store::audit::{append, NewAudit};
+use vaultpay_store::Tx;
+use vaultpay_web::{ApiError, ApiForm, Ctx};
+
+/// Every field any grant of the token endpoint takes.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct TokenParams {
+    pub grant_type: Option<String>,
+    pub refresh_token: Option<String>,
+    /// First-party refresh: the device id of the session.
+    pub device_id: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub code: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub code_verifier: Option<String>,
+    pub scope: Option<String>,
+    pub device_code: Option<String>,
+}
+
+pub(crate) fn no_store(res: impl IntoResponse) -> Response {
+    let mut res = res.into_response();
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    res
+}
+
+fn form_error(e: ApiError) -> OAuthError {
+    OAuthError::request(e.problem.detail.unwrap_or_default())
+}
+
+/// `POST /oauth/token`.
+pub(crate) async fn token_endpoint(
+    svc: &AuthService,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    form: Result<ApiForm<TokenParams>, ApiError>,
+) -> Result<Response, OAuthError> {
+    let ApiForm(f) = form.map_err(form_error)?;
+    let presented = presented_client(headers, f.client_id.as_deref(), f.client_secret.as_deref())?;
+    match f.grant_type.as_deref() {
+        Some(GRANT_REFRESH) => {
+            let rt = f
+                .refresh_token
+                .as_deref()
+                .ok_or_else(|| OAuthError::request("refresh_token is required"))?;
+            // An OAuth refresh names a registered client (with or without a secret);
+            // anything else is the first-party refresh of a device-bound session.
+            let oauth = match &presented {
+                Some(p) if p.secret.is_some() => true,
+                Some(p) => super::clients::get(svc.db(), &p.client_id).await?.is_some(),
+                None => false,
+            };
+            if !oauth {
+                let tokens = svc.refresh(ctx, rt, f.device_id.as_deref()).await?;
+                return Ok(no_store(Json(tokens)));
+            }
+            let client = svc.authenticate_client(ctx, presented).await?;
+            refresh(svc, ctx, &client, rt, f.scope.as_deref()).await
+        }
+        Some(GRANT_CODE) => {
+            let client = svc.authenticate_client(ctx, presented).await?;
+            if !client.allows_grant(GRANT_CODE) {
+                return Err(OAuthError::new(
+                    "unauthorized_client",
+                    "this client may not use the authorization code grant",
+                ));
+            }
+            exchange_code(svc, ctx, &client, &f).await
+        }
+        Some(GRANT_CLIENT_CREDENTIALS) => {
+            let client = svc.authenticate_client(ctx, presented).await?;
+            client_credentials(svc, ctx, &client, f.scope.as_deref()).await
+        }
+        Some(GRANT_DEVICE) => {
+            let client = svc.authenticate_client(ctx, presented).await?;
+            if !client.allows_grant(GRANT_DEVICE) {
+                return Err(OAuthError::new(
+                    "unauthorized_client",
+                    "this client may not use the device grant",
+                ));
+            }
+            let dc = f
+                .device_code
+                .as_deref()
+                .ok_or_else(|| OAuthError::request("device_code is required"))?;
+            super::device::poll(svc, ctx, &client, dc).await
+        }
+        Some(other) => Err(OAuthError::new(
+            "unsupported_grant_type",
+            format!(
+                "grant_type `{}` is not supported",
+                other.chars().take(64).collect::<String>()
+            ),
+        )),
+        None => Err(OAuthError::request("grant_type is required")),
+    }
+}
+
+/// The device id OAuth sessions carry (so first-party refresh can never match them).
+pub(crate) fn oauth_device(client_id: &str) -> String {
+    format!("oauth:{client_id}")
+}
+
+/// What a grant hands out for a user.
+pub(crate) struct Grant<'a> {
+    pub client: &'a Client,
+    pub user_id: &'a str,
+    pub scope: &'a str,
+    pub nonce: Option<String>,
+    pub auth_time: i64,
+    pub amr: Vec<String>,
+}
+
+impl AuthService {
+    /// Creates an OAuth session in `tx` (refresh token only with `offline_access`).
+    /// Returns (session id, refresh token).
+    pub(crate) async fn oauth_session(
+        &self,
+        tx: &mut Tx,
+        ctx: &Ctx,
+        g: &Grant<'_>,
+    ) -> Result<(String, Option<String>), AuthError> {
+        let cfg = self.config();
+        let now = now_micros();
+        let sid = uuid::Uuid::now_v7().to_string();
+        let expires = now + secs(cfg.session_absolute_ttl_secs);
+        let idle = (now + secs(cfg.session_idle_ttl_secs)).min(expires);
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
+             idle_expires_at, expires_at, auth_time, amr, client_id, scope) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&sid)
+        .bind(g.user_id)
+        .bind(oauth_device(&g.client.client_id))
+        .bind(&g.client.name)
+        .bind(ctx.ip.map(|i| i.to_string()))
+        .bind(&ctx.user_agent)
+        .bind(now)
+        .bind(idle)
+        .bind(expires)
+        .bind(g.auth_time)
+        .bind(g.amr.join(" "))
+        .bind(&g.client.client_id)
+        .bind(g.scope)
+        .execute(&mut **tx)
+        .await?;
+        let refresh = if has_scope(g.scope, "offline_access")
+            && g.client.allows_grant(GRANT_REFRESH)
+        {
+            let token = opaque_token();
+            sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+                .bind(sha256_hex(token.as_bytes()))
+                .bind(&sid)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            Some(token)
+        } else {
+            None
+        };
+        Ok((sid, refresh))
+    }
+
+    /// Signs an access token for an OAuth session or a client.
+    pub(crate) fn oauth_access(
+        &self,
+        facts: &SessionFacts,
+        roles: Vec<String>,
+        scope: &str,
+        client_id: &str,
+        ttl: i64,
+    ) -> Result<String, AuthError> {
+        let now = now_micros() / 1_000_000;
+        let claims = AccessClaims {
+            iss: self.config().issuer.clone(),
+            sub: facts.user_id.clone(),
+            aud: Audience::One(self.config().audience.clone()),
+            exp: now + ttl,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::now_v7().to_string(),
+            sid: facts.session_id.clone(),
+            roles,
+            device_id: facts.device_id.clone(),
+            auth_time: facts.auth_time / 1_000_000,
+            amr: facts.amr.clone(),
+            acr: None,
+            scope: Some(scope.to_owned()),
+            client_id: Some(client_id.to_owned()),
+        };
+        let signer = self.inner.signer.read().clone();
+        metrics::counter!("auth_tokens_issued_total", "kind" => "oauth_access").increment(1);
+        signer
+            .sign(&claims)
+            .map_err(|e| AuthError::Internal(e.to_string()))
+    }
+
+    /// The token response of a user grant, after its session has been committed.
+    pub(crate) async fn user_tokens(
+        &self,
+        g: &Grant<'_>,
+        session_id: &str,
+        refresh: Option<String>,
+    ) -> Result<Response, AuthError> {
+        // Roles ride in an OAuth token only when the user granted `api`.
+        let roles = if has_scope(g.scope, "api") {
+            self.effective(g.user_id).await?.roles.clone()
+        } else {
+            Vec::new()
+        };
+        let facts = SessionFacts {
+            user_id: g.user_id.to_owned(),
+            session_id: session_id.to_owned(),
+            device_id: oauth_device(&g.client.client_id),
+            auth_time: g.auth_time,
+            amr: g.amr.clone(),
+        };
+        let ttl = self.config().access_token_ttl_secs;
+        let access = self.oauth_access(&facts, roles, g.scope, &g.client.client_id, ttl)?;
+        let mut body = serde_json::json!({
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+            "scope": g.scope,
+        });
+        if let Some(r) = refresh {
+            body["refresh_token"] = r.into();
+        }
+        if has_scope(g.scope, "openid") {
+            body["id_token"] = self
+                .id_token(
+                    g.client,
+                    g.user_id,
+                    session_id,
+                    g.scope,
+                    g.nonce.clone(),
+                    g.auth_time,
+                    g.amr.clone(),
+                )
+                .await?
+                .into();
+        }
+        Ok(no_store(Json(body)))
+    }
+}
+
+async fn exchange_code(
+    svc: &AuthService,
+    ctx: &Ctx,
+    client: &Client,
+    f: &TokenParams,
+) -> Result<Response, OAuthError> {
+    let code = f
+        .code
+        .as_deref()
+        .filter(|c| !c.is_empty() && c.len() <= 256)
+        .ok_or_else(|| OAuthError::request("code is required"))?;
+    let db = svc.db();
+    let now = now_micros();
+    let mut tx = db.begin().await?;
+    let r = sqlx::query(&format!(
+        "SELECT code_hash, client_id, user_id, redirect_uri, scope, nonce, code_challenge, auth_time, amr, expires_at, \
+         used_at, session_id FROM oauth_codes WHERE code_hash = $1{}",
+        db.for_update()
+    ))
+    .bind(sha256_hex(code.as_bytes()))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(r) = r else {
+        return Err(OAuthError::grant("the authorization code is invalid"));
+    };
+    let code_hash: String = r.try_get("code_hash")?;
+    let code_client: String = r.try_get("client_id")?;
+    let user_id: String = r.try_get("user_id")?;
+    let used_at: Option<i64> = r.try_get("used_at")?;
+    if used_at.is_some() {
+        // Replay: whoever holds this code is not (only) the client. Revoke what it gave.
+        let sid: Option<String> = r.try_get("session_id")?;
+        if let Some(sid) = &sid {
+            sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_reason = 'code_reuse' WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(sid)
+                .execute(&mut *tx)
+                .await?;
+        }
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::failure("oauth.code_reuse")
+                .actor(&user_id)
+                .resource(&code_client)
+                .metadata(serde_json::json!({ "session_revoked": sid })),
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("auth_oauth_code_reuse_total").increment(1);
+        return Err(OAuthError::grant(
+            "the authorization code was already used; the tokens issued from it have been revoked",
+        ));
+    }
+    if code_client != client.client_id {
+        return Err(OAuthError::grant(
+            "the authorization code was issued to another client",
+        ));
+    }
+    let expires_at: i64 = r.try_get("expires_at")?;
+    if expires_at <= now {
+        return Err(OAuthError::grant("the authorization code has expired"));
+    }
+    let redirect_uri: String = r.try_get("redirect_uri")?;
+    let redirect_ok = if redirect_uri.is_empty() {
+        // The request named none: the token request may omit it or name the one used.
+        f.redirect_uri
+            .as_deref()
+            .is_none_or(|u| client.redirect_uris.len() == 1 && client.redirect_uris[0] == u)
+    } else {
+        f.redirect_uri.as_deref() == Some(redirect_uri.as_str())
+    };
+    if !redirect_ok {
+        return Err(OAuthError::grant(
+            "redirect_uri does not match the authorization request",
+        ));
+    }
+    let challenge: Option<String> = r.try_get("code_challenge")?;
+    match (&challenge, f.code_verifier.as_deref()) {
+        (Some(c), Some(v))
+            if super::authorize::pkce_shape_ok(v) && super::authorize::pkce_s256_ok(v, c) => {}
+        (Some(_), Some(_)) => return Err(OAuthError::grant("PKCE verification failed")),
+        (Some(_), None) => return Err(OAuthError::grant("code_verifier is required")),
+        (None, Some(_)) => {
+            return Err(OAuthError::grant(
+                "no code_challenge was sent with this authorization",
+            ))
+        }
+        (None, None) => {}
+    }
+    let scope: String = r.try_get("scope")?;
+    let amr: String = r.try_get("amr")?;
+    let g = Grant {
+        client,
+        user_id: &user_id,
+        scope: &scope,
+        nonce: r.try_get("nonce")?,
+        auth_time: r.try_get("auth_time")?,
+        amr: split_scope(&amr),
+    };
+    let (sid, refresh) = svc.oauth_session(&mut tx, ctx, &g).await?;
+    let n = sqlx::query("UPDATE oauth_codes SET used_at = $1, session_id = $2 WHERE code_hash = $3 AND used_at IS NULL")
+        .bind(now)
+        .bind(&sid)
+        .bind(&code_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if n != 1 {
+        return Err(OAuthError::grant("the authorization code is invalid"));
+    }
+    append(
+        db,
+        &mut tx,
+        &ctx.origin(),
+        NewAudit::success("oauth.code_exchanged")
+            .actor(&user_id)
+            .resource(&sid)
+            .metadata(serde_json::json!({ "client_id": client.client_id, "scope": scope })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(svc.user_tokens(&g, &sid, refresh).await?)
+}
+
+async fn refresh(
+    svc: &AuthService,
+    ctx: &Ctx,
+    client: &Client,
+    token: &str,
+    scope: Option<&str>,
+) -> Result<Response, OAuthError> {
+    if !client.allows_grant(GRANT_REFRESH) {
+        return Err(OAuthError::new(
+            "unauthorized_client",
+            "this client may not use refresh tokens",
+        ));
+    }
+    let device = oauth_device(&client.client_id);
+    let tokens = svc
+        .refresh_as(ctx, token, Some(&device), Some(&client.client_id))
+        .await?;
+    let sid = tokens
+        .session_id
+        .clone()
+        .ok_or_else(|| AuthError::Internal("refresh without a session".into()))?;
+    let r = sqlx::query("SELECT user_id, scope, auth_time, amr FROM sessions WHERE id = $1")
+        .bind(&sid)
+        .fetch_one(svc.db().read())
+        .await
+        .map_err(AuthError::from)?;
+    let granted: Option<String> = r.try_get("scope").map_err(AuthError::from)?;
+    let granted = granted.unwrap_or_default();
+    if let Some(s) = scope {
+        if split_scope(s).iter().any(|x| !has_scope(&granted, x)) {
+            return Err(OAuthError::new(
+                "invalid_scope",
+                "the scope exceeds what was granted",
+            ));
+        }
+    }
+    let user_id: String = r.try_get("user_id").map_err(AuthError::from)?;
+    let amr: String = r.try_get("amr").map_err(AuthError::from)?;
+    let g = Grant {
+        client,
+        user_id: &user_id,
+        scope: &granted,
+        nonce: None,
+        auth_time: r.try_get("auth_time").map_err(AuthError::from)?,
+        amr: split_scope(&amr),
+    };
+    let res = svc.user_tokens(&g, &sid, tokens.refresh_token).await?;
+    Ok(res)
+}
+
+async fn client_credentials(
+    svc: &AuthService,
+    ctx: &Ctx,
+    client: &Client,
+    scope: Option<&str>,
+) -> Result<Response, OAuthError> {
+    if client.public || !client.allows_grant(GRANT_CLIENT_CREDENTIALS) {
+        return Err(OAuthError::new(
+            "unauthorized_client",
+            "this client may not use client_credentials",
+        ));
+    }
+    let requested = scope.map(split_scope).unwrap_or_default();
+    for s in &requested {
+        // No user: openid, offline_access and api (user roles) mean nothing here.
+        if !client.allows_scope(s)
+            || matches!(
+                s.as_str(),
+                "openid" | "offline_access" | "api" | "profile" | "email"
+            )
+        {
+            return Err(OAuthError::new(
+                "invalid_scope",
+                format!(
+                    "scope `{}` is not allowed for this client",
+                    s.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+    }
+    let scope = requested.join(" ");
+    let cfg = svc.config();
+    let ttl = if cfg.oauth.client_credentials_ttl_secs > 0 {
+        cfg.oauth.client_credentials_ttl_secs
+    } else {
+        cfg.access_token_ttl_secs
+    };
+    let facts = SessionFacts {
+        user_id: client.client_id.clone(),
+        session_id: String::new(),
+        device_id: String::new(),
+        auth_time: now_micros(),
+        amr: Vec::new(),
+    };
+    let access = svc.oauth_access(&facts, Vec::new(), &scope, &client.client_id, ttl)?;
+    let _ = ctx;
+    Ok(no_store(Json(serde_json::json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": ttl,
+        "scope": scope,
+    }))))
+}
+
+/// Introspection and revocation form.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct TokenOnlyForm {
+    pub token: Option<String>,
+    pub token_type_hint: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    /// For the ledger: the address of the end user's request at the resource server;
+    /// the token is reported inactive when it is outside the user's trusted networks.
+    pub client_ip: Option<String>,
+}
+
+/// What a token is, for introspection and revocation.
+enum Found {
+    Access(Box<AccessClaims>),
+    Refresh {
+        session_id: String,
+        user_id: String,
+        client_id: Option<String>,
+        scope: Option<String>,
+        live: bool,
+    },
+    Unknown,
+}
+
+async fn find(svc: &AuthService, token: &str) -> Result<Found, AuthError> {
+    if token.is_empty() || token.len() > 8192 {
+        return Ok(Found::Unknown);
+    }
+    if token.matches('.').count() == 2 {
+        if let Ok(c) = svc.verifier().verify(token).await {
+            return Ok(Found::Access(Box::new(c)));
+        }
+        return Ok(Found::Unknown);
+    }
+    if token.len() > 256 {
+        return Ok(Found::Unknown);
+    }
+    let r = sqlx::query(
+        "SELECT r.session_id AS session_id, r.used_at AS used_at, s.user_id AS user_id, s.client_id AS client_id, \
+         s.scope AS scope, s.revoked_at AS revoked_at, s.expires_at AS expires_at, s.idle_expires_at AS idle_expires_at \
+         FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1",
+    )
+    .bind(sha256_hex(token.as_bytes()))
+    .fetch_optional(svc.db().read())
+    .await?;
+    let Some(r) = r else {
+        return Ok(Found::Unknown);
+    };
+    let now = now_micros();
+    let used: Option<i64> = r.try_get("used_at")?;
+    let revoked: Option<i64> = r.try_get("revoked_at")?;
+    let exp: i64 = r.try_get("expires_at")?;
+    let idle: i64 = r.try_get("idle_expires_at")?;
+    Ok(Found::Refresh {
+        session_id: r.try_get("session_id")?,
+        user_id: r.try_get("user_id")?,
+        client_id: r.try_get("client_id")?,
+        scope: r.try_get("scope")?,
+        live: used.is_none() && revoked.is_none() && exp > now && idle > now,
+    })
+}
+
+pub(crate) async fn jti_revoked(svc: &AuthService, jti: &str) -> Result<bool, AuthError> {
+    Ok(
+        sqlx::query("SELECT jti FROM oauth_revoked_tokens WHERE jti = $1")
+            .bind(jti)
+            .fetch_optional(svc.db().read())
+            .await?
+            .is_some(),
+    )
+}
+
+/// RFC 7662 for an authenticated OAuth client: only its own tokens are active to it.
+pub(crate) async fn introspect_for_client(
+    svc: &AuthService,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    form: Result<ApiForm<TokenOnlyForm>, ApiError>,
+) -> Result<Response, OAuthError> {
+    let presented = match &form {
+        Ok(ApiForm(f)) => {
+            presented_client(headers, f.client_id.as_deref(), f.client_secret.as_deref())?
+        }
+        Err(_) => presented_client(headers, None, None)?,
+    };
+    let client = svc.authenticate_client(ctx, presented).await?;
+    if client.public {
+        return Err(OAuthError::invalid_client(
+            "public clients cannot introspect",
+        ));
+    }
+    let ApiForm(f) = form.map_err(form_error)?;
+    let token = f
+        .token
+        .ok_or_else(|| OAuthError::request("token is required"))?;
+    let inactive = || no_store(Json(serde_json::json!({ "active": false })));
+    match find(svc, &token).await? {
+        Found::Access(c) => {
+            if c.client_id.as_deref() != Some(client.client_id.as_str()) {
+                return Ok(inactive());
+            }
+            let live = if c.sid.is_empty() {
+                !jti_revoked(svc, &c.jti).await?
+            } else {
+                svc.session_live(&c.sid, &c.sub).await?
+            };
+            if !live {
+                return Ok(inactive());
+            }
+            Ok(no_store(Json(serde_json::json!({
+                "active": true,
+                "scope": c.scope.unwrap_or_default(),
+                "client_id": client.client_id,
+                "sub": c.sub,
+                "token_type": "Bearer",
+                "exp": c.exp,
+                "iat": c.iat,
+                "nbf": c.nbf,
+                "iss": c.iss,
+                "aud": c.aud,
+                "jti": c.jti,
+                "sid": (!c.sid.is_empty()).then_some(c.sid),
+            }))))
+        }
+        Found::Refresh {
+            user_id,
+            client_id,
+            scope,
+            live,
+            session_id,
+        } => {
+            if !live || client_id.as_deref() != Some(client.client_id.as_str()) {
+                return Ok(inactive());
+            }
+            Ok(no_store(Json(serde_json::json!({
+                "active": true,
+                "scope": scope.unwrap_or_default(),
+                "client_id": client.client_id,
+                "sub": user_id,
+                "token_type": "refresh_token",
+                "sid": session_id,
+            }))))
+        }
+        Found::Unknown => Ok(inactive()),
+    }
+}
+
+/// `POST /oauth/revoke` (RFC 7009): revokes the client's own token (the whole session
+/// for session tokens); unknown or foreign tokens are answered 200 all the same.
+#[utoipa::path(post, path = "/oauth/revoke", tag = "oauth",
+    request_body(content = TokenOnlyForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200), (status = 401, body = vaultpay_proto::auth::OAuthError)))]
+pub(crate) async fn revoke(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    form: Result<ApiForm<TokenOnlyForm>, ApiError>,
+) -> Result<Response, OAuthError> {
+    let presented = match &form {
+        Ok(ApiForm(f)) => {
+            presented_client(&headers, f.client_id.as_deref(), f.client_secret.as_deref())?
+        }
+        Err(_) => presented_client(&headers, None, None)?,
+    };
+    let client = svc.authenticate_client(&ctx, presented).await?;
+    let ApiForm(f) = form.map_err(form_error)?;
+    let token = f
+        .token
+        .ok_or_else(|| OAuthError::request("token is required"))?;
+    let db = svc.db();
+    match find(&svc, &token).await? {
+        Found::Access(c) if c.client_id.as_deref() == Some(client.client_id.as_str()) => {
+            let mut tx = db.begin().await?;
+            if c.sid.is_empty() {
+                sqlx::query(&format!(
+                    "INSERT INTO oauth_revoked_tokens (jti, expires_at) VALUES ($1, $2) {}",
+                    "ON CONFLICT (jti) DO NOTHING"
+                ))
+                .bind(&c.jti)
+                .bind(c.exp * 1_000_000)
+                .execute(&mut *tx)
+                .await
+                .map_err(AuthError::from)?;
+            } else {
+                revoke_session(&mut tx, &c.sid).await?;
+            }
+            append(
+                db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::success("oauth.token_revoked")
+                    .actor(&client.client_id)
+                    .resource(if c.sid.is_empty() { &c.jti } else { &c.sid })
+                    .metadata(serde_json::json!({ "token_type": "access_token" })),
+            )
+            .await?;
+            tx.commit().await.map_err(AuthError::from)?;
+        }
+        Found::Refresh {
+            session_id,
+            client_id,
+            ..
+        } if client_id.as_deref() == Some(client.client_id.as_str()) => {
+            let mut tx = db.begin().await?;
+            revoke_session(&mut tx, &session_id).await?;
+            append(
+                db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::success("oauth.token_revoked")
+                    .actor(&client.client_id)
+                    .resource(&session_id)
+                    .metadata(serde_json::json!({ "token_type": "refresh_token" })),
+            )
+            .await?;
+            tx.commit().await.map_err(AuthError::from)?;
+        }
+        _ => {}
+    }
+    Ok(no_store(StatusCode::OK))
+}
+
+async fn revoke_session(tx: &mut Tx, sid: &str) -> Result<(), AuthError> {
+    sqlx::query("UPDATE sessions SET revoked_at = $1, revoked_reason = 'oauth_revoke' WHERE id = $2 AND revoked_at IS NULL")
+        .bind(now_micros())
+        .bind(sid)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

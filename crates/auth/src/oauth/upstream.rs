@@ -1,0 +1,599 @@
+//! Upstream sign-in: "Sign in with GitHub" and any OpenID Connect provider, by
+//! configuration (`[auth.oauth.upstream.<name>]`), as an alternative to the password on
+//! the authorization sign-in page.
+//!
+//! The round trip is an authorization code flow with PKCE (S256), `state` (single use,
+//! bound to the browser's pending authorization request) and, for OIDC, `nonce`. The
+//! ID token comes straight from the provider's token endpoint over TLS, which OIDC Core
+//! §3.1.3.7 accepts in place of a signature check; `iss`, `aud`, `exp` and `nonce` are
+//! checked. A provider identity is linked to one local account; a new identity with a
+//! verified email creates an account, unless that email already belongs to a local
+//! account (then the user signs in with the password: no silent account merge) unless
+//! `link_by_verified_email` is set.
+
+use super::authorize::{read_cookie, COOKIE};
+use super::pages;
+use crate::{AuthError, AuthService};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::Row;
+use std::collections::HashMap;
+use vaultpay_core::crypto::{ct_eq, opaque_token, sha256_hex};
+use vaultpay_core::secret::Secret;
+use vaultpay_core::time::{now_micros, secs};
+use vaultpay_store::audit::{append, NewAudit};
+use vaultpay_web::{ApiError, ApiForm, ApiQuery, Ctx};
+
+/// One upstream identity provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `oidc` or `github`.
+    pub kind: String,
+    /// Shown on the button: "Sign in with {display_name}".
+    pub display_name: String,
+    /// OIDC: the issuer; endpoints come from its discovery document.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Default: `openid email profile` (OIDC), `read:user user:email` (GitHub).
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// GitHub endpoints (defaults: github.com; set for GitHub Enterprise).
+    #[serde(default)]
+    pub authorize_url: Option<String>,
+    #[serde(default)]
+    pub token_url: Option<String>,
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// Link a new upstream identity to an existing local account with the same email
+    /// when both sides have verified it. Off by default.
+    #[serde(default)]
+    pub link_by_verified_email: bool,
+}
+
+struct Endpoints {
+    authorize: String,
+    token: String,
+    userinfo: Option<String>,
+}
+
+fn http() -> Result<reqwest::Client, AuthError> {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("VaultPay/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| AuthError::Internal(e.to_string()))
+}
+
+fn upstream_err(e: impl std::fmt::Display) -> AuthError {
+    AuthError::Internal(format!("upstream provider: {e}"))
+}
+
+async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
+    match up.kind.as_str() {
+        "github" => Ok(Endpoints {
+            authorize: up
+                .authorize_url
+                .clone()
+                .unwrap_or_else(|| "https://github.com/login/oauth/authorize".into()),
+            token: up
+                .token_url
+                .clone()
+                .unwrap_or_else(|| "https://github.com/login/oauth/access_token".into()),
+            userinfo: None,
+        }),
+        "oidc" => {
+            let iss = up
+                .issuer
+                .as_deref()
+                .ok_or_else(|| upstream_err("oidc provider without issuer"))?;
+            let doc: Value = http()?
+                .get(format!(
+                    "{}/.well-known/openid-configuration",
+                    iss.trim_end_matches('/')
+                ))
+                .send()
+                .await
+                .map_err(upstream_err)?
+                .error_for_status()
+                .map_err(upstream_err)?
+                .json()
+                .await
+                .map_err(upstream_err)?;
+            if doc["issuer"].as_str() != Some(iss) {
+                return Err(upstream_err("discovery issuer mismatch"));
+            }
+            let s = |k: &str| doc[k].as_str().map(str::to_owned);
+            Ok(Endpoints {
+                authorize: s("authorization_endpoint")
+                    .ok_or_else(|| upstream_err("no authorization_endpoint"))?,
+                token: s("token_endpoint").ok_or_else(|| upstream_err("no token_endpoint"))?,
+                userinfo: s("userinfo_endpoint"),
+            })
+        }
+        other => Err(upstream_err(format!("unknown kind {other}"))),
+    }
+}
+
+fn callback_uri(svc: &AuthService, name: &str) -> String {
+    format!(
+        "{}/oauth/authorize/upstream/{}/callback",
+        svc.public_url(),
+        urlencoding::encode(name)
+    )
+}
+
+/// (name, display name) of every configured provider, for the sign-in page.
+pub(crate) fn providers(svc: &AuthService) -> Vec<(String, String)> {
+    svc.config()
+        .oauth
+        .upstream
+        .iter()
+        .map(|(k, v)| (k.clone(), v.display_name.clone()))
+        .collect()
+}
+
+fn internal(e: AuthError) -> Response {
+    ApiError::from(e).into_response()
+}
+
+fn redirect(to: &str) -> Response {
+    let mut res = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+#[derive(Deserialize)]
+pub(crate) struct StartForm {
+    csrf: String,
+}
+
+/// The sign-in page's "Sign in with …" button: off to the provider.
+pub(crate) async fn start(
+    State(svc): State<AuthService>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    form: Result<ApiForm<StartForm>, ApiError>,
+) -> Response {
+    let Ok(ApiForm(form)) = form else {
+        return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
+    };
+    let Some(up) = svc.config().oauth.upstream.get(&name).cloned() else {
+        return pages::error(StatusCode::NOT_FOUND, "No such sign-in provider.");
+    };
+    let p = match super::authorize::pending_request(&svc, &headers, Some(&form.csrf)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(page)) => return page,
+        Err(e) => return internal(e),
+    };
+    if p.stage != "signin" {
+        return pages::error(StatusCode::BAD_REQUEST, "This step does not belong here.");
+    }
+    let ep = match endpoints(&up).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, provider = %name, "upstream discovery failed");
+            return pages::error(
+                StatusCode::BAD_GATEWAY,
+                "The sign-in provider is not reachable right now.",
+            );
+        }
+    };
+    let state = opaque_token();
+    let nonce = opaque_token();
+    let verifier = opaque_token();
+    let challenge = {
+        use sha2::Digest;
+        URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
+    };
+    let now = now_micros();
+    let stored = async {
+        let mut tx = svc.db().begin().await?;
+        sqlx::query("DELETE FROM oauth_upstream_states WHERE expires_at < $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO oauth_upstream_states (state_hash, request_id_hash, provider, nonce, verifier, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(sha256_hex(state.as_bytes()))
+        .bind(&p.id_hash)
+        .bind(&name)
+        .bind(&nonce)
+        .bind(&verifier)
+        .bind(now + secs(600))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<(), AuthError>(())
+    };
+    if let Err(e) = stored.await {
+        return internal(e);
+    }
+    let scope = up.scopes.clone().map(|s| s.join(" ")).unwrap_or_else(|| {
+        if up.kind == "github" {
+            "read:user user:email".into()
+        } else {
+            "openid email profile".into()
+        }
+    });
+    let cb = callback_uri(&svc, &name);
+    let mut params = vec![
+        ("response_type", "code"),
+        ("client_id", up.client_id.as_str()),
+        ("redirect_uri", cb.as_str()),
+        ("scope", scope.as_str()),
+        ("state", state.as_str()),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    if up.kind == "oidc" {
+        params.push(("nonce", nonce.as_str()));
+    }
+    redirect(&super::authorize::with_params(&ep.authorize, &params))
+}
+
+/// What the provider says about the user.
+struct Identity {
+    subject: String,
+    email: Option<String>,
+    email_verified: bool,
+    name: Option<String>,
+}
+
+fn jwt_payload(token: &str) -> Option<Value> {
+    let payload = token.split('.').nth(1)?;
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
+}
+
+async fn identity(
+    up: &UpstreamConfig,
+    ep: &Endpoints,
+    cb: &str,
+    code: &str,
+    verifier: &str,
+    nonce: &str,
+) -> Result<Identity, AuthError> {
+    let h = http()?;
+    let tok: Value = h
+        .post(&ep.token)
+        .header(header::ACCEPT, "application/json")
+        .basic_auth(
+            urlencoding::encode(&up.client_id),
+            Some(urlencoding::encode(up.client_secret.expose())),
+        )
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", cb),
+            ("code_verifier", verifier),
+        ])
+        .send()
+        .await
+        .map_err(upstream_err)?
+        .error_for_status()
+        .map_err(upstream_err)?
+        .json()
+        .await
+        .map_err(upstream_err)?;
+    let access = tok["access_token"]
+        .as_str()
+        .ok_or_else(|| upstream_err("no access_token"))?;
+    if up.kind == "github" {
+        let api = up
+            .api_url
+            .as_deref()
+            .unwrap_or("https://api.github.com")
+            .trim_end_matches('/');
+        let get = |path: &str| {
+            h.get(format!("{api}{path}"))
+                .bearer_auth(access)
+                .header(header::ACCEPT, "application/vnd.github+json")
+                .send()
+        };
+        let user: Value = get("/user")
+            .await
+            .map_err(upstream_err)?
+            .error_for_status()
+            .map_err(upstream_err)?
+            .json()
+            .await
+            .map_err(upstream_err)?;
+        let emails: Value = get("/user/emails")
+            .await
+            .map_err(upstream_err)?
+            .error_for_status()
+            .map_err(upstream_err)?
+            .json()
+            .await
+            .map_err(upstream_err)?;
+        let primary = emails.as_array().and_then(|a| {
+            a.iter()
+                .find(|e| e["primary"] == true && e["verified"] == true)
+        });
+        let subject = match &user["id"] {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            _ => return Err(upstream_err("no user id")),
+        };
+        return Ok(Identity {
+            subject,
+            email: primary.and_then(|e| e["email"].as_str().map(str::to_owned)),
+            email_verified: primary.is_some(),
+            name: user["name"]
+                .as_str()
+                .or(user["login"].as_str())
+                .map(str::to_owned),
+        });
+    }
+    let id_token = tok["id_token"]
+        .as_str()
+        .ok_or_else(|| upstream_err("no id_token"))?;
+    let claims = jwt_payload(id_token).ok_or_else(|| upstream_err("malformed id_token"))?;
+    let iss = up.issuer.as_deref().unwrap_or_default();
+    let aud_ok = match &claims["aud"] {
+        Value::String(a) => a == &up.client_id,
+        Value::Array(v) => v.iter().any(|a| a.as_str() == Some(up.client_id.as_str())),
+        _ => false,
+    };
+    let now = now_micros() / 1_000_000;
+    let nonce_ok = claims["nonce"]
+        .as_str()
+        .is_some_and(|n| ct_eq(n.as_bytes(), nonce.as_bytes()));
+    if claims["iss"].as_str() != Some(iss)
+        || !aud_ok
+        || claims["exp"].as_i64().is_none_or(|e| e <= now)
+        || !nonce_ok
+    {
+        return Err(AuthError::OAuth(
+            "invalid_grant",
+            "the provider's ID token failed its checks".into(),
+        ));
+    }
+    let subject = claims["sub"]
+        .as_str()
+        .ok_or_else(|| upstream_err("no sub"))?
+        .to_owned();
+    let mut info = claims.clone();
+    if info["email"].is_null() {
+        if let Some(u) = &ep.userinfo {
+            let ui: Value = h
+                .get(u)
+                .bearer_auth(access)
+                .send()
+                .await
+                .map_err(upstream_err)?
+                .error_for_status()
+                .map_err(upstream_err)?
+                .json()
+                .await
+                .map_err(upstream_err)?;
+            if ui["sub"].as_str() != Some(subject.as_str()) {
+                return Err(upstream_err("userinfo sub mismatch"));
+            }
+            info = ui;
+        }
+    }
+    Ok(Identity {
+        subject,
+        email: info["email"].as_str().map(str::to_owned),
+        email_verified: info["email_verified"] == true,
+        name: info["name"].as_str().map(str::to_owned),
+    })
+}
+
+enum Mapped {
+    User(String),
+    Refused(&'static str),
+}
+
+/// Finds the local account of an upstream identity, linking or creating one.
+async fn map_user(
+    svc: &AuthService,
+    ctx: &Ctx,
+    provider: &str,
+    up: &UpstreamConfig,
+    id: &Identity,
+) -> Result<Mapped, AuthError> {
+    let db = svc.db();
+    let mut tx = db.begin().await?;
+    let linked =
+        sqlx::query("SELECT user_id FROM upstream_identities WHERE provider = $1 AND subject = $2")
+            .bind(provider)
+            .bind(&id.subject)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(r) = linked {
+        return Ok(Mapped::User(r.try_get("user_id")?));
+    }
+    let Some(email) = id
+        .email
+        .as_deref()
+        .filter(|_| id.email_verified)
+        .and_then(|e| crate::accounts::normalise_email(e).ok())
+    else {
+        return Ok(Mapped::Refused(
+            "The provider did not share a verified email address.",
+        ));
+    };
+    let now = now_micros();
+    let existing = sqlx::query("SELECT id, email_verified FROM users WHERE email = $1")
+        .bind(&email)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (user_id, created) = match existing {
+        Some(r) => {
+            let verified: i64 = r.try_get("email_verified")?;
+            if !(up.link_by_verified_email && verified != 0) {
+                return Ok(Mapped::Refused(
+                    "An account with this email already exists: sign in with its password.",
+                ));
+            }
+            (r.try_get::<String, _>("id")?, false)
+        }
+        None => {
+            let user_id = uuid::Uuid::now_v7().to_string();
+            let name: String = id
+                .name
+                .clone()
+                .unwrap_or_else(|| email.split('@').next().unwrap_or("user").to_owned())
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect();
+            // No password: "!" is no PHC string, so no password ever verifies.
+            sqlx::query(
+                "INSERT INTO users (id, email, name, password_hash, email_verified, created_at, updated_at) \
+                 VALUES ($1, $2, $3, '!', 1, $4, $4)",
+            )
+            .bind(&user_id)
+            .bind(&email)
+            .bind(&name)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ($1, 'customer', $2, 'system')",
+            )
+            .bind(&user_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            (user_id, true)
+        }
+    };
+    sqlx::query(
+        "INSERT INTO upstream_identities (provider, subject, user_id, email, created_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(provider)
+    .bind(&id.subject)
+    .bind(&user_id)
+    .bind(&email)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    append(
+        db,
+        &mut tx,
+        &ctx.origin(),
+        NewAudit::success(if created {
+            "account.created_upstream"
+        } else {
+            "account.linked_upstream"
+        })
+        .actor(&user_id)
+        .resource(&user_id)
+        .metadata(serde_json::json!({ "provider": provider, "subject": id.subject })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Mapped::User(user_id))
+}
+
+/// The provider's redirect back: identity → local account → consent page.
+pub(crate) async fn callback(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    q: Result<ApiQuery<HashMap<String, String>>, ApiError>,
+) -> Response {
+    let Ok(ApiQuery(q)) = q else {
+        return pages::error(
+            StatusCode::BAD_REQUEST,
+            "The provider's answer is malformed.",
+        );
+    };
+    let Some(up) = svc.config().oauth.upstream.get(&name).cloned() else {
+        return pages::error(StatusCode::NOT_FOUND, "No such sign-in provider.");
+    };
+    let bad = || {
+        pages::error(
+            StatusCode::BAD_REQUEST,
+            "This sign-in is not valid any more. Go back to the application and start again.",
+        )
+    };
+    let (Some(state), Some(cookie)) = (q.get("state"), read_cookie(&headers, COOKIE)) else {
+        return bad();
+    };
+    // The state is single use and belongs to this browser's authorization request.
+    let row = async {
+        let mut tx = svc.db().begin().await?;
+        let r = sqlx::query(
+            "DELETE FROM oauth_upstream_states WHERE state_hash = $1 RETURNING request_id_hash, provider, nonce, verifier, expires_at",
+        )
+        .bind(sha256_hex(state.as_bytes()))
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<_, AuthError>(r)
+    };
+    let row = match row.await {
+        Ok(Some(r)) => r,
+        Ok(None) => return bad(),
+        Err(e) => return internal(e),
+    };
+    let get = |k: &str| row.try_get::<String, _>(k).unwrap_or_default();
+    let expires: i64 = row.try_get("expires_at").unwrap_or(0);
+    let id_hash = get("request_id_hash");
+    if !ct_eq(sha256_hex(cookie.as_bytes()).as_bytes(), id_hash.as_bytes())
+        || get("provider") != name
+        || expires <= now_micros()
+    {
+        return bad();
+    }
+    if q.contains_key("error") {
+        return pages::error(
+            StatusCode::BAD_REQUEST,
+            "Signing in with the provider was cancelled or refused.",
+        );
+    }
+    let Some(code) = q.get("code") else {
+        return bad();
+    };
+    let ep = match endpoints(&up).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, provider = %name, "upstream discovery failed");
+            return pages::error(
+                StatusCode::BAD_GATEWAY,
+                "The sign-in provider is not reachable right now.",
+            );
+        }
+    };
+    let cb = callback_uri(&svc, &name);
+    let ident = match identity(&up, &ep, &cb, code, &get("verifier"), &get("nonce")).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, provider = %name, "upstream sign-in failed");
+            return pages::error(
+                StatusCode::BAD_GATEWAY,
+                "Signing in with the provider failed.",
+            );
+        }
+    };
+    let user_id = match map_user(&svc, &ctx, &name, &up, &ident).await {
+        Ok(Mapped::User(u)) => u,
+        Ok(Mapped::Refused(msg)) => return pages::error(StatusCode::FORBIDDEN, msg),
+        Err(e) => return internal(e),
+    };
+    match super::authorize::federated_signin(&svc, &ctx, &id_hash, &user_id, &name).await {
+        Ok(Some(page)) => page,
+        Ok(None) => bad(),
+        Err(e) => internal(e),
+    }
+}

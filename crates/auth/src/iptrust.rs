@@ -692,25 +692,9 @@ impl AuthService {
             auth_time: now,
             amr: vec!["pwd".into()],
         };
-        let expires = now + secs(cfg.session_absolute_ttl_secs);
-        let idle = (now + secs(cfg.session_idle_ttl_secs)).min(expires);
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
-             idle_expires_at, expires_at, auth_time, amr) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $7, $10)",
-        )
-        .bind(&facts.session_id)
-        .bind(&facts.user_id)
-        .bind(&facts.device_id)
-        .bind(&hold.device_name)
-        .bind(ctx.ip.map(|i| i.to_string()))
-        .bind(&ctx.user_agent)
-        .bind(now)
-        .bind(idle)
-        .bind(expires)
-        .bind(facts.amr.join(" "))
-        .execute(&mut *tx)
-        .await?;
-        let refresh = self.insert_refresh(&mut tx, &facts.session_id, now).await?;
+        let refresh = self
+            .open_session(&mut tx, ctx, &facts, &hold.device_name, now)
+            .await?;
         append(
             db,
             &mut tx,

@@ -45,9 +45,73 @@ impl AuthService {
         ctx: &Ctx,
         req: wire::LoginRequest,
     ) -> Result<wire::TokenResponse, AuthError> {
-        let cfg = &self.inner.cfg;
         check_device(&req.device.id, &req.device.name)?;
-        if req.password.len() > 1024 {
+        let (user_id, email) = self
+            .check_credentials(ctx, &req.email, req.password)
+            .await?;
+        let now = now_micros();
+        // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
+        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
+            .await?;
+        self.mfa_gate(ctx, &user_id, &req.device).await?;
+
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
+            .bind(&user_id)
+            .execute(&mut *tx)
+            .await?;
+        let facts = SessionFacts {
+            user_id: user_id.clone(),
+            session_id: uuid::Uuid::now_v7().to_string(),
+            device_id: req.device.id.trim().to_owned(),
+            auth_time: now,
+            amr: vec!["pwd".into()],
+        };
+        let refresh = self
+            .open_session(&mut tx, ctx, &facts, req.device.name.trim(), now)
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("login.succeeded")
+                .actor(&user_id)
+                .resource(&facts.session_id)
+                .metadata(serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr })),
+        )
+        .await?;
+        tx.commit().await?;
+        let roles = self.effective(&user_id).await?.roles.clone();
+        let _ = self
+            .inner
+            .limiter
+            .reset(&format!("login:acct:{email}"))
+            .await;
+        metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
+        let (access, ttl) = self.issue_access(&facts, roles)?;
+        Ok(wire::TokenResponse {
+            access_token: access,
+            token_type: "Bearer".into(),
+            expires_in: ttl,
+            refresh_token: Some(refresh),
+            scope: None,
+            session_id: Some(facts.session_id),
+        })
+    }
+
+    /// The password check every sign-in shares (`/v1/auth/login`, the OAuth browser
+    /// pages): rate limits per address and per account, the lockout, Argon2 off the
+    /// runtime (an unknown email costs the same), failures counted and audited, one
+    /// generic error. Returns the user id and the normalised email.
+    pub(crate) async fn check_credentials(
+        &self,
+        ctx: &Ctx,
+        email: &str,
+        password: String,
+    ) -> Result<(String, String), AuthError> {
+        let cfg = &self.inner.cfg;
+        if password.len() > 1024 {
             return Err(AuthError::InvalidCredentials);
         }
         let limiter = &*self.inner.limiter;
@@ -57,7 +121,7 @@ impl AuthService {
             cfg.rate_limits.login_per_ip,
         )
         .await?;
-        let email = normalise_email(&req.email).map_err(|_| AuthError::InvalidCredentials)?;
+        let email = normalise_email(email).map_err(|_| AuthError::InvalidCredentials)?;
         vaultpay_web::enforce(
             limiter,
             &format!("login:acct:{email}"),
@@ -94,76 +158,46 @@ impl AuthService {
             }
             None => (None, None),
         };
-        let ok = self.verify_password(req.password, phc).await?;
+        let ok = self.verify_password(password, phc).await?;
         let Some(user_id) = user_id.filter(|_| ok) else {
             self.login_failed(ctx, &email, row.is_some()).await?;
             metrics::counter!("auth_logins_total", "outcome" => "failure").increment(1);
             return Err(AuthError::InvalidCredentials);
         };
-        // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
-        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
-            .await?;
-        self.mfa_gate(ctx, &user_id, &req.device).await?;
+        Ok((user_id, email))
+    }
 
-        let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
-            .bind(&user_id)
-            .execute(&mut *tx)
-            .await?;
-        let facts = SessionFacts {
-            user_id: user_id.clone(),
-            session_id: uuid::Uuid::now_v7().to_string(),
-            device_id: req.device.id.trim().to_owned(),
-            auth_time: now,
-            amr: vec!["pwd".into()],
-        };
+    /// Opens a first-party session (its row and first refresh token) inside `tx`;
+    /// returns the refresh token. The caller audits and commits.
+    pub(crate) async fn open_session(
+        &self,
+        tx: &mut Tx,
+        ctx: &Ctx,
+        facts: &SessionFacts,
+        device_name: &str,
+        now: i64,
+    ) -> Result<String, AuthError> {
+        let cfg = &self.inner.cfg;
         let expires = now + secs(cfg.session_absolute_ttl_secs);
         let idle = (now + secs(cfg.session_idle_ttl_secs)).min(expires);
         sqlx::query(
             "INSERT INTO sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
-             idle_expires_at, expires_at, auth_time, amr) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $7, $10)",
+             idle_expires_at, expires_at, auth_time, amr) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11)",
         )
         .bind(&facts.session_id)
-        .bind(&user_id)
+        .bind(&facts.user_id)
         .bind(&facts.device_id)
-        .bind(req.device.name.trim())
+        .bind(device_name.trim())
         .bind(ctx.ip.map(|i| i.to_string()))
         .bind(&ctx.user_agent)
         .bind(now)
         .bind(idle)
         .bind(expires)
+        .bind(facts.auth_time)
         .bind(facts.amr.join(" "))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        let refresh = self.insert_refresh(&mut tx, &facts.session_id, now).await?;
-        append(
-            db,
-            &mut tx,
-            &ctx.origin(),
-            NewAudit::success("login.succeeded")
-                .actor(&user_id)
-                .resource(&facts.session_id)
-                .metadata(serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr })),
-        )
-        .await?;
-        tx.commit().await?;
-        let roles = self.effective(&user_id).await?.roles.clone();
-        let _ = self
-            .inner
-            .limiter
-            .reset(&format!("login:acct:{email}"))
-            .await;
-        metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
-        let (access, ttl) = self.issue_access(&facts, roles)?;
-        Ok(wire::TokenResponse {
-            access_token: access,
-            token_type: "Bearer".into(),
-            expires_in: ttl,
-            refresh_token: Some(refresh),
-            scope: None,
-            session_id: Some(facts.session_id),
-        })
+        self.insert_refresh(tx, &facts.session_id, now).await
     }
 
     pub(crate) async fn insert_refresh(

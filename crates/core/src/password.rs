@@ -17,7 +17,6 @@ use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, SaltString};
 use argon2::{Algorithm, Argon2, Block, Version};
-use std::cell::RefCell;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
 use rand::rngs::OsRng;
@@ -25,6 +24,7 @@ use rand::RngCore as _;
 use serde::ser::SerializeMap as _;
 use serde::{Deserialize, Serialize, Serializer};
 use sha1::{Digest as _, Sha1};
+use std::cell::RefCell;
 
 /// OWASP's minimum Argon2id memory cost, in KiB (19 MiB).
 pub const MIN_M_COST_KIB: u32 = 19 * 1024;

@@ -300,17 +300,12 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
         .as_str()
         .unwrap()
         .to_owned();
-    let rate_per_s = 1000u64;
-    let total = 10 * rate_per_s;
-    let interval = Duration::from_micros(1_000_000 / rate_per_s);
     let token = Arc::new(token);
-    let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    let mut handles = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let scheduled = start + interval * i as u32;
+    let c = c.clone();
+    let (rate, secs) = (1000, 10);
+    let (lat, errors) = open_loop(rate, secs, move || {
         let (c, token) = (c.clone(), token.clone());
-        handles.push(tokio::spawn(async move {
-            tokio::time::sleep_until(scheduled).await;
+        async move {
             let r = c
                 .http
                 .get(format!("{}/v1/me", c.base))
@@ -320,6 +315,37 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
                 .unwrap();
             let ok = r.status().is_success();
             let _ = r.bytes().await;
+            ok
+        }
+    })
+    .await;
+    println!(
+        "[{backend:?}] get_me_open_loop at {rate}/s for {secs}s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {errors}",
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        percentile(&lat, 99.9),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+/// Sends `op` at a fixed `rate` per second for `secs`, each at its scheduled time
+/// whatever the earlier ones are doing (open loop); latency counts from the scheduled
+/// time, so a stall cannot hide. Returns (sorted ms, failures).
+async fn open_loop<F, Fut>(rate: u64, secs: u64, op: F) -> (Vec<f64>, usize)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let total = rate * secs;
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut handles = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let scheduled = start + interval * i as u32;
+        let fut = op();
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep_until(scheduled).await;
+            let ok = fut.await;
             (scheduled.elapsed().as_secs_f64() * 1e3, ok)
         }));
     }
@@ -327,20 +353,11 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
     let mut errors = 0;
     for h in handles {
         let (ms, ok) = h.await.unwrap();
-        if !ok {
-            errors += 1;
-        }
+        errors += usize::from(!ok);
         lat.push(ms);
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!(
-        "[{backend:?}] get_me_open_loop at {rate_per_s}/s for {}s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {errors}",
-        total / rate_per_s,
-        percentile(&lat, 50.0),
-        percentile(&lat, 99.0),
-        percentile(&lat, 99.9),
-        lat.last().copied().unwrap_or(f64::NAN)
-    );
+    (lat, errors)
 }
 
 /// Runs `op` from `workers` concurrent tasks for `secs`; returns (ops/s, sorted ms).
@@ -442,6 +459,13 @@ async fn oauth_benchmarks(base: String, backend: Backend) {
     let token: Value = r.json().await.unwrap();
     let token = Arc::new(token["access_token"].as_str().unwrap().to_owned());
     let url = Arc::new(format!("{base}/oauth/introspect"));
+    let (http2, id2, secret2, url2, token2) = (
+        http.clone(),
+        id.clone(),
+        secret.clone(),
+        url.clone(),
+        token.clone(),
+    );
     let (rate, lat) = closed_loop(32, secs, move || {
         let (h, i, s, u, t) = (
             http.clone(),
@@ -465,9 +489,42 @@ async fn oauth_benchmarks(base: String, backend: Backend) {
     })
     .await;
     println!(
-        "[{backend:?}] oauth_introspection (32 concurrent): {rate:.0} introspections/s, p50 {:.3} ms, p99 {:.3} ms (target >= 10000/s, p99 < 5 ms)",
+        "[{backend:?}] oauth_introspection (32 concurrent, peak): {rate:.0} introspections/s, p50 {:.3} ms, p99 {:.3} ms",
         percentile(&lat, 50.0),
         percentile(&lat, 99.0)
+    );
+    // The target as stated: 10,000 introspections/s, and the p99 at that rate.
+    let rate = 10_000;
+    let (lat, errors) = open_loop(rate, secs.ceil() as u64, move || {
+        let (h, i, s, u, t) = (
+            http2.clone(),
+            id2.clone(),
+            secret2.clone(),
+            url2.clone(),
+            token2.clone(),
+        );
+        async move {
+            let Ok(r) = h
+                .post(&*u)
+                .basic_auth(&*i, Some(&*s))
+                .form(&[("token", t.as_str())])
+                .send()
+                .await
+            else {
+                return false;
+            };
+            let Ok(v) = r.json::<Value>().await else {
+                return false;
+            };
+            v["active"] == true
+        }
+    })
+    .await;
+    println!(
+        "[{backend:?}] oauth_introspection open loop at {rate}/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, errors {errors} (target >= 10000/s with p99 < 5 ms)",
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        percentile(&lat, 99.9)
     );
 }
 

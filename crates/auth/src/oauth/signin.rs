@@ -1,11 +1,7 @@
 //! Password sign-in for the browser flows: the same limits, lockout and audit as
 //! `POST /v1/auth/login`, without creating a first-party session.
 
-use crate::accounts::normalise_email;
 use crate::{AuthError, AuthService};
-use sqlx::Row;
-use vaultpay_core::time::now_micros;
-use vaultpay_store::audit::NewAudit;
 use vaultpay_web::Ctx;
 
 // ---------------------------------------------------------------------------
@@ -46,57 +42,9 @@ impl AuthService {
         email: &str,
         password: &str,
     ) -> Result<String, AuthError> {
-        let cfg = &self.inner.cfg;
-        if password.len() > 1024 {
-            return Err(AuthError::InvalidCredentials);
-        }
-        let limiter = &*self.inner.limiter;
-        vaultpay_web::enforce(
-            limiter,
-            &format!("login:ip:{}", ctx.ip_key()),
-            cfg.rate_limits.login_per_ip,
-        )
-        .await?;
-        let email = normalise_email(email).map_err(|_| AuthError::InvalidCredentials)?;
-        vaultpay_web::enforce(
-            limiter,
-            &format!("login:acct:{email}"),
-            cfg.rate_limits.login_per_account,
-        )
-        .await?;
-        let row = sqlx::query("SELECT id, password_hash, locked_until FROM users WHERE email = $1")
-            .bind(&email)
-            .fetch_optional(self.inner.db.read())
+        let (user_id, email) = self
+            .check_credentials(ctx, email, password.to_owned())
             .await?;
-        let now = now_micros();
-        let (user_id, phc) = match &row {
-            Some(r) => {
-                let locked_until: Option<i64> = r.try_get("locked_until")?;
-                if let Some(until) = locked_until.filter(|u| *u > now) {
-                    let id: String = r.try_get("id")?;
-                    self.audit_only(
-                        ctx,
-                        NewAudit::failure("login.refused_locked")
-                            .actor(&id)
-                            .resource(&id),
-                    )
-                    .await?;
-                    return Err(AuthError::Locked {
-                        retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
-                    });
-                }
-                (
-                    Some(r.try_get::<String, _>("id")?),
-                    Some(r.try_get::<String, _>("password_hash")?),
-                )
-            }
-            None => (None, None),
-        };
-        let ok = self.verify_password(password.to_owned(), phc).await?;
-        let Some(user_id) = user_id.filter(|_| ok) else {
-            self.login_failed(ctx, &email, row.is_some()).await?;
-            return Err(AuthError::InvalidCredentials);
-        };
         sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
             .bind(&user_id)
             .execute(self.inner.db.writer())

@@ -390,7 +390,7 @@ pub(crate) async fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Queued>) {
     }
 }
 
-async fn run_group(core: &Core, group: &mut Vec<Queued>) {
+pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     if group.len() == 1 {
         if let Some((job, reply_to)) = group.pop() {
             let r = run_single(core, job).await;

@@ -320,3 +320,7 @@ async fn write_outbox(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "group_tests.rs"]
+mod tests;

@@ -1075,7 +1075,7 @@ pub(crate) fn placeholders(db: &Db, rows: usize, cols: usize) -> String {
     vaultpay_store::params::values(db.backend(), rows, cols)
 }
 
-const BULK_CHUNK: usize = 200;
+const BULK_CHUNK: usize = 1000;
 
 #[allow(clippy::too_many_arguments)]
 async fn bulk_transfers(

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use vaultpay_core::time::now_micros;
 use vaultpay_proto::ledger::TransferRequest;
 use vaultpay_store::audit::{self, NewAudit};
-use vaultpay_store::{Db, Tx};
+use vaultpay_store::{Backend, Db, Tx};
 
 /// Rows per multi-row statement (14 columns × 200 stays far below both backends'
 /// parameter limits).
@@ -157,10 +157,23 @@ pub(crate) async fn run_transfers(
         }
     }
 
-    write_transfers(&core.db, tx, &transfers).await?;
-    write_postings(&core.db, tx, &transfers, &postings, now).await?;
-    write_balances(&core.db, tx, &accts, &postings, now).await?;
-    write_failures(&core.db, tx, &failures, now).await?;
+    let rows = Rows {
+        transfers: &transfers,
+        postings: &postings,
+        accts: &accts,
+        failures: &failures,
+        bodies: &bodies,
+        now,
+    };
+    let combined = core.db.backend() == Backend::Postgres && rows.params() <= MAX_COMBINED_PARAMS;
+    if combined {
+        write_combined_pg(&core.db, tx, &rows).await?;
+    } else {
+        write_transfers(&core.db, tx, &transfers).await?;
+        write_postings(&core.db, tx, &transfers, &postings, now).await?;
+        write_balances(&core.db, tx, &accts, &postings, now).await?;
+        write_failures(&core.db, tx, &failures, now).await?;
+    }
     if !audits.is_empty() {
         let entries: Vec<_> = audits
             .iter()
@@ -176,7 +189,9 @@ pub(crate) async fn run_transfers(
             .collect();
         audit::append_many(&core.db, tx, &entries).await?;
     }
-    write_outbox(&core.db, tx, &bodies, now).await?;
+    if !combined {
+        write_outbox(&core.db, tx, &bodies, now).await?;
+    }
     metrics::counter!("ledger_transfers_total", "kind" => "transfer")
         .increment(transfers.len() as u64);
 
@@ -184,6 +199,141 @@ pub(crate) async fn run_transfers(
         .into_iter()
         .map(|o| o.ok_or_else(|| LedgerError::Internal("fast path lost a job".into())))
         .collect()
+}
+
+/// Everything a run writes besides its audit entries.
+struct Rows<'a> {
+    transfers: &'a [TransferRow],
+    postings: &'a [(usize, String, i64, i64, i64)],
+    accts: &'a HashMap<String, AccountRow>,
+    failures: &'a [Failure],
+    bodies: &'a [String],
+    now: i64,
+}
+
+impl Rows<'_> {
+    fn touched(&self) -> Vec<&AccountRow> {
+        let mut seen = std::collections::HashSet::new();
+        self.postings
+            .iter()
+            .filter(|p| seen.insert(p.1.as_str()))
+            .filter_map(|p| self.accts.get(&p.1))
+            .collect()
+    }
+
+    fn params(&self) -> usize {
+        self.transfers.len() * 14
+            + self.postings.len() * 8
+            + self.postings.len() * 4
+            + self.failures.len() * 11
+            + self.bodies.len() * 4
+    }
+}
+
+/// PostgreSQL allows 65,535 parameters per statement; stay well below.
+const MAX_COMBINED_PARAMS: usize = 30_000;
+
+/// PostgreSQL: transfers, postings, failure rows, outbox events and the new balances in
+/// ONE statement (data-modifying CTEs; foreign keys are checked at its end), so a run
+/// costs one round trip for all of them instead of five.
+async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), LedgerError> {
+    use vaultpay_store::params::values_from;
+    let b = db.backend();
+    let touched = rows.touched();
+    let mut parts: Vec<String> = Vec::new();
+    let mut n = 1;
+    if !rows.transfers.is_empty() {
+        parts.push(format!(
+            "t AS (INSERT INTO transfers ({TRANSFER_COLS}) VALUES {})",
+            values_from(b, n, rows.transfers.len(), 14)
+        ));
+        n += rows.transfers.len() * 14;
+    }
+    if !rows.postings.is_empty() {
+        parts.push(format!(
+            "p AS (INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {})",
+            values_from(b, n, rows.postings.len(), 8)
+        ));
+        n += rows.postings.len() * 8;
+    }
+    if !rows.failures.is_empty() {
+        parts.push(format!(
+            "f AS (INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
+             amount, currency, reason, detail, created_at) VALUES {})",
+            values_from(b, n, rows.failures.len(), 11)
+        ));
+        n += rows.failures.len() * 11;
+    }
+    if !rows.bodies.is_empty() {
+        parts.push(format!(
+            "o AS (INSERT INTO outbox (id, topic, payload, created_at) VALUES {})",
+            values_from(b, n, rows.bodies.len(), 4)
+        ));
+        n += rows.bodies.len() * 4;
+    }
+    let main = if touched.is_empty() {
+        "SELECT 1".to_owned()
+    } else {
+        format!(
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
+             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            values_from(b, n, touched.len(), 4)
+        )
+    };
+    let sql = if parts.is_empty() {
+        main
+    } else {
+        format!("WITH {} {main}", parts.join(", "))
+    };
+    let mut q = sqlx::query(&sql).persistent(false);
+    for t in rows.transfers {
+        q = ops::bind_transfer(q, t);
+    }
+    for (ti, acct, seq, amount, after) in rows.postings {
+        let t = rows
+            .transfers
+            .get(*ti)
+            .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&t.id)
+            .bind(acct)
+            .bind(*seq)
+            .bind(*amount)
+            .bind(&t.currency)
+            .bind(*after)
+            .bind(rows.now);
+    }
+    for f in rows.failures {
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&f.user_id)
+            .bind(&f.key)
+            .bind("transfer")
+            .bind(&f.from)
+            .bind(&f.to)
+            .bind(f.amount)
+            .bind(&f.currency)
+            .bind(f.reason)
+            .bind(&f.detail)
+            .bind(rows.now);
+    }
+    for body in rows.bodies {
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind("ledger.transfer.posted")
+            .bind(body)
+            .bind(rows.now);
+    }
+    for a in &touched {
+        q = q
+            .bind(&a.id)
+            .bind(a.balance)
+            .bind(a.posting_seq)
+            .bind(rows.now);
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
 }
 
 async fn write_transfers(

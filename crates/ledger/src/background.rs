@@ -109,23 +109,38 @@ pub async fn relay_outbox(
         return Ok(0);
     }
     let now = now_micros();
-    let mut n = 0;
+    let mut evs = Vec::with_capacity(rows.len());
     for r in &rows {
-        let ev = OutboxEvent {
+        evs.push(OutboxEvent {
             seq: r.try_get("seq")?,
             id: r.try_get("id")?,
             topic: r.try_get("topic")?,
             payload: serde_json::from_str(&r.try_get::<String, _>("payload")?)
                 .unwrap_or(serde_json::Value::Null),
             created_at: r.try_get("created_at")?,
-        };
-        sqlx::query("UPDATE outbox SET published_at = $1 WHERE seq = $2")
-            .bind(now)
-            .bind(ev.seq)
-            .execute(&mut *tx)
-            .await?;
+        });
+    }
+    // One statement marks the whole page: this transaction holds the writer (SQLite) or
+    // the rows (PostgreSQL), and one UPDATE per event kept ledger commits waiting.
+    let backend = core.db.backend();
+    let mut sql = String::from("UPDATE outbox SET published_at = ");
+    vaultpay_store::params::param(backend, 1, &mut sql);
+    sql.push_str(" WHERE seq IN (");
+    for i in 0..evs.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        vaultpay_store::params::param(backend, i + 2, &mut sql);
+    }
+    sql.push(')');
+    let mut q = sqlx::query(&sql).persistent(false).bind(now);
+    for ev in &evs {
+        q = q.bind(ev.seq);
+    }
+    q.execute(&mut *tx).await?;
+    let n = evs.len() as u64;
+    for ev in evs {
         let _ = events.send(ev);
-        n += 1;
     }
     tx.commit().await?;
     Ok(n)

@@ -212,16 +212,15 @@ async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredK
 }
 
 /// Looks up the stored keys of every job of a group in one statement.
-async fn prefetch_keys(tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerError> {
+async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerError> {
     let keys: Vec<&str> = jobs.iter().filter_map(|j| j.key.as_deref()).collect();
     let mut out = Prefetched::new();
     if keys.is_empty() {
         return Ok(out);
     }
-    let placeholders: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
     let sql = format!(
         "SELECT user_id, key, fingerprint, status, body FROM idempotency_keys WHERE key IN ({})",
-        placeholders.join(", ")
+        vaultpay_store::params::list(db.backend(), keys.len())
     );
     let mut q = sqlx::query(&sql).persistent(false);
     for k in &keys {
@@ -241,28 +240,13 @@ async fn prefetch_keys(tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerE
 }
 
 /// Writes idempotency records (several rows per statement).
-async fn store_keys(tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
+async fn store_keys(db: &Db, tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
     let now = vaultpay_core::time::now_micros();
     for chunk in keys.chunks(500) {
-        let mut sql = String::from(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) VALUES ",
+        let sql = format!(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) VALUES {}",
+            vaultpay_store::params::values(db.backend(), chunk.len(), 7)
         );
-        for i in 0..chunk.len() {
-            let b = i * 7;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            ));
-        }
         let mut q = sqlx::query(&sql).persistent(false);
         for k in chunk {
             q = q
@@ -300,33 +284,17 @@ pub(crate) async fn exec_job(
     prefetched: Option<&Prefetched>,
 ) -> Result<(Reply, Option<NewKey>), LedgerError> {
     let fingerprint = job.op.fingerprint();
-    if let Some(key) = &job.key {
-        let found = match prefetched {
-            Some(p) => p
-                .get(&(job.actor.user_id.clone(), key.clone()))
-                .map(|s| (s.fingerprint.clone(), s.status, s.body.clone())),
-            None => lookup_key(tx, &job.actor.user_id, key)
-                .await?
-                .map(|s| (s.fingerprint, s.status, s.body)),
-        };
-        if let Some((fp, status, body)) = found {
-            if fp != fingerprint {
-                return Ok((
-                    Reply::problem(
-                        &LedgerError::IdempotencyKeyReused,
-                        job.origin.request_id.clone(),
-                    ),
-                    None,
-                ));
+    if prefetched.is_some() {
+        if let Some(reply) = stored_reply(job, &fingerprint, prefetched) {
+            return Ok((reply, None));
+        }
+    } else if let Some(key) = &job.key {
+        if let Some(s) = lookup_key(tx, &job.actor.user_id, key).await? {
+            let mut p = Prefetched::new();
+            p.insert((job.actor.user_id.clone(), key.clone()), s);
+            if let Some(reply) = stored_reply(job, &fingerprint, Some(&p)) {
+                return Ok((reply, None));
             }
-            return Ok((
-                Reply {
-                    status: u16::try_from(status).unwrap_or(500),
-                    body,
-                    replayed: true,
-                },
-                None,
-            ));
         }
     }
     let (reply, resource) = match ops::run(core, tx, job).await {
@@ -337,15 +305,47 @@ pub(crate) async fn exec_job(
             (Reply::problem(&e, job.origin.request_id.clone()), None)
         }
     };
-    let new_key = job.key.as_ref().map(|key| NewKey {
+    let new_key = fingerprint_reply(job, fingerprint, &reply, resource);
+    Ok((reply, new_key))
+}
+
+/// The stored answer for `job`'s idempotency key, if `prefetched` has one: a replay, or
+/// a 422 when the key was used for a different request.
+pub(crate) fn stored_reply(
+    job: &Job,
+    fingerprint: &str,
+    prefetched: Option<&Prefetched>,
+) -> Option<Reply> {
+    let key = job.key.as_ref()?;
+    let s = prefetched?.get(&(job.actor.user_id.clone(), key.clone()))?;
+    if s.fingerprint != fingerprint {
+        return Some(Reply::problem(
+            &LedgerError::IdempotencyKeyReused,
+            job.origin.request_id.clone(),
+        ));
+    }
+    Some(Reply {
+        status: u16::try_from(s.status).unwrap_or(500),
+        body: s.body.clone(),
+        replayed: true,
+    })
+}
+
+/// The idempotency record to store for `job`'s outcome (none without a key).
+pub(crate) fn fingerprint_reply(
+    job: &Job,
+    fingerprint: String,
+    reply: &Reply,
+    resource: Option<String>,
+) -> Option<NewKey> {
+    job.key.as_ref().map(|key| NewKey {
         user_id: job.actor.user_id.clone(),
         key: key.clone(),
         fingerprint,
         status: i64::from(reply.status),
         body: reply.body.clone(),
         resource,
-    });
-    Ok((reply, new_key))
+    })
 }
 
 /// One transaction per job (the comparison path, and group commit's fallback).
@@ -353,7 +353,7 @@ pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerErr
     let mut tx = begin(&core.db).await?;
     let (reply, key) = exec_job(core, &mut tx, &job, None).await?;
     if let Some(k) = key {
-        store_keys(&mut tx, &[k]).await?;
+        store_keys(&core.db, &mut tx, &[k]).await?;
     }
     tx.commit().await?;
     drop(job);
@@ -362,18 +362,25 @@ pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerErr
 
 /// The group committer: drains whatever is queued and commits it together.
 pub(crate) async fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Queued>) {
-    // Each job of a group is a subtransaction (savepoint); PostgreSQL caches 64 per
-    // transaction and slows down sharply beyond that, so groups stay below it there.
-    let max = match core.db.backend() {
-        vaultpay_store::Backend::Postgres => core.config.group_max.clamp(1, 60),
-        vaultpay_store::Backend::Sqlite => core.config.group_max.max(1),
+    // Each job of a group that is not a plain transfer is a subtransaction (savepoint),
+    // and so is each run of plain transfers (see `group`); PostgreSQL caches 64 per
+    // transaction and slows down sharply beyond that, so on PostgreSQL a group takes at
+    // most 30 other jobs (at most 61 savepoints with the runs between them).
+    let max = core.config.group_max.max(1);
+    let max_slow = match core.db.backend() {
+        vaultpay_store::Backend::Postgres => 30,
+        vaultpay_store::Backend::Sqlite => max,
     };
     let mut group: Vec<Queued> = Vec::with_capacity(max);
     while let Some(first) = rx.recv().await {
+        let mut slow = usize::from(!crate::group::is_plain_transfer(&first.0));
         group.push(first);
-        while group.len() < max {
+        while group.len() < max && slow < max_slow {
             match rx.try_recv() {
-                Ok(q) => group.push(q),
+                Ok(q) => {
+                    slow += usize::from(!crate::group::is_plain_transfer(&q.0));
+                    group.push(q);
+                }
                 Err(_) => break,
             }
         }
@@ -383,7 +390,7 @@ pub(crate) async fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Queued>) {
     }
 }
 
-async fn run_group(core: &Core, group: &mut Vec<Queued>) {
+pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     if group.len() == 1 {
         if let Some((job, reply_to)) = group.pop() {
             let r = run_single(core, job).await;
@@ -404,7 +411,7 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     let mut results: Vec<Result<Reply, LedgerError>> = Vec::with_capacity(group.len());
     let mut new_keys: Vec<NewKey> = Vec::new();
     let jobs: Vec<&Job> = group.iter().map(|(j, _)| j).collect();
-    let (prefetched, mut broken) = match prefetch_keys(&mut tx, &jobs).await {
+    let (prefetched, mut broken) = match prefetch_keys(&core.db, &mut tx, &jobs).await {
         Ok(p) => (p, false),
         Err(e) => {
             tracing::error!(error = %e, "group commit: idempotency lookup failed");
@@ -417,36 +424,53 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     if !broken && exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
         broken = true;
     }
-    for job in &jobs {
-        if broken {
-            break;
-        }
-        match exec_job(core, &mut tx, job, Some(&prefetched)).await {
-            Ok((reply, key)) => {
-                if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
-                    .await
-                    .is_err()
-                {
-                    broken = true;
-                    break;
+    let mut i = 0;
+    while i < jobs.len() && !broken {
+        // A run of plain transfers goes through the fast path as one unit (one
+        // savepoint); if that fails unexpectedly, its jobs are retried one by one.
+        let run = jobs[i..]
+            .iter()
+            .take_while(|j| crate::group::is_plain_transfer(j))
+            .count();
+        if run > 1 {
+            let slice = &jobs[i..i + run];
+            match crate::group::run_transfers(core, &mut tx, slice, &prefetched).await {
+                Ok(outcomes) => {
+                    if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
+                        .await
+                        .is_err()
+                    {
+                        broken = true;
+                        break;
+                    }
+                    for (reply, key) in outcomes {
+                        new_keys.extend(key);
+                        results.push(Ok(reply));
+                    }
+                    i += run;
+                    continue;
                 }
-                new_keys.extend(key);
-                results.push(Ok(reply));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, op = job.op.name(), "group commit: job failed; rolled back alone");
-                if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job")
-                    .await
-                    .is_err()
-                {
-                    broken = true;
-                    break;
+                Err(e) => {
+                    tracing::warn!(error = %e, jobs = run, "group commit: fast path failed; retrying its jobs one by one");
+                    if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job")
+                        .await
+                        .is_err()
+                    {
+                        broken = true;
+                        break;
+                    }
                 }
-                results.push(Err(e));
             }
         }
+        for job in &jobs[i..i + run.max(1)] {
+            if !slow_job(core, &mut tx, job, &prefetched, &mut results, &mut new_keys).await {
+                broken = true;
+                break;
+            }
+        }
+        i += run.max(1);
     }
-    if !broken && store_keys(&mut tx, &new_keys).await.is_err() {
+    if !broken && store_keys(&core.db, &mut tx, &new_keys).await.is_err() {
         broken = true;
     }
     let committed = if broken {
@@ -474,5 +498,38 @@ async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         // then sees the committed key and replays instead of getting a 409.
         drop(job);
         let _ = reply_to.send(r);
+    }
+}
+
+/// Runs one job in the current savepoint `job` and leaves a fresh one open. Returns
+/// false when the transaction is unusable.
+async fn slow_job(
+    core: &Core,
+    tx: &mut Tx,
+    job: &Job,
+    prefetched: &Prefetched,
+    results: &mut Vec<Result<Reply, LedgerError>>,
+    new_keys: &mut Vec<NewKey>,
+) -> bool {
+    match exec_job(core, tx, job, Some(prefetched)).await {
+        Ok((reply, key)) => {
+            if exec_multi(tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            new_keys.extend(key);
+            results.push(Ok(reply));
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, op = job.op.name(), "group commit: job failed; rolled back alone");
+            if exec_sql(tx, "ROLLBACK TO SAVEPOINT job").await.is_err() {
+                return false;
+            }
+            results.push(Err(e));
+            true
+        }
     }
 }

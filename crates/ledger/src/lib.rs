@@ -13,6 +13,7 @@ mod admin;
 mod background;
 mod engine;
 mod error;
+mod group;
 mod model;
 mod ops;
 mod query;

@@ -193,10 +193,9 @@ pub(crate) async fn lock_accounts(
     ids.dedup();
     // One statement; rows are locked in ascending id order (ORDER BY with FOR UPDATE
     // locks as rows are returned from the sort).
-    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
     let sql = format!(
         "SELECT {ACCOUNT_COLS} FROM accounts WHERE id IN ({}) ORDER BY id{}",
-        placeholders.join(", "),
+        vaultpay_store::params::list(db.backend(), ids.len()),
         db.for_update()
     );
     let mut q = sqlx::query(&sql);
@@ -314,10 +313,10 @@ async fn apply_move(
     Ok(())
 }
 
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+pub(crate) type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// Binds a transfer row's columns in `TRANSFER_COLS` order.
-fn bind_transfer<'q>(q: AnyQuery<'q>, t: &'q TransferRow) -> AnyQuery<'q> {
+pub(crate) fn bind_transfer<'q>(q: AnyQuery<'q>, t: &'q TransferRow) -> AnyQuery<'q> {
     q.bind(&t.id)
         .bind(&t.kind)
         .bind(&t.from_account_id)
@@ -371,6 +370,14 @@ pub(crate) async fn outbox(
     Ok(())
 }
 
+/// The audit metadata of a change to transfer `t`.
+pub(crate) fn transfer_meta(t: &TransferRow, extra: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "kind": t.kind, "from": t.from_account_id, "to": t.to_account_id, "amount": t.amount,
+        "captured": t.captured, "currency": t.currency, "status": t.status, "extra": extra,
+    })
+}
+
 /// Audit entry plus outbox event for a change to transfer `t`.
 async fn record(
     db: &Db,
@@ -381,10 +388,7 @@ async fn record(
     t: &TransferRow,
     extra: serde_json::Value,
 ) -> Result<(), LedgerError> {
-    let meta = serde_json::json!({
-        "kind": t.kind, "from": t.from_account_id, "to": t.to_account_id, "amount": t.amount,
-        "captured": t.captured, "currency": t.currency, "status": t.status, "extra": extra,
-    });
+    let meta = transfer_meta(t, extra);
     let mut entry = NewAudit::success(action).resource(&t.id).metadata(meta);
     if let Some(a) = actor {
         entry = entry.actor(a);
@@ -1017,7 +1021,7 @@ async fn record_item_failure(
 
 /// Checks one plain transfer of a batch against the in-memory (locked) accounts and,
 /// when it is valid, applies it to them. Same checks, same order, as [`transfer`].
-fn check_and_apply(
+pub(crate) fn check_and_apply(
     actor: &Actor,
     req: &TransferRequest,
     accts: &mut HashMap<String, AccountRow>,
@@ -1065,25 +1069,13 @@ fn check_and_apply(
     Ok(amount)
 }
 
-fn placeholders(rows: usize, cols: usize) -> String {
-    let mut out = String::with_capacity(rows * cols * 5);
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
-        }
-        out.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&format!("${}", r * cols + c + 1));
-        }
-        out.push(')');
-    }
-    out
+/// `(…), (…)` placeholders for `rows` rows of `cols` parameters (see
+/// [`vaultpay_store::params`]: anonymous on SQLite, where numbered ones cost O(n²)).
+pub(crate) fn placeholders(db: &Db, rows: usize, cols: usize) -> String {
+    vaultpay_store::params::values(db.backend(), rows, cols)
 }
 
-const BULK_CHUNK: usize = 200;
+const BULK_CHUNK: usize = 1000;
 
 #[allow(clippy::too_many_arguments)]
 async fn bulk_transfers(
@@ -1174,7 +1166,7 @@ async fn bulk_transfers(
     for chunk in transfers.chunks(BULK_CHUNK) {
         let sql = format!(
             "INSERT INTO transfers ({TRANSFER_COLS}) VALUES {}",
-            placeholders(chunk.len(), 14)
+            placeholders(&core.db, chunk.len(), 14)
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for t in chunk {
@@ -1185,7 +1177,7 @@ async fn bulk_transfers(
     for chunk in postings.chunks(BULK_CHUNK) {
         let sql = format!(
             "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
-            placeholders(chunk.len(), 8)
+            placeholders(&core.db, chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for (tid, acct, seq, amount, currency, after) in chunk {
@@ -1216,7 +1208,7 @@ async fn bulk_transfers(
         let sql = format!(
             "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
              FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            placeholders(chunk.len(), 4)
+            placeholders(&core.db, chunk.len(), 4)
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for a in chunk {

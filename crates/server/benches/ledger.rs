@@ -10,10 +10,19 @@
 //!
 //! For each backend, with group commit on and then off (one transaction per request):
 //! peak throughput of single transfers from 64 concurrent clients (closed loop), with
-//! uniform and Zipf (hot-account) traffic; then an open loop at half the uniform peak,
-//! reporting p50/p99/p99.9 latency measured from each request's scheduled send time;
-//! then the batch API (1,000 transfers a request). The server and the load generator
-//! run on separate tokio runtimes in one process and share the 2 cores.
+//! uniform and Zipf s=1.1 (hot-account) traffic; then an open loop at half the uniform
+//! peak, reporting p50/p99/p99.9 latency measured from each request's scheduled send
+//! time (so a stall cannot hide behind coordinated omission); then the batch API (1,000
+//! transfers a request). At the end of every server run, `vaultpay_ledger::verify`
+//! checks all ledger invariants and the audit chain, and the run fails if any is broken.
+//! The server and the load generator run on separate tokio runtimes in one process and
+//! share the 2 cores. Every request carries a bearer token and an `Idempotency-Key`.
+//!
+//! Environment: `VAULTPAY_BENCH_SECS` (per phase, default 10), `VAULTPAY_BENCH_DB`
+//! (`sqlite` or `postgres`: only that backend), `VAULTPAY_BENCH_PHASES` (comma list of
+//! `uniform,zipf,open,batch,nogc`; default all; `nogc` adds the one-transaction-per-
+//! request comparison run), `VAULTPAY_BENCH_OPEN_RATE` (fixed open-loop rate instead
+//! of half the uniform peak), `VAULTPAY_BENCH_BATCH_CLIENTS` (default 4).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -29,6 +38,17 @@ use vaultpay_store::Backend;
 const PASSWORD: &str = "correct-Horse-battery-staple-42";
 const ACCOUNTS: usize = 200;
 const CLIENTS: usize = 64;
+
+fn env_num(name: &str) -> Option<f64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+fn phase(name: &str) -> bool {
+    match std::env::var("VAULTPAY_BENCH_PHASES") {
+        Ok(p) if !p.trim().is_empty() => p.split(',').any(|x| x.trim() == name),
+        _ => true,
+    }
+}
 
 fn secs() -> u64 {
     std::env::var("VAULTPAY_BENCH_SECS")
@@ -170,8 +190,9 @@ async fn setup(base: String) -> Arc<Ctx> {
     })
 }
 
-/// Closed loop: `CLIENTS` clients sending back to back; returns transfers/s.
-async fn peak(ctx: &Arc<Ctx>, traffic: Traffic) -> (f64, u64) {
+/// Closed loop: `CLIENTS` clients sending back to back; returns transfers/s, failures
+/// and the p50/p99 latency (ms).
+async fn peak(ctx: &Arc<Ctx>, traffic: Traffic) -> (f64, u64, f64, f64) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs());
@@ -180,22 +201,36 @@ async fn peak(ctx: &Arc<Ctx>, traffic: Traffic) -> (f64, u64) {
         .map(|_| {
             let (ctx, ok, failed) = (ctx.clone(), ok.clone(), failed.clone());
             tokio::spawn(async move {
+                let mut lat = Vec::new();
                 while Instant::now() < deadline {
+                    let t0 = Instant::now();
                     if ctx.transfer(traffic).await {
                         ok.fetch_add(1, Ordering::Relaxed);
                     } else {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
+                    lat.push(t0.elapsed().as_secs_f64() * 1e3);
                 }
+                lat
             })
         })
         .collect();
+    let mut lat = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        lat.extend(t.await.unwrap());
     }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = if lat.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (pct(&lat, 50.0), pct(&lat, 99.0))
+    };
     (
-        ok.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        ok.load(Ordering::Relaxed) as f64 / elapsed,
         failed.load(Ordering::Relaxed),
+        p50,
+        p99,
     )
 }
 
@@ -230,12 +265,16 @@ async fn open_loop(ctx: &Arc<Ctx>, rate: f64) -> (f64, f64, f64, u64) {
     (pct(&lat, 50.0), pct(&lat, 99.0), pct(&lat, 99.9), errors)
 }
 
-/// Batches of 1,000 transfers from 4 clients; returns transfers/s.
+fn batch_clients() -> usize {
+    env_num("VAULTPAY_BENCH_BATCH_CLIENTS").map_or(4, |n| (n as usize).max(1))
+}
+
+/// Batches of 1,000 transfers from `batch_clients()` clients; returns transfers/s.
 async fn batches(ctx: &Arc<Ctx>) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs());
     let start = Instant::now();
-    let tasks: Vec<_> = (0..4)
+    let tasks: Vec<_> = (0..batch_clients())
         .map(|_| {
             let (ctx, done) = (ctx.clone(), done.clone());
             tokio::spawn(async move {
@@ -290,9 +329,22 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let only = std::env::var("VAULTPAY_BENCH_DB").unwrap_or_default();
     for backend in vaultpay_store::testing::backends() {
+        let name = match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        };
+        if !only.is_empty() && only != name {
+            continue;
+        }
         let mut peaks = Vec::new();
-        for group_commit in [true, false] {
+        let modes: &[bool] = if phase("nogc") {
+            &[true, false]
+        } else {
+            &[true]
+        };
+        for &group_commit in modes {
             let mode = if group_commit {
                 "group commit"
             } else {
@@ -310,23 +362,43 @@ fn main() {
             let base = format!("http://{}", running.addr);
             client_rt.block_on(async {
                 let ctx = setup(base).await;
-                let (uniform, f1) = peak(&ctx, Traffic::Uniform).await;
-                println!("[{backend:?}] [{mode}] single transfers, {CLIENTS} clients, uniform over {ACCOUNTS} accounts: {uniform:.0} transfers/s (failed {f1})");
-                let (zipf, f2) = peak(&ctx, Traffic::Zipf).await;
-                println!("[{backend:?}] [{mode}] single transfers, {CLIENTS} clients, Zipf s=1.1 (hot accounts): {zipf:.0} transfers/s (failed {f2})");
-                let (p50, p99, p999, errors) = open_loop(&ctx, (uniform / 2.0).max(1.0)).await;
-                println!("[{backend:?}] [{mode}] open loop at {:.0}/s (half of peak): p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, errors {errors}", uniform / 2.0);
-                if group_commit {
-                    let b = batches(&ctx).await;
-                    println!("[{backend:?}] batch API (1,000 per request, 4 clients): {b:.0} transfers/s");
+                let mut uniform = 0.0;
+                if phase("uniform") {
+                    let (tps, f, p50, p99) = peak(&ctx, Traffic::Uniform).await;
+                    println!("[{backend:?}] [{mode}] single transfers, {CLIENTS} clients, uniform over {ACCOUNTS} accounts: {tps:.0} transfers/s (failed {f}; closed-loop p50 {p50:.2} ms, p99 {p99:.2} ms)");
+                    uniform = tps;
+                    peaks.push(tps);
                 }
-                peaks.push(uniform);
+                if phase("zipf") {
+                    let (tps, f, p50, p99) = peak(&ctx, Traffic::Zipf).await;
+                    println!("[{backend:?}] [{mode}] single transfers, {CLIENTS} clients, Zipf s=1.1 (hot accounts): {tps:.0} transfers/s (failed {f}; closed-loop p50 {p50:.2} ms, p99 {p99:.2} ms)");
+                }
+                if phase("open") {
+                    let rate = env_num("VAULTPAY_BENCH_OPEN_RATE").unwrap_or(uniform / 2.0).max(1.0);
+                    let (p50, p99, p999, errors) = open_loop(&ctx, rate).await;
+                    println!("[{backend:?}] [{mode}] open loop at {rate:.0}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, errors {errors}");
+                }
+                if group_commit && phase("batch") {
+                    let b = batches(&ctx).await;
+                    println!("[{backend:?}] batch API (1,000 per request, {} clients): {b:.0} transfers/s", batch_clients());
+                }
             });
+            let ledger = running.ledger.clone().expect("ledger running");
+            let report = server_rt
+                .block_on(vaultpay_ledger::verify(ledger.db()))
+                .unwrap();
+            assert!(
+                report.is_consistent(),
+                "[{backend:?}] [{mode}] verify: {report}"
+            );
+            println!("[{backend:?}] [{mode}] verify ok: {} accounts, {} transfers, {} postings, {} audit entries", report.accounts, report.transfers, report.postings, report.audit_entries);
             server_rt.block_on(running.stop()).unwrap();
         }
-        println!(
-            "[{backend:?}] group commit gain: {:.2}x the one-transaction-per-request peak",
-            peaks[0] / peaks[1]
-        );
+        if peaks.len() == 2 {
+            println!(
+                "[{backend:?}] group commit gain: {:.2}x the one-transaction-per-request peak",
+                peaks[0] / peaks[1]
+            );
+        }
     }
 }

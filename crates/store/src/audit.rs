@@ -146,14 +146,19 @@ pub async fn append_many(
         let entries = chain(seq, hash.clone());
         if entries.len() <= CHUNK {
             let n = entries.len();
+            let b = db.backend();
+            let mut guard = [String::new(), String::new(), String::new()];
+            for (i, g) in guard.iter_mut().enumerate() {
+                crate::params::param(b, n * 13 + 1 + i, g);
+            }
             let sql = format!(
                 "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
-                 WHERE (SELECT hash FROM audit_log WHERE seq = ${}) = ${} \
-                 AND NOT EXISTS (SELECT 1 FROM audit_log WHERE seq > ${})",
-                values(n),
-                n * 13 + 1,
-                n * 13 + 2,
-                n * 13 + 1
+                 WHERE (SELECT hash FROM audit_log WHERE seq = {}) = {} \
+                 AND NOT EXISTS (SELECT 1 FROM audit_log WHERE seq > {})",
+                values(b, n),
+                guard[0],
+                guard[1],
+                guard[2]
             );
             let mut q = sqlx::query(&sql).persistent(n == 1);
             for e in &entries {
@@ -162,6 +167,7 @@ pub async fn append_many(
             let inserted = q
                 .bind(seq)
                 .bind(&hash)
+                .bind(seq)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
@@ -181,7 +187,7 @@ pub async fn append_many(
     for part in entries.chunks(CHUNK) {
         let sql = format!(
             "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
-            values(part.len())
+            values(db.backend(), part.len())
         );
         let mut q = sqlx::query(&sql).persistent(part.len() == 1);
         for e in part {
@@ -196,23 +202,8 @@ pub async fn append_many(
 const CHUNK: usize = 500;
 
 /// `($1, …, $13), ($14, …, $26), …` for `rows` entries.
-fn values(rows: usize) -> String {
-    let mut out = String::with_capacity(rows * 60);
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
-        }
-        out.push('(');
-        for c in 1..=13 {
-            if c > 1 {
-                out.push_str(", ");
-            }
-            out.push('$');
-            out.push_str(&(r * 13 + c).to_string());
-        }
-        out.push(')');
-    }
-    out
+fn values(backend: crate::Backend, rows: usize) -> String {
+    crate::params::values(backend, rows, 13)
 }
 
 fn set_head(db: &Db, mut entries: Vec<AuditEntry>) -> i64 {

@@ -14,6 +14,7 @@
 pub mod audit;
 mod db;
 mod migrate;
+pub mod params;
 pub mod testing;
 
 pub use db::{Backend, Db, DbOptions, Service, Tx};

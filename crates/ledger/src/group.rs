@@ -1,0 +1,476 @@
+//! The group committer's fast path for plain transfers (not holds).
+//!
+//! A run of consecutive plain transfers in a group is executed as a unit instead of
+//! job by job: the accounts of all of them are locked with one statement (ascending id
+//! order, as everywhere), every transfer is checked against the run's in-memory account
+//! state in queue order (the same checks, in the same order, as [`ops::transfer`]), and
+//! the results are written with one multi-row statement per table: transfers, postings,
+//! account balances, refused transfers (`failed_transfers`), audit entries (one
+//! `append_many`, so one chain-head read at most) and outbox events.
+//!
+//! A refused transfer is decided in memory and writes nothing but its failure row, so no
+//! savepoint per job is needed. An unexpected database error fails the whole run; the
+//! caller then rolls the run back (it runs inside one savepoint) and retries its jobs one
+//! by one on the savepoint-per-job path, so one bad job still fails alone.
+
+use crate::engine::{fingerprint_reply, Job, NewKey, Op, Prefetched, Reply};
+use crate::error::LedgerError;
+use crate::model::{AccountRow, TransferRow, TRANSFER_COLS};
+use crate::ops::{self, check_and_apply, placeholders};
+use crate::Core;
+use std::collections::HashMap;
+use vaultpay_core::time::now_micros;
+use vaultpay_proto::ledger::TransferRequest;
+use vaultpay_store::audit::{self, NewAudit};
+use vaultpay_store::{Backend, Db, Tx};
+
+/// Rows per multi-row statement (14 columns × 200 stays far below both backends'
+/// parameter limits).
+const CHUNK: usize = 200;
+
+/// Whether `job` can take the fast path.
+pub(crate) fn is_plain_transfer(job: &Job) -> bool {
+    matches!(&job.op, Op::Transfer(r) if !r.pending && r.timeout_secs.is_none())
+}
+
+fn request(job: &Job) -> Result<&TransferRequest, LedgerError> {
+    match &job.op {
+        Op::Transfer(r) => Ok(r),
+        _ => Err(LedgerError::Internal(
+            "fast path given a non-transfer".into(),
+        )),
+    }
+}
+
+/// A refused transfer's `failed_transfers` row.
+struct Failure {
+    user_id: String,
+    key: Option<String>,
+    from: String,
+    to: String,
+    amount: i64,
+    currency: String,
+    reason: &'static str,
+    detail: String,
+}
+
+/// Runs `jobs` (all plain transfers, in queue order) inside `tx`. Returns one outcome
+/// per job, in order; `Err` means the caller must roll back everything this wrote.
+pub(crate) async fn run_transfers(
+    core: &Core,
+    tx: &mut Tx,
+    jobs: &[&Job],
+    prefetched: &Prefetched,
+) -> Result<Vec<(Reply, Option<NewKey>)>, LedgerError> {
+    // Idempotency first: replays and reused keys are answered without running.
+    let mut outcomes: Vec<Option<(Reply, Option<NewKey>)>> = Vec::with_capacity(jobs.len());
+    let mut fingerprints: Vec<String> = Vec::with_capacity(jobs.len());
+    let mut ids: Vec<&str> = Vec::with_capacity(jobs.len() * 2);
+    for job in jobs {
+        let fp = job.op.fingerprint();
+        let stored = crate::engine::stored_reply(job, &fp, Some(prefetched));
+        if stored.is_none() {
+            let r = request(job)?;
+            ids.push(&r.from_account_id);
+            ids.push(&r.to_account_id);
+        }
+        outcomes.push(stored.map(|r| (r, None)));
+        fingerprints.push(fp);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let mut accts: HashMap<String, AccountRow> = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        accts.extend(ops::lock_accounts(&core.db, tx, chunk).await?);
+    }
+
+    let now = now_micros();
+    let mut transfers: Vec<TransferRow> = Vec::new();
+    // (transfer index, account id, account seq, signed amount, balance after)
+    let mut postings: Vec<(usize, String, i64, i64, i64)> = Vec::new();
+    let mut failures: Vec<Failure> = Vec::new();
+    let mut audits: Vec<(usize, usize, serde_json::Value)> = Vec::new(); // (job, transfer, meta)
+    let mut bodies: Vec<String> = Vec::new(); // per transfer: the 201 body = outbox payload
+    for (i, job) in jobs.iter().enumerate() {
+        if outcomes[i].is_some() {
+            continue;
+        }
+        let req = request(job)?;
+        match check_and_apply(&job.actor, req, &mut accts) {
+            Ok(amount) => {
+                let t = TransferRow {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    kind: "transfer".to_owned(),
+                    from_account_id: req.from_account_id.clone(),
+                    to_account_id: req.to_account_id.clone(),
+                    amount,
+                    captured: 0,
+                    currency: req.currency.clone(),
+                    description: req.description.clone(),
+                    status: "posted".to_owned(),
+                    expires_at: None,
+                    initiated_by: job.actor.user_id.clone(),
+                    batch_id: None,
+                    created_at: now,
+                    updated_at: now,
+                };
+                let ti = transfers.len();
+                for (acct, signed) in [
+                    (&req.from_account_id, -amount),
+                    (&req.to_account_id, amount),
+                ] {
+                    if let Some(a) = accts.get(acct) {
+                        postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance));
+                    }
+                }
+                let reply = Reply::json(201, &t.to_wire())?;
+                bodies.push(reply.body.clone());
+                audits.push((i, ti, ops::transfer_meta(&t, serde_json::Value::Null)));
+                let key = fingerprint_reply(
+                    job,
+                    std::mem::take(&mut fingerprints[i]),
+                    &reply,
+                    Some(t.id.clone()),
+                );
+                outcomes[i] = Some((reply, key));
+                transfers.push(t);
+            }
+            Err(e) if e.is_server_error() => return Err(e),
+            Err(e) => {
+                metrics::counter!("ledger_failed_transfers_total", "reason" => e.code())
+                    .increment(1);
+                failures.push(Failure {
+                    user_id: job.actor.user_id.clone(),
+                    key: job.key.clone(),
+                    from: req.from_account_id.chars().take(64).collect(),
+                    to: req.to_account_id.chars().take(64).collect(),
+                    amount: req.amount,
+                    currency: req.currency.chars().take(16).collect(),
+                    reason: e.code(),
+                    detail: e.to_string(),
+                });
+                let reply = Reply::problem(&e, job.origin.request_id.clone());
+                let key =
+                    fingerprint_reply(job, std::mem::take(&mut fingerprints[i]), &reply, None);
+                outcomes[i] = Some((reply, key));
+            }
+        }
+    }
+
+    let rows = Rows {
+        transfers: &transfers,
+        postings: &postings,
+        accts: &accts,
+        failures: &failures,
+        bodies: &bodies,
+        now,
+    };
+    let combined = core.db.backend() == Backend::Postgres && rows.params() <= MAX_COMBINED_PARAMS;
+    if combined {
+        write_combined_pg(&core.db, tx, &rows).await?;
+    } else {
+        write_transfers(&core.db, tx, &transfers).await?;
+        write_postings(&core.db, tx, &transfers, &postings, now).await?;
+        write_balances(&core.db, tx, &accts, &postings, now).await?;
+        write_failures(&core.db, tx, &failures, now).await?;
+    }
+    if !audits.is_empty() {
+        let entries: Vec<_> = audits
+            .iter()
+            .map(|(i, ti, meta)| {
+                (
+                    &jobs[*i].origin,
+                    NewAudit::success("ledger.transfer.posted")
+                        .actor(&jobs[*i].actor.user_id)
+                        .resource(&transfers[*ti].id)
+                        .metadata(meta.clone()),
+                )
+            })
+            .collect();
+        audit::append_many(&core.db, tx, &entries).await?;
+    }
+    if !combined {
+        write_outbox(&core.db, tx, &bodies, now).await?;
+    }
+    metrics::counter!("ledger_transfers_total", "kind" => "transfer")
+        .increment(transfers.len() as u64);
+
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| LedgerError::Internal("fast path lost a job".into())))
+        .collect()
+}
+
+/// Everything a run writes besides its audit entries.
+struct Rows<'a> {
+    transfers: &'a [TransferRow],
+    postings: &'a [(usize, String, i64, i64, i64)],
+    accts: &'a HashMap<String, AccountRow>,
+    failures: &'a [Failure],
+    bodies: &'a [String],
+    now: i64,
+}
+
+impl Rows<'_> {
+    fn touched(&self) -> Vec<&AccountRow> {
+        let mut seen = std::collections::HashSet::new();
+        self.postings
+            .iter()
+            .filter(|p| seen.insert(p.1.as_str()))
+            .filter_map(|p| self.accts.get(&p.1))
+            .collect()
+    }
+
+    fn params(&self) -> usize {
+        self.transfers.len() * 14
+            + self.postings.len() * 8
+            + self.postings.len() * 4
+            + self.failures.len() * 11
+            + self.bodies.len() * 4
+    }
+}
+
+/// PostgreSQL allows 65,535 parameters per statement; stay well below.
+const MAX_COMBINED_PARAMS: usize = 30_000;
+
+/// PostgreSQL: transfers, postings, failure rows, outbox events and the new balances in
+/// ONE statement (data-modifying CTEs; foreign keys are checked at its end), so a run
+/// costs one round trip for all of them instead of five.
+async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), LedgerError> {
+    use vaultpay_store::params::values_from;
+    let b = db.backend();
+    let touched = rows.touched();
+    let mut parts: Vec<String> = Vec::new();
+    let mut n = 1;
+    if !rows.transfers.is_empty() {
+        parts.push(format!(
+            "t AS (INSERT INTO transfers ({TRANSFER_COLS}) VALUES {})",
+            values_from(b, n, rows.transfers.len(), 14)
+        ));
+        n += rows.transfers.len() * 14;
+    }
+    if !rows.postings.is_empty() {
+        parts.push(format!(
+            "p AS (INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {})",
+            values_from(b, n, rows.postings.len(), 8)
+        ));
+        n += rows.postings.len() * 8;
+    }
+    if !rows.failures.is_empty() {
+        parts.push(format!(
+            "f AS (INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
+             amount, currency, reason, detail, created_at) VALUES {})",
+            values_from(b, n, rows.failures.len(), 11)
+        ));
+        n += rows.failures.len() * 11;
+    }
+    if !rows.bodies.is_empty() {
+        parts.push(format!(
+            "o AS (INSERT INTO outbox (id, topic, payload, created_at) VALUES {})",
+            values_from(b, n, rows.bodies.len(), 4)
+        ));
+        n += rows.bodies.len() * 4;
+    }
+    let main = if touched.is_empty() {
+        "SELECT 1".to_owned()
+    } else {
+        format!(
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
+             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            values_from(b, n, touched.len(), 4)
+        )
+    };
+    let sql = if parts.is_empty() {
+        main
+    } else {
+        format!("WITH {} {main}", parts.join(", "))
+    };
+    let mut q = sqlx::query(&sql).persistent(false);
+    for t in rows.transfers {
+        q = ops::bind_transfer(q, t);
+    }
+    for (ti, acct, seq, amount, after) in rows.postings {
+        let t = rows
+            .transfers
+            .get(*ti)
+            .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&t.id)
+            .bind(acct)
+            .bind(*seq)
+            .bind(*amount)
+            .bind(&t.currency)
+            .bind(*after)
+            .bind(rows.now);
+    }
+    for f in rows.failures {
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&f.user_id)
+            .bind(&f.key)
+            .bind("transfer")
+            .bind(&f.from)
+            .bind(&f.to)
+            .bind(f.amount)
+            .bind(&f.currency)
+            .bind(f.reason)
+            .bind(&f.detail)
+            .bind(rows.now);
+    }
+    for body in rows.bodies {
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind("ledger.transfer.posted")
+            .bind(body)
+            .bind(rows.now);
+    }
+    for a in &touched {
+        q = q
+            .bind(&a.id)
+            .bind(a.balance)
+            .bind(a.posting_seq)
+            .bind(rows.now);
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
+}
+
+async fn write_transfers(
+    db: &Db,
+    tx: &mut Tx,
+    transfers: &[TransferRow],
+) -> Result<(), LedgerError> {
+    for chunk in transfers.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO transfers ({TRANSFER_COLS}) VALUES {}",
+            placeholders(db, chunk.len(), 14)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for t in chunk {
+            q = ops::bind_transfer(q, t);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn write_postings(
+    db: &Db,
+    tx: &mut Tx,
+    transfers: &[TransferRow],
+    postings: &[(usize, String, i64, i64, i64)],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in postings.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+            placeholders(db, chunk.len(), 8)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for (ti, acct, seq, amount, after) in chunk {
+            let t = transfers
+                .get(*ti)
+                .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&t.id)
+                .bind(acct)
+                .bind(*seq)
+                .bind(*amount)
+                .bind(&t.currency)
+                .bind(*after)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn write_balances(
+    db: &Db,
+    tx: &mut Tx,
+    accts: &HashMap<String, AccountRow>,
+    postings: &[(usize, String, i64, i64, i64)],
+    now: i64,
+) -> Result<(), LedgerError> {
+    let mut seen = std::collections::HashSet::new();
+    let touched: Vec<&AccountRow> = postings
+        .iter()
+        .filter(|p| seen.insert(p.1.as_str()))
+        .filter_map(|p| accts.get(&p.1))
+        .collect();
+    for chunk in touched.chunks(CHUNK) {
+        let sql = format!(
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
+             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            placeholders(db, chunk.len(), 4)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for a in chunk {
+            q = q.bind(&a.id).bind(a.balance).bind(a.posting_seq).bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn write_failures(
+    db: &Db,
+    tx: &mut Tx,
+    failures: &[Failure],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in failures.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
+             amount, currency, reason, detail, created_at) VALUES {}",
+            placeholders(db, chunk.len(), 11)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for f in chunk {
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&f.user_id)
+                .bind(&f.key)
+                .bind("transfer")
+                .bind(&f.from)
+                .bind(&f.to)
+                .bind(f.amount)
+                .bind(&f.currency)
+                .bind(f.reason)
+                .bind(&f.detail)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn write_outbox(
+    db: &Db,
+    tx: &mut Tx,
+    bodies: &[String],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in bodies.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO outbox (id, topic, payload, created_at) VALUES {}",
+            placeholders(db, chunk.len(), 4)
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for body in chunk {
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind("ledger.transfer.posted")
+                .bind(body)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "group_tests.rs"]
+mod tests;

@@ -1,0 +1,327 @@
+//! The fast path, driven deterministically: whole groups are handed to `run_group`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::engine::{run_group, run_single, Job, Op, Queued, Reply};
+use crate::error::LedgerError;
+use crate::model::Actor;
+use crate::{Core, LedgerConfig};
+use sqlx::Row;
+use tokio::sync::oneshot;
+use vaultpay_proto::ledger::{AccountKind, OpenAccountRequest, TransferRequest, TreasuryRequest};
+use vaultpay_store::audit::Origin;
+use vaultpay_store::{Backend, Service};
+
+fn job(actor: &Actor, key: &str, op: Op) -> Job {
+    Job {
+        actor: actor.clone(),
+        key: Some(key.to_owned()),
+        op,
+        origin: Origin::default(),
+        _guard: None,
+    }
+}
+
+fn tr(from: &str, to: &str, amount: i64, description: &str) -> Op {
+    Op::Transfer(TransferRequest {
+        from_account_id: from.to_owned(),
+        to_account_id: to.to_owned(),
+        amount,
+        currency: "USD".into(),
+        description: description.into(),
+        pending: false,
+        timeout_secs: None,
+    })
+}
+
+fn deposit(account: &str, amount: i64) -> Op {
+    Op::Deposit(TreasuryRequest {
+        account_id: account.to_owned(),
+        amount,
+        currency: "USD".into(),
+        reference: "test".into(),
+    })
+}
+
+async fn open(core: &Core, actor: &Actor) -> String {
+    let r = run_single(
+        core,
+        job(
+            actor,
+            &uuid::Uuid::now_v7().to_string(),
+            Op::Open(OpenAccountRequest {
+                currency: "USD".into(),
+                kind: AccountKind::Current,
+                name: "Main".into(),
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.value()["id"].as_str().unwrap().to_owned()
+}
+
+/// Runs `jobs` as ONE group and returns each job's answer, in order.
+async fn group(core: &Core, jobs: Vec<Job>) -> Vec<Result<Reply, LedgerError>> {
+    let mut rxs = Vec::new();
+    let mut g: Vec<Queued> = Vec::new();
+    for j in jobs {
+        let (tx, rx) = oneshot::channel();
+        g.push((j, tx));
+        rxs.push(rx);
+    }
+    run_group(core, &mut g).await;
+    let mut out = Vec::new();
+    for rx in rxs {
+        out.push(rx.await.unwrap());
+    }
+    out
+}
+
+async fn count(core: &Core, sql: &str) -> i64 {
+    sqlx::query(sql)
+        .fetch_one(core.db.read())
+        .await
+        .unwrap()
+        .try_get::<i64, _>(0)
+        .unwrap()
+}
+
+async fn balance(core: &Core, id: &str) -> i64 {
+    sqlx::query("SELECT balance FROM accounts WHERE id = $1")
+        .bind(id)
+        .fetch_one(core.db.read())
+        .await
+        .unwrap()
+        .try_get::<i64, _>(0)
+        .unwrap()
+}
+
+async fn setup(backend: Backend) -> Core {
+    let db = vaultpay_store::testing::fresh_db(Service::Ledger, backend)
+        .await
+        .unwrap();
+    Core {
+        db,
+        config: LedgerConfig::default(),
+    }
+}
+
+/// One group mixing successes, refusals (in-memory checks against the group's running
+/// balances), a replay, a reused key and a deposit that splits the transfers into two
+/// runs: every outcome matches what one-by-one execution gives, and every success has
+/// its transfer, two postings, audit entry, outbox event and stored key, every refusal
+/// its `failed_transfers` row and stored problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_transfers_matches_one_by_one_semantics() {
+    for backend in vaultpay_store::testing::backends() {
+        let core = setup(backend).await;
+        let admin = Actor::new("admin", vec!["admin".into()], "");
+        let alice = Actor::new("alice", vec!["customer".into()], "");
+        let bob = Actor::new("bob", vec!["customer".into()], "");
+        let a = open(&core, &alice).await;
+        let b = open(&core, &bob).await;
+        let r = run_single(&core, job(&admin, "d0", deposit(&a, 100)))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        let pre = run_single(&core, job(&alice, "pre", tr(&a, &b, 1, "pre")))
+            .await
+            .unwrap();
+        assert_eq!(pre.status, 201);
+        let old = run_single(&core, job(&alice, "old", tr(&a, &b, 1, "old")))
+            .await
+            .unwrap();
+        assert_eq!(old.status, 201);
+        // a = 98, b = 2
+        let mut jobs = vec![
+            job(&alice, "pre", tr(&a, &b, 1, "pre")), // replay
+            job(&alice, "old", tr(&a, &b, 2, "old")), // same key, other request
+            job(&alice, "steal", tr(&b, &a, 1, "x")), // not alice's account: 404
+        ];
+        for i in 0..6 {
+            jobs.push(job(&alice, &format!("g{i}"), tr(&a, &b, 10, "g")));
+        }
+        // a = 38 here; the deposit is a slow job between two runs
+        jobs.push(job(&admin, "d1", deposit(&a, 5)));
+        for i in 6..11 {
+            jobs.push(job(&alice, &format!("g{i}"), tr(&a, &b, 10, "g")));
+        }
+        // a = 43 before g6: g6..g9 succeed (a = 3), g10 is refused
+        let out = group(&core, jobs).await;
+        let st: Vec<u16> = out.iter().map(|r| r.as_ref().unwrap().status).collect();
+        assert_eq!(
+            st,
+            vec![201, 422, 404, 201, 201, 201, 201, 201, 201, 201, 201, 201, 201, 201, 422],
+            "{backend:?}"
+        );
+        let replay = out[0].as_ref().unwrap();
+        assert!(replay.replayed);
+        assert_eq!(replay.body, pre.body, "a replay answers the stored body");
+        assert_eq!(
+            out[1].as_ref().unwrap().value()["code"],
+            "idempotency_key_reused"
+        );
+        assert_eq!(
+            out[2].as_ref().unwrap().value()["code"],
+            "account_not_found"
+        );
+        assert_eq!(
+            out[14].as_ref().unwrap().value()["code"],
+            "insufficient_funds"
+        );
+        assert_eq!(balance(&core, &a).await, 3);
+        assert_eq!(balance(&core, &b).await, 2 + 100);
+
+        // 2 + 10 transfers by alice, each with its postings, audit entry and event
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM transfers WHERE kind = 'transfer'"
+            )
+            .await,
+            12
+        );
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM postings p JOIN transfers t ON t.id = p.transfer_id WHERE t.kind = 'transfer'").await,
+            24
+        );
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM audit_log WHERE action = 'ledger.transfer.posted' AND actor = 'alice'").await,
+            12
+        );
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM outbox WHERE topic = 'ledger.transfer.posted'"
+            )
+            .await,
+            12
+        );
+        // refusals are recorded with their key and reason; the replay and the reused
+        // key are not refusals of a transfer
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM failed_transfers WHERE idempotency_key = 'steal' AND reason = 'account_not_found'").await,
+            1
+        );
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM failed_transfers WHERE idempotency_key = 'g10' AND reason = 'insufficient_funds'").await,
+            1
+        );
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM failed_transfers").await,
+            2
+        );
+        // every new key stored (and alice's account opening), with the answer it got
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE user_id = 'alice'"
+            )
+            .await,
+            1 + 2 + 1 + 11
+        );
+        for (i, k) in [(3usize, "g0"), (14, "g10"), (2, "steal")] {
+            let again = run_single(
+                &core,
+                job(
+                    &alice,
+                    k,
+                    tr(
+                        if k == "steal" { &b } else { &a },
+                        if k == "steal" { &a } else { &b },
+                        if k == "steal" { 1 } else { 10 },
+                        if k == "steal" { "x" } else { "g" },
+                    ),
+                ),
+            )
+            .await
+            .unwrap();
+            assert!(again.replayed, "{k}");
+            assert_eq!(again.body, out[i].as_ref().unwrap().body, "{k}");
+        }
+        // the running balance of each posting of account a follows its sequence
+        let rows = sqlx::query(
+            "SELECT amount, balance_after FROM postings WHERE account_id = $1 ORDER BY account_seq",
+        )
+        .bind(&a)
+        .fetch_all(core.db.read())
+        .await
+        .unwrap();
+        let mut running = 0i64;
+        for r in &rows {
+            running += r.try_get::<i64, _>("amount").unwrap();
+            assert_eq!(running, r.try_get::<i64, _>("balance_after").unwrap());
+        }
+        assert_eq!(running, 3);
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{backend:?}: {report}");
+    }
+}
+
+/// A database error inside a run of transfers fails only the job that caused it: the
+/// run is rolled back and retried job by job, and the failed job stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_error_in_a_run_fails_only_its_job() {
+    for backend in vaultpay_store::testing::backends() {
+        let core = setup(backend).await;
+        let admin = Actor::new("admin", vec!["admin".into()], "");
+        let alice = Actor::new("alice", vec!["customer".into()], "");
+        let a = open(&core, &alice).await;
+        let b = open(&core, &alice).await;
+        run_single(&core, job(&admin, "d0", deposit(&a, 100)))
+            .await
+            .unwrap();
+        let sqls: &[&str] = match backend {
+            Backend::Sqlite => &["CREATE TRIGGER boom BEFORE INSERT ON transfers WHEN NEW.description = 'boom' \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+            Backend::Postgres => &[
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.description = 'boom' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END; $$",
+                "CREATE TRIGGER boom BEFORE INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION boom()",
+            ],
+        };
+        for s in sqls {
+            sqlx::raw_sql(s).execute(core.db.writer()).await.unwrap();
+        }
+        let out = group(
+            &core,
+            vec![
+                job(&alice, "k1", tr(&a, &b, 10, "ok")),
+                job(&alice, "k2", tr(&a, &b, 20, "boom")),
+                job(&alice, "k3", tr(&a, &b, 30, "ok")),
+            ],
+        )
+        .await;
+        assert_eq!(out[0].as_ref().unwrap().status, 201);
+        assert!(
+            matches!(out[1], Err(ref e) if e.is_server_error()),
+            "{:?}",
+            out[1]
+        );
+        assert_eq!(out[2].as_ref().unwrap().status, 201);
+        assert_eq!(balance(&core, &a).await, 60);
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'k2'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM failed_transfers").await,
+            0
+        );
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM audit_log WHERE action = 'ledger.transfer.posted'"
+            )
+            .await,
+            2
+        );
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{backend:?}: {report}");
+    }
+}

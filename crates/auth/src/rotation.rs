@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use vaultpay_core::crypto::{opaque_token, sha256_hex};
 use vaultpay_core::time::{now_micros, secs};
 use vaultpay_store::audit::{append_many, NewAudit, Origin};
-use vaultpay_store::{Db, Tx};
+use vaultpay_store::{params, Backend, Db, Tx};
 
 /// Rotations per group. No savepoints are used, so PostgreSQL's subtransaction cache
 /// is no limit; parameters stay far below both backends' caps.
@@ -282,8 +282,8 @@ async fn rotate_group(
             .execute(&mut *tx)
             .await?;
     }
-    insert_tokens(&mut tx, &inserts, now).await?;
-    spend_tokens(&mut tx, &spent, now).await?;
+    insert_tokens(&mut tx, db.backend(), &inserts, now).await?;
+    spend_tokens(&mut tx, db.backend(), &spent, now).await?;
     for (old, mark) in &graced {
         sqlx::query("UPDATE refresh_tokens SET replaced_by = $1 WHERE token_hash = $2")
             .bind(mark)
@@ -291,7 +291,7 @@ async fn rotate_group(
             .execute(&mut *tx)
             .await?;
     }
-    touch_sessions(&mut tx, jobs, &touched, now).await?;
+    touch_sessions(&mut tx, db.backend(), jobs, &touched, now).await?;
     let metadata: Vec<serde_json::Value> = audits
         .iter()
         .map(|a| match a.reason {
@@ -336,7 +336,7 @@ async fn lock_rows(
          s.revoked_at AS revoked_at, s.expires_at AS expires_at, s.idle_expires_at AS idle_expires_at, \
          s.auth_time AS auth_time, s.amr AS amr, s.client_id AS client_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
          WHERE r.token_hash IN ({}){}",
-        placeholders(1, jobs.len()),
+        params::list(db.backend(), jobs.len()),
         db.for_update()
     );
     let mut q = sqlx::query(&sql).persistent(jobs.len() == 1);
@@ -365,28 +365,40 @@ async fn lock_rows(
     Ok(out)
 }
 
-/// `$from, $from+1, …` (`n` of them).
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Numbers placeholders in order of appearance (`?` on SQLite, `$n` on PostgreSQL;
+/// see `vaultpay_store::params`).
+struct Placeholders {
+    backend: Backend,
+    n: usize,
 }
 
-async fn insert_tokens(tx: &mut Tx, rows: &[(String, String)], now: i64) -> Result<(), AuthError> {
+impl Placeholders {
+    fn new(backend: Backend) -> Self {
+        Self { backend, n: 0 }
+    }
+
+    fn next(&mut self, out: &mut String) {
+        self.n += 1;
+        params::param(self.backend, self.n, out);
+    }
+}
+
+async fn insert_tokens(
+    tx: &mut Tx,
+    backend: Backend,
+    rows: &[(String, String)],
+    now: i64,
+) -> Result<(), AuthError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let values: Vec<String> = (0..rows.len())
-        .map(|i| format!("(${}, ${}, $1)", 2 * i + 2, 2 * i + 3))
-        .collect();
     let sql = format!(
         "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES {}",
-        values.join(", ")
+        params::values(backend, rows.len(), 3)
     );
-    let mut q = sqlx::query(&sql).persistent(rows.len() == 1).bind(now);
+    let mut q = sqlx::query(&sql).persistent(rows.len() == 1);
     for (hash, session) in rows {
-        q = q.bind(hash.as_str()).bind(session.as_str());
+        q = q.bind(hash.as_str()).bind(session.as_str()).bind(now);
     }
     q.execute(&mut **tx).await?;
     Ok(())
@@ -394,23 +406,39 @@ async fn insert_tokens(tx: &mut Tx, rows: &[(String, String)], now: i64) -> Resu
 
 /// Marks the old tokens spent, each pointing at its successor. Every one must still be
 /// unspent (the rows are locked, so anything else is a bug): otherwise the group fails.
-async fn spend_tokens(tx: &mut Tx, rows: &[(&str, String)], now: i64) -> Result<(), AuthError> {
+async fn spend_tokens(
+    tx: &mut Tx,
+    backend: Backend,
+    rows: &[(&str, String)],
+    now: i64,
+) -> Result<(), AuthError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut cases = String::new();
-    for i in 0..rows.len() {
-        cases.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 2, 2 * i + 3));
+    let mut p = Placeholders::new(backend);
+    let mut sql = String::from("UPDATE refresh_tokens SET used_at = ");
+    p.next(&mut sql);
+    sql.push_str(", replaced_by = CASE token_hash");
+    for _ in rows {
+        sql.push_str(" WHEN ");
+        p.next(&mut sql);
+        sql.push_str(" THEN ");
+        p.next(&mut sql);
     }
-    let olds: Vec<String> = (0..rows.len()).map(|i| format!("${}", 2 * i + 2)).collect();
-    let sql = format!(
-        "UPDATE refresh_tokens SET used_at = $1, replaced_by = CASE token_hash{cases} END \
-         WHERE used_at IS NULL AND token_hash IN ({})",
-        olds.join(", ")
-    );
+    sql.push_str(" END WHERE used_at IS NULL AND token_hash IN (");
+    for i in 0..rows.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        p.next(&mut sql);
+    }
+    sql.push(')');
     let mut q = sqlx::query(&sql).persistent(rows.len() == 1).bind(now);
     for (old, new) in rows {
         q = q.bind(*old).bind(new.as_str());
+    }
+    for (old, _) in rows {
+        q = q.bind(*old);
     }
     let n = q.execute(&mut **tx).await?.rows_affected();
     if n != rows.len() as u64 {
@@ -426,6 +454,7 @@ async fn spend_tokens(tx: &mut Tx, rows: &[(&str, String)], now: i64) -> Result<
 /// A session touched twice in one group (a grace-window retry) keeps its last values.
 async fn touch_sessions(
     tx: &mut Tx,
+    backend: Backend,
     jobs: &[&Rotation],
     touched: &[(String, i64, usize)],
     now: i64,
@@ -440,30 +469,45 @@ async fn touch_sessions(
     if order.is_empty() {
         return Ok(());
     }
-    // Per session: $id, $idle, $ip, $ua.
-    let (mut idle_case, mut ip_case, mut ua_case) = (String::new(), String::new(), String::new());
-    let mut ids = Vec::with_capacity(order.len());
-    for i in 0..order.len() {
-        let b = 4 * i + 2;
-        idle_case.push_str(&format!(" WHEN ${b} THEN ${}", b + 1));
-        ip_case.push_str(&format!(" WHEN ${b} THEN ${}", b + 2));
-        ua_case.push_str(&format!(" WHEN ${b} THEN ${}", b + 3));
-        ids.push(format!("${b}"));
+    let mut p = Placeholders::new(backend);
+    let mut sql = String::from("UPDATE sessions SET last_seen_at = ");
+    p.next(&mut sql);
+    for column in ["idle_expires_at", "ip", "user_agent"] {
+        sql.push_str(", ");
+        sql.push_str(column);
+        sql.push_str(" = CASE id");
+        for _ in &order {
+            sql.push_str(" WHEN ");
+            p.next(&mut sql);
+            sql.push_str(" THEN ");
+            p.next(&mut sql);
+        }
+        sql.push_str(" END");
     }
-    let sql = format!(
-        "UPDATE sessions SET last_seen_at = $1, idle_expires_at = CASE id{idle_case} END, \
-         ip = CASE id{ip_case} END, user_agent = CASE id{ua_case} END WHERE id IN ({})",
-        ids.join(", ")
-    );
+    sql.push_str(" WHERE id IN (");
+    for i in 0..order.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        p.next(&mut sql);
+    }
+    sql.push(')');
     let mut q = sqlx::query(&sql).persistent(order.len() == 1).bind(now);
     for session in &order {
-        let (idle, origin) = last[session];
-        let o = &jobs[origin].origin;
+        q = q.bind(*session).bind(last[session].0);
+    }
+    for session in &order {
         q = q
             .bind(*session)
-            .bind(idle)
-            .bind(o.ip.as_deref())
-            .bind(o.user_agent.as_deref());
+            .bind(jobs[last[session].1].origin.ip.as_deref());
+    }
+    for session in &order {
+        q = q
+            .bind(*session)
+            .bind(jobs[last[session].1].origin.user_agent.as_deref());
+    }
+    for session in &order {
+        q = q.bind(*session);
     }
     q.execute(&mut **tx).await?;
     Ok(())

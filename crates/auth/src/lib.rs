@@ -10,6 +10,7 @@ pub mod config;
 mod custom_roles;
 mod error;
 mod ext_routes;
+mod hashpool;
 pub mod hibp;
 pub mod iptrust;
 pub mod keys;

@@ -1,6 +1,7 @@
 //! The AuthShield service object: shared state and the helpers every flow uses.
 
 use crate::config::AuthConfig;
+use crate::hashpool::HashPool;
 use crate::hibp::HibpClient;
 use crate::keys;
 use crate::mail::{Mailer, Message};
@@ -10,7 +11,6 @@ use crate::AuthError;
 use parking_lot::RwLock;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
 use vaultpay_core::crypto::{Envelope, MasterKey};
 use vaultpay_core::jwt::{AccessClaims, Audience, Rules, Signer25519};
 use vaultpay_core::password::PasswordHasher;
@@ -23,9 +23,8 @@ pub(crate) struct Inner {
     pub db: Db,
     pub cfg: AuthConfig,
     pub env: Envelope,
-    pub hasher: PasswordHasher,
     pub dummy_hash: String,
-    pub hash_sem: Semaphore,
+    pub hashes: HashPool,
     pub signer: RwLock<Arc<Signer25519>>,
     pub verifier: Arc<TokenVerifier>,
     pub limiter: Arc<dyn RateLimiter>,
@@ -101,6 +100,7 @@ impl AuthService {
         } else {
             cfg.hash_concurrency
         };
+        let hashes = HashPool::start(hasher, permits)?;
         let perms = PermCache::new(cfg.permission_cache_ttl_secs);
         let rotations = RotationQueue::spawn(
             db.clone(),
@@ -113,9 +113,8 @@ impl AuthService {
             inner: Arc::new(Inner {
                 db,
                 env,
-                hasher,
                 dummy_hash,
-                hash_sem: Semaphore::new(permits),
+                hashes,
                 signer: RwLock::new(Arc::new(loaded.signer)),
                 verifier,
                 limiter,
@@ -178,40 +177,21 @@ impl AuthService {
         })]
     }
 
-    /// Hashes on the blocking pool, at most `hash_concurrency` at once.
+    /// Hashes on the hashing threads (`hash_concurrency` of them).
     pub(crate) async fn hash_password(&self, password: String) -> Result<String, AuthError> {
-        let _permit = self
-            .inner
-            .hash_sem
-            .acquire()
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
-        let hasher = self.inner.hasher.clone();
-        tokio::task::spawn_blocking(move || hasher.hash(&password))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?
-            .map_err(|e| AuthError::Internal(e.to_string()))
+        self.inner.hashes.hash(password).await
     }
 
-    /// Verifies on the blocking pool; `phc = None` verifies against the dummy hash so
-    /// an unknown account costs the same as a wrong password.
+    /// Verifies on the hashing threads; `phc = None` verifies against the dummy hash
+    /// so an unknown account costs the same as a wrong password.
     pub(crate) async fn verify_password(
         &self,
         password: String,
         phc: Option<String>,
     ) -> Result<bool, AuthError> {
-        let _permit = self
-            .inner
-            .hash_sem
-            .acquire()
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
-        let hasher = self.inner.hasher.clone();
         let known = phc.is_some();
         let phc = phc.unwrap_or_else(|| self.inner.dummy_hash.clone());
-        let ok = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let ok = self.inner.hashes.verify(password, phc).await?;
         Ok(ok && known)
     }
 

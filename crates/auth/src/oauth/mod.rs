@@ -39,6 +39,70 @@ pub struct OAuthState {
     clients: parking_lot::Mutex<
         std::collections::HashMap<String, (std::time::Instant, clients::Client)>,
     >,
+    /// Revoked access-token ids (RFC 7009), see [`RevokedJtis`].
+    pub(crate) revoked: RevokedJtis,
+}
+
+/// The revoked access-token ids not yet expired, in memory. Introspection is on the
+/// hot path of every resource server, so it reads this set instead of the database:
+/// revocations on this process enter it at once, and the whole set is reloaded from
+/// `oauth_revoked_tokens` at most every [`REVOKED_RELOAD`] by whichever request
+/// finds it stale, so a revocation on another replica counts within that time.
+#[derive(Debug, Default)]
+pub(crate) struct RevokedJtis {
+    set: parking_lot::RwLock<std::collections::HashMap<String, i64>>,
+    loaded_at: parking_lot::Mutex<Option<std::time::Instant>>,
+    reload: tokio::sync::Mutex<()>,
+}
+
+/// How stale the revoked-token set may be (revocations on other replicas).
+pub const REVOKED_RELOAD: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl RevokedJtis {
+    /// Whether `jti` is revoked; reloads the set first when it is stale.
+    pub(crate) async fn contains(
+        &self,
+        db: &vaultpay_store::Db,
+        jti: &str,
+    ) -> Result<bool, crate::AuthError> {
+        let fresh =
+            |at: &Option<std::time::Instant>| at.is_some_and(|t| t.elapsed() < REVOKED_RELOAD);
+        if !fresh(&self.loaded_at.lock()) {
+            // One request reloads; the others wait for it rather than query too.
+            let _one = self.reload.lock().await;
+            if !fresh(&self.loaded_at.lock()) {
+                let started = std::time::Instant::now();
+                let now = vaultpay_core::time::now_micros();
+                let rows = sqlx::query(
+                    "SELECT jti, expires_at FROM oauth_revoked_tokens WHERE expires_at > $1",
+                )
+                .bind(now)
+                .fetch_all(db.read())
+                .await?;
+                let mut set = std::collections::HashMap::with_capacity(rows.len());
+                for r in &rows {
+                    use sqlx::Row;
+                    set.insert(
+                        r.try_get::<String, _>("jti")?,
+                        r.try_get::<i64, _>("expires_at")?,
+                    );
+                }
+                // Revocations made here while the query ran are kept; expired ones go.
+                let mut current = self.set.write();
+                for (k, v) in current.drain().filter(|(_, exp)| *exp > now) {
+                    set.entry(k).or_insert(v);
+                }
+                *current = set;
+                *self.loaded_at.lock() = Some(started);
+            }
+        }
+        Ok(self.set.read().contains_key(jti))
+    }
+
+    /// Records a revocation made by this process (after its commit).
+    pub(crate) fn insert(&self, jti: &str, expires_at_micros: i64) {
+        self.set.write().insert(jti.to_owned(), expires_at_micros);
+    }
 }
 
 /// How long a client looked up for authentication is reused. A deletion on this

@@ -559,13 +559,7 @@ async fn find(svc: &AuthService, token: &str) -> Result<Found, AuthError> {
 }
 
 pub(crate) async fn jti_revoked(svc: &AuthService, jti: &str) -> Result<bool, AuthError> {
-    Ok(
-        sqlx::query("SELECT jti FROM oauth_revoked_tokens WHERE jti = $1")
-            .bind(jti)
-            .fetch_optional(svc.db().read())
-            .await?
-            .is_some(),
-    )
+    svc.inner.oauth.revoked.contains(svc.db(), jti).await
 }
 
 /// RFC 7662 for an authenticated OAuth client: only its own tokens are active to it.
@@ -693,6 +687,9 @@ pub(crate) async fn revoke(
             )
             .await?;
             tx.commit().await.map_err(AuthError::from)?;
+            if c.sid.is_empty() {
+                svc.inner.oauth.revoked.insert(&c.jti, c.exp * 1_000_000);
+            }
         }
         Found::Refresh {
             session_id,

@@ -1126,6 +1126,39 @@ async fn client_credentials_case(backend: Backend) {
     .await;
     assert_eq!(i.body["active"], false);
 
+    // A revocation made by another replica (straight into the shared database) counts
+    // here too, within the in-memory set's reload interval.
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&svc.id, &secret)),
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    let at2 = r.body["access_token"].as_str().unwrap().to_owned();
+    let claims = crate::auth_flows::jwt_part(&at2, 1);
+    let basic = (svc.id.as_str(), secret.as_str());
+    let fields = [("token", at2.as_str())];
+    let introspect2 = || form_post(&app, "/oauth/introspect", Some(basic), &fields);
+    assert_eq!(introspect2().await.body["active"], true);
+    sqlx::query("INSERT INTO oauth_revoked_tokens (jti, expires_at) VALUES ($1, $2)")
+        .bind(claims["jti"].as_str().unwrap())
+        .bind(claims["exp"].as_i64().unwrap() * 1_000_000)
+        .execute(app.auth_db().writer())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if introspect2().await.body["active"] == false {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "another replica's revocation never counted"
+        );
+        tokio::task::yield_now().await;
+    }
+
     // List and delete; deleting revokes the client's sessions.
     let l = app.get("/v1/admin/clients", Some(&admin)).await;
     assert_eq!(l.status, StatusCode::OK);

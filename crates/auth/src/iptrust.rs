@@ -362,6 +362,15 @@ impl AuthService {
         let now = now_micros();
         let id = uuid::Uuid::now_v7().to_string();
         let mut tx = db.begin().await?;
+        // Concurrent first sign-ins of one account (PostgreSQL runs them in parallel):
+        // the user row's lock makes the check-and-insert below one step.
+        sqlx::query(&format!(
+            "SELECT id FROM users WHERE id = $1{}",
+            db.for_update()
+        ))
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let n = sqlx::query(
             "INSERT INTO trusted_networks (id, user_id, network, created_at, last_used_at, expires_at) \
              SELECT $1, $2, $3, $4, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM trusted_networks WHERE user_id = $2)",
@@ -375,7 +384,19 @@ impl AuthService {
         .await?
         .rows_affected();
         if n == 0 {
-            return Ok(false);
+            // Not the first: a concurrent first sign-in may have just trusted this
+            // very network, in which case this sign-in is from a trusted one too.
+            let same = sqlx::query(
+                "SELECT id FROM trusted_networks WHERE user_id = $1 AND network = $2 \
+                 AND revoked_at IS NULL AND expires_at > $3",
+            )
+            .bind(user_id)
+            .bind(network)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+            return Ok(same);
         }
         append(
             db,

@@ -919,3 +919,31 @@ async fn oauth_browser_sign_in_from_a_new_network_is_held() {
         app.stop().await;
     });
 }
+
+/// Several first sign-ins of a new account at once (a user with two devices, or a
+/// retrying client) all succeed from the network the first one trusts: none is held
+/// and none fails (PostgreSQL runs them in parallel).
+#[tokio::test]
+async fn concurrent_first_logins_all_trust_the_same_network() {
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |c| {
+            c.auth.rate_limits.login_per_account = vaultpay_core::gcra::Quota::new(100, 60);
+        })
+        .await;
+        let email = "quinn@example.com";
+        id_of(&app.register(email).await);
+        let devices: Vec<String> = (0..8).map(|i| format!("dev-{i}")).collect();
+        let results =
+            futures::future::join_all(devices.iter().map(|d| login_from(&app, HOME, email, d)))
+                .await;
+        for r in &results {
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        }
+        assert_eq!(
+            app.count_where("trusted_networks", "revoked_at IS NULL")
+                .await,
+            1
+        );
+        app.stop().await;
+    });
+}

@@ -209,7 +209,13 @@ fn check(new: &NewClient) -> Result<(Vec<String>, Vec<String>, String), AuthErro
             )));
         }
     }
+    // Default scopes are the user ones, for clients that act for users; a client that
+    // only uses client_credentials acts for itself and gets none by default.
+    let service_only = grants.iter().all(|g| g == GRANT_CLIENT_CREDENTIALS);
     let scopes = new.scopes.clone().unwrap_or_else(|| {
+        if service_only {
+            return Vec::new();
+        }
         ["openid", "profile", "email", "offline_access"]
             .iter()
             .map(|s| (*s).to_owned())

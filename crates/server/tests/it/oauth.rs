@@ -1000,6 +1000,16 @@ async fn client_credentials_case(backend: Backend) {
         )
         .await;
     r.assert_problem(403, "forbidden");
+    // A service client acts for itself: no user scopes unless asked for.
+    let r = app
+        .post(
+            "/v1/admin/clients",
+            Some(&admin),
+            json!({ "name": "svc-defaults", "grant_types": ["client_credentials"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["scopes"], json!([]));
     // Metadata is validated.
     let r = app
         .post(

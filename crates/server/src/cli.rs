@@ -172,6 +172,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ServeWhat::Auth => Mode::Auth,
                 ServeWhat::Ledger => Mode::Ledger,
             };
+            if mode == Mode::All {
+                if let Some(issuer) = issuer_from_listen(&cfg) {
+                    tracing::info!(%issuer, "auth.issuer not set: using the listen address");
+                    cfg.auth.issuer = issuer;
+                }
+            }
             let bootstrap = Bootstrap {
                 admin_email: std::env::var("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL")
                     .ok()
@@ -322,4 +328,48 @@ async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The issuer (`iss`, OIDC discovery, links in mails) of an all-in-one server whose
+/// `auth.issuer` was left at its default while it listens elsewhere: its own address,
+/// so discovery points at the port it serves. Not for a wildcard or ephemeral address
+/// (set `auth.issuer` to the public URL there), nor for the split deployment, where
+/// the ledger must be configured with the same issuer as AuthShield.
+fn issuer_from_listen(cfg: &Config) -> Option<String> {
+    let defaults = Config::default();
+    let listen = cfg.listen;
+    (cfg.auth.issuer == defaults.auth.issuer
+        && listen != defaults.listen
+        && !listen.ip().is_unspecified()
+        && listen.port() != 0)
+        .then(|| format!("http://{listen}"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_issuer_follows_a_concrete_listen_address_only() {
+        let mut cfg = Config::default();
+        assert_eq!(issuer_from_listen(&cfg), None, "defaults agree already");
+        cfg.listen = "127.0.0.1:9000".parse().unwrap();
+        assert_eq!(
+            issuer_from_listen(&cfg).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        cfg.listen = "[::1]:9000".parse().unwrap();
+        assert_eq!(
+            issuer_from_listen(&cfg).as_deref(),
+            Some("http://[::1]:9000")
+        );
+        for wild in ["0.0.0.0:9000", "[::]:9000", "127.0.0.1:0"] {
+            cfg.listen = wild.parse().unwrap();
+            assert_eq!(issuer_from_listen(&cfg), None, "{wild}");
+        }
+        cfg.listen = "127.0.0.1:9000".parse().unwrap();
+        cfg.auth.issuer = "https://id.example.com".into();
+        assert_eq!(issuer_from_listen(&cfg), None, "an explicit issuer wins");
+    }
 }

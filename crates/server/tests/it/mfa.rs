@@ -25,12 +25,24 @@ fn code(secret: &[u8], offset: i64) -> String {
     totp::code_for_step(secret, totp::step_of(now_secs(), 30) + offset, 6)
 }
 
+/// Waits, when needed, until at least 3 s of the current 30 s TOTP step remain: a
+/// code for the previous step made now must still be inside the server's ±1 window
+/// when the request arrives, which a step boundary in between would break (on a
+/// loaded machine a request can take long enough to cross one).
+async fn away_from_step_boundary() {
+    let into = now_secs() % 30;
+    if into >= 27 {
+        tokio::time::sleep(std::time::Duration::from_secs((30 - into) as u64)).await;
+    }
+}
+
 /// Enrols and confirms TOTP (with the code of step now-1); returns the secret and the
 /// recovery codes.
 async fn enable_totp(app: &TestApp, access: &str) -> (Vec<u8>, Vec<String>) {
     let r = app.post("/v1/mfa/totp", Some(access), json!({})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let secret = totp::base32_decode(r.body["secret"].as_str().unwrap()).unwrap();
+    away_from_step_boundary().await;
     let r = app
         .post(
             "/v1/mfa/totp/confirm",
@@ -144,6 +156,7 @@ async fn totp_enrol_confirm_login_and_replay_refused() {
             )
             .await;
         r.assert_problem(401, "mfa_code_invalid");
+        away_from_step_boundary().await;
         let confirm_code = code(&secret, -1);
         let r = app
             .post(

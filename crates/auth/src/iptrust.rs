@@ -864,31 +864,15 @@ impl AuthService {
         p: &Principal,
         id: &str,
     ) -> Result<(), AuthError> {
-        self.require_live_session(p).await?;
-        let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        let n = sqlx::query(
+        self.revoke_own(
+            ctx,
+            p,
             "UPDATE trusted_networks SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
-        )
-        .bind(now_micros())
-        .bind(id)
-        .bind(p.user_id())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(AuthError::NotFound("trusted network"));
-        }
-        append(
-            db,
-            &mut tx,
-            &ctx.origin(),
-            NewAudit::success("ip_trust.revoked")
-                .actor(p.user_id())
-                .resource(id),
+            id,
+            "trusted network",
+            "ip_trust.revoked",
         )
         .await?;
-        tx.commit().await?;
         self.forget_trust(p.user_id()).await;
         Ok(())
     }

@@ -471,28 +471,47 @@ impl AuthService {
         p: &Principal,
         session_id: &str,
     ) -> Result<(), AuthError> {
+        self.revoke_own(
+            ctx,
+            p,
+            "UPDATE sessions SET revoked_at = $1, revoked_reason = 'revoked_by_user' \
+             WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
+            session_id,
+            "session",
+            "session.revoked",
+        )
+        .await
+    }
+
+    /// Revokes one of the caller's own rows (`update` binds now, the id and the user
+    /// id) and audits it, in one transaction; another user's or an unknown id is 404.
+    pub(crate) async fn revoke_own(
+        &self,
+        ctx: &Ctx,
+        p: &Principal,
+        update: &'static str,
+        id: &str,
+        what: &'static str,
+        action: &'static str,
+    ) -> Result<(), AuthError> {
         self.require_live_session(p).await?;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        let n = sqlx::query(
-            "UPDATE sessions SET revoked_at = $1, revoked_reason = 'revoked_by_user' WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
-        )
-        .bind(now_micros())
-        .bind(session_id)
-        .bind(p.user_id())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let n = sqlx::query(update)
+            .bind(now_micros())
+            .bind(id)
+            .bind(p.user_id())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if n == 0 {
-            return Err(AuthError::NotFound("session"));
+            return Err(AuthError::NotFound(what));
         }
         append(
             db,
             &mut tx,
             &ctx.origin(),
-            NewAudit::success("session.revoked")
-                .actor(p.user_id())
-                .resource(session_id),
+            NewAudit::success(action).actor(p.user_id()).resource(id),
         )
         .await?;
         tx.commit().await?;

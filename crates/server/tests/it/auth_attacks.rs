@@ -1162,3 +1162,66 @@ async fn grouped_rotations_decide_each_token_as_if_alone() {
         app.stop().await;
     });
 }
+
+/// A rotation that fails in the database (a fault injected by a trigger on one
+/// session's row) fails alone: the rotations committed with it in the same burst
+/// succeed, and the failed one wrote nothing, so its token still works afterwards.
+#[tokio::test]
+async fn a_failing_rotation_fails_alone_and_writes_nothing() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |cfg| {
+            cfg.auth.rate_limits.register_per_ip = Quota::new(100, 60);
+            cfg.auth.rate_limits.login_per_ip = Quota::new(100, 60);
+        })
+        .await;
+        let mut users = Vec::new();
+        for i in 0..6 {
+            users.push(app.user(&format!("fault{i}@example.com")).await);
+        }
+        let bad = &users[2];
+        let db = app.auth_db();
+        let install: Vec<String> = match backend {
+            Backend::Sqlite => vec![format!(
+                "CREATE TRIGGER fail_one BEFORE UPDATE ON sessions WHEN NEW.id = '{}' \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+                bad.session
+            )],
+            Backend::Postgres => vec![
+                format!(
+                    "CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF NEW.id = '{}' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END $$",
+                    bad.session
+                ),
+                "CREATE TRIGGER fail_one BEFORE UPDATE ON sessions FOR EACH ROW EXECUTE FUNCTION fail_one()"
+                    .into(),
+            ],
+        };
+        for sql in &install {
+            sqlx::raw_sql(sql).execute(db.writer()).await.unwrap();
+        }
+        let results =
+            futures::future::join_all(users.iter().map(|u| refresh(&app, &u.refresh))).await;
+        for (i, r) in results.iter().enumerate() {
+            if i == 2 {
+                assert!(r.status.is_server_error(), "{}", r.text);
+            } else {
+                assert_eq!(r.status, StatusCode::OK, "user {i}: {}", r.text);
+            }
+        }
+        let drop = match backend {
+            Backend::Sqlite => "DROP TRIGGER fail_one",
+            Backend::Postgres => "DROP TRIGGER fail_one ON sessions",
+        };
+        sqlx::raw_sql(drop).execute(db.writer()).await.unwrap();
+        // nothing of the failed rotation was written: its token is still unspent
+        let again = refresh(&app, &bad.refresh).await;
+        assert_eq!(again.status, StatusCode::OK, "{}", again.text);
+        assert_eq!(
+            vaultpay_store::audit::verify_chain(db).await.unwrap(),
+            vaultpay_store::audit::ChainReport::Intact {
+                entries: app.count("audit_log").await as u64
+            }
+        );
+        app.stop().await;
+    });
+}

@@ -714,34 +714,18 @@ impl AuthService {
             amr: vec!["pwd".into()],
         };
         let refresh = self
-            .open_session(&mut tx, ctx, &facts, &hold.device_name, now)
+            .open_session(
+                &mut tx,
+                ctx,
+                &facts,
+                &hold.device_name,
+                now,
+                serde_json::json!({ "via": "ip_confirmation" }),
+            )
             .await?;
-        append(
-            db,
-            &mut tx,
-            &ctx.origin(),
-            NewAudit::success("login.succeeded")
-                .actor(&facts.user_id)
-                .resource(&facts.session_id)
-                .metadata(serde_json::json!({
-                    "device_id": facts.device_id,
-                    "amr": facts.amr,
-                    "via": "ip_confirmation",
-                })),
-        )
-        .await?;
         tx.commit().await?;
         metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
-        let roles = self.effective(&facts.user_id).await?.roles.clone();
-        let (access, ttl) = self.issue_access(&facts, roles)?;
-        Ok(wire::TokenResponse {
-            access_token: access,
-            token_type: "Bearer".into(),
-            expires_in: ttl,
-            refresh_token: Some(refresh),
-            scope: None,
-            session_id: Some(facts.session_id),
-        })
+        self.token_response(facts, refresh).await
     }
 
     /// The refresh hook (before the rotation transaction): a live refresh token used

@@ -69,35 +69,23 @@ impl AuthService {
             amr: vec!["pwd".into()],
         };
         let refresh = self
-            .open_session(&mut tx, ctx, &facts, req.device.name.trim(), now)
+            .open_session(
+                &mut tx,
+                ctx,
+                &facts,
+                req.device.name.trim(),
+                now,
+                serde_json::Value::Null,
+            )
             .await?;
-        append(
-            db,
-            &mut tx,
-            &ctx.origin(),
-            NewAudit::success("login.succeeded")
-                .actor(&user_id)
-                .resource(&facts.session_id)
-                .metadata(serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr })),
-        )
-        .await?;
         tx.commit().await?;
-        let roles = self.effective(&user_id).await?.roles.clone();
         let _ = self
             .inner
             .limiter
             .reset(&format!("login:acct:{email}"))
             .await;
         metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
-        let (access, ttl) = self.issue_access(&facts, roles)?;
-        Ok(wire::TokenResponse {
-            access_token: access,
-            token_type: "Bearer".into(),
-            expires_in: ttl,
-            refresh_token: Some(refresh),
-            scope: None,
-            session_id: Some(facts.session_id),
-        })
+        self.token_response(facts, refresh).await
     }
 
     /// The password check every sign-in shares (`/v1/auth/login`, the OAuth browser
@@ -167,8 +155,9 @@ impl AuthService {
         Ok((user_id, email))
     }
 
-    /// Opens a first-party session (its row and first refresh token) inside `tx`;
-    /// returns the refresh token. The caller audits and commits.
+    /// Opens a first-party session (its row and first refresh token) inside `tx` and
+    /// audits `login.succeeded` there, with `extra` merged into the entry's metadata;
+    /// returns the refresh token. The caller commits, then calls `token_response`.
     pub(crate) async fn open_session(
         &self,
         tx: &mut Tx,
@@ -176,6 +165,7 @@ impl AuthService {
         facts: &SessionFacts,
         device_name: &str,
         now: i64,
+        extra: serde_json::Value,
     ) -> Result<String, AuthError> {
         let cfg = &self.inner.cfg;
         let expires = now + secs(cfg.session_absolute_ttl_secs);
@@ -197,7 +187,41 @@ impl AuthService {
         .bind(facts.amr.join(" "))
         .execute(&mut **tx)
         .await?;
-        self.insert_refresh(tx, &facts.session_id, now).await
+        let refresh = self.insert_refresh(tx, &facts.session_id, now).await?;
+        let mut metadata = serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr });
+        if let (Some(m), serde_json::Value::Object(more)) = (metadata.as_object_mut(), extra) {
+            m.extend(more);
+        }
+        append(
+            &self.inner.db,
+            tx,
+            &ctx.origin(),
+            NewAudit::success("login.succeeded")
+                .actor(&facts.user_id)
+                .resource(&facts.session_id)
+                .metadata(metadata),
+        )
+        .await?;
+        Ok(refresh)
+    }
+
+    /// The token response of a session: an access token with the user's current roles,
+    /// and the refresh token given.
+    pub(crate) async fn token_response(
+        &self,
+        facts: SessionFacts,
+        refresh: String,
+    ) -> Result<wire::TokenResponse, AuthError> {
+        let roles = self.effective(&facts.user_id).await?.roles.clone();
+        let (access, ttl) = self.issue_access(&facts, roles)?;
+        Ok(wire::TokenResponse {
+            access_token: access,
+            token_type: "Bearer".into(),
+            expires_in: ttl,
+            refresh_token: Some(refresh),
+            scope: None,
+            session_id: Some(facts.session_id),
+        })
     }
 
     pub(crate) async fn insert_refresh(
@@ -361,23 +385,14 @@ impl AuthService {
                 origin: ctx.origin(),
             })
             .await?;
-        let roles = self.effective(&rotated.user_id).await?.roles.clone();
         let facts = SessionFacts {
             user_id: rotated.user_id,
-            session_id: rotated.session_id.clone(),
+            session_id: rotated.session_id,
             device_id: rotated.device_id,
             auth_time: rotated.auth_time,
             amr: amr_of(&rotated.amr),
         };
-        let (access, ttl) = self.issue_access(&facts, roles)?;
-        Ok(wire::TokenResponse {
-            access_token: access,
-            token_type: "Bearer".into(),
-            expires_in: ttl,
-            refresh_token: Some(rotated.refresh_token),
-            scope: None,
-            session_id: Some(rotated.session_id),
-        })
+        self.token_response(facts, rotated.refresh_token).await
     }
 
     /// Revokes a user's live sessions (all, or all but `keep`); returns how many.

@@ -1109,20 +1109,15 @@ impl AuthService {
             amr: with_mfa_amr(&["pwd".into()]),
         };
         let refresh = self
-            .open_session(&mut tx, ctx, &facts, &device_name, now)
+            .open_session(
+                &mut tx,
+                ctx,
+                &facts,
+                &device_name,
+                now,
+                serde_json::json!({ "mfa_method": method }),
+            )
             .await?;
-        append(
-            db,
-            &mut tx,
-            &ctx.origin(),
-            NewAudit::success("login.succeeded")
-                .actor(&user_id)
-                .resource(&facts.session_id)
-                .metadata(serde_json::json!({
-                    "device_id": facts.device_id, "amr": facts.amr, "mfa_method": method
-                })),
-        )
-        .await?;
         tx.commit().await?;
         let _ = self
             .inner
@@ -1130,16 +1125,7 @@ impl AuthService {
             .reset(&format!("login:acct:{email}"))
             .await;
         metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
-        let roles = self.effective(&user_id).await?.roles.clone();
-        let (access, ttl) = self.issue_access(&facts, roles)?;
-        Ok(wire::TokenResponse {
-            access_token: access,
-            token_type: "Bearer".into(),
-            expires_in: ttl,
-            refresh_token: Some(refresh),
-            scope: None,
-            session_id: Some(facts.session_id),
-        })
+        self.token_response(facts, refresh).await
     }
 
     // ---- step-up ----

@@ -563,7 +563,7 @@ pub(crate) struct CodeForm {
     code: String,
 }
 
-/// The second-factor step (plugs into the MFA branch's verifier).
+/// The second-factor step: a TOTP, emailed or recovery code of the signed-in user.
 #[utoipa::path(post, path = "/oauth/authorize/second-factor", tag = "oauth",
     responses((status = 200, description = "Consent page (HTML)", content_type = "text/html")))]
 pub(crate) async fn second_factor(

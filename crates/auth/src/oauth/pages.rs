@@ -99,7 +99,7 @@ pub fn signin(
     )
 }
 
-/// The second-factor step (the code field the MFA branch plugs into).
+/// The second-factor step: one code field (TOTP, emailed or recovery code).
 pub fn second_factor(status: StatusCode, csrf: &str, error: Option<&str>) -> Response {
     page(
         status,

@@ -219,7 +219,7 @@ impl AuthService {
         self.user(&id).await
     }
 
-    async fn new_email_token(
+    pub(crate) async fn new_email_token(
         &self,
         user_id: &str,
         purpose: &str,
@@ -274,18 +274,31 @@ impl AuthService {
     }
 
     /// Consumes a single-use token of `purpose`; returns its user.
-    async fn consume_email_token(
+    pub(crate) async fn consume_email_token(
         &self,
         tx: &mut vaultpay_store::Tx,
         token: &str,
         purpose: &str,
     ) -> Result<String, AuthError> {
+        Ok(self
+            .consume_email_token_payload(tx, token, purpose)
+            .await?
+            .0)
+    }
+
+    /// Consumes a single-use token of `purpose`; returns its user and payload.
+    pub(crate) async fn consume_email_token_payload(
+        &self,
+        tx: &mut vaultpay_store::Tx,
+        token: &str,
+        purpose: &str,
+    ) -> Result<(String, Option<String>), AuthError> {
         if token.is_empty() || token.len() > 128 {
             return Err(AuthError::BadEmailToken);
         }
         let now = now_micros();
         let row = sqlx::query(&format!(
-            "SELECT user_id, expires_at, used_at FROM email_tokens WHERE token_hash = $1 AND purpose = $2{}",
+            "SELECT user_id, payload, expires_at, used_at FROM email_tokens WHERE token_hash = $1 AND purpose = $2{}",
             self.inner.db.for_update()
         ))
         .bind(sha256_hex(token.as_bytes()))
@@ -303,7 +316,7 @@ impl AuthService {
             .bind(sha256_hex(token.as_bytes()))
             .execute(&mut **tx)
             .await?;
-        Ok(row.try_get("user_id")?)
+        Ok((row.try_get("user_id")?, row.try_get("payload")?))
     }
 
     /// Confirms an email address from the emailed link.
@@ -405,7 +418,7 @@ impl AuthService {
         Ok(())
     }
 
-    async fn user_inputs(&self, user_id: &str) -> Result<(String, String), AuthError> {
+    pub(crate) async fn user_inputs(&self, user_id: &str) -> Result<(String, String), AuthError> {
         let r = sqlx::query("SELECT email, name FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_optional(self.inner.db.read())

@@ -98,6 +98,8 @@ impl AuthService {
         actor: &Principal,
         req: iwire::CreateRoleRequest,
     ) -> Result<wire::Role, AuthError> {
+        self.require_step_up(actor, crate::mfa::StepUpOp::RoleChange)
+            .await?;
         let name = req.name.trim().to_owned();
         check_name(&name)?;
         let description = req.description.trim().to_owned();
@@ -192,6 +194,8 @@ impl AuthService {
         actor: &Principal,
         name: &str,
     ) -> Result<(), AuthError> {
+        self.require_step_up(actor, crate::mfa::StepUpOp::RoleChange)
+            .await?;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
         let row = sqlx::query(&format!(

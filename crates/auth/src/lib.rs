@@ -8,6 +8,7 @@
 mod accounts;
 pub mod config;
 mod custom_roles;
+mod email_change;
 mod error;
 mod ext_routes;
 mod hashpool;

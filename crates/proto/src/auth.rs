@@ -115,6 +115,16 @@ pub struct ChangePasswordRequest {
     pub new_password: String,
 }
 
+/// `POST /v1/auth/email/change`: the new address gets a confirmation link; the
+/// change happens when it is opened.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeEmailRequest {
+    pub new_email: String,
+    /// The current password.
+    pub password: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogoutRequest {

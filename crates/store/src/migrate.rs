@@ -40,6 +40,7 @@ const AUTH: &[Migration] = &[
     migration!(2, "auth", "0002_mfa"),
     migration!(3, "auth", "0003_iptrust"),
     migration!(4, "auth", "0004_oauth"),
+    migration!(5, "auth", "0005_email_change"),
 ];
 const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
 

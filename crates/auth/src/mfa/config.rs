@@ -39,17 +39,24 @@ impl Default for MfaConfig {
 
 /// Step-up (RFC 9470): operations that need a second factor within `max_age_secs`.
 ///
-/// Policy: each flag applies to users who have a second factor enrolled (a user
-/// without one cannot step up and is protected by the current-password check
-/// instead). Large ledger transfers are governed by `[ledger]`
-/// `step_up_large_transfers` and need step-up from everyone.
+/// Policy, per flag:
+/// - `role_changes` (granting or revoking roles, creating or deleting custom roles):
+///   a second factor within `max_age_secs` from everyone; an administrator without
+///   one must enrol one first.
+/// - `password_change`, `email_change`: a second factor within `max_age_secs` from
+///   users who have one; from users without one, a sign-in within `max_age_secs`
+///   (they have nothing stronger; the current password is checked too).
+///
+/// Large ledger transfers are governed by `[ledger]` `step_up_large_transfers` and
+/// need step-up from everyone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StepUpConfig {
     pub max_age_secs: i64,
     pub password_change: bool,
     pub email_change: bool,
-    /// Granting or revoking roles (checked on the acting administrator).
+    /// Granting or revoking roles, creating or deleting custom roles (checked on the
+    /// acting administrator).
     pub role_changes: bool,
 }
 

@@ -1130,8 +1130,13 @@ impl AuthService {
 
     // ---- step-up ----
 
-    /// Refuses `op` unless the caller's token shows a recent second factor (when the
-    /// policy asks for it and the user has one enrolled).
+    /// Refuses `op` (when the policy marks it sensitive) unless the caller's token
+    /// shows a recent enough authentication:
+    /// - role changes: a second factor within `max_age`, from everyone; an
+    ///   administrator without a second factor is told to enrol one first;
+    /// - password and email changes: a second factor within `max_age` from users who
+    ///   have one, a sign-in within `max_age` from users who have none (they have
+    ///   nothing stronger to offer, and the current password is checked as well).
     pub async fn require_step_up(&self, p: &Principal, op: StepUpOp) -> Result<(), AuthError> {
         let sc = &self.inner.cfg.step_up;
         let on = match op {
@@ -1139,11 +1144,34 @@ impl AuthService {
             StepUpOp::EmailChange => sc.email_change,
             StepUpOp::RoleChange => sc.role_changes,
         };
-        if !on || !self.factors(p.user_id()).await?.any() {
+        if !on {
             return Ok(());
         }
-        vaultpay_web::require_step_up(p, sc.max_age_secs, now_micros() / 1_000_000)
-            .map_err(AuthError::Api)
+        let now = now_micros() / 1_000_000;
+        // a fresh second factor satisfies every operation without a database read
+        let Err(challenge) = vaultpay_web::require_step_up(p, sc.max_age_secs, now) else {
+            return Ok(());
+        };
+        match op {
+            StepUpOp::RoleChange => {
+                metrics::counter!("auth_step_up_required_total", "op" => "role_change")
+                    .increment(1);
+                if self.factors(p.user_id()).await?.any() {
+                    Err(AuthError::Api(challenge))
+                } else {
+                    Err(AuthError::Api(
+                        challenge
+                            .detail(
+                                "Role changes need a second factor within the last few minutes, \
+                                 and this account has none: enrol one (POST /v1/mfa/totp), step up \
+                                 (POST /v1/auth/step-up) and retry with the new token.",
+                            )
+                            .with("mfa_enrolled", false),
+                    ))
+                }
+            }
+            StepUpOp::PasswordChange | StepUpOp::EmailChange => self.require_recent_auth(p).await,
+        }
     }
 
     /// `POST /v1/auth/step-up/email`: mails a step-up code for the current session.

@@ -175,11 +175,13 @@ async fn every_auth_event_is_audited_with_its_origin() {
             "r-reset",
         )
         .await);
+        // role changes need the admin's fresh second factor
+        let stepped = app.admin_mfa().await.access;
         let grant = send_with(
             &app,
             Method::POST,
             &format!("/v1/admin/users/{ivy}/roles"),
-            Some(&admin),
+            Some(&stepped),
             Some(json!({ "role": "support" })),
             Some("r-grant"),
         )
@@ -189,7 +191,7 @@ async fn every_auth_event_is_audited_with_its_origin() {
             &app,
             Method::DELETE,
             &format!("/v1/admin/users/{ivy}/roles/support"),
-            Some(&admin),
+            Some(&stepped),
             None,
             Some("r-ungrant"),
         )
@@ -364,7 +366,7 @@ async fn audit_filters_and_cursor_pagination() {
             .await;
             ids.push(id_of(&r));
         }
-        let admin = app.admin().await.access;
+        let admin = app.admin_mfa().await.access;
         let q = |query: String| {
             let app = &app;
             let admin = admin.clone();

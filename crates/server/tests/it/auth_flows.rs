@@ -703,7 +703,7 @@ async fn jwks_and_access_token_claims() {
 async fn admin_grants_and_revokes_roles() {
     each_backend!(|backend: Backend| async move {
         let app = TestApp::spawn(backend).await;
-        let admin = app.admin().await;
+        let admin = app.admin_mfa().await;
         let admin_id = jwt_part(&admin.access, 1)["sub"]
             .as_str()
             .unwrap()

@@ -460,7 +460,7 @@ async fn bad_login_and_token_input_is_refused_and_writes_nothing() {
 #[tokio::test]
 async fn bad_admin_input_is_refused() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let admin = app.admin().await;
+    let admin = app.admin_mfa().await;
     let before = counts(&app).await;
     for (q, code) in [
         ("limit=0", "invalid_query"),

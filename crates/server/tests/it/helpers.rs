@@ -13,6 +13,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub cfg: Config,
     pub running: Option<Running>,
+    /// The bootstrap admin's stepped-up tokens, once `admin_mfa` has enrolled TOTP.
+    pub admin_mfa: tokio::sync::OnceCell<Tokens>,
 }
 
 /// A response read once: status, headers and JSON body (Null when not JSON).
@@ -105,6 +107,7 @@ impl TestApp {
             http,
             cfg,
             running: Some(running),
+            admin_mfa: Default::default(),
         }
     }
 
@@ -214,9 +217,59 @@ impl TestApp {
         }
     }
 
-    /// The bootstrap admin's tokens.
+    /// The bootstrap admin's tokens: a password sign-in, or the stepped-up session of
+    /// `admin_mfa` once that has enrolled a second factor.
     pub async fn admin(&self) -> Tokens {
+        if let Some(t) = self.admin_mfa.get() {
+            return t.clone();
+        }
         self.login("admin@example.com", PASSWORD).await
+    }
+
+    /// The bootstrap admin with a fresh second factor, as role changes require; the
+    /// first call enrols it (`with_mfa`), later calls reuse that session (TOTP codes
+    /// are single use per 30 s step, so signing in again at once would need a wait).
+    pub async fn admin_mfa(&self) -> Tokens {
+        self.admin_mfa
+            .get_or_init(|| self.with_mfa("admin@example.com"))
+            .await
+            .clone()
+    }
+
+    /// Signs `email` in, enrols TOTP through the API and steps up with a recovery
+    /// code: tokens showing a fresh second factor. Once per user: afterwards its
+    /// logins need the second factor.
+    pub async fn with_mfa(&self, email: &str) -> Tokens {
+        use vaultpay_core::totp;
+        let t = self.login(email, PASSWORD).await;
+        let r = self.post("/v1/mfa/totp", Some(&t.access), json!({})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let secret = totp::base32_decode(r.body["secret"].as_str().unwrap()).unwrap();
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        // the current step's code stays inside the server's ±1 window even if a step
+        // boundary passes before the request arrives
+        let code = totp::code_for_step(&secret, totp::step_of(now, 30), 6);
+        let r = self
+            .post(
+                "/v1/mfa/totp/confirm",
+                Some(&t.access),
+                json!({ "code": code }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let recovery = r.body["recovery_codes"][0].as_str().unwrap().to_owned();
+        let r = self
+            .post(
+                "/v1/auth/step-up",
+                Some(&t.access),
+                json!({ "code": recovery, "method": "recovery_code" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        Tokens {
+            access: r.body["access_token"].as_str().unwrap().to_owned(),
+            ..t
+        }
     }
 
     /// Mail files written to the outbox, oldest first.

@@ -9,6 +9,7 @@ mod auth_attacks;
 mod auth_flows;
 mod bad_input;
 mod crash;
+mod email_change;
 mod helpers;
 mod hibp;
 mod iptrust;

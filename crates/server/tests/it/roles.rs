@@ -21,7 +21,7 @@ fn perms(r: &Resp) -> Vec<String> {
 async fn custom_role_create_assign_effective_delete() {
     each_backend!(|backend: Backend| async move {
         let app = TestApp::spawn(backend).await;
-        let admin = app.admin().await.access;
+        let admin = app.admin_mfa().await.access;
         let id = id_of(&app.register("gail@example.com").await);
         let t = app.login("gail@example.com", PASSWORD).await;
         // warms the permission cache with the customer permissions
@@ -124,7 +124,7 @@ async fn custom_role_create_assign_effective_delete() {
 async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
     each_backend!(|backend: Backend| async move {
         let app = TestApp::spawn(backend).await;
-        let admin = app.admin().await.access;
+        let admin = app.admin_mfa().await.access;
         let create = |token: String, body: serde_json::Value| {
             let app = &app;
             async move { app.post("/v1/admin/roles", Some(&token), body).await }
@@ -211,6 +211,16 @@ async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
             )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        // a role manager without a second factor may not change roles at all
+        let r = create(
+            t.access.clone(),
+            json!({ "name": "reader", "permissions": ["profile:read"] }),
+        )
+        .await;
+        r.assert_problem(401, "insufficient_user_authentication");
+        assert_eq!(r.body["mfa_enrolled"], false, "{}", r.text);
+        // with one, within the limits of their own permissions
+        let t = app.with_mfa("hank@example.com").await;
         create(
             t.access.clone(),
             json!({ "name": "keys", "permissions": ["keys:manage"] }),
@@ -276,7 +286,7 @@ async fn two_replicas_share_invalidations_and_trusted_networks() {
     cfg2.master_key = one.cfg.master_key.clone();
     let two = TestApp::start(cfg2).await;
 
-    let admin = one.admin().await.access;
+    let admin = one.admin_mfa().await.access;
     let id = id_of(&one.register("ivy@example.com").await);
     let t = two.login("ivy@example.com", PASSWORD).await;
     two.get("/v1/admin/audit", Some(&t.access))

@@ -20,3 +20,4 @@ mod platform;
 mod redis;
 mod roles;
 mod split;
+mod upstream_sig;

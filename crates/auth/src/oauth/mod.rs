@@ -22,6 +22,7 @@ pub mod pages;
 pub mod signin;
 pub mod tokens;
 pub mod upstream;
+pub mod upstream_jws;
 
 use crate::{AuthError, AuthService};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -41,6 +42,8 @@ pub struct OAuthState {
     >,
     /// Revoked access-token ids (RFC 7009), see [`RevokedJtis`].
     pub(crate) revoked: RevokedJtis,
+    /// The upstream OpenID providers' signing keys, see [`upstream_jws`].
+    pub(crate) upstream_jwks: upstream_jws::JwksCache,
 }
 
 /// The revoked access-token ids not yet expired, in memory. Introspection is on the

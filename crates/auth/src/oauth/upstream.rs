@@ -4,15 +4,22 @@
 //!
 //! The round trip is an authorization code flow with PKCE (S256), `state` (single use,
 //! bound to the browser's pending authorization request) and, for OIDC, `nonce`. The
-//! ID token comes straight from the provider's token endpoint over TLS, which OIDC Core
-//! §3.1.3.7 accepts in place of a signature check; `iss`, `aud`, `exp` and `nonce` are
-//! checked. A provider identity is linked to one local account; a new identity with a
-//! verified email creates an account, unless that email already belongs to a local
-//! account (then the user signs in with the password: no silent account merge) unless
-//! `link_by_verified_email` is set.
+//! OIDC provider's ID token is trusted only once its JWS signature verifies against
+//! the provider's JWK Set (the discovery document's `jwks_uri`, cached per provider,
+//! refetched once for an unknown `kid`): `RS256`, `ES256` or `EdDSA`, never `none`,
+//! `HS*` or a header `alg` that disagrees with the key (see [`super::upstream_jws`]).
+//! Then, per OIDC Core §3.1.3.7: `iss` is the configured issuer, `aud` contains our
+//! client id (and with several audiences `azp` is our client id; a present `azp` must
+//! be anyway), `exp` is in the future, `iat` is not more than a minute ahead (nor
+//! `nbf`, when present), and `nonce` is the one sent. Any failure refuses the sign-in
+//! and creates nothing. A provider identity is linked to one local account; a new
+//! identity with a verified email creates an account, unless that email already
+//! belongs to a local account (then the user signs in with the password: no silent
+//! account merge) unless `link_by_verified_email` is set.
 
 use super::authorize::{read_cookie, COOKIE};
 use super::pages;
+use super::upstream_jws::{self, JwkSet};
 use crate::{AuthError, AuthService};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -62,6 +69,8 @@ struct Endpoints {
     authorize: String,
     token: String,
     userinfo: Option<String>,
+    /// OIDC: where the provider publishes its signing keys.
+    jwks: Option<String>,
 }
 
 fn http() -> Result<reqwest::Client, AuthError> {
@@ -90,6 +99,7 @@ async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
                 .clone()
                 .unwrap_or_else(|| "https://github.com/login/oauth/access_token".into()),
             userinfo: None,
+            jwks: None,
         }),
         "oidc" => {
             let iss = up
@@ -118,6 +128,7 @@ async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
                     .ok_or_else(|| upstream_err("no authorization_endpoint"))?,
                 token: s("token_endpoint").ok_or_else(|| upstream_err("no token_endpoint"))?,
                 userinfo: s("userinfo_endpoint"),
+                jwks: Some(s("jwks_uri").ok_or_else(|| upstream_err("no jwks_uri"))?),
             })
         }
         other => Err(upstream_err(format!("unknown kind {other}"))),
@@ -255,12 +266,110 @@ struct Identity {
     name: Option<String>,
 }
 
-fn jwt_payload(token: &str) -> Option<Value> {
-    let payload = token.split('.').nth(1)?;
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
+/// Clock skew allowed on `iat` and `nbf`, in seconds.
+const SKEW_SECS: i64 = 60;
+
+/// A NumericDate claim (RFC 7519 §2: seconds, possibly fractional).
+fn numeric_date(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite())
+            .map(|f| f.floor() as i64)
+    })
+}
+
+/// Reads the provider's JWK Set, at most [`upstream_jws::MAX_JWKS_BYTES`].
+async fn fetch_jwks(uri: &str) -> Result<JwkSet, AuthError> {
+    let too_large = || upstream_err("JWK Set too large");
+    let mut res = http()?
+        .get(uri)
+        .header(header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(upstream_err)?
+        .error_for_status()
+        .map_err(upstream_err)?;
+    if res
+        .content_length()
+        .is_some_and(|n| n > upstream_jws::MAX_JWKS_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(upstream_err)? {
+        if body.len() + chunk.len() > upstream_jws::MAX_JWKS_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    JwkSet::parse(&body).map_err(|e| upstream_err(format!("bad JWK Set: {e}")))
+}
+
+/// The ID token's claims once its signature and OIDC Core §3.1.3.7 checks pass.
+async fn id_token_claims(
+    svc: &AuthService,
+    up: &UpstreamConfig,
+    ep: &Endpoints,
+    id_token: &str,
+    nonce: &str,
+) -> Result<Value, AuthError> {
+    let jwks = ep
+        .jwks
+        .as_deref()
+        .ok_or_else(|| upstream_err("no jwks_uri"))?;
+    let claims = svc
+        .inner
+        .oauth
+        .upstream_jwks
+        .verify(jwks, id_token, std::time::Instant::now(), || {
+            fetch_jwks(jwks)
+        })
+        .await?;
+    let iss = up.issuer.as_deref().unwrap_or_default();
+    let client_id = up.client_id.as_str();
+    let aud_ok = match &claims["aud"] {
+        Value::String(a) => a == client_id,
+        Value::Array(v) => v.iter().any(|a| a.as_str() == Some(client_id)),
+        _ => false,
+    };
+    // OIDC Core §3.1.3.7 points 4-5: several audiences need an azp, and an azp must
+    // be us.
+    let several = claims["aud"].as_array().is_some_and(|v| v.len() > 1);
+    let azp_ok = match &claims["azp"] {
+        Value::Null => !several,
+        azp => azp.as_str() == Some(client_id),
+    };
+    let now = now_micros() / 1_000_000;
+    let nonce_ok = claims["nonce"]
+        .as_str()
+        .is_some_and(|n| ct_eq(n.as_bytes(), nonce.as_bytes()));
+    let nbf_ok = match &claims["nbf"] {
+        Value::Null => true,
+        nbf => numeric_date(nbf).is_some_and(|n| n <= now + SKEW_SECS),
+    };
+    // OIDC Core §2: `sub` is at most 255 ASCII characters.
+    let sub_ok = claims["sub"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty() && s.len() <= 255);
+    if claims["iss"].as_str() != Some(iss)
+        || !sub_ok
+        || !aud_ok
+        || !azp_ok
+        || numeric_date(&claims["exp"]).is_none_or(|e| e <= now)
+        || numeric_date(&claims["iat"]).is_none_or(|i| i > now + SKEW_SECS)
+        || !nbf_ok
+        || !nonce_ok
+    {
+        return Err(AuthError::OAuth(
+            "invalid_grant",
+            "the provider's ID token failed its checks".into(),
+        ));
+    }
+    Ok(claims)
 }
 
 async fn identity(
+    svc: &AuthService,
     up: &UpstreamConfig,
     ep: &Endpoints,
     cb: &str,
@@ -343,32 +452,12 @@ async fn identity(
     let id_token = tok["id_token"]
         .as_str()
         .ok_or_else(|| upstream_err("no id_token"))?;
-    let claims = jwt_payload(id_token).ok_or_else(|| upstream_err("malformed id_token"))?;
-    let iss = up.issuer.as_deref().unwrap_or_default();
-    let aud_ok = match &claims["aud"] {
-        Value::String(a) => a == &up.client_id,
-        Value::Array(v) => v.iter().any(|a| a.as_str() == Some(up.client_id.as_str())),
-        _ => false,
-    };
-    let now = now_micros() / 1_000_000;
-    let nonce_ok = claims["nonce"]
-        .as_str()
-        .is_some_and(|n| ct_eq(n.as_bytes(), nonce.as_bytes()));
-    if claims["iss"].as_str() != Some(iss)
-        || !aud_ok
-        || claims["exp"].as_i64().is_none_or(|e| e <= now)
-        || !nonce_ok
-    {
-        return Err(AuthError::OAuth(
-            "invalid_grant",
-            "the provider's ID token failed its checks".into(),
-        ));
-    }
+    let claims = id_token_claims(svc, up, ep, id_token, nonce).await?;
     let subject = claims["sub"]
         .as_str()
         .ok_or_else(|| upstream_err("no sub"))?
         .to_owned();
-    let mut info = claims.clone();
+    let mut info = claims;
     if info["email"].is_null() {
         if let Some(u) = &ep.userinfo {
             let ui: Value = h
@@ -576,7 +665,7 @@ pub(crate) async fn callback(
         }
     };
     let cb = callback_uri(&svc, &name);
-    let ident = match identity(&up, &ep, &cb, code, &get("verifier"), &get("nonce")).await {
+    let ident = match identity(&svc, &up, &ep, &cb, code, &get("verifier"), &get("nonce")).await {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!(error = %e, provider = %name, "upstream sign-in failed");

@@ -21,3 +21,4 @@ mod platform;
 mod redis;
 mod roles;
 mod split;
+mod upstream_sig;

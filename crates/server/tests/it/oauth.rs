@@ -1498,7 +1498,7 @@ async fn omitted_redirect_case(backend: Backend) {
 }
 
 /// A TestApp whose issuer is its real address (needed when another server calls it).
-async fn spawn_addressed(
+pub async fn spawn_addressed(
     backend: Backend,
     tweak: impl FnOnce(&mut vaultpay_server::Config),
 ) -> TestApp {

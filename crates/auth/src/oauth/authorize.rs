@@ -79,6 +79,8 @@ struct Checked {
     state: Option<String>,
     nonce: Option<String>,
     code_challenge: Option<String>,
+    /// OIDC `login_hint`: pre-fills the email field when it looks like an address.
+    login_hint: Option<String>,
 }
 
 /// `Err(page)`: shown in the browser; `Err(redirect)`: sent back to the client.
@@ -156,6 +158,48 @@ fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked,
         }
         (None, None) => None,
     };
+    // OIDC Core §3.1.2.1 / §6: request objects are not supported
+    if get("request").is_some() {
+        return fail("request_not_supported", "request objects are not supported");
+    }
+    if get("request_uri").is_some() {
+        return fail("request_uri_not_supported", "request_uri is not supported");
+    }
+    if get("max_age").is_some_and(|m| m.len() > 10 || m.parse::<u32>().is_err()) {
+        return fail(
+            "invalid_request",
+            "max_age must be a non-negative number of seconds",
+        );
+    }
+    let prompt: Vec<&str> = get("prompt")
+        .map(|p| p.split(' ').filter(|v| !v.is_empty()).collect())
+        .unwrap_or_default();
+    if prompt
+        .iter()
+        .any(|v| !matches!(*v, "none" | "login" | "consent" | "select_account"))
+    {
+        return fail("invalid_request", "unknown prompt value");
+    }
+    if prompt.contains(&"none") {
+        if prompt.len() > 1 {
+            return fail(
+                "invalid_request",
+                "prompt=none cannot be combined with other values",
+            );
+        }
+        // Every authorization here signs the user in afresh (there is no single
+        // sign-on session to reuse), so a request that forbids any page cannot be
+        // answered silently (OIDC Core §3.1.2.6).
+        return fail(
+            "login_required",
+            "the user must sign in, which prompt=none forbids",
+        );
+    }
+    // max_age and prompt=login are always satisfied: the user signs in on every
+    // authorization, and the ID token carries auth_time.
+    let login_hint = get("login_hint")
+        .filter(|h| h.len() <= 254 && h.contains('@') && !h.chars().any(char::is_control))
+        .map(str::to_owned);
     Ok(Checked {
         client,
         redirect_given: get("redirect_uri").is_some(),
@@ -164,6 +208,7 @@ fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked,
         state,
         nonce: get("nonce").map(str::to_owned),
         code_challenge,
+        login_hint,
     })
 }
 
@@ -244,6 +289,7 @@ pub(crate) async fn authorize(
                 &c.client.name,
                 None,
                 &super::upstream::providers(&svc),
+                c.login_hint.as_deref(),
             );
             set_cookie(&mut res, &svc, COOKIE, &id, "/oauth/authorize");
             res
@@ -477,6 +523,7 @@ pub(crate) async fn signin(
                         &p.client.name,
                         Some(text),
                         &super::upstream::providers(&svc),
+                        None,
                     )
                 }
                 None => internal(e),

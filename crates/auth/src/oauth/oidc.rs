@@ -126,6 +126,9 @@ pub(crate) async fn discovery(State(svc): State<AuthService>) -> Response {
         "code_challenge_methods_supported": ["S256"],
         "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "amr", "azp", "sid", "email", "email_verified", "name"],
         "authorization_response_iss_parameter_supported": true,
+        "request_parameter_supported": false,
+        "request_uri_parameter_supported": false,
+        "claims_parameter_supported": false,
     });
     let mut res = Json(doc).into_response();
     res.headers_mut().insert(

@@ -68,6 +68,7 @@ pub fn signin(
     client_name: &str,
     error: Option<&str>,
     providers: &[(String, String)],
+    login_hint: Option<&str>,
 ) -> Response {
     let upstream: String = providers
         .iter()
@@ -89,12 +90,13 @@ pub fn signin(
             "<p><strong>{client}</strong> asks you to sign in with your VaultPay account.</p>{err}\
              <form method=\"post\" action=\"/oauth/authorize/signin\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-             <label>Email <input type=\"email\" name=\"email\" autocomplete=\"username\" required></label>\
+             <label>Email <input type=\"email\" name=\"email\" autocomplete=\"username\" value=\"{hint}\" required></label>\
              <label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" required></label>\
              <button type=\"submit\">Sign in</button></form>{upstream}",
             client = esc(client_name),
             err = err_line(error),
             csrf = esc(csrf),
+            hint = esc(login_hint.unwrap_or_default()),
         ),
     )
 }

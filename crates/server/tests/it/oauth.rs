@@ -697,6 +697,45 @@ async fn authorize_bad_case(backend: Backend) {
         p.param("error").as_deref(),
         Some("unsupported_response_type")
     );
+    // OIDC parameters: prompt=none cannot be answered without a page (every
+    // authorization signs the user in), request objects are not supported, and
+    // malformed prompt / max_age values are refused; nothing is stored for them.
+    let requests = app.count("oauth_requests").await;
+    let base = authorize_query(&c.id, CB, "openid", Some(&challenge));
+    for (extra, error) in [
+        ("&prompt=none", "login_required"),
+        ("&prompt=none%20login", "invalid_request"),
+        ("&prompt=bogus", "invalid_request"),
+        ("&max_age=-1", "invalid_request"),
+        ("&max_age=soon", "invalid_request"),
+        ("&request=eyJhbGciOiJub25lIn0.e30.", "request_not_supported"),
+        (
+            "&request_uri=https%3A%2F%2Fevil.example%2Fr",
+            "request_uri_not_supported",
+        ),
+    ] {
+        let p = b.get(&format!("{base}{extra}")).await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{extra}: {}", p.text);
+        assert_eq!(p.param("error").as_deref(), Some(error), "{extra}");
+        assert_eq!(p.param("state").as_deref(), Some("st-123"), "{extra}");
+        assert!(p.location.as_deref().unwrap().starts_with(CB), "{extra}");
+    }
+    assert_eq!(app.count("oauth_requests").await, requests);
+    // prompt=login / consent and max_age are honoured by the fresh sign-in every
+    // authorization gets; login_hint pre-fills the email (escaped)
+    let p = b
+        .get(&format!(
+            "{base}&prompt=login%20consent&max_age=0&login_hint=%22%3E%3Cx%3Ea%40example.com"
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    assert!(
+        p.text
+            .contains("value=\"&quot;&gt;&lt;x&gt;a@example.com\""),
+        "{}",
+        p.text
+    );
+    assert!(!p.text.contains("<x>"));
 
     // CSRF: a sign-in post with the wrong token (or without the cookie) is refused.
     let mut b = Browser::new(&app);

@@ -480,6 +480,32 @@ impl AuthService {
         })
     }
 
+    /// Checks the signed-in user's current password before a sensitive change. A wrong
+    /// one is audited as `failure_action` and counts toward lockout like a failed
+    /// login, so a stolen access token cannot be used to guess the password.
+    pub(crate) async fn check_current_password(
+        &self,
+        ctx: &Ctx,
+        user_id: &str,
+        email: &str,
+        password: String,
+        phc: String,
+        failure_action: &'static str,
+    ) -> Result<(), AuthError> {
+        if self.verify_password(password, Some(phc)).await? {
+            return Ok(());
+        }
+        self.audit_only(
+            ctx,
+            NewAudit::failure(failure_action)
+                .actor(user_id)
+                .resource(user_id),
+        )
+        .await?;
+        self.login_failed(ctx, email, true).await?;
+        Err(AuthError::InvalidCredentials)
+    }
+
     /// Changes the password given the current one; ends every other session.
     pub async fn change_password(
         &self,
@@ -504,22 +530,15 @@ impl AuthService {
             .ok_or(AuthError::NotFound("user"))?;
         let phc: String = current.try_get("password_hash")?;
         let (email, name) = self.user_inputs(user_id).await?;
-        if !self
-            .verify_password(req.current_password, Some(phc))
-            .await?
-        {
-            self.audit_only(
-                ctx,
-                NewAudit::failure("password.change_failed")
-                    .actor(user_id)
-                    .resource(user_id),
-            )
-            .await?;
-            // A wrong current password counts toward lockout like a failed login, so a
-            // stolen access token cannot be used to guess the password.
-            self.login_failed(ctx, &email, true).await?;
-            return Err(AuthError::InvalidCredentials);
-        }
+        self.check_current_password(
+            ctx,
+            user_id,
+            &email,
+            req.current_password,
+            phc,
+            "password.change_failed",
+        )
+        .await?;
         self.check_new_password(&req.new_password, &[&email, &name])
             .await?;
         self.check_history(user_id, &req.new_password).await?;

@@ -39,19 +39,15 @@ impl AuthService {
             .ok_or(AuthError::NotFound("user"))?;
         let email: String = row.try_get("email")?;
         let phc: String = row.try_get("password_hash")?;
-        if !self.verify_password(req.password, Some(phc)).await? {
-            self.audit_only(
-                ctx,
-                NewAudit::failure("email.change_failed")
-                    .actor(user_id)
-                    .resource(user_id),
-            )
-            .await?;
-            // counts toward lockout like a failed login: a stolen access token cannot
-            // be used to guess the password
-            self.login_failed(ctx, &email, true).await?;
-            return Err(AuthError::InvalidCredentials);
-        }
+        self.check_current_password(
+            ctx,
+            user_id,
+            &email,
+            req.password,
+            phc,
+            "email.change_failed",
+        )
+        .await?;
         if new_email == email {
             return Err(AuthError::Invalid(
                 "email_unchanged",

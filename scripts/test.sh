@@ -6,7 +6,8 @@
 # unreachable fails the run. The SMTP test talks to a real SMTP server (Python aiosmtpd),
 # installed here when missing, as is pyotp (scripts/interop/totp_pyotp.py cross-checks
 # our TOTP against it; that test fails when pyotp is missing), and the Python OAuth/OIDC
-# libraries (Authlib, requests, PyJWT) scripts/interop/oauth_authlib.py drives the server with.
+# libraries (Authlib, requests, PyJWT) scripts/interop/oauth_authlib.py drives the server with,
+# and Schemathesis, which fuzzes the whole API from its OpenAPI document.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
@@ -22,5 +23,11 @@ if ! python3 -c 'import authlib, requests, jwt, cryptography' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check authlib requests pyjwt cryptography
   python3 -c 'import authlib, requests, jwt, cryptography' \
     || { echo "error: the OAuth interop test needs authlib, requests, pyjwt and cryptography" >&2; exit 1; }
+fi
+if ! command -v schemathesis >/dev/null 2>&1; then
+  echo "installing Schemathesis (fuzzes every operation of /openapi.json in the API fuzz test)"
+  python3 -m pip install --quiet --disable-pip-version-check schemathesis
+  command -v schemathesis >/dev/null \
+    || { echo "error: the API fuzz test needs the schemathesis command on PATH" >&2; exit 1; }
 fi
 exec cargo test --workspace --all-features "$@"

@@ -86,6 +86,7 @@ async fn complete_login(
 }
 
 #[derive(Deserialize, utoipa::IntoParams, utoipa::ToSchema)]
+#[into_params(parameter_in = Query)]
 struct TokenParam {
     token: String,
 }

@@ -94,6 +94,7 @@ impl IntoResponse for Reply {
 type ApiResult<T> = Result<T, ApiError>;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PageQuery {
     /// Opaque cursor from the previous page's `next_cursor`.
@@ -104,6 +105,7 @@ pub(crate) struct PageQuery {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HistoryQuery {
     cursor: Option<String>,

@@ -29,8 +29,43 @@ pub fn document() -> OpenApi {
     doc
 }
 
+/// Route annotations name `Problem` as the body of their error responses; utoipa files
+/// those under `application/json`. The server sends them as `application/problem+json`
+/// (RFC 9457), so the document says that.
+fn problems_as_problem_json(mut v: serde_json::Value) -> serde_json::Value {
+    let is_problem = |c: &serde_json::Value| {
+        c["schema"]["$ref"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("/Problem"))
+    };
+    let paths = v.get_mut("paths").and_then(|p| p.as_object_mut());
+    for op in paths
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+    {
+        let responses = op.get_mut("responses").and_then(|r| r.as_object_mut());
+        for content in responses
+            .into_iter()
+            .flat_map(|r| r.values_mut())
+            .filter_map(|r| r.get_mut("content").and_then(|c| c.as_object_mut()))
+        {
+            if content.get("application/json").is_some_and(is_problem) {
+                if let Some(c) = content.remove("application/json") {
+                    content.insert(vaultpay_proto::PROBLEM_CONTENT_TYPE.into(), c);
+                }
+            }
+        }
+    }
+    v
+}
+
 pub async fn openapi_json() -> Response {
-    match document().to_json() {
+    match serde_json::to_value(document())
+        .map(problems_as_problem_json)
+        .and_then(|v| serde_json::to_string(&v))
+    {
         Ok(json) => {
             let mut res = json.into_response();
             res.headers_mut().insert(

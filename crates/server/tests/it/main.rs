@@ -4,6 +4,7 @@
 //! `VAULTPAY_TEST_PG_URL` is set, as CI does).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod api_fuzz;
 mod audit;
 mod auth_attacks;
 mod auth_flows;

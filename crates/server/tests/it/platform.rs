@@ -15,6 +15,36 @@ async fn health_ready_metrics_openapi_docs() {
         assert!(doc.body["paths"]["/v1/auth/login"].is_object());
         assert!(doc.body["paths"]["/v1/auth/login/complete"].is_object());
         assert!(doc.body["paths"]["/v1/me/trusted-networks"].is_object());
+        // error responses are documented as the problem documents they are
+        let transfer_422 = &doc.body["paths"]["/v1/transfers"]["post"]["responses"]["422"];
+        assert!(
+            transfer_422["content"]["application/problem+json"].is_object(),
+            "{transfer_422}"
+        );
+        let mut problems = 0;
+        for item in doc.body["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for (status, r) in op["responses"].as_object().into_iter().flatten() {
+                    let json = &r["content"]["application/json"]["schema"]["$ref"];
+                    assert!(
+                        !json.as_str().is_some_and(|s| s.ends_with("/Problem")),
+                        "{status}: a Problem documented as application/json"
+                    );
+                    problems += r["content"]["application/problem+json"].is_object() as usize;
+                }
+            }
+        }
+        assert!(problems > 90, "{problems}");
+        // query parameters are documented as query parameters, optional where they are
+        let limit = doc.body["paths"]["/v1/admin/audit"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "limit")
+            .cloned()
+            .unwrap();
+        assert_eq!(limit["in"], "query", "{limit}");
+        assert_ne!(limit["required"], true, "{limit}");
         let docs = app.get("/docs", None).await;
         assert!(docs.text.contains("<title>VaultPay API</title>"));
         app.login_device("nobody@example.com", "wrong-password-123", "d")

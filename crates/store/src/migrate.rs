@@ -41,6 +41,7 @@ const AUTH: &[Migration] = &[
     migration!(3, "auth", "0003_iptrust"),
     migration!(4, "auth", "0004_oauth"),
     migration!(5, "auth", "0005_email_change"),
+    migration!(6, "auth", "0006_oauth_acr"),
 ];
 const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
 

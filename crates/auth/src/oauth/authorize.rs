@@ -16,6 +16,7 @@ use serde::Deserialize;
 use sqlx::Row;
 use std::collections::HashMap;
 use vaultpay_core::crypto::{ct_eq, opaque_token, sha256_hex};
+use vaultpay_core::step_up::ACR_MFA;
 use vaultpay_core::time::{now_micros, secs};
 use vaultpay_store::audit::{append, NewAudit};
 use vaultpay_web::{ApiForm, ApiQuery, Ctx};
@@ -81,6 +82,8 @@ struct Checked {
     code_challenge: Option<String>,
     /// OIDC `login_hint`: pre-fills the email field when it looks like an address.
     login_hint: Option<String>,
+    /// `acr_values` asked for a second factor (RFC 9470 step-up by a client).
+    acr_mfa: bool,
 }
 
 /// `Err(page)`: shown in the browser; `Err(redirect)`: sent back to the client.
@@ -200,6 +203,9 @@ fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked,
     let login_hint = get("login_hint")
         .filter(|h| h.len() <= 254 && h.contains('@') && !h.chars().any(char::is_control))
         .map(str::to_owned);
+    // acr_values is a request, not a filter (OIDC Core §3.1.2.1): values other than
+    // the second-factor one are ignored; that one is enforced after sign-in.
+    let acr_mfa = get("acr_values").is_some_and(|v| v.split(' ').any(|a| a == ACR_MFA));
     Ok(Checked {
         client,
         redirect_given: get("redirect_uri").is_some(),
@@ -209,6 +215,7 @@ fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked,
         nonce: get("nonce").map(str::to_owned),
         code_challenge,
         login_hint,
+        acr_mfa,
     })
 }
 
@@ -315,7 +322,7 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
         .await?;
     sqlx::query(
         "INSERT INTO oauth_requests (id_hash, csrf_hash, client_id, redirect_uri, scope, state, nonce, code_challenge, \
-         stage, created_at, expires_at, redirect_given) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'signin', $9, $10, $11)",
+         stage, created_at, expires_at, redirect_given, acr_mfa) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'signin', $9, $10, $11, $12)",
     )
     .bind(sha256_hex(id.as_bytes()))
     .bind(sha256_hex(csrf.as_bytes()))
@@ -328,6 +335,7 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
     .bind(now)
     .bind(now + secs(svc.config().oauth.request_ttl_secs))
     .bind(i64::from(c.redirect_given))
+    .bind(i64::from(c.acr_mfa))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -347,6 +355,7 @@ pub(crate) struct Pending {
     user_id: Option<String>,
     auth_time: Option<i64>,
     amr: Option<String>,
+    acr_mfa: bool,
     pub(crate) stage: String,
 }
 
@@ -383,7 +392,7 @@ async fn load_pending(
     };
     let r = sqlx::query(
         "SELECT id_hash, csrf_hash, client_id, redirect_uri, redirect_given, scope, state, nonce, code_challenge, user_id, auth_time, \
-         amr, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
+         amr, acr_mfa, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
     )
     .bind(id_hash)
     .fetch_optional(svc.db().read())
@@ -418,6 +427,7 @@ async fn load_pending(
         user_id: r.try_get("user_id")?,
         auth_time: r.try_get("auth_time")?,
         amr: r.try_get("amr")?,
+        acr_mfa: r.try_get::<i64, _>("acr_mfa")? != 0,
         stage: r.try_get("stage")?,
     }))
 }
@@ -532,6 +542,9 @@ pub(crate) async fn signin(
     };
     let now = now_micros();
     let needs_2fa = second_factor_required(&svc, &ctx, &user_id).await;
+    if p.acr_mfa && !needs_2fa {
+        return unmet_acr(&svc, &ctx, &p, &user_id).await;
+    }
     let next = if needs_2fa {
         "second_factor"
     } else {
@@ -563,6 +576,9 @@ pub(crate) async fn federated_signin(
         _ => return Ok(None),
     };
     let needs_2fa = second_factor_required(svc, ctx, user_id).await;
+    if p.acr_mfa && !needs_2fa {
+        return Ok(Some(unmet_acr(svc, ctx, &p, user_id).await));
+    }
     let next = if needs_2fa {
         "second_factor"
     } else {
@@ -602,6 +618,46 @@ pub(crate) async fn federated_signin(
     } else {
         pages::consent(&csrf, &p.client.name, &split_scope(&p.scope))
     }))
+}
+
+/// The client asked for a second factor (`acr_values`) and the user has none: the
+/// request ends with `unmet_authentication_requirements` (OpenID Connect Unmet
+/// Authentication Requirements 1.0) rather than a token that would be refused again.
+async fn unmet_acr(svc: &AuthService, ctx: &Ctx, p: &Pending, user_id: &str) -> Response {
+    let ended = async {
+        let db = svc.db();
+        let mut tx = db.begin().await?;
+        let n = sqlx::query("DELETE FROM oauth_requests WHERE id_hash = $1 AND stage = $2")
+            .bind(&p.id_hash)
+            .bind(&p.stage)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            append(
+                db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::failure("oauth.acr_unmet")
+                    .actor(user_id)
+                    .resource(&p.client.client_id)
+                    .metadata(serde_json::json!({ "acr_values": ACR_MFA })),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        Ok::<_, AuthError>(n == 1)
+    };
+    match ended.await {
+        Ok(true) => error_redirect(
+            &p.redirect_uri,
+            "unmet_authentication_requirements",
+            "the application requires a second factor and the account has none; enrol one first",
+            p.state.as_deref(),
+        ),
+        Ok(false) => stage_error(),
+        Err(e) => internal(e),
+    }
 }
 
 #[derive(Deserialize)]

@@ -23,6 +23,9 @@ pub struct IdClaims {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
     pub amr: Vec<String>,
+    /// `urn:vaultpay:acr:mfa` when a second factor was part of the sign-in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
     pub azp: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
@@ -81,6 +84,7 @@ impl AuthService {
             iat: now,
             auth_time: auth_time_micros / 1_000_000,
             nonce,
+            acr: vaultpay_core::step_up::acr_for(&amr),
             amr,
             azp: client.client_id.clone(),
             sid: Some(session_id.to_owned()),
@@ -124,8 +128,9 @@ pub(crate) async fn discovery(State(svc): State<AuthService>) -> Response {
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "code_challenge_methods_supported": ["S256"],
-        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "amr", "azp", "sid", "email", "email_verified", "name"],
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp", "sid", "email", "email_verified", "name"],
         "authorization_response_iss_parameter_supported": true,
+        "acr_values_supported": [vaultpay_core::step_up::ACR_MFA],
         "request_parameter_supported": false,
         "request_uri_parameter_supported": false,
         "claims_parameter_supported": false,

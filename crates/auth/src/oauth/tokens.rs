@@ -205,7 +205,7 @@ impl AuthService {
             device_id: facts.device_id.clone(),
             auth_time: facts.auth_time / 1_000_000,
             amr: facts.amr.clone(),
-            acr: None,
+            acr: vaultpay_core::step_up::acr_for(&facts.amr),
             scope: Some(scope.to_owned()),
             client_id: Some(client_id.to_owned()),
         };

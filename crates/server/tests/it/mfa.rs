@@ -1154,6 +1154,112 @@ async fn oauth_browser_sign_in_asks_for_the_second_factor() {
             id["amr"].as_array().unwrap().iter().any(|m| m == "mfa"),
             "{id}"
         );
+        assert_eq!(id["acr"], ACR_MFA, "{id}");
         app.stop().await;
     });
+}
+
+/// RFC 9470 for OAuth clients: a client refused with `acr_values` sends the user back
+/// to /oauth/authorize with them; the sign-in then requires the second factor, and an
+/// account without one ends with `unmet_authentication_requirements` instead of a
+/// token the resource would refuse again.
+#[tokio::test]
+async fn oauth_acr_values_ask_for_a_second_factor() {
+    use crate::oauth::{authorize_query, exchange, pkce, web_client, Browser, CB};
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let client = web_client(&app, &admin.access).await;
+        let acr = format!("&acr_values=urn%3Aexample%3Aother%20{}", urlencode(ACR_MFA));
+        let sign_in = |email: &'static str, extra: String| {
+            let (app, client) = (&app, &client);
+            async move {
+                let (verifier, challenge) = pkce();
+                let mut b = Browser::new(app);
+                let q = authorize_query(&client.id, CB, "openid", Some(&challenge)) + &extra;
+                let csrf = b.get(&q).await.csrf();
+                let p = b
+                    .post(
+                        "/oauth/authorize/signin",
+                        &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
+                    )
+                    .await;
+                (b, p, csrf, verifier)
+            }
+        };
+
+        // no second factor: refused back to the client, the request ended, audited
+        app.user("plain@example.com").await;
+        let requests = app.count("oauth_requests").await;
+        let (mut b, p, csrf, _) = sign_in("plain@example.com", acr.clone()).await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.text);
+        assert_eq!(
+            p.param("error").as_deref(),
+            Some("unmet_authentication_requirements")
+        );
+        assert_eq!(p.param("state").as_deref(), Some("st-123"));
+        assert!(p.param("code").is_none());
+        assert_eq!(app.count("oauth_requests").await, requests);
+        let again = b
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &csrf), ("decision", "approve")],
+            )
+            .await;
+        assert!(again.location.is_none(), "{}", again.text);
+        assert_eq!(
+            audit_action(&app, &admin.access, "oauth.acr_unmet")
+                .await
+                .len(),
+            1
+        );
+        // without acr_values the same account signs in, with no acr in the ID token
+        let (mut b, p, csrf, verifier) = sign_in("plain@example.com", String::new()).await;
+        assert!(p.text.contains("Allow access"), "{}", p.text);
+        let p = b
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &csrf), ("decision", "approve")],
+            )
+            .await;
+        let tokens = exchange(&app, &client, &p.param("code").unwrap(), CB, &verifier).await;
+        let id = jwt_part(tokens.body["id_token"].as_str().unwrap(), 1);
+        assert!(id.get("acr").is_none(), "{id}");
+
+        // with TOTP: the second factor is asked, and the tokens say so
+        let t = app.user("strong@example.com").await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let (mut b, p, csrf, verifier) = sign_in("strong@example.com", acr).await;
+        assert!(
+            p.text.contains("/oauth/authorize/second-factor"),
+            "{}",
+            p.text
+        );
+        let ok = b
+            .post(
+                "/oauth/authorize/second-factor",
+                &[("csrf", &csrf), ("code", &code(&secret, 0))],
+            )
+            .await;
+        assert!(ok.text.contains("Allow access"), "{}", ok.text);
+        let p = b
+            .post(
+                "/oauth/authorize/consent",
+                &[("csrf", &csrf), ("decision", "approve")],
+            )
+            .await;
+        let tokens = exchange(&app, &client, &p.param("code").unwrap(), CB, &verifier).await;
+        assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
+        let id = jwt_part(tokens.body["id_token"].as_str().unwrap(), 1);
+        assert_eq!(id["acr"], ACR_MFA, "{id}");
+        let access = jwt_part(tokens.body["access_token"].as_str().unwrap(), 1);
+        assert_eq!(access["acr"], ACR_MFA, "{access}");
+        let d = app.get("/.well-known/openid-configuration", None).await;
+        assert_eq!(d.body["acr_values_supported"], json!([ACR_MFA]));
+        app.stop().await;
+    });
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace(':', "%3A")
 }

@@ -69,6 +69,18 @@ pub async fn request_context(
     }
     let start = Instant::now();
     let work = REQUEST_ID.scope(id.clone(), async move {
+        // a NUL in the path would reach the database through a path parameter
+        // (PostgreSQL refuses it in text); bodies and queries are checked by the
+        // extractors
+        if vaultpay_web::urlencoded_has_nul(req.uri().path().as_bytes()) {
+            return ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                "Invalid request",
+            )
+            .detail("Text fields may not contain the NUL character (U+0000).")
+            .into_response();
+        }
         match tokio::time::timeout(deadline.0 .0, next.run(req)).await {
             Ok(res) => res,
             Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "Request timed out")

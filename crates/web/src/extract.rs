@@ -23,6 +23,56 @@ fn rejection(status: StatusCode, text: String) -> ApiError {
     ApiError::new(status, code, title).detail(text)
 }
 
+/// PostgreSQL cannot store U+0000 in text, and no field of this API has a use for
+/// it: a body or query carrying one is refused up front, on every backend alike.
+fn nul_refused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+        "Invalid request",
+    )
+    .detail("Text fields may not contain the NUL character (U+0000).")
+}
+
+/// True when a JSON document encodes U+0000 (`\u0000`; a raw NUL byte is not valid
+/// JSON anyway). Escaped backslashes are skipped, so the text `\\u0000` is not one.
+pub fn json_has_nul(body: &[u8]) -> bool {
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] == 0 {
+            return true;
+        }
+        if body[i] == b'\\' {
+            if body.get(i + 1) == Some(&b'u') && body.get(i + 2..i + 6) == Some(b"0000") {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// True when URL-encoded text (a query string, a form body, a path) carries U+0000.
+pub fn urlencoded_has_nul(text: &[u8]) -> bool {
+    text.contains(&0) || text.windows(3).any(|w| w == b"%00")
+}
+
+fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    mime.eq_ignore_ascii_case("application/json")
+        || (mime.len() > 17
+            && mime[..12].eq_ignore_ascii_case("application/")
+            && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
 /// JSON body extractor whose every rejection is a problem document.
 pub struct ApiJson<T>(pub T);
 
@@ -30,7 +80,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !is_json_content_type(req.headers()) {
+            return Err(rejection(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`".into(),
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rej| rejection(rej.status(), rej.body_text()))?;
+        if json_has_nul(&bytes) {
+            return Err(nul_refused());
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rej) => Err(match rej {
                 JsonRejection::JsonSyntaxError(_) => {
@@ -49,6 +111,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if urlencoded_has_nul(parts.uri.query().unwrap_or("").as_bytes()) {
+            return Err(nul_refused());
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
@@ -63,6 +128,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiForm<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        if urlencoded_has_nul(parts.uri.query().unwrap_or("").as_bytes()) {
+            return Err(nul_refused());
+        }
+        let bytes =
+            axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+                .await
+                .map_err(|rej| rejection(rej.status(), rej.body_text()))?;
+        if urlencoded_has_nul(&bytes) {
+            return Err(nul_refused());
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         axum::Form::<T>::from_request(req, state)
             .await
             .map(|f| ApiForm(f.0))
@@ -275,5 +352,28 @@ mod tests {
             ip("10.0.0.2")
         );
         assert!(ClientIpConfig::parse(&["10.0.0.0/33".into()]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+
+    #[test]
+    fn json_nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(json_has_nul(br#"{"a":"x\u0000y"}"#));
+        assert!(json_has_nul(b"{\"a\":\"\0\"}"));
+        assert!(!json_has_nul(br#"{"a":"x\\u0000y"}"#), "the text \\u0000");
+        assert!(json_has_nul(br#"{"a":"x\\\u0000"}"#));
+        assert!(!json_has_nul(br#"{"a":"\u0001"}"#));
+        assert!(!json_has_nul(br#"{"a":"\n\t\""}"#));
+        assert!(!json_has_nul(b"\\"), "a lone trailing backslash");
+    }
+
+    #[test]
+    fn urlencoded_nul_is_found() {
+        assert!(urlencoded_has_nul(b"a=1&b=%00"));
+        assert!(urlencoded_has_nul(b"/v1/accounts/%00x"));
+        assert!(!urlencoded_has_nul(b"a=%20&b=%2500"));
     }
 }

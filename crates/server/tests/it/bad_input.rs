@@ -516,3 +516,89 @@ fn admin_id(token: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// U+0000 anywhere a client can put text (JSON fields, path parameters, query strings,
+/// OAuth form fields) is refused as bad input on both backends. PostgreSQL cannot
+/// store it in text, so without this a NUL reached the database as a 500 there (found
+/// by the Schemathesis run, `api_fuzz.rs`).
+#[tokio::test]
+async fn nul_characters_are_refused_everywhere_on_every_backend() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let t = app.user("nul@example.com").await;
+        let before = counts(&app).await;
+        let post = |path: &'static str, token: Option<String>, body: Value, key: bool| {
+            let app = &app;
+            async move {
+                let mut req = app.http.post(format!("{}{path}", app.base)).json(&body);
+                if let Some(t) = token {
+                    req = req.bearer_auth(t);
+                }
+                if key {
+                    req = req.header("idempotency-key", "nul-1");
+                }
+                read(req.send().await.unwrap()).await
+            }
+        };
+        let r = post(
+            "/v1/transfers",
+            Some(t.access.clone()),
+            json!({"from_account_id": "a\u{0}b", "to_account_id": "x", "amount": 1, "currency": "USD", "description": "d"}),
+            true,
+        )
+        .await;
+        assert_clean_refusal("json field", &r, 422, Some("invalid_request"));
+        let r = post(
+            "/v1/auth/login",
+            None,
+            json!({"email": "nul@example.com\u{0}", "password": PASSWORD, "device": {"id": "d", "name": "d"}}),
+            false,
+        )
+        .await;
+        assert_clean_refusal("login email", &r, 422, Some("invalid_request"));
+        // the text \u0000 (an escaped backslash) is ordinary text
+        let r = post(
+            "/v1/auth/register",
+            None,
+            json!({"email": "text@example.com", "password": PASSWORD, "name": "a\\u0000b"}),
+            false,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        assert_eq!(r.body["name"], "a\\u0000b");
+        let after_register = counts(&app).await;
+        for (what, path) in [
+            ("path parameter", "/v1/accounts/%00abc"),
+            ("path parameter (admin users)", "/v1/admin/users/%00"),
+            ("query", "/v1/accounts?cursor=%00"),
+            ("query (audit)", "/v1/admin/audit?action=%00"),
+        ] {
+            let r = app.get(path, Some(&t.access)).await;
+            assert_clean_refusal(what, &r, 422, Some("invalid_request"));
+        }
+        let r = app
+            .token_form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", "a\u{0}b"),
+                ("device_id", "dev-1"),
+            ])
+            .await;
+        assert!(r.status.is_client_error(), "{}", r.text);
+        let r = app
+            .http
+            .post(format!("{}/oauth/token", app.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials&client_id=%00&client_secret=x")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+        assert_eq!(counts(&app).await[0], after_register[0]);
+        assert_eq!(
+            after_register[0],
+            before[0] + 1,
+            "only the registration wrote a user"
+        );
+        app.stop().await;
+    });
+}

@@ -339,6 +339,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(&user_id)).await;
         self.user(&user_id).await
     }
 
@@ -475,6 +476,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(&user_id)).await;
         Ok(wire::Accepted {
             status: "password_reset".into(),
         })
@@ -560,6 +562,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(user_id)).await;
         Ok(wire::Accepted {
             status: "password_changed".into(),
         })
@@ -598,26 +601,46 @@ impl AuthService {
     pub async fn me(&self, p: &Principal) -> Result<wire::Me, AuthError> {
         crate::oauth::require_api_scope(p)?;
         let now = now_micros();
-        let r = sqlx::query(
-            "SELECT u.id AS id, u.email AS email, u.name AS name, u.email_verified AS email_verified, \
-             u.created_at AS created_at FROM sessions s JOIN users u ON u.id = s.user_id \
-             WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 \
-             AND s.idle_expires_at > $3",
-        )
-        .bind(p.session_id())
-        .bind(p.user_id())
-        .bind(now)
-        .fetch_optional(self.inner.db.read())
-        .await?
-        .ok_or(AuthError::SessionInactive)?;
+        let cache = &self.inner.me;
+        let e = match cache.get(p.session_id(), p.user_id(), now) {
+            Some(e) => e,
+            None => {
+                let generation = cache.generation();
+                let r = sqlx::query(
+                    "SELECT u.id AS id, u.email AS email, u.name AS name, u.email_verified AS email_verified, \
+                     u.created_at AS created_at, s.expires_at AS expires_at, s.idle_expires_at AS idle_expires_at \
+                     FROM sessions s JOIN users u ON u.id = s.user_id \
+                     WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 \
+                     AND s.idle_expires_at > $3",
+                )
+                .bind(p.session_id())
+                .bind(p.user_id())
+                .bind(now)
+                .fetch_optional(self.inner.db.read())
+                .await?
+                .ok_or(AuthError::SessionInactive)?;
+                let e = std::sync::Arc::new(crate::me_cache::MeEntry {
+                    user_id: r.try_get("id")?,
+                    email: r.try_get("email")?,
+                    name: r.try_get("name")?,
+                    email_verified: r.try_get::<i64, _>("email_verified")? != 0,
+                    created_at: rfc3339(r.try_get("created_at")?),
+                    expires_at: r.try_get("expires_at")?,
+                    idle_expires_at: r.try_get("idle_expires_at")?,
+                    cached_at: now,
+                });
+                cache.insert(generation, p.session_id(), e.clone());
+                e
+            }
+        };
         let effective = self.effective(p.user_id()).await?;
         let user = wire::User {
-            id: r.try_get("id")?,
-            email: r.try_get("email")?,
-            name: r.try_get("name")?,
-            email_verified: r.try_get::<i64, _>("email_verified")? != 0,
+            id: e.user_id.clone(),
+            email: e.email.clone(),
+            name: e.name.clone(),
+            email_verified: e.email_verified,
             roles: effective.roles.clone(),
-            created_at: rfc3339(r.try_get("created_at")?),
+            created_at: e.created_at.clone(),
         };
         Ok(wire::Me {
             user,

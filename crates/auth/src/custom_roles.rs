@@ -51,15 +51,18 @@ impl AuthService {
         *self.inner.bus.0.write() = Some(bus);
     }
 
-    /// Drops cached permissions on this node only (what a bus subscriber calls).
+    /// Drops cached permissions, and the sessions and profile `/v1/me` caches, on
+    /// this node only (what a bus subscriber calls).
     pub fn drop_cached_permissions(&self, user: Option<&str>) {
+        self.inner.me.drop_user(user);
         match user {
             Some(u) => self.inner.perms.invalidate(u),
             None => self.inner.perms.invalidate_all(),
         }
     }
 
-    /// Drops cached permissions here and tells the other nodes to do the same.
+    /// Drops cached permissions (and `/v1/me` entries) here and tells the other nodes
+    /// to do the same.
     pub(crate) async fn invalidate_everywhere(&self, user: Option<&str>) {
         self.drop_cached_permissions(user);
         let bus = self.inner.bus.0.read().clone();

@@ -187,6 +187,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(&user_id)).await;
         self.user(&user_id).await
     }
 }

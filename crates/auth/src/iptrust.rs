@@ -596,6 +596,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(user)).await;
         self.forget_trust(user).await;
         Ok(wire::Accepted {
             status: "account_locked".into(),

@@ -16,6 +16,7 @@ pub mod hibp;
 pub mod iptrust;
 pub mod keys;
 pub mod mail;
+mod me_cache;
 mod mfa;
 pub mod oauth;
 mod rbac;

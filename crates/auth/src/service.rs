@@ -35,6 +35,7 @@ pub(crate) struct Inner {
     pub iptrust: crate::iptrust::TrustState,
     pub bus: crate::custom_roles::Bus,
     pub oauth: crate::oauth::OAuthState,
+    pub me: crate::me_cache::MeCache,
 }
 
 /// AuthShield. Cheap to clone.
@@ -125,6 +126,7 @@ impl AuthService {
                 iptrust: Default::default(),
                 bus: Default::default(),
                 oauth: Default::default(),
+                me: Default::default(),
                 cfg,
             }),
         })

@@ -375,7 +375,7 @@ impl AuthService {
             self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
                 .await?;
         }
-        let rotated = self
+        let rotated = match self
             .inner
             .rotations
             .rotate(Rotation {
@@ -384,7 +384,15 @@ impl AuthService {
                 client: client.map(str::to_owned),
                 origin: ctx.origin(),
             })
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // a refused rotation may have revoked the session (reuse, wrong device)
+                self.sessions_changed(Some(&user_id)).await;
+                return Err(e);
+            }
+        };
         let facts = SessionFacts {
             user_id: rotated.user_id,
             session_id: rotated.session_id,
@@ -395,7 +403,14 @@ impl AuthService {
         self.token_response(facts, rotated.refresh_token).await
     }
 
+    /// After a commit that revoked sessions or changed a profile: drops what the caches
+    /// hold of `user` (everyone's when `None`), here and on the other nodes.
+    pub(crate) async fn sessions_changed(&self, user: Option<&str>) {
+        self.invalidate_everywhere(user).await;
+    }
+
     /// Revokes a user's live sessions (all, or all but `keep`); returns how many.
+    /// The caller calls [`AuthService::sessions_changed`] once it has committed.
     pub(crate) async fn revoke_sessions_tx(
         &self,
         tx: &mut Tx,
@@ -530,6 +545,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(p.user_id())).await;
         Ok(())
     }
 
@@ -573,6 +589,7 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.sessions_changed(Some(p.user_id())).await;
         Ok(wire::Accepted {
             status: "logged_out".into(),
         })

@@ -301,6 +301,7 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
         .unwrap()
         .to_owned();
     let token = Arc::new(token);
+    let c2 = c.clone();
     let c = c.clone();
     let (rate, secs) = (1000, 10);
     let (lat, errors) = open_loop(rate, secs, move || {
@@ -321,6 +322,30 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
     .await;
     println!(
         "[{backend:?}] get_me_open_loop at {rate}/s for {secs}s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {errors}",
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        percentile(&lat, 99.9),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    // The floor under that number: the same open loop against /healthz (no token, no
+    // database), so what /v1/me itself adds can be told from the harness and the VM.
+    let (lat, errors) = open_loop(rate, secs, move || {
+        let c = c2.clone();
+        async move {
+            let r = c
+                .http
+                .get(format!("{}/healthz", c.base))
+                .send()
+                .await
+                .unwrap();
+            let ok = r.status().is_success();
+            let _ = r.bytes().await;
+            ok
+        }
+    })
+    .await;
+    println!(
+        "[{backend:?}] get_healthz_open_loop (baseline) at {rate}/s for {secs}s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {errors}",
         percentile(&lat, 50.0),
         percentile(&lat, 99.0),
         percentile(&lat, 99.9),

@@ -434,6 +434,7 @@ pub(crate) async fn delete_route(
     let deleted = delete(svc.db(), &ctx.origin(), p.user_id(), &id).await?;
     svc.inner.oauth.forget_client(&id);
     if deleted {
+        svc.sessions_changed(None).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(AuthError::NotFound("client").into())

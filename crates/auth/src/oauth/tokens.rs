@@ -315,6 +315,7 @@ async fn exchange_code(
         )
         .await?;
         tx.commit().await?;
+        svc.sessions_changed(Some(&user_id)).await;
         metrics::counter!("auth_oauth_code_reuse_total").increment(1);
         return Err(OAuthError::grant(
             "the authorization code was already used; the tokens issued from it have been revoked",
@@ -689,10 +690,13 @@ pub(crate) async fn revoke(
             tx.commit().await.map_err(AuthError::from)?;
             if c.sid.is_empty() {
                 svc.inner.oauth.revoked.insert(&c.jti, c.exp * 1_000_000);
+            } else {
+                svc.sessions_changed(Some(&c.sub)).await;
             }
         }
         Found::Refresh {
             session_id,
+            user_id,
             client_id,
             ..
         } if client_id.as_deref() == Some(client.client_id.as_str()) => {
@@ -709,6 +713,7 @@ pub(crate) async fn revoke(
             )
             .await?;
             tx.commit().await.map_err(AuthError::from)?;
+            svc.sessions_changed(Some(&user_id)).await;
         }
         _ => {}
     }

@@ -602,7 +602,8 @@ impl AuthService {
         crate::oauth::require_api_scope(p)?;
         let now = now_micros();
         let cache = &self.inner.me;
-        let e = match cache.get(p.session_id(), p.user_id(), now) {
+        let ttl = self.inner.cfg.me_cache_ttl_ms.saturating_mul(1_000);
+        let e = match cache.get(p.session_id(), p.user_id(), now, ttl) {
             Some(e) => e,
             None => {
                 let generation = cache.generation();

@@ -41,6 +41,10 @@ pub struct AuthConfig {
     pub password_reset_ttl_secs: i64,
     /// How long a user's effective permissions are cached (also invalidated on change).
     pub permission_cache_ttl_secs: u64,
+    /// How long `GET /v1/me` may answer from memory (session liveness and profile;
+    /// dropped at once on every revocation or change, on every node with Redis).
+    /// 0: always read the database.
+    pub me_cache_ttl_ms: i64,
     /// Shared secret a separately deployed ledger uses (HTTP Basic, client id
     /// `vaultpay-ledger`) to call `/oauth/introspect`.
     pub introspection_secret: Option<Secret>,
@@ -74,6 +78,7 @@ impl Default for AuthConfig {
             email_verify_ttl_secs: 86_400,
             password_reset_ttl_secs: 3_600,
             permission_cache_ttl_secs: 60,
+            me_cache_ttl_ms: 2_000,
             introspection_secret: None,
             ip_trust: Default::default(),
             mfa: Default::default(),

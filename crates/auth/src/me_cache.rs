@@ -10,8 +10,8 @@
 //!   answer only if no drop happened since (a drop bumps the generation under the
 //!   same lock), so an answer read before a revocation committed is never cached
 //!   after the drop;
-//! - entries live at most [`TTL_MICROS`], which bounds staleness if a drop is lost
-//!   (a replica without the Redis bus, say). A session's expiry is checked on every
+//! - entries live at most `[auth] me_cache_ttl_ms` (2 s by default), which bounds
+//!   staleness if a drop is lost (a replica without the Redis bus, say). A session's expiry is checked on every
 //!   hit; the idle expiry is the one read, which a refresh only moves later, so a hit
 //!   can only be stricter than the database.
 //!
@@ -23,8 +23,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// How long an entry may be used.
-pub(crate) const TTL_MICROS: i64 = 2_000_000;
 /// Entries kept at most; beyond it the cache starts over.
 const MAX_ENTRIES: usize = 50_000;
 
@@ -53,12 +51,21 @@ impl MeCache {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The entry of `session_id`, when it belongs to `user_id`, is fresh and the
-    /// session has not expired at `now` (micros).
-    pub(crate) fn get(&self, session_id: &str, user_id: &str, now: i64) -> Option<Arc<MeEntry>> {
+    /// The entry of `session_id`, when it belongs to `user_id`, was read less than
+    /// `ttl` ago and the session has not expired at `now` (all micros).
+    pub(crate) fn get(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        now: i64,
+        ttl: i64,
+    ) -> Option<Arc<MeEntry>> {
+        if ttl <= 0 {
+            return None;
+        }
         let e = self.entries.lock().get(session_id).cloned()?;
         (e.user_id == user_id
-            && now - e.cached_at < TTL_MICROS
+            && now - e.cached_at < ttl
             && now < e.expires_at
             && now < e.idle_expires_at)
             .then_some(e)
@@ -91,6 +98,8 @@ impl MeCache {
 mod tests {
     use super::*;
 
+    const TTL_MICROS: i64 = 2_000_000;
+
     fn entry(user: &str, now: i64) -> Arc<MeEntry> {
         Arc::new(MeEntry {
             user_id: user.into(),
@@ -109,16 +118,26 @@ mod tests {
         let c = MeCache::default();
         let now = 1_000_000_000;
         c.insert(c.generation(), "s1", entry("u1", now));
-        assert!(c.get("s1", "u1", now + 1).is_some());
-        assert!(c.get("s1", "u2", now + 1).is_none(), "another user's token");
-        assert!(c.get("s2", "u1", now + 1).is_none());
-        assert!(c.get("s1", "u1", now + TTL_MICROS).is_none(), "stale");
+        assert!(c.get("s1", "u1", now + 1, TTL_MICROS).is_some());
+        assert!(
+            c.get("s1", "u2", now + 1, TTL_MICROS).is_none(),
+            "another user's token"
+        );
+        assert!(c.get("s2", "u1", now + 1, TTL_MICROS).is_none());
+        assert!(
+            c.get("s1", "u1", now + TTL_MICROS, TTL_MICROS).is_none(),
+            "stale"
+        );
         let mut e = entry("u1", now);
         if let Some(e) = Arc::get_mut(&mut e) {
             e.idle_expires_at = now + 5;
         }
         c.insert(c.generation(), "s3", e);
-        assert!(c.get("s3", "u1", now + 5).is_none(), "idle-expired");
+        assert!(
+            c.get("s3", "u1", now + 5, TTL_MICROS).is_none(),
+            "idle-expired"
+        );
+        assert!(c.get("s1", "u1", now + 1, 0).is_none(), "0 turns it off");
     }
 
     #[test]
@@ -129,10 +148,10 @@ mod tests {
         // a revocation commits and drops while the reader is in the database
         c.drop_user(Some("u1"));
         c.insert(before, "s1", entry("u1", now));
-        assert!(c.get("s1", "u1", now).is_none());
+        assert!(c.get("s1", "u1", now, TTL_MICROS).is_none());
         // a read that started after the drop is stored
         c.insert(c.generation(), "s1", entry("u1", now));
-        assert!(c.get("s1", "u1", now).is_some());
+        assert!(c.get("s1", "u1", now, TTL_MICROS).is_some());
     }
 
     #[test]
@@ -142,9 +161,9 @@ mod tests {
         c.insert(c.generation(), "s1", entry("u1", now));
         c.insert(c.generation(), "s2", entry("u2", now));
         c.drop_user(Some("u1"));
-        assert!(c.get("s1", "u1", now).is_none());
-        assert!(c.get("s2", "u2", now).is_some());
+        assert!(c.get("s1", "u1", now, TTL_MICROS).is_none());
+        assert!(c.get("s2", "u2", now, TTL_MICROS).is_some());
         c.drop_user(None);
-        assert!(c.get("s2", "u2", now).is_none());
+        assert!(c.get("s2", "u2", now, TTL_MICROS).is_none());
     }
 }

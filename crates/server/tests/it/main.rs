@@ -14,6 +14,7 @@ mod email_change;
 mod helpers;
 mod hibp;
 mod iptrust;
+mod me_cache;
 mod mfa;
 mod oauth;
 mod oauth_interop;

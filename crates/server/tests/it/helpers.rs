@@ -54,6 +54,32 @@ pub fn temp_dir() -> PathBuf {
     d
 }
 
+/// Two replicas sharing one PostgreSQL database, one master key and one Redis
+/// (`redis_url`), each with `tweak` applied; `None` (with a notice) when the test
+/// environment names no PostgreSQL or no Redis.
+#[cfg(feature = "redis")]
+pub async fn two_replicas(tweak: impl Fn(&mut Config)) -> Option<(TestApp, TestApp)> {
+    let Ok(url) = std::env::var("VAULTPAY_TEST_REDIS_URL") else {
+        eprintln!("note: VAULTPAY_TEST_REDIS_URL is not set; skipped");
+        return None;
+    };
+    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
+        eprintln!("note: VAULTPAY_TEST_PG_URL is not set; skipped");
+        return None;
+    }
+    let both = |c: &mut Config| {
+        c.redis_url = Some(vaultpay_core::secret::Secret::new(url.clone()));
+        tweak(c);
+    };
+    let one = TestApp::spawn_with(Backend::Postgres, both).await;
+    let mut cfg2 = test_config(Backend::Postgres).await;
+    both(&mut cfg2);
+    cfg2.database = one.cfg.database.clone();
+    cfg2.master_key = one.cfg.master_key.clone();
+    let two = TestApp::start(cfg2).await;
+    Some((one, two))
+}
+
 /// A test config: free port, fresh data dir and databases on `backend`.
 pub async fn test_config(backend: Backend) -> Config {
     let mut cfg = Config {

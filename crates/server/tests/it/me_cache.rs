@@ -106,24 +106,9 @@ async fn me_is_refused_at_once_after_every_kind_of_revocation() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn a_logout_on_one_replica_is_refused_by_the_other() {
-    let Ok(url) = std::env::var("VAULTPAY_TEST_REDIS_URL") else {
-        eprintln!("note: VAULTPAY_TEST_REDIS_URL is not set; skipped");
+    let Some((one, two)) = two_replicas(|c| c.auth.me_cache_ttl_ms = HOUR_MS).await else {
         return;
     };
-    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
-        eprintln!("note: VAULTPAY_TEST_PG_URL is not set; skipped");
-        return;
-    }
-    let tweak = |c: &mut vaultpay_server::Config| {
-        c.redis_url = Some(vaultpay_core::secret::Secret::new(url.clone()));
-        c.auth.me_cache_ttl_ms = HOUR_MS;
-    };
-    let one = TestApp::spawn_with(Backend::Postgres, tweak).await;
-    let mut cfg2 = test_config(Backend::Postgres).await;
-    tweak(&mut cfg2);
-    cfg2.database = one.cfg.database.clone();
-    cfg2.master_key = one.cfg.master_key.clone();
-    let two = TestApp::start(cfg2).await;
 
     let t = one.user("replica@example.com").await;
     me_ok(&two, &t.access).await;

@@ -266,25 +266,14 @@ async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn two_replicas_share_invalidations_and_trusted_networks() {
-    let Ok(url) = std::env::var("VAULTPAY_TEST_REDIS_URL") else {
-        eprintln!("note: VAULTPAY_TEST_REDIS_URL is not set; skipped");
-        return;
-    };
-    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
-        eprintln!("note: VAULTPAY_TEST_PG_URL is not set; skipped");
-        return;
-    }
-    let tweak = |c: &mut vaultpay_server::Config| {
-        c.redis_url = Some(vaultpay_core::secret::Secret::new(url.clone()));
+    let Some((one, two)) = two_replicas(|c| {
         c.auth.permission_cache_ttl_secs = 3_600;
         c.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await
+    else {
+        return;
     };
-    let one = TestApp::spawn_with(Backend::Postgres, tweak).await;
-    let mut cfg2 = test_config(Backend::Postgres).await;
-    tweak(&mut cfg2);
-    cfg2.database = one.cfg.database.clone();
-    cfg2.master_key = one.cfg.master_key.clone();
-    let two = TestApp::start(cfg2).await;
 
     let admin = one.admin_mfa().await.access;
     let id = id_of(&one.register("ivy@example.com").await);

@@ -42,7 +42,10 @@ const AUTH: &[Migration] = &[
     migration!(4, "auth", "0004_oauth"),
     migration!(5, "auth", "0005_email_change"),
 ];
-const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
+const LEDGER: &[Migration] = &[
+    migration!(1, "ledger", "0001_init"),
+    migration!(2, "ledger", "0002_drop_unused_indexes"),
+];
 
 const LOCK_MIGRATIONS: i64 = 1;
 

@@ -67,7 +67,7 @@ pub(crate) async fn run_transfers(
     let mut fingerprints: Vec<String> = Vec::with_capacity(jobs.len());
     let mut ids: Vec<&str> = Vec::with_capacity(jobs.len() * 2);
     for job in jobs {
-        let fp = job.op.fingerprint();
+        let fp = job.fingerprint.clone();
         let stored = crate::engine::stored_reply(job, &fp, Some(prefetched));
         if stored.is_none() {
             let r = request(job)?;

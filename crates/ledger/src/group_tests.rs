@@ -12,13 +12,13 @@ use vaultpay_store::audit::Origin;
 use vaultpay_store::{Backend, Service};
 
 fn job(actor: &Actor, key: &str, op: Op) -> Job {
-    Job {
-        actor: actor.clone(),
-        key: Some(key.to_owned()),
+    Job::new(
+        actor.clone(),
+        Some(key.to_owned()),
         op,
-        origin: Origin::default(),
-        _guard: None,
-    }
+        Origin::default(),
+        None,
+    )
 }
 
 fn tr(from: &str, to: &str, amount: i64, description: &str) -> Op {

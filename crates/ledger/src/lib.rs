@@ -249,13 +249,7 @@ impl Ledger {
             }
             None => None,
         };
-        let job = Job {
-            actor: actor.clone(),
-            key,
-            op,
-            origin,
-            _guard: guard,
-        };
+        let job = Job::new(actor.clone(), key, op, origin, guard);
         if !self.inner.core.config.group_commit {
             return engine::run_single(&self.inner.core, job).await;
         }

@@ -654,8 +654,16 @@ mod tests {
         let cases: Vec<(Op, String, String)> = vec![
             (Op::Open(open.clone()), "/v1/accounts".into(), s(&open)),
             (Op::Transfer(tr(7)), "/v1/transfers".into(), s(&tr(7))),
-            (Op::Deposit(treasury.clone()), "/v1/admin/deposits".into(), s(&treasury)),
-            (Op::Withdraw(treasury.clone()), "/v1/admin/withdrawals".into(), s(&treasury)),
+            (
+                Op::Deposit(treasury.clone()),
+                "/v1/admin/deposits".into(),
+                s(&treasury),
+            ),
+            (
+                Op::Withdraw(treasury.clone()),
+                "/v1/admin/withdrawals".into(),
+                s(&treasury),
+            ),
             (
                 Op::Post("t1".into(), PostHoldRequest { amount: Some(3) }),
                 "/v1/transfers/t1/post".into(),
@@ -666,7 +674,11 @@ mod tests {
                 "/v1/transfers/t2/void".into(),
                 s(&VoidHoldRequest { reason: None }),
             ),
-            (Op::Batch(batch.clone()), "/v1/transfers/batch".into(), s(&batch)),
+            (
+                Op::Batch(batch.clone()),
+                "/v1/transfers/batch".into(),
+                s(&batch),
+            ),
         ];
         for (op, path, body) in cases {
             assert_eq!(op.fingerprint(), reference(&path, body), "{}", op.name());

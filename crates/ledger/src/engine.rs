@@ -472,6 +472,10 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         }
         return;
     }
+    if group.iter().all(|(j, _)| matches!(j.op, Op::Batch(_))) {
+        run_batches(core, group).await;
+        return;
+    }
     let mut tx = match begin(&core.db).await {
         Ok(tx) => tx,
         Err(e) => {
@@ -570,6 +574,69 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         };
         // Release the in-flight claim before answering: a retry that races the answer
         // then sees the committed key and replays instead of getting a 409.
+        drop(job);
+        let _ = reply_to.send(r);
+    }
+}
+
+/// A group of batches only, run with no savepoints. A batch either fails before it
+/// writes anything (a refusal: its outcome is its answer) or succeeds, so a savepoint
+/// per job only matters for an unexpected error; then the whole group is rolled back
+/// and its jobs run one by one, each in its own transaction, so the failing job still
+/// fails alone and stores nothing. On SQLite an open savepoint copies every page the
+/// batch touches into the sub-journal: 7% of the writer thread in `perf` under batch load.
+async fn run_batches(core: &Core, group: &mut Vec<Queued>) {
+    let mut tx = match begin(&core.db).await {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "group commit: begin failed");
+            for (_, reply_to) in group.drain(..) {
+                let _ = reply_to.send(Err(LedgerError::Internal("begin failed".into())));
+            }
+            return;
+        }
+    };
+    let attempt = async {
+        let jobs: Vec<&Job> = group.iter().map(|(j, _)| j).collect();
+        let prefetched = prefetch_keys(&core.db, &mut tx, &jobs).await?;
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut new_keys = Vec::new();
+        for job in &jobs {
+            let (reply, key) = exec_job(core, &mut tx, job, Some(&prefetched)).await?;
+            new_keys.extend(key);
+            replies.push(reply);
+        }
+        store_keys(&core.db, &mut tx, &new_keys).await?;
+        Ok::<_, LedgerError>(replies)
+    }
+    .await;
+    let replies = match attempt {
+        Ok(replies) => replies,
+        Err(e) => {
+            tracing::warn!(error = %e, jobs = group.len(), "group commit: a batch failed; retrying the group's jobs one by one");
+            let _ = tx.rollback().await;
+            for (job, reply_to) in group.drain(..) {
+                let r = run_single(core, job).await;
+                let _ = reply_to.send(r);
+            }
+            return;
+        }
+    };
+    let committed = match tx.commit().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "group commit failed");
+            false
+        }
+    };
+    let mut replies = replies.into_iter();
+    for (job, reply_to) in group.drain(..) {
+        let r = match replies.next() {
+            Some(r) if committed => Ok(r),
+            Some(_) => Err(LedgerError::Internal("group commit failed".into())),
+            None => Err(LedgerError::Internal("missing group result".into())),
+        };
+        // Release the in-flight claim before answering (see `run_group`).
         drop(job);
         let _ = reply_to.send(r);
     }

@@ -912,7 +912,6 @@ async fn batch(
         return Err(LedgerError::BatchTooLarge(n, core.config.max_batch));
     }
     let batch_id = uuid::Uuid::now_v7().to_string();
-    exec_sql(tx, "SAVEPOINT batch").await?;
     let mut items = Vec::with_capacity(n);
     let mut failures: Vec<(usize, LedgerError)> = Vec::new();
     // No savepoint per item: `transfer` validates everything before its first write,
@@ -924,6 +923,13 @@ async fn batch(
         .transfers
         .iter()
         .any(|t| t.pending || t.timeout_secs.is_some());
+    // The item-by-item path needs a savepoint to undo the items applied before an
+    // atomic batch's failure. The bulk path writes nothing until every item is checked,
+    // so it needs none (on SQLite, an open savepoint copies every page the batch
+    // touches into the sub-journal).
+    if !bulk {
+        exec_sql(tx, "SAVEPOINT batch").await?;
+    }
     if bulk {
         bulk_transfers(core, tx, job, req, &batch_id, &mut items, &mut failures).await?;
     }
@@ -954,8 +960,10 @@ async fn batch(
     }
     let failed = failures.len();
     if req.atomic && failed > 0 {
-        exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;
-        exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+        if !bulk {
+            exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;
+            exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+        }
         // Report only the failing item: nothing else was applied.
         let items: Vec<BatchItem> = items.into_iter().filter(|i| i.status >= 400).collect();
         for (index, e) in &failures {
@@ -968,7 +976,9 @@ async fn batch(
             items,
         })));
     }
-    exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+    if !bulk {
+        exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+    }
     for (index, e) in &failures {
         record_item_failure(tx, job, &req.transfers[*index], e).await?;
     }

@@ -14,6 +14,7 @@ mod background;
 mod engine;
 mod error;
 mod group;
+mod ids;
 mod model;
 mod ops;
 mod query;

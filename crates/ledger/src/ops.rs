@@ -142,7 +142,7 @@ async fn insert_failure(
         "INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
          amount, currency, reason, detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
-    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(crate::ids::new_id())
     .bind(&actor.user_id)
     .bind(key)
     .bind(op)
@@ -271,7 +271,7 @@ async fn apply_move(
         "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16)",
     )
-    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(crate::ids::new_id())
     .bind(transfer_id)
     .bind(&from.id)
     .bind(from.posting_seq)
@@ -279,7 +279,7 @@ async fn apply_move(
     .bind(&from.currency)
     .bind(from.balance)
     .bind(now)
-    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(crate::ids::new_id())
     .bind(transfer_id)
     .bind(&to.id)
     .bind(to.posting_seq)
@@ -361,7 +361,7 @@ pub(crate) async fn outbox(
     now: i64,
 ) -> Result<(), LedgerError> {
     sqlx::query("INSERT INTO outbox (id, topic, payload, created_at) VALUES ($1, $2, $3, $4)")
-        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(crate::ids::new_id())
         .bind(topic)
         .bind(payload.to_string())
         .bind(now)
@@ -472,7 +472,7 @@ async fn insert_account(
         ));
     }
     let a = AccountRow {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: crate::ids::new_id(),
         number,
         owner_id: owner.map(str::to_owned),
         kind: kind.to_owned(),
@@ -585,7 +585,7 @@ pub(crate) async fn transfer(
     }
     let now = now_micros();
     let mut t = TransferRow {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: crate::ids::new_id(),
         kind: "transfer".to_owned(),
         from_account_id: from.id.clone(),
         to_account_id: to.id.clone(),
@@ -688,7 +688,7 @@ async fn treasury(
         });
     }
     let t = TransferRow {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: crate::ids::new_id(),
         kind: kind.to_owned(),
         from_account_id: from_id,
         to_account_id: to_id,
@@ -911,7 +911,7 @@ async fn batch(
     if n > core.config.max_batch {
         return Err(LedgerError::BatchTooLarge(n, core.config.max_batch));
     }
-    let batch_id = uuid::Uuid::now_v7().to_string();
+    let batch_id = crate::ids::new_id();
     let mut items = Vec::with_capacity(n);
     let mut failures: Vec<(usize, LedgerError)> = Vec::new();
     // No savepoint per item: `transfer` validates everything before its first write,
@@ -1139,7 +1139,7 @@ async fn bulk_transfers(
         match check_and_apply(&job.actor, item, &mut accts) {
             Ok(amount) => {
                 let t = TransferRow {
-                    id: uuid::Uuid::now_v7().to_string(),
+                    id: crate::ids::new_id(),
                     kind: "transfer".to_owned(),
                     from_account_id: item.from_account_id.clone(),
                     to_account_id: item.to_account_id.clone(),
@@ -1214,7 +1214,7 @@ async fn bulk_transfers(
         let mut q = sqlx::query(&sql);
         for (tid, acct, seq, amount, currency, after) in chunk {
             q = q
-                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(crate::ids::new_id())
                 .bind(tid)
                 .bind(acct)
                 .bind(*seq)

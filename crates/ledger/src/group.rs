@@ -67,7 +67,7 @@ pub(crate) async fn run_transfers(
     let mut fingerprints: Vec<String> = Vec::with_capacity(jobs.len());
     let mut ids: Vec<&str> = Vec::with_capacity(jobs.len() * 2);
     for job in jobs {
-        let fp = job.op.fingerprint();
+        let fp = job.fingerprint.clone();
         let stored = crate::engine::stored_reply(job, &fp, Some(prefetched));
         if stored.is_none() {
             let r = request(job)?;
@@ -99,7 +99,7 @@ pub(crate) async fn run_transfers(
         match check_and_apply(&job.actor, req, &mut accts) {
             Ok(amount) => {
                 let t = TransferRow {
-                    id: uuid::Uuid::now_v7().to_string(),
+                    id: crate::ids::new_id(),
                     kind: "transfer".to_owned(),
                     from_account_id: req.from_account_id.clone(),
                     to_account_id: req.to_account_id.clone(),
@@ -295,7 +295,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
             .get(*ti)
             .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
         q = q
-            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(crate::ids::new_id())
             .bind(&t.id)
             .bind(acct)
             .bind(*seq)
@@ -306,7 +306,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
     }
     for f in rows.failures {
         q = q
-            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(crate::ids::new_id())
             .bind(&f.user_id)
             .bind(&f.key)
             .bind("transfer")
@@ -320,7 +320,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
     }
     for body in rows.bodies {
         q = q
-            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(crate::ids::new_id())
             .bind("ledger.transfer.posted")
             .bind(body)
             .bind(rows.now);
@@ -373,7 +373,7 @@ async fn write_postings(
                 .get(*ti)
                 .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
             q = q
-                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(crate::ids::new_id())
                 .bind(&t.id)
                 .bind(acct)
                 .bind(*seq)
@@ -430,7 +430,7 @@ async fn write_failures(
         let mut q = sqlx::query(&sql).persistent(false);
         for f in chunk {
             q = q
-                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(crate::ids::new_id())
                 .bind(&f.user_id)
                 .bind(&f.key)
                 .bind("transfer")
@@ -461,7 +461,7 @@ async fn write_outbox(
         let mut q = sqlx::query(&sql).persistent(false);
         for body in chunk {
             q = q
-                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(crate::ids::new_id())
                 .bind("ledger.transfer.posted")
                 .bind(body)
                 .bind(now);

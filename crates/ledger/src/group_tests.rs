@@ -7,18 +7,20 @@ use crate::model::Actor;
 use crate::{Core, LedgerConfig};
 use sqlx::Row;
 use tokio::sync::oneshot;
-use vaultpay_proto::ledger::{AccountKind, OpenAccountRequest, TransferRequest, TreasuryRequest};
+use vaultpay_proto::ledger::{
+    AccountKind, BatchRequest, OpenAccountRequest, TransferRequest, TreasuryRequest,
+};
 use vaultpay_store::audit::Origin;
 use vaultpay_store::{Backend, Service};
 
 fn job(actor: &Actor, key: &str, op: Op) -> Job {
-    Job {
-        actor: actor.clone(),
-        key: Some(key.to_owned()),
+    Job::new(
+        actor.clone(),
+        Some(key.to_owned()),
         op,
-        origin: Origin::default(),
-        _guard: None,
-    }
+        Origin::default(),
+        None,
+    )
 }
 
 fn tr(from: &str, to: &str, amount: i64, description: &str) -> Op {
@@ -321,6 +323,205 @@ async fn a_storage_error_in_a_run_fails_only_its_job() {
             .await,
             2
         );
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{backend:?}: {report}");
+    }
+}
+
+fn batch(atomic: bool, items: Vec<Op>) -> Op {
+    Op::Batch(BatchRequest {
+        transfers: items
+            .into_iter()
+            .map(|op| match op {
+                Op::Transfer(r) => r,
+                _ => unreachable!(),
+            })
+            .collect(),
+        atomic,
+    })
+}
+
+async fn install_boom(core: &Core, backend: Backend) {
+    let sqls: &[&str] = match backend {
+        Backend::Sqlite => &["CREATE TRIGGER boom BEFORE INSERT ON transfers WHEN NEW.description = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+        Backend::Postgres => &[
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.description = 'boom' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END; $$",
+            "CREATE TRIGGER boom BEFORE INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION boom()",
+        ],
+    };
+    for s in sqls {
+        sqlx::raw_sql(s).execute(core.db.writer()).await.unwrap();
+    }
+}
+
+/// A group made only of batches runs without savepoints: mixed outcomes, an atomic
+/// batch that fails (nothing applied, its failing item recorded), and later a replay
+/// (the exact stored body) and a reused key (422), all as one-by-one execution gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_batches_matches_one_by_one_semantics() {
+    for backend in vaultpay_store::testing::backends() {
+        let core = setup(backend).await;
+        let admin = Actor::new("admin", vec!["admin".into()], "");
+        let alice = Actor::new("alice", vec!["customer".into()], "");
+        let a = open(&core, &alice).await;
+        let b = open(&core, &alice).await;
+        run_single(&core, job(&admin, "d0", deposit(&a, 100)))
+            .await
+            .unwrap();
+        let mixed = batch(
+            false,
+            vec![
+                tr(&a, &b, 30, "one"),
+                tr(&a, &b, 500, "too much"),
+                tr(&a, &a, 1, "same account"),
+                tr(&b, &a, 10, "back"),
+            ],
+        );
+        let atomic = batch(
+            true,
+            vec![tr(&a, &b, 10, "x"), tr(&a, &b, 1_000, "too much")],
+        );
+        let plain = batch(false, vec![tr(&a, &b, 5, "five")]);
+        let out = group(
+            &core,
+            vec![
+                job(&alice, "b1", mixed.clone()),
+                job(&alice, "b2", atomic),
+                job(&alice, "b3", plain),
+            ],
+        )
+        .await;
+        let r1 = out[0].as_ref().unwrap();
+        assert_eq!(r1.status, 200, "{}", r1.body);
+        let v = r1.value();
+        assert_eq!(
+            (v["succeeded"].as_i64(), v["failed"].as_i64()),
+            (Some(2), Some(2))
+        );
+        assert_eq!(v["items"][1]["problem"]["code"], "insufficient_funds");
+        assert_eq!(v["items"][2]["problem"]["code"], "same_account");
+        let r2 = out[1].as_ref().unwrap();
+        assert_eq!(r2.status, 422, "{}", r2.body);
+        assert_eq!(r2.value()["code"], "batch_failed");
+        assert_eq!(out[2].as_ref().unwrap().status, 200);
+        // 100 - 30 + 10 - 5 (the atomic batch applied nothing)
+        assert_eq!(balance(&core, &a).await, 75);
+        assert_eq!(balance(&core, &b).await, 25);
+        // failed items: two of b1, the failing one of b2
+        assert_eq!(
+            count(&core, "SELECT COUNT(*) FROM failed_transfers").await,
+            3
+        );
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE key IN ('b1', 'b2', 'b3')"
+            )
+            .await,
+            3
+        );
+
+        // A later group: replay of b1 (exact body), b1's key with another request.
+        let out2 = group(
+            &core,
+            vec![
+                job(&alice, "b1", mixed),
+                job(&alice, "b3", batch(false, vec![tr(&a, &b, 6, "six")])),
+            ],
+        )
+        .await;
+        let replay = out2[0].as_ref().unwrap();
+        assert!(replay.replayed);
+        assert_eq!((replay.status, &replay.body), (r1.status, &r1.body));
+        assert_eq!(out2[1].as_ref().unwrap().status, 422);
+        assert_eq!(
+            out2[1].as_ref().unwrap().value()["code"],
+            "idempotency_key_reused"
+        );
+        assert_eq!(balance(&core, &a).await, 75);
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{backend:?}: {report}");
+    }
+}
+
+/// A database error in one batch of a batch-only group fails only that batch: the
+/// group is rolled back and its jobs run one by one; the failed one stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_error_in_a_batch_group_fails_only_its_job() {
+    for backend in vaultpay_store::testing::backends() {
+        let core = setup(backend).await;
+        let admin = Actor::new("admin", vec!["admin".into()], "");
+        let alice = Actor::new("alice", vec!["customer".into()], "");
+        let a = open(&core, &alice).await;
+        let b = open(&core, &alice).await;
+        run_single(&core, job(&admin, "d0", deposit(&a, 100)))
+            .await
+            .unwrap();
+        install_boom(&core, backend).await;
+        let out = group(
+            &core,
+            vec![
+                job(
+                    &alice,
+                    "k1",
+                    batch(false, vec![tr(&a, &b, 10, "ok"), tr(&a, &b, 1, "ok")]),
+                ),
+                job(
+                    &alice,
+                    "k2",
+                    batch(false, vec![tr(&a, &b, 20, "ok"), tr(&a, &b, 2, "boom")]),
+                ),
+                job(&alice, "k3", batch(true, vec![tr(&a, &b, 30, "ok")])),
+            ],
+        )
+        .await;
+        assert_eq!(out[0].as_ref().unwrap().status, 200);
+        assert!(
+            matches!(out[1], Err(ref e) if e.is_server_error()),
+            "{:?}",
+            out[1]
+        );
+        assert_eq!(out[2].as_ref().unwrap().status, 200);
+        assert_eq!(balance(&core, &a).await, 59);
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'k2'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM audit_log WHERE action = 'ledger.batch.posted'"
+            )
+            .await,
+            2
+        );
+        // retryable once the fault is gone
+        sqlx::raw_sql("DROP TRIGGER boom ON transfers")
+            .execute(core.db.writer())
+            .await
+            .ok();
+        sqlx::raw_sql("DROP TRIGGER IF EXISTS boom")
+            .execute(core.db.writer())
+            .await
+            .ok();
+        let again = run_single(
+            &core,
+            job(
+                &alice,
+                "k2",
+                batch(false, vec![tr(&a, &b, 20, "ok"), tr(&a, &b, 2, "boom")]),
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_eq!(balance(&core, &a).await, 37);
         let report = crate::verify(&core.db).await.unwrap();
         assert!(report.is_consistent(), "{backend:?}: {report}");
     }

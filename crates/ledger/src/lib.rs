@@ -14,6 +14,7 @@ mod background;
 mod engine;
 mod error;
 mod group;
+mod ids;
 mod model;
 mod ops;
 mod query;
@@ -249,13 +250,7 @@ impl Ledger {
             }
             None => None,
         };
-        let job = Job {
-            actor: actor.clone(),
-            key,
-            op,
-            origin,
-            _guard: guard,
-        };
+        let job = Job::new(actor.clone(), key, op, origin, guard);
         if !self.inner.core.config.group_commit {
             return engine::run_single(&self.inner.core, job).await;
         }

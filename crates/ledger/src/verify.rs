@@ -80,8 +80,9 @@ const CHECKS: &[(&str, &str)] = &[
     ),
     (
         "held_equals_pending_holds",
-        "SELECT a.id AS detail FROM accounts a WHERE a.held < 0 OR a.held <> COALESCE((SELECT SUM(t.amount - t.captured) \
-         FROM transfers t WHERE t.from_account_id = a.id AND t.kind = 'hold' AND t.status = 'pending'), 0)",
+        "SELECT a.id AS detail FROM accounts a LEFT JOIN (SELECT t.from_account_id AS account_id, SUM(t.amount - t.captured) AS pending \
+         FROM transfers t WHERE t.kind = 'hold' AND t.status = 'pending' GROUP BY t.from_account_id) h ON h.account_id = a.id \
+         WHERE a.held < 0 OR a.held <> COALESCE(h.pending, 0)",
     ),
     (
         "wallet_not_overdrawn",

@@ -43,7 +43,10 @@ const AUTH: &[Migration] = &[
     migration!(5, "auth", "0005_email_change"),
     migration!(6, "auth", "0006_oauth_acr"),
 ];
-const LEDGER: &[Migration] = &[migration!(1, "ledger", "0001_init")];
+const LEDGER: &[Migration] = &[
+    migration!(1, "ledger", "0001_init"),
+    migration!(2, "ledger", "0002_drop_unused_indexes"),
+];
 
 const LOCK_MIGRATIONS: i64 = 1;
 

@@ -234,3 +234,58 @@ async fn expired_holds_are_voided_exactly_once() {
     })
     .await;
 }
+
+/// verify's held_equals_pending_holds check (a GROUP BY over pending holds since the
+/// per-account transfer indexes were dropped) still catches both ways of breaking it.
+#[tokio::test]
+async fn verify_catches_held_that_does_not_match_pending_holds() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let a2 = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        app.deposit(&a, 1_000, "USD").await.expect(201);
+        app.deposit(&a2, 1_000, "USD").await.expect(201);
+        let h = hold(&app, &alice, &a, &bb, 300, None)
+            .await
+            .expect(201)
+            .id();
+        hold(&app, &alice, &a, &bb, 200, None).await.expect(201);
+        hold(&app, &alice, &a2, &bb, 50, None).await.expect(201);
+        app.assert_consistent().await;
+        let held = |r: vaultpay_ledger::VerifyReport| -> Vec<String> {
+            r.violations
+                .into_iter()
+                .filter(|v| v.invariant == "held_equals_pending_holds")
+                .map(|v| v.detail)
+                .collect()
+        };
+
+        // held out of step with the pending holds
+        sqlx::query("UPDATE accounts SET held = held + 1 WHERE id = $1")
+            .bind(&a)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        let r = vaultpay_ledger::verify(&app.db).await.unwrap();
+        assert_eq!(held(r), vec![a.clone()]);
+        sqlx::query("UPDATE accounts SET held = held - 1 WHERE id = $1")
+            .bind(&a)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        app.assert_consistent().await;
+
+        // a hold that stops being pending without releasing what it reserved
+        sqlx::query("UPDATE transfers SET status = 'voided' WHERE id = $1")
+            .bind(&h)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        let r = vaultpay_ledger::verify(&app.db).await.unwrap();
+        assert_eq!(held(r), vec![a.clone()]);
+    })
+    .await;
+}

@@ -23,9 +23,81 @@ pub fn backends() -> Vec<Backend> {
     v
 }
 
+/// Test databases and files older than this are removed by the next test process
+/// (no test runs this long), so repeated runs on one machine do not fill its disk.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3_600);
+
+/// The creation time (Unix ms) in a `vp_test_<uuid v7, 32 hex>` name.
+fn created_ms(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("vp_test_")?;
+    if hex.len() != 32 {
+        return None;
+    }
+    u64::from_str_radix(hex.get(..12)?, 16).ok()
+}
+
+/// Once per process: drops the PostgreSQL test databases, and deletes the test
+/// files and directories under the temp dir, that earlier runs left over an hour ago.
+async fn sweep_stale(backend: Backend, admin: Option<&str>) {
+    static FILES: std::sync::Once = std::sync::Once::new();
+    static PG: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    FILES.call_once(|| {
+        let dir = std::env::temp_dir().join("vaultpay-tests");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_AFTER);
+            if old {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    });
+    let (Backend::Postgres, Some(admin)) = (backend, admin) else {
+        return;
+    };
+    PG.get_or_init(|| async {
+        let Ok(mut conn) = sqlx::AnyConnection::connect(admin).await else {
+            return;
+        };
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'vp_test_%'")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap_or_default();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let cutoff = now_ms.saturating_sub(STALE_AFTER.as_millis() as u64);
+        for name in names {
+            // only names this module made (vp_test_ + 32 hex digits), so the
+            // interpolation below cannot carry anything else
+            if created_ms(&name).is_some_and(|t| t < cutoff) {
+                let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        }
+        let _ = conn.close().await;
+    })
+    .await;
+}
+
 /// A location (file path or URL) for a new, empty database of `backend`.
 pub async fn fresh_location(backend: Backend) -> Result<String, StoreError> {
     let name = format!("vp_test_{}", uuid::Uuid::now_v7().simple());
+    sweep_stale(backend, std::env::var(PG_URL_VAR).ok().as_deref()).await;
     match backend {
         Backend::Sqlite => {
             let dir = std::env::temp_dir().join("vaultpay-tests");
@@ -62,4 +134,24 @@ pub async fn fresh_db(service: Service, backend: Backend) -> Result<Db, StoreErr
         ..DbOptions::default()
     };
     Db::open(&loc, service, &opts).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::created_ms;
+
+    #[test]
+    fn creation_time_comes_from_the_uuid_v7_name() {
+        let id = uuid::Uuid::now_v7();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let t = created_ms(&format!("vp_test_{}", id.simple())).unwrap();
+        assert!(now_ms.abs_diff(t) < 5_000, "{t} vs {now_ms}");
+        assert_eq!(created_ms("vp_test_short"), None);
+        assert_eq!(created_ms("other_0123456789abcdef0123456789abcdef"), None);
+        assert_eq!(created_ms(&format!("vp_test_{}", "z".repeat(32))), None);
+    }
 }

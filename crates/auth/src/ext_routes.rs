@@ -21,6 +21,10 @@ pub(crate) fn router(svc: AuthService) -> Router {
         .route("/v1/auth/login/complete", post(complete_login))
         .route("/v1/auth/login/confirm", get(confirm_page).post(confirm))
         .route("/v1/auth/login/deny", get(deny_page).post(deny))
+        .route(
+            "/v1/auth/email/confirm",
+            get(email_confirm_page).post(email_confirm),
+        )
         .route("/v1/me/trusted-networks", get(list_networks))
         .route("/v1/me/trusted-networks/{id}", delete(revoke_network))
         .route("/v1/admin/roles", post(create_role))
@@ -36,6 +40,8 @@ pub(crate) fn router(svc: AuthService) -> Router {
         confirm,
         deny_page,
         deny,
+        email_confirm_page,
+        email_confirm,
         list_networks,
         revoke_network,
         create_role,
@@ -168,6 +174,48 @@ async fn deny(
 ) -> ApiResult<Response> {
     let done = svc.deny_login_network(&ctx, &f.token).await?;
     Ok(no_store(StatusCode::OK, Json(done)))
+}
+
+/// The link mailed to a new email address: a page whose button confirms the change
+/// (a mail scanner that prefetches links must not move the account to an address
+/// its owner mistyped).
+#[utoipa::path(get, path = "/v1/auth/email/confirm", tag = "auth", params(TokenParam),
+    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem)))]
+async fn email_confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
+    page(
+        "Confirm your new email address",
+        "Use this address for your VaultPay account from now on?",
+        "/v1/auth/email/confirm",
+        "Yes, use this address",
+        &q.token,
+    )
+}
+
+/// Complete an email change: the token from the link, as the page's form field
+/// `token` or as JSON `{"token": …}`.
+#[utoipa::path(post, path = "/v1/auth/email/confirm", tag = "auth", request_body = wire::TokenRequestBody,
+    responses((status = 200, body = wire::User), (status = 400, body = Problem), (status = 409, body = Problem)))]
+async fn email_confirm(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    req: axum::extract::Request,
+) -> ApiResult<Response> {
+    use axum::extract::FromRequest;
+    let form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
+    let token = if form {
+        ApiForm::<TokenParam>::from_request(req, &()).await?.0.token
+    } else {
+        ApiJson::<wire::TokenRequestBody>::from_request(req, &())
+            .await?
+            .0
+            .token
+    };
+    let user = svc.confirm_email_change(&ctx, &token).await?;
+    Ok(no_store(StatusCode::OK, Json(user)))
 }
 
 /// The caller's trusted networks.

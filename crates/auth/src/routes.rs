@@ -31,10 +31,6 @@ pub fn router(svc: AuthService) -> Router {
         .route("/v1/auth/password/reset", post(reset_password))
         .route("/v1/auth/password/change", post(change_password))
         .route("/v1/auth/email/change", post(change_email))
-        .route(
-            "/v1/auth/email/confirm",
-            get(confirm_email_link).post(confirm_email),
-        )
         .route("/v1/me", get(me))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", delete(revoke_session))
@@ -57,7 +53,7 @@ pub fn router(svc: AuthService) -> Router {
 #[openapi(
     paths(
         register, login, logout, verify_email, verify_email_link, resend_verification, forgot_password,
-        reset_password, change_password, change_email, confirm_email, confirm_email_link, me, list_sessions, revoke_session, list_roles, get_user, grant_role,
+        reset_password, change_password, change_email, me, list_sessions, revoke_session, list_roles, get_user, grant_role,
         revoke_role, unlock, list_audit, token, introspect, jwks
     ),
     components(schemas(
@@ -214,28 +210,6 @@ async fn change_email(
         Json(svc.request_email_change(&ctx, &p, req).await?),
     )
         .into_response())
-}
-
-/// Complete an email change with the token mailed to the new address.
-#[utoipa::path(post, path = "/v1/auth/email/confirm", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User), (status = 400, body = Problem), (status = 409, body = Problem)))]
-async fn confirm_email(
-    State(svc): State<AuthService>,
-    ctx: Ctx,
-    ApiJson(req): ApiJson<wire::TokenRequestBody>,
-) -> ApiResult<Json<wire::User>> {
-    Ok(Json(svc.confirm_email_change(&ctx, &req.token).await?))
-}
-
-/// The email-change link itself (opened in a browser).
-#[utoipa::path(get, path = "/v1/auth/email/confirm", tag = "auth", params(TokenQuery),
-    responses((status = 200, body = wire::User), (status = 400, body = Problem), (status = 409, body = Problem)))]
-async fn confirm_email_link(
-    State(svc): State<AuthService>,
-    ctx: Ctx,
-    ApiQuery(q): ApiQuery<TokenQuery>,
-) -> ApiResult<Json<wire::User>> {
-    Ok(Json(svc.confirm_email_change(&ctx, &q.token).await?))
 }
 
 /// Change the password (current one required); other sessions are revoked.

@@ -5,9 +5,10 @@
 //! authentication (a fresh second factor when the user has one). It changes nothing
 //! yet: the new address gets a single-use, expiring confirmation link (the token is
 //! stored hashed, with the new address beside it) and the current address a notice.
-//! Opening the link (`GET /v1/auth/email/confirm?token=…`, or `POST` with
-//! {token}) switches the address, marks it verified and audits the change, in one
-//! transaction. A newer request voids the pending link of an older one.
+//! Opening the link (`GET /v1/auth/email/confirm?token=…`) shows a page whose button
+//! posts the token (so a mail scanner's prefetch changes nothing); the `POST` (form or
+//! JSON {token}) switches the address, marks it verified and audits the change, in
+//! one transaction. A newer request voids the pending link of an older one.
 
 use crate::mfa::StepUpOp;
 use crate::{AuthError, AuthService};

@@ -482,6 +482,28 @@ fn internal(e: AuthError) -> Response {
     vaultpay_web::ApiError::from(e).into_response()
 }
 
+/// What every browser step's post starts with: its form parsed, and this browser's
+/// pending request found (by cookie) and checked against the form's CSRF token; the
+/// error page otherwise.
+async fn step<F>(
+    svc: &AuthService,
+    headers: &HeaderMap,
+    form: Result<ApiForm<F>, vaultpay_web::ApiError>,
+    csrf: impl Fn(&F) -> &str,
+) -> Result<(F, Pending), Response> {
+    let Ok(ApiForm(form)) = form else {
+        return Err(pages::error(
+            StatusCode::BAD_REQUEST,
+            "The form is incomplete.",
+        ));
+    };
+    match pending_request(svc, headers, Some(csrf(&form))).await {
+        Ok(Ok(p)) => Ok((form, p)),
+        Ok(Err(page)) => Err(page),
+        Err(e) => Err(internal(e)),
+    }
+}
+
 #[derive(Deserialize)]
 pub(crate) struct SigninForm {
     csrf: String,
@@ -506,13 +528,9 @@ pub(crate) async fn signin(
     headers: HeaderMap,
     form: Result<ApiForm<SigninForm>, vaultpay_web::ApiError>,
 ) -> Response {
-    let Ok(ApiForm(form)) = form else {
-        return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
-    };
-    let p = match pending_request(&svc, &headers, Some(&form.csrf)).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(page)) => return page,
-        Err(e) => return internal(e),
+    let (form, p) = match step(&svc, &headers, form, |f| &f.csrf).await {
+        Ok(v) => v,
+        Err(page) => return page,
     };
     if p.stage != "signin" {
         return stage_error();
@@ -675,13 +693,9 @@ pub(crate) async fn second_factor(
     headers: HeaderMap,
     form: Result<ApiForm<CodeForm>, vaultpay_web::ApiError>,
 ) -> Response {
-    let Ok(ApiForm(form)) = form else {
-        return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
-    };
-    let p = match pending_request(&svc, &headers, Some(&form.csrf)).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(page)) => return page,
-        Err(e) => return internal(e),
+    let (form, p) = match step(&svc, &headers, form, |f| &f.csrf).await {
+        Ok(v) => v,
+        Err(page) => return page,
     };
     let (Some(user_id), "second_factor") = (p.user_id.clone(), p.stage.as_str()) else {
         return stage_error();
@@ -726,13 +740,9 @@ pub(crate) async fn consent(
     headers: HeaderMap,
     form: Result<ApiForm<ConsentForm>, vaultpay_web::ApiError>,
 ) -> Response {
-    let Ok(ApiForm(form)) = form else {
-        return pages::error(StatusCode::BAD_REQUEST, "The form is incomplete.");
-    };
-    let p = match pending_request(&svc, &headers, Some(&form.csrf)).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(page)) => return page,
-        Err(e) => return internal(e),
+    let (form, p) = match step(&svc, &headers, form, |f| &f.csrf).await {
+        Ok(v) => v,
+        Err(page) => return page,
     };
     let (Some(user_id), "consent") = (p.user_id.clone(), p.stage.as_str()) else {
         return stage_error();

@@ -23,9 +23,11 @@ pub fn backends() -> Vec<Backend> {
     v
 }
 
-/// Test databases and files older than this are removed by the next test process
-/// (no test runs this long), so repeated runs on one machine do not fill its disk.
-const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3_600);
+/// Test databases and files older than this (20 minutes) are removed by the next test
+/// process (a whole test run or benchmark takes a few minutes), so repeated runs on one
+/// machine neither fill its disk nor leave PostgreSQL's autovacuum hundreds of
+/// databases to visit.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(1_200);
 
 /// The creation time (Unix ms) in a `vp_test_<uuid v7, 32 hex>` name.
 fn created_ms(name: &str) -> Option<u64> {
@@ -37,7 +39,7 @@ fn created_ms(name: &str) -> Option<u64> {
 }
 
 /// Once per process: drops the PostgreSQL test databases, and deletes the test
-/// files and directories under the temp dir, that earlier runs left over an hour ago.
+/// files and directories under the temp dir, that earlier runs left [`STALE_AFTER`] ago.
 async fn sweep_stale(backend: Backend, admin: Option<&str>) {
     static FILES: std::sync::Once = std::sync::Once::new();
     static PG: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();

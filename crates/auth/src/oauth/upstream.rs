@@ -83,6 +83,19 @@ fn http() -> Result<reqwest::Client, AuthError> {
         .map_err(|e| AuthError::Internal(e.to_string()))
 }
 
+/// Sends a request to the provider and reads its JSON answer; any failure (transport,
+/// non-2xx status, body) is an upstream error.
+async fn fetch_json(req: reqwest::RequestBuilder) -> Result<Value, AuthError> {
+    req.send()
+        .await
+        .map_err(upstream_err)?
+        .error_for_status()
+        .map_err(upstream_err)?
+        .json()
+        .await
+        .map_err(upstream_err)
+}
+
 fn upstream_err(e: impl std::fmt::Display) -> AuthError {
     AuthError::Internal(format!("upstream provider: {e}"))
 }
@@ -106,19 +119,11 @@ async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
                 .issuer
                 .as_deref()
                 .ok_or_else(|| upstream_err("oidc provider without issuer"))?;
-            let doc: Value = http()?
-                .get(format!(
-                    "{}/.well-known/openid-configuration",
-                    iss.trim_end_matches('/')
-                ))
-                .send()
-                .await
-                .map_err(upstream_err)?
-                .error_for_status()
-                .map_err(upstream_err)?
-                .json()
-                .await
-                .map_err(upstream_err)?;
+            let doc: Value = fetch_json(http()?.get(format!(
+                "{}/.well-known/openid-configuration",
+                iss.trim_end_matches('/')
+            )))
+            .await?;
             if doc["issuer"].as_str() != Some(iss) {
                 return Err(upstream_err("discovery issuer mismatch"));
             }
@@ -378,27 +383,21 @@ async fn identity(
     nonce: &str,
 ) -> Result<Identity, AuthError> {
     let h = http()?;
-    let tok: Value = h
-        .post(&ep.token)
-        .header(header::ACCEPT, "application/json")
-        .basic_auth(
-            urlencoding::encode(&up.client_id),
-            Some(urlencoding::encode(up.client_secret.expose())),
-        )
-        .form(&[
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", cb),
-            ("code_verifier", verifier),
-        ])
-        .send()
-        .await
-        .map_err(upstream_err)?
-        .error_for_status()
-        .map_err(upstream_err)?
-        .json()
-        .await
-        .map_err(upstream_err)?;
+    let tok: Value = fetch_json(
+        h.post(&ep.token)
+            .header(header::ACCEPT, "application/json")
+            .basic_auth(
+                urlencoding::encode(&up.client_id),
+                Some(urlencoding::encode(up.client_secret.expose())),
+            )
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", cb),
+                ("code_verifier", verifier),
+            ]),
+    )
+    .await?;
     let access = tok["access_token"]
         .as_str()
         .ok_or_else(|| upstream_err("no access_token"))?;
@@ -409,27 +408,14 @@ async fn identity(
             .unwrap_or("https://api.github.com")
             .trim_end_matches('/');
         let get = |path: &str| {
-            h.get(format!("{api}{path}"))
-                .bearer_auth(access)
-                .header(header::ACCEPT, "application/vnd.github+json")
-                .send()
+            fetch_json(
+                h.get(format!("{api}{path}"))
+                    .bearer_auth(access)
+                    .header(header::ACCEPT, "application/vnd.github+json"),
+            )
         };
-        let user: Value = get("/user")
-            .await
-            .map_err(upstream_err)?
-            .error_for_status()
-            .map_err(upstream_err)?
-            .json()
-            .await
-            .map_err(upstream_err)?;
-        let emails: Value = get("/user/emails")
-            .await
-            .map_err(upstream_err)?
-            .error_for_status()
-            .map_err(upstream_err)?
-            .json()
-            .await
-            .map_err(upstream_err)?;
+        let user = get("/user").await?;
+        let emails = get("/user/emails").await?;
         let primary = emails.as_array().and_then(|a| {
             a.iter()
                 .find(|e| e["primary"] == true && e["verified"] == true)
@@ -460,17 +446,7 @@ async fn identity(
     let mut info = claims;
     if info["email"].is_null() {
         if let Some(u) = &ep.userinfo {
-            let ui: Value = h
-                .get(u)
-                .bearer_auth(access)
-                .send()
-                .await
-                .map_err(upstream_err)?
-                .error_for_status()
-                .map_err(upstream_err)?
-                .json()
-                .await
-                .map_err(upstream_err)?;
+            let ui: Value = fetch_json(h.get(u).bearer_auth(access)).await?;
             if ui["sub"].as_str() != Some(subject.as_str()) {
                 return Err(upstream_err("userinfo sub mismatch"));
             }

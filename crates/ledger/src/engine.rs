@@ -51,27 +51,20 @@ impl Op {
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
         h.update(b"POST\n");
+        h.update(self.path().as_bytes());
+        h.update(b"\n");
+        let mut with_body = h.clone();
         let body = match self {
-            Op::Open(r) => hash_request(&mut h, "/v1/accounts", r),
-            Op::Transfer(r) => hash_request(&mut h, "/v1/transfers", r),
-            Op::Deposit(r) => hash_request(&mut h, "/v1/admin/deposits", r),
-            Op::Withdraw(r) => hash_request(&mut h, "/v1/admin/withdrawals", r),
-            Op::Post(id, r) => hash_request(&mut h, &format!("/v1/transfers/{id}/post"), r),
-            Op::Void(id, r) => hash_request(&mut h, &format!("/v1/transfers/{id}/void"), r),
-            Op::Batch(r) => hash_request(&mut h, "/v1/transfers/batch", r),
+            Op::Open(r) => hash_json(&mut with_body, r),
+            Op::Transfer(r) => hash_json(&mut with_body, r),
+            Op::Deposit(r) | Op::Withdraw(r) => hash_json(&mut with_body, r),
+            Op::Post(_, r) => hash_json(&mut with_body, r),
+            Op::Void(_, r) => hash_json(&mut with_body, r),
+            Op::Batch(r) => hash_json(&mut with_body, r),
         };
-        match body {
-            Ok(()) => hex::encode(h.finalize()),
-            // Unreachable for these types (plain structs); hash an empty body then, as
-            // `to_string(..).unwrap_or_default()` did.
-            Err(_) => {
-                let mut h = Sha256::new();
-                h.update(b"POST\n");
-                h.update(self.path().as_bytes());
-                h.update(b"\n");
-                hex::encode(h.finalize())
-            }
-        }
+        // Serialising these plain structs cannot fail; if it did, the body counts as
+        // empty, as `to_string(..).unwrap_or_default()` did.
+        hex::encode(if body.is_ok() { with_body } else { h }.finalize())
     }
 
     fn path(&self) -> String {
@@ -99,12 +92,8 @@ impl Op {
     }
 }
 
-/// Feeds `path`, a newline and the JSON of `body` to `h`.
-fn hash_request<T: serde::Serialize>(
-    h: &mut Sha256,
-    path: &str,
-    body: &T,
-) -> Result<(), serde_json::Error> {
+/// Feeds the JSON of `body` to `h` (the bytes `serde_json::to_string` would make).
+fn hash_json<T: serde::Serialize>(h: &mut Sha256, body: &T) -> Result<(), serde_json::Error> {
     struct HashWriter<'a>(&'a mut Sha256);
     impl std::io::Write for HashWriter<'_> {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -115,8 +104,6 @@ fn hash_request<T: serde::Serialize>(
             Ok(())
         }
     }
-    h.update(path.as_bytes());
-    h.update(b"\n");
     // Buffered: serde_json writes token by token.
     let mut w = std::io::BufWriter::with_capacity(8192, HashWriter(h));
     serde_json::to_writer(&mut w, body)?;
@@ -476,15 +463,8 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         run_batches(core, group).await;
         return;
     }
-    let mut tx = match begin(&core.db).await {
-        Ok(tx) => tx,
-        Err(e) => {
-            tracing::error!(error = %e, "group commit: begin failed");
-            for (_, reply_to) in group.drain(..) {
-                let _ = reply_to.send(Err(LedgerError::Internal("begin failed".into())));
-            }
-            return;
-        }
+    let Some(mut tx) = begin_group(core, group).await else {
+        return;
     };
     let mut results: Vec<Result<Reply, LedgerError>> = Vec::with_capacity(group.len());
     let mut new_keys: Vec<NewKey> = Vec::new();
@@ -563,6 +543,31 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             }
         }
     };
+    answer_group(group, results, committed);
+}
+
+/// Opens a group's transaction; if that fails, every job of the group is answered
+/// with the error and `None` is returned.
+async fn begin_group(core: &Core, group: &mut Vec<Queued>) -> Option<Tx> {
+    match begin(&core.db).await {
+        Ok(tx) => Some(tx),
+        Err(e) => {
+            tracing::error!(error = %e, "group commit: begin failed");
+            for (_, reply_to) in group.drain(..) {
+                let _ = reply_to.send(Err(LedgerError::Internal("begin failed".into())));
+            }
+            None
+        }
+    }
+}
+
+/// Answers every job of a group, in order, once its transaction has ended: its own
+/// result if the group committed, an internal error otherwise.
+fn answer_group(
+    group: &mut Vec<Queued>,
+    results: Vec<Result<Reply, LedgerError>>,
+    committed: bool,
+) {
     let mut results = results.into_iter();
     for (job, reply_to) in group.drain(..) {
         let r = if committed {
@@ -586,15 +591,8 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
 /// fails alone and stores nothing. On SQLite an open savepoint copies every page the
 /// batch touches into the sub-journal: 7% of the writer thread in `perf` under batch load.
 async fn run_batches(core: &Core, group: &mut Vec<Queued>) {
-    let mut tx = match begin(&core.db).await {
-        Ok(tx) => tx,
-        Err(e) => {
-            tracing::error!(error = %e, "group commit: begin failed");
-            for (_, reply_to) in group.drain(..) {
-                let _ = reply_to.send(Err(LedgerError::Internal("begin failed".into())));
-            }
-            return;
-        }
+    let Some(mut tx) = begin_group(core, group).await else {
+        return;
     };
     let attempt = async {
         let jobs: Vec<&Job> = group.iter().map(|(j, _)| j).collect();
@@ -629,17 +627,7 @@ async fn run_batches(core: &Core, group: &mut Vec<Queued>) {
             false
         }
     };
-    let mut replies = replies.into_iter();
-    for (job, reply_to) in group.drain(..) {
-        let r = match replies.next() {
-            Some(r) if committed => Ok(r),
-            Some(_) => Err(LedgerError::Internal("group commit failed".into())),
-            None => Err(LedgerError::Internal("missing group result".into())),
-        };
-        // Release the in-flight claim before answering (see `run_group`).
-        drop(job);
-        let _ = reply_to.send(r);
-    }
+    answer_group(group, replies.into_iter().map(Ok).collect(), committed);
 }
 
 /// Runs one job in the current savepoint `job` and leaves a fresh one open. Returns

@@ -73,13 +73,7 @@ pub async fn request_context(
         // (PostgreSQL refuses it in text); bodies and queries are checked by the
         // extractors
         if vaultpay_web::urlencoded_has_nul(req.uri().path().as_bytes()) {
-            return ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                "Invalid request",
-            )
-            .detail("Text fields may not contain the NUL character (U+0000).")
-            .into_response();
+            return vaultpay_web::nul_refused().into_response();
         }
         match tokio::time::timeout(deadline.0 .0, next.run(req)).await {
             Ok(res) => res,

@@ -25,7 +25,7 @@ fn rejection(status: StatusCode, text: String) -> ApiError {
 
 /// PostgreSQL cannot store U+0000 in text, and no field of this API has a use for
 /// it: a body or query carrying one is refused up front, on every backend alike.
-fn nul_refused() -> ApiError {
+pub fn nul_refused() -> ApiError {
     ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_request",

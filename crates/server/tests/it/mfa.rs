@@ -1170,7 +1170,10 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
         let app = TestApp::spawn(backend).await;
         let admin = app.admin().await;
         let client = web_client(&app, &admin.access).await;
-        let acr = format!("&acr_values=urn%3Aexample%3Aother%20{}", urlencode(ACR_MFA));
+        let acr = format!(
+            "&acr_values=urn%3Aexample%3Aother%20{}",
+            urlencoding::encode(ACR_MFA)
+        );
         let sign_in = |email: &'static str, extra: String| {
             let (app, client) = (&app, &client);
             async move {
@@ -1258,8 +1261,4 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
         assert_eq!(d.body["acr_values_supported"], json!([ACR_MFA]));
         app.stop().await;
     });
-}
-
-fn urlencode(s: &str) -> String {
-    s.replace(':', "%3A")
 }

@@ -899,11 +899,7 @@ async fn oauth_browser_sign_in_from_a_new_network_is_held() {
                     .get(&authorize_query(&client_id, CB, "openid", Some(&challenge)))
                     .await;
                 let csrf = p.csrf();
-                b.post(
-                    "/oauth/authorize/signin",
-                    &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
-                )
-                .await
+                b.sign_in(&csrf, email, PASSWORD).await
             }
         };
         let mails = app.mails().len();

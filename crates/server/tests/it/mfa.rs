@@ -1104,12 +1104,7 @@ async fn oauth_browser_sign_in_asks_for_the_second_factor() {
             ))
             .await;
         let csrf = p.csrf();
-        let p = b
-            .post(
-                "/oauth/authorize/signin",
-                &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
-            )
-            .await;
+        let p = b.sign_in(&csrf, email, PASSWORD).await;
         assert_eq!(p.status, StatusCode::OK, "{}", p.text);
         assert!(
             p.text.contains("/oauth/authorize/second-factor"),
@@ -1118,12 +1113,7 @@ async fn oauth_browser_sign_in_asks_for_the_second_factor() {
         );
         assert!(!p.text.contains("Allow access"));
         // consent cannot be skipped to
-        let skip = b
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &csrf), ("decision", "approve")],
-            )
-            .await;
+        let skip = b.consent(&csrf, "approve").await;
         assert!(skip.location.is_none(), "{}", skip.text);
         let wrong = b
             .post(
@@ -1140,12 +1130,7 @@ async fn oauth_browser_sign_in_asks_for_the_second_factor() {
             .await;
         assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
         assert!(ok.text.contains("Allow access"), "{}", ok.text);
-        let p = b
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &csrf), ("decision", "approve")],
-            )
-            .await;
+        let p = b.consent(&csrf, "approve").await;
         let code_param = p.param("code").expect("code in redirect");
         let tokens = exchange(&app, &client, &code_param, &redirect, &verifier).await;
         assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
@@ -1181,12 +1166,7 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
                 let mut b = Browser::new(app);
                 let q = authorize_query(&client.id, CB, "openid", Some(&challenge)) + &extra;
                 let csrf = b.get(&q).await.csrf();
-                let p = b
-                    .post(
-                        "/oauth/authorize/signin",
-                        &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
-                    )
-                    .await;
+                let p = b.sign_in(&csrf, email, PASSWORD).await;
                 (b, p, csrf, verifier)
             }
         };
@@ -1203,12 +1183,7 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
         assert_eq!(p.param("state").as_deref(), Some("st-123"));
         assert!(p.param("code").is_none());
         assert_eq!(app.count("oauth_requests").await, requests);
-        let again = b
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &csrf), ("decision", "approve")],
-            )
-            .await;
+        let again = b.consent(&csrf, "approve").await;
         assert!(again.location.is_none(), "{}", again.text);
         assert_eq!(
             audit_action(&app, &admin.access, "oauth.acr_unmet")
@@ -1219,12 +1194,7 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
         // without acr_values the same account signs in, with no acr in the ID token
         let (mut b, p, csrf, verifier) = sign_in("plain@example.com", String::new()).await;
         assert!(p.text.contains("Allow access"), "{}", p.text);
-        let p = b
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &csrf), ("decision", "approve")],
-            )
-            .await;
+        let p = b.consent(&csrf, "approve").await;
         let tokens = exchange(&app, &client, &p.param("code").unwrap(), CB, &verifier).await;
         let id = jwt_part(tokens.body["id_token"].as_str().unwrap(), 1);
         assert!(id.get("acr").is_none(), "{id}");
@@ -1245,12 +1215,7 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
             )
             .await;
         assert!(ok.text.contains("Allow access"), "{}", ok.text);
-        let p = b
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &csrf), ("decision", "approve")],
-            )
-            .await;
+        let p = b.consent(&csrf, "approve").await;
         let tokens = exchange(&app, &client, &p.param("code").unwrap(), CB, &verifier).await;
         assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
         let id = jwt_part(tokens.body["id_token"].as_str().unwrap(), 1);

@@ -150,6 +150,24 @@ impl Browser {
             .unwrap();
         self.take(res).await
     }
+
+    /// Posts the sign-in form of the pending authorization.
+    pub async fn sign_in(&mut self, csrf: &str, email: &str, password: &str) -> Page {
+        self.post(
+            "/oauth/authorize/signin",
+            &[("csrf", csrf), ("email", email), ("password", password)],
+        )
+        .await
+    }
+
+    /// Posts the consent form: `"approve"` or `"deny"`.
+    pub async fn consent(&mut self, csrf: &str, decision: &str) -> Page {
+        self.post(
+            "/oauth/authorize/consent",
+            &[("csrf", csrf), ("decision", decision)],
+        )
+        .await
+    }
 }
 
 pub fn authorize_query(
@@ -186,20 +204,10 @@ pub async fn get_code(
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     assert!(p.text.contains("<form"), "{}", p.text);
     let csrf = p.csrf();
-    let p = b
-        .post(
-            "/oauth/authorize/signin",
-            &[("csrf", &csrf), ("email", email), ("password", PASSWORD)],
-        )
-        .await;
+    let p = b.sign_in(&csrf, email, PASSWORD).await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     assert!(p.text.contains("Allow access"), "{}", p.text);
-    let p = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let p = b.consent(&csrf, "approve").await;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.text);
     assert!(p.location.as_deref().unwrap().starts_with(redirect));
     assert_eq!(p.param("state").as_deref(), Some("st-123"));
@@ -756,66 +764,26 @@ async fn authorize_bad_case(backend: Backend) {
         .await;
     assert_eq!(bad.status, StatusCode::FORBIDDEN);
     let mut other = Browser::new(&app);
-    let bad = other
-        .post(
-            "/oauth/authorize/signin",
-            &[
-                ("csrf", &csrf),
-                ("email", "csrf@example.com"),
-                ("password", PASSWORD),
-            ],
-        )
-        .await;
+    let bad = other.sign_in(&csrf, "csrf@example.com", PASSWORD).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     // Consent before sign-in: refused.
-    let bad = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let bad = b.consent(&csrf, "approve").await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert!(bad.location.is_none());
     // Wrong password: the form again, 401.
     let p = b
-        .post(
-            "/oauth/authorize/signin",
-            &[
-                ("csrf", &csrf),
-                ("email", "csrf@example.com"),
-                ("password", "wrong-password-123"),
-            ],
-        )
+        .sign_in(&csrf, "csrf@example.com", "wrong-password-123")
         .await;
     assert_eq!(p.status, StatusCode::UNAUTHORIZED);
     assert!(p.text.contains("wrong"));
     // Deny: access_denied to the client.
-    let p = b
-        .post(
-            "/oauth/authorize/signin",
-            &[
-                ("csrf", &csrf),
-                ("email", "csrf@example.com"),
-                ("password", PASSWORD),
-            ],
-        )
-        .await;
+    let p = b.sign_in(&csrf, "csrf@example.com", PASSWORD).await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
-    let p = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "deny")],
-        )
-        .await;
+    let p = b.consent(&csrf, "deny").await;
     assert_eq!(p.param("error").as_deref(), Some("access_denied"));
     assert_eq!(p.param("state").as_deref(), Some("st-123"));
     // The request is spent.
-    let p = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let p = b.consent(&csrf, "approve").await;
     assert!(p.location.is_none());
     app.stop().await;
 }
@@ -1497,21 +1465,8 @@ async fn omitted_redirect_case(backend: Backend) {
     let p = b.get(&q).await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     let csrf = p.csrf();
-    b.post(
-        "/oauth/authorize/signin",
-        &[
-            ("csrf", &csrf),
-            ("email", "ria@example.com"),
-            ("password", PASSWORD),
-        ],
-    )
-    .await;
-    let p = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    b.sign_in(&csrf, "ria@example.com", PASSWORD).await;
+    let p = b.consent(&csrf, "approve").await;
     assert!(p.location.as_deref().unwrap().starts_with(CB));
     let code = p.param("code").unwrap();
     // A redirect_uri the request did not name is refused; omitting it works.
@@ -1632,17 +1587,8 @@ async fn upstream_case(backend: Backend) {
         let p = bu.get(to_up.strip_prefix(&up.base).unwrap()).await;
         assert_eq!(p.status, StatusCode::OK, "{}", p.text);
         let ucsrf = p.csrf();
-        bu.post(
-            "/oauth/authorize/signin",
-            &[("csrf", &ucsrf), ("email", email), ("password", PASSWORD)],
-        )
-        .await;
-        let p = bu
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &ucsrf), ("decision", "approve")],
-            )
-            .await;
+        bu.sign_in(&ucsrf, email, PASSWORD).await;
+        let p = bu.consent(&ucsrf, "approve").await;
         let back = p.location.unwrap();
         let path = back.strip_prefix(&down.base).unwrap().to_owned();
         let p = bd.get(&path).await;
@@ -1653,12 +1599,7 @@ async fn upstream_case(backend: Backend) {
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     assert!(p.text.contains("Allow access"), "{}", p.text);
     let csrf = p.csrf();
-    let p2 = bd
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let p2 = bd.consent(&csrf, "approve").await;
     let code = p2.param("code").unwrap();
     let r = exchange(&down, &web, &code, CB, &verifier).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
@@ -1677,12 +1618,7 @@ async fn upstream_case(backend: Backend) {
     // A second sign-in reuses the link (no new account).
     let (mut bd, _, p, verifier) = federated(&down, &up, &web, "fed@example.com").await;
     let csrf = p.csrf();
-    let p = bd
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let p = bd.consent(&csrf, "approve").await;
     let r = exchange(&down, &web, &p.param("code").unwrap(), CB, &verifier).await;
     assert_eq!(
         jwt_part(r.body["id_token"].as_str().unwrap(), 1)["sub"],
@@ -1707,21 +1643,8 @@ async fn upstream_case(backend: Backend) {
             .get(p.location.unwrap().strip_prefix(&up.base).unwrap())
             .await;
         let ucsrf = p.csrf();
-        bu.post(
-            "/oauth/authorize/signin",
-            &[
-                ("csrf", &ucsrf),
-                ("email", "fed@example.com"),
-                ("password", PASSWORD),
-            ],
-        )
-        .await;
-        let p = bu
-            .post(
-                "/oauth/authorize/consent",
-                &[("csrf", &ucsrf), ("decision", "approve")],
-            )
-            .await;
+        bu.sign_in(&ucsrf, "fed@example.com", PASSWORD).await;
+        let p = bu.consent(&ucsrf, "approve").await;
         let path = p
             .location
             .unwrap()
@@ -1853,12 +1776,7 @@ async fn github_case(backend: Backend) {
     assert!(token_request.starts_with("Basic "), "{token_request}");
     assert!(token_request.contains("code=gh-code") && token_request.contains("code_verifier="));
     let csrf = p.csrf();
-    let p = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let p = b.consent(&csrf, "approve").await;
     let r = exchange(&down, &web, &p.param("code").unwrap(), CB, &verifier).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let id = jwt_part(r.body["id_token"].as_str().unwrap(), 1);

@@ -262,12 +262,7 @@ async fn assert_signed_in(
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     assert!(p.text.contains("Allow access"), "{}", p.text);
     let csrf = p.csrf();
-    let p = b
-        .post(
-            "/oauth/authorize/consent",
-            &[("csrf", &csrf), ("decision", "approve")],
-        )
-        .await;
+    let p = b.consent(&csrf, "approve").await;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.text);
     let r = exchange(down, web, &p.param("code").unwrap(), CB, &verifier).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);

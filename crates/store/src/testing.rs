@@ -99,6 +99,8 @@ async fn sweep_stale(backend: Backend, admin: Option<&str>) {
 /// A location (file path or URL) for a new, empty database of `backend`.
 pub async fn fresh_location(backend: Backend) -> Result<String, StoreError> {
     let name = format!("vp_test_{}", uuid::Uuid::now_v7().simple());
+    // Before the sweep: it connects too, and may be this process's first connection.
+    sqlx::any::install_default_drivers();
     sweep_stale(backend, std::env::var(PG_URL_VAR).ok().as_deref()).await;
     match backend {
         Backend::Sqlite => {
@@ -109,7 +111,6 @@ pub async fn fresh_location(backend: Backend) -> Result<String, StoreError> {
         Backend::Postgres => {
             let admin = std::env::var(PG_URL_VAR)
                 .map_err(|_| StoreError::BadUrl(format!("{PG_URL_VAR} not set")))?;
-            sqlx::any::install_default_drivers();
             let mut conn = sqlx::AnyConnection::connect(&admin).await?;
             sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)

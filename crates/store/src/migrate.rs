@@ -46,6 +46,7 @@ const AUTH: &[Migration] = &[
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),
     migration!(2, "ledger", "0002_drop_unused_indexes"),
+    migration!(3, "ledger", "0003_audit_filter_indexes"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

@@ -66,7 +66,7 @@ pub(crate) async fn account_action(
     save_account(&mut tx, &a).await?;
     let topic = format!("ledger.account.{}", action.name());
     let meta = serde_json::json!({"reason": reason, "from": prev, "to": next});
-    audit::append(
+    audit::append_locked(
         &core.db,
         &mut tx,
         origin,

@@ -1,15 +1,21 @@
 //! The write path: every operation that creates or moves something runs as a [`Job`]
 //! inside one database transaction that also checks and stores its idempotency key.
 //!
-//! With group commit on (the default), a single committer task drains the queue of
-//! waiting jobs and runs as many as are ready in ONE transaction (one fsync), each in
-//! its own savepoint so a storage failure in one job rolls back only that job. Replies
-//! are sent only after the shared commit, so nothing is acknowledged before it is
-//! durable. With group commit off, each job gets its own transaction.
+//! With group commit on (the default), the committer (`committer`) takes the queue of
+//! waiting jobs and runs as many as are ready in ONE transaction (one fsync). Plain
+//! transfers go through the group fast path (`group`) without savepoints; other jobs
+//! each get a savepoint so a storage failure in one job rolls back only that job.
+//! Replies are sent only after the shared commit, so nothing is acknowledged before it
+//! is durable. With group commit off, each job gets its own transaction.
 //!
-//! Lock order (both backends, no deadlocks): the ledger's global write lock first (the
-//! audit-chain advisory lock on PostgreSQL; `BEGIN IMMEDIATE` on SQLite), then account
-//! rows in ascending id order, then the transfer row.
+//! Lock order (no deadlocks). SQLite: `BEGIN IMMEDIATE` serialises all writers. On
+//! PostgreSQL every ledger write transaction first takes [`WRITE_LOCK`]: exclusively,
+//! with [`CHAIN_LOCK`] right after it, then account rows in ascending id order, then
+//! the transfer row; or, for a group of plain transfers only, shared, then its account
+//! rows in ascending id order, then its idempotency keys, then [`CHAIN_LOCK`] for its
+//! audit entries, and nothing after that. An exclusive writer holding the chain lock
+//! therefore never waits for a row held by a plain group (none runs beside it), and a
+//! plain group holding the chain lock waits for nothing but its commit.
 
 use crate::error::LedgerError;
 use crate::model::Actor;
@@ -20,7 +26,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use vaultpay_proto::ledger::{
     BatchRequest, OpenAccountRequest, PostHoldRequest, TransferRequest, TreasuryRequest,
     VoidHoldRequest,
@@ -28,9 +34,14 @@ use vaultpay_proto::ledger::{
 use vaultpay_store::audit::Origin;
 use vaultpay_store::{Db, Tx};
 
-/// The store's audit-chain lock key; taken first by every ledger write transaction so
-/// that all writers are serialised in one order (see module docs).
-pub(crate) const GLOBAL_WRITE_LOCK: i64 = 2;
+/// The ledger's write lock (an advisory lock on PostgreSQL). Every ledger write
+/// transaction takes it first: exclusively ([`begin`]), except groups made only of
+/// plain transfers, which take it shared ([`begin_plain`]) and can run side by side.
+pub(crate) const WRITE_LOCK: i64 = 3;
+/// The audit chain's append lock (the store's). Exclusive writers take it at `BEGIN`
+/// with [`WRITE_LOCK`]; a plain-transfer group takes it after its last row lock, just
+/// before appending its audit entries.
+pub(crate) const CHAIN_LOCK: i64 = vaultpay_store::audit::CHAIN_LOCK;
 
 /// An operation that creates or moves something.
 #[derive(Debug, Clone)]
@@ -222,11 +233,22 @@ pub(crate) fn check_key(key: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// Begins a write transaction holding the global write lock.
+/// Begins an exclusive write transaction: it holds the write lock and the chain lock
+/// (see the module docs), so every ledger audit append inside it may use
+/// `audit::append_locked`.
 pub(crate) async fn begin(db: &Db) -> Result<Tx, LedgerError> {
-    let mut tx = db.begin().await?;
-    db.lock(&mut tx, GLOBAL_WRITE_LOCK).await?;
-    Ok(tx)
+    Ok(db.begin_locked(&[WRITE_LOCK, CHAIN_LOCK], &[]).await?)
+}
+
+/// Begins a plain-transfer group's transaction: the write lock in shared mode. The
+/// group takes [`CHAIN_LOCK`] itself, after its row locks ([`lock_chain`]).
+pub(crate) async fn begin_plain(db: &Db) -> Result<Tx, LedgerError> {
+    Ok(db.begin_locked(&[], &[WRITE_LOCK]).await?)
+}
+
+/// Takes the chain lock in a [`begin_plain`] transaction.
+pub(crate) async fn lock_chain(db: &Db, tx: &mut Tx) -> Result<(), LedgerError> {
+    Ok(db.lock(tx, CHAIN_LOCK).await?)
 }
 
 pub(crate) async fn exec_sql(tx: &mut Tx, sql: &str) -> Result<(), LedgerError> {
@@ -421,37 +443,15 @@ pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerErr
     Ok(reply)
 }
 
-/// The group committer: drains whatever is queued and commits it together.
-pub(crate) async fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Queued>) {
-    // Each job of a group that is not a plain transfer is a subtransaction (savepoint),
-    // and so is each run of plain transfers (see `group`); PostgreSQL caches 64 per
-    // transaction and slows down sharply beyond that, so on PostgreSQL a group takes at
-    // most 30 other jobs (at most 61 savepoints with the runs between them).
-    let max = core.config.group_max.max(1);
-    let max_slow = match core.db.backend() {
-        vaultpay_store::Backend::Postgres => 30,
-        vaultpay_store::Backend::Sqlite => max,
-    };
-    let mut group: Vec<Queued> = Vec::with_capacity(max);
-    while let Some(first) = rx.recv().await {
-        let mut slow = usize::from(!crate::group::is_plain_transfer(&first.0));
-        group.push(first);
-        while group.len() < max && slow < max_slow {
-            match rx.try_recv() {
-                Ok(q) => {
-                    slow += usize::from(!crate::group::is_plain_transfer(&q.0));
-                    group.push(q);
-                }
-                Err(_) => break,
-            }
-        }
-        metrics::histogram!("ledger_group_commit_size").record(group.len() as f64);
-        run_group(&core, &mut group).await;
-        group.clear();
-    }
-}
-
+/// Runs one group in one transaction and answers its jobs.
 pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
+    if group
+        .iter()
+        .all(|(j, _)| crate::group::is_plain_transfer(j))
+    {
+        run_unguarded(core, group, true).await;
+        return;
+    }
     if group.len() == 1 {
         if let Some((job, reply_to)) = group.pop() {
             let r = run_single(core, job).await;
@@ -460,7 +460,7 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
         return;
     }
     if group.iter().all(|(j, _)| matches!(j.op, Op::Batch(_))) {
-        run_batches(core, group).await;
+        run_unguarded(core, group, false).await;
         return;
     }
     let Some(mut tx) = begin_group(core, group).await else {
@@ -492,7 +492,13 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             .count();
         if run > 1 {
             let slice = &jobs[i..i + run];
-            match crate::group::run_transfers(core, &mut tx, slice, &prefetched).await {
+            let fast = async {
+                let (outcomes, mut audits) =
+                    crate::group::run_transfers(core, &mut tx, slice, &prefetched).await?;
+                crate::group::append_audits(core, &mut tx, slice, &mut audits).await?;
+                Ok::<_, LedgerError>(outcomes)
+            };
+            match fast.await {
                 Ok(outcomes) => {
                     if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
                         .await
@@ -546,10 +552,15 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     answer_group(group, results, committed);
 }
 
-/// Opens a group's transaction; if that fails, every job of the group is answered
-/// with the error and `None` is returned.
+/// Opens a group's exclusive transaction; if that fails, every job of the group is
+/// answered with the error and `None` is returned.
 async fn begin_group(core: &Core, group: &mut Vec<Queued>) -> Option<Tx> {
-    match begin(&core.db).await {
+    let began = begin(&core.db).await;
+    answer_if_failed(group, began)
+}
+
+fn answer_if_failed(group: &mut Vec<Queued>, began: Result<Tx, LedgerError>) -> Option<Tx> {
+    match began {
         Ok(tx) => Some(tx),
         Err(e) => {
             tracing::error!(error = %e, "group commit: begin failed");
@@ -584,14 +595,25 @@ fn answer_group(
     }
 }
 
-/// A group of batches only, run with no savepoints. A batch either fails before it
-/// writes anything (a refusal: its outcome is its answer) or succeeds, so a savepoint
-/// per job only matters for an unexpected error; then the whole group is rolled back
-/// and its jobs run one by one, each in its own transaction, so the failing job still
-/// fails alone and stores nothing. On SQLite an open savepoint copies every page the
-/// batch touches into the sub-journal: 7% of the writer thread in `perf` under batch load.
-async fn run_batches(core: &Core, group: &mut Vec<Queued>) {
-    let Some(mut tx) = begin_group(core, group).await else {
+/// A group of batches only, or of plain transfers only (`plain`), run with no
+/// savepoints. A batch, and the plain-transfer fast path, either refuse before writing
+/// anything (the refusal is the answer) or succeed, so a savepoint per job only
+/// matters for an unexpected error; then the whole group is rolled back and its jobs
+/// run one by one, each in its own transaction, so the failing job still fails alone
+/// and stores nothing. Savepoints cost two round trips per group on PostgreSQL, and on
+/// SQLite an open savepoint copies every page the group touches into the sub-journal
+/// (7% of the writer thread in `perf` under batch load).
+///
+/// A plain group holds the write lock shared and takes the chain lock only for its
+/// audit append, after its row locks and its idempotency keys: two plain groups over
+/// different accounts (see `committer`) run side by side on PostgreSQL up to there.
+async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
+    let began = if plain {
+        begin_plain(&core.db).await
+    } else {
+        begin(&core.db).await
+    };
+    let Some(mut tx) = answer_if_failed(group, began) else {
         return;
     };
     let attempt = async {
@@ -599,19 +621,33 @@ async fn run_batches(core: &Core, group: &mut Vec<Queued>) {
         let prefetched = prefetch_keys(&core.db, &mut tx, &jobs).await?;
         let mut replies = Vec::with_capacity(jobs.len());
         let mut new_keys = Vec::new();
-        for job in &jobs {
-            let (reply, key) = exec_job(core, &mut tx, job, Some(&prefetched)).await?;
-            new_keys.extend(key);
-            replies.push(reply);
+        if plain {
+            let (outcomes, mut audits) =
+                crate::group::run_transfers(core, &mut tx, &jobs, &prefetched).await?;
+            for (reply, key) in outcomes {
+                new_keys.extend(key);
+                replies.push(reply);
+            }
+            store_keys(&core.db, &mut tx, &new_keys).await?;
+            if !audits.is_empty() {
+                lock_chain(&core.db, &mut tx).await?;
+                crate::group::append_audits(core, &mut tx, &jobs, &mut audits).await?;
+            }
+        } else {
+            for job in &jobs {
+                let (reply, key) = exec_job(core, &mut tx, job, Some(&prefetched)).await?;
+                new_keys.extend(key);
+                replies.push(reply);
+            }
+            store_keys(&core.db, &mut tx, &new_keys).await?;
         }
-        store_keys(&core.db, &mut tx, &new_keys).await?;
         Ok::<_, LedgerError>(replies)
     }
     .await;
     let replies = match attempt {
         Ok(replies) => replies,
         Err(e) => {
-            tracing::warn!(error = %e, jobs = group.len(), "group commit: a batch failed; retrying the group's jobs one by one");
+            tracing::warn!(error = %e, jobs = group.len(), "group commit failed unexpectedly; retrying its jobs one by one");
             let _ = tx.rollback().await;
             for (job, reply_to) in group.drain(..) {
                 let r = run_single(core, job).await;

@@ -54,14 +54,20 @@ struct Failure {
     detail: String,
 }
 
+/// The audit entries of a run, appended by [`append_audits`]: (job index, transfer id,
+/// metadata) per posted transfer.
+pub(crate) type RunAudits = Vec<(usize, String, serde_json::Value)>;
+
 /// Runs `jobs` (all plain transfers, in queue order) inside `tx`. Returns one outcome
-/// per job, in order; `Err` means the caller must roll back everything this wrote.
+/// per job, in order, and the run's audit entries, which the caller must append with
+/// [`append_audits`] in the same transaction (after its own last row lock: see
+/// `engine`'s lock order); `Err` means the caller must roll back everything this wrote.
 pub(crate) async fn run_transfers(
     core: &Core,
     tx: &mut Tx,
     jobs: &[&Job],
     prefetched: &Prefetched,
-) -> Result<Vec<(Reply, Option<NewKey>)>, LedgerError> {
+) -> Result<(Vec<(Reply, Option<NewKey>)>, RunAudits), LedgerError> {
     // Idempotency first: replays and reused keys are answered without running.
     let mut outcomes: Vec<Option<(Reply, Option<NewKey>)>> = Vec::with_capacity(jobs.len());
     let mut fingerprints: Vec<String> = Vec::with_capacity(jobs.len());
@@ -174,31 +180,49 @@ pub(crate) async fn run_transfers(
         write_balances(&core.db, tx, &accts, &postings, now).await?;
         write_failures(&core.db, tx, &failures, now).await?;
     }
-    if !audits.is_empty() {
-        let entries: Vec<_> = audits
-            .iter()
-            .map(|(i, ti, meta)| {
-                (
-                    &jobs[*i].origin,
-                    NewAudit::success("ledger.transfer.posted")
-                        .actor(&jobs[*i].actor.user_id)
-                        .resource(&transfers[*ti].id)
-                        .metadata(meta.clone()),
-                )
-            })
-            .collect();
-        audit::append_many(&core.db, tx, &entries).await?;
-    }
     if !combined {
         write_outbox(&core.db, tx, &bodies, now).await?;
     }
     metrics::counter!("ledger_transfers_total", "kind" => "transfer")
         .increment(transfers.len() as u64);
 
-    outcomes
+    let audits = audits
+        .into_iter()
+        .map(|(i, ti, meta)| (i, transfers[ti].id.clone(), meta))
+        .collect();
+    let outcomes = outcomes
         .into_iter()
         .map(|o| o.ok_or_else(|| LedgerError::Internal("fast path lost a job".into())))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((outcomes, audits))
+}
+
+/// Appends a run's audit entries (one `ledger.transfer.posted` per posted transfer)
+/// with one multi-row insert. The transaction must hold the chain lock.
+pub(crate) async fn append_audits(
+    core: &Core,
+    tx: &mut Tx,
+    jobs: &[&Job],
+    audits: &mut RunAudits,
+) -> Result<(), LedgerError> {
+    if audits.is_empty() {
+        return Ok(());
+    }
+    let mut entries = Vec::with_capacity(audits.len());
+    for (i, id, meta) in audits.iter_mut() {
+        let job = jobs
+            .get(*i)
+            .ok_or_else(|| LedgerError::Internal("audit entry without its job".into()))?;
+        entries.push((
+            &job.origin,
+            NewAudit::success("ledger.transfer.posted")
+                .actor(&job.actor.user_id)
+                .resource(id)
+                .metadata(std::mem::take(meta)),
+        ));
+    }
+    audit::append_many_locked(&core.db, tx, &entries).await?;
+    Ok(())
 }
 
 /// Everything a run writes besides its audit entries.

@@ -526,3 +526,70 @@ async fn a_storage_error_in_a_batch_group_fails_only_its_job() {
         assert!(report.is_consistent(), "{backend:?}: {report}");
     }
 }
+
+/// Two plain groups over different accounts and an exclusive group (a deposit) run at
+/// the same time, as the committer's two lanes do on PostgreSQL (shared write lock, chain
+/// lock taken last; the deposit waits for the write lock): every transfer is applied
+/// once, and the ledger, audit chain included, verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_groups_side_by_side_keep_every_invariant() {
+    for backend in vaultpay_store::testing::backends() {
+        let core = setup(backend).await;
+        let admin = Actor::new("admin", vec!["admin".into()], "");
+        let alice = Actor::new("alice", vec!["customer".into()], "");
+        let mut acct = Vec::new();
+        for _ in 0..4 {
+            acct.push(open(&core, &alice).await);
+        }
+        for (i, a) in acct.iter().enumerate() {
+            let r = run_single(&core, job(&admin, &format!("d{i}"), deposit(a, 1_000)))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 201, "{}", r.body);
+        }
+        for round in 0..10 {
+            let left: Vec<Job> = (0..8)
+                .map(|i| {
+                    job(
+                        &alice,
+                        &format!("l{round}-{i}"),
+                        tr(&acct[0], &acct[1], 3, "l"),
+                    )
+                })
+                .collect();
+            let right: Vec<Job> = (0..8)
+                .map(|i| {
+                    job(
+                        &alice,
+                        &format!("r{round}-{i}"),
+                        tr(&acct[2], &acct[3], 5, "r"),
+                    )
+                })
+                .collect();
+            let excl = vec![job(&admin, &format!("x{round}"), deposit(&acct[1], 7))];
+            let (l, r, x) =
+                tokio::join!(group(&core, left), group(&core, right), group(&core, excl));
+            for out in l.iter().chain(&r).chain(&x) {
+                assert_eq!(out.as_ref().unwrap().status, 201, "{backend:?}");
+            }
+        }
+        assert_eq!(
+            balance(&core, &acct[0]).await,
+            1_000 - 10 * 8 * 3,
+            "{backend:?}"
+        );
+        assert_eq!(balance(&core, &acct[1]).await, 1_000 + 10 * (8 * 3 + 7));
+        assert_eq!(balance(&core, &acct[2]).await, 1_000 - 10 * 8 * 5);
+        assert_eq!(balance(&core, &acct[3]).await, 1_000 + 10 * 8 * 5);
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{backend:?}: {report}");
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM audit_log WHERE action = 'ledger.transfer.posted'"
+            )
+            .await,
+            160
+        );
+    }
+}

@@ -11,6 +11,7 @@
 
 mod admin;
 mod background;
+mod committer;
 mod engine;
 mod error;
 mod group;
@@ -216,14 +217,28 @@ impl Ledger {
                 Ok(rt) => {
                     let spawned = std::thread::Builder::new()
                         .name("ledger-committer".into())
-                        .spawn(move || rt.block_on(engine::committer(core, rx)));
+                        .spawn(move || {
+                            rt.block_on(async move {
+                                // Its own connections too, opened on this runtime (see
+                                // `Db::with_own_writer`): one per lane, and a spare for
+                                // a group's one-by-one fallback.
+                                let db = core.db.with_own_writer(3);
+                                let own = Arc::new(Core {
+                                    db: db.clone(),
+                                    config: core.config.clone(),
+                                });
+                                drop(core);
+                                committer::committer(own, rx).await;
+                                db.close_writer().await;
+                            })
+                        });
                     if let Err(e) = spawned {
                         tracing::error!(error = %e, "could not start the committer thread");
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "committer runtime unavailable; using the shared runtime");
-                    tokio::spawn(engine::committer(core, rx));
+                    tokio::spawn(committer::committer(core, rx));
                 }
             }
             tx

@@ -393,7 +393,7 @@ async fn record(
     if let Some(a) = actor {
         entry = entry.actor(a);
     }
-    audit::append(db, tx, origin, entry).await?;
+    audit::append_locked(db, tx, origin, entry).await?;
     let payload = serde_json::to_value(t.to_wire()).unwrap_or_default();
     outbox(tx, action, &payload, t.updated_at).await
 }
@@ -429,7 +429,7 @@ async fn open_account(
     )
     .await?;
     let meta = serde_json::json!({"currency": a.currency, "kind": a.kind});
-    audit::append(
+    audit::append_locked(
         &core.db,
         tx,
         origin,
@@ -989,7 +989,7 @@ async fn batch(
             .filter_map(|i| i.transfer.as_ref().map(|t| t.id.as_str()))
             .collect();
         let meta = serde_json::json!({"batch_id": batch_id, "succeeded": succeeded, "failed": failed, "transfers": ids});
-        audit::append(
+        audit::append_locked(
             &core.db,
             tx,
             &job.origin,

@@ -64,7 +64,8 @@ struct Inner {
     backend: Backend,
     service: Service,
     /// The last audit entry this process wrote (seq, hash): a hint, always re-checked.
-    audit_head: parking_lot::Mutex<Option<(i64, String)>>,
+    /// Shared with the handles [`Db::with_own_writer`] derives.
+    audit_head: Arc<parking_lot::Mutex<Option<(i64, String)>>>,
     /// SQLite: stops the background checkpointer (see [`checkpointer`]).
     checkpointer: parking_lot::Mutex<Option<Checkpointer>>,
 }
@@ -299,6 +300,67 @@ impl Db {
             Backend::Postgres => self.inner.writer.begin().await?,
         };
         Ok(tx)
+    }
+
+    /// Starts a write transaction holding the locks named by `exclusive` and (shared
+    /// mode) by `shared`, taken in that order (see [`Db::lock`]). On PostgreSQL the
+    /// `BEGIN` and the locks go out as one simple query: one round trip.
+    pub async fn begin_locked(&self, exclusive: &[i64], shared: &[i64]) -> Result<Tx, StoreError> {
+        match self.inner.backend {
+            Backend::Sqlite => self.begin().await,
+            Backend::Postgres => {
+                use std::fmt::Write as _;
+                let base = self.inner.service.lock_base();
+                let mut sql = String::from("BEGIN;");
+                for key in exclusive {
+                    let _ = write!(sql, " SELECT pg_advisory_xact_lock({});", base + key);
+                }
+                for key in shared {
+                    let _ = write!(sql, " SELECT pg_advisory_xact_lock_shared({});", base + key);
+                }
+                Ok(self.inner.writer.begin_with(sql).await?)
+            }
+        }
+    }
+
+    /// A handle to the same database whose writes go through a small pool of their own,
+    /// created lazily by the runtime that first uses it (PostgreSQL; on SQLite, with its
+    /// one writer connection, this same handle). A connection's socket is driven by the
+    /// runtime it was opened on: the ledger's committer, which has a thread and a runtime
+    /// of its own, would otherwise get each database reply only when the busy shared
+    /// runtime next polls its IO driver (~0.5 ms per round trip under load, measured).
+    /// Must be called inside the runtime that will use it. Close it with
+    /// [`Db::close_writer`] (the reader and the rest stay the parent's).
+    pub fn with_own_writer(&self, max_connections: u32) -> Db {
+        if self.inner.backend == Backend::Sqlite {
+            return self.clone();
+        }
+        let opts = self.inner.writer.options();
+        // No ping before each acquire (a round trip per transaction): these connections
+        // are in constant use, and a dead one fails its transaction, which the pool then
+        // drops; the ledger answers such a failure as retryable, nothing committed.
+        let writer = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(opts.get_acquire_timeout())
+            .test_before_acquire(false)
+            .connect_lazy_with((*self.inner.writer.connect_options()).clone());
+        Db {
+            inner: Arc::new(Inner {
+                writer,
+                reader: self.inner.reader.clone(),
+                backend: self.inner.backend,
+                service: self.inner.service,
+                audit_head: self.inner.audit_head.clone(),
+                checkpointer: Default::default(),
+            }),
+        }
+    }
+
+    /// Closes the write pool only (for a handle from [`Db::with_own_writer`]).
+    pub async fn close_writer(&self) {
+        if self.inner.backend == Backend::Postgres {
+            self.inner.writer.close().await;
+        }
     }
 
     /// Suffix that locks the selected rows until commit (`FOR UPDATE` on PostgreSQL;

@@ -66,14 +66,16 @@ pub(crate) async fn account_action(
     save_account(&mut tx, &a).await?;
     let topic = format!("ledger.account.{}", action.name());
     let meta = serde_json::json!({"reason": reason, "from": prev, "to": next});
-    audit::append_locked(
+    audit::append_many_locked(
         &core.db,
         &mut tx,
-        origin,
-        NewAudit::success(&topic)
-            .actor(&actor.user_id)
-            .resource(&a.id)
-            .metadata(meta),
+        &[(
+            origin,
+            NewAudit::success(&topic)
+                .actor(&actor.user_id)
+                .resource(&a.id)
+                .metadata(meta),
+        )],
     )
     .await?;
     outbox(

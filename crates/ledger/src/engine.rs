@@ -235,7 +235,7 @@ pub(crate) fn check_key(key: &str) -> Result<(), LedgerError> {
 
 /// Begins an exclusive write transaction: it holds the write lock and the chain lock
 /// (see the module docs), so every ledger audit append inside it may use
-/// `audit::append_locked`.
+/// `audit::append_many_locked`.
 pub(crate) async fn begin(db: &Db) -> Result<Tx, LedgerError> {
     Ok(db.begin_locked(&[WRITE_LOCK, CHAIN_LOCK], &[]).await?)
 }

@@ -393,7 +393,7 @@ async fn record(
     if let Some(a) = actor {
         entry = entry.actor(a);
     }
-    audit::append_locked(db, tx, origin, entry).await?;
+    audit::append_many_locked(db, tx, &[(origin, entry)]).await?;
     let payload = serde_json::to_value(t.to_wire()).unwrap_or_default();
     outbox(tx, action, &payload, t.updated_at).await
 }
@@ -429,14 +429,16 @@ async fn open_account(
     )
     .await?;
     let meta = serde_json::json!({"currency": a.currency, "kind": a.kind});
-    audit::append_locked(
+    audit::append_many_locked(
         &core.db,
         tx,
-        origin,
-        NewAudit::success("ledger.account.opened")
-            .actor(&actor.user_id)
-            .resource(&a.id)
-            .metadata(meta),
+        &[(
+            origin,
+            NewAudit::success("ledger.account.opened")
+                .actor(&actor.user_id)
+                .resource(&a.id)
+                .metadata(meta),
+        )],
     )
     .await?;
     let payload = serde_json::json!({"account_id": a.id, "owner_id": a.owner_id, "currency": a.currency, "kind": a.kind});
@@ -989,14 +991,16 @@ async fn batch(
             .filter_map(|i| i.transfer.as_ref().map(|t| t.id.as_str()))
             .collect();
         let meta = serde_json::json!({"batch_id": batch_id, "succeeded": succeeded, "failed": failed, "transfers": ids});
-        audit::append_locked(
+        audit::append_many_locked(
             &core.db,
             tx,
-            &job.origin,
-            NewAudit::success("ledger.batch.posted")
-                .actor(&job.actor.user_id)
-                .resource(&batch_id)
-                .metadata(meta.clone()),
+            &[(
+                &job.origin,
+                NewAudit::success("ledger.batch.posted")
+                    .actor(&job.actor.user_id)
+                    .resource(&batch_id)
+                    .metadata(meta.clone()),
+            )],
         )
         .await?;
         outbox(tx, "ledger.batch.posted", &meta, now_micros()).await?;

@@ -96,16 +96,6 @@ pub async fn append(
     append_many(db, tx, &[(origin, new)]).await
 }
 
-/// [`append`] in a transaction that already holds [`CHAIN_LOCK`].
-pub async fn append_locked(
-    db: &Db,
-    tx: &mut Tx,
-    origin: &Origin,
-    new: NewAudit<'_>,
-) -> Result<i64, StoreError> {
-    append_many_locked(db, tx, &[(origin, new)]).await
-}
-
 /// Appends several entries, in order, within `tx` with one multi-row statement (the
 /// group writers use it: one audit round trip per group, not per change). Returns the
 /// sequence number of the last one; an empty slice appends nothing and returns 0.
@@ -121,8 +111,9 @@ pub async fn append_many(
     append_many_locked(db, tx, items).await
 }
 
-/// [`append_many`] in a transaction that already holds [`CHAIN_LOCK`] (opened with
-/// `db.begin_locked(CHAIN_LOCK)`): saves the lock's round trip on PostgreSQL.
+/// [`append_many`] (or, with one item, [`append`]) in a transaction that already holds
+/// [`CHAIN_LOCK`], e.g. opened with `db.begin_locked(&[CHAIN_LOCK], &[])`: saves the
+/// lock's round trip on PostgreSQL.
 pub async fn append_many_locked(
     db: &Db,
     tx: &mut Tx,

@@ -225,19 +225,7 @@ impl AuthService {
         purpose: &str,
         ttl_secs: i64,
     ) -> Result<String, AuthError> {
-        let token = opaque_token();
-        let now = now_micros();
-        sqlx::query(
-            "INSERT INTO email_tokens (token_hash, user_id, purpose, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(sha256_hex(token.as_bytes()))
-        .bind(user_id)
-        .bind(purpose)
-        .bind(now)
-        .bind(now + secs(ttl_secs))
-        .execute(self.inner.db.writer())
-        .await?;
-        Ok(token)
+        insert_email_token(self.inner.db.writer(), user_id, purpose, ttl_secs, None).await
     }
 
     async fn send_verification(&self, user_id: &str, email: &str) -> Result<(), AuthError> {
@@ -409,14 +397,7 @@ impl AuthService {
         .execute(&mut **tx)
         .await?;
         // Reset links mailed before this change must not change the password again.
-        sqlx::query(
-            "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = 'reset' AND used_at IS NULL",
-        )
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        void_email_tokens(tx, user_id, "reset", now).await
     }
 
     pub(crate) async fn user_inputs(&self, user_id: &str) -> Result<(String, String), AuthError> {
@@ -696,6 +677,54 @@ impl AuthService {
             generated_password: generated.then_some(password),
         }))
     }
+}
+
+/// Stores a new single-use email token of `purpose` (hashed; `payload` travels with
+/// it) and returns the token to mail. `exec` is the pool or an open transaction.
+pub(crate) async fn insert_email_token<'e, E>(
+    exec: E,
+    user_id: &str,
+    purpose: &str,
+    ttl_secs: i64,
+    payload: Option<&str>,
+) -> Result<String, AuthError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let token = opaque_token();
+    let now = now_micros();
+    sqlx::query(
+        "INSERT INTO email_tokens (token_hash, user_id, purpose, created_at, expires_at, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(sha256_hex(token.as_bytes()))
+    .bind(user_id)
+    .bind(purpose)
+    .bind(now)
+    .bind(now + secs(ttl_secs))
+    .bind(payload)
+    .execute(exec)
+    .await?;
+    Ok(token)
+}
+
+/// Marks every unused email token of `purpose` for `user_id` used, so links mailed
+/// earlier stop working.
+pub(crate) async fn void_email_tokens(
+    tx: &mut vaultpay_store::Tx,
+    user_id: &str,
+    purpose: &str,
+    now: i64,
+) -> Result<(), AuthError> {
+    sqlx::query(
+        "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .bind(purpose)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,11 +10,11 @@
 //! JSON {token}) switches the address, marks it verified and audits the change, in
 //! one transaction. A newer request voids the pending link of an older one.
 
+use crate::accounts::{insert_email_token, void_email_tokens};
 use crate::mfa::StepUpOp;
 use crate::{AuthError, AuthService};
 use sqlx::Row;
-use vaultpay_core::crypto::{opaque_token, sha256_hex};
-use vaultpay_core::time::{now_micros, secs};
+use vaultpay_core::time::now_micros;
 use vaultpay_proto::auth as wire;
 use vaultpay_store::audit::{append, NewAudit};
 use vaultpay_web::{Ctx, Principal};
@@ -70,31 +70,12 @@ impl AuthService {
             self.inner.cfg.rate_limits.reset_per_account,
         )
         .await?;
-        let token = opaque_token();
         let now = now_micros();
         let ttl = self.inner.cfg.email_verify_ttl_secs;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        sqlx::query(
-            "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL",
-        )
-        .bind(now)
-        .bind(user_id)
-        .bind(PURPOSE)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO email_tokens (token_hash, user_id, purpose, created_at, expires_at, payload) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(sha256_hex(token.as_bytes()))
-        .bind(user_id)
-        .bind(PURPOSE)
-        .bind(now)
-        .bind(now + secs(ttl))
-        .bind(&new_email)
-        .execute(&mut *tx)
-        .await?;
+        void_email_tokens(&mut tx, user_id, PURPOSE, now).await?;
+        let token = insert_email_token(&mut *tx, user_id, PURPOSE, ttl, Some(&new_email)).await?;
         append(
             db,
             &mut tx,
@@ -170,13 +151,7 @@ impl AuthService {
             }
         }
         // verification links mailed to the old address must not verify the new one
-        sqlx::query(
-            "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = 'verify' AND used_at IS NULL",
-        )
-        .bind(now)
-        .bind(&user_id)
-        .execute(&mut *tx)
-        .await?;
+        void_email_tokens(&mut tx, &user_id, "verify", now).await?;
         append(
             db,
             &mut tx,

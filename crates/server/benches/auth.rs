@@ -301,52 +301,54 @@ async fn me_open_loop(c: &Arc<Client>, backend: Backend) {
         .unwrap()
         .to_owned();
     let token = Arc::new(token);
-    let c2 = c.clone();
-    let c = c.clone();
     let (rate, secs) = (1000, 10);
+    get_open_loop(
+        c,
+        "/v1/me",
+        Some(token),
+        rate,
+        secs,
+        &format!("[{backend:?}] get_me_open_loop at {rate}/s for {secs}s"),
+    )
+    .await;
+    // The floor under that number: the same open loop against /healthz (no token, no
+    // database), so what /v1/me itself adds can be told from the harness and the VM.
+    get_open_loop(
+        c,
+        "/healthz",
+        None,
+        rate,
+        secs,
+        &format!("[{backend:?}] get_healthz_open_loop (baseline) at {rate}/s for {secs}s"),
+    )
+    .await;
+}
+
+/// An open loop of `GET {path}` (with the bearer token, if any) at `rate`/s for `secs`.
+async fn get_open_loop(
+    c: &Arc<Client>,
+    path: &'static str,
+    token: Option<Arc<String>>,
+    rate: u64,
+    secs: u64,
+    label: &str,
+) {
+    let c = c.clone();
     let (lat, errors) = open_loop(rate, secs, move || {
         let (c, token) = (c.clone(), token.clone());
         async move {
-            let r = c
-                .http
-                .get(format!("{}/v1/me", c.base))
-                .bearer_auth(&*token)
-                .send()
-                .await
-                .unwrap();
+            let mut req = c.http.get(format!("{}{path}", c.base));
+            if let Some(t) = &token {
+                req = req.bearer_auth(&**t);
+            }
+            let r = req.send().await.unwrap();
             let ok = r.status().is_success();
             let _ = r.bytes().await;
             ok
         }
     })
     .await;
-    print_open_loop(
-        &format!("[{backend:?}] get_me_open_loop at {rate}/s for {secs}s"),
-        &lat,
-        errors,
-    );
-    // The floor under that number: the same open loop against /healthz (no token, no
-    // database), so what /v1/me itself adds can be told from the harness and the VM.
-    let (lat, errors) = open_loop(rate, secs, move || {
-        let c = c2.clone();
-        async move {
-            let r = c
-                .http
-                .get(format!("{}/healthz", c.base))
-                .send()
-                .await
-                .unwrap();
-            let ok = r.status().is_success();
-            let _ = r.bytes().await;
-            ok
-        }
-    })
-    .await;
-    print_open_loop(
-        &format!("[{backend:?}] get_healthz_open_loop (baseline) at {rate}/s for {secs}s"),
-        &lat,
-        errors,
-    );
+    print_open_loop(label, &lat, errors);
 }
 
 fn print_open_loop(label: &str, lat: &[f64], errors: usize) {

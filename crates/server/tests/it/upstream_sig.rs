@@ -289,12 +289,13 @@ async fn assert_refused(
     assert_eq!(footprint(down).await, before, "{what}");
 }
 
-#[tokio::test]
-async fn upstream_oidc_id_token_signature_is_verified() {
-    each_backend!(signature_case);
-}
-
-async fn signature_case(backend: Backend) {
+/// A downstream server whose upstream provider `name` is a mock IdP serving `rsa-1`
+/// (the fixture RSA key), and a registered web client.
+async fn with_mock_idp(
+    backend: Backend,
+    name: &'static str,
+    display: &'static str,
+) -> (RsaKeyPair, Arc<MockIdp>, TestApp, OClient) {
     let rsa = rsa_key();
     let idp = MockIdp::start(vec![rsa_jwk("rsa-1", &rsa)]).await;
     let i = idp.clone();
@@ -302,11 +303,21 @@ async fn signature_case(backend: Backend) {
         c.auth
             .oauth
             .upstream
-            .insert("mock".into(), upstream(&i, "Mock IdP"));
+            .insert(name.into(), upstream(&i, display));
     })
     .await;
     let admin = down.admin().await.access;
     let web = web_client(&down, &admin).await;
+    (rsa, idp, down, web)
+}
+
+#[tokio::test]
+async fn upstream_oidc_id_token_signature_is_verified() {
+    each_backend!(signature_case);
+}
+
+async fn signature_case(backend: Backend) {
+    let (rsa, idp, down, web) = with_mock_idp(backend, "mock", "Mock IdP").await;
 
     // A valid RS256 ID token: signed in, with an account and a link.
     let start = footprint(&down).await;
@@ -477,18 +488,7 @@ async fn upstream_oidc_key_rotation_is_picked_up() {
 }
 
 async fn rotation_case(backend: Backend) {
-    let rsa = rsa_key();
-    let idp = MockIdp::start(vec![rsa_jwk("rsa-1", &rsa)]).await;
-    let i = idp.clone();
-    let down = crate::oauth::spawn_addressed(backend, move |c| {
-        c.auth
-            .oauth
-            .upstream
-            .insert("rot".into(), upstream(&i, "Rotating IdP"));
-    })
-    .await;
-    let admin = down.admin().await.access;
-    let web = web_client(&down, &admin).await;
+    let (rsa, idp, down, web) = with_mock_idp(backend, "rot", "Rotating IdP").await;
     let a = attempt(&down, &web, &idp, "rot", |n| {
         rs256("rsa-1", &rsa, &idp.claims(n, "carol"))
     })

@@ -109,6 +109,21 @@ async fn setup(backend: Backend) -> Core {
     }
 }
 
+/// A fresh ledger with alice and two of her accounts: `a` with 100 (deposited by an
+/// admin), `b` empty.
+async fn two_accounts(backend: Backend) -> (Core, Actor, String, String) {
+    let core = setup(backend).await;
+    let admin = Actor::new("admin", vec!["admin".into()], "");
+    let alice = Actor::new("alice", vec!["customer".into()], "");
+    let a = open(&core, &alice).await;
+    let b = open(&core, &alice).await;
+    let r = run_single(&core, job(&admin, "d0", deposit(&a, 100)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    (core, alice, a, b)
+}
+
 /// One group mixing successes, refusals (in-memory checks against the group's running
 /// balances), a replay, a reused key and a deposit that splits the transfers into two
 /// runs: every outcome matches what one-by-one execution gives, and every success has
@@ -266,26 +281,8 @@ async fn a_group_of_transfers_matches_one_by_one_semantics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_error_in_a_run_fails_only_its_job() {
     for backend in vaultpay_store::testing::backends() {
-        let core = setup(backend).await;
-        let admin = Actor::new("admin", vec!["admin".into()], "");
-        let alice = Actor::new("alice", vec!["customer".into()], "");
-        let a = open(&core, &alice).await;
-        let b = open(&core, &alice).await;
-        run_single(&core, job(&admin, "d0", deposit(&a, 100)))
-            .await
-            .unwrap();
-        let sqls: &[&str] = match backend {
-            Backend::Sqlite => &["CREATE TRIGGER boom BEFORE INSERT ON transfers WHEN NEW.description = 'boom' \
-                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
-            Backend::Postgres => &[
-                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NEW.description = 'boom' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END; $$",
-                "CREATE TRIGGER boom BEFORE INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION boom()",
-            ],
-        };
-        for s in sqls {
-            sqlx::raw_sql(s).execute(core.db.writer()).await.unwrap();
-        }
+        let (core, alice, a, b) = two_accounts(backend).await;
+        install_boom(&core, backend).await;
         let out = group(
             &core,
             vec![
@@ -362,14 +359,7 @@ async fn install_boom(core: &Core, backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_batches_matches_one_by_one_semantics() {
     for backend in vaultpay_store::testing::backends() {
-        let core = setup(backend).await;
-        let admin = Actor::new("admin", vec!["admin".into()], "");
-        let alice = Actor::new("alice", vec!["customer".into()], "");
-        let a = open(&core, &alice).await;
-        let b = open(&core, &alice).await;
-        run_single(&core, job(&admin, "d0", deposit(&a, 100)))
-            .await
-            .unwrap();
+        let (core, alice, a, b) = two_accounts(backend).await;
         let mixed = batch(
             false,
             vec![
@@ -451,14 +441,7 @@ async fn a_group_of_batches_matches_one_by_one_semantics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_error_in_a_batch_group_fails_only_its_job() {
     for backend in vaultpay_store::testing::backends() {
-        let core = setup(backend).await;
-        let admin = Actor::new("admin", vec!["admin".into()], "");
-        let alice = Actor::new("alice", vec!["customer".into()], "");
-        let a = open(&core, &alice).await;
-        let b = open(&core, &alice).await;
-        run_single(&core, job(&admin, "d0", deposit(&a, 100)))
-            .await
-            .unwrap();
+        let (core, alice, a, b) = two_accounts(backend).await;
         install_boom(&core, backend).await;
         let out = group(
             &core,

@@ -621,17 +621,15 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
         let prefetched = prefetch_keys(&core.db, &mut tx, &jobs).await?;
         let mut replies = Vec::with_capacity(jobs.len());
         let mut new_keys = Vec::new();
+        // A plain group's audit entries wait for its keys (see the lock order).
+        let mut audits = crate::group::RunAudits::new();
         if plain {
-            let (outcomes, mut audits) =
+            let (outcomes, run_audits) =
                 crate::group::run_transfers(core, &mut tx, &jobs, &prefetched).await?;
+            audits = run_audits;
             for (reply, key) in outcomes {
                 new_keys.extend(key);
                 replies.push(reply);
-            }
-            store_keys(&core.db, &mut tx, &new_keys).await?;
-            if !audits.is_empty() {
-                lock_chain(&core.db, &mut tx).await?;
-                crate::group::append_audits(core, &mut tx, &jobs, &mut audits).await?;
             }
         } else {
             for job in &jobs {
@@ -639,7 +637,11 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
                 new_keys.extend(key);
                 replies.push(reply);
             }
-            store_keys(&core.db, &mut tx, &new_keys).await?;
+        }
+        store_keys(&core.db, &mut tx, &new_keys).await?;
+        if !audits.is_empty() {
+            lock_chain(&core.db, &mut tx).await?;
+            crate::group::append_audits(core, &mut tx, &jobs, &mut audits).await?;
         }
         Ok::<_, LedgerError>(replies)
     }

@@ -276,6 +276,26 @@ async fn a_group_of_transfers_matches_one_by_one_semantics() {
     }
 }
 
+/// Of three jobs, the first and last answered `ok` and the middle one failed with a
+/// server error and stored no idempotency key (`k2`).
+async fn failed_alone(core: &Core, out: &[Result<Reply, LedgerError>], ok: u16) {
+    assert_eq!(out[0].as_ref().unwrap().status, ok);
+    assert!(
+        matches!(out[1], Err(ref e) if e.is_server_error()),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(out[2].as_ref().unwrap().status, ok);
+    assert_eq!(
+        count(
+            core,
+            "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'k2'"
+        )
+        .await,
+        0
+    );
+}
+
 /// A database error inside a run of transfers fails only the job that caused it: the
 /// run is rolled back and retried job by job, and the failed job stores nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,22 +312,8 @@ async fn a_storage_error_in_a_run_fails_only_its_job() {
             ],
         )
         .await;
-        assert_eq!(out[0].as_ref().unwrap().status, 201);
-        assert!(
-            matches!(out[1], Err(ref e) if e.is_server_error()),
-            "{:?}",
-            out[1]
-        );
-        assert_eq!(out[2].as_ref().unwrap().status, 201);
+        failed_alone(&core, &out, 201).await;
         assert_eq!(balance(&core, &a).await, 60);
-        assert_eq!(
-            count(
-                &core,
-                "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'k2'"
-            )
-            .await,
-            0
-        );
         assert_eq!(
             count(&core, "SELECT COUNT(*) FROM failed_transfers").await,
             0
@@ -460,22 +466,8 @@ async fn a_storage_error_in_a_batch_group_fails_only_its_job() {
             ],
         )
         .await;
-        assert_eq!(out[0].as_ref().unwrap().status, 200);
-        assert!(
-            matches!(out[1], Err(ref e) if e.is_server_error()),
-            "{:?}",
-            out[1]
-        );
-        assert_eq!(out[2].as_ref().unwrap().status, 200);
+        failed_alone(&core, &out, 200).await;
         assert_eq!(balance(&core, &a).await, 59);
-        assert_eq!(
-            count(
-                &core,
-                "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'k2'"
-            )
-            .await,
-            0
-        );
         assert_eq!(
             count(
                 &core,

@@ -4,12 +4,14 @@
 //! Verification refuses, before looking at any claim: a token that is not three
 //! base64url parts, a header whose `alg` is anything but `EdDSA` (so `none` and
 //! HS256-with-the-public-key confusion are impossible), a header with `crit`, a `kid`
-//! not in the key set, and a signature that fails `verify_strict`. Then `exp`, `nbf`,
-//! `iss` and `aud` are checked against the caller's rules and clock.
+//! not in the key set, and a signature that fails verification (strict RFC 8032, with
+//! per-key tables: see [`crate::ed25519`]). Then `exp`, `nbf`, `iss` and `aud` are
+//! checked against the caller's rules and clock.
 
+use crate::ed25519::PreparedKey;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -151,12 +153,12 @@ impl Signer25519 {
 /// Public verification keys by `kid`.
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
-    keys: HashMap<String, VerifyingKey>,
+    keys: HashMap<String, PreparedKey>,
 }
 
 impl KeySet {
     pub fn insert(&mut self, kid: impl Into<String>, public: &[u8; 32]) -> Result<(), JwtError> {
-        let key = VerifyingKey::from_bytes(public).map_err(|_| JwtError::Malformed)?;
+        let key = PreparedKey::new(public).map_err(|_| JwtError::Malformed)?;
         self.keys.insert(kid.into(), key);
         Ok(())
     }
@@ -247,8 +249,9 @@ impl KeySet {
             _ => return Err(JwtError::Signature),
         }
         let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
-        key.verify_strict(signed, &Signature::from_bytes(&sig))
-            .map_err(|_| JwtError::Signature)?;
+        if !key.verify(signed, &sig) {
+            return Err(JwtError::Signature);
+        }
         let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| JwtError::Malformed)?;
         serde_json::from_slice(&payload).map_err(|_| JwtError::Malformed)
     }
@@ -501,6 +504,18 @@ mod tests {
         for t in ["", "a", "a.b", "a.b.c.d", "!!.??.**", "eyJ.eyJ.sig"] {
             assert!(verify(t, &keys, &rules(), NOW).is_err(), "{t}");
         }
+    }
+
+    #[test]
+    fn a_weak_key_cannot_join_a_key_set() {
+        // the identity point: with it, `R = identity, s = 0` would pass for any token
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut keys = KeySet::default();
+        assert_eq!(keys.insert("weak", &identity), Err(JwtError::Malformed));
+        let doc = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "weak",
+            "x": URL_SAFE_NO_PAD.encode(identity)}]});
+        assert_eq!(KeySet::from_jwks(&doc).unwrap_err(), JwtError::Malformed);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod account_number;
 pub mod audit;
 pub mod crypto;
+pub mod ed25519;
 pub mod gcra;
 pub mod jwt;
 pub mod money;

@@ -27,6 +27,8 @@
 
 mod common;
 
+use common::percentile;
+
 use rand::Rng;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -224,7 +226,7 @@ async fn peak(ctx: &Arc<Ctx>, traffic: Traffic) -> (f64, u64, f64, f64) {
     let (p50, p99) = if lat.is_empty() {
         (0.0, 0.0)
     } else {
-        (pct(&lat, 50.0), pct(&lat, 99.0))
+        (percentile(&lat, 50.0), percentile(&lat, 99.0))
     };
     (
         ok.load(Ordering::Relaxed) as f64 / elapsed,
@@ -234,35 +236,22 @@ async fn peak(ctx: &Arc<Ctx>, traffic: Traffic) -> (f64, u64, f64, f64) {
     )
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[(((p / 100.0) * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
-}
-
 /// Open loop at `rate`/s: latency from each request's scheduled time (ms).
-async fn open_loop(ctx: &Arc<Ctx>, rate: f64) -> (f64, f64, f64, u64) {
-    let total = (rate * secs() as f64) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let start = tokio::time::Instant::now() + Duration::from_millis(50);
-    let handles: Vec<_> = (0..total)
-        .map(|i| {
-            let ctx = ctx.clone();
-            let at = start + interval.mul_f64(i as f64);
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                let ok = ctx.transfer(Traffic::Uniform).await;
-                (at.elapsed().as_secs_f64() * 1e3, ok)
-            })
-        })
-        .collect();
-    let mut lat = Vec::with_capacity(handles.len());
-    let mut errors = 0;
-    for h in handles {
-        let (ms, ok) = h.await.unwrap();
-        errors += u64::from(!ok);
-        lat.push(ms);
-    }
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (pct(&lat, 50.0), pct(&lat, 99.0), pct(&lat, 99.9), errors)
+async fn open_loop(ctx: &Arc<Ctx>, rate: f64) -> (f64, f64, f64, usize, f64) {
+    let ctx = ctx.clone();
+    let run = common::open_loop(rate, secs() as f64, move || {
+        let ctx = ctx.clone();
+        async move { ctx.transfer(Traffic::Uniform).await }
+    })
+    .await;
+    let lat = &run.latencies_ms;
+    (
+        percentile(lat, 50.0),
+        percentile(lat, 99.0),
+        percentile(lat, 99.9),
+        run.errors,
+        run.pacer_late_p99_ms,
+    )
 }
 
 fn batch_clients() -> usize {
@@ -375,8 +364,8 @@ fn main() {
                 }
                 if phase("open") {
                     let rate = env_num("VAULTPAY_BENCH_OPEN_RATE").unwrap_or(uniform / 2.0).max(1.0);
-                    let (p50, p99, p999, errors) = open_loop(&ctx, rate).await;
-                    println!("[{backend:?}] [{mode}] open loop at {rate:.0}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, errors {errors}");
+                    let (p50, p99, p999, errors, late) = open_loop(&ctx, rate).await;
+                    println!("[{backend:?}] [{mode}] open loop at {rate:.0}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, errors {errors} (pacer's own lateness p99 {late:.3} ms, included)");
                 }
                 if group_commit && phase("batch") {
                     let b = batches(&ctx).await;

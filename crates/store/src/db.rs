@@ -81,6 +81,41 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// background checkpointer fall behind (SQLite's default is 1,000).
 const WRITER_AUTOCHECKPOINT: u32 = 8192;
 
+/// A pooled PostgreSQL connection idle for at least this long is pinged before use.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
+
+/// When a pool checks a connection before handing it out. sqlx's default pings every
+/// connection on every acquire: one more round trip to the database (and, on SQLite,
+/// two thread switches) in front of every query and transaction. Here a PostgreSQL
+/// connection is pinged only after [`PING_IF_IDLE_FOR`] idle (a restarted server or a
+/// dropped socket is found there, and a dead connection is replaced); one in steady use
+/// that dies fails its query, and sqlx's ping on release then drops it. SQLite
+/// connections live in this process and are never pinged.
+fn acquire_policy(opts: AnyPoolOptions, backend: Backend) -> AnyPoolOptions {
+    ping_if_idle(opts, backend, PING_IF_IDLE_FOR)
+}
+
+fn ping_if_idle(opts: AnyPoolOptions, backend: Backend, idle: Duration) -> AnyPoolOptions {
+    let opts = opts.test_before_acquire(false);
+    match backend {
+        Backend::Sqlite => opts,
+        Backend::Postgres => opts.before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < idle {
+                    return Ok(true);
+                }
+                match sqlx::Connection::ping(conn).await {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        tracing::info!(error = %e, "dropping a pooled connection that failed its ping");
+                        Ok(false)
+                    }
+                }
+            })
+        }),
+    }
+}
+
 /// Copies committed WAL frames into the database file from a connection of its own
 /// (`PRAGMA wal_checkpoint(PASSIVE)`: never blocks the writer or readers), so that the
 /// single writer connection does not do it inside its commits. With the default
@@ -195,7 +230,7 @@ impl Db {
         let (backend, url) = normalise_url(location)?;
         let inner = match backend {
             Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
+                let pool = acquire_policy(AnyPoolOptions::new(), backend)
                     .max_connections(opts.max_connections)
                     .acquire_timeout(opts.acquire_timeout)
                     .connect(&url)
@@ -227,7 +262,7 @@ impl Db {
                     "{pragmas} PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT};"
                 ));
                 let p3 = p2.clone();
-                let writer = AnyPoolOptions::new()
+                let writer = acquire_policy(AnyPoolOptions::new(), backend)
                     .max_connections(1)
                     .acquire_timeout(opts.acquire_timeout.max(Duration::from_secs(30)))
                     .after_connect(move |conn, _| {
@@ -239,7 +274,7 @@ impl Db {
                     })
                     .connect(&url)
                     .await?;
-                let reader = AnyPoolOptions::new()
+                let reader = acquire_policy(AnyPoolOptions::new(), backend)
                     .max_connections(opts.max_connections.clamp(1, 8))
                     .acquire_timeout(opts.acquire_timeout)
                     .after_connect(move |conn, _| {
@@ -423,6 +458,63 @@ impl FromStr for Backend {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// A PostgreSQL connection that died (server restart, dropped socket) is replaced:
+    /// after an idle spell before use (no failed query), and in steady use after at
+    /// most one failed query per pooled connection.
+    #[tokio::test]
+    async fn killed_postgres_connections_are_replaced() {
+        if !crate::testing::backends().contains(&Backend::Postgres) {
+            return;
+        }
+        sqlx::any::install_default_drivers();
+        let url = crate::testing::fresh_location(Backend::Postgres)
+            .await
+            .unwrap();
+        let kill_others = || async {
+            let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+                .await
+                .unwrap();
+            sqlx::query(
+                "SELECT CAST(COUNT(pg_terminate_backend(pid)) AS BIGINT) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        };
+        for (idle, allowed_failures) in [(Duration::ZERO, 0), (PING_IF_IDLE_FOR, 2)] {
+            let pool = ping_if_idle(AnyPoolOptions::new(), Backend::Postgres, idle)
+                .max_connections(2)
+                .connect(&url)
+                .await
+                .unwrap();
+            // two live connections in the pool
+            let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+            drop((a, b));
+            kill_others().await;
+            let mut failures = 0;
+            let mut streak = 0;
+            for _ in 0..20 {
+                match sqlx::query("SELECT 1").execute(&pool).await {
+                    Ok(_) => streak += 1,
+                    Err(_) => {
+                        failures += 1;
+                        streak = 0;
+                    }
+                }
+                if streak == 5 {
+                    break;
+                }
+            }
+            assert_eq!(streak, 5, "the pool recovers (idle ping after {idle:?})");
+            assert!(
+                failures <= allowed_failures,
+                "{failures} failed queries with a ping after {idle:?} idle"
+            );
+            pool.close().await;
+        }
+    }
 
     /// The background checkpointer copies committed WAL frames into the database file
     /// without the writer doing it, and `close` stops it.

@@ -574,6 +574,7 @@ fn main() {
         .unwrap();
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("loadgen")
         .enable_all()
         .build()
         .unwrap();

@@ -14,12 +14,14 @@
 //! Everything here is public data (keys, signatures, messages), so the table lookups
 //! may depend on it (variable time), as any signature verification's may.
 //!
-//! What is accepted is exactly what `ed25519_dalek::VerifyingKey::verify_strict`
-//! accepts, except that a non-canonical encoding of `R` is refused here (signers never
-//! produce one): `s` must be canonical (`s < L`), a small-order public key is refused
-//! when the key is prepared, and a signature whose `R` has small order is refused. The
-//! tests check the verdicts against `verify_strict` on random keys, messages and
-//! tampered signatures, and against RFC 8032's test vectors.
+//! The verdicts are those of `ed25519_dalek::VerifyingKey::verify_strict` (2.2): the
+//! hash covers the public key's bytes as given, `s` must be canonical (`s < L`), `R`
+//! must be byte-equal to the computed point's canonical encoding, a small-order `R` is
+//! refused, and a small-order public key is refused (here when the key is prepared).
+//! The tests check the verdicts against `verify_strict` on random keys, messages and
+//! tampered signatures, on a key with a torsion component, and against RFC 8032's test
+//! vectors, and check the table arithmetic against curve25519-dalek's scalar
+//! multiplication, torsion included.
 
 use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
@@ -70,7 +72,8 @@ impl CombTable {
         let bytes = s.as_bytes();
         let mut carry = 0i16;
         for (i, &byte) in bytes.iter().enumerate() {
-            // One signed digit per byte, in -128..=127 (with the carry, up to 128).
+            // One signed digit per byte: byte + carry is 0..=256; 128 and above become
+            // negative with a carry into the next byte, so the digit is in -128..=127.
             let mut d = i16::from(byte) + carry;
             carry = 0;
             if d >= 128 {
@@ -84,7 +87,7 @@ impl CombTable {
                 d => *acc -= row[d.unsigned_abs() as usize - 1],
             }
         }
-        // s < 2^253: the top byte is below 0x20, so no carry is left.
+        // s < L < 2^253: the top byte is at most 0x10, so no carry is left.
         debug_assert_eq!(carry, 0);
     }
 }
@@ -198,6 +201,72 @@ mod tests {
         }
     }
 
+    fn torsion8() -> EdwardsPoint {
+        CompressedEdwardsY(unhex(
+            "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        ))
+        .decompress()
+        .unwrap()
+    }
+
+    /// Canonical scalars whose every byte is a digit edge (±128 and the carries
+    /// around it), on a point with a component of order 8: the comb must give the exact
+    /// multiple, not only one equal modulo the prime-order subgroup.
+    #[test]
+    fn the_comb_is_exact_on_digit_edges_and_torsion() {
+        let p = ED25519_BASEPOINT_POINT * Scalar::from(987_654_321u64) + torsion8();
+        assert!(!p.is_torsion_free());
+        let table = CombTable::new(&p);
+        for (fill, top) in [
+            (0x80u8, 0x00u8),
+            (0x80, 0x0f),
+            (0xff, 0x0f),
+            (0x7f, 0x0f),
+            (0x81, 0x00),
+        ] {
+            let mut b = [fill; 32];
+            b[31] = top;
+            let s = Option::<Scalar>::from(Scalar::from_canonical_bytes(b)).unwrap();
+            let mut acc = EdwardsPoint::identity();
+            table.add_multiple(&s, &mut acc);
+            assert_eq!(acc, p * s, "fill {fill:#x}, top {top:#x}");
+        }
+    }
+
+    /// A key with an order-8 component (not small order, so accepted as a key):
+    /// `[k]T` vanishes only when 8 divides k, so an honest-looking signature verifies
+    /// for some messages and not others. The verdict must be dalek's every time.
+    #[test]
+    fn a_mixed_order_key_gets_dalek_s_verdicts() {
+        let a = Scalar::from(0x1234_5678u64);
+        let public = (ED25519_BASEPOINT_POINT * a + torsion8())
+            .compress()
+            .to_bytes();
+        let key = PreparedKey::new(&public).unwrap();
+        let (mut accepted, mut refused) = (0, 0);
+        for n in 1u64..200 {
+            let r = Scalar::from(n);
+            let rb = (ED25519_BASEPOINT_POINT * r).compress().to_bytes();
+            let mut h = Sha512::new();
+            h.update(rb);
+            h.update(public);
+            h.update(b"m");
+            let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+            let mut sig = [0u8; 64];
+            sig[..32].copy_from_slice(&rb);
+            sig[32..].copy_from_slice((r + k * a).as_bytes());
+            let ours = key.verify(b"m", &sig);
+            assert_eq!(ours, dalek_strict(&public, b"m", &sig), "n = {n}");
+            assert_eq!(ours, k.as_bytes()[0] & 7 == 0, "n = {n}");
+            if ours {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(accepted > 0 && refused > 0);
+    }
+
     /// RFC 8032 §7.1, tests 1, 2, 3 and "SHA(abc)".
     #[test]
     fn rfc8032_vectors() {
@@ -249,9 +318,15 @@ mod tests {
             "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
             "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
         ];
+        // non-canonical encodings of small-order points decode too: the identity with
+        // the sign bit set, and y = p + 1 (the identity again)
+        let non_canonical = [
+            "0100000000000000000000000000000000000000000000000000000000000080",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ];
         let mut forged = [0u8; 64];
         forged[0] = 1; // R = identity, s = 0
-        for w in weak {
+        for w in weak.into_iter().chain(non_canonical) {
             let public: [u8; 32] = unhex(w);
             let point = CompressedEdwardsY(public).decompress().unwrap();
             assert!(point.is_small_order(), "{w} is a small-order point");

@@ -157,6 +157,8 @@ pub struct KeySet {
 }
 
 impl KeySet {
+    /// Adds a key. Bytes that are not a curve point, and small-order points (weak keys
+    /// under which a constant signature verifies for every message), are refused.
     pub fn insert(&mut self, kid: impl Into<String>, public: &[u8; 32]) -> Result<(), JwtError> {
         let key = PreparedKey::new(public).map_err(|_| JwtError::Malformed)?;
         self.keys.insert(kid.into(), key);
@@ -169,6 +171,28 @@ impl KeySet {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Whether both sets hold the same public keys under the same ids.
+    pub fn same_keys(&self, other: &KeySet) -> bool {
+        self.keys.len() == other.keys.len()
+            && self.keys.iter().all(|(kid, k)| {
+                other
+                    .keys
+                    .get(kid)
+                    .is_some_and(|o| o.to_bytes() == k.to_bytes())
+            })
+    }
+
+    /// Takes over `old`'s prepared keys, with the tables they have built, for every key
+    /// both sets hold under the same id, so a refetch of an unchanged key set does not
+    /// rebuild them.
+    pub fn reuse_prepared(&mut self, old: &KeySet) {
+        for (kid, k) in &mut self.keys {
+            if let Some(o) = old.keys.get(kid).filter(|o| o.to_bytes() == k.to_bytes()) {
+                *k = o.clone();
+            }
+        }
     }
 
     /// The key ids, sorted.

@@ -148,13 +148,14 @@ impl TokenVerifier {
         Ok(())
     }
 
-    /// Replaces the key set; when it changes, tokens verified under the old set
-    /// must verify again.
-    pub fn set_keys(&self, keys: KeySet) {
+    /// Replaces the key set; when any key or key id changes, tokens verified under the
+    /// old set must verify again. Keys that stay keep their prepared tables.
+    pub fn set_keys(&self, mut keys: KeySet) {
         let mut guard = self.keys.write();
-        if guard.kids() != keys.kids() {
+        if !guard.same_keys(&keys) {
             self.verified.clear();
         }
+        keys.reuse_prepared(&guard);
         *guard = keys;
     }
 
@@ -334,6 +335,24 @@ mod tests {
         // the key is removed (retired): the cached token must be refused too
         v.set_keys(KeySet::default());
         assert_eq!(v.verify(&token).await, Err(JwtError::UnknownKey));
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_stop_verifying_when_their_kid_gets_another_key() {
+        let (signer, v, now) = setup();
+        let token = signer.sign(&claims(now)).unwrap();
+        v.verify(&token).await.unwrap();
+        // same key ids, the same key: the cache stays
+        let mut same = KeySet::default();
+        same.insert("k1", &signer.public_key()).unwrap();
+        v.set_keys(same);
+        assert!(v.verified.get(&token, v.rules(), now).is_some());
+        // `k1` now names another key: a token cached under the old one is refused
+        let (other, _) = Signer25519::generate("k1");
+        let mut swapped = KeySet::default();
+        swapped.insert("k1", &other.public_key()).unwrap();
+        v.set_keys(swapped);
+        assert_eq!(v.verify(&token).await, Err(JwtError::Signature));
     }
 
     #[tokio::test]

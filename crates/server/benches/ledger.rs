@@ -22,7 +22,8 @@
 //! (`sqlite` or `postgres`: only that backend), `VAULTPAY_BENCH_PHASES` (comma list of
 //! `uniform,zipf,open,batch,nogc`; default all; `nogc` adds the one-transaction-per-
 //! request comparison run), `VAULTPAY_BENCH_OPEN_RATE` (fixed open-loop rate instead
-//! of half the uniform peak), `VAULTPAY_BENCH_BATCH_CLIENTS` (default 4).
+//! of half the uniform peak), `VAULTPAY_BENCH_BATCH_CLIENTS` (default 8; 4, 8
+//! and 16 compared in BENCHMARKS.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -278,7 +279,7 @@ async fn open_loop(ctx: &Arc<Ctx>, rate: f64) -> (f64, f64, f64, usize, f64) {
 }
 
 fn batch_clients() -> usize {
-    env_num("VAULTPAY_BENCH_BATCH_CLIENTS").map_or(4, |n| (n as usize).max(1))
+    env_num("VAULTPAY_BENCH_BATCH_CLIENTS").map_or(8, |n| (n as usize).max(1))
 }
 
 /// Batches of 1,000 transfers from `batch_clients()` clients; returns transfers/s.

@@ -94,18 +94,30 @@ pub async fn relay_outbox(
     core: &Core,
     events: &broadcast::Sender<OutboxEvent>,
 ) -> Result<u64, LedgerError> {
-    let mut tx = core.db.begin().await?;
-    let skip = match core.db.backend() {
-        vaultpay_store::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-        vaultpay_store::Backend::Sqlite => "",
+    const PAGE: &str =
+        "SELECT seq, id, topic, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1000";
+    let backend = core.db.backend();
+    // PostgreSQL: relays of several processes share the table, so a page is read with
+    // its rows locked (SKIP LOCKED) in the transaction that marks it. SQLite: one process
+    // and one relay; the page is read from a reader's snapshot, and the single writer is
+    // taken only for the UPDATE that marks it, not while a thousand rows are read and
+    // parsed (that held every group commit waiting, most after a burst).
+    let (mut tx, rows) = match backend {
+        vaultpay_store::Backend::Postgres => {
+            let mut tx = core.db.begin().await?;
+            let rows = sqlx::query(&format!("{PAGE} FOR UPDATE SKIP LOCKED"))
+                .fetch_all(&mut *tx)
+                .await?;
+            (Some(tx), rows)
+        }
+        vaultpay_store::Backend::Sqlite => {
+            (None, sqlx::query(PAGE).fetch_all(core.db.read()).await?)
+        }
     };
-    let rows = sqlx::query(&format!(
-        "SELECT seq, id, topic, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1000{skip}"
-    ))
-    .fetch_all(&mut *tx)
-    .await?;
     if rows.is_empty() {
-        tx.rollback().await?;
+        if let Some(tx) = tx {
+            tx.rollback().await?;
+        }
         return Ok(0);
     }
     let now = now_micros();
@@ -122,7 +134,10 @@ pub async fn relay_outbox(
     }
     // One statement marks the whole page: this transaction holds the writer (SQLite) or
     // the rows (PostgreSQL), and one UPDATE per event kept ledger commits waiting.
-    let backend = core.db.backend();
+    let mut tx = match tx.take() {
+        Some(tx) => tx,
+        None => core.db.begin().await?,
+    };
     let mut sql = String::from("UPDATE outbox SET published_at = ");
     vaultpay_store::params::param(backend, 1, &mut sql);
     sql.push_str(" WHERE seq IN (");

@@ -465,7 +465,9 @@ impl AuthService {
 
     /// Checks the signed-in user's current password before a sensitive change. A wrong
     /// one is audited as `failure_action` and counts toward lockout like a failed
-    /// login, so a stolen access token cannot be used to guess the password.
+    /// login, so a stolen access token cannot be used to guess the password: the guesses
+    /// share the sign-in's per-account rate limit, and a locked account is refused
+    /// before any password is checked, as at sign-in.
     pub(crate) async fn check_current_password(
         &self,
         ctx: &Ctx,
@@ -475,6 +477,33 @@ impl AuthService {
         phc: String,
         failure_action: &'static str,
     ) -> Result<(), AuthError> {
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("login:acct:{email}"),
+            self.inner.cfg.rate_limits.login_per_account,
+        )
+        .await?;
+        let locked_until: Option<i64> = sqlx::query("SELECT locked_until FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(self.inner.db.read())
+            .await?
+            .map(|r| r.try_get("locked_until"))
+            .transpose()?
+            .flatten();
+        let now = now_micros();
+        if let Some(until) = locked_until.filter(|u| *u > now) {
+            self.audit_only(
+                ctx,
+                NewAudit::failure(failure_action)
+                    .actor(user_id)
+                    .resource(user_id)
+                    .metadata(serde_json::json!({ "reason": "locked" })),
+            )
+            .await?;
+            return Err(AuthError::Locked {
+                retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
+            });
+        }
         if self.verify_password(password, Some(phc)).await? {
             return Ok(());
         }
@@ -500,12 +529,6 @@ impl AuthService {
         self.require_step_up(p, crate::mfa::StepUpOp::PasswordChange)
             .await?;
         let user_id = p.user_id();
-        vaultpay_web::enforce(
-            &*self.inner.limiter,
-            &format!("login:acct:{user_id}"),
-            self.inner.cfg.rate_limits.login_per_account,
-        )
-        .await?;
         let current = sqlx::query("SELECT password_hash FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_optional(self.inner.db.read())

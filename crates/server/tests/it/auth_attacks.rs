@@ -303,6 +303,43 @@ async fn login_failures_are_indistinguishable() {
     });
 }
 
+/// A stolen access token cannot guess the current password through password change:
+/// wrong guesses lock the account as failed logins do, and a locked account is refused
+/// there before any password is checked, even the right one.
+#[tokio::test]
+async fn password_change_guesses_lock_the_account() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |cfg| cfg.auth.lockout.threshold = 3).await;
+        let stolen = app.user("victim@example.com").await;
+        let change = |current: &'static str| {
+            let access = stolen.access.clone();
+            let app = &app;
+            async move {
+                app.post(
+                    "/v1/auth/password/change",
+                    Some(&access),
+                    json!({ "current_password": current, "new_password": crate::auth_flows::NEW_PASSWORD }),
+                )
+                .await
+            }
+        };
+        for _ in 0..3 {
+            change("Wrong-guess-1234!")
+                .await
+                .assert_problem(401, "invalid_credentials");
+        }
+        change("Wrong-guess-1234!")
+            .await
+            .assert_problem(423, "account_locked");
+        // the right password is refused too while locked, and nothing changed
+        change(PASSWORD).await.assert_problem(423, "account_locked");
+        app.login_device("victim@example.com", PASSWORD, "d")
+            .await
+            .assert_problem(423, "account_locked");
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn lockout_then_admin_unlock() {
     each_backend!(|backend: Backend| async move {

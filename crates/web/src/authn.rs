@@ -110,17 +110,25 @@ impl TokenVerifier {
         if let Some(claims) = self.verified.get(token, &self.rules, now) {
             return Ok(claims);
         }
-        let first = self.verify_uncached(token, now);
-        let result = match first {
+        let first = self.verify_and_remember(token, now);
+        match first {
             Err(JwtError::UnknownKey) if self.claim_refetch() => {
                 if let Err(e) = self.refresh().await {
                     tracing::warn!(error = %e, "could not refetch verification keys");
                     return first;
                 }
-                self.verify_uncached(token, now)
+                self.verify_and_remember(token, now)
             }
             other => other,
-        };
+        }
+    }
+
+    /// Full verification; a token that passes is cached. Both happen under the key
+    /// set's read lock, so a key change (`set_keys` empties the cache under the write
+    /// lock) cannot fall between them and leave a token of a removed key cached.
+    fn verify_and_remember(&self, token: &str, now_secs: i64) -> Result<AccessClaims, JwtError> {
+        let keys = self.keys.read();
+        let result = jwt::verify(token, &keys, &self.rules, now_secs);
         if let Ok(claims) = &result {
             self.verified.put(token, claims);
         }

@@ -405,6 +405,33 @@ async fn refresh(
             "this client may not use refresh tokens",
         ));
     }
+    // A scope beyond the grant is refused before the token is rotated: refused after,
+    // the client's retry with the same (now spent) token would count as reuse and end
+    // the session. Only this client's own sessions are checked here; a token of another
+    // client's session goes on to `refresh_as`, which ends that session.
+    if let Some(s) = scope {
+        let granted: Option<Option<String>> = sqlx::query(
+            "SELECT s.scope FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
+             WHERE t.token_hash = $1 AND s.client_id = $2",
+        )
+        .bind(sha256_hex(token.as_bytes()))
+        .bind(&client.client_id)
+        .fetch_optional(svc.db().read())
+        .await
+        .map_err(AuthError::from)?
+        .map(|r| r.try_get("scope"))
+        .transpose()
+        .map_err(AuthError::from)?;
+        if let Some(granted) = granted {
+            let granted = granted.unwrap_or_default();
+            if split_scope(s).iter().any(|x| !has_scope(&granted, x)) {
+                return Err(OAuthError::new(
+                    "invalid_scope",
+                    "the scope exceeds what was granted",
+                ));
+            }
+        }
+    }
     let device = oauth_device(&client.client_id);
     let tokens = svc
         .refresh_as(ctx, token, Some(&device), Some(&client.client_id))

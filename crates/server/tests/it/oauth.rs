@@ -382,6 +382,31 @@ async fn code_flow_case(backend: Backend) {
     let at2 = r.body["access_token"].as_str().unwrap().to_owned();
     assert!(r.body["id_token"].is_string());
     assert_eq!(jwt_part(&at2, 1)["client_id"], c.id.as_str());
+    // A scope beyond the grant is refused before the token is rotated, so the client's
+    // retry with the same token is a normal refresh, not reuse ending the session.
+    let secret = c.secret.as_deref().unwrap();
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&c.id, secret)),
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt2),
+            ("scope", "openid admin"),
+        ],
+    )
+    .await;
+    assert_oauth_error(&r, 400, "invalid_scope");
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&c.id, secret)),
+        &[("grant_type", "refresh_token"), ("refresh_token", &rt2)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let rt2 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let at2 = r.body["access_token"].as_str().unwrap().to_owned();
     // Refresh by another client: refused.
     let r = form_post(
         &app,

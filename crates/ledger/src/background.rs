@@ -147,13 +147,21 @@ pub async fn relay_outbox(
         }
         vaultpay_store::params::param(backend, i + 2, &mut sql);
     }
-    sql.push(')');
+    // Only rows still unpublished: on SQLite the page was read outside this
+    // transaction, so another relay (a second caller of `Ledger::relay_outbox`) may have
+    // published part of it meanwhile. Then this relay publishes nothing and leaves the
+    // rest to the next tick, so no event goes out twice from here.
+    sql.push_str(") AND published_at IS NULL");
     let mut q = sqlx::query(&sql).persistent(false).bind(now);
     for ev in &evs {
         q = q.bind(ev.seq);
     }
-    q.execute(&mut *tx).await?;
+    let marked = q.execute(&mut *tx).await?.rows_affected();
     let n = evs.len() as u64;
+    if marked != n {
+        tx.rollback().await?;
+        return Ok(0);
+    }
     for ev in evs {
         let _ = events.send(ev);
     }

@@ -307,3 +307,43 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
     })
     .await;
 }
+
+/// Two relays at once (the background task and a direct call) publish every event
+/// exactly once between them; what one backs off from goes out on the next run.
+#[tokio::test]
+async fn overlapping_relays_publish_each_event_once() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&app.customer("bob"), "USD").await;
+        app.deposit(&a, 10_000, "USD").await.expect(201);
+        let mut events = app.ledger.subscribe();
+        let mut published = 0;
+        // several rounds: each is a chance for the two relays' reads to overlap
+        for _ in 0..8 {
+            for _ in 0..3 {
+                app.transfer(&alice, &a, &bb, 10).await.expect(201);
+            }
+            let (x, y) = tokio::join!(app.ledger.relay_outbox(), app.ledger.relay_outbox());
+            published += x.unwrap() + y.unwrap();
+            loop {
+                let n = app.ledger.relay_outbox().await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                published += n;
+            }
+        }
+        let mut ids = Vec::new();
+        while let Ok(ev) = events.try_recv() {
+            ids.push(ev.id);
+        }
+        assert_eq!(ids.len() as u64, published);
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "an event went out twice: {ids:?}");
+        // the deposit and the 24 transfers, at least, each went out once
+        assert!(ids.len() >= 25, "{ids:?}");
+    })
+    .await;
+}

@@ -155,6 +155,9 @@ pub enum MailError {
     /// The SMTP server did not complete delivery within the configured time.
     #[error("SMTP delivery timed out after {0:?}")]
     Timeout(Duration),
+    /// The background sender's queue is full.
+    #[error("too many messages waiting to be sent")]
+    QueueFull,
 }
 
 /// Something that delivers [`Message`]s. Implementations are cheap to share behind
@@ -497,6 +500,50 @@ impl Mailer for SmtpMailer {
     }
 }
 
+/// Messages waiting for the background sender beyond those being sent.
+const BACKGROUND_QUEUE: usize = 1024;
+/// Messages the background sender delivers at once.
+const BACKGROUND_CONCURRENCY: usize = 8;
+
+/// Delivers through another mailer on a background task: `send` only queues. The
+/// service puts SMTP behind it, so that no request waits for the SMTP server: a
+/// password-reset request for an existing account (which sends mail) then takes as
+/// long as one for an unknown address (which does not) instead of a round trip to the
+/// server longer, and a slow server slows no request. Delivery failures are logged, as
+/// they were when the request waited (it could not tell its caller anyway). A full
+/// queue refuses the message at once ([`MailError::QueueFull`]).
+pub struct Background {
+    tx: tokio::sync::mpsc::Sender<Message>,
+}
+
+impl Background {
+    /// Starts the sender on the current tokio runtime; it stops when this is dropped
+    /// and the queue is empty.
+    pub fn spawn(inner: Arc<dyn Mailer>) -> Self {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Message>(BACKGROUND_QUEUE);
+        let queue =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        tokio::spawn(
+            queue.for_each_concurrent(BACKGROUND_CONCURRENCY, move |msg| {
+                let inner = inner.clone();
+                async move {
+                    if let Err(e) = inner.send(msg).await {
+                        tracing::warn!(error = %e, "could not send mail");
+                    }
+                }
+            }),
+        );
+        Self { tx }
+    }
+}
+
+impl Mailer for Background {
+    fn send(&self, msg: Message) -> BoxFuture<'_, Result<(), MailError>> {
+        Box::pin(async move { self.tx.try_send(msg).map_err(|_| MailError::QueueFull) })
+    }
+}
+
 /// rustls parameters verifying the server certificate against the Mozilla roots
 /// (webpki-roots) for `host`.
 fn tls_parameters(host: &str) -> Result<TlsParameters, MailError> {
@@ -518,6 +565,55 @@ fn is_loopback(host: &str) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// A mailer that takes each message and then waits until it is let go.
+    struct Stuck {
+        got: tokio::sync::mpsc::UnboundedSender<String>,
+        release: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Mailer for Stuck {
+        fn send(&self, msg: Message) -> BoxFuture<'_, Result<(), MailError>> {
+            Box::pin(async move {
+                self.got.send(msg.subject).unwrap();
+                self.release.acquire().await.unwrap().forget();
+                Ok(())
+            })
+        }
+    }
+
+    /// `send` returns while the server is still busy with the message, and the
+    /// message is delivered once the server answers.
+    #[tokio::test]
+    async fn background_sending_does_not_wait_for_the_server() {
+        let (got, mut delivered) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let mailer = Background::spawn(Arc::new(Stuck {
+            got,
+            release: release.clone(),
+        }));
+        let msg = |s: &str| Message {
+            to: "a@example.com".into(),
+            subject: s.into(),
+            text: "x".into(),
+        };
+        // returns although the inner mailer does not finish until released (a wait
+        // for it would never end; the timeout turns that into a failure)
+        let queue_both = async {
+            mailer.send(msg("first")).await.unwrap();
+            mailer.send(msg("second")).await.unwrap();
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), queue_both)
+            .await
+            .expect("send waited for the server");
+        let mut seen = vec![
+            delivered.recv().await.unwrap(),
+            delivered.recv().await.unwrap(),
+        ];
+        seen.sort();
+        assert_eq!(seen, ["first", "second"]);
+        release.add_permits(2);
+    }
 
     #[test]
     fn config_defaults_and_unknown_fields() {

@@ -89,6 +89,14 @@ impl AuthService {
         ));
         let mailer = crate::mail::build(&cfg.mail, data_dir)
             .map_err(|e| AuthError::Internal(e.to_string()))?;
+        // SMTP is a network round trip: no request waits for it (see `mail::Background`).
+        // The file outbox writes locally and synchronously, so a newcomer's link is in
+        // `data/mail` when the request returns.
+        let mailer: Arc<dyn crate::mail::Mailer> = if cfg.mail.smtp.is_some() {
+            Arc::new(crate::mail::Background::spawn(mailer))
+        } else {
+            mailer
+        };
         let hibp = if cfg.hibp.enabled {
             Some(HibpClient::new(&cfg.hibp).map_err(AuthError::Internal)?)
         } else {

@@ -668,6 +668,16 @@ async fn treasury(
         return Err(LedgerError::SettlementAccount);
     }
     check_currency(currency.code(), acct)?;
+    // Every refusal that depends only on the account comes before the settlement
+    // account is created, so a refused deposit or withdrawal writes nothing (the job runs
+    // exclusively: the account cannot change before it is locked again below).
+    check_active(acct)?;
+    if !deposit && acct.available() < amount {
+        return Err(LedgerError::InsufficientFunds {
+            available: acct.available(),
+            requested: amount,
+        });
+    }
     let settlement = settlement_id(&core.db, tx, currency).await?;
     let mut accts = lock_accounts(&core.db, tx, &[&req.account_id, &settlement]).await?;
     let mut acct = accts
@@ -676,19 +686,12 @@ async fn treasury(
     let mut settle = accts
         .remove(&settlement)
         .ok_or(LedgerError::Internal("settlement account vanished".into()))?;
-    check_active(&acct)?;
     let now = now_micros();
     let (kind, from_id, to_id) = if deposit {
         ("deposit", settle.id.clone(), acct.id.clone())
     } else {
         ("withdrawal", acct.id.clone(), settle.id.clone())
     };
-    if !deposit && acct.available() < amount {
-        return Err(LedgerError::InsufficientFunds {
-            available: acct.available(),
-            requested: amount,
-        });
-    }
     let t = TransferRow {
         id: crate::ids::new_id(),
         kind: kind.to_owned(),

@@ -266,3 +266,59 @@ async fn large_transfers_need_a_recent_second_factor() {
     })
     .await;
 }
+
+/// A refused deposit or withdrawal writes nothing, not even the settlement account of
+/// a currency that has none yet.
+#[tokio::test]
+async fn refused_treasury_moves_create_no_settlement_account() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let admin = app.admin();
+        let eur = app.open(&alice, "EUR").await;
+        let settlements = || async {
+            let r = sqlx::query(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM accounts \
+                 WHERE kind = 'settlement' AND currency = 'EUR'",
+            )
+            .fetch_one(app.db.read())
+            .await
+            .unwrap();
+            sqlx::Row::get::<i64, _>(&r, "n")
+        };
+        // a withdrawal beyond the balance
+        app.post(
+            "/v1/admin/withdrawals",
+            &admin,
+            Some(&key()),
+            json!({"account_id": eur, "amount": 5, "currency": "EUR", "reference": "x"}),
+        )
+        .await
+        .problem(422, "insufficient_funds");
+        // a deposit into a frozen account
+        app.post(
+            &format!("/v1/admin/accounts/{eur}/freeze"),
+            &admin,
+            None,
+            json!({"reason": "kyc"}),
+        )
+        .await
+        .expect(200);
+        app.deposit(&eur, 100, "EUR")
+            .await
+            .problem(409, "account_frozen");
+        assert_eq!(settlements().await, 0, "no EUR settlement account yet");
+        app.post(
+            &format!("/v1/admin/accounts/{eur}/unfreeze"),
+            &admin,
+            None,
+            json!({"reason": "ok"}),
+        )
+        .await
+        .expect(200);
+        app.deposit(&eur, 100, "EUR").await.expect(201);
+        assert_eq!(settlements().await, 1);
+        app.assert_consistent().await;
+    })
+    .await;
+}

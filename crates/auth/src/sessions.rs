@@ -375,24 +375,27 @@ impl AuthService {
             self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
                 .await?;
         }
-        let rotated = match self
-            .inner
-            .rotations
-            .rotate(Rotation {
-                hash,
-                device_id: device_id.to_owned(),
-                client: client.map(str::to_owned),
-                origin: ctx.origin(),
-            })
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                // a refused rotation may have revoked the session (reuse, wrong device)
-                self.sessions_changed(Some(&user_id)).await;
-                return Err(e);
-            }
+        // The rotation and, when it was refused, the cache invalidation run on their
+        // own task: a refused rotation may have revoked the session (reuse, wrong
+        // device), and a client that hangs up meanwhile must not leave this node's
+        // `/v1/me` cache and the other nodes believing the session is live.
+        let rotation = Rotation {
+            hash,
+            device_id: device_id.to_owned(),
+            client: client.map(str::to_owned),
+            origin: ctx.origin(),
         };
+        let svc = self.clone();
+        let user = user_id.clone();
+        let rotated = tokio::spawn(async move {
+            let r = svc.inner.rotations.rotate(rotation).await;
+            if r.is_err() {
+                svc.sessions_changed(Some(&user)).await;
+            }
+            r
+        })
+        .await
+        .map_err(|e| AuthError::Internal(format!("rotation task: {e}")))??;
         let facts = SessionFacts {
             user_id: rotated.user_id,
             session_id: rotated.session_id,

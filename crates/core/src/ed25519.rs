@@ -136,10 +136,9 @@ impl PreparedKey {
 
     /// Whether `signature` (R || s) is this key's signature of `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        let (r_bytes, s_bytes) = signature.split_at(32);
-        let Ok(s_bytes) = <[u8; 32]>::try_from(s_bytes) else {
-            return false;
-        };
+        let (r_bytes, s_tail) = signature.split_at(32);
+        let mut s_bytes = [0u8; 32];
+        s_bytes.copy_from_slice(s_tail);
         let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
             return false;
         };

@@ -173,33 +173,19 @@ impl KeySet {
         self.keys.is_empty()
     }
 
-    /// Whether both sets hold the same public keys under the same ids.
-    pub fn same_keys(&self, other: &KeySet) -> bool {
-        self.keys.len() == other.keys.len()
-            && self.keys.iter().all(|(kid, k)| {
-                other
-                    .keys
-                    .get(kid)
-                    .is_some_and(|o| o.to_bytes() == k.to_bytes())
-            })
-    }
-
     /// Takes over `old`'s prepared keys, with the tables they have built, for every key
-    /// both sets hold under the same id, so a refetch of an unchanged key set does not
-    /// rebuild them.
-    pub fn reuse_prepared(&mut self, old: &KeySet) {
+    /// both sets hold under the same id (a refetch of an unchanged set rebuilds
+    /// nothing), and says whether the two sets are the same: the same public keys under
+    /// the same ids.
+    pub fn adopt_unchanged(&mut self, old: &KeySet) -> bool {
+        let mut kept = 0;
         for (kid, k) in &mut self.keys {
             if let Some(o) = old.keys.get(kid).filter(|o| o.to_bytes() == k.to_bytes()) {
                 *k = o.clone();
+                kept += 1;
             }
         }
-    }
-
-    /// The key ids, sorted.
-    pub fn kids(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.keys.keys().map(String::as_str).collect();
-        v.sort_unstable();
-        v
+        kept == self.keys.len() && kept == old.keys.len()
     }
 
     pub fn contains(&self, kid: &str) -> bool {

@@ -135,11 +135,6 @@ impl TokenVerifier {
         result
     }
 
-    /// Full cryptographic verification, bypassing the verified-token cache.
-    pub fn verify_uncached(&self, token: &str, now_secs: i64) -> Result<AccessClaims, JwtError> {
-        jwt::verify(token, &self.keys.read(), &self.rules, now_secs)
-    }
-
     fn claim_refetch(&self) -> bool {
         let mut last = self.last_refetch.lock();
         let due = last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH_INTERVAL);
@@ -160,10 +155,9 @@ impl TokenVerifier {
     /// old set must verify again. Keys that stay keep their prepared tables.
     pub fn set_keys(&self, mut keys: KeySet) {
         let mut guard = self.keys.write();
-        if !guard.same_keys(&keys) {
+        if !keys.adopt_unchanged(&guard) {
             self.verified.clear();
         }
-        keys.reuse_prepared(&guard);
         *guard = keys;
     }
 

@@ -483,26 +483,19 @@ impl AuthService {
             self.inner.cfg.rate_limits.login_per_account,
         )
         .await?;
-        let locked_until: Option<i64> = sqlx::query("SELECT locked_until FROM users WHERE id = $1")
-            .bind(user_id)
-            .fetch_optional(self.inner.db.read())
-            .await?
-            .map(|r| r.try_get("locked_until"))
-            .transpose()?
-            .flatten();
-        let now = now_micros();
-        if let Some(until) = locked_until.filter(|u| *u > now) {
-            self.audit_only(
-                ctx,
-                NewAudit::failure(failure_action)
-                    .actor(user_id)
-                    .resource(user_id)
-                    .metadata(serde_json::json!({ "reason": "locked" })),
-            )
-            .await?;
-            return Err(AuthError::Locked {
-                retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
-            });
+        match self.refuse_locked(user_id).await {
+            Err(locked @ AuthError::Locked { .. }) => {
+                self.audit_only(
+                    ctx,
+                    NewAudit::failure(failure_action)
+                        .actor(user_id)
+                        .resource(user_id)
+                        .metadata(serde_json::json!({ "reason": "locked" })),
+                )
+                .await?;
+                return Err(locked);
+            }
+            other => other?,
         }
         if self.verify_password(password, Some(phc)).await? {
             return Ok(());

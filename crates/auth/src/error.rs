@@ -50,6 +50,19 @@ pub enum AuthError {
     Internal(String),
 }
 
+impl AuthError {
+    /// `Locked` (with the seconds left, at least 1) while `locked_until` is after `now`
+    /// (both in microseconds).
+    pub(crate) fn if_locked(locked_until: Option<i64>, now: i64) -> Result<(), AuthError> {
+        match locked_until.filter(|u| *u > now) {
+            Some(until) => Err(AuthError::Locked {
+                retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 impl From<sqlx::Error> for AuthError {
     fn from(e: sqlx::Error) -> Self {
         AuthError::Store(e.into())

@@ -124,8 +124,7 @@ impl AuthService {
         let now = now_micros();
         let (user_id, phc) = match &row {
             Some(r) => {
-                let locked_until: Option<i64> = r.try_get("locked_until")?;
-                if let Some(until) = locked_until.filter(|u| *u > now) {
+                if let Err(locked) = AuthError::if_locked(r.try_get("locked_until")?, now) {
                     metrics::counter!("auth_logins_total", "outcome" => "locked").increment(1);
                     let id: String = r.try_get("id")?;
                     self.audit_only(
@@ -135,9 +134,7 @@ impl AuthService {
                             .resource(&id),
                     )
                     .await?;
-                    return Err(AuthError::Locked {
-                        retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
-                    });
+                    return Err(locked);
                 }
                 (
                     Some(r.try_get::<String, _>("id")?),

@@ -180,8 +180,9 @@ impl AuthService {
         Ok(r.try_get("email")?)
     }
 
-    /// Refuses a locked account (second-factor guesses count toward lockout).
-    async fn refuse_locked(&self, user_id: &str) -> Result<(), AuthError> {
+    /// Refuses a locked account (second-factor and current-password guesses count
+    /// toward lockout).
+    pub(crate) async fn refuse_locked(&self, user_id: &str) -> Result<(), AuthError> {
         let r = sqlx::query("SELECT locked_until FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_optional(self.inner.db.read())
@@ -190,13 +191,7 @@ impl AuthService {
             Some(r) => r.try_get("locked_until")?,
             None => None,
         };
-        let now = now_micros();
-        if let Some(until) = until.filter(|u| *u > now) {
-            return Err(AuthError::Locked {
-                retry_after_secs: ((until - now + 999_999) / 1_000_000).max(1),
-            });
-        }
-        Ok(())
+        AuthError::if_locked(until, now_micros())
     }
 
     /// Adding a second factor needs proof of a recent authentication, so a stolen

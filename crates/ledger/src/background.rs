@@ -102,7 +102,7 @@ pub async fn relay_outbox(
     // and one relay; the page is read from a reader's snapshot, and the single writer is
     // taken only for the UPDATE that marks it, not while a thousand rows are read and
     // parsed (that held every group commit waiting, most after a burst).
-    let (mut tx, rows) = match backend {
+    let (tx, rows) = match backend {
         vaultpay_store::Backend::Postgres => {
             let mut tx = core.db.begin().await?;
             let rows = sqlx::query(&format!("{PAGE} FOR UPDATE SKIP LOCKED"))
@@ -134,7 +134,7 @@ pub async fn relay_outbox(
     }
     // One statement marks the whole page: this transaction holds the writer (SQLite) or
     // the rows (PostgreSQL), and one UPDATE per event kept ledger commits waiting.
-    let mut tx = match tx.take() {
+    let mut tx = match tx {
         Some(tx) => tx,
         None => core.db.begin().await?,
     };

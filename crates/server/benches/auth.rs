@@ -21,7 +21,7 @@
 
 mod common;
 
-use common::{open_loop, percentile, OpenLoop};
+use common::{open_loop, percentile};
 
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,39 +150,24 @@ async fn login_vs_argon2(c: &Arc<Client>, backend: Backend) {
     const ROUNDS: usize = 3;
     const WINDOW: f64 = 3.0;
     let mut raw = vec![raw_window(WINDOW).await];
-    let (mut logins, mut elapsed) = (0u64, 0.0);
+    let mut rates = Vec::new();
     let mut per_round = Vec::new();
     for _ in 0..ROUNDS {
-        let n = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + Duration::from_secs_f64(WINDOW);
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..8)
-            .map(|i| {
-                let (c, n) = (c.clone(), n.clone());
-                tokio::spawn(async move {
-                    while Instant::now() < deadline {
-                        c.login("bench@example.com", &format!("dev-{i}")).await;
-                        n.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let done = n.load(Ordering::Relaxed);
+        let c = c.clone();
+        let (rate, _) = closed_loop(8, WINDOW, move || {
+            let c = c.clone();
+            async move {
+                c.login("bench@example.com", "dev-login").await;
+            }
+        })
+        .await;
         let before = *raw.last().unwrap();
         let after = raw_window(WINDOW).await;
         raw.push(after);
-        per_round.push(format!(
-            "{:.1}%",
-            100.0 * done as f64 / secs / ((before + after) / 2.0)
-        ));
-        logins += done;
-        elapsed += secs;
+        per_round.push(format!("{:.1}%", 100.0 * rate / ((before + after) / 2.0)));
+        rates.push(rate);
     }
-    let rate = logins as f64 / elapsed;
+    let rate = rates.iter().sum::<f64>() / rates.len() as f64;
     let mean = raw.iter().sum::<f64>() / raw.len() as f64;
     let max = raw.iter().copied().fold(0.0, f64::max);
     println!(
@@ -375,20 +360,7 @@ async fn get_open_loop(
         }
     })
     .await;
-    print_open_loop(label, &run);
-}
-
-fn print_open_loop(label: &str, run: &OpenLoop) {
-    let lat = &run.latencies_ms;
-    println!(
-        "{label}: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {} (pacer's own lateness p99 {:.3} ms, included)",
-        percentile(lat, 50.0),
-        percentile(lat, 99.0),
-        percentile(lat, 99.9),
-        lat.last().copied().unwrap_or(f64::NAN),
-        run.errors,
-        run.pacer_late_p99_ms,
-    );
+    println!("{label}: {}", run.summary());
 }
 
 /// Runs `op` from `workers` concurrent tasks for `secs`; returns (ops/s, sorted ms).
@@ -551,9 +523,9 @@ async fn oauth_benchmarks(base: String, backend: Backend) {
         }
     })
     .await;
-    print_open_loop(
-        &format!("[{backend:?}] oauth_introspection open loop at {rate}/s (target >= 10000/s with p99 < 5 ms)"),
-        &run,
+    println!(
+        "[{backend:?}] oauth_introspection open loop at {rate}/s (target >= 10000/s with p99 < 5 ms): {}",
+        run.summary()
     );
 }
 

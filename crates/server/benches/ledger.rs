@@ -260,22 +260,14 @@ async fn peak(ctx: &Arc<Ctx>, traffic: Traffic) -> (f64, u64, f64, f64) {
     )
 }
 
-/// Open loop at `rate`/s: latency from each request's scheduled time (ms).
-async fn open_loop(ctx: &Arc<Ctx>, rate: f64) -> (f64, f64, f64, usize, f64) {
+/// Open loop of uniform transfers at `rate`/s.
+async fn open_loop(ctx: &Arc<Ctx>, rate: f64) -> common::OpenLoop {
     let ctx = ctx.clone();
-    let run = common::open_loop(rate, secs() as f64, move || {
+    common::open_loop(rate, secs() as f64, move || {
         let ctx = ctx.clone();
         async move { ctx.transfer(Traffic::Uniform).await }
     })
-    .await;
-    let lat = &run.latencies_ms;
-    (
-        percentile(lat, 50.0),
-        percentile(lat, 99.0),
-        percentile(lat, 99.9),
-        run.errors,
-        run.pacer_late_p99_ms,
-    )
+    .await
 }
 
 fn batch_clients() -> usize {
@@ -389,8 +381,8 @@ fn main() {
                 }
                 if phase("open") {
                     let rate = env_num("VAULTPAY_BENCH_OPEN_RATE").unwrap_or(uniform / 2.0).max(1.0);
-                    let (p50, p99, p999, errors, late) = open_loop(&ctx, rate).await;
-                    println!("[{backend:?}] [{mode}] open loop at {rate:.0}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, errors {errors} (pacer's own lateness p99 {late:.3} ms, included)");
+                    let run = open_loop(&ctx, rate).await;
+                    println!("[{backend:?}] [{mode}] open loop at {rate:.0}/s: {}", run.summary());
                 }
                 if group_commit && phase("batch") {
                     let b = batches(&ctx).await;

@@ -38,6 +38,22 @@ pub struct OpenLoop {
     pub pacer_late_p99_ms: f64,
 }
 
+impl OpenLoop {
+    /// p50, p99, p99.9 and max latency, errors, and the pacer's lateness, for a report.
+    pub fn summary(&self) -> String {
+        let lat = &self.latencies_ms;
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {} (pacer's own lateness p99 {:.3} ms, included)",
+            percentile(lat, 50.0),
+            percentile(lat, 99.0),
+            percentile(lat, 99.9),
+            lat.last().copied().unwrap_or(f64::NAN),
+            self.errors,
+            self.pacer_late_p99_ms,
+        )
+    }
+}
+
 /// The `p`th percentile of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -306,14 +306,20 @@ impl AuthService {
     /// The login hook: after the password was verified, before tokens are issued.
     /// Refuses accounts locked by "this wasn't me"; trusts the first network of a new
     /// account; holds a login from any other untrusted network (`IpConfirmationRequired`).
+    ///
+    /// `security_locked`: the account's "this wasn't me" lock as the sign-in read it
+    /// with the password hash (a session transaction re-checks it, see `login`).
     pub(crate) async fn ip_trust_login_gate(
         &self,
         ctx: &Ctx,
         user_id: &str,
         email: &str,
+        security_locked: bool,
         device: &wire::DeviceInfo,
     ) -> Result<(), AuthError> {
-        self.refuse_security_locked(ctx, user_id).await?;
+        if security_locked {
+            return Err(self.refuse_security_locked(ctx, user_id).await);
+        }
         let cfg = self.trust_cfg();
         let Some(ip) = ctx.ip.filter(|_| cfg.enabled) else {
             return Ok(());
@@ -329,25 +335,21 @@ impl AuthService {
             .await
     }
 
-    async fn refuse_security_locked(&self, ctx: &Ctx, user_id: &str) -> Result<(), AuthError> {
-        let locked: Option<i64> = sqlx::query("SELECT security_locked_at FROM users WHERE id = $1")
-            .bind(user_id)
-            .fetch_optional(self.inner.db.read())
-            .await?
-            .map(|r| r.try_get("security_locked_at"))
-            .transpose()?
-            .flatten();
-        if locked.is_some() {
-            self.audit_only(
+    /// Audits the refusal of a sign-in to a security-locked account; returns the error
+    /// to answer with.
+    pub(crate) async fn refuse_security_locked(&self, ctx: &Ctx, user_id: &str) -> AuthError {
+        let audited = self
+            .audit_only(
                 ctx,
                 NewAudit::failure("login.refused_security_lock")
                     .actor(user_id)
                     .resource(user_id),
             )
-            .await?;
-            return Err(AuthError::ResetRequired);
+            .await;
+        match audited {
+            Ok(_) => AuthError::ResetRequired,
+            Err(e) => e,
         }
-        Ok(())
     }
 
     /// Trusts `network` when the user has never had a trusted network (their first

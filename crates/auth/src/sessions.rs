@@ -38,6 +38,16 @@ fn amr_of(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// A sign-in whose password matched, and the account state read with the hash.
+pub(crate) struct Signin {
+    pub user_id: String,
+    /// Normalised.
+    pub email: String,
+    /// A "this wasn't me" lock is set (see `iptrust`).
+    pub security_locked: bool,
+    pub factors: crate::mfa::Factors,
+}
+
 impl AuthService {
     /// `POST /v1/auth/login`.
     pub async fn login(
@@ -46,21 +56,54 @@ impl AuthService {
         req: wire::LoginRequest,
     ) -> Result<wire::TokenResponse, AuthError> {
         check_device(&req.device.id, &req.device.name)?;
-        let (user_id, email) = self
+        let signin = self
             .check_credentials(ctx, &req.email, req.password)
             .await?;
+        let Signin {
+            user_id,
+            email,
+            security_locked,
+            factors,
+        } = signin;
         let now = now_micros();
         // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
-        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
+        self.ip_trust_login_gate(ctx, &user_id, &email, security_locked, &req.device)
             .await?;
-        self.mfa_gate(ctx, &user_id, &req.device).await?;
+        self.mfa_gate_with(ctx, &user_id, &req.device, &factors)
+            .await?;
 
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
-            .bind(&user_id)
-            .execute(&mut *tx)
-            .await?;
+        // The lock and the factors were read with the password hash, before Argon2 ran;
+        // read them again under the user row's write lock, so that a "this wasn't me"
+        // lock or a second factor committed in between refuses this session (the lock's
+        // own transaction revokes sessions, and sees this one if it commits first). The
+        // same statement resets the failure count.
+        let row = sqlx::query(&format!(
+            "UPDATE users SET failed_logins = 0 WHERE id = $1 RETURNING security_locked_at, {}",
+            crate::mfa::FACTOR_COLUMNS
+        ))
+        .bind(&user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            // Deleted while its password was checked.
+            return Err(AuthError::InvalidCredentials);
+        };
+        if row
+            .try_get::<Option<i64>, _>("security_locked_at")?
+            .is_some()
+        {
+            tx.rollback().await?;
+            return Err(self.refuse_security_locked(ctx, &user_id).await);
+        }
+        let factors = crate::mfa::Factors::from_row(&row)?;
+        if factors.any() {
+            tx.rollback().await?;
+            return Err(self
+                .mfa_challenge(ctx, &user_id, &req.device, &factors)
+                .await?);
+        }
         let facts = SessionFacts {
             user_id: user_id.clone(),
             session_id: uuid::Uuid::now_v7().to_string(),
@@ -91,13 +134,13 @@ impl AuthService {
     /// The password check every sign-in shares (`/v1/auth/login`, the OAuth browser
     /// pages): rate limits per address and per account, the lockout, Argon2 off the
     /// runtime (an unknown email costs the same), failures counted and audited, one
-    /// generic error. Returns the user id and the normalised email.
+    /// generic error. Returns what the gates after it need (see [`Signin`]).
     pub(crate) async fn check_credentials(
         &self,
         ctx: &Ctx,
         email: &str,
         password: String,
-    ) -> Result<(String, String), AuthError> {
+    ) -> Result<Signin, AuthError> {
         let cfg = &self.inner.cfg;
         if password.len() > 1024 {
             return Err(AuthError::InvalidCredentials);
@@ -117,10 +160,14 @@ impl AuthService {
         )
         .await?;
 
-        let row = sqlx::query("SELECT id, password_hash, locked_until FROM users WHERE email = $1")
-            .bind(&email)
-            .fetch_optional(self.inner.db.read())
-            .await?;
+        // One read for everything the sign-in checks before its session transaction.
+        let row = sqlx::query(&format!(
+            "SELECT id, password_hash, locked_until, security_locked_at, {} FROM users WHERE email = $1",
+            crate::mfa::FACTOR_COLUMNS
+        ))
+        .bind(&email)
+        .fetch_optional(self.inner.db.read())
+        .await?;
         let now = now_micros();
         let (user_id, phc) = match &row {
             Some(r) => {
@@ -144,12 +191,19 @@ impl AuthService {
             None => (None, None),
         };
         let ok = self.verify_password(password, phc).await?;
-        let Some(user_id) = user_id.filter(|_| ok) else {
+        let (Some(user_id), Some(row)) = (user_id.filter(|_| ok), &row) else {
             self.login_failed(ctx, &email, row.is_some()).await?;
             metrics::counter!("auth_logins_total", "outcome" => "failure").increment(1);
             return Err(AuthError::InvalidCredentials);
         };
-        Ok((user_id, email))
+        Ok(Signin {
+            user_id,
+            email,
+            security_locked: row
+                .try_get::<Option<i64>, _>("security_locked_at")?
+                .is_some(),
+            factors: crate::mfa::Factors::from_row(row)?,
+        })
     }
 
     /// Opens a first-party session (its row and first refresh token) inside `tx` and

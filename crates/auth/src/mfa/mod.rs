@@ -54,14 +54,31 @@ enum Check {
 
 /// The user's enabled second factors.
 #[derive(Debug, Default, Clone)]
-struct Factors {
+pub(crate) struct Factors {
     totp: bool,
     email: bool,
     recovery_left: i64,
 }
 
+/// The second factors of the `users` row a query selects, as three columns
+/// (`mfa_totp`, `mfa_email`, `mfa_recovery`) that [`Factors::from_row`] reads: sign-in
+/// reads them with the password hash, and re-reads them in its session transaction.
+pub(crate) const FACTOR_COLUMNS: &str = "\
+     (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_totp f WHERE f.user_id = users.id AND f.enabled_at IS NOT NULL) AS mfa_totp, \
+     (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_email f WHERE f.user_id = users.id) AS mfa_email, \
+     (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_recovery_codes f WHERE f.user_id = users.id AND f.used_at IS NULL) AS mfa_recovery";
+
 impl Factors {
-    fn any(&self) -> bool {
+    /// Reads the columns of [`FACTOR_COLUMNS`].
+    pub(crate) fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            totp: r.try_get::<i64, _>("mfa_totp")? > 0,
+            email: r.try_get::<i64, _>("mfa_email")? > 0,
+            recovery_left: r.try_get("mfa_recovery")?,
+        })
+    }
+
+    pub(crate) fn any(&self) -> bool {
         self.totp || self.email
     }
 
@@ -155,19 +172,13 @@ impl AuthService {
     }
 
     async fn factors(&self, user_id: &str) -> Result<Factors, AuthError> {
-        let r = sqlx::query(
-            "SELECT \
-             (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_totp WHERE user_id = $1 AND enabled_at IS NOT NULL) AS totp, \
-             (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_email WHERE user_id = $1) AS email, \
-             (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_recovery_codes WHERE user_id = $1 AND used_at IS NULL) AS recovery",
-        )
-        .bind(user_id)
-        .fetch_one(self.inner.db.read())
-        .await?;
-        Ok(Factors {
-            totp: r.try_get::<i64, _>("totp")? > 0,
-            email: r.try_get::<i64, _>("email")? > 0,
-            recovery_left: r.try_get("recovery")?,
+        let r = sqlx::query(&format!("SELECT {FACTOR_COLUMNS} FROM users WHERE id = $1"))
+            .bind(user_id)
+            .fetch_optional(self.inner.db.read())
+            .await?;
+        Ok(match r {
+            Some(r) => Factors::from_row(&r)?,
+            None => Factors::default(),
         })
     }
 
@@ -891,9 +902,35 @@ impl AuthService {
         device: &wire::DeviceInfo,
     ) -> Result<(), AuthError> {
         let f = self.factors(user_id).await?;
+        self.mfa_gate_with(ctx, user_id, device, &f).await
+    }
+
+    /// [`mfa_gate`](Self::mfa_gate) with the user's factors already read.
+    pub(crate) async fn mfa_gate_with(
+        &self,
+        ctx: &Ctx,
+        user_id: &str,
+        device: &wire::DeviceInfo,
+        f: &Factors,
+    ) -> Result<(), AuthError> {
         if !f.any() {
             return Ok(());
         }
+        Err(match self.mfa_challenge(ctx, user_id, device, f).await {
+            Ok(challenge) => challenge,
+            Err(e) => e,
+        })
+    }
+
+    /// Opens a second-factor ticket for a user with factors `f`; returns the 202
+    /// `mfa_required` answer (as the error the sign-in ends with).
+    pub(crate) async fn mfa_challenge(
+        &self,
+        ctx: &Ctx,
+        user_id: &str,
+        device: &wire::DeviceInfo,
+        f: &Factors,
+    ) -> Result<AuthError, AuthError> {
         let cfg = &self.inner.cfg.mfa;
         let ticket = opaque_token();
         let now = now_micros();
@@ -924,7 +961,7 @@ impl AuthService {
         .await?;
         tx.commit().await?;
         metrics::counter!("auth_logins_total", "outcome" => "mfa_required").increment(1);
-        Err(AuthError::MfaRequired(Box::new(mw::MfaChallenge {
+        Ok(AuthError::MfaRequired(Box::new(mw::MfaChallenge {
             status: "mfa_required".into(),
             mfa_ticket: ticket,
             methods,

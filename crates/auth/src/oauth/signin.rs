@@ -42,7 +42,12 @@ impl AuthService {
         email: &str,
         password: &str,
     ) -> Result<String, AuthError> {
-        let (user_id, email) = self
+        let crate::sessions::Signin {
+            user_id,
+            email,
+            security_locked,
+            ..
+        } = self
             .check_credentials(ctx, email, password.to_owned())
             .await?;
         sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
@@ -61,7 +66,7 @@ impl AuthService {
             id: "browser".into(),
             name: "Browser sign-in".into(),
         };
-        self.ip_trust_login_gate(ctx, &user_id, &email, &device)
+        self.ip_trust_login_gate(ctx, &user_id, &email, security_locked, &device)
             .await?;
         Ok(user_id)
     }

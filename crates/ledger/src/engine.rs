@@ -327,7 +327,8 @@ async fn store_keys(db: &Db, tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerE
     let now = vaultpay_core::time::now_micros();
     for chunk in keys.chunks(500) {
         let sql = format!(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) VALUES {}",
+            "{} INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) VALUES {}",
+            db.insert_or_fail(),
             vaultpay_store::params::values(db.backend(), chunk.len(), 7)
         );
         let mut q = sqlx::query(&sql).persistent(false);
@@ -543,6 +544,11 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     } else {
         match tx.commit().await {
             Ok(()) => true,
+            Err(e) if refused_by_deferred_check(&e) => {
+                tracing::error!(error = %e, jobs = group.len(), "group commit refused by a foreign key; retrying its jobs one by one");
+                retry_one_by_one(core, group).await;
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
                 false
@@ -651,21 +657,40 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
         Err(e) => {
             tracing::warn!(error = %e, jobs = group.len(), "group commit failed unexpectedly; retrying its jobs one by one");
             let _ = tx.rollback().await;
-            for (job, reply_to) in group.drain(..) {
-                let r = run_single(core, job).await;
-                let _ = reply_to.send(r);
-            }
+            retry_one_by_one(core, group).await;
             return;
         }
     };
     let committed = match tx.commit().await {
         Ok(()) => true,
+        Err(e) if refused_by_deferred_check(&e) => {
+            tracing::error!(error = %e, jobs = group.len(), "group commit refused by a foreign key; retrying its jobs one by one");
+            retry_one_by_one(core, group).await;
+            return;
+        }
         Err(e) => {
             tracing::error!(error = %e, "group commit failed");
             false
         }
     };
     answer_group(group, replies.into_iter().map(Ok).collect(), committed);
+}
+
+/// Whether a COMMIT was refused by a deferred foreign key (SQLite's transfers and
+/// postings, see the ledger's migration 0004), not by the storage: nothing of the
+/// transaction was written, so its jobs can be run again one by one, and the one that
+/// breaks the key then fails alone.
+fn refused_by_deferred_check(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation)
+}
+
+/// Answers a group that did not commit (and wrote nothing) by running each job in a
+/// transaction of its own, so that a job that fails, fails alone.
+async fn retry_one_by_one(core: &Core, group: &mut Vec<Queued>) {
+    for (job, reply_to) in group.drain(..) {
+        let r = run_single(core, job).await;
+        let _ = reply_to.send(r);
+    }
 }
 
 /// Runs one job in the current savepoint `job` and leaves a fresh one open. Returns

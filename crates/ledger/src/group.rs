@@ -367,7 +367,8 @@ async fn write_transfers(
 ) -> Result<(), LedgerError> {
     for chunk in transfers.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO transfers ({TRANSFER_COLS}) VALUES {}",
+            "{} INTO transfers ({TRANSFER_COLS}) VALUES {}",
+            db.insert_or_fail(),
             placeholders(db, chunk.len(), 14)
         );
         let mut q = sqlx::query(&sql).persistent(false);
@@ -388,7 +389,8 @@ async fn write_postings(
 ) -> Result<(), LedgerError> {
     for chunk in postings.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+            "{} INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+            db.insert_or_fail(),
             placeholders(db, chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql).persistent(false);
@@ -447,8 +449,9 @@ async fn write_failures(
 ) -> Result<(), LedgerError> {
     for chunk in failures.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
+            "{} INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
              amount, currency, reason, detail, created_at) VALUES {}",
+            db.insert_or_fail(),
             placeholders(db, chunk.len(), 11)
         );
         let mut q = sqlx::query(&sql).persistent(false);
@@ -479,7 +482,8 @@ async fn write_outbox(
 ) -> Result<(), LedgerError> {
     for chunk in bodies.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO outbox (id, topic, payload, created_at) VALUES {}",
+            "{} INTO outbox (id, topic, payload, created_at) VALUES {}",
+            db.insert_or_fail(),
             placeholders(db, chunk.len(), 4)
         );
         let mut q = sqlx::query(&sql).persistent(false);

@@ -1204,7 +1204,8 @@ async fn bulk_transfers(
     // right. Write transfers, then postings, then the final balances.
     for chunk in bulk_chunks(&transfers) {
         let sql = format!(
-            "INSERT INTO transfers ({TRANSFER_COLS}) VALUES {}",
+            "{} INTO transfers ({TRANSFER_COLS}) VALUES {}",
+            core.db.insert_or_fail(),
             placeholders(&core.db, chunk.len(), 14)
         );
         let mut q = sqlx::query(&sql);
@@ -1215,7 +1216,8 @@ async fn bulk_transfers(
     }
     for chunk in bulk_chunks(&postings) {
         let sql = format!(
-            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+            "{} INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+            core.db.insert_or_fail(),
             placeholders(&core.db, chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql);

@@ -187,7 +187,8 @@ pub async fn append_many_locked(
     let entries = chain(prev_seq, prev_hash);
     for part in entries.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
+            "{} INTO audit_log ({COLUMNS}) VALUES {}",
+            db.insert_or_fail(),
             values(db.backend(), part.len())
         );
         let mut q = sqlx::query(&sql).persistent(part.len() == 1);
@@ -211,8 +212,9 @@ pub(crate) fn guarded_insert_sql(b: crate::Backend, n: usize) -> String {
         crate::params::param(b, n * 13 + 1 + i, g);
     }
     format!(
-        "INSERT INTO audit_log ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
+        "{} INTO audit_log ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
          WHERE ({}, {}) = (SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1)",
+        b.insert_or_fail(),
         values(b, n),
         guard[0],
         guard[1],

@@ -15,6 +15,22 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The verb of a multi-row insert whose failure the caller answers by rolling back
+    /// its transaction or savepoint (every write path here does): `INSERT OR FAIL` on
+    /// SQLite, plain `INSERT` on PostgreSQL. OR FAIL keeps the rows before a failing
+    /// one instead of undoing the statement alone, so SQLite opens no statement journal
+    /// for it (where the table's foreign keys are deferred, see the ledger's migration
+    /// 0004): a multi-row INSERT otherwise copies every page it touches into the
+    /// journal first, and frees it all at its end.
+    pub fn insert_or_fail(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "INSERT OR FAIL",
+            Backend::Postgres => "INSERT",
+        }
+    }
+}
+
 /// Which service's schema a database holds. The two never share a database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
@@ -405,6 +421,11 @@ impl Db {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE",
         }
+    }
+
+    /// See [`Backend::insert_or_fail`].
+    pub fn insert_or_fail(&self) -> &'static str {
+        self.inner.backend.insert_or_fail()
     }
 
     /// Takes a transaction-scoped exclusive lock named by `key` within this service

@@ -1,6 +1,11 @@
 //! A small embedded migrator: one folder of SQL files per service and backend,
 //! applied in order, each in its own transaction, recorded in `schema_migrations`.
 //! On PostgreSQL an advisory lock keeps replicas starting together from racing.
+//!
+//! A SQLite migration that rebuilds a table other tables' foreign keys point at starts
+//! with [`FOREIGN_KEYS_OFF`]: it runs with enforcement off (SQLite's procedure for
+//! such changes; the pragma has no effect inside a transaction, so it is set around
+//! it), and must leave `PRAGMA foreign_key_check` empty, or nothing of it commits.
 
 use crate::{Backend, Db, Service, StoreError};
 use sqlx::Row;
@@ -47,9 +52,13 @@ const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),
     migration!(2, "ledger", "0002_drop_unused_indexes"),
     migration!(3, "ledger", "0003_audit_filter_indexes"),
+    migration!(4, "ledger", "0004_deferred_foreign_keys"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;
+
+/// First line of a SQLite migration that runs with foreign-key enforcement off.
+pub const FOREIGN_KEYS_OFF: &str = "-- vaultpay: foreign_keys=off";
 
 impl Db {
     /// Applies every migration of this service not yet applied. Returns how many ran.
@@ -90,6 +99,13 @@ impl Db {
                 Backend::Sqlite => m.sqlite,
                 Backend::Postgres => m.postgres,
             };
+            if self.backend() == Backend::Sqlite && sql.starts_with(FOREIGN_KEYS_OFF) {
+                // Only read so far; the migration gets a transaction of its own.
+                tx.rollback().await?;
+                self.apply_without_foreign_keys(m).await?;
+                applied += 1;
+                continue;
+            }
             sqlx::raw_sql(sql)
                 .execute(&mut *tx)
                 .await
@@ -116,5 +132,231 @@ impl Db {
             applied += 1;
         }
         Ok(applied)
+    }
+
+    /// Applies a SQLite migration marked [`FOREIGN_KEYS_OFF`] on the writer connection:
+    /// enforcement off, the migration and its `schema_migrations` row in one
+    /// transaction that commits only if `PRAGMA foreign_key_check` finds nothing,
+    /// enforcement back on. A connection that could not be put back is closed, never
+    /// returned to the pool with enforcement off.
+    async fn apply_without_foreign_keys(&self, m: &Migration) -> Result<(), StoreError> {
+        use sqlx::Connection;
+        let failed = |source: sqlx::Error| StoreError::Migration {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        let mut conn = self.writer().acquire().await?;
+        sqlx::raw_sql("PRAGMA foreign_keys = OFF")
+            .execute(&mut *conn)
+            .await?;
+        let applied = async {
+            let mut tx = conn.begin().await?;
+            sqlx::raw_sql(m.sqlite)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            let broken = sqlx::query("PRAGMA foreign_key_check")
+                .fetch_all(&mut *tx)
+                .await?;
+            if let Some(first) = broken.first() {
+                let table: String = first.try_get(0)?;
+                return Err(failed(sqlx::Error::Protocol(format!(
+                    "{} rows break foreign keys afterwards (first in {table})",
+                    broken.len()
+                ))));
+            }
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(m.version)
+            .bind(m.name)
+            .bind(vaultpay_core::time::now_micros())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let restored = sqlx::raw_sql("PRAGMA foreign_keys = ON")
+            .execute(&mut *conn)
+            .await;
+        if applied.is_err() || restored.is_err() {
+            let _ = conn.detach().close().await;
+        }
+        applied?;
+        restored?;
+        tracing::info!(
+            service = self.service().name(),
+            version = m.version,
+            name = m.name,
+            "migration applied (foreign keys off)"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::DbOptions;
+
+    async fn sqlite_ledger() -> Db {
+        let loc = crate::testing::fresh_location(Backend::Sqlite)
+            .await
+            .unwrap();
+        Db::connect(&loc, Service::Ledger, &DbOptions::default())
+            .await
+            .unwrap()
+    }
+
+    async fn count(db: &Db, sql: &str) -> i64 {
+        sqlx::query(sql)
+            .fetch_one(db.writer())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap()
+    }
+
+    async fn foreign_keys_on(db: &Db) -> bool {
+        count(db, "PRAGMA foreign_keys").await == 1
+    }
+
+    /// Migration 0004 rebuilds SQLite's transfers and postings with deferred foreign
+    /// keys: rows written at version 3 survive with their indexes, enforcement is on
+    /// again afterwards, and an orphan posting is refused when its transaction commits.
+    #[tokio::test]
+    async fn ledger_foreign_keys_become_deferred_and_rows_survive() {
+        let db = sqlite_ledger().await;
+        sqlx::query(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(db.writer())
+        .await
+        .unwrap();
+        for m in &LEDGER[..3] {
+            sqlx::raw_sql(m.sqlite).execute(db.writer()).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
+                .bind(m.version)
+                .bind(m.name)
+                .execute(db.writer())
+                .await
+                .unwrap();
+        }
+        sqlx::raw_sql(
+            "INSERT INTO accounts (id, number, owner_id, kind, name, currency, status, balance, posting_seq, created_at, updated_at) VALUES \
+             ('a1', 'n1', 'u', 'current', 'A', 'USD', 'active', -500, 1, 1, 1), \
+             ('a2', 'n2', 'u', 'current', 'B', 'USD', 'active', 500, 1, 1, 1); \
+             INSERT INTO transfers (id, kind, from_account_id, to_account_id, amount, currency, description, status, initiated_by, created_at, updated_at) \
+             VALUES ('t1', 'transfer', 'a1', 'a2', 500, 'USD', 'rent', 'posted', 'u', 1, 1); \
+             INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES \
+             ('p1', 't1', 'a1', 1, -500, 'USD', -500, 1), ('p2', 't1', 'a2', 1, 500, 'USD', 500, 1);",
+        )
+        .execute(db.writer())
+        .await
+        .unwrap();
+
+        assert_eq!(db.migrate().await.unwrap(), LEDGER.len() - 3);
+        assert!(foreign_keys_on(&db).await, "enforcement is back on");
+        assert_eq!(
+            count(&db, "SELECT COUNT(*) FROM transfers WHERE id = 't1' AND amount = 500 AND description = 'rent'").await,
+            1
+        );
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COALESCE(SUM(amount), 99) FROM postings WHERE transfer_id = 't1'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM postings").await, 2);
+        for (table, index) in [
+            ("transfers", "transfers_pending"),
+            ("postings", "postings_account_time"),
+        ] {
+            let sql: String = sqlx::query("SELECT sql FROM sqlite_schema WHERE name = $1")
+                .bind(table)
+                .fetch_one(db.writer())
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap();
+            assert_eq!(
+                sql.matches("DEFERRABLE INITIALLY DEFERRED").count(),
+                2,
+                "{sql}"
+            );
+            assert_eq!(
+                count(&db, &format!("SELECT COUNT(*) FROM sqlite_schema WHERE type = 'index' AND name = '{index}'")).await,
+                1
+            );
+        }
+        // (account_id, account_seq) is still unique.
+        let dup = sqlx::query(
+            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
+             VALUES ('p3', 't1', 'a1', 1, 1, 'USD', 1, 1)",
+        )
+        .execute(db.writer())
+        .await;
+        assert!(dup.is_err(), "duplicate account_seq accepted");
+
+        // Deferred, still enforced: the statement passes, the COMMIT is refused.
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
+             VALUES ('p4', 'no-such-transfer', 'a1', 2, 1, 'USD', 1, 1)",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let refused = tx.commit().await.unwrap_err();
+        assert!(
+            matches!(&refused, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation),
+            "{refused:?}"
+        );
+        assert_eq!(
+            count(&db, "SELECT COUNT(*) FROM postings WHERE id = 'p4'").await,
+            0
+        );
+    }
+
+    /// A foreign-keys-off migration that leaves a broken reference commits nothing,
+    /// and the writer connection has enforcement on afterwards.
+    #[tokio::test]
+    async fn a_migration_that_breaks_a_foreign_key_commits_nothing() {
+        let db = sqlite_ledger().await;
+        db.migrate().await.unwrap();
+        let bad = Migration {
+            version: 999,
+            name: "9999_orphan",
+            sqlite: "-- vaultpay: foreign_keys=off\n\
+                     CREATE TABLE scratch (x INTEGER);\n\
+                     INSERT INTO transfers (id, kind, from_account_id, to_account_id, amount, currency, description, status, initiated_by, created_at, updated_at) \
+                     VALUES ('t-orphan', 'transfer', 'nobody', 'nobody-else', 1, 'USD', '', 'posted', 'u', 1, 1);",
+            postgres: "",
+        };
+        let err = db.apply_without_foreign_keys(&bad).await.unwrap_err();
+        assert!(err.to_string().contains("break foreign keys"), "{err}");
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM transfers").await, 0);
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'scratch'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM schema_migrations WHERE version = 999"
+            )
+            .await,
+            0
+        );
+        assert!(foreign_keys_on(&db).await);
     }
 }

@@ -308,7 +308,8 @@ impl AuthService {
     /// account; holds a login from any other untrusted network (`IpConfirmationRequired`).
     ///
     /// `security_locked`: the account's "this wasn't me" lock as the sign-in read it
-    /// with the password hash (a session transaction re-checks it, see `login`).
+    /// with the password hash; the caller re-checks it under the user row's lock before
+    /// it opens a session (`login`, `check_password`).
     pub(crate) async fn ip_trust_login_gate(
         &self,
         ctx: &Ctx,
@@ -563,13 +564,19 @@ impl AuthService {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let revoked = self
-            .revoke_sessions_tx(&mut tx, user, None, "ip_login_denied")
-            .await?;
+        // The lock first, then the revocation: the user row's write lock orders this
+        // transaction with a sign-in's session transaction (which starts by updating
+        // that row, see `login`). A sign-in ordered after it sees the lock and is
+        // refused; one ordered before it has committed its session, which the
+        // revocation below then sees (on PostgreSQL the revoking statement starts after
+        // the row lock was granted, so its snapshot includes that session).
         sqlx::query("UPDATE users SET security_locked_at = $1, updated_at = $1 WHERE id = $2")
             .bind(now)
             .bind(user)
             .execute(&mut *tx)
+            .await?;
+        let revoked = self
+            .revoke_sessions_tx(&mut tx, user, None, "ip_login_denied")
             .await?;
         append(
             db,

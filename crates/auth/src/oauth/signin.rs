@@ -2,6 +2,7 @@
 //! `POST /v1/auth/login`, without creating a first-party session.
 
 use crate::{AuthError, AuthService};
+use sqlx::Row;
 use vaultpay_web::Ctx;
 
 // ---------------------------------------------------------------------------
@@ -50,10 +51,21 @@ impl AuthService {
         } = self
             .check_credentials(ctx, email, password.to_owned())
             .await?;
-        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
-            .bind(&user_id)
-            .execute(self.inner.db.writer())
-            .await?;
+        // The "this wasn't me" lock was read before Argon2 ran: read it again with the
+        // failure count's reset, under the user row's write lock (see `login`).
+        let locked = sqlx::query(
+            "UPDATE users SET failed_logins = 0 WHERE id = $1 RETURNING security_locked_at",
+        )
+        .bind(&user_id)
+        .fetch_optional(self.inner.db.writer())
+        .await?
+        .map(|r| r.try_get::<Option<i64>, _>("security_locked_at"))
+        .transpose()?
+        .flatten()
+        .is_some();
+        if locked {
+            return Err(self.refuse_security_locked(ctx, &user_id).await);
+        }
         let _ = self
             .inner
             .limiter

@@ -296,18 +296,25 @@ async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredK
 
 /// Looks up the stored keys of every job of a group in one statement.
 async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerError> {
-    let keys: Vec<&str> = jobs.iter().filter_map(|j| j.key.as_deref()).collect();
+    let keys: Vec<(&str, &str)> = jobs
+        .iter()
+        .filter_map(|j| Some((j.actor.user_id.as_str(), j.key.as_deref()?)))
+        .collect();
     let mut out = Prefetched::new();
     if keys.is_empty() {
         return Ok(out);
     }
+    // By the primary key (user, key): a join with the group's pairs is a primary-key
+    // search per pair on both backends (SQLite scans the whole index for a row-value
+    // `IN (VALUES …)`), so no second index on `key` alone is kept up to date.
     let sql = format!(
-        "SELECT user_id, key, fingerprint, status, body FROM idempotency_keys WHERE key IN ({})",
-        vaultpay_store::params::list(db.backend(), keys.len())
+        "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body FROM (VALUES {}) AS v \
+         JOIN idempotency_keys k ON k.user_id = v.column1 AND k.key = v.column2",
+        vaultpay_store::params::values(db.backend(), keys.len(), 2)
     );
     let mut q = sqlx::query(&sql).persistent(false);
-    for k in &keys {
-        q = q.bind(*k);
+    for (user, key) in &keys {
+        q = q.bind(*user).bind(*key);
     }
     for r in q.fetch_all(&mut **tx).await? {
         out.insert(

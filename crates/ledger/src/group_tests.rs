@@ -124,6 +124,49 @@ async fn two_accounts(backend: Backend) -> (Core, Actor, String, String) {
     (core, alice, a, b)
 }
 
+/// Idempotency keys belong to their user inside a group too: a key another user has
+/// stored under the same name is neither replayed nor refused as reused, and the
+/// owner's own key is replayed (the group looks keys up by user and key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_looks_up_keys_per_user() {
+    for backend in vaultpay_store::testing::backends() {
+        let (core, alice, a, b) = two_accounts(backend).await;
+        let admin = Actor::new("admin", vec!["admin".into()], "");
+        let bob = Actor::new("bob", vec!["customer".into()], "");
+        let c = open(&core, &bob).await;
+        let d = open(&core, &bob).await;
+        let r = run_single(&core, job(&admin, "d1", deposit(&c, 50)))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        let first = run_single(&core, job(&alice, "same", tr(&a, &b, 7, "alice")))
+            .await
+            .unwrap();
+        assert_eq!(first.status, 201);
+        let out = group(
+            &core,
+            vec![
+                job(&bob, "same", tr(&c, &d, 5, "bob")),
+                job(&alice, "same", tr(&a, &b, 7, "alice")),
+                job(&bob, "other", tr(&c, &d, 1, "bob")),
+            ],
+        )
+        .await;
+        let out: Vec<&Reply> = out.iter().map(|r| r.as_ref().unwrap()).collect();
+        assert_eq!(out[0].status, 201, "{backend:?}: {}", out[0].body);
+        assert!(
+            !out[0].replayed,
+            "{backend:?}: bob got alice's stored reply"
+        );
+        assert_eq!(out[0].value()["amount"], 5);
+        assert!(out[1].replayed, "{backend:?}: alice's own key is replayed");
+        assert_eq!(out[1].body, first.body);
+        assert_eq!(out[2].status, 201);
+        assert_eq!(balance(&core, &c).await, 44, "{backend:?}");
+        assert_eq!(balance(&core, &a).await, 93, "{backend:?}");
+    }
+}
+
 /// One group mixing successes, refusals (in-memory checks against the group's running
 /// balances), a replay, a reused key and a deposit that splits the transfers into two
 /// runs: every outcome matches what one-by-one execution gives, and every success has

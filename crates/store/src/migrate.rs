@@ -4,8 +4,9 @@
 //!
 //! A SQLite migration that rebuilds a table other tables' foreign keys point at starts
 //! with [`FOREIGN_KEYS_OFF`]: it runs with enforcement off (SQLite's procedure for
-//! such changes; the pragma has no effect inside a transaction, so it is set around
-//! it), and must leave `PRAGMA foreign_key_check` empty, or nothing of it commits.
+//! such changes; the pragma has no effect inside a transaction, so it is set before
+//! it, on a connection closed afterwards), and must leave `PRAGMA foreign_key_check`
+//! empty, or nothing of it commits.
 
 use crate::{Backend, Db, Service, StoreError};
 use sqlx::Row;
@@ -53,6 +54,7 @@ const LEDGER: &[Migration] = &[
     migration!(2, "ledger", "0002_drop_unused_indexes"),
     migration!(3, "ledger", "0003_audit_filter_indexes"),
     migration!(4, "ledger", "0004_deferred_foreign_keys"),
+    migration!(5, "ledger", "0005_drop_idempotency_key_index"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;
@@ -102,8 +104,9 @@ impl Db {
             if self.backend() == Backend::Sqlite && sql.starts_with(FOREIGN_KEYS_OFF) {
                 // Only read so far; the migration gets a transaction of its own.
                 tx.rollback().await?;
-                self.apply_without_foreign_keys(m).await?;
-                applied += 1;
+                if self.apply_without_foreign_keys(m).await? {
+                    applied += 1;
+                }
                 continue;
             }
             sqlx::raw_sql(sql)
@@ -136,10 +139,11 @@ impl Db {
 
     /// Applies a SQLite migration marked [`FOREIGN_KEYS_OFF`] on the writer connection:
     /// enforcement off, the migration and its `schema_migrations` row in one
-    /// transaction that commits only if `PRAGMA foreign_key_check` finds nothing,
-    /// enforcement back on. A connection that could not be put back is closed, never
-    /// returned to the pool with enforcement off.
-    async fn apply_without_foreign_keys(&self, m: &Migration) -> Result<(), StoreError> {
+    /// transaction that commits only if `PRAGMA foreign_key_check` finds nothing. The
+    /// connection is then closed, never returned to the pool with enforcement off (the
+    /// pool opens a fresh one). Returns whether it applied the migration (false:
+    /// another process had, since `migrate` looked).
+    async fn apply_without_foreign_keys(&self, m: &Migration) -> Result<bool, StoreError> {
         use sqlx::Connection;
         let failed = |source: sqlx::Error| StoreError::Migration {
             version: m.version,
@@ -147,11 +151,25 @@ impl Db {
             source,
         };
         let mut conn = self.writer().acquire().await?;
+        // Closed, never returned to the pool: a panic or a dropped future before
+        // enforcement is back on must not leave the only writer connection without
+        // foreign keys.
+        conn.close_on_drop();
         sqlx::raw_sql("PRAGMA foreign_keys = OFF")
             .execute(&mut *conn)
             .await?;
         let applied = async {
-            let mut tx = conn.begin().await?;
+            // The write lock first, then the version again: another process migrating
+            // the same file may have applied it since `migrate` looked.
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let done = sqlx::query("SELECT COUNT(*) FROM schema_migrations WHERE version = $1")
+                .bind(m.version)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get::<i64, _>(0)?;
+            if done > 0 {
+                return Ok(false);
+            }
             sqlx::raw_sql(m.sqlite)
                 .execute(&mut *tx)
                 .await
@@ -175,24 +193,22 @@ impl Db {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok::<_, StoreError>(())
+            Ok::<_, StoreError>(true)
         }
         .await;
-        let restored = sqlx::raw_sql("PRAGMA foreign_keys = ON")
-            .execute(&mut *conn)
-            .await;
-        if applied.is_err() || restored.is_err() {
-            let _ = conn.detach().close().await;
+        // Closed either way; the pool opens a fresh one with the usual pragmas,
+        // enforcement on.
+        let _ = conn.close().await;
+        let applied = applied?;
+        if applied {
+            tracing::info!(
+                service = self.service().name(),
+                version = m.version,
+                name = m.name,
+                "migration applied (foreign keys off)"
+            );
         }
-        applied?;
-        restored?;
-        tracing::info!(
-            service = self.service().name(),
-            version = m.version,
-            name = m.name,
-            "migration applied (foreign keys off)"
-        );
-        Ok(())
+        Ok(applied)
     }
 }
 

@@ -59,6 +59,32 @@ const LEDGER: &[Migration] = &[
 
 const LOCK_MIGRATIONS: i64 = 1;
 
+impl Migration {
+    fn failed(&self, source: sqlx::Error) -> StoreError {
+        StoreError::Migration {
+            version: self.version,
+            name: self.name,
+            source,
+        }
+    }
+
+    /// Records this migration as applied, in the transaction that applied it.
+    async fn record<'c>(
+        &self,
+        conn: &mut sqlx::Transaction<'c, sqlx::Any>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(self.version)
+        .bind(self.name)
+        .bind(vaultpay_core::time::now_micros())
+        .execute(&mut **conn)
+        .await?;
+        Ok(())
+    }
+}
+
 /// First line of a SQLite migration that runs with foreign-key enforcement off.
 pub const FOREIGN_KEYS_OFF: &str = "-- vaultpay: foreign_keys=off";
 
@@ -112,19 +138,8 @@ impl Db {
             sqlx::raw_sql(sql)
                 .execute(&mut *tx)
                 .await
-                .map_err(|source| StoreError::Migration {
-                    version: m.version,
-                    name: m.name,
-                    source,
-                })?;
-            sqlx::query(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-            )
-            .bind(m.version)
-            .bind(m.name)
-            .bind(vaultpay_core::time::now_micros())
-            .execute(&mut *tx)
-            .await?;
+                .map_err(|source| m.failed(source))?;
+            m.record(&mut tx).await?;
             tx.commit().await?;
             tracing::info!(
                 service = self.service().name(),
@@ -145,11 +160,6 @@ impl Db {
     /// another process had, since `migrate` looked).
     async fn apply_without_foreign_keys(&self, m: &Migration) -> Result<bool, StoreError> {
         use sqlx::Connection;
-        let failed = |source: sqlx::Error| StoreError::Migration {
-            version: m.version,
-            name: m.name,
-            source,
-        };
         let mut conn = self.writer().acquire().await?;
         // Closed, never returned to the pool: a panic or a dropped future before
         // enforcement is back on must not leave the only writer connection without
@@ -173,25 +183,18 @@ impl Db {
             sqlx::raw_sql(m.sqlite)
                 .execute(&mut *tx)
                 .await
-                .map_err(failed)?;
+                .map_err(|source| m.failed(source))?;
             let broken = sqlx::query("PRAGMA foreign_key_check")
                 .fetch_all(&mut *tx)
                 .await?;
             if let Some(first) = broken.first() {
                 let table: String = first.try_get(0)?;
-                return Err(failed(sqlx::Error::Protocol(format!(
+                return Err(m.failed(sqlx::Error::Protocol(format!(
                     "{} rows break foreign keys afterwards (first in {table})",
                     broken.len()
                 ))));
             }
-            sqlx::query(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-            )
-            .bind(m.version)
-            .bind(m.name)
-            .bind(vaultpay_core::time::now_micros())
-            .execute(&mut *tx)
-            .await?;
+            m.record(&mut tx).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(true)
         }

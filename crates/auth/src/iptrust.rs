@@ -685,12 +685,13 @@ impl AuthService {
         if !hold.confirmed {
             return Err(AuthError::IpConfirmationRequired(req.login_ticket));
         }
-        let locked = sqlx::query("SELECT security_locked_at FROM users WHERE id = $1")
+        // Under the user row's lock (see `sessions::sign_in_check_sql`).
+        let row = sqlx::query(&crate::sessions::sign_in_check_sql(""))
             .bind(&hold.user_id)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?
-            .try_get::<Option<i64>, _>("security_locked_at")?;
-        if locked.is_some() {
+            .ok_or(AuthError::BadLoginTicket)?;
+        if crate::sessions::is_security_locked(&row)? {
             return Err(AuthError::ResetRequired);
         }
         let done = sqlx::query(

@@ -48,6 +48,23 @@ pub(crate) struct Signin {
     pub factors: crate::mfa::Factors,
 }
 
+/// The statement a sign-in's session transaction starts with (password login, second
+/// factor, confirmed IP hold, OAuth browser sign-in): resets the failure count and
+/// returns `security_locked_at` (and `more` columns of `users`), under the user row's
+/// write lock. `deny_login_network` takes that lock before it revokes sessions, so a
+/// sign-in is ordered either before it (and its session is revoked) or after it (and
+/// sees the lock). No row: the user is gone.
+pub(crate) fn sign_in_check_sql(more: &str) -> String {
+    format!("UPDATE users SET failed_logins = 0 WHERE id = $1 RETURNING security_locked_at{more}")
+}
+
+/// Whether a row of [`sign_in_check_sql`] shows a "this wasn't me" lock.
+pub(crate) fn is_security_locked(row: &sqlx::any::AnyRow) -> Result<bool, sqlx::Error> {
+    Ok(row
+        .try_get::<Option<i64>, _>("security_locked_at")?
+        .is_some())
+}
+
 impl AuthService {
     /// `POST /v1/auth/login`.
     pub async fn login(
@@ -79,10 +96,10 @@ impl AuthService {
         // lock or a second factor committed in between refuses this session (the lock's
         // own transaction revokes sessions, and sees this one if it commits first). The
         // same statement resets the failure count.
-        let row = sqlx::query(&format!(
-            "UPDATE users SET failed_logins = 0 WHERE id = $1 RETURNING security_locked_at, {}",
+        let row = sqlx::query(&sign_in_check_sql(&format!(
+            ", {}",
             crate::mfa::FACTOR_COLUMNS
-        ))
+        )))
         .bind(&user_id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -90,10 +107,7 @@ impl AuthService {
             // Deleted while its password was checked.
             return Err(AuthError::InvalidCredentials);
         };
-        if row
-            .try_get::<Option<i64>, _>("security_locked_at")?
-            .is_some()
-        {
+        if is_security_locked(&row)? {
             tx.rollback().await?;
             return Err(self.refuse_security_locked(ctx, &user_id).await);
         }

@@ -1129,10 +1129,19 @@ impl AuthService {
         if n != 1 {
             return Err(ticket_invalid());
         }
-        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
+        // A "this wasn't me" lock set since the ticket was issued refuses the session.
+        let row = sqlx::query(&crate::sessions::sign_in_check_sql(""))
             .bind(&user_id)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+        let locked = match &row {
+            Some(r) => crate::sessions::is_security_locked(r)?,
+            None => return Err(ticket_invalid()),
+        };
+        if locked {
+            tx.rollback().await?;
+            return Err(self.refuse_security_locked(ctx, &user_id).await);
+        }
         let facts = SessionFacts {
             user_id: user_id.clone(),
             session_id: uuid::Uuid::now_v7().to_string(),

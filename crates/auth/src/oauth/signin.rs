@@ -2,7 +2,6 @@
 //! `POST /v1/auth/login`, without creating a first-party session.
 
 use crate::{AuthError, AuthService};
-use sqlx::Row;
 use vaultpay_web::Ctx;
 
 // ---------------------------------------------------------------------------
@@ -53,17 +52,14 @@ impl AuthService {
             .await?;
         // The "this wasn't me" lock was read before Argon2 ran: read it again with the
         // failure count's reset, under the user row's write lock (see `login`).
-        let locked = sqlx::query(
-            "UPDATE users SET failed_logins = 0 WHERE id = $1 RETURNING security_locked_at",
-        )
-        .bind(&user_id)
-        .fetch_optional(self.inner.db.writer())
-        .await?
-        .map(|r| r.try_get::<Option<i64>, _>("security_locked_at"))
-        .transpose()?
-        .flatten()
-        .is_some();
-        if locked {
+        let row = sqlx::query(&crate::sessions::sign_in_check_sql(""))
+            .bind(&user_id)
+            .fetch_optional(self.inner.db.writer())
+            .await?;
+        let Some(row) = row else {
+            return Err(AuthError::InvalidCredentials);
+        };
+        if crate::sessions::is_security_locked(&row)? {
             return Err(self.refuse_security_locked(ctx, &user_id).await);
         }
         let _ = self

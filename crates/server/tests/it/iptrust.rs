@@ -943,3 +943,78 @@ async fn concurrent_first_logins_all_trust_the_same_network() {
         app.stop().await;
     });
 }
+
+/// A second-factor ticket issued before "this wasn't me" opens no session after it:
+/// the second-factor step re-reads the lock under the user row's lock (it did not read
+/// it at all before).
+#[tokio::test]
+async fn a_second_factor_ticket_dies_with_this_wasnt_me() {
+    each_backend!(|backend: Backend| async move {
+        use vaultpay_core::totp;
+        let app = spawn_proxied(backend, |_| {}).await;
+        let email = "mia@example.com";
+        let (_, t) = user_at(&app, email, HOME).await;
+        let r = send_from(
+            &app,
+            HOME,
+            Method::POST,
+            "/v1/mfa/totp",
+            Some(&t.access),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let secret = totp::base32_decode(r.body["secret"].as_str().unwrap()).unwrap();
+        let now = vaultpay_core::time::now_micros() / 1_000_000;
+        let code = totp::code_for_step(&secret, totp::step_of(now, 30), 6);
+        let r = send_from(
+            &app,
+            HOME,
+            Method::POST,
+            "/v1/mfa/totp/confirm",
+            Some(&t.access),
+            Some(json!({ "code": code })),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let recovery: Vec<String> = r.body["recovery_codes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect();
+
+        // a trusted-network login waits for its second factor...
+        let r = login_from(&app, HOME, email, "dev-2").await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let ticket = r.body["mfa_ticket"].as_str().unwrap().to_owned();
+        // ...when the user answers an attacker's held login with "this wasn't me"
+        ticket_of(&login_from(&app, AWAY, email, "evil").await);
+        let deny = mail_token(&app, email, "login/deny?token=");
+        let r = link_post(&app, "deny", &deny).await;
+        assert_eq!(r.body["status"], "account_locked", "{}", r.text);
+
+        let verify = |code: String| {
+            let (app, ticket) = (&app, ticket.clone());
+            async move {
+                send_from(
+                    app,
+                    HOME,
+                    Method::POST,
+                    "/v1/auth/mfa/verify",
+                    None,
+                    Some(json!({ "mfa_ticket": ticket, "code": code, "method": "recovery_code" })),
+                )
+                .await
+            }
+        };
+        verify(recovery[0].clone())
+            .await
+            .assert_problem(423, "password_reset_required");
+        assert_eq!(
+            app.count_where("sessions", "device_id = 'dev-2'").await,
+            0,
+            "no session for the ticket"
+        );
+    });
+}

@@ -488,6 +488,22 @@ impl AuthService {
         if hold.confirmed || hold.denied || hold.expires_at <= now {
             return Err(AuthError::BadEmailToken);
         }
+        // A locked account trusts no new network: "this wasn't me" denies the holds it
+        // finds, and one opened beside it (by a sign-in that read the lock before it
+        // was set) must not make the attacker's network trusted once confirmed.
+        let locked = sqlx::query(&format!(
+            "SELECT security_locked_at FROM users WHERE id = $1{}",
+            db.for_update()
+        ))
+        .bind(&hold.user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get::<Option<i64>, _>("security_locked_at"))
+        .transpose()?
+        .flatten();
+        if locked.is_some() {
+            return Err(AuthError::ResetRequired);
+        }
         sqlx::query("UPDATE login_holds SET confirmed_at = $1 WHERE ticket_hash = $2")
             .bind(now)
             .bind(&hold.ticket_hash)

@@ -1018,3 +1018,31 @@ async fn a_second_factor_ticket_dies_with_this_wasnt_me() {
         );
     });
 }
+
+/// A held login of a locked account cannot be confirmed into a trusted network (a
+/// hold opened beside "this wasn't me", which denies only the holds it finds; the lock
+/// is set directly here to open that window deterministically).
+#[tokio::test]
+async fn a_locked_account_confirms_no_new_network() {
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |_| {}).await;
+        let email = "noor@example.com";
+        let (uid, _) = user_at(&app, email, HOME).await;
+        ticket_of(&login_from(&app, AWAY, email, "evil").await);
+        let confirm = mail_token(&app, email, "login/confirm?token=");
+        sqlx::query("UPDATE users SET security_locked_at = 1 WHERE id = $1")
+            .bind(&uid)
+            .execute(app.auth_db().writer())
+            .await
+            .unwrap();
+        link_post(&app, "confirm", &confirm)
+            .await
+            .assert_problem(423, "password_reset_required");
+        assert_eq!(
+            app.count_where("trusted_networks", &format!("user_id = '{uid}'"))
+                .await,
+            1,
+            "only the first network"
+        );
+    });
+}

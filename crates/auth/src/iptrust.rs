@@ -304,23 +304,16 @@ impl AuthService {
     }
 
     /// The login hook: after the password was verified, before tokens are issued.
-    /// Refuses accounts locked by "this wasn't me"; trusts the first network of a new
-    /// account; holds a login from any other untrusted network (`IpConfirmationRequired`).
-    ///
-    /// `security_locked`: the account's "this wasn't me" lock as the sign-in read it
-    /// with the password hash; the caller re-checks it under the user row's lock before
-    /// it opens a session (`login`, `check_password`).
+    /// Trusts the first network of a new account; holds a login from any other
+    /// untrusted network (`IpConfirmationRequired`). The caller has refused an account
+    /// locked by "this wasn't me" first (see `sessions::sign_in_check_sql`).
     pub(crate) async fn ip_trust_login_gate(
         &self,
         ctx: &Ctx,
         user_id: &str,
         email: &str,
-        security_locked: bool,
         device: &wire::DeviceInfo,
     ) -> Result<(), AuthError> {
-        if security_locked {
-            return Err(self.refuse_security_locked(ctx, user_id).await);
-        }
         let cfg = self.trust_cfg();
         let Some(ip) = ctx.ip.filter(|_| cfg.enabled) else {
             return Ok(());
@@ -491,17 +484,19 @@ impl AuthService {
         // A locked account trusts no new network: "this wasn't me" denies the holds it
         // finds, and one opened beside it (by a sign-in that read the lock before it
         // was set) must not make the attacker's network trusted once confirmed.
-        let locked = sqlx::query(&format!(
+        let row = sqlx::query(&format!(
             "SELECT security_locked_at FROM users WHERE id = $1{}",
             db.for_update()
         ))
         .bind(&hold.user_id)
         .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| r.try_get::<Option<i64>, _>("security_locked_at"))
-        .transpose()?
-        .flatten();
-        if locked.is_some() {
+        .await?;
+        if row
+            .as_ref()
+            .map(crate::sessions::is_security_locked)
+            .transpose()?
+            .unwrap_or(false)
+        {
             return Err(AuthError::ResetRequired);
         }
         sqlx::query("UPDATE login_holds SET confirmed_at = $1 WHERE ticket_hash = $2")

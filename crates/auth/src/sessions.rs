@@ -73,18 +73,21 @@ impl AuthService {
         req: wire::LoginRequest,
     ) -> Result<wire::TokenResponse, AuthError> {
         check_device(&req.device.id, &req.device.name)?;
-        let signin = self
-            .check_credentials(ctx, &req.email, req.password)
-            .await?;
         let Signin {
             user_id,
             email,
             security_locked,
             factors,
-        } = signin;
+        } = self
+            .check_credentials(ctx, &req.email, req.password)
+            .await?;
         let now = now_micros();
-        // IP trust: a lock by "this wasn't me", or a hold for an untrusted network.
-        self.ip_trust_login_gate(ctx, &user_id, &email, security_locked, &req.device)
+        // A lock by "this wasn't me" (as read with the hash), then IP trust: a hold for
+        // an untrusted network.
+        if security_locked {
+            return Err(self.refuse_security_locked(ctx, &user_id).await);
+        }
+        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
             .await?;
         self.mfa_gate_with(ctx, &user_id, &req.device, &factors)
             .await?;
@@ -213,9 +216,7 @@ impl AuthService {
         Ok(Signin {
             user_id,
             email,
-            security_locked: row
-                .try_get::<Option<i64>, _>("security_locked_at")?
-                .is_some(),
+            security_locked: is_security_locked(row)?,
             factors: crate::mfa::Factors::from_row(row)?,
         })
     }

@@ -545,24 +545,12 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     if !broken && store_keys(&core.db, &mut tx, &new_keys).await.is_err() {
         broken = true;
     }
-    let committed = if broken {
+    if broken {
         let _ = tx.rollback().await;
-        false
+        answer_group(group, results, false);
     } else {
-        match tx.commit().await {
-            Ok(()) => true,
-            Err(e) if refused_by_deferred_check(&e) => {
-                tracing::error!(error = %e, jobs = group.len(), "group commit refused by a foreign key; retrying its jobs one by one");
-                retry_one_by_one(core, group).await;
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "group commit failed");
-                false
-            }
-        }
-    };
-    answer_group(group, results, committed);
+        commit_and_answer(core, tx, group, results).await;
+    }
 }
 
 /// Opens a group's exclusive transaction; if that fails, every job of the group is
@@ -668,19 +656,29 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
             return;
         }
     };
-    let committed = match tx.commit().await {
-        Ok(()) => true,
+    commit_and_answer(core, tx, group, replies.into_iter().map(Ok).collect()).await;
+}
+
+/// Commits a group's transaction and answers its jobs: each with its result, or each
+/// with an internal error if the commit failed. A COMMIT refused by a deferred foreign
+/// key (see [`refused_by_deferred_check`]) reruns the jobs one by one instead.
+async fn commit_and_answer(
+    core: &Core,
+    tx: Tx,
+    group: &mut Vec<Queued>,
+    results: Vec<Result<Reply, LedgerError>>,
+) {
+    match tx.commit().await {
+        Ok(()) => answer_group(group, results, true),
         Err(e) if refused_by_deferred_check(&e) => {
             tracing::error!(error = %e, jobs = group.len(), "group commit refused by a foreign key; retrying its jobs one by one");
             retry_one_by_one(core, group).await;
-            return;
         }
         Err(e) => {
             tracing::error!(error = %e, "group commit failed");
-            false
+            answer_group(group, results, false);
         }
-    };
-    answer_group(group, replies.into_iter().map(Ok).collect(), committed);
+    }
 }
 
 /// Whether a COMMIT was refused by a deferred foreign key (SQLite's transfers and

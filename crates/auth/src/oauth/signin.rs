@@ -74,7 +74,10 @@ impl AuthService {
             id: "browser".into(),
             name: "Browser sign-in".into(),
         };
-        self.ip_trust_login_gate(ctx, &user_id, &email, security_locked, &device)
+        if security_locked {
+            return Err(self.refuse_security_locked(ctx, &user_id).await);
+        }
+        self.ip_trust_login_gate(ctx, &user_id, &email, &device)
             .await?;
         Ok(user_id)
     }

@@ -55,6 +55,8 @@ const LEDGER: &[Migration] = &[
     migration!(3, "ledger", "0003_audit_filter_indexes"),
     migration!(4, "ledger", "0004_deferred_foreign_keys"),
     migration!(5, "ledger", "0005_drop_idempotency_key_index"),
+    migration!(6, "ledger", "0006_postings_keyed_by_account"),
+    migration!(7, "ledger", "0007_idempotency_body_lz4"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;
@@ -321,6 +323,26 @@ mod tests {
         .execute(db.writer())
         .await;
         assert!(dup.is_err(), "duplicate account_seq accepted");
+        // Since 0006 that pair is the primary key, and `id` has no index of its own.
+        let pk: Vec<String> = sqlx::query(
+            "SELECT i.name FROM pragma_index_list('postings') l, pragma_index_info(l.name) i \
+             WHERE l.origin = 'pk' ORDER BY i.seqno",
+        )
+        .fetch_all(db.writer())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get(0).unwrap())
+        .collect();
+        assert_eq!(pk, ["account_id", "account_seq"]);
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM pragma_index_list('postings') l, pragma_index_info(l.name) i WHERE i.name = 'id'"
+            )
+            .await,
+            0
+        );
 
         // Deferred, still enforced: the statement passes, the COMMIT is refused.
         let mut tx = db.begin().await.unwrap();
@@ -340,6 +362,54 @@ mod tests {
             count(&db, "SELECT COUNT(*) FROM postings WHERE id = 'p4'").await,
             0
         );
+    }
+
+    /// On PostgreSQL, 0006 makes (account_id, account_seq) the postings' primary key
+    /// (`id` keeps no index) and 0007 compresses stored responses with lz4 when the
+    /// server has it (this machine's does: a table with an lz4 column can be created).
+    #[tokio::test]
+    async fn postgres_postings_key_and_lz4_bodies() {
+        if !crate::testing::backends().contains(&Backend::Postgres) {
+            return;
+        }
+        let db = crate::testing::fresh_db(Service::Ledger, Backend::Postgres)
+            .await
+            .unwrap();
+        let pk: Vec<String> = sqlx::query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+             WHERE i.indrelid = 'postings'::regclass AND i.indisprimary ORDER BY a.attnum",
+        )
+        .fetch_all(db.writer())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get(0).unwrap())
+        .collect();
+        assert_eq!(pk, ["account_id", "account_seq"]);
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+                 AND a.attnum = ANY (i.indkey) WHERE i.indrelid = 'postings'::regclass AND a.attname = 'id'"
+            )
+            .await,
+            0
+        );
+        let lz4 = sqlx::raw_sql("CREATE TEMP TABLE lz4_probe (t TEXT COMPRESSION lz4)")
+            .execute(db.writer())
+            .await
+            .is_ok();
+        let method: String = sqlx::query(
+            "SELECT attcompression::text FROM pg_attribute \
+             WHERE attrelid = 'idempotency_keys'::regclass AND attname = 'body'",
+        )
+        .fetch_one(db.writer())
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+        assert_eq!(method, if lz4 { "l" } else { "" });
     }
 
     /// A foreign-keys-off migration that leaves a broken reference commits nothing,

@@ -54,6 +54,10 @@ struct Failure {
     detail: String,
 }
 
+/// A posting of a run: (transfer index, account id, account seq, signed amount, balance
+/// after, time).
+type Posting = (usize, String, i64, i64, i64, i64);
+
 /// The audit entries of a run, appended by [`append_audits`]: (job index, transfer id,
 /// metadata) per posted transfer.
 pub(crate) type RunAudits = Vec<(usize, String, serde_json::Value)>;
@@ -92,8 +96,7 @@ pub(crate) async fn run_transfers(
 
     let now = now_micros();
     let mut transfers: Vec<TransferRow> = Vec::new();
-    // (transfer index, account id, account seq, signed amount, balance after)
-    let mut postings: Vec<(usize, String, i64, i64, i64)> = Vec::new();
+    let mut postings: Vec<Posting> = Vec::new();
     let mut failures: Vec<Failure> = Vec::new();
     let mut audits: Vec<(usize, usize, serde_json::Value)> = Vec::new(); // (job, transfer, meta)
     let mut bodies: Vec<String> = Vec::new(); // per transfer: the 201 body = outbox payload
@@ -125,8 +128,9 @@ pub(crate) async fn run_transfers(
                     (&req.from_account_id, -amount),
                     (&req.to_account_id, amount),
                 ] {
-                    if let Some(a) = accts.get(acct) {
-                        postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance));
+                    if let Some(a) = accts.get_mut(acct) {
+                        let at = a.posting_time(now);
+                        postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance, at));
                     }
                 }
                 let reply = Reply::json(201, &t.to_wire())?;
@@ -176,7 +180,7 @@ pub(crate) async fn run_transfers(
         write_combined_pg(&core.db, tx, &rows).await?;
     } else {
         write_transfers(&core.db, tx, &transfers).await?;
-        write_postings(&core.db, tx, &transfers, &postings, now).await?;
+        write_postings(&core.db, tx, &transfers, &postings).await?;
         write_balances(&core.db, tx, &accts, &postings, now).await?;
         write_failures(&core.db, tx, &failures, now).await?;
     }
@@ -228,7 +232,7 @@ pub(crate) async fn append_audits(
 /// Everything a run writes besides its audit entries.
 struct Rows<'a> {
     transfers: &'a [TransferRow],
-    postings: &'a [(usize, String, i64, i64, i64)],
+    postings: &'a [Posting],
     accts: &'a HashMap<String, AccountRow>,
     failures: &'a [Failure],
     bodies: &'a [String],
@@ -248,7 +252,7 @@ impl Rows<'_> {
     fn params(&self) -> usize {
         self.transfers.len() * 14
             + self.postings.len() * 8
-            + self.postings.len() * 4
+            + self.postings.len() * 5
             + self.failures.len() * 11
             + self.bodies.len() * 4
     }
@@ -299,9 +303,9 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
         "SELECT 1".to_owned()
     } else {
         format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
-             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            values_from(b, n, touched.len(), 4)
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
+             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            values_from(b, n, touched.len(), 5)
         )
     };
     let sql = if parts.is_empty() {
@@ -313,7 +317,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
     for t in rows.transfers {
         q = ops::bind_transfer(q, t);
     }
-    for (ti, acct, seq, amount, after) in rows.postings {
+    for (ti, acct, seq, amount, after, at) in rows.postings {
         let t = rows
             .transfers
             .get(*ti)
@@ -326,7 +330,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
             .bind(*amount)
             .bind(&t.currency)
             .bind(*after)
-            .bind(rows.now);
+            .bind(*at);
     }
     for f in rows.failures {
         q = q
@@ -354,7 +358,8 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
             .bind(&a.id)
             .bind(a.balance)
             .bind(a.posting_seq)
-            .bind(rows.now);
+            .bind(rows.now)
+            .bind(a.last_posted_at);
     }
     q.execute(&mut **tx).await?;
     Ok(())
@@ -384,8 +389,7 @@ async fn write_postings(
     db: &Db,
     tx: &mut Tx,
     transfers: &[TransferRow],
-    postings: &[(usize, String, i64, i64, i64)],
-    now: i64,
+    postings: &[Posting],
 ) -> Result<(), LedgerError> {
     for chunk in postings.chunks(CHUNK) {
         let sql = format!(
@@ -394,7 +398,7 @@ async fn write_postings(
             placeholders(db, chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql).persistent(false);
-        for (ti, acct, seq, amount, after) in chunk {
+        for (ti, acct, seq, amount, after, at) in chunk {
             let t = transfers
                 .get(*ti)
                 .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
@@ -406,7 +410,7 @@ async fn write_postings(
                 .bind(*amount)
                 .bind(&t.currency)
                 .bind(*after)
-                .bind(now);
+                .bind(*at);
         }
         q.execute(&mut **tx).await?;
     }
@@ -417,7 +421,7 @@ async fn write_balances(
     db: &Db,
     tx: &mut Tx,
     accts: &HashMap<String, AccountRow>,
-    postings: &[(usize, String, i64, i64, i64)],
+    postings: &[Posting],
     now: i64,
 ) -> Result<(), LedgerError> {
     let mut seen = std::collections::HashSet::new();
@@ -428,13 +432,18 @@ async fn write_balances(
         .collect();
     for chunk in touched.chunks(CHUNK) {
         let sql = format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
-             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            placeholders(db, chunk.len(), 4)
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
+             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            placeholders(db, chunk.len(), 5)
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for a in chunk {
-            q = q.bind(&a.id).bind(a.balance).bind(a.posting_seq).bind(now);
+            q = q
+                .bind(&a.id)
+                .bind(a.balance)
+                .bind(a.posting_seq)
+                .bind(now)
+                .bind(a.last_posted_at);
         }
         q.execute(&mut **tx).await?;
     }

@@ -87,7 +87,7 @@ impl Actor {
 }
 
 pub(crate) const ACCOUNT_COLS: &str =
-    "id, number, owner_id, kind, name, currency, status, balance, held, posting_seq, created_at, updated_at";
+    "id, number, owner_id, kind, name, currency, status, balance, held, posting_seq, created_at, updated_at, last_posted_at";
 
 #[derive(Debug, Clone)]
 pub(crate) struct AccountRow {
@@ -103,9 +103,22 @@ pub(crate) struct AccountRow {
     pub posting_seq: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// `created_at` of the account's last posting (0 before the first): see
+    /// [`AccountRow::posting_time`].
+    pub last_posted_at: i64,
 }
 
 impl AccountRow {
+    /// The time of a new posting on this account, recorded as its last: `now`, or the
+    /// time of its previous posting should the clock have gone back since. So an
+    /// account's postings are in time order as they are in sequence order, and the
+    /// history's time windows are found by binary search over the sequence
+    /// (`query::history`) instead of through an index on time.
+    pub fn posting_time(&mut self, now: i64) -> i64 {
+        self.last_posted_at = self.last_posted_at.max(now);
+        self.last_posted_at
+    }
+
     pub fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: r.try_get("id")?,
@@ -120,6 +133,7 @@ impl AccountRow {
             posting_seq: r.try_get("posting_seq")?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
+            last_posted_at: r.try_get("last_posted_at")?,
         })
     }
 

@@ -265,6 +265,7 @@ async fn apply_move(
     for acct in [&mut *from, &mut *to] {
         acct.posting_seq += 1;
         acct.updated_at = now;
+        acct.posting_time(now);
     }
     // Both postings in one statement, both balances in another.
     sqlx::query(
@@ -278,7 +279,7 @@ async fn apply_move(
     .bind(-amount)
     .bind(&from.currency)
     .bind(from.balance)
-    .bind(now)
+    .bind(from.last_posted_at)
     .bind(crate::ids::new_id())
     .bind(transfer_id)
     .bind(&to.id)
@@ -286,7 +287,7 @@ async fn apply_move(
     .bind(amount)
     .bind(&to.currency)
     .bind(to.balance)
-    .bind(now)
+    .bind(to.last_posted_at)
     .execute(&mut **tx)
     .await?;
     sqlx::query(
@@ -294,7 +295,8 @@ async fn apply_move(
          balance = CASE WHEN id = $1 THEN $2 ELSE $3 END, \
          held = CASE WHEN id = $4 THEN $5 ELSE $6 END, \
          posting_seq = CASE WHEN id = $7 THEN $8 ELSE $9 END, \
-         updated_at = $10 WHERE id IN ($11, $12)",
+         last_posted_at = CASE WHEN id = $10 THEN $11 ELSE $12 END, \
+         updated_at = $13 WHERE id IN ($14, $15)",
     )
     .bind(&from.id)
     .bind(from.balance)
@@ -305,6 +307,9 @@ async fn apply_move(
     .bind(&from.id)
     .bind(from.posting_seq)
     .bind(to.posting_seq)
+    .bind(&from.id)
+    .bind(from.last_posted_at)
+    .bind(to.last_posted_at)
     .bind(now)
     .bind(&from.id)
     .bind(&to.id)
@@ -486,8 +491,9 @@ async fn insert_account(
         posting_seq: 0,
         created_at: now,
         updated_at: now,
+        last_posted_at: 0,
     };
-    sqlx::query(&format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"))
+    sqlx::query(&format!("INSERT INTO accounts ({ACCOUNT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"))
         .bind(&a.id)
         .bind(&a.number)
         .bind(&a.owner_id)
@@ -500,6 +506,7 @@ async fn insert_account(
         .bind(a.posting_seq)
         .bind(a.created_at)
         .bind(a.updated_at)
+        .bind(a.last_posted_at)
         .execute(&mut **tx)
         .await?;
     Ok(a)
@@ -1140,8 +1147,8 @@ async fn bulk_transfers(
     }
     let now = now_micros();
     let mut transfers: Vec<TransferRow> = Vec::new();
-    // (transfer id, account id, account seq, signed amount, currency, balance after)
-    let mut postings: Vec<(String, String, i64, i64, String, i64)> = Vec::new();
+    // (transfer id, account id, account seq, signed amount, currency, balance after, time)
+    let mut postings: Vec<(String, String, i64, i64, String, i64, i64)> = Vec::new();
     for (index, item) in req.transfers.iter().enumerate() {
         match check_and_apply(&job.actor, item, &mut accts) {
             Ok(amount) => {
@@ -1165,7 +1172,8 @@ async fn bulk_transfers(
                     (&item.from_account_id, -amount),
                     (&item.to_account_id, amount),
                 ] {
-                    if let Some(a) = accts.get(acct) {
+                    if let Some(a) = accts.get_mut(acct) {
+                        let at = a.posting_time(now);
                         postings.push((
                             t.id.clone(),
                             a.id.clone(),
@@ -1173,6 +1181,7 @@ async fn bulk_transfers(
                             signed,
                             a.currency.clone(),
                             a.balance,
+                            at,
                         ));
                     }
                 }
@@ -1221,7 +1230,7 @@ async fn bulk_transfers(
             placeholders(&core.db, chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql);
-        for (tid, acct, seq, amount, currency, after) in chunk {
+        for (tid, acct, seq, amount, currency, after, at) in chunk {
             q = q
                 .bind(crate::ids::new_id())
                 .bind(tid)
@@ -1230,7 +1239,7 @@ async fn bulk_transfers(
                 .bind(*amount)
                 .bind(currency)
                 .bind(*after)
-                .bind(now);
+                .bind(*at);
         }
         q.execute(&mut **tx).await?;
     }
@@ -1247,13 +1256,18 @@ async fn bulk_transfers(
     }
     for chunk in bulk_chunks(&touched) {
         let sql = format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4 \
-             FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            placeholders(&core.db, chunk.len(), 4)
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
+             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            placeholders(&core.db, chunk.len(), 5)
         );
         let mut q = sqlx::query(&sql);
         for a in chunk {
-            q = q.bind(&a.id).bind(a.balance).bind(a.posting_seq).bind(now);
+            q = q
+                .bind(&a.id)
+                .bind(a.balance)
+                .bind(a.posting_seq)
+                .bind(now)
+                .bind(a.last_posted_at);
         }
         q.execute(&mut **tx).await?;
     }

@@ -136,11 +136,24 @@ pub(crate) async fn history(
     f: &HistoryFilter,
 ) -> Result<Vec<wire::AccountTransaction>, LedgerError> {
     let order = if f.ascending { "ASC" } else { "DESC" };
+    // A time window is a range of the account's sequence: its postings are in time order
+    // (`AccountRow::posting_time`), so the first posting at or after a time is found by
+    // binary search over the primary key, about log2(postings) probes, in the same
+    // statement. The time condition is kept as well.
+    let (with, window) = if f.from.is_some() || f.to.is_some() {
+        (
+            format!("WITH RECURSIVE {}, {} ", first_at("lo", "$4"), first_at("hi", "$5")),
+            "AND p.account_seq >= (SELECT MAX(l) FROM lo) AND p.account_seq < (SELECT MAX(l) FROM hi) ",
+        )
+    } else {
+        (String::new(), "")
+    };
     let rows = sqlx::query(&format!(
-        "SELECT p.id, p.account_seq, p.transfer_id, p.amount, p.currency, p.balance_after, p.created_at, \
+        "{with}SELECT p.id, p.account_seq, p.transfer_id, p.amount, p.currency, p.balance_after, p.created_at, \
          t.kind, t.description, t.from_account_id, t.to_account_id \
          FROM postings p JOIN transfers t ON t.id = p.transfer_id \
-         WHERE p.account_id = $1 AND p.account_seq < $2 AND p.account_seq > $3 AND p.created_at >= $4 AND p.created_at < $5 \
+         WHERE p.account_id = $1 AND p.account_seq < $2 AND p.account_seq > $3 {window}\
+         AND p.created_at >= $4 AND p.created_at < $5 \
          ORDER BY p.account_seq {order} LIMIT {}",
         f.limit
     ))
@@ -170,6 +183,19 @@ pub(crate) async fn history(
         });
     }
     Ok(out)
+}
+
+/// A recursive CTE `name(l, h)` whose largest `l` is the sequence number of the account
+/// `$1`'s first posting at or after the time `at` (its posting count + 1 if none is):
+/// a binary search over `[1, posting_seq + 1)`, relying on postings being in time order.
+fn first_at(name: &str, at: &str) -> String {
+    let probe =
+        "(SELECT created_at FROM postings WHERE account_id = $1 AND account_seq = (l + h) / 2)";
+    format!(
+        "{name}(l, h) AS (SELECT CAST(1 AS BIGINT), (SELECT posting_seq + 1 FROM accounts WHERE id = $1) \
+         UNION ALL SELECT CASE WHEN {probe} >= {at} THEN l ELSE (l + h) / 2 + 1 END, \
+         CASE WHEN {probe} >= {at} THEN (l + h) / 2 ELSE h END FROM {name} WHERE l < h)"
+    )
 }
 
 pub(crate) async fn transactions(

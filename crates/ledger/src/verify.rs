@@ -68,6 +68,16 @@ const CHECKS: &[(&str, &str)] = &[
          OR (a.posting_seq > 0 AND a.balance <> (SELECT p.balance_after FROM postings p WHERE p.account_id = a.id AND p.account_seq = a.posting_seq))",
     ),
     (
+        // History time windows are sequence ranges found by binary search
+        // (`query::history`): each account's postings must be in time order, and its
+        // `last_posted_at` the time of its last one.
+        "posting_times_ordered",
+        "SELECT DISTINCT p.account_id AS detail FROM postings p JOIN postings q \
+         ON q.account_id = p.account_id AND q.account_seq = p.account_seq + 1 WHERE q.created_at < p.created_at \
+         UNION SELECT a.id AS detail FROM accounts a WHERE a.last_posted_at <> \
+         COALESCE((SELECT p.created_at FROM postings p WHERE p.account_id = a.id AND p.account_seq = a.posting_seq), 0)",
+    ),
+    (
         "transfer_moved_its_amount",
         "SELECT t.id AS detail FROM transfers t LEFT JOIN postings p ON p.transfer_id = t.id AND p.amount > 0 \
          GROUP BY t.id, t.kind, t.amount, t.captured \

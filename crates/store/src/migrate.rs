@@ -57,6 +57,7 @@ const LEDGER: &[Migration] = &[
     migration!(5, "ledger", "0005_drop_idempotency_key_index"),
     migration!(6, "ledger", "0006_postings_keyed_by_account"),
     migration!(7, "ledger", "0007_idempotency_body_lz4"),
+    migration!(8, "ledger", "0008_posting_times_by_sequence"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;
@@ -296,7 +297,7 @@ mod tests {
         assert_eq!(count(&db, "SELECT COUNT(*) FROM postings").await, 2);
         for (table, index) in [
             ("transfers", "transfers_pending"),
-            ("postings", "postings_account_time"),
+            ("postings", "sqlite_autoindex_postings_1"),
         ] {
             let sql: String = sqlx::query("SELECT sql FROM sqlite_schema WHERE name = $1")
                 .bind(table)
@@ -315,6 +316,23 @@ mod tests {
                 1
             );
         }
+        // 0008: the time index is gone, and each account's last posting time is kept.
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'postings_account_time'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM accounts WHERE last_posted_at = 1"
+            )
+            .await,
+            2
+        );
         // (account_id, account_seq) is still unique.
         let dup = sqlx::query(
             "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \

@@ -308,6 +308,152 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
     .await;
 }
 
+/// (seq, created_at) of an account's postings, in sequence order.
+async fn posting_times(app: &TestApp, account: &str) -> Vec<(i64, i64)> {
+    use sqlx::Row;
+    sqlx::query(
+        "SELECT account_seq, created_at FROM postings WHERE account_id = $1 ORDER BY account_seq",
+    )
+    .bind(account)
+    .fetch_all(app.db.read())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
+    .collect()
+}
+
+fn rfc(micros: i64) -> String {
+    vaultpay_core::time::rfc3339(micros)
+        .replace(':', "%3A")
+        .replace('+', "%2B")
+}
+
+/// History time windows are sequence ranges found by binary search (no index on time):
+/// every window, with bounds on, between and beyond posting times, returns exactly the
+/// postings a scan would, on histories with runs of equal times (batches).
+#[tokio::test]
+async fn history_time_windows_match_a_scan() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&app.customer("bob"), "USD").await;
+        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        for round in 0..4 {
+            for amount in 1..=4 {
+                app.transfer(&alice, &a, &bb, amount).await.expect(201);
+            }
+            let items: Vec<_> = (0..3 + round)
+                .map(|_| json!({"from_account_id": a, "to_account_id": bb, "amount": 7, "currency": "USD"}))
+                .collect();
+            app.post("/v1/transfers/batch", &alice, Some(&key()), json!({ "transfers": items }))
+                .await
+                .expect(200);
+        }
+        let times = posting_times(&app, &a).await;
+        assert_eq!(times.len(), 1 + 4 * 4 + 3 + 4 + 5 + 6);
+        let mut bounds: Vec<i64> = times.iter().flat_map(|&(_, t)| [t - 1, t, t + 1]).collect();
+        bounds.extend([0, i64::from(i32::MAX) * 1_000_000]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let step = (bounds.len() / 9).max(1);
+        let picks: Vec<i64> = bounds.iter().copied().step_by(step).collect();
+        for &from in &picks {
+            for &to in picks.iter().filter(|&&t| t > from) {
+                for (query, lo, hi) in [
+                    (format!("from={}&to={}", rfc(from), rfc(to)), from, to),
+                    (format!("from={}", rfc(from)), from, i64::MAX),
+                    (format!("to={}", rfc(to)), i64::MIN, to),
+                ] {
+                    let r = app
+                        .get(&format!("/v1/accounts/{a}/transactions?limit=100&{query}"), &alice)
+                        .await
+                        .expect(200);
+                    let got: Vec<i64> = r.body["items"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| i["seq"].as_i64().unwrap())
+                        .collect();
+                    let want: Vec<i64> = times
+                        .iter()
+                        .rev()
+                        .filter(|&&(_, t)| t >= lo && t < hi)
+                        .map(|&(s, _)| s)
+                        .collect();
+                    assert_eq!(got, want, "{b:?} {query}");
+                }
+            }
+        }
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
+/// A clock that has gone back does not put an account's postings out of time order:
+/// a new posting takes the time of the account's last one instead, on every write path
+/// (a deposit, a single transfer, a batch), and the time window still finds it.
+#[tokio::test]
+async fn postings_stay_in_time_order_when_the_clock_goes_back() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&app.customer("bob"), "USD").await;
+        app.deposit(&a, 10_000, "USD").await.expect(201);
+        // As if bob's last posting had been written an hour from now.
+        let later = vaultpay_core::time::now_micros() + 3_600_000_000;
+        sqlx::query("UPDATE accounts SET last_posted_at = $1 WHERE id = $2")
+            .bind(later)
+            .bind(&bb)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        app.deposit(&bb, 500, "USD").await.expect(201);
+        app.transfer(&alice, &a, &bb, 100).await.expect(201);
+        app.post(
+            "/v1/transfers/batch",
+            &alice,
+            Some(&key()),
+            json!({"transfers": [{"from_account_id": a, "to_account_id": bb, "amount": 5, "currency": "USD"}]}),
+        )
+        .await
+        .expect(200);
+        let bob_times: Vec<i64> = posting_times(&app, &bb).await.iter().map(|p| p.1).collect();
+        assert_eq!(bob_times, [later, later, later]);
+        // alice's own postings keep the real time.
+        assert!(posting_times(&app, &a).await.iter().all(|p| p.1 < later));
+        let bob = app.token("bob", &["customer"]);
+        let r = app
+            .get(&format!("/v1/accounts/{bb}/transactions?from={}", rfc(later)), &bob)
+            .await
+            .expect(200);
+        assert_eq!(r.body["items"].as_array().unwrap().len(), 3);
+        app.assert_consistent().await;
+
+        // And `verify` names an account whose postings are out of time order, or whose
+        // last posting time is not its last posting's.
+        for tamper in [
+            "UPDATE postings SET created_at = created_at + 1 WHERE account_id = $1 AND account_seq = 1",
+            "UPDATE accounts SET last_posted_at = 0 WHERE id = $1",
+        ] {
+            sqlx::query(tamper).bind(&bb).execute(app.db.writer()).await.unwrap();
+            let report = vaultpay_ledger::verify(&app.db).await.unwrap();
+            assert_eq!(
+                report
+                    .violations
+                    .iter()
+                    .map(|v| (v.invariant, v.detail.as_str()))
+                    .collect::<Vec<_>>(),
+                [("posting_times_ordered", bb.as_str())],
+                "{tamper}"
+            );
+        }
+    })
+    .await;
+}
+
 /// Two relays at once (the background task and a direct call) publish every event
 /// exactly once between them; what one backs off from goes out on the next run.
 #[tokio::test]

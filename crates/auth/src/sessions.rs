@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use vaultpay_core::crypto::{opaque_token, sha256_hex};
 use vaultpay_core::time::{now_micros, rfc3339, secs};
 use vaultpay_proto::auth as wire;
-use vaultpay_store::audit::{append, NewAudit};
+use vaultpay_store::audit::{append, append_with, Insert, NewAudit, Param};
 use vaultpay_store::Tx;
 use vaultpay_web::{Ctx, Principal};
 
@@ -236,31 +236,43 @@ impl AuthService {
         let cfg = &self.inner.cfg;
         let expires = now + secs(cfg.session_absolute_ttl_secs);
         let idle = (now + secs(cfg.session_idle_ttl_secs)).min(expires);
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
-             idle_expires_at, expires_at, auth_time, amr) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11)",
-        )
-        .bind(&facts.session_id)
-        .bind(&facts.user_id)
-        .bind(&facts.device_id)
-        .bind(device_name.trim())
-        .bind(ctx.ip.map(|i| i.to_string()))
-        .bind(&ctx.user_agent)
-        .bind(now)
-        .bind(idle)
-        .bind(expires)
-        .bind(facts.auth_time)
-        .bind(facts.amr.join(" "))
-        .execute(&mut **tx)
-        .await?;
-        let refresh = self.insert_refresh(tx, &facts.session_id, now).await?;
+        let text = |s: &str| Param::Text(Some(s.to_owned()));
+        let session = Insert {
+            target: "sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
+                     idle_expires_at, expires_at, auth_time, amr)",
+            values: vec![
+                text(&facts.session_id),
+                text(&facts.user_id),
+                text(&facts.device_id),
+                text(device_name.trim()),
+                Param::Text(ctx.ip.map(|i| i.to_string())),
+                Param::Text(ctx.user_agent.clone()),
+                Param::Int(now),
+                Param::Int(now),
+                Param::Int(idle),
+                Param::Int(expires),
+                Param::Int(facts.auth_time),
+                text(&facts.amr.join(" ")),
+            ],
+        };
+        let refresh = opaque_token();
+        let refresh_row = Insert {
+            target: "refresh_tokens (token_hash, session_id, created_at)",
+            values: vec![
+                text(&sha256_hex(refresh.as_bytes())),
+                text(&facts.session_id),
+                Param::Int(now),
+            ],
+        };
         let mut metadata = serde_json::json!({ "device_id": facts.device_id, "amr": facts.amr });
         if let (Some(m), serde_json::Value::Object(more)) = (metadata.as_object_mut(), extra) {
             m.extend(more);
         }
-        append(
+        // The session, its first refresh token and the audit entry: one round trip.
+        append_with(
             &self.inner.db,
             tx,
+            &[session, refresh_row],
             &ctx.origin(),
             NewAudit::success("login.succeeded")
                 .actor(&facts.user_id)
@@ -268,6 +280,7 @@ impl AuthService {
                 .metadata(metadata),
         )
         .await?;
+        metrics::counter!("auth_tokens_issued_total", "kind" => "refresh").increment(1);
         Ok(refresh)
     }
 
@@ -288,25 +301,6 @@ impl AuthService {
             scope: None,
             session_id: Some(facts.session_id),
         })
-    }
-
-    pub(crate) async fn insert_refresh(
-        &self,
-        tx: &mut Tx,
-        session_id: &str,
-        now: i64,
-    ) -> Result<String, AuthError> {
-        let token = opaque_token();
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)",
-        )
-        .bind(sha256_hex(token.as_bytes()))
-        .bind(session_id)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        metrics::counter!("auth_tokens_issued_total", "kind" => "refresh").increment(1);
-        Ok(token)
     }
 
     /// Counts a failed login; locks the account after too many in a row.

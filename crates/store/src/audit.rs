@@ -119,63 +119,160 @@ pub async fn append_many_locked(
     tx: &mut Tx,
     items: &[(&Origin, NewAudit<'_>)],
 ) -> Result<i64, StoreError> {
+    append_core(db, tx, &[], items).await
+}
+
+/// A one-row INSERT sent to the database with an audit append ([`append_with`]):
+/// `target` is `"table (column, …)"`, `values` one per column, in order.
+#[derive(Debug, Clone)]
+pub struct Insert {
+    pub target: &'static str,
+    pub values: Vec<Param>,
+}
+
+/// A value of an [`Insert`].
+#[derive(Debug, Clone)]
+pub enum Param {
+    Text(Option<String>),
+    Int(i64),
+}
+
+/// [`append`] with one-row `inserts` written first, in the same round trip as the
+/// audit entry when the cached chain head is current (the common case): one statement
+/// on PostgreSQL (data-modifying CTEs), one multi-statement call on SQLite. A sign-in
+/// writes its session and refresh token this way (two round trips fewer per login).
+/// Takes the chain lock itself, like [`append`].
+pub async fn append_with(
+    db: &Db,
+    tx: &mut Tx,
+    inserts: &[Insert],
+    origin: &Origin,
+    new: NewAudit<'_>,
+) -> Result<i64, StoreError> {
+    db.lock(tx, CHAIN_LOCK).await?;
+    append_core(db, tx, inserts, &[(origin, new)]).await
+}
+
+fn chain(
+    items: &[(&Origin, NewAudit<'_>)],
+    mut seq: i64,
+    mut prev_hash: String,
+) -> Vec<AuditEntry> {
+    let at = vaultpay_core::time::now_micros();
+    items
+        .iter()
+        .map(|(origin, new)| {
+            seq += 1;
+            let e = AuditEntry {
+                seq,
+                id: uuid::Uuid::now_v7().to_string(),
+                at,
+                actor: new.actor.map(str::to_owned),
+                action: new.action.to_owned(),
+                resource: new.resource.map(str::to_owned),
+                outcome: new.outcome.to_owned(),
+                ip: origin.ip.clone(),
+                user_agent: origin.user_agent.clone(),
+                request_id: origin.request_id.clone(),
+                metadata: if new.metadata.is_null() {
+                    "{}".to_owned()
+                } else {
+                    new.metadata.to_string()
+                },
+                prev_hash: std::mem::take(&mut prev_hash),
+                hash: String::new(),
+            }
+            .seal();
+            prev_hash.clone_from(&e.hash);
+            e
+        })
+        .collect()
+}
+
+/// The SQL of `inserts` as a prefix of the statement that follows it (`WITH … ` on
+/// PostgreSQL, `…; ` on SQLite), and the number of parameters it uses.
+fn prelude_sql(b: crate::Backend, inserts: &[Insert]) -> (String, usize) {
+    let mut sql = String::new();
+    let mut used = 0;
+    for (i, ins) in inserts.iter().enumerate() {
+        let values = crate::params::values_from(b, used + 1, 1, ins.values.len());
+        used += ins.values.len();
+        match b {
+            crate::Backend::Postgres => {
+                sql.push_str(if i == 0 { "WITH " } else { ", " });
+                sql.push_str(&format!(
+                    "i{i} AS (INSERT INTO {} VALUES {values})",
+                    ins.target
+                ));
+            }
+            crate::Backend::Sqlite => {
+                sql.push_str(&format!("INSERT INTO {} VALUES {values}; ", ins.target));
+            }
+        }
+    }
+    if b == crate::Backend::Postgres && !inserts.is_empty() {
+        sql.push(' ');
+    }
+    (sql, used)
+}
+
+fn bind_inserts<'q>(mut q: AnyQuery<'q>, inserts: &'q [Insert]) -> AnyQuery<'q> {
+    for p in inserts.iter().flat_map(|i| &i.values) {
+        q = match p {
+            Param::Text(t) => q.bind(t.as_deref()),
+            Param::Int(n) => q.bind(*n),
+        };
+    }
+    q
+}
+
+async fn append_core(
+    db: &Db,
+    tx: &mut Tx,
+    inserts: &[Insert],
+    items: &[(&Origin, NewAudit<'_>)],
+) -> Result<i64, StoreError> {
+    let b = db.backend();
+    let mut inserted_prelude = inserts.is_empty();
     if items.is_empty() {
+        if !inserted_prelude {
+            run_prelude(db, tx, inserts).await?;
+        }
         return Ok(0);
     }
-    let chain = |mut seq: i64, mut prev_hash: String| -> Vec<AuditEntry> {
-        let at = vaultpay_core::time::now_micros();
-        items
-            .iter()
-            .map(|(origin, new)| {
-                seq += 1;
-                let e = AuditEntry {
-                    seq,
-                    id: uuid::Uuid::now_v7().to_string(),
-                    at,
-                    actor: new.actor.map(str::to_owned),
-                    action: new.action.to_owned(),
-                    resource: new.resource.map(str::to_owned),
-                    outcome: new.outcome.to_owned(),
-                    ip: origin.ip.clone(),
-                    user_agent: origin.user_agent.clone(),
-                    request_id: origin.request_id.clone(),
-                    metadata: if new.metadata.is_null() {
-                        "{}".to_owned()
-                    } else {
-                        new.metadata.to_string()
-                    },
-                    prev_hash: std::mem::take(&mut prev_hash),
-                    hash: String::new(),
-                }
-                .seal();
-                prev_hash.clone_from(&e.hash);
-                e
-            })
-            .collect()
-    };
     // Fast path: one statement, guarded so it inserts only if the database's head is
     // exactly the cached one (same seq and hash, nothing after it). A stale cache (a
     // rolled-back transaction, another process appending) inserts nothing and falls
     // through to reading the head, so the chain can never fork or gap.
     if let Some((seq, hash)) = db.audit_head() {
-        let entries = chain(seq, hash.clone());
+        let entries = chain(items, seq, hash.clone());
         if entries.len() <= CHUNK {
             let n = entries.len();
-            let sql = guarded_insert_sql(db.backend(), n);
-            let mut q = sqlx::query(&sql).persistent(n == 1);
+            let (mut sql, used) = prelude_sql(b, inserts);
+            sql.push_str(&guarded_insert_sql_from(b, used + 1, n));
+            let mut q = bind_inserts(sqlx::query(&sql).persistent(n == 1), inserts);
             for e in &entries {
                 q = bind_entry(q, e);
             }
-            let inserted = q
+            let affected = q
                 .bind(seq)
                 .bind(&hash)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
+            // SQLite counts every statement's rows; PostgreSQL only the main one's.
+            let inserted = match b {
+                crate::Backend::Sqlite => affected.saturating_sub(inserts.len() as u64),
+                crate::Backend::Postgres => affected,
+            };
             if inserted == n as u64 {
                 return Ok(set_head(db, entries));
             }
+            inserted_prelude = true;
         }
+    }
+    if !inserted_prelude {
+        run_prelude(db, tx, inserts).await?;
     }
     let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
@@ -184,7 +281,7 @@ pub async fn append_many_locked(
         Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
         None => (0, GENESIS.to_owned()),
     };
-    let entries = chain(prev_seq, prev_hash);
+    let entries = chain(items, prev_seq, prev_hash);
     for part in entries.chunks(CHUNK) {
         let sql = format!(
             "{} INTO audit_log ({COLUMNS}) VALUES {}",
@@ -200,22 +297,41 @@ pub async fn append_many_locked(
     Ok(set_head(db, entries))
 }
 
+/// `inserts` on their own (no cached head to append behind).
+async fn run_prelude(db: &Db, tx: &mut Tx, inserts: &[Insert]) -> Result<(), StoreError> {
+    let b = db.backend();
+    let (mut sql, _) = prelude_sql(b, inserts);
+    if b == crate::Backend::Postgres {
+        sql.push_str("SELECT 1");
+    }
+    bind_inserts(sqlx::query(&sql), inserts)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// The fast path's insert of `n` entries, guarded by the cached head: the last two
 /// parameters are its seq and hash. The head is read as "the last row by seq" (a
 /// backward index probe). The earlier form, `NOT EXISTS (SELECT 1 FROM audit_log WHERE
 /// seq > head)`, was planned on PostgreSQL as a sequential scan expected to stop at its
 /// first match; there never is one, so every append read the whole table (a third of
 /// PostgreSQL's CPU in the ledger bench, and growing with the log).
+#[cfg(test)]
 pub(crate) fn guarded_insert_sql(b: crate::Backend, n: usize) -> String {
+    guarded_insert_sql_from(b, 1, n)
+}
+
+/// [`guarded_insert_sql`] with its parameters numbered from `first`.
+fn guarded_insert_sql_from(b: crate::Backend, first: usize, n: usize) -> String {
     let mut guard = [String::new(), String::new()];
     for (i, g) in guard.iter_mut().enumerate() {
-        crate::params::param(b, n * 13 + 1 + i, g);
+        crate::params::param(b, first + n * 13 + i, g);
     }
     format!(
         "{} INTO audit_log ({COLUMNS}) SELECT * FROM (VALUES {}) AS v \
          WHERE ({}, {}) = (SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1)",
         b.insert_or_fail(),
-        values(b, n),
+        crate::params::values_from(b, first, n, 13),
         guard[0],
         guard[1],
     )
@@ -352,6 +468,74 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::{Backend, Service};
+
+    /// Rows sent with an append are written exactly once, and the entry too, whether
+    /// the chain head is unknown (nothing cached yet), cached and current (one round
+    /// trip), or cached and stale (the guarded insert writes nothing; the entry is
+    /// appended after reading the head): three entries, six rows, an intact chain.
+    #[tokio::test]
+    async fn inserts_sent_with_an_append_are_written_once_on_every_path() {
+        for b in crate::testing::backends() {
+            let db = crate::testing::fresh_db(Service::Ledger, b).await.unwrap();
+            let origin = Origin::default();
+            let row = |id: String| Insert {
+                target: "outbox (id, topic, payload, created_at)",
+                values: vec![
+                    Param::Text(Some(id)),
+                    Param::Text(Some("t".into())),
+                    Param::Text(None),
+                    Param::Int(1),
+                ],
+            };
+            // `payload` is NOT NULL: a row the database refuses fails the append.
+            let mut tx = db.begin().await.unwrap();
+            assert!(append_with(
+                &db,
+                &mut tx,
+                &[row("x".into())],
+                &origin,
+                NewAudit::success("x")
+            )
+            .await
+            .is_err());
+            tx.rollback().await.unwrap();
+            let row = |id: String| {
+                let mut r = row(id);
+                r.values[2] = Param::Text(Some("{}".into()));
+                r
+            };
+            for (i, case) in ["unknown", "current", "stale"].into_iter().enumerate() {
+                if case == "stale" {
+                    let (seq, _) = db.audit_head().unwrap();
+                    db.set_audit_head(seq, "not-the-head".into());
+                }
+                let mut tx = db.begin().await.unwrap();
+                let seq = append_with(
+                    &db,
+                    &mut tx,
+                    &[row(format!("a{i}")), row(format!("b{i}"))],
+                    &origin,
+                    NewAudit::success(case),
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                assert_eq!(seq, i as i64 + 1, "{b:?} {case}");
+            }
+            let n: i64 = sqlx::query("SELECT COUNT(DISTINCT id) FROM outbox")
+                .fetch_one(db.read())
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap();
+            assert_eq!(n, 6, "{b:?}");
+            assert_eq!(
+                verify_chain(&db).await.unwrap(),
+                ChainReport::Intact { entries: 3 },
+                "{b:?}"
+            );
+        }
+    }
 
     /// The guard reads the head through the primary key however long the log is: on
     /// PostgreSQL, with 20,000 entries not yet analysed (a log growing faster than

@@ -430,24 +430,7 @@ async fn write_balances(
         .filter(|p| seen.insert(p.1.as_str()))
         .filter_map(|p| accts.get(&p.1))
         .collect();
-    for chunk in touched.chunks(CHUNK) {
-        let sql = format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
-             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            placeholders(db, chunk.len(), 5)
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for a in chunk {
-            q = q
-                .bind(&a.id)
-                .bind(a.balance)
-                .bind(a.posting_seq)
-                .bind(now)
-                .bind(a.last_posted_at);
-        }
-        q.execute(&mut **tx).await?;
-    }
-    Ok(())
+    ops::save_balances(db, tx, &touched, now).await
 }
 
 async fn write_failures(

@@ -1123,6 +1123,34 @@ pub(crate) fn bulk_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// Writes the balance, posting count and last posting time of `touched` accounts
+/// (after a run of postings), with one multi-row UPDATE per chunk.
+pub(crate) async fn save_balances(
+    db: &Db,
+    tx: &mut Tx,
+    touched: &[&AccountRow],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in bulk_chunks(touched) {
+        let sql = format!(
+            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
+             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+            placeholders(db, chunk.len(), 5)
+        );
+        let mut q = sqlx::query(&sql);
+        for a in chunk {
+            q = q
+                .bind(&a.id)
+                .bind(a.balance)
+                .bind(a.posting_seq)
+                .bind(now)
+                .bind(a.last_posted_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn bulk_transfers(
     core: &Core,
@@ -1254,23 +1282,7 @@ async fn bulk_transfers(
             }
         }
     }
-    for chunk in bulk_chunks(&touched) {
-        let sql = format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
-             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            placeholders(&core.db, chunk.len(), 5)
-        );
-        let mut q = sqlx::query(&sql);
-        for a in chunk {
-            q = q
-                .bind(&a.id)
-                .bind(a.balance)
-                .bind(a.posting_seq)
-                .bind(now)
-                .bind(a.last_posted_at);
-        }
-        q.execute(&mut **tx).await?;
-    }
+    save_balances(&core.db, tx, &touched, now).await?;
     metrics::counter!("ledger_transfers_total", "kind" => "transfer")
         .increment(transfers.len() as u64);
     Ok(())

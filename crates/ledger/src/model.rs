@@ -115,6 +115,9 @@ impl AccountRow {
     /// history's time windows are found by binary search over the sequence
     /// (`query::history`) instead of through an index on time.
     pub fn posting_time(&mut self, now: i64) -> i64 {
+        if now < self.last_posted_at {
+            clock_behind(self.last_posted_at - now);
+        }
         self.last_posted_at = self.last_posted_at.max(now);
         self.last_posted_at
     }
@@ -263,5 +266,27 @@ impl TransferRow {
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
         }
+    }
+}
+
+/// A posting took its account's last posting time because the clock is behind it (the
+/// clock was stepped back, or an earlier posting was written by a clock running fast:
+/// then the account's postings carry that future time until the clock catches up).
+/// Counted in `ledger_posting_clock_behind_total`; logged at most once a minute.
+fn clock_behind(by_micros: i64) {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_WARNED: AtomicI64 = AtomicI64::new(i64::MIN);
+    metrics::counter!("ledger_posting_clock_behind_total").increment(1);
+    let now = vaultpay_core::time::now_micros();
+    let last = LAST_WARNED.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 60_000_000
+        && LAST_WARNED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            behind_ms = by_micros / 1_000,
+            "the clock is behind an account's last posting time; new postings take that time so that its history stays in time order"
+        );
     }
 }

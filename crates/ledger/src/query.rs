@@ -140,13 +140,20 @@ pub(crate) async fn history(
     // (`AccountRow::posting_time`), so the first posting at or after a time is found by
     // binary search over the primary key, about log2(postings) probes, in the same
     // statement. The time condition is kept as well.
-    let (with, window) = if f.from.is_some() || f.to.is_some() {
-        (
-            format!("WITH RECURSIVE {}, {} ", first_at("lo", "$4"), first_at("hi", "$5")),
-            "AND p.account_seq >= (SELECT MAX(l) FROM lo) AND p.account_seq < (SELECT MAX(l) FROM hi) ",
-        )
+    let mut ctes = Vec::new();
+    let mut window = String::new();
+    if f.from.is_some() {
+        ctes.push(first_at("lo", "$4"));
+        window.push_str("AND p.account_seq >= (SELECT MAX(l) FROM lo) ");
+    }
+    if f.to.is_some() {
+        ctes.push(first_at("hi", "$5"));
+        window.push_str("AND p.account_seq < (SELECT MAX(l) FROM hi) ");
+    }
+    let with = if ctes.is_empty() {
+        String::new()
     } else {
-        (String::new(), "")
+        format!("WITH RECURSIVE {} ", ctes.join(", "))
     };
     let rows = sqlx::query(&format!(
         "{with}SELECT p.id, p.account_seq, p.transfer_id, p.amount, p.currency, p.balance_after, p.created_at, \

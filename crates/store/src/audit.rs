@@ -123,7 +123,9 @@ pub async fn append_many_locked(
 }
 
 /// A one-row INSERT sent to the database with an audit append ([`append_with`]):
-/// `target` is `"table (column, …)"`, `values` one per column, in order.
+/// `target` is `"table (column, …)"`, `values` one per column, in order. It must
+/// write exactly one row or fail (no `OR IGNORE`, no ignoring trigger): on SQLite the
+/// append tells its own row from these by the statements' total row count.
 #[derive(Debug, Clone)]
 pub struct Insert {
     pub target: &'static str,

@@ -6,7 +6,7 @@
 DO $$
 BEGIN
     ALTER TABLE idempotency_keys ALTER COLUMN body SET COMPRESSION lz4;
-EXCEPTION WHEN feature_not_supported THEN
+EXCEPTION WHEN feature_not_supported OR syntax_error THEN -- no lz4 build; before 14, no SET COMPRESSION
     RAISE NOTICE 'lz4 not available: idempotency_keys.body stays pglz';
 END
 $$;

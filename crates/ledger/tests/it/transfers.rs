@@ -323,6 +323,23 @@ async fn posting_times(app: &TestApp, account: &str) -> Vec<(i64, i64)> {
     .collect()
 }
 
+/// The sequence numbers an account's history lists for `query` (newest first).
+async fn window(app: &TestApp, token: &str, account: &str, query: &str) -> Vec<i64> {
+    let r = app
+        .get(
+            &format!("/v1/accounts/{account}/transactions?limit=100&{query}"),
+            token,
+        )
+        .await
+        .expect(200);
+    r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["seq"].as_i64().unwrap())
+        .collect()
+}
+
 fn rfc(micros: i64) -> String {
     vaultpay_core::time::rfc3339(micros)
         .replace(':', "%3A")
@@ -366,16 +383,7 @@ async fn history_time_windows_match_a_scan() {
                     (format!("from={}", rfc(from)), from, i64::MAX),
                     (format!("to={}", rfc(to)), i64::MIN, to),
                 ] {
-                    let r = app
-                        .get(&format!("/v1/accounts/{a}/transactions?limit=100&{query}"), &alice)
-                        .await
-                        .expect(200);
-                    let got: Vec<i64> = r.body["items"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|i| i["seq"].as_i64().unwrap())
-                        .collect();
+                    let got = window(&app, &alice, &a, &query).await;
                     let want: Vec<i64> = times
                         .iter()
                         .rev()
@@ -398,16 +406,7 @@ async fn history_time_windows_match_a_scan() {
             .execute(app.db.writer())
             .await
             .unwrap();
-        let r = app
-            .get(&format!("/v1/accounts/{a}/transactions?from={}", rfc(last_at)), &alice)
-            .await
-            .expect(200);
-        let got: Vec<i64> = r.body["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["seq"].as_i64().unwrap())
-            .collect();
+        let got = window(&app, &alice, &a, &format!("from={}", rfc(last_at))).await;
         let want: Vec<i64> = times
             .iter()
             .rev()

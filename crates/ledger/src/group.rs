@@ -181,7 +181,7 @@ pub(crate) async fn run_transfers(
     } else {
         write_transfers(&core.db, tx, &transfers).await?;
         write_postings(&core.db, tx, &transfers, &postings).await?;
-        write_balances(&core.db, tx, &accts, &postings, now).await?;
+        ops::save_balances(&core.db, tx, &rows.touched(), now).await?;
         write_failures(&core.db, tx, &failures, now).await?;
     }
     if !combined {
@@ -241,12 +241,7 @@ struct Rows<'a> {
 
 impl Rows<'_> {
     fn touched(&self) -> Vec<&AccountRow> {
-        let mut seen = std::collections::HashSet::new();
-        self.postings
-            .iter()
-            .filter(|p| seen.insert(p.1.as_str()))
-            .filter_map(|p| self.accts.get(&p.1))
-            .collect()
+        ops::touched(self.accts, self.postings.iter().map(|p| p.1.as_str()))
     }
 
     fn params(&self) -> usize {
@@ -302,11 +297,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
     let main = if touched.is_empty() {
         "SELECT 1".to_owned()
     } else {
-        format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
-             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            values_from(b, n, touched.len(), 5)
-        )
+        ops::balances_sql(db, n, touched.len())
     };
     let sql = if parts.is_empty() {
         main
@@ -354,12 +345,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
             .bind(rows.now);
     }
     for a in &touched {
-        q = q
-            .bind(&a.id)
-            .bind(a.balance)
-            .bind(a.posting_seq)
-            .bind(rows.now)
-            .bind(a.last_posted_at);
+        q = ops::bind_balance(q, a, rows.now);
     }
     q.execute(&mut **tx).await?;
     Ok(())
@@ -415,22 +401,6 @@ async fn write_postings(
         q.execute(&mut **tx).await?;
     }
     Ok(())
-}
-
-async fn write_balances(
-    db: &Db,
-    tx: &mut Tx,
-    accts: &HashMap<String, AccountRow>,
-    postings: &[Posting],
-    now: i64,
-) -> Result<(), LedgerError> {
-    let mut seen = std::collections::HashSet::new();
-    let touched: Vec<&AccountRow> = postings
-        .iter()
-        .filter(|p| seen.insert(p.1.as_str()))
-        .filter_map(|p| accts.get(&p.1))
-        .collect();
-    ops::save_balances(db, tx, &touched, now).await
 }
 
 async fn write_failures(

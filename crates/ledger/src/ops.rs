@@ -1123,6 +1123,39 @@ pub(crate) fn bulk_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// The accounts of `ids` (first occurrence order, each once), e.g. those a run of
+/// postings touched.
+pub(crate) fn touched<'a, 'b>(
+    accts: &'a HashMap<String, AccountRow>,
+    ids: impl IntoIterator<Item = &'b str>,
+) -> Vec<&'a AccountRow> {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter()
+        .filter(|id| seen.insert(*id))
+        .filter_map(|id| accts.get(id))
+        .collect()
+}
+
+/// `UPDATE accounts …` setting the balance, posting count, `updated_at` and last
+/// posting time of `rows` accounts, from `(id, balance, posting_seq, updated_at,
+/// last_posted_at)` parameters numbered from `first` (bound by [`bind_balance`]).
+pub(crate) fn balances_sql(db: &Db, first: usize, rows: usize) -> String {
+    format!(
+        "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
+         last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
+        vaultpay_store::params::values_from(db.backend(), first, rows, 5)
+    )
+}
+
+/// Binds one account's row of [`balances_sql`].
+pub(crate) fn bind_balance<'q>(q: AnyQuery<'q>, a: &'q AccountRow, now: i64) -> AnyQuery<'q> {
+    q.bind(&a.id)
+        .bind(a.balance)
+        .bind(a.posting_seq)
+        .bind(now)
+        .bind(a.last_posted_at)
+}
+
 /// Writes the balance, posting count and last posting time of `touched` accounts
 /// (after a run of postings), with one multi-row UPDATE per chunk.
 pub(crate) async fn save_balances(
@@ -1132,19 +1165,10 @@ pub(crate) async fn save_balances(
     now: i64,
 ) -> Result<(), LedgerError> {
     for chunk in bulk_chunks(touched) {
-        let sql = format!(
-            "UPDATE accounts SET balance = v.column2, posting_seq = v.column3, updated_at = v.column4, \
-             last_posted_at = v.column5 FROM (VALUES {}) AS v WHERE accounts.id = v.column1",
-            placeholders(db, chunk.len(), 5)
-        );
+        let sql = balances_sql(db, 1, chunk.len());
         let mut q = sqlx::query(&sql);
         for a in chunk {
-            q = q
-                .bind(&a.id)
-                .bind(a.balance)
-                .bind(a.posting_seq)
-                .bind(now)
-                .bind(a.last_posted_at);
+            q = bind_balance(q, a, now);
         }
         q.execute(&mut **tx).await?;
     }
@@ -1271,17 +1295,7 @@ async fn bulk_transfers(
         }
         q.execute(&mut **tx).await?;
     }
-    let mut touched: Vec<&AccountRow> = Vec::new();
-    {
-        let mut seen = std::collections::HashSet::new();
-        for (_, acct, ..) in &postings {
-            if seen.insert(acct.as_str()) {
-                if let Some(a) = accts.get(acct) {
-                    touched.push(a);
-                }
-            }
-        }
-    }
+    let touched = touched(&accts, postings.iter().map(|p| p.1.as_str()));
     save_balances(&core.db, tx, &touched, now).await?;
     metrics::counter!("ledger_transfers_total", "kind" => "transfer")
         .increment(transfers.len() as u64);

@@ -235,46 +235,42 @@ async fn append_core(
     items: &[(&Origin, NewAudit<'_>)],
 ) -> Result<i64, StoreError> {
     let b = db.backend();
-    let mut inserted_prelude = inserts.is_empty();
-    if items.is_empty() {
-        if !inserted_prelude {
-            run_prelude(db, tx, inserts).await?;
-        }
-        return Ok(0);
-    }
+    // The rows to send, until a statement has carried them.
+    let mut unsent = inserts;
     // Fast path: one statement, guarded so it inserts only if the database's head is
     // exactly the cached one (same seq and hash, nothing after it). A stale cache (a
     // rolled-back transaction, another process appending) inserts nothing and falls
     // through to reading the head, so the chain can never fork or gap.
-    if let Some((seq, hash)) = db.audit_head() {
+    let n = items.len();
+    if let Some((seq, hash)) = db.audit_head().filter(|_| n > 0 && n <= CHUNK) {
         let entries = chain(items, seq, hash.clone());
-        if entries.len() <= CHUNK {
-            let n = entries.len();
-            let (mut sql, used) = prelude_sql(b, inserts);
-            sql.push_str(&guarded_insert_sql_from(b, used + 1, n));
-            let mut q = bind_inserts(sqlx::query(&sql).persistent(n == 1), inserts);
-            for e in &entries {
-                q = bind_entry(q, e);
-            }
-            let affected = q
-                .bind(seq)
-                .bind(&hash)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            // SQLite counts every statement's rows; PostgreSQL only the main one's.
-            let inserted = match b {
-                crate::Backend::Sqlite => affected.saturating_sub(inserts.len() as u64),
-                crate::Backend::Postgres => affected,
-            };
-            if inserted == n as u64 {
-                return Ok(set_head(db, entries));
-            }
-            inserted_prelude = true;
+        let (mut sql, used) = prelude_sql(b, inserts);
+        sql.push_str(&guarded_insert_sql(b, used + 1, n));
+        let mut q = bind_inserts(sqlx::query(&sql).persistent(n == 1), inserts);
+        for e in &entries {
+            q = bind_entry(q, e);
         }
+        let affected = q
+            .bind(seq)
+            .bind(&hash)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        // SQLite counts every statement's rows; PostgreSQL only the main one's.
+        let inserted = match b {
+            crate::Backend::Sqlite => affected.saturating_sub(inserts.len() as u64),
+            crate::Backend::Postgres => affected,
+        };
+        if inserted == n as u64 {
+            return Ok(set_head(db, entries));
+        }
+        unsent = &[];
     }
-    if !inserted_prelude {
-        run_prelude(db, tx, inserts).await?;
+    if !unsent.is_empty() {
+        run_prelude(db, tx, unsent).await?;
+    }
+    if n == 0 {
+        return Ok(0);
     }
     let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
@@ -317,14 +313,9 @@ async fn run_prelude(db: &Db, tx: &mut Tx, inserts: &[Insert]) -> Result<(), Sto
 /// backward index probe). The earlier form, `NOT EXISTS (SELECT 1 FROM audit_log WHERE
 /// seq > head)`, was planned on PostgreSQL as a sequential scan expected to stop at its
 /// first match; there never is one, so every append read the whole table (a third of
-/// PostgreSQL's CPU in the ledger bench, and growing with the log).
-#[cfg(test)]
-pub(crate) fn guarded_insert_sql(b: crate::Backend, n: usize) -> String {
-    guarded_insert_sql_from(b, 1, n)
-}
-
-/// [`guarded_insert_sql`] with its parameters numbered from `first`.
-fn guarded_insert_sql_from(b: crate::Backend, first: usize, n: usize) -> String {
+/// PostgreSQL's CPU in the ledger bench, and growing with the log). Parameters are
+/// numbered from `first` (after those of the rows sent with it, see [`append_with`]).
+fn guarded_insert_sql(b: crate::Backend, first: usize, n: usize) -> String {
     let mut guard = [String::new(), String::new()];
     for (i, g) in guard.iter_mut().enumerate() {
         crate::params::param(b, first + n * 13 + i, g);
@@ -576,7 +567,7 @@ mod tests {
             prev_hash: hash.clone(),
             hash: "h".into(),
         }];
-        let sql = format!("EXPLAIN {}", guarded_insert_sql(Backend::Postgres, 1));
+        let sql = format!("EXPLAIN {}", guarded_insert_sql(Backend::Postgres, 1, 1));
         let mut q = sqlx::query(&sql);
         for e in &entries {
             q = bind_entry(q, e);

@@ -242,6 +242,17 @@ mod tests {
             .unwrap()
     }
 
+    /// The first column of every row of `sql`, as text.
+    async fn strings(db: &Db, sql: &str) -> Vec<String> {
+        sqlx::query(sql)
+            .fetch_all(db.writer())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get(0).unwrap())
+            .collect()
+    }
+
     async fn foreign_keys_on(db: &Db) -> bool {
         count(db, "PRAGMA foreign_keys").await == 1
     }
@@ -342,16 +353,12 @@ mod tests {
         .await;
         assert!(dup.is_err(), "duplicate account_seq accepted");
         // Since 0006 that pair is the primary key, and `id` has no index of its own.
-        let pk: Vec<String> = sqlx::query(
+        let pk = strings(
+            &db,
             "SELECT i.name FROM pragma_index_list('postings') l, pragma_index_info(l.name) i \
              WHERE l.origin = 'pk' ORDER BY i.seqno",
         )
-        .fetch_all(db.writer())
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.try_get(0).unwrap())
-        .collect();
+        .await;
         assert_eq!(pk, ["account_id", "account_seq"]);
         assert_eq!(
             count(
@@ -393,17 +400,13 @@ mod tests {
         let db = crate::testing::fresh_db(Service::Ledger, Backend::Postgres)
             .await
             .unwrap();
-        let pk: Vec<String> = sqlx::query(
+        let pk = strings(
+            &db,
             "SELECT a.attname::text FROM pg_index i \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
              WHERE i.indrelid = 'postings'::regclass AND i.indisprimary ORDER BY a.attnum",
         )
-        .fetch_all(db.writer())
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.try_get(0).unwrap())
-        .collect();
+        .await;
         assert_eq!(pk, ["account_id", "account_seq"]);
         assert_eq!(
             count(

@@ -224,7 +224,7 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
         for amount in [100, 200, 300] {
             app.transfer(&alice, &a, &bb, amount).await.expect(201);
         }
-        let mid = vaultpay_core::time::rfc3339(vaultpay_core::time::now_micros());
+        let mid = rfc(vaultpay_core::time::now_micros());
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         app.transfer(&bob, &bb, &a, 50).await.expect(201);
 
@@ -269,14 +269,13 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
         assert_eq!(seen, 5);
 
         // time filters
-        let enc = mid.replace(':', "%3A").replace('+', "%2B");
         let after = app
-            .get(&format!("/v1/accounts/{a}/transactions?from={enc}"), &alice)
+            .get(&format!("/v1/accounts/{a}/transactions?from={mid}"), &alice)
             .await
             .expect(200);
         assert_eq!(after.body["items"].as_array().unwrap().len(), 1);
         let before = app
-            .get(&format!("/v1/accounts/{a}/transactions?to={enc}"), &alice)
+            .get(&format!("/v1/accounts/{a}/transactions?to={mid}"), &alice)
             .await
             .expect(200);
         assert_eq!(before.body["items"].as_array().unwrap().len(), 4);
@@ -340,6 +339,7 @@ async fn window(app: &TestApp, token: &str, account: &str, query: &str) -> Vec<i
         .collect()
 }
 
+/// `micros` as RFC 3339, escaped for a query string.
 fn rfc(micros: i64) -> String {
     vaultpay_core::time::rfc3339(micros)
         .replace(':', "%3A")

@@ -696,15 +696,20 @@ impl AuthService {
         if !hold.confirmed {
             return Err(AuthError::IpConfirmationRequired(req.login_ticket));
         }
-        // Under the user row's lock (see `sessions::sign_in_check_sql`).
-        let row = sqlx::query(&crate::sessions::sign_in_check_sql(""))
-            .bind(&hold.user_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(AuthError::BadLoginTicket)?;
+        // The lock and the second factors, under the user row's lock (see
+        // `sessions::sign_in_check_sql`).
+        let row = sqlx::query(&crate::sessions::sign_in_check_sql(&format!(
+            ", {}",
+            crate::mfa::FACTOR_COLUMNS
+        )))
+        .bind(&hold.user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(AuthError::BadLoginTicket)?;
         if crate::sessions::is_security_locked(&row)? {
             return Err(AuthError::ResetRequired);
         }
+        let factors = crate::mfa::Factors::from_row(&row)?;
         let done = sqlx::query(
             "UPDATE login_holds SET completed_at = $1 WHERE ticket_hash = $2 AND completed_at IS NULL",
         )
@@ -718,15 +723,15 @@ impl AuthService {
         }
         // A confirmed network replaces no factor: a user with a second factor goes on
         // to the MFA step (202 mfa_required with a ticket) exactly as a trusted login.
-        if self.has_second_factor(&hold.user_id).await? {
+        if factors.any() {
             tx.commit().await?;
             let device = wire::DeviceInfo {
                 id: hold.device_id.clone(),
                 name: hold.device_name.clone(),
             };
-            self.mfa_gate(ctx, &hold.user_id, &device).await?;
-            // The factor was removed in between: the user signs in again.
-            return Err(AuthError::BadLoginTicket);
+            return Err(self
+                .mfa_challenge(ctx, &hold.user_id, &device, &factors)
+                .await?);
         }
         let facts = SessionFacts {
             user_id: hold.user_id.clone(),

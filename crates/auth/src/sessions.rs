@@ -45,7 +45,6 @@ pub(crate) struct Signin {
     pub email: String,
     /// A "this wasn't me" lock is set (see `iptrust`).
     pub security_locked: bool,
-    pub factors: crate::mfa::Factors,
 }
 
 /// The statement a sign-in's session transaction starts with (password login, second
@@ -77,7 +76,6 @@ impl AuthService {
             user_id,
             email,
             security_locked,
-            factors,
         } = self
             .check_credentials(ctx, &req.email, req.password)
             .await?;
@@ -89,16 +87,15 @@ impl AuthService {
         }
         self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
             .await?;
-        self.mfa_gate_with(ctx, &user_id, &req.device, &factors)
-            .await?;
 
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        // The lock and the factors were read with the password hash, before Argon2 ran;
-        // read them again under the user row's write lock, so that a "this wasn't me"
-        // lock or a second factor committed in between refuses this session (the lock's
-        // own transaction revokes sessions, and sees this one if it commits first). The
-        // same statement resets the failure count.
+        // The lock was read with the password hash, before Argon2 ran; read it again,
+        // with the second factors, under the user row's write lock, so that a "this
+        // wasn't me" lock or a second factor committed in between refuses this session
+        // (the lock's own transaction revokes sessions, and sees this one if it commits
+        // first). A user with a factor gets its challenge instead. The same statement
+        // resets the failure count.
         let row = sqlx::query(&sign_in_check_sql(&format!(
             ", {}",
             crate::mfa::FACTOR_COLUMNS
@@ -177,11 +174,11 @@ impl AuthService {
         )
         .await?;
 
-        // One read for everything the sign-in checks before its session transaction.
-        let row = sqlx::query(&format!(
-            "SELECT id, password_hash, locked_until, security_locked_at, {} FROM users WHERE email = $1",
-            crate::mfa::FACTOR_COLUMNS
-        ))
+        // One read for what the sign-in checks before Argon2 (its second factors are
+        // read once, in the session transaction: see `login`).
+        let row = sqlx::query(
+            "SELECT id, password_hash, locked_until, security_locked_at FROM users WHERE email = $1",
+        )
         .bind(&email)
         .fetch_optional(self.inner.db.read())
         .await?;
@@ -217,7 +214,6 @@ impl AuthService {
             user_id,
             email,
             security_locked: is_security_locked(row)?,
-            factors: crate::mfa::Factors::from_row(row)?,
         })
     }
 

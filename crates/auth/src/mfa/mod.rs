@@ -61,8 +61,8 @@ pub(crate) struct Factors {
 }
 
 /// The second factors of the `users` row a query selects, as three columns
-/// (`mfa_totp`, `mfa_email`, `mfa_recovery`) that [`Factors::from_row`] reads: sign-in
-/// reads them with the password hash, and re-reads them in its session transaction.
+/// (`mfa_totp`, `mfa_email`, `mfa_recovery`) that [`Factors::from_row`] reads: a
+/// sign-in reads them in its session transaction, under the user row's lock.
 pub(crate) const FACTOR_COLUMNS: &str = "\
      (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_totp f WHERE f.user_id = users.id AND f.enabled_at IS NOT NULL) AS mfa_totp, \
      (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_email f WHERE f.user_id = users.id) AS mfa_email, \
@@ -166,11 +166,6 @@ fn with_mfa_amr(amr: &[String]) -> Vec<String> {
 }
 
 impl AuthService {
-    /// Whether the user has any second factor on (IP-confirmed logins go on to MFA).
-    pub(crate) async fn has_second_factor(&self, user_id: &str) -> Result<bool, AuthError> {
-        Ok(self.factors(user_id).await?.any())
-    }
-
     async fn factors(&self, user_id: &str) -> Result<Factors, AuthError> {
         let r = sqlx::query(&format!("SELECT {FACTOR_COLUMNS} FROM users WHERE id = $1"))
             .bind(user_id)
@@ -892,35 +887,6 @@ impl AuthService {
     }
 
     // ---- login ----
-
-    /// The login hook: after a correct password, a user with a second factor gets a
-    /// ticket (`Err(AuthError::MfaRequired)`, answered 202) instead of tokens.
-    pub(crate) async fn mfa_gate(
-        &self,
-        ctx: &Ctx,
-        user_id: &str,
-        device: &wire::DeviceInfo,
-    ) -> Result<(), AuthError> {
-        let f = self.factors(user_id).await?;
-        self.mfa_gate_with(ctx, user_id, device, &f).await
-    }
-
-    /// [`mfa_gate`](Self::mfa_gate) with the user's factors already read.
-    pub(crate) async fn mfa_gate_with(
-        &self,
-        ctx: &Ctx,
-        user_id: &str,
-        device: &wire::DeviceInfo,
-        f: &Factors,
-    ) -> Result<(), AuthError> {
-        if !f.any() {
-            return Ok(());
-        }
-        Err(match self.mfa_challenge(ctx, user_id, device, f).await {
-            Ok(challenge) => challenge,
-            Err(e) => e,
-        })
-    }
 
     /// Opens a second-factor ticket for a user with factors `f`; returns the 202
     /// `mfa_required` answer (as the error the sign-in ends with).

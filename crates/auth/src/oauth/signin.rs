@@ -42,16 +42,11 @@ impl AuthService {
         email: &str,
         password: &str,
     ) -> Result<String, AuthError> {
-        let crate::sessions::Signin {
-            user_id,
-            email,
-            security_locked,
-            ..
-        } = self
+        let crate::sessions::Signin { user_id, email, .. } = self
             .check_credentials(ctx, email, password.to_owned())
             .await?;
         // The "this wasn't me" lock was read before Argon2 ran: read it again with the
-        // failure count's reset, under the user row's write lock (see `login`).
+        // failure count's reset, to refuse the sign-in at once.
         let row = sqlx::query(&crate::sessions::sign_in_check_sql(""))
             .bind(&user_id)
             .fetch_optional(self.inner.db.writer())
@@ -74,9 +69,6 @@ impl AuthService {
             id: "browser".into(),
             name: "Browser sign-in".into(),
         };
-        if security_locked {
-            return Err(self.refuse_security_locked(ctx, &user_id).await);
-        }
         self.ip_trust_login_gate(ctx, &user_id, &email, &device)
             .await?;
         Ok(user_id)

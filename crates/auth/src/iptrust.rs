@@ -484,20 +484,12 @@ impl AuthService {
         // A locked account trusts no new network: "this wasn't me" denies the holds it
         // finds, and one opened beside it (by a sign-in that read the lock before it
         // was set) must not make the attacker's network trusted once confirmed.
-        let row = sqlx::query(&format!(
-            "SELECT security_locked_at FROM users WHERE id = $1{}",
-            db.for_update()
-        ))
-        .bind(&hold.user_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if row
-            .as_ref()
-            .map(crate::sessions::is_security_locked)
-            .transpose()?
+        if crate::sessions::security_locked_in(db, &mut tx, &hold.user_id)
+            .await?
             .unwrap_or(false)
         {
-            return Err(AuthError::ResetRequired);
+            tx.rollback().await?;
+            return Err(self.refuse_security_locked(ctx, &hold.user_id).await);
         }
         sqlx::query("UPDATE login_holds SET confirmed_at = $1 WHERE ticket_hash = $2")
             .bind(now)
@@ -707,7 +699,8 @@ impl AuthService {
         .await?
         .ok_or(AuthError::BadLoginTicket)?;
         if crate::sessions::is_security_locked(&row)? {
-            return Err(AuthError::ResetRequired);
+            tx.rollback().await?;
+            return Err(self.refuse_security_locked(ctx, &hold.user_id).await);
         }
         let factors = crate::mfa::Factors::from_row(&row)?;
         let done = sqlx::query(

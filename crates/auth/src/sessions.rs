@@ -57,6 +57,24 @@ pub(crate) fn sign_in_check_sql(more: &str) -> String {
     format!("UPDATE users SET failed_logins = 0 WHERE id = $1 RETURNING security_locked_at{more}")
 }
 
+/// Whether `user_id` is locked by "this wasn't me", read in `tx` under the user row's
+/// lock without writing the row (where [`sign_in_check_sql`] would reset the failure
+/// count too); `None`: no such user.
+pub(crate) async fn security_locked_in(
+    db: &vaultpay_store::Db,
+    tx: &mut Tx,
+    user_id: &str,
+) -> Result<Option<bool>, AuthError> {
+    let row = sqlx::query(&format!(
+        "SELECT security_locked_at FROM users WHERE id = $1{}",
+        db.for_update()
+    ))
+    .bind(user_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.as_ref().map(is_security_locked).transpose()?)
+}
+
 /// Whether a row of [`sign_in_check_sql`] shows a "this wasn't me" lock.
 pub(crate) fn is_security_locked(row: &sqlx::any::AnyRow) -> Result<bool, sqlx::Error> {
     Ok(row

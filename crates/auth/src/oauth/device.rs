@@ -207,7 +207,12 @@ pub(crate) async fn poll(
                 auth_time: auth_time.unwrap_or(now),
                 amr: split_scope(amr.as_deref().unwrap_or("pwd")),
             };
-            let (sid, refresh) = svc.oauth_session(&mut tx, ctx, &g).await?;
+            let (sid, refresh) = match svc.oauth_session(&mut tx, ctx, &g).await {
+                Err(AuthError::ResetRequired) => {
+                    return Err(svc.refuse_locked_grant(tx, ctx, &user_id).await)
+                }
+                r => r?,
+            };
             sqlx::query("UPDATE oauth_device_codes SET status = 'used', session_id = $1 WHERE device_code_hash = $2 AND status = 'approved'")
                 .bind(&sid)
                 .bind(&hash)

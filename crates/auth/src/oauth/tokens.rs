@@ -133,13 +133,27 @@ pub(crate) struct Grant<'a> {
 
 impl AuthService {
     /// Creates an OAuth session in `tx` (refresh token only with `offline_access`).
-    /// Returns (session id, refresh token).
+    /// Returns (session id, refresh token). Refuses an account locked by "this wasn't
+    /// me" with `AuthError::ResetRequired` (see [`Self::refuse_locked_grant`]): a code or
+    /// device approval issued before the lock opens no session after it. The lock is
+    /// read under the user row's lock, which orders this with the lock's own
+    /// transaction as for a password sign-in (`sessions::sign_in_check_sql`).
     pub(crate) async fn oauth_session(
         &self,
         tx: &mut Tx,
         ctx: &Ctx,
         g: &Grant<'_>,
     ) -> Result<(String, Option<String>), AuthError> {
+        match crate::sessions::security_locked_in(&self.inner.db, tx, g.user_id).await? {
+            Some(false) => {}
+            Some(true) => return Err(AuthError::ResetRequired),
+            None => {
+                return Err(AuthError::OAuth(
+                    "invalid_grant",
+                    "the account no longer exists".into(),
+                ))
+            }
+        }
         let cfg = self.config();
         let now = now_micros();
         let sid = uuid::Uuid::now_v7().to_string();
@@ -180,6 +194,21 @@ impl AuthService {
             None
         };
         Ok((sid, refresh))
+    }
+
+    /// Answers a grant that [`Self::oauth_session`] refused for a "this wasn't me" lock:
+    /// rolls `tx` back (SQLite's one writer is needed for the audit), audits the refusal
+    /// and returns `invalid_grant`.
+    pub(crate) async fn refuse_locked_grant(&self, tx: Tx, ctx: &Ctx, user_id: &str) -> OAuthError {
+        if let Err(e) = tx.rollback().await {
+            return AuthError::from(e).into();
+        }
+        match self.refuse_security_locked(ctx, user_id).await {
+            AuthError::ResetRequired => {
+                OAuthError::grant("the account is locked until its password is reset")
+            }
+            other => other.into(),
+        }
     }
 
     /// Signs an access token for an OAuth session or a client.
@@ -367,7 +396,12 @@ async fn exchange_code(
         auth_time: r.try_get("auth_time")?,
         amr: split_scope(&amr),
     };
-    let (sid, refresh) = svc.oauth_session(&mut tx, ctx, &g).await?;
+    let (sid, refresh) = match svc.oauth_session(&mut tx, ctx, &g).await {
+        Err(AuthError::ResetRequired) => {
+            return Err(svc.refuse_locked_grant(tx, ctx, &user_id).await)
+        }
+        r => r?,
+    };
     let n = sqlx::query("UPDATE oauth_codes SET used_at = $1, session_id = $2 WHERE code_hash = $3 AND used_at IS NULL")
         .bind(now)
         .bind(&sid)

@@ -1044,5 +1044,14 @@ async fn a_locked_account_confirms_no_new_network() {
             1,
             "only the first network"
         );
+        assert_eq!(
+            app.count_where(
+                "audit_log",
+                &format!("action = 'login.refused_security_lock' AND actor = '{uid}'")
+            )
+            .await,
+            1,
+            "the refusal is audited"
+        );
     });
 }

@@ -1240,6 +1240,64 @@ async fn client_credentials_case(backend: Backend) {
     app.stop().await;
 }
 
+/// "This wasn't me" refuses the sessions that grants issued before it would open: an
+/// authorization code and an approved device code, both still unused when the lock is
+/// set (directly here, to open that window deterministically), are refused with
+/// `invalid_grant` and audited, and open no session.
+#[tokio::test]
+async fn a_locked_account_gets_no_session_from_an_earlier_grant() {
+    each_backend!(locked_grant_case);
+}
+
+async fn locked_grant_case(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |c| c.auth.oauth.device_poll_interval_secs = 0).await;
+    let admin = app.admin().await.access;
+    let web = web_client(&app, &admin).await;
+    let cli = create_client(
+        &app,
+        &admin,
+        json!({ "name": "vaultpay CLI", "public": true,
+                "grant_types": ["urn:ietf:params:oauth:grant-type:device_code"],
+                "scopes": ["openid", "api"] }),
+    )
+    .await;
+    let email = "lena@example.com";
+    let u = app.user(email).await;
+    let (verifier, challenge) = pkce();
+    let code = get_code(&app, &web.id, CB, "openid", &challenge, email).await;
+    let d = device_start(&app, &cli, "openid api").await;
+    let dc = d["device_code"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            "/v1/oauth/device/approve",
+            Some(&u.access),
+            json!({ "user_code": d["user_code"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+    sqlx::query("UPDATE users SET security_locked_at = 1 WHERE email = $1")
+        .bind(email)
+        .execute(app.auth_db().writer())
+        .await
+        .unwrap();
+    let oauth_sessions = "client_id IS NOT NULL";
+    let before = app.count_where("sessions", oauth_sessions).await;
+    assert_oauth_error(
+        &exchange(&app, &web, &code, CB, &verifier).await,
+        400,
+        "invalid_grant",
+    );
+    assert_oauth_error(&device_poll(&app, &cli, &dc).await, 400, "invalid_grant");
+    assert_eq!(app.count_where("sessions", oauth_sessions).await, before);
+    assert_eq!(
+        app.count_where("audit_log", "action = 'login.refused_security_lock'")
+            .await,
+        2
+    );
+    app.stop().await;
+}
+
 async fn device_start(app: &TestApp, c: &OClient, scope: &str) -> Value {
     let r = form_post(
         app,

@@ -487,6 +487,10 @@ impl AuthService {
     }
 
     /// Revokes a user's live sessions (all, or all but `keep`); returns how many.
+    /// The sessions not opened yet go too: the user's OAuth authorization codes and
+    /// approved device codes not yet exchanged expire now, so that a grant issued
+    /// before a password reset or change, "log out everywhere" or "this wasn't me"
+    /// (perhaps to whoever had the old password) opens no session after it.
     /// The caller calls [`AuthService::sessions_changed`] once it has committed.
     pub(crate) async fn revoke_sessions_tx(
         &self,
@@ -495,16 +499,31 @@ impl AuthService {
         keep: Option<&str>,
         reason: &str,
     ) -> Result<u64, AuthError> {
+        let now = now_micros();
         let n = sqlx::query(
             "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 WHERE user_id = $3 AND revoked_at IS NULL AND id <> $4",
         )
-        .bind(now_micros())
+        .bind(now)
         .bind(reason)
         .bind(user_id)
         .bind(keep.unwrap_or(""))
         .execute(&mut **tx)
         .await?
         .rows_affected();
+        sqlx::query(
+            "UPDATE oauth_codes SET expires_at = $1 WHERE user_id = $2 AND used_at IS NULL AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE oauth_device_codes SET expires_at = $1 WHERE user_id = $2 AND status = 'approved' AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
         Ok(n)
     }
 

@@ -48,6 +48,7 @@ const AUTH: &[Migration] = &[
     migration!(4, "auth", "0004_oauth"),
     migration!(5, "auth", "0005_email_change"),
     migration!(6, "auth", "0006_oauth_acr"),
+    migration!(7, "auth", "0007_grants_by_user"),
 ];
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),

@@ -1298,6 +1298,109 @@ async fn locked_grant_case(backend: Backend) {
     app.stop().await;
 }
 
+/// A password reset, a password change and "log out everywhere" end the grants not yet
+/// exchanged: an authorization code and an approved device code issued before it open
+/// no session after it (whoever holds them may have had the old password). Another
+/// user's grants are untouched.
+#[tokio::test]
+async fn revoking_a_users_sessions_ends_their_unexchanged_grants() {
+    each_backend!(revoked_grants_case);
+}
+
+async fn revoked_grants_case(backend: Backend) {
+    use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD};
+    let app = TestApp::spawn_with(backend, |c| c.auth.oauth.device_poll_interval_secs = 0).await;
+    let admin = app.admin().await.access;
+    let web = web_client(&app, &admin).await;
+    let cli = create_client(
+        &app,
+        &admin,
+        json!({ "name": "vaultpay CLI", "public": true,
+                "grant_types": ["urn:ietf:params:oauth:grant-type:device_code"],
+                "scopes": ["openid", "api"] }),
+    )
+    .await;
+    let oauth_sessions = "client_id IS NOT NULL";
+    for how in ["reset", "change", "logout_everywhere"] {
+        let victim = format!("{how}@example.com");
+        let other = format!("other-{how}@example.com");
+        let v = app.user(&victim).await;
+        let o = app.user(&other).await;
+        // Each user: an authorization code and an approved device code, both unused.
+        let mut grants = Vec::new();
+        for (email, tokens) in [(&victim, &v), (&other, &o)] {
+            let (verifier, challenge) = pkce();
+            let code = get_code(&app, &web.id, CB, "openid", &challenge, email).await;
+            let d = device_start(&app, &cli, "openid api").await;
+            let r = app
+                .post(
+                    "/v1/oauth/device/approve",
+                    Some(&tokens.access),
+                    json!({ "user_code": d["user_code"] }),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            let dc = d["device_code"].as_str().unwrap().to_owned();
+            grants.push((code, verifier, dc));
+        }
+        match how {
+            "reset" => {
+                let r = app
+                    .post("/v1/auth/password/forgot", None, json!({ "email": victim }))
+                    .await;
+                assert!(r.status.is_success(), "{}", r.text);
+                let token = mail_token(&app, &victim, "password/reset?token=");
+                let r = reset_pw(&app, &token, NEW_PASSWORD).await;
+                assert!(r.status.is_success(), "{}", r.text);
+            }
+            "change" => {
+                let r = app
+                    .post(
+                        "/v1/auth/password/change",
+                        Some(&v.access),
+                        json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+                    )
+                    .await;
+                assert!(r.status.is_success(), "{}", r.text);
+            }
+            _ => {
+                let r = app
+                    .post(
+                        "/v1/auth/logout",
+                        Some(&v.access),
+                        json!({ "everywhere": true }),
+                    )
+                    .await;
+                assert!(r.status.is_success(), "{}", r.text);
+            }
+        }
+        let before = app.count_where("sessions", oauth_sessions).await;
+        let (code, verifier, dc) = &grants[0];
+        assert_oauth_error(
+            &exchange(&app, &web, code, CB, verifier).await,
+            400,
+            "invalid_grant",
+        );
+        assert_oauth_error(&device_poll(&app, &cli, dc).await, 400, "expired_token");
+        assert_eq!(
+            app.count_where("sessions", oauth_sessions).await,
+            before,
+            "{how}: a revoked grant opened a session"
+        );
+        // The other user's grants still work.
+        let (code, verifier, dc) = &grants[1];
+        let r = exchange(&app, &web, code, CB, verifier).await;
+        assert_eq!(r.status, StatusCode::OK, "{how}: {}", r.text);
+        let r = device_poll(&app, &cli, dc).await;
+        assert_eq!(r.status, StatusCode::OK, "{how}: {}", r.text);
+        assert_eq!(
+            app.count_where("sessions", oauth_sessions).await,
+            before + 2
+        );
+    }
+    app.stop().await;
+}
+
 async fn device_start(app: &TestApp, c: &OClient, scope: &str) -> Value {
     let r = form_post(
         app,

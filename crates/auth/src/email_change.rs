@@ -8,7 +8,9 @@
 //! Opening the link (`GET /v1/auth/email/confirm?token=…`) shows a page whose button
 //! posts the token (so a mail scanner's prefetch changes nothing); the `POST` (form or
 //! JSON {token}) switches the address, marks it verified and audits the change, in
-//! one transaction. A newer request voids the pending link of an older one.
+//! one transaction. A newer request voids the pending link of an older one, and so
+//! does revoking the user's sessions (a password reset or change, "log out
+//! everywhere", "this wasn't me"): the link may be in an intruder's mailbox.
 
 use crate::accounts::{insert_email_token, void_email_tokens};
 use crate::mfa::StepUpOp;
@@ -19,7 +21,7 @@ use vaultpay_proto::auth as wire;
 use vaultpay_store::audit::{append, NewAudit};
 use vaultpay_web::{Ctx, Principal};
 
-const PURPOSE: &str = "email_change";
+pub(crate) const PURPOSE: &str = "email_change";
 
 impl AuthService {
     /// Starts an email change: mails a confirmation link to the new address.
@@ -105,7 +107,8 @@ impl AuthService {
             format!(
                 "A change of your VaultPay account's email address to {new_email} was requested \
                  and will happen when the new address is confirmed.\n\n\
-                 If this was not you, change your password now and end your other sessions.\n"
+                 If this was not you, change your password now: that, or ending your other \
+                 sessions, also cancels this change.\n"
             ),
         )
         .await;

@@ -490,7 +490,10 @@ impl AuthService {
     /// The sessions not opened yet go too: the user's OAuth authorization codes and
     /// approved device codes not yet exchanged expire now, so that a grant issued
     /// before a password reset or change, "log out everywhere" or "this wasn't me"
-    /// (perhaps to whoever had the old password) opens no session after it.
+    /// (perhaps to whoever had the old password) opens no session after it. So does a
+    /// pending email change: its link went to the new address, which may be the
+    /// intruder's, and confirming it needs no session (the notice to the current
+    /// address tells its owner to change the password or end the other sessions).
     /// The caller calls [`AuthService::sessions_changed`] once it has committed.
     pub(crate) async fn revoke_sessions_tx(
         &self,
@@ -524,6 +527,7 @@ impl AuthService {
         .bind(user_id)
         .execute(&mut **tx)
         .await?;
+        crate::accounts::void_email_tokens(tx, user_id, crate::email_change::PURPOSE, now).await?;
         Ok(n)
     }
 

@@ -187,6 +187,64 @@ async fn email_change_is_confirmed_by_the_new_address() {
     });
 }
 
+/// Someone with the password asks to move the account to their own address; the owner
+/// is told and, as the notice says, changes the password, resets it or ends the other
+/// sessions. Each of those voids the pending link, whose confirmation needs no session:
+/// otherwise the intruder would confirm it afterwards and take the account over with a
+/// password reset to the new address.
+#[tokio::test]
+async fn revoking_the_sessions_voids_a_pending_email_change() {
+    each_backend!(|backend: Backend| async move {
+        use crate::auth_flows::reset_pw;
+        let app = TestApp::spawn(backend).await;
+        for how in ["reset", "change", "logout_everywhere"] {
+            let email = format!("owner-{how}@example.com");
+            let intruder = format!("intruder-{how}@example.net");
+            app.register(&email).await;
+            let stolen = app.login(&email, PASSWORD).await;
+            let r = change(&app, &stolen.access, &intruder, PASSWORD).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+            let link = mail_token(&app, &intruder, LINK);
+            let owner = app.login(&email, PASSWORD).await;
+            let r = match how {
+                "reset" => {
+                    let r = app
+                        .post("/v1/auth/password/forgot", None, json!({ "email": email }))
+                        .await;
+                    assert!(r.status.is_success(), "{}", r.text);
+                    let token = mail_token(&app, &email, "password/reset?token=");
+                    reset_pw(&app, &token, NEW_PASSWORD).await
+                }
+                "change" => {
+                    app.post(
+                        "/v1/auth/password/change",
+                        Some(&owner.access),
+                        json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+                    )
+                    .await
+                }
+                _ => {
+                    app.post(
+                        "/v1/auth/logout",
+                        Some(&owner.access),
+                        json!({ "everywhere": true }),
+                    )
+                    .await
+                }
+            };
+            assert!(r.status.is_success(), "{how}: {}", r.text);
+            app.post("/v1/auth/email/confirm", None, json!({ "token": link }))
+                .await
+                .assert_problem(400, "invalid_token");
+            let n = app
+                .count_where("users", &format!("email = '{email}'"))
+                .await;
+            assert_eq!(n, 1, "{how}: the address changed");
+        }
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn an_email_change_link_fails_cleanly_when_expired_or_the_address_was_taken() {
     each_backend!(|backend: Backend| async move {

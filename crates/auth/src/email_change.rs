@@ -153,8 +153,13 @@ impl AuthService {
                 r?;
             }
         }
-        // verification links mailed to the old address must not verify the new one
+        // Links mailed to the old address act no more: a verification link must not
+        // verify the new one, and a password reset or a held login's confirm link
+        // (perhaps in the mailbox the owner is moving away from) must not take or open
+        // the account.
         void_email_tokens(&mut tx, &user_id, "verify", now).await?;
+        void_email_tokens(&mut tx, &user_id, "reset", now).await?;
+        crate::sessions::expire_login_holds(&mut tx, &user_id, now).await?;
         append(
             db,
             &mut tx,

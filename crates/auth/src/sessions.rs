@@ -76,6 +76,23 @@ pub(crate) async fn security_locked_in(
 }
 
 /// Whether a row of [`sign_in_check_sql`] shows a "this wasn't me" lock.
+/// Expires a user's logins held for a network confirmation (see `iptrust`): neither
+/// their confirm and deny links nor completing them does anything afterwards.
+pub(crate) async fn expire_login_holds(
+    tx: &mut Tx,
+    user_id: &str,
+    now: i64,
+) -> Result<(), AuthError> {
+    sqlx::query(
+        "UPDATE login_holds SET expires_at = $1 WHERE user_id = $2 AND completed_at IS NULL AND expires_at > $1",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 pub(crate) fn is_security_locked(row: &sqlx::any::AnyRow) -> Result<bool, sqlx::Error> {
     Ok(row
         .try_get::<Option<i64>, _>("security_locked_at")?
@@ -487,13 +504,16 @@ impl AuthService {
     }
 
     /// Revokes a user's live sessions (all, or all but `keep`); returns how many.
-    /// The sessions not opened yet go too: the user's OAuth authorization codes and
-    /// approved device codes not yet exchanged expire now, so that a grant issued
-    /// before a password reset or change, "log out everywhere" or "this wasn't me"
-    /// (perhaps to whoever had the old password) opens no session after it. So does a
-    /// pending email change: its link went to the new address, which may be the
-    /// intruder's, and confirming it needs no session (the notice to the current
-    /// address tells its owner to change the password or end the other sessions).
+    /// The sessions not opened yet go too, so that nothing begun before a password
+    /// reset or change, "log out everywhere" or "this wasn't me" (perhaps by whoever had
+    /// the old password) opens a session after it: the user's OAuth authorization codes
+    /// and approved device codes not yet exchanged expire, their signed-in OAuth
+    /// authorization requests (at consent or second factor) are deleted, their login
+    /// tickets waiting for a second factor are spent, and their logins held for a
+    /// network confirmation expire. So does a pending email change: its link went to
+    /// the new address, which may be the intruder's, and confirming it needs no session
+    /// (the notice to the current address tells its owner to change the password or end
+    /// the other sessions).
     /// The caller calls [`AuthService::sessions_changed`] once it has committed.
     pub(crate) async fn revoke_sessions_tx(
         &self,
@@ -527,6 +547,16 @@ impl AuthService {
         .bind(user_id)
         .execute(&mut **tx)
         .await?;
+        sqlx::query("DELETE FROM oauth_requests WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("UPDATE mfa_tickets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await?;
+        expire_login_holds(tx, user_id, now).await?;
         crate::accounts::void_email_tokens(tx, user_id, crate::email_change::PURPOSE, now).await?;
         Ok(n)
     }

@@ -277,6 +277,59 @@ async fn first_login_trusts_then_new_network_is_held_until_confirmed() {
     });
 }
 
+/// A login held for a network confirmation, begun with the password before a password
+/// reset or before the account's email moved to another address, does nothing after
+/// it: its confirm link (mailed to the old address) and its completion are refused. So
+/// is a reset link mailed to the old address before the move.
+#[tokio::test]
+async fn a_held_login_begun_before_a_reset_or_an_email_change_does_nothing_after_it() {
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |_| {}).await;
+        for how in ["reset", "email_change"] {
+            let email = format!("held-{how}@example.com");
+            let (_, t) = user_at(&app, &email, HOME).await;
+            let ticket = ticket_of(&login_from(&app, AWAY, &email, "evil").await);
+            let confirm = mail_token(&app, &email, "login/confirm?token=");
+            let r = app
+                .post("/v1/auth/password/forgot", None, json!({ "email": email }))
+                .await;
+            assert!(r.status.is_success(), "{}", r.text);
+            let reset = mail_token(&app, &email, "password/reset?token=");
+            if how == "reset" {
+                let r = reset_pw(&app, &reset, crate::auth_flows::NEW_PASSWORD).await;
+                assert!(r.status.is_success(), "{}", r.text);
+            } else {
+                let new_email = format!("moved-{how}@example.com");
+                let r = send_from(
+                    &app,
+                    HOME,
+                    Method::POST,
+                    "/v1/auth/email/change",
+                    Some(&t.access),
+                    Some(json!({ "new_email": new_email, "password": PASSWORD })),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+                let link = mail_token(&app, &new_email, "email/confirm?token=");
+                let r = app
+                    .post("/v1/auth/email/confirm", None, json!({ "token": link }))
+                    .await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+                reset_pw(&app, &reset, crate::auth_flows::NEW_PASSWORD)
+                    .await
+                    .assert_problem(400, "invalid_token");
+            }
+            link_post(&app, "confirm", &confirm)
+                .await
+                .assert_problem(400, "invalid_token");
+            complete_from(&app, AWAY, &ticket, "evil")
+                .await
+                .assert_problem(400, "invalid_login_ticket");
+        }
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn this_wasnt_me_revokes_every_session_and_locks_until_reset() {
     each_backend!(|backend: Backend| async move {

@@ -254,6 +254,39 @@ async fn ticket_for(app: &TestApp, email: &str) -> String {
     ticket(app, email).await
 }
 
+/// A login waiting for its second factor, begun with the password before a password
+/// reset, opens no session after it, even with a valid code (a factor an intruder
+/// enrolled while they had the account would give them one).
+#[tokio::test]
+async fn a_ticket_from_before_a_password_reset_is_spent() {
+    each_backend!(|backend: Backend| async move {
+        use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD};
+        let app = TestApp::spawn(backend).await;
+        let email = "spent@example.com";
+        app.register(email).await;
+        let t = app.login(email, PASSWORD).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let tk = ticket(&app, email).await;
+        let r = app
+            .post("/v1/auth/password/forgot", None, json!({ "email": email }))
+            .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        let token = mail_token(&app, email, "password/reset?token=");
+        let r = reset_pw(&app, &token, NEW_PASSWORD).await;
+        assert!(r.status.is_success(), "{}", r.text);
+        verify(&app, &tk, &code(&secret, 0), None)
+            .await
+            .assert_problem(401, "mfa_ticket_invalid");
+        // The new password's ticket works.
+        let r = login(&app, email, NEW_PASSWORD).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let tk = r.body["mfa_ticket"].as_str().unwrap();
+        let r = verify(&app, tk, &code(&secret, 0), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn recovery_codes_work_once() {
     each_backend!(|backend: Backend| async move {

@@ -1326,11 +1326,27 @@ async fn revoked_grants_case(backend: Backend) {
         let other = format!("other-{how}@example.com");
         let v = app.user(&victim).await;
         let o = app.user(&other).await;
-        // Each user: an authorization code and an approved device code, both unused.
+        // Each user: an authorization code and an approved device code, both unused, and
+        // a browser signed in to an authorization request, at its consent page.
         let mut grants = Vec::new();
+        let mut at_consent = Vec::new();
         for (email, tokens) in [(&victim, &v), (&other, &o)] {
             let (verifier, challenge) = pkce();
             let code = get_code(&app, &web.id, CB, "openid", &challenge, email).await;
+            let (consent_verifier, consent_challenge) = pkce();
+            let mut b = Browser::new(&app);
+            let p = b
+                .get(&authorize_query(
+                    &web.id,
+                    CB,
+                    "openid",
+                    Some(&consent_challenge),
+                ))
+                .await;
+            let csrf = p.csrf();
+            let p = b.sign_in(&csrf, email, PASSWORD).await;
+            assert!(p.text.contains("Allow access"), "{}", p.text);
+            at_consent.push((b, csrf, consent_verifier));
             let d = device_start(&app, &cli, "openid api").await;
             let r = app
                 .post(
@@ -1382,6 +1398,13 @@ async fn revoked_grants_case(backend: Backend) {
             "invalid_grant",
         );
         assert_oauth_error(&device_poll(&app, &cli, dc).await, 400, "expired_token");
+        let (b, csrf, _) = &mut at_consent[0];
+        let p = b.consent(csrf, "approve").await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{how}: {}", p.text);
+        assert!(
+            p.param("code").is_none(),
+            "{how}: a code after the revocation"
+        );
         assert_eq!(
             app.count_where("sessions", oauth_sessions).await,
             before,
@@ -1393,9 +1416,15 @@ async fn revoked_grants_case(backend: Backend) {
         assert_eq!(r.status, StatusCode::OK, "{how}: {}", r.text);
         let r = device_poll(&app, &cli, dc).await;
         assert_eq!(r.status, StatusCode::OK, "{how}: {}", r.text);
+        let (b, csrf, verifier) = &mut at_consent[1];
+        let p = b.consent(csrf, "approve").await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{how}: {}", p.text);
+        let code = p.param("code").expect("code in redirect");
+        let r = exchange(&app, &web, &code, CB, verifier).await;
+        assert_eq!(r.status, StatusCode::OK, "{how}: {}", r.text);
         assert_eq!(
             app.count_where("sessions", oauth_sessions).await,
-            before + 2
+            before + 3
         );
     }
     app.stop().await;

@@ -32,6 +32,7 @@ pub use routes::openapi;
 pub use verify::{verify, VerifyReport, Violation};
 
 use engine::{Inflight, Job, Op, Queued};
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use vaultpay_proto::ledger as wire;
@@ -99,10 +100,25 @@ pub(crate) struct Core {
 struct Inner {
     core: Arc<Core>,
     introspector: Arc<dyn Introspector>,
+    /// Money moved per session since AuthShield last confirmed it live.
+    unchecked: parking_lot::Mutex<HashMap<String, Unchecked>>,
     inflight: Arc<Inflight>,
     committer: OnceLock<mpsc::Sender<Queued>>,
     events: broadcast::Sender<OutboxEvent>,
 }
+
+/// What a session has moved since its last live-session check.
+struct Unchecked {
+    moved: i64,
+    last: std::time::Instant,
+}
+
+/// Sessions tracked in [`Inner::unchecked`] before idle ones are dropped; at this many
+/// recently active ones, every transfer is checked live.
+const UNCHECKED_SESSIONS_MAX: usize = 100_000;
+/// A session idle this long is dropped from [`Inner::unchecked`] when the map is full
+/// (longer than any access token lives).
+const UNCHECKED_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The ledger service.
 #[derive(Clone)]
@@ -117,6 +133,7 @@ impl Ledger {
             inner: Arc::new(Inner {
                 core: Arc::new(Core { db, config }),
                 introspector,
+                unchecked: Default::default(),
                 inflight: Arc::new(Inflight::default()),
                 committer: OnceLock::new(),
                 events,
@@ -181,6 +198,51 @@ impl Ledger {
         if !r.active {
             metrics::counter!("ledger_session_revoked_total").increment(1);
             return Err(LedgerError::SessionRevoked);
+        }
+        Ok(())
+    }
+
+    /// Whether moving `amount` needs AuthShield to confirm first that the caller's
+    /// session is live: an amount at the introspection threshold, or one that brings
+    /// what the session has moved since its last confirmation to it. A threshold per
+    /// request alone would let the token of a revoked session (valid until it expires,
+    /// up to its lifetime) move any sum in transfers just under it. Counted per process
+    /// and before the outcome is known (a refused transfer counts too).
+    fn live_check_due(&self, actor: &Actor, amount: i64) -> bool {
+        let threshold = self.config().introspection_threshold_minor;
+        let amount = amount.max(0);
+        if amount >= threshold {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let mut m = self.inner.unchecked.lock();
+        if let Some(u) = m.get_mut(actor.session_key()) {
+            u.moved = u.moved.saturating_add(amount);
+            u.last = now;
+            return u.moved >= threshold;
+        }
+        if m.len() >= UNCHECKED_SESSIONS_MAX {
+            m.retain(|_, u| now.duration_since(u.last) < UNCHECKED_IDLE);
+            if m.len() >= UNCHECKED_SESSIONS_MAX {
+                return true;
+            }
+        }
+        m.insert(
+            actor.session_key().to_owned(),
+            Unchecked {
+                moved: amount,
+                last: now,
+            },
+        );
+        false
+    }
+
+    /// [`Self::require_live_session`] when [`Self::live_check_due`]; a confirmed session
+    /// starts counting again from zero.
+    async fn check_session_for(&self, actor: &Actor, amount: i64) -> Result<(), LedgerError> {
+        if self.live_check_due(actor, amount) {
+            self.require_live_session(actor).await?;
+            self.inner.unchecked.lock().remove(actor.session_key());
         }
         Ok(())
     }
@@ -327,8 +389,8 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        self.check_session_for(actor, req.amount).await?;
         if req.amount >= self.config().introspection_threshold_minor {
-            self.require_live_session(actor).await?;
             self.require_step_up(actor)?;
         }
         self.submit(actor, Some(key), Op::Transfer(req), origin)
@@ -349,8 +411,8 @@ impl Ledger {
             .transfers
             .iter()
             .fold(0i64, |s, t| s.saturating_add(t.amount.max(0)));
+        self.check_session_for(actor, total).await?;
         if total >= threshold {
-            self.require_live_session(actor).await?;
             self.require_step_up(actor)?;
         }
         self.submit(actor, Some(key), Op::Batch(req), origin).await
@@ -366,12 +428,9 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
-        if req
-            .amount
-            .is_none_or(|a| a >= self.config().introspection_threshold_minor)
-        {
-            self.require_live_session(actor).await?;
-        }
+        // Posting the whole hold (no amount) is checked live whatever its size.
+        self.check_session_for(actor, req.amount.unwrap_or(i64::MAX))
+            .await?;
         self.submit(actor, Some(key), Op::Post(id.to_owned(), req), origin)
             .await
     }

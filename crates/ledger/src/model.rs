@@ -16,6 +16,8 @@ pub struct Actor {
     /// `acr` and `auth_time` (seconds) of the token, for step-up (RFC 9470).
     pub acr: Option<String>,
     pub auth_time: i64,
+    /// The token's session (`sid`); empty for a token without one.
+    pub session_id: String,
 }
 
 impl Actor {
@@ -27,6 +29,7 @@ impl Actor {
             client_ip: None,
             acr: None,
             auth_time: 0,
+            session_id: String::new(),
         }
     }
 
@@ -49,6 +52,7 @@ impl Actor {
                 client_ip,
                 acr: None,
                 auth_time: c.auth_time,
+                session_id: c.sid.clone(),
             };
         }
         Self {
@@ -58,6 +62,17 @@ impl Actor {
             client_ip,
             acr: p.claims.acr.clone(),
             auth_time: p.claims.auth_time,
+            session_id: c.sid.clone(),
+        }
+    }
+
+    /// What the money this caller moves is counted under between live-session checks
+    /// (see `Ledger::live_check_due`): the session, or the caller without one.
+    pub(crate) fn session_key(&self) -> &str {
+        if self.session_id.is_empty() {
+            &self.user_id
+        } else {
+            &self.session_id
         }
     }
 

@@ -199,6 +199,52 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
     .await;
 }
 
+/// The token of a revoked session cannot move a large sum in transfers just under the
+/// threshold: once what the session moved since its last live check reaches it, the
+/// next transfer is checked live and refused. A live session's count starts again
+/// after each check.
+#[tokio::test]
+async fn transfers_under_the_threshold_add_up_to_a_live_check() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.token_sid("alice", &["customer"], "s-alice");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&app.customer("bob"), "USD").await;
+        app.deposit(&a, 10_000_000, "USD").await.expect(201);
+        let threshold = app.ledger.config().introspection_threshold_minor;
+        let part = threshold / 3 + 1;
+
+        // live: three parts reach the threshold; the third is checked, and passes
+        let calls = *app.introspector.calls.lock();
+        for _ in 0..3 {
+            app.transfer(&alice, &a, &bb, part).await.expect(201);
+        }
+        assert_eq!(*app.introspector.calls.lock(), calls + 1);
+        // and counting starts again: two more parts are not checked
+        for _ in 0..2 {
+            app.transfer(&alice, &a, &bb, part).await.expect(201);
+        }
+        assert_eq!(*app.introspector.calls.lock(), calls + 1);
+
+        // revoked: the part that reaches the threshold is refused, and every one after
+        app.introspector.revoked.lock().insert("s-alice".into());
+        app.transfer(&alice, &a, &bb, part)
+            .await
+            .problem(401, "session_revoked");
+        for _ in 0..3 {
+            app.transfer(&alice, &a, &bb, part)
+                .await
+                .problem(401, "session_revoked");
+        }
+        let item = json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD", "description": "b"});
+        app.post("/v1/transfers/batch", &alice, Some(&key()), json!({"transfers": [item]}))
+            .await
+            .problem(401, "session_revoked");
+        assert_eq!(app.balance(&alice, &a).await.0, 10_000_000 - 5 * part);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn large_transfers_need_a_recent_second_factor() {
     use vaultpay_core::step_up::ACR_MFA;

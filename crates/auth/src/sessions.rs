@@ -737,6 +737,15 @@ impl AuthService {
         if claims.sid.is_empty() && crate::oauth::tokens::jti_revoked(self, &claims.jti).await? {
             return Ok(wire::Introspection::default());
         }
+        // The token's roles that the user still holds: a role revoked since the token
+        // was signed is not reported (the ledger's admin actions, which introspect,
+        // then stop at once instead of when the token expires). A role granted since
+        // needs a new token. (Session-less tokens carry no user's roles.)
+        let mut claims = claims;
+        if !claims.sid.is_empty() && !claims.roles.is_empty() {
+            let live = self.effective(&claims.sub).await?;
+            claims.roles.retain(|r| live.roles.contains(r));
+        }
         Ok(wire::Introspection {
             active: true,
             sub: Some(claims.sub),

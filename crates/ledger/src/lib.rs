@@ -183,8 +183,31 @@ impl Ledger {
         background::purge_idempotency(&self.inner.core).await
     }
 
-    /// Asks AuthShield whether the caller's session is still live.
-    async fn require_live_session(&self, actor: &Actor) -> Result<(), LedgerError> {
+    /// Asks AuthShield whether the caller's session is still live and, for an admin
+    /// action (`admin`: the permission it needs), whether the caller still holds the
+    /// admin role (the token's roles are as they were when it was signed).
+    async fn require_live_admin(
+        &self,
+        actor: &Actor,
+        admin: &'static str,
+    ) -> Result<(), LedgerError> {
+        if !actor.is_admin() {
+            return Err(LedgerError::Forbidden(admin));
+        }
+        let roles = self.require_live_session(actor).await?;
+        if roles.is_some_and(|r| !r.iter().any(|r| r == "admin")) {
+            metrics::counter!("ledger_role_revoked_total").increment(1);
+            return Err(LedgerError::Forbidden(admin));
+        }
+        Ok(())
+    }
+
+    /// Asks AuthShield whether the caller's session is still live; returns the roles it
+    /// reports the caller still holds (if it reports them).
+    async fn require_live_session(
+        &self,
+        actor: &Actor,
+    ) -> Result<Option<Vec<String>>, LedgerError> {
         let r = self
             .inner
             .introspector
@@ -199,7 +222,7 @@ impl Ledger {
             metrics::counter!("ledger_session_revoked_total").increment(1);
             return Err(LedgerError::SessionRevoked);
         }
-        Ok(())
+        Ok(r.roles)
     }
 
     /// Whether moving `amount` needs AuthShield to confirm first that the caller's
@@ -467,10 +490,7 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
-        if !actor.is_admin() {
-            return Err(LedgerError::Forbidden("treasury:move"));
-        }
-        self.require_live_session(actor).await?;
+        self.require_live_admin(actor, "treasury:move").await?;
         let op = if deposit {
             Op::Deposit(req)
         } else {
@@ -488,10 +508,7 @@ impl Ledger {
         reason: &str,
         origin: Origin,
     ) -> Result<wire::Account, LedgerError> {
-        if !actor.is_admin() {
-            return Err(LedgerError::Forbidden("accounts:manage"));
-        }
-        self.require_live_session(actor).await?;
+        self.require_live_admin(actor, "accounts:manage").await?;
         Ok(
             admin::account_action(&self.inner.core, actor, &origin, id, action, reason)
                 .await?

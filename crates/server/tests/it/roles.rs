@@ -120,6 +120,85 @@ async fn custom_role_create_assign_effective_delete() {
     });
 }
 
+/// A revoked admin role stops the ledger's admin actions at once: the token still says
+/// "admin" until it expires, but those actions introspect, and introspection reports
+/// only the roles the user still holds.
+#[tokio::test]
+async fn a_revoked_admin_role_stops_ledger_admin_actions_before_the_token_expires() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin_mfa().await.access;
+        let id = id_of(&app.register("treasurer@example.com").await);
+        let grant = |role: &'static str| {
+            let (app, admin, id) = (&app, &admin, &id);
+            async move {
+                let r = app
+                    .post(
+                        &format!("/v1/admin/users/{id}/roles"),
+                        Some(admin),
+                        json!({ "role": role }),
+                    )
+                    .await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            }
+        };
+        grant("admin").await;
+        let t = app.login("treasurer@example.com", PASSWORD).await;
+        let c = app.user("payee@example.com").await;
+        let r = app
+            .post(
+                "/v1/accounts",
+                Some(&c.access),
+                json!({ "currency": "USD", "kind": "current", "name": "main" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let account = r.body["id"].as_str().unwrap().to_owned();
+        let deposit = |key: &'static str| {
+            let (app, t, account) = (&app, &t, &account);
+            async move {
+                crate::helpers::read(
+                    app.http
+                        .post(format!("{}/v1/admin/deposits", app.base))
+                        .bearer_auth(&t.access)
+                        .header("idempotency-key", key)
+                        .json(&json!({ "account_id": account, "amount": 500, "currency": "USD", "reference": "r" }))
+                        .send()
+                        .await
+                        .unwrap(),
+                )
+                .await
+            }
+        };
+        let r = deposit("d-1").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+
+        let r = app
+            .delete(&format!("/v1/admin/users/{id}/roles/admin"), Some(&admin))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        deposit("d-2").await.assert_problem(403, "forbidden");
+        app.post(
+            &format!("/v1/admin/accounts/{account}/freeze"),
+            Some(&t.access),
+            json!({ "reason": "x" }),
+        )
+        .await
+        .assert_problem(403, "forbidden");
+        // Plain reads still go by the token until it expires; the money stayed put.
+        let r = app
+            .get(&format!("/v1/accounts/{account}"), Some(&c.access))
+            .await;
+        assert_eq!(r.body["balance"], 500, "{}", r.text);
+
+        // Granted again: the same token works again (its claim and the live role agree).
+        grant("admin").await;
+        let r = deposit("d-3").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
     each_backend!(|backend: Backend| async move {

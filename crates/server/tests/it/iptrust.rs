@@ -998,8 +998,9 @@ async fn concurrent_first_logins_all_trust_the_same_network() {
 }
 
 /// A second-factor ticket issued before "this wasn't me" opens no session after it:
-/// the second-factor step re-reads the lock under the user row's lock (it did not read
-/// it at all before).
+/// the lock spends the user's open tickets, and the second-factor step also re-reads
+/// the lock under the user row's lock, for a ticket the revocation did not see (set
+/// directly here, to open that window deterministically).
 #[tokio::test]
 async fn a_second_factor_ticket_dies_with_this_wasnt_me() {
     each_backend!(|backend: Backend| async move {
@@ -1037,18 +1038,27 @@ async fn a_second_factor_ticket_dies_with_this_wasnt_me() {
             .map(|c| c.as_str().unwrap().to_owned())
             .collect();
 
-        // a trusted-network login waits for its second factor...
+        // trusted-network logins wait for their second factor...
         let r = login_from(&app, HOME, email, "dev-2").await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
         let ticket = r.body["mfa_ticket"].as_str().unwrap().to_owned();
+        let r = login_from(&app, HOME, email, "dev-2").await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let unseen = r.body["mfa_ticket"].as_str().unwrap().to_owned();
         // ...when the user answers an attacker's held login with "this wasn't me"
         ticket_of(&login_from(&app, AWAY, email, "evil").await);
         let deny = mail_token(&app, email, "login/deny?token=");
         let r = link_post(&app, "deny", &deny).await;
         assert_eq!(r.body["status"], "account_locked", "{}", r.text);
+        // (the second ticket unspent again: as if issued after the revocation read them)
+        sqlx::query("UPDATE mfa_tickets SET used_at = NULL WHERE ticket_hash = $1")
+            .bind(vaultpay_core::crypto::sha256_hex(unseen.as_bytes()))
+            .execute(app.auth_db().writer())
+            .await
+            .unwrap();
 
-        let verify = |code: String| {
-            let (app, ticket) = (&app, ticket.clone());
+        let verify = |ticket: String, code: String| {
+            let app = &app;
             async move {
                 send_from(
                     app,
@@ -1061,7 +1071,10 @@ async fn a_second_factor_ticket_dies_with_this_wasnt_me() {
                 .await
             }
         };
-        verify(recovery[0].clone())
+        verify(ticket, recovery[0].clone())
+            .await
+            .assert_problem(401, "mfa_ticket_invalid");
+        verify(unseen, recovery[1].clone())
             .await
             .assert_problem(423, "password_reset_required");
         assert_eq!(

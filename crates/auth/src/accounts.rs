@@ -458,6 +458,12 @@ impl AuthService {
         .await?;
         tx.commit().await?;
         self.sessions_changed(Some(&user_id)).await;
+        self.notify_security_change(
+            &user_id,
+            "Your password was reset",
+            "Your VaultPay password was reset through a link mailed to this address, and every session was ended.",
+        )
+        .await;
         Ok(wire::Accepted {
             status: "password_reset".into(),
         })
@@ -560,6 +566,12 @@ impl AuthService {
         .await?;
         tx.commit().await?;
         self.sessions_changed(Some(user_id)).await;
+        self.notify_security_change(
+            user_id,
+            "Your password was changed",
+            "Your VaultPay password was changed, and your other sessions were ended.",
+        )
+        .await;
         Ok(wire::Accepted {
             status: "password_changed".into(),
         })

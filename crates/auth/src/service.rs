@@ -250,6 +250,26 @@ impl AuthService {
         }
     }
 
+    /// Tells the account's address, after the commit, about a security change made to
+    /// the account (`what`, a sentence), so that an owner whose password someone else
+    /// has learns of it. The mail carries no link that acts.
+    pub(crate) async fn notify_security_change(&self, user_id: &str, subject: &str, what: &str) {
+        let email: Result<Option<String>, _> =
+            sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(self.inner.db.read())
+                .await;
+        let Ok(Some(email)) = email else {
+            tracing::warn!(user_id, "security notice: no address to send it to");
+            return;
+        };
+        let text = format!(
+            "{what}\n\nIf this was not you, someone else may have your password: reset it now \
+             (\"Forgot password\" where you sign in), which also ends every session.\n"
+        );
+        self.send_mail(&email, subject, text).await;
+    }
+
     /// Base of links in emails.
     pub(crate) fn public_url(&self) -> &str {
         self.inner

@@ -345,6 +345,12 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.notify_security_change(
+            user_id,
+            "A second factor was added to your account",
+            "An authenticator app was added to your VaultPay account as a second factor.",
+        )
+        .await;
         Ok(mw::TotpConfirmed {
             status: "enabled".into(),
             recovery_codes: codes,
@@ -445,6 +451,12 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.notify_security_change(
+            user_id,
+            "A second factor was removed from your account",
+            "The authenticator app was removed from your VaultPay account's second factors.",
+        )
+        .await;
         Ok(wire::Accepted {
             status: "disabled".into(),
         })
@@ -590,6 +602,12 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.notify_security_change(
+            user_id,
+            "A second factor was added to your account",
+            "Codes mailed to this address were turned on as a second factor for your VaultPay account.",
+        )
+        .await;
         self.mfa_status(p).await
     }
 
@@ -649,6 +667,12 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
+        self.notify_security_change(
+            user_id,
+            "A second factor was removed from your account",
+            "Codes mailed to this address were turned off as a second factor for your VaultPay account.",
+        )
+        .await;
         self.mfa_status(p).await
     }
 

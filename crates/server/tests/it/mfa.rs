@@ -287,6 +287,88 @@ async fn a_ticket_from_before_a_password_reset_is_spent() {
     });
 }
 
+/// A password change or reset and every second factor added or removed are told to the
+/// account's address (an owner whose password someone else has learns of it), with no
+/// link in the mail that acts.
+#[tokio::test]
+async fn security_changes_are_mailed_to_the_account() {
+    each_backend!(|backend: Backend| async move {
+        use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD, THIRD_PASSWORD};
+        let app = TestApp::spawn(backend).await;
+        let who = "notice@example.com";
+        let t = app.user(who).await;
+        let notices = |subject: &str| {
+            let mails: Vec<String> = app
+                .mails()
+                .into_iter()
+                .filter(|m| {
+                    m.contains(&format!("To: {who}")) && m.contains(&format!("Subject: {subject}"))
+                })
+                .collect();
+            for m in &mails {
+                assert!(!m.contains("token="), "a notice with a link that acts: {m}");
+                assert!(m.contains("If this was not you"), "{m}");
+            }
+            mails.len()
+        };
+        const ADDED: &str = "A second factor was added to your account";
+        const REMOVED: &str = "A second factor was removed from your account";
+        assert_eq!(notices("Your password was changed"), 0);
+
+        let r = app
+            .post(
+                "/v1/auth/password/change",
+                Some(&t.access),
+                json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(notices("Your password was changed"), 1);
+
+        let r = app
+            .post("/v1/auth/password/forgot", None, json!({ "email": who }))
+            .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        let token = mail_token(&app, who, "password/reset?token=");
+        assert_eq!(
+            notices("Your password was reset"),
+            0,
+            "not before the reset"
+        );
+        let r = reset_pw(&app, &token, THIRD_PASSWORD).await;
+        assert!(r.status.is_success(), "{}", r.text);
+        assert_eq!(notices("Your password was reset"), 1);
+
+        let t = app.login(who, THIRD_PASSWORD).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        assert_eq!((notices(ADDED), notices(REMOVED)), (1, 0));
+        let r = app
+            .post(
+                "/v1/mfa/totp/disable",
+                Some(&t.access),
+                json!({"password": THIRD_PASSWORD, "code": code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!((notices(ADDED), notices(REMOVED)), (1, 1));
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&t.access), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let c = mailed_code(&app, who);
+        let r = app
+            .post(
+                "/v1/mfa/email/confirm",
+                Some(&t.access),
+                json!({ "code": c }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!((notices(ADDED), notices(REMOVED)), (2, 1));
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn recovery_codes_work_once() {
     each_backend!(|backend: Backend| async move {

@@ -163,7 +163,7 @@ impl AuthService {
         let loaded = keys::load(&self.inner.db, &self.inner.env).await?;
         *self.inner.signer.write() = Arc::new(loaded.signer);
         self.inner.verifier.set_keys(loaded.verify);
-        Ok(())
+        self.reload_es256().await
     }
 
     /// Periodic work: picking up rotated keys; stops when `shutdown` turns true.

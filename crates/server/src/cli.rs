@@ -237,14 +237,26 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs;
             let kid = vaultpay_auth::keys::rotate(&db, &env, overlap, "cli").await?;
             println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
+            let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs;
+            if let Some(kid) =
+                vaultpay_auth::oauth::es256::rotate(&db, &env, id_overlap, "cli").await?
+            {
+                println!(
+                    "new ES256 ID-token key {kid}; the previous one stays in the JWKS for {id_overlap} more seconds"
+                );
+            }
         }
         KeysCommand::List => {
-            for k in vaultpay_auth::keys::list(&db).await? {
+            let mut all = vaultpay_auth::keys::list(&db).await?;
+            all.extend(vaultpay_auth::oauth::es256::list(&db).await?);
+            for k in all {
                 println!("{}", serde_json::to_string(&k)?);
             }
         }
         KeysCommand::Retire { kid } => {
-            if !vaultpay_auth::keys::retire(&db, &kid, "cli").await? {
+            if !vaultpay_auth::keys::retire(&db, &kid, "cli").await?
+                && !vaultpay_auth::oauth::es256::retire(&db, &kid, "cli").await?
+            {
                 eprintln!(
                     "no rotated-out key {kid} (the signing key cannot be retired; rotate first)"
                 );

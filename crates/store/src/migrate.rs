@@ -49,6 +49,7 @@ const AUTH: &[Migration] = &[
     migration!(5, "auth", "0005_email_change"),
     migration!(6, "auth", "0006_oauth_acr"),
     migration!(7, "auth", "0007_grants_by_user"),
+    migration!(8, "auth", "0008_es256_rotation"),
 ];
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),

@@ -1,6 +1,9 @@
 //! The P-256 key that signs ES256 ID tokens for clients without EdDSA support.
 //! Stored like the Ed25519 keys (private half sealed by the master key), created on
-//! first use under a lock, published in the JWKS.
+//! first use under a lock, published in the JWKS. `vaultpay keys rotate` rotates it
+//! with the Ed25519 key when it exists: the old key stops signing and stays in the JWKS
+//! for the ID-token lifetime (`keys retire` drops it at once); servers pick the new one
+//! up with their periodic key reload.
 
 use crate::{AuthError, AuthService};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -79,19 +82,117 @@ fn public_jwk(kid: &str, vk: VerifyingKey) -> serde_json::Value {
 }
 
 impl AuthService {
-    /// The ES256 signer, loaded (or created) once.
+    /// The ES256 signer: the newest key not rotated out, loaded (or created) on first
+    /// use and replaced by [`AuthService::reload_es256`].
     pub(crate) async fn es256(&self) -> Result<Arc<Es256Key>, AuthError> {
-        self.inner
+        if let Some(k) = self.inner.oauth.es256.read().clone() {
+            return Ok(k);
+        }
+        let k = Arc::new(load_or_create(self.db(), &self.inner.env).await?);
+        *self.inner.oauth.es256.write() = Some(k.clone());
+        Ok(k)
+    }
+
+    /// Picks up a rotated ES256 key (with the Ed25519 keys' periodic reload). Does
+    /// nothing before the first ES256 client made the key.
+    pub(crate) async fn reload_es256(&self) -> Result<(), AuthError> {
+        let current = self
+            .inner
             .oauth
             .es256
-            .get_or_try_init(|| async {
-                load_or_create(self.db(), &self.inner.env)
-                    .await
-                    .map(Arc::new)
-            })
-            .await
-            .cloned()
+            .read()
+            .as_ref()
+            .map(|k| k.kid.clone());
+        let newest: Option<String> = sqlx::query_scalar(
+            "SELECT kid FROM oauth_es256_keys WHERE retired_at IS NULL ORDER BY created_at DESC LIMIT 1",
+        )
+        .fetch_optional(self.db().read())
+        .await?;
+        if newest.is_some() && newest != current {
+            let k = Arc::new(load_or_create(self.db(), &self.inner.env).await?);
+            *self.inner.oauth.es256.write() = Some(k);
+        }
+        Ok(())
     }
+}
+
+/// Rotates the ES256 key if there is one: the signing key is rotated out (it stays in
+/// the JWKS for `overlap_secs`) and a new one made. Returns the new key's id.
+pub async fn rotate(
+    db: &Db,
+    env: &Envelope,
+    overlap_secs: i64,
+    actor: &str,
+) -> Result<Option<String>, AuthError> {
+    let mut tx = db.begin().await?;
+    db.lock(&mut tx, LOCK_ES256).await?;
+    let now = now_micros();
+    let n = sqlx::query(
+        "UPDATE oauth_es256_keys SET retired_at = $1, verify_until = $2 WHERE retired_at IS NULL",
+    )
+    .bind(now)
+    .bind(now.saturating_add(overlap_secs.saturating_mul(1_000_000)))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let key = create(db, env, &mut tx, "key.rotated", actor).await?;
+    tx.commit().await?;
+    Ok(Some(key.kid))
+}
+
+/// Drops a rotated-out ES256 key from the JWKS at once; false if `kid` is not one.
+pub async fn retire(db: &Db, kid: &str, actor: &str) -> Result<bool, AuthError> {
+    let mut tx = db.begin().await?;
+    let n = sqlx::query(
+        "UPDATE oauth_es256_keys SET verify_until = $1 WHERE kid = $2 AND retired_at IS NOT NULL",
+    )
+    .bind(now_micros())
+    .bind(kid)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 1 {
+        vaultpay_store::audit::append(
+            db,
+            &mut tx,
+            &vaultpay_store::audit::Origin::default(),
+            vaultpay_store::audit::NewAudit::success("key.retired")
+                .actor(actor)
+                .resource(kid)
+                .metadata(serde_json::json!({ "alg": "ES256" })),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(n == 1)
+}
+
+/// The ES256 keys, newest first, for `vaultpay keys list`.
+pub async fn list(db: &Db) -> Result<Vec<crate::keys::KeyInfo>, AuthError> {
+    let rows = sqlx::query(
+        "SELECT kid, created_at, retired_at, verify_until FROM oauth_es256_keys ORDER BY created_at DESC",
+    )
+    .fetch_all(db.read())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let retired: Option<i64> = r.try_get("retired_at")?;
+            let until: Option<i64> = r.try_get("verify_until")?;
+            Ok(crate::keys::KeyInfo {
+                kid: r.try_get("kid")?,
+                alg: "ES256".into(),
+                created_at: vaultpay_core::time::rfc3339(r.try_get("created_at")?),
+                retired_at: retired.map(vaultpay_core::time::rfc3339),
+                verify_until: until.map(vaultpay_core::time::rfc3339),
+                signing: retired.is_none(),
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(AuthError::from)
 }
 
 /// Makes sure the P-256 key exists. Called when an ES256 client is registered, so
@@ -104,7 +205,8 @@ async fn load_or_create(db: &Db, env: &Envelope) -> Result<Es256Key, AuthError> 
     let mut tx = db.begin().await?;
     db.lock(&mut tx, LOCK_ES256).await?;
     let row = sqlx::query(
-        "SELECT kid, private_key_sealed FROM oauth_es256_keys ORDER BY created_at DESC LIMIT 1",
+        "SELECT kid, private_key_sealed FROM oauth_es256_keys WHERE retired_at IS NULL \
+         ORDER BY created_at DESC LIMIT 1",
     )
     .fetch_optional(&mut *tx)
     .await?;
@@ -118,56 +220,85 @@ async fn load_or_create(db: &Db, env: &Envelope) -> Result<Es256Key, AuthError> 
             .map_err(|_| AuthError::Internal("bad ES256 key".into()))?;
         Es256Key::new(kid, sk)
     } else {
-        let kid = format!("es256-{}", uuid::Uuid::now_v7());
-        let sk = SigningKey::random(&mut rand::rngs::OsRng);
-        let secret = Zeroizing::new(sk.to_bytes().to_vec());
-        let sealed = env
-            .seal(&secret, kid.as_bytes())
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
-        let public = hex::encode(VerifyingKey::from(&sk).to_encoded_point(false).as_bytes());
-        sqlx::query(
-            "INSERT INTO oauth_es256_keys (kid, public_key, private_key_sealed, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&kid)
-        .bind(&public)
-        .bind(&sealed)
-        .bind(now_micros())
-        .execute(&mut *tx)
-        .await?;
-        vaultpay_store::audit::append(
-            db,
-            &mut tx,
-            &vaultpay_store::audit::Origin::default(),
-            vaultpay_store::audit::NewAudit::success("key.created")
-                .actor("system")
-                .resource(&kid)
-                .metadata(serde_json::json!({ "alg": "ES256" })),
-        )
-        .await?;
-        Es256Key::new(kid, sk)
+        create(db, env, &mut tx, "key.created", "system").await?
     };
     tx.commit().await?;
     Ok(key)
 }
 
-/// Adds the ES256 key to a JWK Set document once it exists (it is created when the
-/// first ES256 client is registered, so deployments without such clients publish only
-/// their Ed25519 keys).
+/// Makes, seals, stores and audits a new P-256 key (inside the caller's transaction,
+/// which holds [`LOCK_ES256`]).
+async fn create(
+    db: &Db,
+    env: &Envelope,
+    tx: &mut vaultpay_store::Tx,
+    action: &'static str,
+    actor: &str,
+) -> Result<Es256Key, AuthError> {
+    let kid = format!("es256-{}", uuid::Uuid::now_v7());
+    let sk = SigningKey::random(&mut rand::rngs::OsRng);
+    let secret = Zeroizing::new(sk.to_bytes().to_vec());
+    let sealed = env
+        .seal(&secret, kid.as_bytes())
+        .map_err(|e| AuthError::Internal(e.to_string()))?;
+    let public = hex::encode(VerifyingKey::from(&sk).to_encoded_point(false).as_bytes());
+    sqlx::query(
+        "INSERT INTO oauth_es256_keys (kid, public_key, private_key_sealed, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&kid)
+    .bind(&public)
+    .bind(&sealed)
+    .bind(now_micros())
+    .execute(&mut **tx)
+    .await?;
+    vaultpay_store::audit::append(
+        db,
+        tx,
+        &vaultpay_store::audit::Origin::default(),
+        vaultpay_store::audit::NewAudit::success(action)
+            .actor(actor)
+            .resource(&kid)
+            .metadata(serde_json::json!({ "alg": "ES256" })),
+    )
+    .await?;
+    Ok(Es256Key::new(kid, sk))
+}
+
+/// Adds the ES256 keys still verifiable (the signing one and those rotated out less
+/// than their overlap ago) to a JWK Set document. There are none before the first
+/// ES256 client is registered, so deployments without such clients publish only their
+/// Ed25519 keys.
 pub(crate) async fn add_to_jwks(svc: &AuthService, doc: &mut serde_json::Value) {
-    if svc.inner.oauth.es256.get().is_none() {
-        let exists = sqlx::query("SELECT kid FROM oauth_es256_keys LIMIT 1")
-            .fetch_optional(svc.db().read())
-            .await;
-        if !matches!(exists, Ok(Some(_))) {
+    let rows = sqlx::query(
+        "SELECT kid, public_key FROM oauth_es256_keys \
+         WHERE verify_until IS NULL OR verify_until > $1 ORDER BY created_at DESC",
+    )
+    .bind(now_micros())
+    .fetch_all(svc.db().read())
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the ES256 keys");
             return;
         }
-    }
-    match svc.es256().await {
-        Ok(k) => {
-            if let Some(keys) = doc.get_mut("keys").and_then(|k| k.as_array_mut()) {
-                keys.push(k.jwk());
-            }
+    };
+    let Some(keys) = doc.get_mut("keys").and_then(|k| k.as_array_mut()) else {
+        return;
+    };
+    for r in rows {
+        let (Ok(kid), Ok(public)) = (
+            r.try_get::<String, _>("kid"),
+            r.try_get::<String, _>("public_key"),
+        ) else {
+            continue;
+        };
+        let vk = hex::decode(&public)
+            .ok()
+            .and_then(|b| VerifyingKey::from_sec1_bytes(&b).ok());
+        match vk {
+            Some(vk) => keys.push(public_jwk(&kid, vk)),
+            None => tracing::warn!(kid, "bad ES256 public key"),
         }
-        Err(e) => tracing::warn!(error = %e, "could not load the ES256 key"),
     }
 }

@@ -35,7 +35,8 @@ use vaultpay_web::{ApiError, Principal};
 /// Per-service OAuth state.
 #[derive(Debug, Default)]
 pub struct OAuthState {
-    pub(crate) es256: tokio::sync::OnceCell<std::sync::Arc<es256::Es256Key>>,
+    /// The ES256 signer once loaded (or created); replaced when a rotation is seen.
+    pub(crate) es256: parking_lot::RwLock<Option<std::sync::Arc<es256::Es256Key>>>,
     /// Clients by id for client authentication, briefly (see [`CLIENT_CACHE_TTL`]).
     clients: parking_lot::Mutex<
         std::collections::HashMap<String, (std::time::Instant, clients::Client)>,

@@ -13,7 +13,7 @@ use vaultpay_core::gcra::Quota;
 use vaultpay_core::secret::Secret;
 use vaultpay_store::Backend;
 
-fn envelope(app: &TestApp) -> vaultpay_core::crypto::Envelope {
+pub fn envelope(app: &TestApp) -> vaultpay_core::crypto::Envelope {
     vaultpay_core::crypto::Envelope::new(&vaultpay_server::app::master_key(&app.cfg).unwrap())
 }
 

@@ -621,6 +621,74 @@ async fn discovery_case(backend: Backend) {
     app.stop().await;
 }
 
+/// `keys rotate` rotates the ES256 ID-token key too (once there is one): new ID tokens
+/// carry the new key, the JWKS keeps the old one for the overlap, and retiring it drops
+/// it at once. The signing key cannot be retired.
+#[tokio::test]
+async fn the_es256_id_token_key_rotates_and_retires() {
+    each_backend!(es256_rotation_case);
+}
+
+async fn es256_rotation_case(backend: Backend) {
+    use vaultpay_auth::oauth::es256;
+    let app = TestApp::spawn(backend).await;
+    let admin = app.admin().await.access;
+    let env = crate::auth_attacks::envelope(&app);
+    let db = app.auth_db();
+    assert_eq!(es256::rotate(db, &env, 3600, "test").await.unwrap(), None);
+    let c = create_client(
+        &app,
+        &admin,
+        json!({ "name": "Legacy", "redirect_uris": [CB], "id_token_alg": "ES256" }),
+    )
+    .await;
+    user_email(&app, "rot@example.com").await;
+    let id_token_kid = || async {
+        let (verifier, challenge) = pkce();
+        let code = get_code(&app, &c.id, CB, "openid", &challenge, "rot@example.com").await;
+        let r = exchange(&app, &c, &code, CB, &verifier).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let h = jwt_part(r.body["id_token"].as_str().unwrap(), 0);
+        assert_eq!(h["alg"], "ES256");
+        h["kid"].as_str().unwrap().to_owned()
+    };
+    let ec_kids = || async {
+        let jwks = app.get("/.well-known/jwks.json", None).await.body;
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["kty"] == "EC")
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let old = id_token_kid().await;
+    assert_eq!(ec_kids().await, vec![old.clone()]);
+
+    let new = es256::rotate(db, &env, 3600, "test")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(new, old);
+    app.auth().reload_keys().await.unwrap();
+    assert_eq!(id_token_kid().await, new);
+    assert_eq!(ec_kids().await, vec![new.clone(), old.clone()]);
+
+    assert!(!es256::retire(db, &new, "test").await.unwrap());
+    assert!(es256::retire(db, &old, "test").await.unwrap());
+    assert_eq!(ec_kids().await, vec![new.clone()]);
+    assert_eq!(id_token_kid().await, new);
+    assert_eq!(
+        app.count_where(
+            "audit_log",
+            "action = 'key.rotated' AND metadata LIKE '%ES256%'"
+        )
+        .await,
+        1
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn authorize_refuses_bad_requests() {
     each_backend!(authorize_bad_case);

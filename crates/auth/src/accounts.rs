@@ -737,16 +737,19 @@ where
 }
 
 /// Marks every unused email token of `purpose` for `user_id` used, so links mailed
-/// earlier stop working.
+/// earlier stop working (one being used at this moment is skipped, see
+/// [`crate::sessions::skip_locked`]).
 pub(crate) async fn void_email_tokens(
     tx: &mut vaultpay_store::Tx,
     user_id: &str,
     purpose: &str,
     now: i64,
 ) -> Result<(), AuthError> {
-    sqlx::query(
-        "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL",
-    )
+    let skip = crate::sessions::skip_locked(tx);
+    sqlx::query(&format!(
+        "UPDATE email_tokens SET used_at = $1 WHERE token_hash IN \
+         (SELECT token_hash FROM email_tokens WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL{skip})"
+    ))
     .bind(now)
     .bind(user_id)
     .bind(purpose)

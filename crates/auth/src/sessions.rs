@@ -75,7 +75,22 @@ pub(crate) async fn security_locked_in(
     Ok(row.as_ref().map(is_security_locked).transpose()?)
 }
 
-/// Whether a row of [`sign_in_check_sql`] shows a "this wasn't me" lock.
+/// On PostgreSQL, ` FOR UPDATE SKIP LOCKED`, for the statements that end a user's
+/// grants, tickets and links while this transaction holds the user's row (a password
+/// reset or change, "this wasn't me", an email change). The steps that use one of
+/// those lock its row first and the user's row next (a code exchange, a device poll, a
+/// second factor, a held login's confirmation, an email link), so waiting for their
+/// row here would deadlock with them. A row skipped is being used at this moment; its
+/// step goes on once this transaction commits (a window as long as that step).
+/// Nothing on SQLite, where write transactions do not overlap.
+pub(crate) fn skip_locked(tx: &Tx) -> &'static str {
+    if tx.backend_name() == "PostgreSQL" {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    }
+}
+
 /// Expires a user's logins held for a network confirmation (see `iptrust`): neither
 /// their confirm and deny links nor completing them does anything afterwards.
 pub(crate) async fn expire_login_holds(
@@ -83,9 +98,11 @@ pub(crate) async fn expire_login_holds(
     user_id: &str,
     now: i64,
 ) -> Result<(), AuthError> {
-    sqlx::query(
-        "UPDATE login_holds SET expires_at = $1 WHERE user_id = $2 AND completed_at IS NULL AND expires_at > $1",
-    )
+    let skip = skip_locked(tx);
+    sqlx::query(&format!(
+        "UPDATE login_holds SET expires_at = $1 WHERE ticket_hash IN \
+         (SELECT ticket_hash FROM login_holds WHERE user_id = $2 AND completed_at IS NULL AND expires_at > $1{skip})"
+    ))
     .bind(now)
     .bind(user_id)
     .execute(&mut **tx)
@@ -93,6 +110,7 @@ pub(crate) async fn expire_login_holds(
     Ok(())
 }
 
+/// Whether a row of [`sign_in_check_sql`] shows a "this wasn't me" lock.
 pub(crate) fn is_security_locked(row: &sqlx::any::AnyRow) -> Result<bool, sqlx::Error> {
     Ok(row
         .try_get::<Option<i64>, _>("security_locked_at")?
@@ -523,6 +541,39 @@ impl AuthService {
         reason: &str,
     ) -> Result<u64, AuthError> {
         let now = now_micros();
+        // Requests first: a consent in flight (it locks its request, never the user
+        // row) is waited for, and the code it issues is then expired below.
+        sqlx::query("DELETE FROM oauth_requests WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await?;
+        let skip = skip_locked(tx);
+        sqlx::query(&format!(
+            "UPDATE oauth_codes SET expires_at = $1 WHERE code_hash IN \
+             (SELECT code_hash FROM oauth_codes WHERE user_id = $2 AND used_at IS NULL AND expires_at > $1{skip})"
+        ))
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE oauth_device_codes SET expires_at = $1 WHERE device_code_hash IN \
+             (SELECT device_code_hash FROM oauth_device_codes WHERE user_id = $2 AND status = 'approved' AND expires_at > $1{skip})"
+        ))
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE mfa_tickets SET used_at = $1 WHERE ticket_hash IN \
+             (SELECT ticket_hash FROM mfa_tickets WHERE user_id = $2 AND used_at IS NULL{skip})"
+        ))
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+        expire_login_holds(tx, user_id, now).await?;
+        crate::accounts::void_email_tokens(tx, user_id, crate::email_change::PURPOSE, now).await?;
         let n = sqlx::query(
             "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 WHERE user_id = $3 AND revoked_at IS NULL AND id <> $4",
         )
@@ -533,31 +584,6 @@ impl AuthService {
         .execute(&mut **tx)
         .await?
         .rows_affected();
-        sqlx::query(
-            "UPDATE oauth_codes SET expires_at = $1 WHERE user_id = $2 AND used_at IS NULL AND expires_at > $1",
-        )
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(
-            "UPDATE oauth_device_codes SET expires_at = $1 WHERE user_id = $2 AND status = 'approved' AND expires_at > $1",
-        )
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query("DELETE FROM oauth_requests WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("UPDATE mfa_tickets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
-            .bind(now)
-            .bind(user_id)
-            .execute(&mut **tx)
-            .await?;
-        expire_login_holds(tx, user_id, now).await?;
-        crate::accounts::void_email_tokens(tx, user_id, crate::email_change::PURPOSE, now).await?;
         Ok(n)
     }
 

@@ -483,14 +483,18 @@ async fn introspect(
 }
 
 /// The public keys that verify access tokens (RFC 7517).
-#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWK Set")))]
-async fn jwks(State(svc): State<AuthService>) -> Response {
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", responses((status = 200, description = "JWK Set"), (status = 503, body = Problem)))]
+async fn jwks(State(svc): State<AuthService>) -> Result<Response, ApiError> {
     let mut doc = svc.verifier().jwks();
-    crate::oauth::es256::add_to_jwks(&svc, &mut doc).await;
+    // A set without the ES256 keys would be cached by relying parties for a minute:
+    // better no answer than a wrong one.
+    crate::oauth::es256::add_to_jwks(&svc, &mut doc)
+        .await
+        .map_err(ApiError::unavailable)?;
     let mut res = Json(doc).into_response();
     res.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=60"),
     );
-    res
+    Ok(res)
 }

@@ -766,9 +766,10 @@ impl AuthService {
         // The token's roles that the user still holds: a role revoked since the token
         // was signed is not reported (the ledger's admin actions, which introspect,
         // then stop at once instead of when the token expires). A role granted since
-        // needs a new token. (Session-less tokens carry no user's roles.)
+        // needs a new token. Only tokens claiming more than the default role pay the
+        // (cached) lookup; session-less tokens carry no user's roles.
         let mut claims = claims;
-        if !claims.sid.is_empty() && !claims.roles.is_empty() {
+        if !claims.sid.is_empty() && claims.roles.iter().any(|r| r != "customer") {
             let live = self.effective(&claims.sub).await?;
             claims.roles.retain(|r| live.roles.contains(r));
         }

@@ -101,7 +101,7 @@ struct Inner {
     core: Arc<Core>,
     introspector: Arc<dyn Introspector>,
     /// Money moved per session since AuthShield last confirmed it live.
-    unchecked: parking_lot::Mutex<HashMap<String, Unchecked>>,
+    unchecked: parking_lot::Mutex<UncheckedMap>,
     inflight: Arc<Inflight>,
     committer: OnceLock<mpsc::Sender<Queued>>,
     events: broadcast::Sender<OutboxEvent>,
@@ -111,14 +111,25 @@ struct Inner {
 struct Unchecked {
     moved: i64,
     last: std::time::Instant,
+    /// AuthShield answered that the session is over: every movement is checked live
+    /// from then on (a check that began earlier and passes must not reset the count).
+    revoked: bool,
+}
+
+/// Per-session counts, with the time idle ones were last dropped.
+#[derive(Default)]
+struct UncheckedMap {
+    sessions: HashMap<String, Unchecked>,
+    pruned: Option<std::time::Instant>,
 }
 
 /// Sessions tracked in [`Inner::unchecked`] before idle ones are dropped; at this many
-/// recently active ones, every transfer is checked live.
+/// recently active ones, a new session's movements are all checked live.
 const UNCHECKED_SESSIONS_MAX: usize = 100_000;
 /// A session idle this long is dropped from [`Inner::unchecked`] when the map is full
-/// (longer than any access token lives).
+/// (longer than any access token lives), at most once per [`UNCHECKED_PRUNE_EVERY`].
 const UNCHECKED_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+const UNCHECKED_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The ledger service.
 #[derive(Clone)]
@@ -195,7 +206,7 @@ impl Ledger {
             return Err(LedgerError::Forbidden(admin));
         }
         let roles = self.require_live_session(actor).await?;
-        if roles.is_some_and(|r| !r.iter().any(|r| r == "admin")) {
+        if !roles.is_some_and(|r| r.iter().any(|r| r == "admin")) {
             metrics::counter!("ledger_role_revoked_total").increment(1);
             return Err(LedgerError::Forbidden(admin));
         }
@@ -239,35 +250,61 @@ impl Ledger {
         }
         let now = std::time::Instant::now();
         let mut m = self.inner.unchecked.lock();
-        if let Some(u) = m.get_mut(actor.session_key()) {
+        if let Some(u) = m.sessions.get_mut(actor.session_key()) {
             u.moved = u.moved.saturating_add(amount);
             u.last = now;
-            return u.moved >= threshold;
+            return u.revoked || u.moved >= threshold;
         }
-        if m.len() >= UNCHECKED_SESSIONS_MAX {
-            m.retain(|_, u| now.duration_since(u.last) < UNCHECKED_IDLE);
-            if m.len() >= UNCHECKED_SESSIONS_MAX {
+        if m.sessions.len() >= UNCHECKED_SESSIONS_MAX {
+            if m.pruned
+                .is_some_and(|t| now.duration_since(t) < UNCHECKED_PRUNE_EVERY)
+            {
+                return true;
+            }
+            m.sessions
+                .retain(|_, u| now.duration_since(u.last) < UNCHECKED_IDLE);
+            m.pruned = Some(now);
+            if m.sessions.len() >= UNCHECKED_SESSIONS_MAX {
                 return true;
             }
         }
-        m.insert(
+        m.sessions.insert(
             actor.session_key().to_owned(),
             Unchecked {
                 moved: amount,
                 last: now,
+                revoked: false,
             },
         );
         false
     }
 
     /// [`Self::require_live_session`] when [`Self::live_check_due`]; a confirmed session
-    /// starts counting again from zero.
+    /// starts counting again from zero, and one found over stays checked on every
+    /// movement.
     async fn check_session_for(&self, actor: &Actor, amount: i64) -> Result<(), LedgerError> {
-        if self.live_check_due(actor, amount) {
-            self.require_live_session(actor).await?;
-            self.inner.unchecked.lock().remove(actor.session_key());
+        if !self.live_check_due(actor, amount) {
+            return Ok(());
         }
-        Ok(())
+        let r = self.require_live_session(actor).await;
+        let mut m = self.inner.unchecked.lock();
+        match &r {
+            Ok(_) => {
+                if m.sessions
+                    .get(actor.session_key())
+                    .is_some_and(|u| !u.revoked)
+                {
+                    m.sessions.remove(actor.session_key());
+                }
+            }
+            Err(LedgerError::SessionRevoked) => {
+                if let Some(u) = m.sessions.get_mut(actor.session_key()) {
+                    u.revoked = true;
+                }
+            }
+            Err(_) => {}
+        }
+        r.map(|_| ())
     }
 
     /// Refuses a large transfer whose token shows no recent second factor.

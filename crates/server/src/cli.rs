@@ -237,7 +237,8 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs;
             let kid = vaultpay_auth::keys::rotate(&db, &env, overlap, "cli").await?;
             println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
-            let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs;
+            // Running servers sign with the old key until their next key reload (15 s).
+            let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs + 15;
             if let Some(kid) =
                 vaultpay_auth::oauth::es256::rotate(&db, &env, id_overlap, "cli").await?
             {

@@ -585,13 +585,15 @@ impl AuthService {
                 return Err(code_invalid());
             }
         }
-        sqlx::query(
+        let added = sqlx::query(
             "INSERT INTO mfa_email (user_id, enabled_at) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
         )
         .bind(user_id)
         .bind(now_micros())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         append(
             db,
             &mut tx,
@@ -602,12 +604,14 @@ impl AuthService {
         )
         .await?;
         tx.commit().await?;
-        self.notify_security_change(
-            user_id,
-            "A second factor was added to your account",
-            "Codes mailed to this address were turned on as a second factor for your VaultPay account.",
-        )
-        .await;
+        if added {
+            self.notify_security_change(
+                user_id,
+                "A second factor was added to your account",
+                "Codes mailed to this address were turned on as a second factor for your VaultPay account.",
+            )
+            .await;
+        }
         self.mfa_status(p).await
     }
 

@@ -89,8 +89,8 @@ impl AuthService {
             return Ok(k);
         }
         let k = Arc::new(load_or_create(self.db(), &self.inner.env).await?);
-        *self.inner.oauth.es256.write() = Some(k.clone());
-        Ok(k)
+        // A reload that ran meanwhile may have set a newer key: keep it.
+        Ok(self.inner.oauth.es256.write().get_or_insert(k).clone())
     }
 
     /// Picks up a rotated ES256 key (with the Ed25519 keys' periodic reload). Does
@@ -268,23 +268,20 @@ async fn create(
 /// than their overlap ago) to a JWK Set document. There are none before the first
 /// ES256 client is registered, so deployments without such clients publish only their
 /// Ed25519 keys.
-pub(crate) async fn add_to_jwks(svc: &AuthService, doc: &mut serde_json::Value) {
+pub(crate) async fn add_to_jwks(
+    svc: &AuthService,
+    doc: &mut serde_json::Value,
+) -> Result<(), AuthError> {
     let rows = sqlx::query(
         "SELECT kid, public_key FROM oauth_es256_keys \
          WHERE verify_until IS NULL OR verify_until > $1 ORDER BY created_at DESC",
     )
     .bind(now_micros())
     .fetch_all(svc.db().read())
-    .await;
-    let rows = match rows {
-        Ok(rows) => rows,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read the ES256 keys");
-            return;
-        }
-    };
+    .await
+    .inspect_err(|e| tracing::warn!(error = %e, "could not read the ES256 keys"))?;
     let Some(keys) = doc.get_mut("keys").and_then(|k| k.as_array_mut()) else {
-        return;
+        return Ok(());
     };
     for r in rows {
         let (Ok(kid), Ok(public)) = (
@@ -301,4 +298,5 @@ pub(crate) async fn add_to_jwks(svc: &AuthService, doc: &mut serde_json::Value) 
             None => tracing::warn!(kid, "bad ES256 public key"),
         }
     }
+    Ok(())
 }

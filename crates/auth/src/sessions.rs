@@ -45,6 +45,20 @@ pub(crate) struct Signin {
     pub email: String,
     /// A "this wasn't me" lock is set (see `iptrust`).
     pub security_locked: bool,
+    /// The hash the password matched: the session transaction refuses the sign-in if
+    /// the password changed while Argon2 ran ([`password_changed_since`]).
+    pub password_hash: String,
+}
+
+/// Whether a row of [`sign_in_check_sql`] (asked for `password_hash`) shows another
+/// password than the one a sign-in matched: a reset or change committed while Argon2
+/// ran, which revoked the user's sessions and must not be followed by one opened with
+/// the old password.
+pub(crate) fn password_changed_since(
+    row: &sqlx::any::AnyRow,
+    matched: &str,
+) -> Result<bool, sqlx::Error> {
+    Ok(row.try_get::<String, _>("password_hash")? != matched)
 }
 
 /// The statement a sign-in's session transaction starts with (password login, second
@@ -129,6 +143,7 @@ impl AuthService {
             user_id,
             email,
             security_locked,
+            password_hash,
         } = self
             .check_credentials(ctx, &req.email, req.password)
             .await?;
@@ -150,7 +165,7 @@ impl AuthService {
         // first). A user with a factor gets its challenge instead. The same statement
         // resets the failure count.
         let row = sqlx::query(&sign_in_check_sql(&format!(
-            ", {}",
+            ", password_hash, {}",
             crate::mfa::FACTOR_COLUMNS
         )))
         .bind(&user_id)
@@ -160,6 +175,10 @@ impl AuthService {
             // Deleted while its password was checked.
             return Err(AuthError::InvalidCredentials);
         };
+        if password_changed_since(&row, &password_hash)? {
+            tx.rollback().await?;
+            return Err(AuthError::InvalidCredentials);
+        }
         if is_security_locked(&row)? {
             tx.rollback().await?;
             return Err(self.refuse_security_locked(ctx, &user_id).await);
@@ -267,6 +286,7 @@ impl AuthService {
             user_id,
             email,
             security_locked: is_security_locked(row)?,
+            password_hash: row.try_get("password_hash")?,
         })
     }
 

@@ -42,18 +42,26 @@ impl AuthService {
         email: &str,
         password: &str,
     ) -> Result<String, AuthError> {
-        let crate::sessions::Signin { user_id, email, .. } = self
+        let crate::sessions::Signin {
+            user_id,
+            email,
+            password_hash,
+            ..
+        } = self
             .check_credentials(ctx, email, password.to_owned())
             .await?;
         // The "this wasn't me" lock was read before Argon2 ran: read it again with the
         // failure count's reset, to refuse the sign-in at once.
-        let row = sqlx::query(&crate::sessions::sign_in_check_sql(""))
+        let row = sqlx::query(&crate::sessions::sign_in_check_sql(", password_hash"))
             .bind(&user_id)
             .fetch_optional(self.inner.db.writer())
             .await?;
         let Some(row) = row else {
             return Err(AuthError::InvalidCredentials);
         };
+        if crate::sessions::password_changed_since(&row, &password_hash)? {
+            return Err(AuthError::InvalidCredentials);
+        }
         if crate::sessions::is_security_locked(&row)? {
             return Err(self.refuse_security_locked(ctx, &user_id).await);
         }

@@ -112,10 +112,34 @@ pub(crate) async fn expire_login_holds(
     user_id: &str,
     now: i64,
 ) -> Result<(), AuthError> {
+    end_user_rows(
+        tx,
+        "login_holds",
+        "ticket_hash",
+        "expires_at",
+        "completed_at IS NULL AND expires_at > $1",
+        user_id,
+        now,
+    )
+    .await
+}
+
+/// Sets `column` to now (`$1`) on `user_id`'s (`$2`) rows of `table` that match
+/// `filter`, skipping rows another transaction holds (see [`skip_locked`]). The names
+/// and the filter are constants of this crate, never input.
+pub(crate) async fn end_user_rows(
+    tx: &mut Tx,
+    table: &'static str,
+    key: &'static str,
+    column: &'static str,
+    filter: &'static str,
+    user_id: &str,
+    now: i64,
+) -> Result<(), AuthError> {
     let skip = skip_locked(tx);
     sqlx::query(&format!(
-        "UPDATE login_holds SET expires_at = $1 WHERE ticket_hash IN \
-         (SELECT ticket_hash FROM login_holds WHERE user_id = $2 AND completed_at IS NULL AND expires_at > $1{skip})"
+        "UPDATE {table} SET {column} = $1 WHERE {key} IN \
+         (SELECT {key} FROM {table} WHERE user_id = $2 AND {filter}{skip})"
     ))
     .bind(now)
     .bind(user_id)
@@ -567,30 +591,35 @@ impl AuthService {
             .bind(user_id)
             .execute(&mut **tx)
             .await?;
-        let skip = skip_locked(tx);
-        sqlx::query(&format!(
-            "UPDATE oauth_codes SET expires_at = $1 WHERE code_hash IN \
-             (SELECT code_hash FROM oauth_codes WHERE user_id = $2 AND used_at IS NULL AND expires_at > $1{skip})"
-        ))
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
+        end_user_rows(
+            tx,
+            "oauth_codes",
+            "code_hash",
+            "expires_at",
+            "used_at IS NULL AND expires_at > $1",
+            user_id,
+            now,
+        )
         .await?;
-        sqlx::query(&format!(
-            "UPDATE oauth_device_codes SET expires_at = $1 WHERE device_code_hash IN \
-             (SELECT device_code_hash FROM oauth_device_codes WHERE user_id = $2 AND status = 'approved' AND expires_at > $1{skip})"
-        ))
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
+        end_user_rows(
+            tx,
+            "oauth_device_codes",
+            "device_code_hash",
+            "expires_at",
+            "status = 'approved' AND expires_at > $1",
+            user_id,
+            now,
+        )
         .await?;
-        sqlx::query(&format!(
-            "UPDATE mfa_tickets SET used_at = $1 WHERE ticket_hash IN \
-             (SELECT ticket_hash FROM mfa_tickets WHERE user_id = $2 AND used_at IS NULL{skip})"
-        ))
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
+        end_user_rows(
+            tx,
+            "mfa_tickets",
+            "ticket_hash",
+            "used_at",
+            "used_at IS NULL",
+            user_id,
+            now,
+        )
         .await?;
         expire_login_holds(tx, user_id, now).await?;
         crate::accounts::void_email_tokens(tx, user_id, crate::email_change::PURPOSE, now).await?;

@@ -438,6 +438,15 @@ async fn email_verification_through_the_outbox() {
     });
 }
 
+/// `POST /v1/auth/password/forgot` for `email`; the token of the reset link it mails.
+pub async fn reset_link(app: &TestApp, email: &str) -> String {
+    let r = app
+        .post("/v1/auth/password/forgot", None, json!({ "email": email }))
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    mail_token(app, email, "password/reset?token=")
+}
+
 /// `POST /v1/auth/password/reset`.
 pub async fn reset_pw(app: &TestApp, token: &str, new_password: &str) -> Resp {
     app.post(

@@ -208,11 +208,7 @@ async fn revoking_the_sessions_voids_a_pending_email_change() {
             let owner = app.login(&email, PASSWORD).await;
             let r = match how {
                 "reset" => {
-                    let r = app
-                        .post("/v1/auth/password/forgot", None, json!({ "email": email }))
-                        .await;
-                    assert!(r.status.is_success(), "{}", r.text);
-                    let token = mail_token(&app, &email, "password/reset?token=");
+                    let token = crate::auth_flows::reset_link(&app, &email).await;
                     reset_pw(&app, &token, NEW_PASSWORD).await
                 }
                 "change" => {

@@ -290,11 +290,7 @@ async fn a_held_login_begun_before_a_reset_or_an_email_change_does_nothing_after
             let (_, t) = user_at(&app, &email, HOME).await;
             let ticket = ticket_of(&login_from(&app, AWAY, &email, "evil").await);
             let confirm = mail_token(&app, &email, "login/confirm?token=");
-            let r = app
-                .post("/v1/auth/password/forgot", None, json!({ "email": email }))
-                .await;
-            assert!(r.status.is_success(), "{}", r.text);
-            let reset = mail_token(&app, &email, "password/reset?token=");
+            let reset = crate::auth_flows::reset_link(&app, &email).await;
             if how == "reset" {
                 let r = reset_pw(&app, &reset, crate::auth_flows::NEW_PASSWORD).await;
                 assert!(r.status.is_success(), "{}", r.text);

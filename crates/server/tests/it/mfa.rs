@@ -260,18 +260,14 @@ async fn ticket_for(app: &TestApp, email: &str) -> String {
 #[tokio::test]
 async fn a_ticket_from_before_a_password_reset_is_spent() {
     each_backend!(|backend: Backend| async move {
-        use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD};
+        use crate::auth_flows::{reset_link, reset_pw, NEW_PASSWORD};
         let app = TestApp::spawn(backend).await;
         let email = "spent@example.com";
         app.register(email).await;
         let t = app.login(email, PASSWORD).await;
         let (secret, _) = enable_totp(&app, &t.access).await;
         let tk = ticket(&app, email).await;
-        let r = app
-            .post("/v1/auth/password/forgot", None, json!({ "email": email }))
-            .await;
-        assert!(r.status.is_success(), "{}", r.text);
-        let token = mail_token(&app, email, "password/reset?token=");
+        let token = reset_link(&app, email).await;
         let r = reset_pw(&app, &token, NEW_PASSWORD).await;
         assert!(r.status.is_success(), "{}", r.text);
         verify(&app, &tk, &code(&secret, 0), None)
@@ -293,7 +289,7 @@ async fn a_ticket_from_before_a_password_reset_is_spent() {
 #[tokio::test]
 async fn security_changes_are_mailed_to_the_account() {
     each_backend!(|backend: Backend| async move {
-        use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD, THIRD_PASSWORD};
+        use crate::auth_flows::{reset_link, reset_pw, NEW_PASSWORD, THIRD_PASSWORD};
         let app = TestApp::spawn(backend).await;
         let who = "notice@example.com";
         let t = app.user(who).await;
@@ -325,11 +321,7 @@ async fn security_changes_are_mailed_to_the_account() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!(notices("Your password was changed"), 1);
 
-        let r = app
-            .post("/v1/auth/password/forgot", None, json!({ "email": who }))
-            .await;
-        assert!(r.status.is_success(), "{}", r.text);
-        let token = mail_token(&app, who, "password/reset?token=");
+        let token = reset_link(&app, who).await;
         assert_eq!(
             notices("Your password was reset"),
             0,

@@ -1321,14 +1321,7 @@ async fn locked_grant_case(backend: Backend) {
     let app = TestApp::spawn_with(backend, |c| c.auth.oauth.device_poll_interval_secs = 0).await;
     let admin = app.admin().await.access;
     let web = web_client(&app, &admin).await;
-    let cli = create_client(
-        &app,
-        &admin,
-        json!({ "name": "vaultpay CLI", "public": true,
-                "grant_types": ["urn:ietf:params:oauth:grant-type:device_code"],
-                "scopes": ["openid", "api"] }),
-    )
-    .await;
+    let cli = device_client(&app, &admin).await;
     let email = "lena@example.com";
     let u = app.user(email).await;
     let (verifier, challenge) = pkce();
@@ -1376,18 +1369,11 @@ async fn revoking_a_users_sessions_ends_their_unexchanged_grants() {
 }
 
 async fn revoked_grants_case(backend: Backend) {
-    use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD};
+    use crate::auth_flows::{reset_link, reset_pw, NEW_PASSWORD};
     let app = TestApp::spawn_with(backend, |c| c.auth.oauth.device_poll_interval_secs = 0).await;
     let admin = app.admin().await.access;
     let web = web_client(&app, &admin).await;
-    let cli = create_client(
-        &app,
-        &admin,
-        json!({ "name": "vaultpay CLI", "public": true,
-                "grant_types": ["urn:ietf:params:oauth:grant-type:device_code"],
-                "scopes": ["openid", "api"] }),
-    )
-    .await;
+    let cli = device_client(&app, &admin).await;
     let oauth_sessions = "client_id IS NOT NULL";
     for how in ["reset", "change", "logout_everywhere"] {
         let victim = format!("{how}@example.com");
@@ -1429,11 +1415,7 @@ async fn revoked_grants_case(backend: Backend) {
         }
         match how {
             "reset" => {
-                let r = app
-                    .post("/v1/auth/password/forgot", None, json!({ "email": victim }))
-                    .await;
-                assert!(r.status.is_success(), "{}", r.text);
-                let token = mail_token(&app, &victim, "password/reset?token=");
+                let token = reset_link(&app, &victim).await;
                 let r = reset_pw(&app, &token, NEW_PASSWORD).await;
                 assert!(r.status.is_success(), "{}", r.text);
             }
@@ -1513,7 +1495,7 @@ async fn a_password_reset_does_not_wait_for_a_grant_in_use() {
 }
 
 async fn grant_in_use_case(backend: Backend) {
-    use crate::auth_flows::{mail_token, reset_pw, NEW_PASSWORD};
+    use crate::auth_flows::{reset_link, reset_pw, NEW_PASSWORD};
     let app = TestApp::spawn(backend).await;
     let admin = app.admin().await.access;
     let web = web_client(&app, &admin).await;
@@ -1522,11 +1504,7 @@ async fn grant_in_use_case(backend: Backend) {
     let user_id = jwt_part(&u.access, 1)["sub"].as_str().unwrap().to_owned();
     let (_, challenge) = pkce();
     let code = get_code(&app, &web.id, CB, "openid", &challenge, email).await;
-    let r = app
-        .post("/v1/auth/password/forgot", None, json!({ "email": email }))
-        .await;
-    assert!(r.status.is_success(), "{}", r.text);
-    let token = mail_token(&app, email, "password/reset?token=");
+    let token = reset_link(&app, email).await;
 
     let mut exchange_tx = app.auth_db().writer().begin().await.unwrap();
     sqlx::query("SELECT code_hash FROM oauth_codes WHERE code_hash = $1 FOR UPDATE")
@@ -1548,6 +1526,18 @@ async fn grant_in_use_case(backend: Backend) {
         .unwrap();
     exchange_tx.rollback().await.unwrap();
     app.stop().await;
+}
+
+/// A public client for the device flow, with scopes `openid api`.
+async fn device_client(app: &TestApp, admin: &str) -> OClient {
+    create_client(
+        app,
+        admin,
+        json!({ "name": "vaultpay CLI", "public": true,
+                "grant_types": ["urn:ietf:params:oauth:grant-type:device_code"],
+                "scopes": ["openid", "api"] }),
+    )
+    .await
 }
 
 async fn device_start(app: &TestApp, c: &OClient, scope: &str) -> Value {

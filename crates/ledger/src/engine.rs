@@ -442,11 +442,17 @@ pub(crate) fn fingerprint_reply(
 /// One transaction per job (the comparison path, and group commit's fallback).
 pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerError> {
     let mut tx = begin(&core.db).await?;
-    let (reply, key) = exec_job(core, &mut tx, &job, None).await?;
-    if let Some(k) = key {
-        store_keys(&core.db, &mut tx, &[k]).await?;
-    }
+    let (done, tally) = crate::tally::collect(async {
+        let (reply, key) = exec_job(core, &mut tx, &job, None).await?;
+        if let Some(k) = key {
+            store_keys(&core.db, &mut tx, &[k]).await?;
+        }
+        Ok::<_, LedgerError>(reply)
+    })
+    .await;
+    let reply = done?;
     tx.commit().await?;
+    tally.flush();
     drop(job);
     Ok(reply)
 }
@@ -474,10 +480,27 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     let Some(mut tx) = begin_group(core, group).await else {
         return;
     };
+    let ((results, broken), tally) =
+        crate::tally::collect(run_jobs_with_savepoints(core, &mut tx, group)).await;
+    if broken {
+        let _ = tx.rollback().await;
+        answer_group(group, results, false);
+    } else {
+        commit_and_answer(core, tx, group, results, tally).await;
+    }
+}
+
+/// The jobs of an exclusive group, each in a savepoint (a run of plain transfers in one),
+/// inside `tx`; their results, and whether the transaction is broken.
+async fn run_jobs_with_savepoints(
+    core: &Core,
+    tx: &mut Tx,
+    group: &[Queued],
+) -> (Vec<Result<Reply, LedgerError>>, bool) {
     let mut results: Vec<Result<Reply, LedgerError>> = Vec::with_capacity(group.len());
     let mut new_keys: Vec<NewKey> = Vec::new();
     let jobs: Vec<&Job> = group.iter().map(|(j, _)| j).collect();
-    let (prefetched, mut broken) = match prefetch_keys(&core.db, &mut tx, &jobs).await {
+    let (prefetched, mut broken) = match prefetch_keys(&core.db, tx, &jobs).await {
         Ok(p) => (p, false),
         Err(e) => {
             tracing::error!(error = %e, "group commit: idempotency lookup failed");
@@ -487,7 +510,7 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     // One savepoint per job. After a job succeeds, releasing its savepoint and opening
     // the next one is a single round trip; after a failure, ROLLBACK TO leaves the
     // savepoint in place for the next job. Committing releases the last one.
-    if !broken && exec_sql(&mut tx, "SAVEPOINT job").await.is_err() {
+    if !broken && exec_sql(tx, "SAVEPOINT job").await.is_err() {
         broken = true;
     }
     let mut i = 0;
@@ -502,13 +525,15 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             let slice = &jobs[i..i + run];
             let fast = async {
                 let (outcomes, mut audits) =
-                    crate::group::run_transfers(core, &mut tx, slice, &prefetched).await?;
-                crate::group::append_audits(core, &mut tx, slice, &mut audits).await?;
+                    crate::group::run_transfers(core, tx, slice, &prefetched).await?;
+                crate::group::append_audits(core, tx, slice, &mut audits).await?;
                 Ok::<_, LedgerError>(outcomes)
             };
-            match fast.await {
+            let (fast, tally) = crate::tally::collect(fast).await;
+            match fast {
                 Ok(outcomes) => {
-                    if exec_multi(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
+                    tally.keep();
+                    if exec_multi(tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
                         .await
                         .is_err()
                     {
@@ -524,10 +549,7 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, jobs = run, "group commit: fast path failed; retrying its jobs one by one");
-                    if exec_sql(&mut tx, "ROLLBACK TO SAVEPOINT job")
-                        .await
-                        .is_err()
-                    {
+                    if exec_sql(tx, "ROLLBACK TO SAVEPOINT job").await.is_err() {
                         broken = true;
                         break;
                     }
@@ -535,22 +557,17 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
             }
         }
         for job in &jobs[i..i + run.max(1)] {
-            if !slow_job(core, &mut tx, job, &prefetched, &mut results, &mut new_keys).await {
+            if !slow_job(core, tx, job, &prefetched, &mut results, &mut new_keys).await {
                 broken = true;
                 break;
             }
         }
         i += run.max(1);
     }
-    if !broken && store_keys(&core.db, &mut tx, &new_keys).await.is_err() {
+    if !broken && store_keys(&core.db, tx, &new_keys).await.is_err() {
         broken = true;
     }
-    if broken {
-        let _ = tx.rollback().await;
-        answer_group(group, results, false);
-    } else {
-        commit_and_answer(core, tx, group, results).await;
-    }
+    (results, broken)
 }
 
 /// Opens a group's exclusive transaction; if that fails, every job of the group is
@@ -617,7 +634,7 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
     let Some(mut tx) = answer_if_failed(group, began) else {
         return;
     };
-    let attempt = async {
+    let (attempt, tally) = crate::tally::collect(async {
         let jobs: Vec<&Job> = group.iter().map(|(j, _)| j).collect();
         let prefetched = prefetch_keys(&core.db, &mut tx, &jobs).await?;
         let mut replies = Vec::with_capacity(jobs.len());
@@ -645,7 +662,7 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
             crate::group::append_audits(core, &mut tx, &jobs, &mut audits).await?;
         }
         Ok::<_, LedgerError>(replies)
-    }
+    })
     .await;
     let replies = match attempt {
         Ok(replies) => replies,
@@ -656,7 +673,14 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
             return;
         }
     };
-    commit_and_answer(core, tx, group, replies.into_iter().map(Ok).collect()).await;
+    commit_and_answer(
+        core,
+        tx,
+        group,
+        replies.into_iter().map(Ok).collect(),
+        tally,
+    )
+    .await;
 }
 
 /// Commits a group's transaction and answers its jobs: each with its result, or each
@@ -667,9 +691,13 @@ async fn commit_and_answer(
     tx: Tx,
     group: &mut Vec<Queued>,
     results: Vec<Result<Reply, LedgerError>>,
+    tally: crate::tally::Tally,
 ) {
     match tx.commit().await {
-        Ok(()) => answer_group(group, results, true),
+        Ok(()) => {
+            tally.flush();
+            answer_group(group, results, true);
+        }
         Err(e) if refused_by_deferred_check(&e) => {
             tracing::error!(error = %e, jobs = group.len(), "group commit refused by a foreign key; retrying its jobs one by one");
             retry_one_by_one(core, group).await;
@@ -708,8 +736,10 @@ async fn slow_job(
     results: &mut Vec<Result<Reply, LedgerError>>,
     new_keys: &mut Vec<NewKey>,
 ) -> bool {
-    match exec_job(core, tx, job, Some(prefetched)).await {
+    let (done, tally) = crate::tally::collect(exec_job(core, tx, job, Some(prefetched))).await;
+    match done {
         Ok((reply, key)) => {
+            tally.keep();
             if exec_multi(tx, "RELEASE SAVEPOINT job; SAVEPOINT job")
                 .await
                 .is_err()

@@ -147,8 +147,7 @@ pub(crate) async fn run_transfers(
             }
             Err(e) if e.is_server_error() => return Err(e),
             Err(e) => {
-                metrics::counter!("ledger_failed_transfers_total", "reason" => e.code())
-                    .increment(1);
+                crate::tally::count("ledger_failed_transfers_total", "reason", e.code(), 1);
                 failures.push(Failure {
                     user_id: job.actor.user_id.clone(),
                     key: job.key.clone(),
@@ -187,8 +186,12 @@ pub(crate) async fn run_transfers(
     if !combined {
         write_outbox(&core.db, tx, &bodies, now).await?;
     }
-    metrics::counter!("ledger_transfers_total", "kind" => "transfer")
-        .increment(transfers.len() as u64);
+    crate::tally::count(
+        "ledger_transfers_total",
+        "kind",
+        "transfer",
+        transfers.len() as u64,
+    );
 
     let audits = audits
         .into_iter()

@@ -20,6 +20,7 @@ mod model;
 mod ops;
 mod query;
 mod routes;
+mod tally;
 mod verify;
 
 pub use admin::AccountAction;

@@ -155,7 +155,7 @@ async fn insert_failure(
     .bind(now_micros())
     .execute(&mut **tx)
     .await?;
-    metrics::counter!("ledger_failed_transfers_total", "reason" => e.code()).increment(1);
+    crate::tally::count("ledger_failed_transfers_total", "reason", e.code(), 1);
     Ok(())
 }
 
@@ -646,7 +646,7 @@ pub(crate) async fn transfer(
             .await?;
         }
     }
-    metrics::counter!("ledger_transfers_total", "kind" => t.kind.clone()).increment(1);
+    crate::tally::count("ledger_transfers_total", "kind", t.kind.clone(), 1);
     Ok(t)
 }
 
@@ -733,6 +733,7 @@ async fn treasury(
         serde_json::Value::Null,
     )
     .await?;
+    crate::tally::count("ledger_transfers_total", "kind", kind, 1);
     Ok(t)
 }
 
@@ -1297,8 +1298,12 @@ async fn bulk_transfers(
     }
     let touched = touched(&accts, postings.iter().map(|p| p.1.as_str()));
     save_balances(&core.db, tx, &touched, now).await?;
-    metrics::counter!("ledger_transfers_total", "kind" => "transfer")
-        .increment(transfers.len() as u64);
+    crate::tally::count(
+        "ledger_transfers_total",
+        "kind",
+        "transfer",
+        transfers.len() as u64,
+    );
     Ok(())
 }
 

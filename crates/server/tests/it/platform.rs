@@ -61,6 +61,79 @@ async fn health_ready_metrics_openapi_docs() {
     });
 }
 
+/// The ledger's counters of committed work reach `/metrics` (they are recorded when
+/// their transaction commits: a posted deposit and transfer, a refused transfer).
+#[tokio::test]
+async fn ledger_counters_are_recorded_at_commit() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let admin = app.admin().await.access;
+    let u = app.user("counted@example.com").await;
+    let open = |token: String| {
+        let app = &app;
+        async move {
+            let r = app
+                .post(
+                    "/v1/accounts",
+                    Some(&token),
+                    serde_json::json!({ "currency": "USD", "kind": "current", "name": "m" }),
+                )
+                .await;
+            assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+            r.body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let a = open(u.access.clone()).await;
+    let b = open(app.user("payee2@example.com").await.access).await;
+    let post = |path: &'static str, token: String, key: &'static str, body: serde_json::Value| {
+        let app = &app;
+        async move {
+            read(
+                app.http
+                    .post(format!("{}{path}", app.base))
+                    .bearer_auth(token)
+                    .header("idempotency-key", key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let r = post(
+        "/v1/admin/deposits",
+        admin,
+        "c-dep",
+        serde_json::json!({ "account_id": a, "amount": 100, "currency": "USD", "reference": "r" }),
+    )
+    .await;
+    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    let transfer = |amount: i64, key: &'static str| {
+        post(
+            "/v1/transfers",
+            u.access.clone(),
+            key,
+            serde_json::json!({ "from_account_id": a, "to_account_id": b, "amount": amount, "currency": "USD", "description": "" }),
+        )
+    };
+    assert_eq!(
+        transfer(40, "c-t1").await.status,
+        reqwest::StatusCode::CREATED
+    );
+    transfer(1_000, "c-t2")
+        .await
+        .assert_problem(422, "insufficient_funds");
+    let m = app.get("/metrics", None).await.text;
+    for line in [
+        "ledger_transfers_total{kind=\"deposit\"}",
+        "ledger_transfers_total{kind=\"transfer\"}",
+        "ledger_failed_transfers_total{reason=\"insufficient_funds\"}",
+    ] {
+        assert!(m.contains(line), "{line} missing from {m}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn request_id_is_echoed_and_in_problems() {
     let app = TestApp::spawn(Backend::Sqlite).await;

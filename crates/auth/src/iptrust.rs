@@ -313,6 +313,7 @@ impl AuthService {
         user_id: &str,
         email: &str,
         device: &wire::DeviceInfo,
+        password_hash: &str,
     ) -> Result<(), AuthError> {
         let cfg = self.trust_cfg();
         let Some(ip) = ctx.ip.filter(|_| cfg.enabled) else {
@@ -325,7 +326,7 @@ impl AuthService {
         if self.trust_first_network(ctx, user_id, &network).await? {
             return Ok(());
         }
-        self.hold_login(ctx, user_id, email, device, ip, &network)
+        self.hold_login(ctx, user_id, email, device, (ip, &network), password_hash)
             .await
     }
 
@@ -415,8 +416,8 @@ impl AuthService {
         user_id: &str,
         email: &str,
         device: &wire::DeviceInfo,
-        ip: IpAddr,
-        network: &str,
+        (ip, network): (IpAddr, &str),
+        password_hash: &str,
     ) -> Result<(), AuthError> {
         let cfg = self.trust_cfg();
         let db = &self.inner.db;
@@ -424,6 +425,19 @@ impl AuthService {
         let now = now_micros();
         let ticket_hash = sha256_hex(ticket.as_bytes());
         let mut tx = db.begin().await?;
+        // No hold for a password that a reset or change replaced while Argon2 ran (the
+        // revocation expired the holds it saw; this one would have come after it).
+        let current: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT password_hash FROM users WHERE id = $1{}",
+            db.for_update()
+        ))
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current.as_deref() != Some(password_hash) {
+            tx.rollback().await?;
+            return Err(AuthError::InvalidCredentials);
+        }
         sqlx::query(
             "INSERT INTO login_holds (ticket_hash, user_id, network, ip, device_id, device_name, confirm_hash, deny_hash, \
              created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",

@@ -177,7 +177,7 @@ impl AuthService {
         if security_locked {
             return Err(self.refuse_security_locked(ctx, &user_id).await);
         }
-        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device)
+        self.ip_trust_login_gate(ctx, &user_id, &email, &req.device, &password_hash)
             .await?;
 
         let db = &self.inner.db;

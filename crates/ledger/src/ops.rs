@@ -946,32 +946,44 @@ async fn batch(
     if bulk {
         bulk_transfers(core, tx, job, req, &batch_id, &mut items, &mut failures).await?;
     }
-    for (index, item) in req.transfers.iter().enumerate().filter(|_| !bulk) {
-        match transfer(core, tx, &job.actor, &job.origin, item, Some(&batch_id)).await {
-            Ok(t) => {
-                items.push(BatchItem {
-                    index,
-                    status: 201,
-                    transfer: Some(t.to_wire()),
-                    problem: None,
-                });
-            }
-            Err(e) if e.is_server_error() => return Err(e),
-            Err(e) => {
-                items.push(BatchItem {
-                    index,
-                    status: e.status().as_u16(),
-                    transfer: None,
-                    problem: Some(e.problem(job.origin.request_id.clone())),
-                });
-                failures.push((index, e));
-                if req.atomic {
-                    break;
+    // The item-by-item path counts each applied transfer; an atomic batch that fails
+    // rolls them back to its savepoint, and their counts go with them.
+    let (applied, tally) = crate::tally::collect(async {
+        for (index, item) in req.transfers.iter().enumerate().filter(|_| !bulk) {
+            match transfer(core, tx, &job.actor, &job.origin, item, Some(&batch_id)).await {
+                Ok(t) => {
+                    items.push(BatchItem {
+                        index,
+                        status: 201,
+                        transfer: Some(t.to_wire()),
+                        problem: None,
+                    });
+                }
+                Err(e) if e.is_server_error() => return Err(e),
+                Err(e) => {
+                    items.push(BatchItem {
+                        index,
+                        status: e.status().as_u16(),
+                        transfer: None,
+                        problem: Some(e.problem(job.origin.request_id.clone())),
+                    });
+                    failures.push((index, e));
+                    if req.atomic {
+                        break;
+                    }
                 }
             }
         }
-    }
+        Ok::<_, LedgerError>(())
+    })
+    .await;
+    applied?;
     let failed = failures.len();
+    if req.atomic && failed > 0 {
+        drop(tally);
+    } else {
+        tally.keep();
+    }
     if req.atomic && failed > 0 {
         if !bulk {
             exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;

@@ -77,7 +77,7 @@ impl AuthService {
             id: "browser".into(),
             name: "Browser sign-in".into(),
         };
-        self.ip_trust_login_gate(ctx, &user_id, &email, &device)
+        self.ip_trust_login_gate(ctx, &user_id, &email, &device, &password_hash)
             .await?;
         Ok(user_id)
     }

@@ -326,6 +326,63 @@ async fn a_held_login_begun_before_a_reset_or_an_email_change_does_nothing_after
     });
 }
 
+/// PostgreSQL: a sign-in from a new network whose password is changed while it waits
+/// after Argon2 gets no held login (the hold would outlive the reset that revoked the
+/// others). Ordered by holding the user's row, as in `auth_attacks`.
+#[tokio::test]
+async fn no_hold_for_a_password_changed_during_the_hash() {
+    for backend in vaultpay_store::testing::backends() {
+        if backend != Backend::Postgres {
+            continue;
+        }
+        let app = spawn_proxied(backend, |_| {}).await;
+        let email = "held-race@example.com";
+        let (id, _) = user_at(&app, email, HOME).await;
+        let mut change = app.auth_db().writer().begin().await.unwrap();
+        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+            .bind(&id)
+            .fetch_one(&mut *change)
+            .await
+            .unwrap();
+        let change_when_held = async {
+            loop {
+                let waiting: Vec<String> = sqlx::query_scalar(
+                    "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                )
+                .fetch_all(app.auth_db().read())
+                .await
+                .unwrap();
+                // the first-network check or the hold's own read: both after Argon2
+                if waiting
+                    .iter()
+                    .any(|q| q.contains("FROM users WHERE id = $1 FOR UPDATE"))
+                {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            sqlx::query("UPDATE users SET password_hash = 'changed-meanwhile' WHERE id = $1")
+                .bind(&id)
+                .execute(&mut *change)
+                .await
+                .unwrap();
+            change.commit().await.unwrap();
+        };
+        let (r, ()) = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            futures::future::join(login_from(&app, AWAY, email, "evil"), change_when_held),
+        )
+        .await
+        .expect("the sign-in never reached its hold");
+        r.assert_problem(401, "invalid_credentials");
+        assert_eq!(
+            app.count_where("login_holds", "device_id = 'evil'").await,
+            0
+        );
+        app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn this_wasnt_me_revokes_every_session_and_locks_until_reset() {
     each_backend!(|backend: Backend| async move {

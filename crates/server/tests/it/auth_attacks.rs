@@ -782,47 +782,14 @@ async fn a_password_changed_during_the_hash_refuses_the_sign_in() {
         // a first sign-in trusts the network (the first one's IP-trust step locks the
         // user row too)
         app.login(email, PASSWORD).await;
-        let mut change = app.auth_db().writer().begin().await.unwrap();
-        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
-            .bind(&id)
-            .fetch_one(&mut *change)
-            .await
-            .unwrap();
-        let login = {
-            let app = &app;
-            async move { app.login_device(email, PASSWORD, "dev-race").await }
-        };
-        let wait_for_the_sign_in = async {
-            // until the sign-in's session transaction waits for the row (it read the
-            // old hash and ran Argon2 first)
-            loop {
-                let waiting: Vec<String> = sqlx::query_scalar(
-                    "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-                )
-                .fetch_all(app.auth_db().read())
-                .await
-                .unwrap();
-                if waiting
-                    .iter()
-                    .any(|q| q.contains("UPDATE users SET failed_logins = 0"))
-                {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-            sqlx::query("UPDATE users SET password_hash = 'changed-meanwhile' WHERE id = $1")
-                .bind(&id)
-                .execute(&mut *change)
-                .await
-                .unwrap();
-            change.commit().await.unwrap();
-        };
-        let (r, ()) = tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            futures::future::join(login, wait_for_the_sign_in),
+        // the sign-in waits at its session transaction, after Argon2
+        let r = sign_in_while_the_password_changes(
+            &app,
+            &id,
+            "UPDATE users SET failed_logins = 0",
+            app.login_device(email, PASSWORD, "dev-race"),
         )
-        .await
-        .expect("the sign-in never reached its session transaction");
+        .await;
         r.assert_problem(401, "invalid_credentials");
         assert_eq!(
             app.count_where("sessions", "device_id = 'dev-race'").await,

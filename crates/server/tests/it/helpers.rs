@@ -361,6 +361,54 @@ macro_rules! each_backend {
     };
 }
 
+/// PostgreSQL: runs `sign_in` while the user's row is held by a transaction of the
+/// test; once a statement of the sign-in whose text contains `blocked_at` waits for
+/// that row (it has matched the old password by then), the password changes in that
+/// transaction, which commits. Returns the sign-in's answer.
+pub async fn sign_in_while_the_password_changes<F>(
+    app: &TestApp,
+    user_id: &str,
+    blocked_at: &str,
+    sign_in: F,
+) -> Resp
+where
+    F: std::future::Future<Output = Resp>,
+{
+    let mut change = app.auth_db().writer().begin().await.unwrap();
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(user_id)
+        .fetch_one(&mut *change)
+        .await
+        .unwrap();
+    let change_when_blocked = async {
+        loop {
+            let waiting: Vec<String> = sqlx::query_scalar(
+                "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            .fetch_all(app.auth_db().read())
+            .await
+            .unwrap();
+            if waiting.iter().any(|q| q.contains(blocked_at)) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        sqlx::query("UPDATE users SET password_hash = 'changed-meanwhile' WHERE id = $1")
+            .bind(user_id)
+            .execute(&mut *change)
+            .await
+            .unwrap();
+        change.commit().await.unwrap();
+    };
+    let (r, ()) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join(sign_in, change_when_blocked),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the sign-in never waited at {blocked_at:?}"));
+    r
+}
+
 /// A `vaultpay` process started by a test; killed (SIGKILL) when dropped.
 pub struct Proc {
     pub child: Option<std::process::Child>,

@@ -338,42 +338,14 @@ async fn no_hold_for_a_password_changed_during_the_hash() {
         let app = spawn_proxied(backend, |_| {}).await;
         let email = "held-race@example.com";
         let (id, _) = user_at(&app, email, HOME).await;
-        let mut change = app.auth_db().writer().begin().await.unwrap();
-        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
-            .bind(&id)
-            .fetch_one(&mut *change)
-            .await
-            .unwrap();
-        let change_when_held = async {
-            loop {
-                let waiting: Vec<String> = sqlx::query_scalar(
-                    "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-                )
-                .fetch_all(app.auth_db().read())
-                .await
-                .unwrap();
-                // the first-network check or the hold's own read: both after Argon2
-                if waiting
-                    .iter()
-                    .any(|q| q.contains("FROM users WHERE id = $1 FOR UPDATE"))
-                {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-            sqlx::query("UPDATE users SET password_hash = 'changed-meanwhile' WHERE id = $1")
-                .bind(&id)
-                .execute(&mut *change)
-                .await
-                .unwrap();
-            change.commit().await.unwrap();
-        };
-        let (r, ()) = tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            futures::future::join(login_from(&app, AWAY, email, "evil"), change_when_held),
+        // the first-network check or the hold's own read: both after Argon2
+        let r = sign_in_while_the_password_changes(
+            &app,
+            &id,
+            "FROM users WHERE id = $1 FOR UPDATE",
+            login_from(&app, AWAY, email, "evil"),
         )
-        .await
-        .expect("the sign-in never reached its hold");
+        .await;
         r.assert_problem(401, "invalid_credentials");
         assert_eq!(
             app.count_where("login_holds", "device_id = 'evil'").await,

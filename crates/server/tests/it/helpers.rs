@@ -361,6 +361,27 @@ macro_rules! each_backend {
     };
 }
 
+/// A ledger `POST` with a bearer token and an `Idempotency-Key`.
+pub async fn ledger_post(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: serde_json::Value,
+) -> Resp {
+    read(
+        app.http
+            .post(format!("{}{path}", app.base))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 /// PostgreSQL: runs `sign_in` while the user's row is held by a transaction of the
 /// test; once a statement of the sign-in whose text contains `blocked_at` waits for
 /// that row (it has matched the old password by then), the password changes in that

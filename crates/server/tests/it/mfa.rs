@@ -9,7 +9,7 @@
 
 use crate::auth_flows::{audit_action, jwt_part};
 use crate::each_backend;
-use crate::helpers::{Resp, TestApp, PASSWORD};
+use crate::helpers::{ledger_post, Resp, TestApp, PASSWORD};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vaultpay_core::step_up::ACR_MFA;
@@ -876,20 +876,6 @@ async fn step_up_by_emailed_code_and_for_role_changes() {
         );
         app.stop().await;
     });
-}
-
-async fn ledger_post(app: &TestApp, path: &str, token: &str, key: &str, body: Value) -> Resp {
-    crate::helpers::read(
-        app.http
-            .post(format!("{}{path}", app.base))
-            .bearer_auth(token)
-            .header("idempotency-key", key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
 }
 
 #[tokio::test]

@@ -84,34 +84,20 @@ async fn ledger_counters_are_recorded_at_commit() {
     };
     let a = open(u.access.clone()).await;
     let b = open(app.user("payee2@example.com").await.access).await;
-    let post = |path: &'static str, token: String, key: &'static str, body: serde_json::Value| {
-        let app = &app;
-        async move {
-            read(
-                app.http
-                    .post(format!("{}{path}", app.base))
-                    .bearer_auth(token)
-                    .header("idempotency-key", key)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    };
-    let r = post(
+    let r = ledger_post(
+        &app,
         "/v1/admin/deposits",
-        admin,
+        &admin,
         "c-dep",
         serde_json::json!({ "account_id": a, "amount": 100, "currency": "USD", "reference": "r" }),
     )
     .await;
     assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
     let transfer = |amount: i64, key: &'static str| {
-        post(
+        ledger_post(
+            &app,
             "/v1/transfers",
-            u.access.clone(),
+            &u.access,
             key,
             serde_json::json!({ "from_account_id": a, "to_account_id": b, "amount": amount, "currency": "USD", "description": "" }),
         )

@@ -155,20 +155,13 @@ async fn a_revoked_admin_role_stops_ledger_admin_actions_before_the_token_expire
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         let account = r.body["id"].as_str().unwrap().to_owned();
         let deposit = |key: &'static str| {
-            let (app, t, account) = (&app, &t, &account);
-            async move {
-                crate::helpers::read(
-                    app.http
-                        .post(format!("{}/v1/admin/deposits", app.base))
-                        .bearer_auth(&t.access)
-                        .header("idempotency-key", key)
-                        .json(&json!({ "account_id": account, "amount": 500, "currency": "USD", "reference": "r" }))
-                        .send()
-                        .await
-                        .unwrap(),
-                )
-                .await
-            }
+            ledger_post(
+                &app,
+                "/v1/admin/deposits",
+                &t.access,
+                key,
+                json!({ "account_id": account, "amount": 500, "currency": "USD", "reference": "r" }),
+            )
         };
         let r = deposit("d-1").await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);

@@ -159,6 +159,26 @@ async fn insert_failure(
     Ok(())
 }
 
+/// A batch item that posted.
+fn posted_item(index: usize, t: &TransferRow) -> BatchItem {
+    BatchItem {
+        index,
+        status: 201,
+        transfer: Some(t.to_wire()),
+        problem: None,
+    }
+}
+
+/// A batch item refused with `e`.
+fn refused_item(index: usize, e: &LedgerError, job: &Job) -> BatchItem {
+    BatchItem {
+        index,
+        status: e.status().as_u16(),
+        transfer: None,
+        problem: Some(e.problem(job.origin.request_id.clone())),
+    }
+}
+
 fn check_amount(amount: i64) -> Result<Amount, LedgerError> {
     Amount::new(amount).map_err(|_| {
         LedgerError::AmountInvalid(format!(
@@ -952,21 +972,11 @@ async fn batch(
         for (index, item) in req.transfers.iter().enumerate().filter(|_| !bulk) {
             match transfer(core, tx, &job.actor, &job.origin, item, Some(&batch_id)).await {
                 Ok(t) => {
-                    items.push(BatchItem {
-                        index,
-                        status: 201,
-                        transfer: Some(t.to_wire()),
-                        problem: None,
-                    });
+                    items.push(posted_item(index, &t));
                 }
                 Err(e) if e.is_server_error() => return Err(e),
                 Err(e) => {
-                    items.push(BatchItem {
-                        index,
-                        status: e.status().as_u16(),
-                        transfer: None,
-                        problem: Some(e.problem(job.origin.request_id.clone())),
-                    });
+                    items.push(refused_item(index, &e, job));
                     failures.push((index, e));
                     if req.atomic {
                         break;
@@ -1250,21 +1260,11 @@ async fn bulk_transfers(
                         ));
                     }
                 }
-                items.push(BatchItem {
-                    index,
-                    status: 201,
-                    transfer: Some(t.to_wire()),
-                    problem: None,
-                });
+                items.push(posted_item(index, &t));
                 transfers.push(t);
             }
             Err(e) => {
-                items.push(BatchItem {
-                    index,
-                    status: e.status().as_u16(),
-                    transfer: None,
-                    problem: Some(e.problem(job.origin.request_id.clone())),
-                });
+                items.push(refused_item(index, &e, job));
                 failures.push((index, e));
                 if req.atomic {
                     // Nothing has been written yet.

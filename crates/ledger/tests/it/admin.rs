@@ -7,9 +7,7 @@ async fn freeze_unfreeze_close_are_audited_and_need_admin_and_a_live_session() {
         let app = TestApp::new(b).await;
         let alice = app.customer("alice");
         let admin = app.admin();
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 100, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 100).await;
 
         app.post(
             &format!("/v1/admin/accounts/{a}/freeze"),
@@ -157,9 +155,7 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
         let app = TestApp::new(b).await;
         let alice = app.token_sid("alice", &["customer"], "s-alice");
         let admin = app.token_sid("admin-1", &["admin"], "s-admin");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 1_000_000).await;
         let threshold = app.ledger.config().introspection_threshold_minor;
 
         app.introspector.revoked.lock().insert("s-alice".into());
@@ -208,9 +204,7 @@ async fn transfers_under_the_threshold_add_up_to_a_live_check() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let alice = app.token_sid("alice", &["customer"], "s-alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 10_000_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 10_000_000).await;
         let threshold = app.ledger.config().introspection_threshold_minor;
         let part = threshold / 3 + 1;
 
@@ -251,9 +245,7 @@ async fn large_transfers_need_a_recent_second_factor() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let alice = app.customer("alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 1_000_000).await;
         let threshold = app.ledger.config().introspection_threshold_minor;
         let pwd = app.token_acr("alice", &["customer"], None, 0);
         app.transfer(&pwd, &a, &bb, threshold - 1).await.expect(201);
@@ -304,9 +296,7 @@ async fn large_transfers_need_a_recent_second_factor() {
         };
         let app = TestApp::with_config(b, cfg).await;
         let alice = app.customer("alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 1_000_000).await;
         let pwd = app.token_acr("alice", &["customer"], None, 0);
         app.transfer(&pwd, &a, &bb, 500_000).await.expect(201);
     })

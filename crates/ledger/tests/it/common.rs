@@ -306,6 +306,15 @@ impl TestApp {
         .id()
     }
 
+    /// A USD wallet of `payer` holding `amount` (deposited), and one of bob's: the
+    /// (payer's, bob's) account ids.
+    pub async fn funded_pair(&self, payer: &str, amount: i64) -> (String, String) {
+        let a = self.open(payer, "USD").await;
+        let b = self.open(&self.customer("bob"), "USD").await;
+        self.deposit(&a, amount, "USD").await.expect(201);
+        (a, b)
+    }
+
     pub async fn deposit(&self, account: &str, amount: i64, currency: &str) -> Resp {
         let admin = self.admin();
         self.post(

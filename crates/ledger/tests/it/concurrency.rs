@@ -104,9 +104,7 @@ async fn no_transfer_posts_after_a_freeze_commits() {
     each_backend(|b| async move {
         let app = Arc::new(TestApp::new(b).await);
         let alice = app.customer("alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 1_000_000).await;
         let frozen = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..8 {

@@ -354,9 +354,7 @@ async fn history_time_windows_match_a_scan() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let alice = app.customer("alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 1_000_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 1_000_000).await;
         for round in 0..4 {
             for amount in 1..=4 {
                 app.transfer(&alice, &a, &bb, amount).await.expect(201);
@@ -427,9 +425,7 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let alice = app.customer("alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 10_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 10_000).await;
         // As if bob's last posting had been written an hour from now.
         let later = vaultpay_core::time::now_micros() + 3_600_000_000;
         sqlx::query("UPDATE accounts SET last_posted_at = $1 WHERE id = $2")
@@ -497,9 +493,7 @@ async fn overlapping_relays_publish_each_event_once() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let alice = app.customer("alice");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&app.customer("bob"), "USD").await;
-        app.deposit(&a, 10_000, "USD").await.expect(201);
+        let (a, bb) = app.funded_pair(&alice, 10_000).await;
         let mut events = app.ledger.subscribe();
         let mut published = 0;
         // several rounds: each is a chance for the two relays' reads to overlap

@@ -90,14 +90,7 @@ pub async fn rotate(
     actor: &str,
 ) -> Result<String, AuthError> {
     let mut tx = db.begin().await?;
-    let now = now_micros();
-    sqlx::query(
-        "UPDATE signing_keys SET retired_at = $1, verify_until = $2 WHERE retired_at IS NULL",
-    )
-    .bind(now)
-    .bind(now + secs(overlap_secs))
-    .execute(&mut *tx)
-    .await?;
+    rotate_out(&mut tx, "signing_keys", overlap_secs).await?;
     let kid = create_key(db, env, &mut tx).await?;
     let origin = vaultpay_store::audit::Origin::default();
     vaultpay_store::audit::append(
@@ -114,32 +107,59 @@ pub async fn rotate(
     Ok(kid)
 }
 
-/// Stops a rotated-out key from verifying anything, at once.
+/// Stops the signing key of `table` ("signing_keys", or the ES256 ID-token keys) from
+/// signing: it stays verifiable (in the JWKS) for `overlap_secs`. Returns how many keys
+/// it rotated out (none: the table has no key yet).
+pub(crate) async fn rotate_out(
+    tx: &mut vaultpay_store::Tx,
+    table: &'static str,
+    overlap_secs: i64,
+) -> Result<u64, AuthError> {
+    let now = now_micros();
+    let n = sqlx::query(&format!(
+        "UPDATE {table} SET retired_at = $1, verify_until = $2 WHERE retired_at IS NULL"
+    ))
+    .bind(now)
+    .bind(now + secs(overlap_secs))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
+/// The key tables, and the `alg` an ES256 key's audit entries and listing name.
+const KEY_TABLES: [(&str, Option<&str>); 2] =
+    [("signing_keys", None), ("oauth_es256_keys", Some("ES256"))];
+
+/// Stops a rotated-out key (Ed25519 or ES256) from verifying anything, at once; false
+/// if `kid` is no rotated-out key.
 pub async fn retire(db: &Db, kid: &str, actor: &str) -> Result<bool, AuthError> {
     let mut tx = db.begin().await?;
     let now = now_micros();
-    let n = sqlx::query(
-        "UPDATE signing_keys SET verify_until = $1 WHERE kid = $2 AND retired_at IS NOT NULL",
-    )
-    .bind(now)
-    .bind(kid)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 1 {
-        let origin = vaultpay_store::audit::Origin::default();
-        vaultpay_store::audit::append(
-            db,
-            &mut tx,
-            &origin,
-            vaultpay_store::audit::NewAudit::success("key.retired")
+    for (table, alg) in KEY_TABLES {
+        let n = sqlx::query(&format!(
+            "UPDATE {table} SET verify_until = $1 WHERE kid = $2 AND retired_at IS NOT NULL"
+        ))
+        .bind(now)
+        .bind(kid)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            let mut entry = vaultpay_store::audit::NewAudit::success("key.retired")
                 .actor(actor)
-                .resource(kid),
-        )
-        .await?;
+                .resource(kid);
+            if let Some(alg) = alg {
+                entry = entry.metadata(serde_json::json!({ "alg": alg }));
+            }
+            let origin = vaultpay_store::audit::Origin::default();
+            vaultpay_store::audit::append(db, &mut tx, &origin, entry).await?;
+            tx.commit().await?;
+            return Ok(true);
+        }
     }
     tx.commit().await?;
-    Ok(n == 1)
+    Ok(false)
 }
 
 /// Loads the signer (newest unretired key) and all keys still verifiable.
@@ -187,28 +207,34 @@ pub async fn load(db: &Db, env: &Envelope) -> Result<LoadedKeys, AuthError> {
     Ok(LoadedKeys { signer, verify })
 }
 
-/// Lists every key, newest first.
+/// Lists every key (Ed25519 and ES256), newest first.
 pub async fn list(db: &Db) -> Result<Vec<KeyInfo>, AuthError> {
-    let rows = sqlx::query("SELECT kid, alg, created_at, retired_at, verify_until FROM signing_keys ORDER BY created_at DESC")
+    let mut keys = Vec::new();
+    for (table, alg) in KEY_TABLES {
+        let alg = alg.map_or("alg".to_owned(), |a| format!("'{a}' AS alg"));
+        let rows = sqlx::query(&format!(
+            "SELECT kid, {alg}, created_at, retired_at, verify_until FROM {table}"
+        ))
         .fetch_all(db.read())
         .await?;
-    let now = now_micros();
-    rows.iter()
-        .map(|r| {
+        for r in &rows {
             let retired: Option<i64> = r.try_get("retired_at")?;
             let until: Option<i64> = r.try_get("verify_until")?;
-            let _ = now;
-            Ok(KeyInfo {
-                kid: r.try_get("kid")?,
-                alg: r.try_get("alg")?,
-                created_at: vaultpay_core::time::rfc3339(r.try_get("created_at")?),
-                retired_at: retired.map(vaultpay_core::time::rfc3339),
-                verify_until: until.map(vaultpay_core::time::rfc3339),
-                signing: retired.is_none(),
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(AuthError::from)
+            keys.push((
+                r.try_get::<i64, _>("created_at")?,
+                KeyInfo {
+                    kid: r.try_get("kid")?,
+                    alg: r.try_get("alg")?,
+                    created_at: vaultpay_core::time::rfc3339(r.try_get("created_at")?),
+                    retired_at: retired.map(vaultpay_core::time::rfc3339),
+                    verify_until: until.map(vaultpay_core::time::rfc3339),
+                    signing: retired.is_none(),
+                },
+            ));
+        }
+    }
+    keys.sort_by_key(|k| std::cmp::Reverse(k.0));
+    Ok(keys.into_iter().map(|(_, k)| k).collect())
 }
 
 /// Verification keys straight from the database (AuthShield's own verifier).

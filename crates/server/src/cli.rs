@@ -248,16 +248,12 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             }
         }
         KeysCommand::List => {
-            let mut all = vaultpay_auth::keys::list(&db).await?;
-            all.extend(vaultpay_auth::oauth::es256::list(&db).await?);
-            for k in all {
+            for k in vaultpay_auth::keys::list(&db).await? {
                 println!("{}", serde_json::to_string(&k)?);
             }
         }
         KeysCommand::Retire { kid } => {
-            if !vaultpay_auth::keys::retire(&db, &kid, "cli").await?
-                && !vaultpay_auth::oauth::es256::retire(&db, &kid, "cli").await?
-            {
+            if !vaultpay_auth::keys::retire(&db, &kid, "cli").await? {
                 eprintln!(
                     "no rotated-out key {kid} (the signing key cannot be retired; rotate first)"
                 );

@@ -126,73 +126,13 @@ pub async fn rotate(
 ) -> Result<Option<String>, AuthError> {
     let mut tx = db.begin().await?;
     db.lock(&mut tx, LOCK_ES256).await?;
-    let now = now_micros();
-    let n = sqlx::query(
-        "UPDATE oauth_es256_keys SET retired_at = $1, verify_until = $2 WHERE retired_at IS NULL",
-    )
-    .bind(now)
-    .bind(now.saturating_add(overlap_secs.saturating_mul(1_000_000)))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 0 {
+    if crate::keys::rotate_out(&mut tx, "oauth_es256_keys", overlap_secs).await? == 0 {
         tx.rollback().await?;
         return Ok(None);
     }
     let key = create(db, env, &mut tx, "key.rotated", actor).await?;
     tx.commit().await?;
     Ok(Some(key.kid))
-}
-
-/// Drops a rotated-out ES256 key from the JWKS at once; false if `kid` is not one.
-pub async fn retire(db: &Db, kid: &str, actor: &str) -> Result<bool, AuthError> {
-    let mut tx = db.begin().await?;
-    let n = sqlx::query(
-        "UPDATE oauth_es256_keys SET verify_until = $1 WHERE kid = $2 AND retired_at IS NOT NULL",
-    )
-    .bind(now_micros())
-    .bind(kid)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 1 {
-        vaultpay_store::audit::append(
-            db,
-            &mut tx,
-            &vaultpay_store::audit::Origin::default(),
-            vaultpay_store::audit::NewAudit::success("key.retired")
-                .actor(actor)
-                .resource(kid)
-                .metadata(serde_json::json!({ "alg": "ES256" })),
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(n == 1)
-}
-
-/// The ES256 keys, newest first, for `vaultpay keys list`.
-pub async fn list(db: &Db) -> Result<Vec<crate::keys::KeyInfo>, AuthError> {
-    let rows = sqlx::query(
-        "SELECT kid, created_at, retired_at, verify_until FROM oauth_es256_keys ORDER BY created_at DESC",
-    )
-    .fetch_all(db.read())
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let retired: Option<i64> = r.try_get("retired_at")?;
-            let until: Option<i64> = r.try_get("verify_until")?;
-            Ok(crate::keys::KeyInfo {
-                kid: r.try_get("kid")?,
-                alg: "ES256".into(),
-                created_at: vaultpay_core::time::rfc3339(r.try_get("created_at")?),
-                retired_at: retired.map(vaultpay_core::time::rfc3339),
-                verify_until: until.map(vaultpay_core::time::rfc3339),
-                signing: retired.is_none(),
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(AuthError::from)
 }
 
 /// Makes sure the P-256 key exists. Called when an ES256 client is registered, so

@@ -674,8 +674,8 @@ async fn es256_rotation_case(backend: Backend) {
     assert_eq!(id_token_kid().await, new);
     assert_eq!(ec_kids().await, vec![new.clone(), old.clone()]);
 
-    assert!(!es256::retire(db, &new, "test").await.unwrap());
-    assert!(es256::retire(db, &old, "test").await.unwrap());
+    assert!(!vaultpay_auth::keys::retire(db, &new, "test").await.unwrap());
+    assert!(vaultpay_auth::keys::retire(db, &old, "test").await.unwrap());
     assert_eq!(ec_kids().await, vec![new.clone()]);
     assert_eq!(id_token_kid().await, new);
     assert_eq!(

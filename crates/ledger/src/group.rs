@@ -182,8 +182,6 @@ pub(crate) async fn run_transfers(
         write_postings(&core.db, tx, &transfers, &postings).await?;
         ops::save_balances(&core.db, tx, &rows.touched(), now).await?;
         write_failures(&core.db, tx, &failures, now).await?;
-    }
-    if !combined {
         write_outbox(&core.db, tx, &bodies, now).await?;
     }
     crate::tally::count(

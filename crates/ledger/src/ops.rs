@@ -991,10 +991,6 @@ async fn batch(
     let failed = failures.len();
     if req.atomic && failed > 0 {
         drop(tally);
-    } else {
-        tally.keep();
-    }
-    if req.atomic && failed > 0 {
         if !bulk {
             exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;
             exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
@@ -1011,6 +1007,7 @@ async fn batch(
             items,
         })));
     }
+    tally.keep();
     if !bulk {
         exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
     }

@@ -55,9 +55,13 @@ impl Tally {
     /// Hands the counts to the enclosing [`collect`] (a job's work kept inside its
     /// group's transaction), or records them outside one.
     pub(crate) fn keep(self) {
-        for (name, key, value, n) in self.0 {
-            count(name, key, value, n);
-        }
+        let mut entries = Some(self.0);
+        let _ = CURRENT.try_with(|t| {
+            if let Some(e) = entries.take() {
+                t.borrow_mut().0.extend(e);
+            }
+        });
+        entries.into_iter().flatten().for_each(record);
     }
 
     #[cfg(test)]

@@ -447,6 +447,35 @@ pub async fn reset_link(app: &TestApp, email: &str) -> String {
     mail_token(app, email, "password/reset?token=")
 }
 
+/// Ends the sessions of `email` the way `how` names ("reset": by a password reset,
+/// "change": a password change from `access`'s session, else "log out everywhere"
+/// from it), and checks that it worked.
+pub async fn end_sessions_by(app: &TestApp, how: &str, email: &str, access: &str) {
+    let r = match how {
+        "reset" => {
+            let token = reset_link(app, email).await;
+            reset_pw(app, &token, NEW_PASSWORD).await
+        }
+        "change" => {
+            app.post(
+                "/v1/auth/password/change",
+                Some(access),
+                json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+            )
+            .await
+        }
+        _ => {
+            app.post(
+                "/v1/auth/logout",
+                Some(access),
+                json!({ "everywhere": true }),
+            )
+            .await
+        }
+    };
+    assert!(r.status.is_success(), "{how}: {}", r.text);
+}
+
 /// `POST /v1/auth/password/reset`.
 pub async fn reset_pw(app: &TestApp, token: &str, new_password: &str) -> Resp {
     app.post(

@@ -195,7 +195,6 @@ async fn email_change_is_confirmed_by_the_new_address() {
 #[tokio::test]
 async fn revoking_the_sessions_voids_a_pending_email_change() {
     each_backend!(|backend: Backend| async move {
-        use crate::auth_flows::reset_pw;
         let app = TestApp::spawn(backend).await;
         for how in ["reset", "change", "logout_everywhere"] {
             let email = format!("owner-{how}@example.com");
@@ -206,29 +205,7 @@ async fn revoking_the_sessions_voids_a_pending_email_change() {
             assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
             let link = mail_token(&app, &intruder, LINK);
             let owner = app.login(&email, PASSWORD).await;
-            let r = match how {
-                "reset" => {
-                    let token = crate::auth_flows::reset_link(&app, &email).await;
-                    reset_pw(&app, &token, NEW_PASSWORD).await
-                }
-                "change" => {
-                    app.post(
-                        "/v1/auth/password/change",
-                        Some(&owner.access),
-                        json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
-                    )
-                    .await
-                }
-                _ => {
-                    app.post(
-                        "/v1/auth/logout",
-                        Some(&owner.access),
-                        json!({ "everywhere": true }),
-                    )
-                    .await
-                }
-            };
-            assert!(r.status.is_success(), "{how}: {}", r.text);
+            crate::auth_flows::end_sessions_by(&app, how, &email, &owner.access).await;
             app.post("/v1/auth/email/confirm", None, json!({ "token": link }))
                 .await
                 .assert_problem(400, "invalid_token");

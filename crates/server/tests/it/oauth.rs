@@ -1369,7 +1369,6 @@ async fn revoking_a_users_sessions_ends_their_unexchanged_grants() {
 }
 
 async fn revoked_grants_case(backend: Backend) {
-    use crate::auth_flows::{reset_link, reset_pw, NEW_PASSWORD};
     let app = TestApp::spawn_with(backend, |c| c.auth.oauth.device_poll_interval_secs = 0).await;
     let admin = app.admin().await.access;
     let web = web_client(&app, &admin).await;
@@ -1413,33 +1412,7 @@ async fn revoked_grants_case(backend: Backend) {
             let dc = d["device_code"].as_str().unwrap().to_owned();
             grants.push((code, verifier, dc));
         }
-        match how {
-            "reset" => {
-                let token = reset_link(&app, &victim).await;
-                let r = reset_pw(&app, &token, NEW_PASSWORD).await;
-                assert!(r.status.is_success(), "{}", r.text);
-            }
-            "change" => {
-                let r = app
-                    .post(
-                        "/v1/auth/password/change",
-                        Some(&v.access),
-                        json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
-                    )
-                    .await;
-                assert!(r.status.is_success(), "{}", r.text);
-            }
-            _ => {
-                let r = app
-                    .post(
-                        "/v1/auth/logout",
-                        Some(&v.access),
-                        json!({ "everywhere": true }),
-                    )
-                    .await;
-                assert!(r.status.is_success(), "{}", r.text);
-            }
-        }
+        crate::auth_flows::end_sessions_by(&app, how, &victim, &v.access).await;
         let before = app.count_where("sessions", oauth_sessions).await;
         let (code, verifier, dc) = &grants[0];
         assert_oauth_error(

@@ -61,10 +61,10 @@ async fn health_ready_metrics_openapi_docs() {
     });
 }
 
-/// The ledger's counters of committed work reach `/metrics` (they are recorded when
-/// their transaction commits: a posted deposit and transfer, a refused transfer).
+/// The ledger's counters of committed work reach `/metrics` through the tally flushed
+/// at commit: a posted deposit and transfer, a refused transfer.
 #[tokio::test]
-async fn ledger_counters_are_recorded_at_commit() {
+async fn ledger_counters_reach_metrics() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let admin = app.admin().await.access;
     let u = app.user("counted@example.com").await;

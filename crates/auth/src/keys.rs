@@ -127,6 +127,10 @@ pub(crate) async fn rotate_out(
     Ok(n)
 }
 
+/// How often running servers reload their keys: a rotated-out key still signs on them
+/// for up to this long, so a rotation's overlap includes it.
+pub const RELOAD_EVERY_SECS: i64 = 15;
+
 /// The key tables, and the `alg` an ES256 key's audit entries and listing name.
 const KEY_TABLES: [(&str, Option<&str>); 2] =
     [("signing_keys", None), ("oauth_es256_keys", Some("ES256"))];

@@ -173,7 +173,9 @@ impl AuthService {
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let svc = self.clone();
         vec![tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(
+                keys::RELOAD_EVERY_SECS.unsigned_abs(),
+            ));
             loop {
                 tokio::select! {
                     _ = tick.tick() => {

@@ -234,11 +234,12 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     vaultpay_auth::keys::ensure_key(&db, &env).await?;
     match command {
         KeysCommand::Rotate => {
-            let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs;
+            // Running servers sign with the old keys until their next key reload.
+            let reload = vaultpay_auth::keys::RELOAD_EVERY_SECS;
+            let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs + reload;
             let kid = vaultpay_auth::keys::rotate(&db, &env, overlap, "cli").await?;
             println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
-            // Running servers sign with the old key until their next key reload (15 s).
-            let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs + 15;
+            let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs + reload;
             if let Some(kid) =
                 vaultpay_auth::oauth::es256::rotate(&db, &env, id_overlap, "cli").await?
             {

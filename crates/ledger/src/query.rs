@@ -195,13 +195,15 @@ pub(crate) async fn history(
 /// A recursive CTE `name(l, h)` whose largest `l` is the sequence number of the account
 /// `$1`'s first posting at or after the time `at` (its posting count + 1 if none is):
 /// a binary search over `[1, posting_seq + 1)`, relying on postings being in time order.
+/// Each step reads its middle posting once, through the primary key (every sequence
+/// number in `[1, posting_seq]` has its posting).
 fn first_at(name: &str, at: &str) -> String {
-    let probe =
-        "(SELECT created_at FROM postings WHERE account_id = $1 AND account_seq = (l + h) / 2)";
     format!(
         "{name}(l, h) AS (SELECT CAST(1 AS BIGINT), (SELECT posting_seq + 1 FROM accounts WHERE id = $1) \
-         UNION ALL SELECT CASE WHEN {probe} >= {at} THEN l ELSE (l + h) / 2 + 1 END, \
-         CASE WHEN {probe} >= {at} THEN (l + h) / 2 ELSE h END FROM {name} WHERE l < h)"
+         UNION ALL SELECT CASE WHEN p.created_at >= {at} THEN l ELSE (l + h) / 2 + 1 END, \
+         CASE WHEN p.created_at >= {at} THEN (l + h) / 2 ELSE h END \
+         FROM {name} JOIN postings p ON p.account_id = $1 AND p.account_seq = (l + h) / 2 \
+         WHERE l < h)"
     )
 }
 

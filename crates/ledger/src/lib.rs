@@ -298,10 +298,17 @@ impl Ledger {
                     m.sessions.remove(actor.session_key());
                 }
             }
+            // Remembered even when a large movement made the check (no entry yet), so
+            // that smaller ones after it are checked too.
             Err(LedgerError::SessionRevoked) => {
-                if let Some(u) = m.sessions.get_mut(actor.session_key()) {
-                    u.revoked = true;
-                }
+                m.sessions
+                    .entry(actor.session_key().to_owned())
+                    .or_insert(Unchecked {
+                        moved: 0,
+                        last: std::time::Instant::now(),
+                        revoked: true,
+                    })
+                    .revoked = true;
             }
             Err(_) => {}
         }

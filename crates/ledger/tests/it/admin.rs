@@ -235,6 +235,18 @@ async fn transfers_under_the_threshold_add_up_to_a_live_check() {
             .await
             .problem(401, "session_revoked");
         assert_eq!(app.balance(&alice, &a).await.0, 10_000_000 - 5 * part);
+
+        // a session first found revoked by a large transfer moves nothing small after it
+        let carol = app.token_sid("carol", &["customer"], "s-carol");
+        let (c, _) = app.funded_pair(&carol, 10_000_000).await;
+        app.introspector.revoked.lock().insert("s-carol".into());
+        app.transfer(&carol, &c, &bb, threshold)
+            .await
+            .problem(401, "session_revoked");
+        app.transfer(&carol, &c, &bb, 1)
+            .await
+            .problem(401, "session_revoked");
+        assert_eq!(app.balance(&carol, &c).await.0, 10_000_000);
     })
     .await;
 }

@@ -285,26 +285,31 @@ impl AuthService {
             return Err(AuthError::BadEmailToken);
         }
         let now = now_micros();
+        let hash = sha256_hex(token.as_bytes());
+        let db = &self.inner.db;
+        let owner =
+            crate::sessions::lock_owner(db, tx, "email_tokens", "token_hash", &hash).await?;
         let row = sqlx::query(&format!(
             "SELECT user_id, payload, expires_at, used_at FROM email_tokens WHERE token_hash = $1 AND purpose = $2{}",
-            self.inner.db.for_update()
+            db.for_update()
         ))
-        .bind(sha256_hex(token.as_bytes()))
+        .bind(&hash)
         .bind(purpose)
         .fetch_optional(&mut **tx)
         .await?
         .ok_or(AuthError::BadEmailToken)?;
+        let user_id: String = row.try_get("user_id")?;
         let used: Option<i64> = row.try_get("used_at")?;
         let expires: i64 = row.try_get("expires_at")?;
-        if used.is_some() || expires <= now {
+        if used.is_some() || expires <= now || owner.as_deref() != Some(user_id.as_str()) {
             return Err(AuthError::BadEmailToken);
         }
         sqlx::query("UPDATE email_tokens SET used_at = $1 WHERE token_hash = $2")
             .bind(now)
-            .bind(sha256_hex(token.as_bytes()))
+            .bind(&hash)
             .execute(&mut **tx)
             .await?;
-        Ok((row.try_get("user_id")?, row.try_get("payload")?))
+        Ok((user_id, row.try_get("payload")?))
     }
 
     /// Confirms an email address from the emailed link.
@@ -533,14 +538,14 @@ impl AuthService {
             .fetch_optional(self.inner.db.read())
             .await?
             .ok_or(AuthError::NotFound("user"))?;
-        let phc: String = current.try_get("password_hash")?;
+        let matched: String = current.try_get("password_hash")?;
         let (email, name) = self.user_inputs(user_id).await?;
         self.check_current_password(
             ctx,
             user_id,
             &email,
             req.current_password,
-            phc,
+            matched.clone(),
             "password.change_failed",
         )
         .await?;
@@ -550,6 +555,13 @@ impl AuthService {
         let phc = self.hash_password(req.new_password).await?;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
+        // A reset (or another change) that committed while the passwords were checked
+        // and hashed ended this session: this change must not undo it.
+        let proof = crate::sessions::Proof {
+            password_hash: Some(&matched),
+            session: Some(p.session_id()),
+        };
+        crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
         self.set_password(&mut tx, user_id, &phc).await?;
         let revoked = self
             .revoke_sessions_tx(&mut tx, user_id, Some(p.session_id()), "password_changed")
@@ -737,19 +749,17 @@ where
 }
 
 /// Marks every unused email token of `purpose` for `user_id` used, so links mailed
-/// earlier stop working (one being used at this moment is skipped, see
-/// [`crate::sessions::skip_locked`]).
+/// earlier stop working; `tx` holds the user's row (see
+/// [`crate::sessions::lock_owner`]).
 pub(crate) async fn void_email_tokens(
     tx: &mut vaultpay_store::Tx,
     user_id: &str,
     purpose: &str,
     now: i64,
 ) -> Result<(), AuthError> {
-    let skip = crate::sessions::skip_locked(tx);
-    sqlx::query(&format!(
-        "UPDATE email_tokens SET used_at = $1 WHERE token_hash IN \
-         (SELECT token_hash FROM email_tokens WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL{skip})"
-    ))
+    sqlx::query(
+        "UPDATE email_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL",
+    )
     .bind(now)
     .bind(user_id)
     .bind(purpose)

@@ -47,7 +47,7 @@ impl AuthService {
             user_id,
             &email,
             req.password,
-            phc,
+            phc.clone(),
             "email.change_failed",
         )
         .await?;
@@ -76,6 +76,13 @@ impl AuthService {
         let ttl = self.inner.cfg.email_verify_ttl_secs;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
+        // A reset or "log out everywhere" that committed since the checks above ended
+        // this session: no link may be mailed on its authority.
+        let proof = crate::sessions::Proof {
+            password_hash: Some(&phc),
+            session: Some(p.session_id()),
+        };
+        crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
         void_email_tokens(&mut tx, user_id, PURPOSE, now).await?;
         let token = insert_email_token(&mut *tx, user_id, PURPOSE, ttl, Some(&new_email)).await?;
         append(

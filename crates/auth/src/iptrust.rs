@@ -632,22 +632,28 @@ impl AuthService {
     async fn hold_by(
         &self,
         tx: &mut vaultpay_store::Tx,
-        column: &str,
+        column: &'static str,
         token: &str,
     ) -> Result<Hold, AuthError> {
         if token.is_empty() || token.len() > 128 {
             return Err(AuthError::BadEmailToken);
         }
+        let hash = sha256_hex(token.as_bytes());
+        let db = &self.inner.db;
+        let owner = crate::sessions::lock_owner(db, tx, "login_holds", column, &hash).await?;
         // `column` is one of three literals chosen in this module, never input.
         let row = sqlx::query(&format!(
             "SELECT ticket_hash, user_id, network, device_id, device_name, expires_at, confirmed_at, denied_at, \
              completed_at FROM login_holds WHERE {column} = $1{}",
-            self.inner.db.for_update()
+            db.for_update()
         ))
-        .bind(sha256_hex(token.as_bytes()))
+        .bind(&hash)
         .fetch_optional(&mut **tx)
         .await?
         .ok_or(AuthError::BadEmailToken)?;
+        if owner != row.try_get::<Option<String>, _>("user_id")? {
+            return Err(AuthError::BadEmailToken);
+        }
         Ok(Hold {
             ticket_hash: row.try_get("ticket_hash")?,
             user_id: row.try_get("user_id")?,

@@ -89,20 +89,88 @@ pub(crate) async fn security_locked_in(
     Ok(row.as_ref().map(is_security_locked).transpose()?)
 }
 
-/// On PostgreSQL, ` FOR UPDATE SKIP LOCKED`, for the statements that end a user's
-/// grants, tickets and links while this transaction holds the user's row (a password
-/// reset or change, "this wasn't me", an email change). The steps that use one of
-/// those lock its row first and the user's row next (a code exchange, a device poll, a
-/// second factor, a held login's confirmation, an email link), so waiting for their
-/// row here would deadlock with them. A row skipped is being used at this moment; its
-/// step goes on once this transaction commits (a window as long as that step).
-/// Nothing on SQLite, where write transactions do not overlap.
-pub(crate) fn skip_locked(tx: &Tx) -> &'static str {
-    if tx.backend_name() == "PostgreSQL" {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
+/// Locks the row of the user that `table`'s row with `key = value` belongs to, in `tx`,
+/// before the caller locks that row; returns the user's id (`None`: no such row, or no
+/// user on it yet). Every step that uses a grant, ticket or link (a code exchange, a
+/// device poll or approval, a second factor, a held login's confirmation or
+/// completion, an email link) takes the user's row first, as a revocation of the
+/// user's sessions does ([`AuthService::revoke_sessions_tx`]): the two are then
+/// ordered on that row. A step ordered after a revocation finds its grant ended; one
+/// ordered before it has committed what it opened, which the revocation then ends. (In
+/// the other order the revocation, holding the user's row, met the grant's row locked
+/// by a step waiting for the user's row: it had to skip the row, and the step went on
+/// after the revocation committed.) On SQLite, whose write transactions do not
+/// overlap, this is only a read. The caller compares the returned id with the user id
+/// on the row it then locks, and refuses the step if they differ (a device code
+/// approved in between).
+pub(crate) async fn lock_owner(
+    db: &vaultpay_store::Db,
+    tx: &mut Tx,
+    table: &'static str,
+    key: &'static str,
+    value: &str,
+) -> Result<Option<String>, AuthError> {
+    // `table` and `key` are constants of this crate, never input.
+    let row = sqlx::query(&format!(
+        "SELECT id FROM users WHERE id = (SELECT user_id FROM {table} WHERE {key} = $1){}",
+        db.for_update()
+    ))
+    .bind(value)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|r| r.try_get("id")).transpose()?)
+}
+
+/// What a step proved before its transaction, for [`recheck_authority`].
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Proof<'a> {
+    /// The hash the step's password matched.
+    pub password_hash: Option<&'a str>,
+    /// The session of the step's token.
+    pub session: Option<&'a str>,
+}
+
+/// Re-checks in `tx`, under the user's row lock (see [`lock_owner`]), what a step
+/// proved before its transaction began: the password (Argon2 runs outside any
+/// transaction) and the caller's session. A password reset or change, "log out
+/// everywhere" or "this wasn't me" that committed meanwhile refuses the step, which
+/// would otherwise act after it on the authority it ended (set a password of its own
+/// choosing over a reset, mail an email-change link, approve a device, carry an OAuth
+/// sign-in on to consent).
+pub(crate) async fn recheck_authority(
+    db: &vaultpay_store::Db,
+    tx: &mut Tx,
+    user_id: &str,
+    proof: Proof<'_>,
+) -> Result<(), AuthError> {
+    let row = sqlx::query(&format!(
+        "SELECT password_hash FROM users WHERE id = $1{}",
+        db.for_update()
+    ))
+    .bind(user_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(AuthError::InvalidCredentials)?;
+    if let Some(m) = proof.password_hash {
+        if password_changed_since(&row, m)? {
+            return Err(AuthError::InvalidCredentials);
+        }
     }
+    if let Some(sid) = proof.session {
+        let now = now_micros();
+        let live = sqlx::query(
+            "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3",
+        )
+        .bind(sid)
+        .bind(user_id)
+        .bind(now)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if live.is_none() {
+            return Err(AuthError::SessionInactive);
+        }
+    }
+    Ok(())
 }
 
 /// Expires a user's logins held for a network confirmation (see `iptrust`): neither
@@ -115,8 +183,7 @@ pub(crate) async fn expire_login_holds(
     end_user_rows(
         tx,
         "login_holds",
-        "ticket_hash",
-        "expires_at",
+        "expires_at = 0",
         "completed_at IS NULL AND expires_at > $1",
         user_id,
         now,
@@ -124,22 +191,22 @@ pub(crate) async fn expire_login_holds(
     .await
 }
 
-/// Sets `column` to now (`$1`) on `user_id`'s (`$2`) rows of `table` that match
-/// `filter`, skipping rows another transaction holds (see [`skip_locked`]). The names
-/// and the filter are constants of this crate, never input.
+/// Applies `set` to `user_id`'s (`$2`) rows of `table` that match `filter` (now is
+/// `$1`), in a transaction that holds the user's row (see [`lock_owner`]). The names,
+/// the assignment and the filter are constants of this crate, never input. A grant
+/// that expires is ended with `expires_at = 0`, not now: a step that read its clock
+/// before it waited for the user's row compares with an earlier now, by which a grant
+/// ended now would still look live.
 pub(crate) async fn end_user_rows(
     tx: &mut Tx,
     table: &'static str,
-    key: &'static str,
-    column: &'static str,
+    set: &'static str,
     filter: &'static str,
     user_id: &str,
     now: i64,
 ) -> Result<(), AuthError> {
-    let skip = skip_locked(tx);
     sqlx::query(&format!(
-        "UPDATE {table} SET {column} = $1 WHERE {key} IN \
-         (SELECT {key} FROM {table} WHERE user_id = $2 AND {filter}{skip})"
+        "UPDATE {table} SET {set} WHERE user_id = $2 AND {filter}"
     ))
     .bind(now)
     .bind(user_id)
@@ -585,7 +652,18 @@ impl AuthService {
         reason: &str,
     ) -> Result<u64, AuthError> {
         let now = now_micros();
-        // Requests first: a consent in flight (it locks its request, never the user
+        // The user's row first (the callers that change it have locked it already):
+        // every step that uses one of the grants ended below locks that row before
+        // the grant's (see `lock_owner`), so it is ordered before this revocation or
+        // after it, never half-way.
+        sqlx::query(&format!(
+            "SELECT id FROM users WHERE id = $1{}",
+            self.inner.db.for_update()
+        ))
+        .bind(user_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        // Requests next: a consent in flight (it locks its request, never the user
         // row) is waited for, and the code it issues is then expired below.
         sqlx::query("DELETE FROM oauth_requests WHERE user_id = $1")
             .bind(user_id)
@@ -594,8 +672,7 @@ impl AuthService {
         end_user_rows(
             tx,
             "oauth_codes",
-            "code_hash",
-            "expires_at",
+            "expires_at = 0",
             "used_at IS NULL AND expires_at > $1",
             user_id,
             now,
@@ -604,8 +681,7 @@ impl AuthService {
         end_user_rows(
             tx,
             "oauth_device_codes",
-            "device_code_hash",
-            "expires_at",
+            "expires_at = 0",
             "status = 'approved' AND expires_at > $1",
             user_id,
             now,
@@ -614,8 +690,7 @@ impl AuthService {
         end_user_rows(
             tx,
             "mfa_tickets",
-            "ticket_hash",
-            "used_at",
+            "used_at = $1",
             "used_at IS NULL",
             user_id,
             now,

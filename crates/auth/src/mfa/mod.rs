@@ -293,6 +293,18 @@ impl AuthService {
         let db = &self.inner.db;
         let now = now_micros();
         let mut tx = db.begin().await?;
+        // A reset or "log out everywhere" that committed since the session was checked
+        // ended it: no factor is added on its authority.
+        crate::sessions::recheck_authority(
+            db,
+            &mut tx,
+            user_id,
+            crate::sessions::Proof {
+                password_hash: None,
+                session: Some(p.session_id()),
+            },
+        )
+        .await?;
         let row = sqlx::query(&format!(
             "SELECT secret_sealed, enabled_at FROM mfa_totp WHERE user_id = $1{}",
             db.for_update()
@@ -401,7 +413,11 @@ impl AuthService {
             .fetch_one(self.inner.db.read())
             .await?
             .try_get("password_hash")?;
-        if req.password.len() > 1024 || !self.verify_password(req.password, Some(phc)).await? {
+        if req.password.len() > 1024
+            || !self
+                .verify_password(req.password, Some(phc.clone()))
+                .await?
+        {
             self.audit_only(
                 ctx,
                 NewAudit::failure("mfa.totp_disable_failed")
@@ -415,6 +431,18 @@ impl AuthService {
         }
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
+        // A reset or change that committed while the password was checked ended this
+        // session: no factor is removed on its authority.
+        crate::sessions::recheck_authority(
+            db,
+            &mut tx,
+            user_id,
+            crate::sessions::Proof {
+                password_hash: Some(&phc),
+                session: Some(p.session_id()),
+            },
+        )
+        .await?;
         // A current TOTP code, or a recovery code when the authenticator is lost.
         let method = if req.code.trim().len() == 6 {
             METHOD_TOTP
@@ -568,6 +596,18 @@ impl AuthService {
         self.mfa_limit(ctx, user_id).await?;
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
+        // A reset or "log out everywhere" that committed since the session was checked
+        // ended it: no factor is added on its authority.
+        crate::sessions::recheck_authority(
+            db,
+            &mut tx,
+            user_id,
+            crate::sessions::Proof {
+                password_hash: None,
+                session: Some(p.session_id()),
+            },
+        )
+        .await?;
         match self
             .check_email_code(&mut tx, user_id, "enrol", code)
             .await?
@@ -644,7 +684,7 @@ impl AuthService {
             .fetch_one(self.inner.db.read())
             .await?
             .try_get("password_hash")?;
-        if password.len() > 1024 || !self.verify_password(password, Some(phc)).await? {
+        if password.len() > 1024 || !self.verify_password(password, Some(phc.clone())).await? {
             self.audit_only(
                 ctx,
                 NewAudit::failure("mfa.email_disable_failed")
@@ -657,6 +697,18 @@ impl AuthService {
         }
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
+        // A reset or change that committed while the password was checked ended this
+        // session: no factor is removed on its authority.
+        crate::sessions::recheck_authority(
+            db,
+            &mut tx,
+            user_id,
+            crate::sessions::Proof {
+                password_hash: Some(&phc),
+                session: Some(p.session_id()),
+            },
+        )
+        .await?;
         sqlx::query("DELETE FROM mfa_email WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -1033,6 +1085,12 @@ impl AuthService {
         let db = &self.inner.db;
         let now = now_micros();
         let mut tx = db.begin().await?;
+        let owner =
+            crate::sessions::lock_owner(db, &mut tx, "mfa_tickets", "ticket_hash", &ticket_hash)
+                .await?;
+        if owner.as_deref() != Some(user_id.as_str()) {
+            return Err(ticket_invalid());
+        }
         let row = sqlx::query(&format!(
             "SELECT user_id, device_id, device_name, attempts FROM mfa_tickets \
              WHERE ticket_hash = $1 AND used_at IS NULL AND expires_at > $2{}",

@@ -433,7 +433,11 @@ async fn load_pending(
 }
 
 /// Moves a request to its next stage (only from the stage it was read in), with the
-/// audit entry of the sign-in step, in one transaction.
+/// audit entry of the sign-in step, in one transaction, which first re-checks `proof`
+/// under the user's row lock: a password reset that committed after the sign-in
+/// matched the old password refuses it (`InvalidCredentials`); a request already
+/// signed in is deleted by such a reset, which this lock orders this step with.
+#[allow(clippy::too_many_arguments)]
 async fn advance(
     svc: &AuthService,
     ctx: &Ctx,
@@ -442,9 +446,11 @@ async fn advance(
     user_id: &str,
     auth_time: i64,
     amr: &str,
+    proof: crate::sessions::Proof<'_>,
 ) -> Result<bool, AuthError> {
     let db = svc.db();
     let mut tx = db.begin().await?;
+    crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
     let n = sqlx::query(
         "UPDATE oauth_requests SET stage = $1, user_id = $2, auth_time = $3, amr = $4 WHERE id_hash = $5 AND stage = $6",
     )
@@ -535,28 +541,28 @@ pub(crate) async fn signin(
     if p.stage != "signin" {
         return stage_error();
     }
-    let user_id = match svc.check_password(&ctx, &form.email, &form.password).await {
-        Ok(u) => u,
-        Err(e) => {
-            return match signin_failure_text(&e) {
-                Some(text) => {
-                    let status = if matches!(e, AuthError::Api(_)) {
-                        StatusCode::TOO_MANY_REQUESTS
-                    } else {
-                        StatusCode::UNAUTHORIZED
-                    };
-                    pages::signin(
-                        status,
-                        &form.csrf,
-                        &p.client.name,
-                        Some(text),
-                        &super::upstream::providers(&svc),
-                        None,
-                    )
-                }
-                None => internal(e),
-            }
+    // The sign-in page again with what went wrong, or an error page.
+    let refused = |e: AuthError| match signin_failure_text(&e) {
+        Some(text) => {
+            let status = if matches!(e, AuthError::Api(_)) {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            pages::signin(
+                status,
+                &form.csrf,
+                &p.client.name,
+                Some(text),
+                &super::upstream::providers(&svc),
+                None,
+            )
         }
+        None => internal(e),
+    };
+    let (user_id, matched) = match svc.check_password(&ctx, &form.email, &form.password).await {
+        Ok(u) => u,
+        Err(e) => return refused(e),
     };
     let now = now_micros();
     let needs_2fa = second_factor_required(&svc, &ctx, &user_id).await;
@@ -568,10 +574,14 @@ pub(crate) async fn signin(
     } else {
         "consent"
     };
-    match advance(&svc, &ctx, &p, next, &user_id, now, "pwd").await {
+    let proof = crate::sessions::Proof {
+        password_hash: Some(&matched),
+        session: None,
+    };
+    match advance(&svc, &ctx, &p, next, &user_id, now, "pwd", proof).await {
         Ok(true) => {}
         Ok(false) => return stage_error(),
-        Err(e) => return internal(e),
+        Err(e) => return refused(e),
     }
     if needs_2fa {
         pages::second_factor(StatusCode::OK, &form.csrf, None)
@@ -716,6 +726,7 @@ pub(crate) async fn second_factor(
         &user_id,
         p.auth_time.unwrap_or_else(now_micros),
         &amr,
+        crate::sessions::Proof::default(),
     )
     .await
     {

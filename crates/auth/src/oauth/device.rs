@@ -137,18 +137,22 @@ pub(crate) async fn poll(
     let db = svc.db();
     let now = now_micros();
     let mut tx = db.begin().await?;
+    let hash = sha256_hex(device_code.as_bytes());
+    // the approving user's row, if the code has one yet (see `lock_owner`)
+    let owner =
+        crate::sessions::lock_owner(db, &mut tx, "oauth_device_codes", "device_code_hash", &hash)
+            .await?;
     let r = sqlx::query(&format!(
-        "SELECT device_code_hash, client_id, scope, status, user_id, auth_time, amr, interval_secs, last_polled_at, \
+        "SELECT client_id, scope, status, user_id, auth_time, amr, interval_secs, last_polled_at, \
          expires_at FROM oauth_device_codes WHERE device_code_hash = $1{}",
         db.for_update()
     ))
-    .bind(sha256_hex(device_code.as_bytes()))
+    .bind(&hash)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(r) = r else {
         return Err(OAuthError::grant("the device code is invalid"));
     };
-    let hash: String = r.try_get("device_code_hash")?;
     let code_client: String = r.try_get("client_id")?;
     if code_client != client.client_id {
         return Err(OAuthError::grant(
@@ -196,6 +200,15 @@ pub(crate) async fn poll(
             let user_id: Option<String> = r.try_get("user_id")?;
             let user_id =
                 user_id.ok_or_else(|| AuthError::Internal("approved without a user".into()))?;
+            if owner.as_deref() != Some(user_id.as_str()) {
+                // Approved after this poll locked its user (none, while pending): the
+                // user's row was not taken first, so this poll issues nothing; the
+                // next one does.
+                return Err(OAuthError::new(
+                    "authorization_pending",
+                    "the user has not approved yet",
+                ));
+            }
             let scope: String = r.try_get("scope")?;
             let amr: Option<String> = r.try_get("amr")?;
             let auth_time: Option<i64> = r.try_get("auth_time")?;
@@ -238,6 +251,10 @@ pub(crate) async fn poll(
 impl AuthService {
     /// Approves or denies a pending device code for `user_id`. Attempts are rate
     /// limited per address (user codes are short). False if no such pending code.
+    /// `proof`: what allowed it (the device page's password, or the API caller's
+    /// session), re-checked in the transaction (see
+    /// [`crate::sessions::recheck_authority`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn decide_device(
         &self,
         ctx: &Ctx,
@@ -246,6 +263,7 @@ impl AuthService {
         auth_time: i64,
         amr: &str,
         approve: bool,
+        proof: crate::sessions::Proof<'_>,
     ) -> Result<bool, AuthError> {
         vaultpay_web::enforce(
             &*self.limiter(),
@@ -257,6 +275,7 @@ impl AuthService {
         let db = self.db();
         let now = now_micros();
         let mut tx = db.begin().await?;
+        crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
         let n = sqlx::query(
             "UPDATE oauth_device_codes SET status = $1, user_id = $2, auth_time = $3, amr = $4 \
              WHERE user_code = $5 AND status = 'pending' AND expires_at > $6",
@@ -326,6 +345,10 @@ pub(crate) async fn approve_route(
             p.claims.auth_time * 1_000_000,
             &amr,
             !req.deny,
+            crate::sessions::Proof {
+                password_hash: None,
+                session: Some(p.session_id()),
+            },
         )
         .await?;
     if !ok {
@@ -391,7 +414,7 @@ pub(crate) async fn device_submit(
     }
     let again =
         |status: StatusCode, msg: &str| pages::device(status, &f.csrf, &f.user_code, Some(msg));
-    let user_id = match svc.check_password(&ctx, &f.email, &f.password).await {
+    let (user_id, matched) = match svc.check_password(&ctx, &f.email, &f.password).await {
         Ok(u) => u,
         Err(e) => {
             return match signin_failure_text(&e) {
@@ -413,7 +436,18 @@ pub(crate) async fn device_submit(
     }
     let approve = f.decision == "approve";
     match svc
-        .decide_device(&ctx, &f.user_code, &user_id, now_micros(), &amr, approve)
+        .decide_device(
+            &ctx,
+            &f.user_code,
+            &user_id,
+            now_micros(),
+            &amr,
+            approve,
+            crate::sessions::Proof {
+                password_hash: Some(&matched),
+                session: None,
+            },
+        )
         .await
     {
         Ok(true) if approve => pages::message("Device connected", "You can return to your device."),
@@ -423,7 +457,8 @@ pub(crate) async fn device_submit(
             "No pending request has this code (it may have expired).",
         ),
         Err(e) => match signin_failure_text(&e) {
-            Some(t) => again(StatusCode::TOO_MANY_REQUESTS, t),
+            Some(t) if matches!(e, AuthError::Api(_)) => again(StatusCode::TOO_MANY_REQUESTS, t),
+            Some(t) => again(StatusCode::UNAUTHORIZED, t),
             None => ApiError::from(e).into_response(),
         },
     }

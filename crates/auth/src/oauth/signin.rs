@@ -34,14 +34,16 @@ pub async fn verify_second_factor(svc: &AuthService, ctx: &Ctx, user_id: &str, c
 }
 
 impl AuthService {
-    /// Checks an email and password; returns the user id. Rate limited per address
-    /// and per account, counts failures toward the lockout, audited.
+    /// Checks an email and password; returns the user id and the hash the password
+    /// matched (for [`crate::sessions::recheck_authority`] in the step it allows). Rate
+    /// limited per address and per account, counts failures toward the lockout,
+    /// audited.
     pub(crate) async fn check_password(
         &self,
         ctx: &Ctx,
         email: &str,
         password: &str,
-    ) -> Result<String, AuthError> {
+    ) -> Result<(String, String), AuthError> {
         let crate::sessions::Signin {
             user_id,
             email,
@@ -79,7 +81,7 @@ impl AuthService {
         };
         self.ip_trust_login_gate(ctx, &user_id, &email, &device, &password_hash)
             .await?;
-        Ok(user_id)
+        Ok((user_id, password_hash))
     }
 }
 

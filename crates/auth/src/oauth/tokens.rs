@@ -308,20 +308,26 @@ async fn exchange_code(
     let db = svc.db();
     let now = now_micros();
     let mut tx = db.begin().await?;
+    let code_hash = sha256_hex(code.as_bytes());
+    let owner =
+        crate::sessions::lock_owner(db, &mut tx, "oauth_codes", "code_hash", &code_hash).await?;
     let r = sqlx::query(&format!(
-        "SELECT code_hash, client_id, user_id, redirect_uri, scope, nonce, code_challenge, auth_time, amr, expires_at, \
+        "SELECT client_id, user_id, redirect_uri, scope, nonce, code_challenge, auth_time, amr, expires_at, \
          used_at, session_id FROM oauth_codes WHERE code_hash = $1{}",
         db.for_update()
     ))
-    .bind(sha256_hex(code.as_bytes()))
+    .bind(&code_hash)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(r) = r else {
         return Err(OAuthError::grant("the authorization code is invalid"));
     };
-    let code_hash: String = r.try_get("code_hash")?;
     let code_client: String = r.try_get("client_id")?;
     let user_id: String = r.try_get("user_id")?;
+    if owner.as_deref() != Some(user_id.as_str()) {
+        // the account is gone
+        return Err(OAuthError::grant("the authorization code is invalid"));
+    }
     let used_at: Option<i64> = r.try_get("used_at")?;
     if used_at.is_some() {
         // Replay: whoever holds this code is not (only) the client. Revoke what it gave.

@@ -402,18 +402,7 @@ where
         .await
         .unwrap();
     let change_when_blocked = async {
-        loop {
-            let waiting: Vec<String> = sqlx::query_scalar(
-                "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-            )
-            .fetch_all(app.auth_db().read())
-            .await
-            .unwrap();
-            if waiting.iter().any(|q| q.contains(blocked_at)) {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        until_waiting_at(app, blocked_at).await;
         sqlx::query("UPDATE users SET password_hash = 'changed-meanwhile' WHERE id = $1")
             .bind(user_id)
             .execute(&mut *change)
@@ -510,4 +499,84 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// PostgreSQL: the text of this test's auth database's statements waiting for a lock
+/// (tests run side by side on one server).
+async fn waiting_statements(app: &TestApp) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    .fetch_all(app.auth_db().read())
+    .await
+    .unwrap()
+}
+
+/// PostgreSQL: waits until a statement whose text contains `text` waits for a lock.
+pub async fn until_waiting_at(app: &TestApp, text: &str) {
+    while !waiting_statements(app)
+        .await
+        .iter()
+        .any(|q| q.contains(text))
+    {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// PostgreSQL: runs `first` and then `second` in that order on `user_id`'s row. A
+/// transaction of the test holds the row; `first` starts, and once it waits for a lock
+/// (or has answered without waiting), `second` starts; once that waits too (or has
+/// answered), the row is released, and PostgreSQL grants it to the waiters in the
+/// order they queued. Returns both answers.
+pub async fn one_after_the_other<A, B>(
+    app: &TestApp,
+    user_id: &str,
+    first: A,
+    second: B,
+) -> (Resp, Resp)
+where
+    A: std::future::Future<Output = Resp>,
+    B: std::future::Future<Output = Resp>,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut holder = app.auth_db().writer().begin().await.unwrap();
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(user_id)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    // how many of the two have answered
+    let answered = AtomicUsize::new(0);
+    // until `n` steps wait for a lock or have answered
+    let settled = |n: usize| {
+        let answered = &answered;
+        async move {
+            while waiting_statements(app).await.len() + answered.load(Ordering::SeqCst) < n {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let first = async {
+        let r = first.await;
+        answered.fetch_add(1, Ordering::SeqCst);
+        r
+    };
+    let second = async {
+        settled(1).await;
+        let r = second.await;
+        answered.fetch_add(1, Ordering::SeqCst);
+        r
+    };
+    let release = async {
+        settled(2).await;
+        holder.rollback().await.unwrap();
+    };
+    let (a, b, ()) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join3(first, second, release),
+    )
+    .await
+    .expect("the steps neither waited nor answered");
+    (a, b)
 }

@@ -21,6 +21,7 @@ mod oauth_interop;
 mod platform;
 #[cfg(feature = "redis")]
 mod redis;
+mod revocation_order;
 mod roles;
 mod split;
 mod upstream_sig;

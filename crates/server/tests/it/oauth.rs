@@ -1453,56 +1453,8 @@ async fn revoked_grants_case(backend: Backend) {
     app.stop().await;
 }
 
-/// PostgreSQL: a password reset does not wait for a grant row another transaction holds
-/// (a code exchange locks its code, then the user's row; the reset holds the user's row
-/// and ends the user's codes, so waiting there deadlocked the two, and one of them
-/// failed with a 500). Here a transaction holds the code's row while the reset runs,
-/// then takes the user's row. (SQLite serialises write transactions: nothing to show.)
-#[tokio::test]
-async fn a_password_reset_does_not_wait_for_a_grant_in_use() {
-    for backend in vaultpay_store::testing::backends() {
-        if backend == Backend::Postgres {
-            grant_in_use_case(backend).await;
-        }
-    }
-}
-
-async fn grant_in_use_case(backend: Backend) {
-    use crate::auth_flows::{reset_link, reset_pw, NEW_PASSWORD};
-    let app = TestApp::spawn(backend).await;
-    let admin = app.admin().await.access;
-    let web = web_client(&app, &admin).await;
-    let email = "busy@example.com";
-    let u = app.user(email).await;
-    let user_id = jwt_part(&u.access, 1)["sub"].as_str().unwrap().to_owned();
-    let (_, challenge) = pkce();
-    let code = get_code(&app, &web.id, CB, "openid", &challenge, email).await;
-    let token = reset_link(&app, email).await;
-
-    let mut exchange_tx = app.auth_db().writer().begin().await.unwrap();
-    sqlx::query("SELECT code_hash FROM oauth_codes WHERE code_hash = $1 FOR UPDATE")
-        .bind(vaultpay_core::crypto::sha256_hex(code.as_bytes()))
-        .fetch_one(&mut *exchange_tx)
-        .await
-        .unwrap();
-    let r = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        reset_pw(&app, &token, NEW_PASSWORD),
-    )
-    .await
-    .expect("the reset waited for the locked code");
-    assert!(r.status.is_success(), "{}", r.text);
-    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
-        .bind(&user_id)
-        .fetch_one(&mut *exchange_tx)
-        .await
-        .unwrap();
-    exchange_tx.rollback().await.unwrap();
-    app.stop().await;
-}
-
 /// A public client for the device flow, with scopes `openid api`.
-async fn device_client(app: &TestApp, admin: &str) -> OClient {
+pub async fn device_client(app: &TestApp, admin: &str) -> OClient {
     create_client(
         app,
         admin,
@@ -1513,7 +1465,7 @@ async fn device_client(app: &TestApp, admin: &str) -> OClient {
     .await
 }
 
-async fn device_start(app: &TestApp, c: &OClient, scope: &str) -> Value {
+pub async fn device_start(app: &TestApp, c: &OClient, scope: &str) -> Value {
     let r = form_post(
         app,
         "/oauth/device_authorization",

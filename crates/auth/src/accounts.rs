@@ -554,14 +554,9 @@ impl AuthService {
         self.check_history(user_id, &req.new_password).await?;
         let phc = self.hash_password(req.new_password).await?;
         let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        // A reset (or another change) that committed while the passwords were checked
-        // and hashed ended this session: this change must not undo it.
-        let proof = crate::sessions::Proof {
-            password_hash: Some(&matched),
-            session: Some(p.session_id()),
-        };
-        crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
+        // a reset that committed while the passwords were checked and hashed is not
+        // undone by this change
+        let mut tx = crate::sessions::begin_as_caller(db, p, Some(&matched)).await?;
         self.set_password(&mut tx, user_id, &phc).await?;
         let revoked = self
             .revoke_sessions_tx(&mut tx, user_id, Some(p.session_id()), "password_changed")

@@ -75,14 +75,7 @@ impl AuthService {
         let now = now_micros();
         let ttl = self.inner.cfg.email_verify_ttl_secs;
         let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        // A reset or "log out everywhere" that committed since the checks above ended
-        // this session: no link may be mailed on its authority.
-        let proof = crate::sessions::Proof {
-            password_hash: Some(&phc),
-            session: Some(p.session_id()),
-        };
-        crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
+        let mut tx = crate::sessions::begin_as_caller(db, p, Some(&phc)).await?;
         void_email_tokens(&mut tx, user_id, PURPOSE, now).await?;
         let token = insert_email_token(&mut *tx, user_id, PURPOSE, ttl, Some(&new_email)).await?;
         append(

@@ -363,7 +363,7 @@ impl AuthService {
         // the user row's lock makes the check-and-insert below one step.
         sqlx::query(&format!(
             "SELECT id FROM users WHERE id = $1{}",
-            db.for_update()
+            db.for_no_key_update()
         ))
         .bind(user_id)
         .fetch_optional(&mut *tx)
@@ -429,7 +429,7 @@ impl AuthService {
         // revocation expired the holds it saw; this one would have come after it).
         let current: Option<String> = sqlx::query_scalar(&format!(
             "SELECT password_hash FROM users WHERE id = $1{}",
-            db.for_update()
+            db.for_no_key_update()
         ))
         .bind(user_id)
         .fetch_optional(&mut *tx)
@@ -737,14 +737,17 @@ impl AuthService {
         // A confirmed network replaces no factor: a user with a second factor goes on
         // to the MFA step (202 mfa_required with a ticket) exactly as a trusted login.
         if factors.any() {
-            tx.commit().await?;
             let device = wire::DeviceInfo {
                 id: hold.device_id.clone(),
                 name: hold.device_name.clone(),
             };
-            return Err(self
-                .mfa_challenge(ctx, &hold.user_id, &device, &factors)
-                .await?);
+            // in this transaction, which holds the user's row: a revocation is wholly
+            // before the ticket (and the hold was ended) or after it (and spends it)
+            let challenge = self
+                .mfa_challenge_in(&mut tx, ctx, &hold.user_id, &device, &factors)
+                .await?;
+            tx.commit().await?;
+            return Err(challenge);
         }
         let facts = SessionFacts {
             user_id: hold.user_id.clone(),

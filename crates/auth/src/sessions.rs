@@ -81,7 +81,7 @@ pub(crate) async fn security_locked_in(
 ) -> Result<Option<bool>, AuthError> {
     let row = sqlx::query(&format!(
         "SELECT security_locked_at FROM users WHERE id = $1{}",
-        db.for_update()
+        db.for_no_key_update()
     ))
     .bind(user_id)
     .fetch_optional(&mut **tx)
@@ -113,7 +113,7 @@ pub(crate) async fn lock_owner(
     // `table` and `key` are constants of this crate, never input.
     let row = sqlx::query(&format!(
         "SELECT id FROM users WHERE id = (SELECT user_id FROM {table} WHERE {key} = $1){}",
-        db.for_update()
+        db.for_no_key_update()
     ))
     .bind(value)
     .fetch_optional(&mut **tx)
@@ -145,17 +145,12 @@ pub(crate) async fn recheck_authority(
 ) -> Result<(), AuthError> {
     let row = sqlx::query(&format!(
         "SELECT password_hash FROM users WHERE id = $1{}",
-        db.for_update()
+        db.for_no_key_update()
     ))
     .bind(user_id)
     .fetch_optional(&mut **tx)
     .await?
     .ok_or(AuthError::InvalidCredentials)?;
-    if let Some(m) = proof.password_hash {
-        if password_changed_since(&row, m)? {
-            return Err(AuthError::InvalidCredentials);
-        }
-    }
     if let Some(sid) = proof.session {
         let now = now_micros();
         let live = sqlx::query(
@@ -170,7 +165,32 @@ pub(crate) async fn recheck_authority(
             return Err(AuthError::SessionInactive);
         }
     }
+    // The password the step was given is no longer the account's.
+    if let Some(m) = proof.password_hash {
+        if password_changed_since(&row, m)? {
+            return Err(AuthError::InvalidCredentials);
+        }
+    }
     Ok(())
+}
+
+/// Begins a transaction that first re-checks the caller of `p` under the user's row
+/// lock ([`recheck_authority`]): its session, and the hash its password matched, if
+/// the step took one. For the caller's own account changes: a reset, change or "log
+/// out everywhere" that committed since the step's checks ended the session, and no
+/// password, email, second factor or link changes on its authority.
+pub(crate) async fn begin_as_caller(
+    db: &vaultpay_store::Db,
+    p: &vaultpay_web::Principal,
+    password_hash: Option<&str>,
+) -> Result<Tx, AuthError> {
+    let mut tx = db.begin().await?;
+    let proof = Proof {
+        password_hash,
+        session: Some(p.session_id()),
+    };
+    recheck_authority(db, &mut tx, p.user_id(), proof).await?;
+    Ok(tx)
 }
 
 /// Expires a user's logins held for a network confirmation (see `iptrust`): neither
@@ -278,7 +298,7 @@ impl AuthService {
         if factors.any() {
             tx.rollback().await?;
             return Err(self
-                .mfa_challenge(ctx, &user_id, &req.device, &factors)
+                .mfa_challenge(ctx, &user_id, &req.device, &factors, &password_hash)
                 .await?);
         }
         let facts = SessionFacts {
@@ -658,7 +678,7 @@ impl AuthService {
         // after it, never half-way.
         sqlx::query(&format!(
             "SELECT id FROM users WHERE id = $1{}",
-            self.inner.db.for_update()
+            self.inner.db.for_no_key_update()
         ))
         .bind(user_id)
         .fetch_optional(&mut **tx)

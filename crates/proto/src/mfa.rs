@@ -37,6 +37,19 @@ pub struct TotpDisableRequest {
     pub code: String,
 }
 
+/// `POST /v1/admin/users/{id}/mfa/reset`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MfaResetRequest {
+    /// Why (1 to 500 characters, no control characters; kept in the audit log): for
+    /// example how the person's identity was verified.
+    pub reason: String,
+    /// Also lock the account until its password is reset (as "this wasn't me" does):
+    /// for a factor someone else enrolled, who knows the password.
+    #[serde(default)]
+    pub require_password_reset: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordRequest {

@@ -414,6 +414,19 @@ impl Db {
         }
     }
 
+    /// ` FOR NO KEY UPDATE` on PostgreSQL (nothing on SQLite, whose write transactions
+    /// do not overlap): the row lock an `UPDATE` of non-key columns takes. It orders
+    /// transactions that lock or update the row, and unlike `FOR UPDATE` it does not
+    /// block the `FOR KEY SHARE` lock a foreign-key check takes on the row when another
+    /// table's row that references it is inserted (which, waited for by a transaction
+    /// that holds a row the locker then needs, deadlocks).
+    pub fn for_no_key_update(&self) -> &'static str {
+        match self.inner.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR NO KEY UPDATE",
+        }
+    }
+
     /// Suffix that locks the selected rows until commit (`FOR UPDATE` on PostgreSQL;
     /// nothing on SQLite, where the write transaction already holds the database lock).
     pub fn for_update(&self) -> &'static str {

@@ -42,6 +42,8 @@ pub enum StepUpOp {
     PasswordChange,
     EmailChange,
     RoleChange,
+    /// An administrator removing another user's second factors: always.
+    MfaReset,
 }
 
 /// What a second-factor check found.
@@ -292,19 +294,7 @@ impl AuthService {
         self.mfa_limit(ctx, user_id).await?;
         let db = &self.inner.db;
         let now = now_micros();
-        let mut tx = db.begin().await?;
-        // A reset or "log out everywhere" that committed since the session was checked
-        // ended it: no factor is added on its authority.
-        crate::sessions::recheck_authority(
-            db,
-            &mut tx,
-            user_id,
-            crate::sessions::Proof {
-                password_hash: None,
-                session: Some(p.session_id()),
-            },
-        )
-        .await?;
+        let mut tx = crate::sessions::begin_as_caller(db, p, None).await?;
         let row = sqlx::query(&format!(
             "SELECT secret_sealed, enabled_at FROM mfa_totp WHERE user_id = $1{}",
             db.for_update()
@@ -430,19 +420,7 @@ impl AuthService {
             return Err(AuthError::InvalidCredentials);
         }
         let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        // A reset or change that committed while the password was checked ended this
-        // session: no factor is removed on its authority.
-        crate::sessions::recheck_authority(
-            db,
-            &mut tx,
-            user_id,
-            crate::sessions::Proof {
-                password_hash: Some(&phc),
-                session: Some(p.session_id()),
-            },
-        )
-        .await?;
+        let mut tx = crate::sessions::begin_as_caller(db, p, Some(&phc)).await?;
         // A current TOTP code, or a recovery code when the authenticator is lost.
         let method = if req.code.trim().len() == 6 {
             METHOD_TOTP
@@ -595,19 +573,7 @@ impl AuthService {
         let user_id = p.user_id();
         self.mfa_limit(ctx, user_id).await?;
         let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        // A reset or "log out everywhere" that committed since the session was checked
-        // ended it: no factor is added on its authority.
-        crate::sessions::recheck_authority(
-            db,
-            &mut tx,
-            user_id,
-            crate::sessions::Proof {
-                password_hash: None,
-                session: Some(p.session_id()),
-            },
-        )
-        .await?;
+        let mut tx = crate::sessions::begin_as_caller(db, p, None).await?;
         match self
             .check_email_code(&mut tx, user_id, "enrol", code)
             .await?
@@ -696,19 +662,7 @@ impl AuthService {
             return Err(AuthError::InvalidCredentials);
         }
         let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        // A reset or change that committed while the password was checked ended this
-        // session: no factor is removed on its authority.
-        crate::sessions::recheck_authority(
-            db,
-            &mut tx,
-            user_id,
-            crate::sessions::Proof {
-                password_hash: Some(&phc),
-                session: Some(p.session_id()),
-            },
-        )
-        .await?;
+        let mut tx = crate::sessions::begin_as_caller(db, p, Some(&phc)).await?;
         sqlx::query("DELETE FROM mfa_email WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -966,12 +920,160 @@ impl AuthService {
         }
     }
 
+    /// `POST /v1/admin/users/{id}/mfa/reset`: removes every second factor of
+    /// `user_id` (for a person who lost them, or whose account someone else enrolled
+    /// one on), in one transaction with the end of their sessions and of everything a
+    /// revocation ends (login tickets waiting for a factor among them), audited with
+    /// `reason`; the user is told by mail. Not for the caller's own account (the
+    /// self-service routes need the password and a factor).
+    pub async fn admin_reset_mfa(
+        &self,
+        ctx: &Ctx,
+        actor: &Principal,
+        user_id: &str,
+        req: &mw::MfaResetRequest,
+    ) -> Result<wire::Accepted, AuthError> {
+        let reason = req.reason.trim();
+        if reason.is_empty() || reason.chars().count() > 500 || reason.chars().any(char::is_control)
+        {
+            return Err(AuthError::Invalid(
+                "reason_invalid",
+                "reason must be 1 to 500 characters, without control characters".into(),
+            ));
+        }
+        if user_id == actor.user_id() {
+            return Err(AuthError::Invalid(
+                "mfa_reset_self",
+                "An administrator resets other users' second factors; turn your own off with \
+                 POST /v1/mfa/totp/disable or /v1/mfa/email/disable."
+                    .into(),
+            ));
+        }
+        self.require_step_up(actor, StepUpOp::MfaReset).await?;
+        // Nobody strips the factors of an account that can do more than they can (a
+        // help desk with `users:manage`, an administrator's).
+        let mine = self.effective(actor.user_id()).await?;
+        let theirs = self.effective(user_id).await?;
+        if let Some(p) = theirs
+            .permissions
+            .iter()
+            .find(|p| !mine.permissions.contains(*p))
+        {
+            return Err(AuthError::Forbidden(p.clone()));
+        }
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {FACTOR_COLUMNS} FROM users WHERE id = $1{}",
+            db.for_no_key_update()
+        ))
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(AuthError::NotFound("user"))?;
+        let had = Factors::from_row(&row)?;
+        if !had.any() {
+            return Err(AuthError::Api(ApiError::conflict(
+                "mfa_not_enrolled",
+                "This user has no second factor to reset.",
+            )));
+        }
+        let had = had.methods();
+        for table in ["mfa_totp", "mfa_recovery_codes", "mfa_email"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1"))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE mfa_email_codes SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL",
+        )
+        .bind(now_micros())
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        if req.require_password_reset {
+            sqlx::query("UPDATE users SET security_locked_at = $1, updated_at = $1 WHERE id = $2")
+                .bind(now_micros())
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let revoked = self
+            .revoke_sessions_tx(&mut tx, user_id, None, "mfa_reset")
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("mfa.reset")
+                .actor(actor.user_id())
+                .resource(user_id)
+                .metadata(serde_json::json!({
+                    "reason": reason,
+                    "methods": had,
+                    "sessions_revoked": revoked,
+                    "password_reset_required": req.require_password_reset,
+                })),
+        )
+        .await?;
+        tx.commit().await?;
+        self.sessions_changed(Some(user_id)).await;
+        let next = if req.require_password_reset {
+            "Reset your password (\"Forgot password\"), sign in, and enrol a second factor again."
+        } else {
+            "Sign in with your password and enrol a second factor again."
+        };
+        self.notify_security_change(
+            user_id,
+            "Your second factors were reset by an administrator",
+            &format!(
+                "An administrator removed every second factor from your VaultPay account (your \
+                 authenticator app, recovery codes and emailed codes) and signed you out \
+                 everywhere. {next}"
+            ),
+        )
+        .await;
+        Ok(wire::Accepted {
+            status: "mfa_reset".into(),
+        })
+    }
+
     // ---- login ----
 
-    /// Opens a second-factor ticket for a user with factors `f`; returns the 202
-    /// `mfa_required` answer (as the error the sign-in ends with).
+    /// Opens a second-factor ticket for a user with factors `f` whose password matched
+    /// `matched`; returns the 202 `mfa_required` answer (as the error the sign-in ends
+    /// with). Its own transaction (the sign-in's rolled back, so that a right password
+    /// does not reset the failure count the second factor's guesses add to) re-checks
+    /// the password under the user's row lock first: a reset that committed since the
+    /// sign-in's check, and spent the tickets it found, is not followed by a new one.
     pub(crate) async fn mfa_challenge(
         &self,
+        ctx: &Ctx,
+        user_id: &str,
+        device: &wire::DeviceInfo,
+        f: &Factors,
+        matched: &str,
+    ) -> Result<AuthError, AuthError> {
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let proof = crate::sessions::Proof {
+            password_hash: Some(matched),
+            session: None,
+        };
+        crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
+        let challenge = self
+            .mfa_challenge_in(&mut tx, ctx, user_id, device, f)
+            .await?;
+        tx.commit().await?;
+        Ok(challenge)
+    }
+
+    /// [`Self::mfa_challenge`] in the caller's transaction, which holds the user's row
+    /// and commits.
+    pub(crate) async fn mfa_challenge_in(
+        &self,
+        tx: &mut Tx,
         ctx: &Ctx,
         user_id: &str,
         device: &wire::DeviceInfo,
@@ -981,7 +1083,6 @@ impl AuthService {
         let ticket = opaque_token();
         let now = now_micros();
         let db = &self.inner.db;
-        let mut tx = db.begin().await?;
         sqlx::query(
             "INSERT INTO mfa_tickets (ticket_hash, user_id, device_id, device_name, attempts, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, 0, $5, $6)",
@@ -992,12 +1093,12 @@ impl AuthService {
         .bind(device.name.trim())
         .bind(now)
         .bind(now + secs(cfg.ticket_ttl_secs))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         let methods = f.methods();
         append(
             db,
-            &mut tx,
+            tx,
             &ctx.origin(),
             NewAudit::success("login.mfa_required")
                 .actor(user_id)
@@ -1005,7 +1106,6 @@ impl AuthService {
                 .metadata(serde_json::json!({ "device_id": device.id.trim(), "methods": methods })),
         )
         .await?;
-        tx.commit().await?;
         metrics::counter!("auth_logins_total", "outcome" => "mfa_required").increment(1);
         Ok(AuthError::MfaRequired(Box::new(mw::MfaChallenge {
             status: "mfa_required".into(),
@@ -1236,6 +1336,8 @@ impl AuthService {
             StepUpOp::PasswordChange => sc.password_change,
             StepUpOp::EmailChange => sc.email_change,
             StepUpOp::RoleChange => sc.role_changes,
+            // always: it removes what protects another person's account
+            StepUpOp::MfaReset => true,
         };
         if !on {
             return Ok(());
@@ -1246,19 +1348,23 @@ impl AuthService {
             return Ok(());
         };
         match op {
-            StepUpOp::RoleChange => {
-                metrics::counter!("auth_step_up_required_total", "op" => "role_change")
-                    .increment(1);
+            StepUpOp::RoleChange | StepUpOp::MfaReset => {
+                let (label, what) = if matches!(op, StepUpOp::RoleChange) {
+                    ("role_change", "Role changes need")
+                } else {
+                    ("mfa_reset", "Resetting another user's second factors needs")
+                };
+                metrics::counter!("auth_step_up_required_total", "op" => label).increment(1);
                 if self.factors(p.user_id()).await?.any() {
                     Err(AuthError::Api(challenge))
                 } else {
                     Err(AuthError::Api(
                         challenge
-                            .detail(
-                                "Role changes need a second factor within the last few minutes, \
-                                 and this account has none: enrol one (POST /v1/mfa/totp), step up \
-                                 (POST /v1/auth/step-up) and retry with the new token.",
-                            )
+                            .detail(format!(
+                                "{what} a second factor within the last few minutes, and this \
+                                 account has none: enrol one (POST /v1/mfa/totp), step up \
+                                 (POST /v1/auth/step-up) and retry with the new token."
+                            ))
                             .with("mfa_enrolled", false),
                     ))
                 }

@@ -28,6 +28,7 @@ pub(crate) fn routes() -> Router<AuthService> {
         .route("/v1/auth/mfa/email", post(mfa_email))
         .route("/v1/auth/step-up", post(step_up))
         .route("/v1/auth/step-up/email", post(step_up_email))
+        .route("/v1/admin/users/{id}/mfa/reset", post(admin_reset))
 }
 
 #[derive(OpenApi)]
@@ -43,7 +44,8 @@ pub(crate) fn routes() -> Router<AuthService> {
         mfa_verify,
         mfa_email,
         step_up,
-        step_up_email
+        step_up_email,
+        admin_reset
     ),
     components(schemas(
         mw::TotpEnrollment,
@@ -55,7 +57,8 @@ pub(crate) fn routes() -> Router<AuthService> {
         mw::MfaChallenge,
         mw::MfaVerifyRequest,
         mw::MfaTicketRequest,
-        mw::StepUpRequest
+        mw::StepUpRequest,
+        mw::MfaResetRequest
     ))
 )]
 pub(crate) struct MfaApi;
@@ -72,6 +75,29 @@ fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {
     responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem)), security(("bearer" = [])))]
 async fn status(State(svc): State<AuthService>, p: Principal) -> ApiResult<Json<mw::MfaStatus>> {
     Ok(Json(svc.mfa_status(&p).await?))
+}
+
+/// Remove every second factor of a user who has lost them (`users:manage`, every
+/// permission the user has, and a fresh second factor of the caller's own): TOTP,
+/// recovery codes and emailed codes go, the user's sessions and pending sign-ins end
+/// (and with `require_password_reset` the account is locked until a password reset),
+/// and the user is told by mail. 409 `mfa_not_enrolled` if the user has none.
+#[utoipa::path(post, path = "/v1/admin/users/{id}/mfa/reset", tag = "auth", params(("id" = String, Path)),
+    request_body = mw::MfaResetRequest,
+    responses((status = 200, body = wire::Accepted),
+        (status = 401, description = "`insufficient_user_authentication`: step up first (RFC 9470)", body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
+        (status = 422, body = Problem)), security(("bearer" = [])))]
+async fn admin_reset(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    ApiJson(req): ApiJson<mw::MfaResetRequest>,
+) -> ApiResult<Json<wire::Accepted>> {
+    svc.require_live_session(&p).await?;
+    svc.require(&p, "users:manage").await?;
+    Ok(Json(svc.admin_reset_mfa(&ctx, &p, &id, &req).await?))
 }
 
 /// Start TOTP enrolment: a pending secret, its `otpauth://` URI and QR code (SVG).

@@ -418,6 +418,9 @@ pub(crate) async fn device_submit(
         Ok(u) => u,
         Err(e) => {
             return match signin_failure_text(&e) {
+                Some(t) if matches!(e, AuthError::Api(_)) => {
+                    again(StatusCode::TOO_MANY_REQUESTS, t)
+                }
                 Some(t) => again(StatusCode::UNAUTHORIZED, t),
                 None => ApiError::from(e).into_response(),
             }

@@ -396,7 +396,7 @@ where
     F: std::future::Future<Output = Resp>,
 {
     let mut change = app.auth_db().writer().begin().await.unwrap();
-    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR NO KEY UPDATE")
         .bind(user_id)
         .fetch_one(&mut *change)
         .await
@@ -541,7 +541,7 @@ where
 {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let mut holder = app.auth_db().writer().begin().await.unwrap();
-    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR NO KEY UPDATE")
         .bind(user_id)
         .fetch_one(&mut *holder)
         .await

@@ -342,7 +342,7 @@ async fn no_hold_for_a_password_changed_during_the_hash() {
         let r = sign_in_while_the_password_changes(
             &app,
             &id,
-            "FROM users WHERE id = $1 FOR UPDATE",
+            "FROM users WHERE id = $1 FOR NO KEY UPDATE",
             login_from(&app, AWAY, email, "evil"),
         )
         .await;

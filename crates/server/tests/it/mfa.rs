@@ -1320,3 +1320,164 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
         app.stop().await;
     });
 }
+
+/// An administrator removes the second factors of a user who lost them (or on whose
+/// account someone else enrolled one): the user then signs in with the password
+/// alone, their sessions and pending second-factor sign-ins end, the reset is audited
+/// with its reason and the user is told by mail. Only `users:manage`, only with a
+/// fresh second factor of the administrator's, never on their own account.
+#[tokio::test]
+async fn an_administrator_resets_a_users_second_factors() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let email = "lost-phone@example.com";
+        app.register(email).await;
+        let t = app.login(email, PASSWORD).await;
+        enable_totp(&app, &t.access).await;
+        let pending = ticket(&app, email).await;
+        let uid = jwt_part(&t.access, 1)["sub"].as_str().unwrap().to_owned();
+        let path = format!("/v1/admin/users/{uid}/mfa/reset");
+        let body = json!({ "reason": "identity checked by video call, ticket 4711" });
+
+        // a customer may not; an admin without a fresh second factor must step up
+        app.post(&path, Some(&t.access), body.clone())
+            .await
+            .assert_problem(403, "forbidden");
+        let plain = app.admin().await;
+        app.post(&path, Some(&plain.access), body.clone())
+            .await
+            .assert_problem(401, "insufficient_user_authentication");
+        let admin = app.admin_mfa().await;
+        // bad input: no reason, an unknown field, an unknown user, the admin's own
+        app.post(&path, Some(&admin.access), json!({ "reason": "  " }))
+            .await
+            .assert_problem(422, "reason_invalid");
+        let r = app
+            .post(
+                &path,
+                Some(&admin.access),
+                json!({ "reason": "x", "all": true }),
+            )
+            .await;
+        assert!(r.status.is_client_error(), "{}", r.text);
+        app.post(
+            "/v1/admin/users/no-such-user/mfa/reset",
+            Some(&admin.access),
+            body.clone(),
+        )
+        .await
+        .assert_problem(404, "not_found");
+        let own = jwt_part(&admin.access, 1)["sub"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.post(
+            &format!("/v1/admin/users/{own}/mfa/reset"),
+            Some(&admin.access),
+            body.clone(),
+        )
+        .await
+        .assert_problem(422, "mfa_reset_self");
+        assert_eq!(
+            login(&app, email, PASSWORD).await.status,
+            StatusCode::ACCEPTED,
+            "nothing was reset by the refused requests"
+        );
+
+        let r = app.post(&path, Some(&admin.access), body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["status"], "mfa_reset");
+        // the password alone signs in now; the old session and ticket are dead
+        let r = login(&app, email, PASSWORD).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(
+            app.get("/v1/me", Some(&t.access)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        verify(&app, &pending, "123456", None)
+            .await
+            .assert_problem(401, "mfa_ticket_invalid");
+        let fresh = r.body["access_token"].as_str().unwrap().to_owned();
+        let status = app.get("/v1/mfa", Some(&fresh)).await;
+        assert_eq!(status.body["totp_enabled"], false, "{}", status.text);
+        let entries = audit_action(&app, &admin.access, "mfa.reset").await;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["actor"], own.as_str());
+        assert_eq!(entries[0]["resource"], uid.as_str());
+        assert_eq!(
+            entries[0]["metadata"]["reason"],
+            "identity checked by video call, ticket 4711"
+        );
+        assert!(app
+            .mails()
+            .iter()
+            .any(|m| m.contains(&format!("To: {email}"))
+                && m.contains("Subject: Your second factors were reset by an administrator")));
+        // nothing left to reset
+        app.post(&path, Some(&admin.access), body.clone())
+            .await
+            .assert_problem(409, "mfa_not_enrolled");
+
+        // a factor someone else enrolled, who knows the password: the account is also
+        // locked until its password is reset
+        let other = "taken-over@example.com";
+        app.register(other).await;
+        let o = app.login(other, PASSWORD).await;
+        enable_totp(&app, &o.access).await;
+        let oid = jwt_part(&o.access, 1)["sub"].as_str().unwrap().to_owned();
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{oid}/mfa/reset"),
+                Some(&admin.access),
+                json!({ "reason": "owner reported an unknown authenticator", "require_password_reset": true }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        login(&app, other, PASSWORD)
+            .await
+            .assert_problem(423, "password_reset_required");
+
+        // a help desk with `users:manage` alone resets a customer's factors, never an
+        // administrator's (who can do more than it can)
+        let r = app
+            .post(
+                "/v1/admin/roles",
+                Some(&admin.access),
+                json!({ "name": "helpdesk", "permissions": ["users:manage"] }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let desk_email = "desk@example.com";
+        let desk_id = crate::auth_flows::id_of(&app.register(desk_email).await);
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{desk_id}/roles"),
+                Some(&admin.access),
+                json!({ "role": "helpdesk" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let desk = app.with_mfa(desk_email).await;
+        app.post(
+            &format!("/v1/admin/users/{own}/mfa/reset"),
+            Some(&desk.access),
+            body.clone(),
+        )
+        .await
+        .assert_problem(403, "forbidden");
+        let third = "third@example.com";
+        app.register(third).await;
+        let t3 = app.login(third, PASSWORD).await;
+        enable_totp(&app, &t3.access).await;
+        let tid = jwt_part(&t3.access, 1)["sub"].as_str().unwrap().to_owned();
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{tid}/mfa/reset"),
+                Some(&desk.access),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        app.stop().await;
+    });
+}

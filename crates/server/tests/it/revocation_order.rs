@@ -48,6 +48,41 @@ async fn enrol_totp(app: &TestApp, access: &str) -> Vec<u8> {
     secret
 }
 
+/// A user signed in on the OAuth browser page, at its consent step.
+struct AtConsent {
+    web: crate::oauth::OClient,
+    user: Tokens,
+    verifier: String,
+    csrf: String,
+    browser: crate::oauth::Browser,
+}
+
+async fn at_consent(app: &TestApp, email: &str) -> AtConsent {
+    let admin = app.admin().await.access;
+    let web = web_client(app, &admin).await;
+    let user = app.user(email).await;
+    let (verifier, challenge) = pkce();
+    let mut browser = crate::oauth::Browser::new(app);
+    let p = browser
+        .get(&crate::oauth::authorize_query(
+            &web.id,
+            CB,
+            "openid",
+            Some(&challenge),
+        ))
+        .await;
+    let csrf = p.csrf();
+    let p = browser.sign_in(&csrf, email, PASSWORD).await;
+    assert!(p.text.contains("Allow access"), "{}", p.text);
+    AtConsent {
+        web,
+        user,
+        verifier,
+        csrf,
+        browser,
+    }
+}
+
 fn user_id(t: &Tokens) -> String {
     jwt_part(&t.access, 1)["sub"].as_str().unwrap().to_owned()
 }
@@ -152,7 +187,7 @@ async fn a_password_change_in_flight_does_not_undo_a_reset() {
     )
     .await;
     assert!(reset.status.is_success(), "{}", reset.text);
-    changed.assert_problem(401, "invalid_credentials");
+    changed.assert_problem(401, "session_revoked");
     app.login(email, NEW_PASSWORD).await;
     app.login_device(email, INTRUDERS, "dev-2")
         .await
@@ -183,7 +218,7 @@ async fn an_email_change_requested_as_the_password_is_reset_mails_no_link() {
     )
     .await;
     assert!(reset.status.is_success(), "{}", reset.text);
-    requested.assert_problem(401, "invalid_credentials");
+    requested.assert_problem(401, "session_revoked");
     assert_eq!(
         app.count_where("email_tokens", "purpose = 'email_change'")
             .await,
@@ -230,5 +265,94 @@ async fn a_device_approved_as_the_password_is_reset_stays_pending() {
             .await,
         1
     );
+    app.stop().await;
+}
+
+/// A consent given as the password is reset: the consent does not wait for the
+/// reset (its code's reference to the user takes a key-share lock, which the
+/// reset's lock on the user's row does not block; with `FOR UPDATE` the two
+/// deadlocked and the reset failed), and the code it issued is ended by the reset.
+#[tokio::test]
+async fn a_consent_given_as_the_password_is_reset_issues_a_dead_code() {
+    if !on_postgres() {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let email = "consent-race@example.com";
+    let c = at_consent(&app, email).await;
+    let (web, u, verifier, csrf, mut b) = (c.web, c.user, c.verifier, c.csrf, c.browser);
+    let link = reset_link(&app, email).await;
+    // the reset queues for the user's row while the consent is still to come; the
+    // consent then runs while the reset waits and issues its code
+    let mut holder = app.auth_db().writer().begin().await.unwrap();
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(user_id(&u))
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let reset = reset_pw(&app, &link, NEW_PASSWORD);
+    let consent_then_release = async {
+        until_waiting_at(&app, "FROM users").await;
+        let p = b.consent(&csrf, "approve").await;
+        holder.rollback().await.unwrap();
+        p
+    };
+    let (reset, consent) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join(reset, consent_then_release),
+    )
+    .await
+    .expect("the consent waited for the user's row");
+    assert!(reset.status.is_success(), "{}", reset.text);
+    assert_eq!(consent.status, StatusCode::SEE_OTHER, "{}", consent.text);
+    let code = consent.param("code").expect("a code");
+    let r = exchange(&app, &web, &code, CB, &verifier).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.body["error"], "invalid_grant", "{}", r.text);
+    app.stop().await;
+}
+
+/// The deadlock the user row's lock mode avoids: a consent deletes its request (the
+/// reset then waits for that row) and inserts its code, whose reference to the user
+/// takes a key-share lock on the user's row, which the reset holds. With `FOR UPDATE`
+/// there, each waited for the other and PostgreSQL aborted one (the reset answered
+/// 500); `FOR NO KEY UPDATE` does not block a key-share lock. Here a transaction of the
+/// test takes the consent's two steps (an insert into another table that references
+/// the user stands for the code's).
+#[tokio::test]
+async fn a_consent_holding_its_request_does_not_deadlock_a_reset() {
+    if !on_postgres() {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let email = "deadlock@example.com";
+    let u = at_consent(&app, email).await.user;
+    let link = reset_link(&app, email).await;
+
+    let mut consent = app.auth_db().writer().begin().await.unwrap();
+    sqlx::query("SELECT id_hash FROM oauth_requests WHERE user_id = $1 FOR UPDATE")
+        .bind(user_id(&u))
+        .fetch_one(&mut *consent)
+        .await
+        .unwrap();
+    let reset = reset_pw(&app, &link, NEW_PASSWORD);
+    let rest_of_consent = async {
+        until_waiting_at(&app, "DELETE FROM oauth_requests").await;
+        sqlx::query(
+            "INSERT INTO password_history (user_id, password_hash, created_at) VALUES ($1, 'x', 0)",
+        )
+        .bind(user_id(&u))
+        .execute(&mut *consent)
+        .await
+        .expect("the consent's insert was not refused");
+        consent.commit().await.unwrap();
+    };
+    let (reset, ()) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join(reset, rest_of_consent),
+    )
+    .await
+    .expect("the reset waited for the consent's request");
+    assert!(reset.status.is_success(), "{}", reset.text);
     app.stop().await;
 }

@@ -263,6 +263,48 @@ pub(crate) struct StoredKey {
     body: String,
 }
 
+impl StoredKey {
+    /// Reads `fingerprint`, `status`, `body` and `body_lz4` of a row.
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, LedgerError> {
+        let body: String = r.try_get("body")?;
+        let packed: Option<Vec<u8>> = r.try_get("body_lz4")?;
+        let body = match packed {
+            None => body,
+            Some(p) => unpack_body(&p)?,
+        };
+        Ok(Self {
+            fingerprint: r.try_get("fingerprint")?,
+            status: r.try_get("status")?,
+            body,
+        })
+    }
+}
+
+/// Stored responses at least this long are kept LZ4-compressed (`body_lz4`; ledger
+/// migration 0009): a 1,000-transfer batch's is ~400 KB of JSON, which shrinks several
+/// times, and on SQLite was a third of the bytes the batch wrote. Shorter ones (a
+/// single transfer's, ~600 bytes) are stored as they are.
+const PACK_FROM: usize = 4096;
+
+/// The columns `body` and `body_lz4` to store for a response body.
+fn pack_body(body: &str) -> (&str, Option<Vec<u8>>) {
+    if body.len() >= PACK_FROM {
+        (
+            "",
+            Some(lz4_flex::block::compress_prepend_size(body.as_bytes())),
+        )
+    } else {
+        (body, None)
+    }
+}
+
+fn unpack_body(packed: &[u8]) -> Result<String, LedgerError> {
+    let bytes = lz4_flex::block::decompress_size_prepended(packed)
+        .map_err(|e| LedgerError::Internal(format!("stored response does not decompress: {e}")))?;
+    String::from_utf8(bytes)
+        .map_err(|e| LedgerError::Internal(format!("stored response is not UTF-8: {e}")))
+}
+
 /// Stored keys of a whole group, fetched with one query, by (user, key).
 pub(crate) type Prefetched = HashMap<(String, String), StoredKey>;
 
@@ -278,20 +320,13 @@ pub(crate) struct NewKey {
 
 async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredKey>, LedgerError> {
     let row = sqlx::query(
-        "SELECT fingerprint, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+        "SELECT fingerprint, status, body, body_lz4 FROM idempotency_keys WHERE user_id = $1 AND key = $2",
     )
     .bind(user)
     .bind(key)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(match row {
-        Some(r) => Some(StoredKey {
-            fingerprint: r.try_get("fingerprint")?,
-            status: r.try_get("status")?,
-            body: r.try_get("body")?,
-        }),
-        None => None,
-    })
+    row.as_ref().map(StoredKey::from_row).transpose()
 }
 
 /// Looks up the stored keys of every job of a group in one statement.
@@ -308,7 +343,7 @@ async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched
     // search per pair on both backends (SQLite scans the whole index for a row-value
     // `IN (VALUES …)`), so no second index on `key` alone is kept up to date.
     let sql = format!(
-        "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body FROM (VALUES {}) AS v \
+        "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body, k.body_lz4 FROM (VALUES {}) AS v \
          JOIN idempotency_keys k ON k.user_id = v.column1 AND k.key = v.column2",
         vaultpay_store::params::values(db.backend(), keys.len(), 2)
     );
@@ -319,11 +354,7 @@ async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched
     for r in q.fetch_all(&mut **tx).await? {
         out.insert(
             (r.try_get("user_id")?, r.try_get("key")?),
-            StoredKey {
-                fingerprint: r.try_get("fingerprint")?,
-                status: r.try_get("status")?,
-                body: r.try_get("body")?,
-            },
+            StoredKey::from_row(&r)?,
         );
     }
     Ok(out)
@@ -334,18 +365,21 @@ async fn store_keys(db: &Db, tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerE
     let now = vaultpay_core::time::now_micros();
     for chunk in keys.chunks(500) {
         let sql = format!(
-            "{} INTO idempotency_keys (user_id, key, fingerprint, status, body, resource_id, created_at) VALUES {}",
+            "{} INTO idempotency_keys (user_id, key, fingerprint, status, body, body_lz4, resource_id, created_at) VALUES {}",
             db.insert_or_fail(),
-            vaultpay_store::params::values(db.backend(), chunk.len(), 7)
+            vaultpay_store::params::values(db.backend(), chunk.len(), 8)
         );
+        let packed: Vec<(&str, Option<Vec<u8>>)> =
+            chunk.iter().map(|k| pack_body(&k.body)).collect();
         let mut q = sqlx::query(&sql).persistent(false);
-        for k in chunk {
+        for (k, (body, lz4)) in chunk.iter().zip(&packed) {
             q = q
                 .bind(&k.user_id)
                 .bind(&k.key)
                 .bind(&k.fingerprint)
                 .bind(k.status)
-                .bind(&k.body)
+                .bind(*body)
+                .bind(lz4.as_deref())
                 .bind(&k.resource)
                 .bind(now);
         }

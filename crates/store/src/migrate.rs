@@ -60,6 +60,7 @@ const LEDGER: &[Migration] = &[
     migration!(6, "ledger", "0006_postings_keyed_by_account"),
     migration!(7, "ledger", "0007_idempotency_body_lz4"),
     migration!(8, "ledger", "0008_posting_times_by_sequence"),
+    migration!(9, "ledger", "0009_idempotency_body_compressed"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

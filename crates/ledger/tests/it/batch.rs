@@ -60,3 +60,73 @@ async fn batch_reports_each_outcome_or_is_all_or_nothing() {
     })
     .await;
 }
+
+/// A batch's stored response (tens of KB here, ~400 KB for 1,000 transfers) is kept
+/// LZ4-compressed and replayed byte for byte; a single transfer's short one is kept as
+/// it is.
+#[tokio::test]
+async fn a_large_stored_response_is_compressed_and_replays_exactly() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        app.deposit(&a, 100_000, "USD").await.expect(201);
+        let body = json!({"transfers": (1..=100).map(|n| item(&a, &bb, n)).collect::<Vec<_>>()});
+        let k = key();
+        let first = app
+            .post("/v1/transfers/batch", &alice, Some(&k), body.clone())
+            .await
+            .expect(200);
+        assert!(first.text.len() > 20_000, "{}", first.text.len());
+        let again = app
+            .post("/v1/transfers/batch", &alice, Some(&k), body)
+            .await
+            .expect(200);
+        assert!(again.replayed());
+        assert_eq!(first.text, again.text);
+        assert_eq!(
+            app.balance(&alice, &a).await.0,
+            100_000 - 5_050,
+            "paid once"
+        );
+
+        let single =
+            json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD"});
+        let k2 = key();
+        let one = app
+            .post("/v1/transfers", &alice, Some(&k2), single.clone())
+            .await
+            .expect(201);
+        let one_again = app
+            .post("/v1/transfers", &alice, Some(&k2), single)
+            .await
+            .expect(201);
+        assert_eq!(one.text, one_again.text);
+
+        let stored: Vec<(String, String, Option<Vec<u8>>)> = vaultpay_store::sqlx::query_as(
+            "SELECT key, body, body_lz4 FROM idempotency_keys WHERE key IN ($1, $2)",
+        )
+        .bind(&k)
+        .bind(&k2)
+        .fetch_all(app.db.read())
+        .await
+        .unwrap();
+        let of = |key: &str| stored.iter().find(|s| s.0 == key).unwrap();
+        let (_, body, packed) = of(&k);
+        assert_eq!(body, "");
+        let packed = packed.as_ref().expect("compressed");
+        assert!(
+            packed.len() * 4 < first.text.len(),
+            "{} of {}",
+            packed.len(),
+            first.text.len()
+        );
+        let (_, body, packed) = of(&k2);
+        assert_eq!(body, &one.text);
+        assert!(packed.is_none());
+        app.assert_consistent().await;
+    })
+    .await;
+}

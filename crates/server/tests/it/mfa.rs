@@ -1333,9 +1333,42 @@ async fn an_administrator_resets_a_users_second_factors() {
         let email = "lost-phone@example.com";
         app.register(email).await;
         let t = app.login(email, PASSWORD).await;
-        enable_totp(&app, &t.access).await;
+        let (_, recovery) = enable_totp(&app, &t.access).await;
+        // and emailed codes (a second factor is enrolled after a step-up)
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&t.access),
+                json!({ "code": recovery[0], "method": "recovery_code" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = app
+            .post("/v1/mfa/email/enable", Some(&stepped), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let r = app
+            .post(
+                "/v1/mfa/email/confirm",
+                Some(&stepped),
+                json!({ "code": mailed_code(&app, email) }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         let pending = ticket(&app, email).await;
+        // a login code mailed for the pending ticket
+        let r = app
+            .post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": pending }))
+            .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        let mailed = mailed_code(&app, email);
         let uid = jwt_part(&t.access, 1)["sub"].as_str().unwrap().to_owned();
+        let of_user = |more: &str| format!("user_id = '{uid}'{more}");
+        assert_eq!(
+            app.count_where("mfa_recovery_codes", &of_user("")).await,
+            10
+        );
         let path = format!("/v1/admin/users/{uid}/mfa/reset");
         let body = json!({ "reason": "identity checked by video call, ticket 4711" });
 
@@ -1394,9 +1427,17 @@ async fn an_administrator_resets_a_users_second_factors() {
             app.get("/v1/me", Some(&t.access)).await.status,
             StatusCode::UNAUTHORIZED
         );
-        verify(&app, &pending, "123456", None)
+        verify(&app, &pending, &mailed, Some("email"))
             .await
             .assert_problem(401, "mfa_ticket_invalid");
+        for table in ["mfa_totp", "mfa_recovery_codes", "mfa_email"] {
+            assert_eq!(app.count_where(table, &of_user("")).await, 0, "{table}");
+        }
+        assert_eq!(
+            app.count_where("mfa_email_codes", &of_user(" AND used_at IS NULL"))
+                .await,
+            0
+        );
         let fresh = r.body["access_token"].as_str().unwrap().to_owned();
         let status = app.get("/v1/mfa", Some(&fresh)).await;
         assert_eq!(status.body["totp_enabled"], false, "{}", status.text);

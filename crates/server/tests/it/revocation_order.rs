@@ -268,10 +268,9 @@ async fn a_device_approved_as_the_password_is_reset_stays_pending() {
     app.stop().await;
 }
 
-/// A consent given as the password is reset: the consent does not wait for the
-/// reset (its code's reference to the user takes a key-share lock, which the
-/// reset's lock on the user's row does not block; with `FOR UPDATE` the two
-/// deadlocked and the reset failed), and the code it issued is ended by the reset.
+/// A consent given while a reset waits for the user's row: the consent does not wait
+/// for the reset, and the code it issued is ended by the reset once it runs (the
+/// deadlock of the two, with the reset further on, is the next test's).
 #[tokio::test]
 async fn a_consent_given_as_the_password_is_reset_issues_a_dead_code() {
     if !on_postgres() {
@@ -354,5 +353,38 @@ async fn a_consent_holding_its_request_does_not_deadlock_a_reset() {
     .await
     .expect("the reset waited for the consent's request");
     assert!(reset.status.is_success(), "{}", reset.text);
+    app.stop().await;
+}
+
+/// A password login to an account with a second factor, whose check passed just
+/// before a reset committed, opens no login ticket after it: the ticket's own
+/// transaction re-checks the password (the sign-in's was rolled back). The login
+/// queues for the user's row first and the reset second; the login's check then
+/// runs, the reset takes the row as the login lets it go, and the ticket's
+/// transaction waits for the reset to commit.
+#[tokio::test]
+async fn a_login_ticket_is_not_opened_after_a_reset() {
+    if !on_postgres() {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let email = "ticket-after@example.com";
+    let u = app.user(email).await;
+    enrol_totp(&app, &u.access).await;
+    let link = reset_link(&app, email).await;
+    let (login, reset) = one_after_the_other(
+        &app,
+        &user_id(&u),
+        app.login_device(email, PASSWORD, "dev-late"),
+        reset_pw(&app, &link, NEW_PASSWORD),
+    )
+    .await;
+    assert!(reset.status.is_success(), "{}", reset.text);
+    login.assert_problem(401, "invalid_credentials");
+    assert_eq!(
+        app.count_where("mfa_tickets", "device_id = 'dev-late' AND used_at IS NULL")
+            .await,
+        0
+    );
     app.stop().await;
 }

@@ -144,6 +144,7 @@ impl From<AuthError> for ApiError {
                 "Second factor required",
             ),
             AuthError::Api(e) => e,
+            AuthError::Store(e) if e.is_transient() => ApiError::transaction_conflict(e),
             AuthError::Store(e) => ApiError::internal(e),
             AuthError::Internal(e) => ApiError::internal(e),
         }
@@ -153,5 +154,29 @@ impl From<AuthError> for ApiError {
 impl axum::response::IntoResponse for AuthError {
     fn into_response(self) -> axum::response::Response {
         ApiError::from(self).into_response()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A transaction that lost a race (here SQLite's second writer, refused at once)
+    /// is answered 503 `transaction_conflict` with `Retry-After`, not 500.
+    #[tokio::test]
+    async fn a_lost_race_is_a_retryable_503() {
+        let race = vaultpay_store::testing::lost_race(vaultpay_store::Backend::Sqlite)
+            .await
+            .unwrap();
+        let e = ApiError::from(AuthError::Store(vaultpay_store::StoreError::Sqlx(race)));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.problem.code, "transaction_conflict");
+        assert!(e
+            .headers
+            .iter()
+            .any(|(k, v)| k == axum::http::header::RETRY_AFTER && v == "1"));
+        let other = ApiError::from(AuthError::Internal("boom".into()));
+        assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

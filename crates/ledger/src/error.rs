@@ -125,6 +125,7 @@ impl LedgerError {
             SessionRevoked | StepUpRequired { .. } => StatusCode::UNAUTHORIZED,
             UntrustedNetwork => StatusCode::FORBIDDEN,
             IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -161,6 +162,7 @@ impl LedgerError {
             StepUpRequired { .. } => "insufficient_user_authentication",
             InvalidCursor(_) => "invalid_cursor",
             IntrospectionUnavailable(_) => "service_unavailable",
+            Store(e) if e.is_transient() => "transaction_conflict",
             Store(_) | Internal(_) => "internal_error",
         }
     }
@@ -173,6 +175,7 @@ impl LedgerError {
             StatusCode::UNAUTHORIZED => "Unauthorized",
             StatusCode::BAD_REQUEST => "Bad request",
             StatusCode::UNPROCESSABLE_ENTITY => "Request refused",
+            StatusCode::SERVICE_UNAVAILABLE => "Service unavailable",
             _ => "Internal server error",
         }
     }
@@ -183,9 +186,17 @@ impl LedgerError {
         if self.is_server_error() {
             let mut p = Problem::new(status, self.code(), self.title())
                 .detail("An unexpected error occurred; it has been logged with this request id.");
-            if let LedgerError::IntrospectionUnavailable(_) = self {
-                p = Problem::new(status, "service_unavailable", "Service unavailable")
-                    .detail("A dependency of this service is unavailable; retry later.");
+            match self {
+                LedgerError::IntrospectionUnavailable(_) => {
+                    p = Problem::new(status, "service_unavailable", "Service unavailable")
+                        .detail("A dependency of this service is unavailable; retry later.");
+                }
+                LedgerError::Store(e) if e.is_transient() => {
+                    p = p.detail(
+                        "This request ran into a concurrent one and nothing of it was written; retry it.",
+                    );
+                }
+                _ => {}
             }
             p.request_id = request_id;
             return p;
@@ -217,6 +228,7 @@ impl LedgerError {
 impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> Self {
         match &e {
+            LedgerError::Store(s) if s.is_transient() => ApiError::transaction_conflict(&e),
             LedgerError::Store(_) | LedgerError::Internal(_) => ApiError::internal(&e),
             LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
             LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),
@@ -228,5 +240,41 @@ impl From<LedgerError> for ApiError {
                 headers: Vec::new(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A transaction that lost a race is a retryable 503, in the ledger's own problem
+    /// (what a group commit answers a job) and over HTTP (with `Retry-After`); as a
+    /// server error it is never stored with an idempotency key.
+    #[tokio::test]
+    async fn a_lost_race_is_a_retryable_503() {
+        let race = || async {
+            LedgerError::Store(vaultpay_store::StoreError::Sqlx(
+                vaultpay_store::testing::lost_race(vaultpay_store::Backend::Sqlite)
+                    .await
+                    .unwrap(),
+            ))
+        };
+        let e = race().await;
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code(), "transaction_conflict");
+        assert!(e.is_server_error());
+        assert_eq!(e.problem(None).status, 503);
+        let api = ApiError::from(race().await);
+        assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.problem.code, "transaction_conflict");
+        assert!(api
+            .headers
+            .iter()
+            .any(|(k, v)| k == http::header::RETRY_AFTER && v == "1"));
+        assert_eq!(
+            LedgerError::Internal("boom".into()).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -45,6 +45,12 @@ impl StoreError {
         is_unique_violation(self.sqlx())
     }
 
+    /// True when the transaction lost a race with another one and may simply be run
+    /// again (see [`is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        is_transient(self.sqlx())
+    }
+
     fn sqlx(&self) -> Option<&sqlx::Error> {
         match self {
             StoreError::Sqlx(e) => Some(e),
@@ -53,7 +59,44 @@ impl StoreError {
     }
 }
 
+/// True when `e` means the transaction lost a race with a concurrent one and was
+/// rolled back, so that running it again may succeed: a PostgreSQL deadlock (`40P01`)
+/// or serialization failure (`40001`), or SQLite still busy or locked after its busy
+/// timeout (`SQLITE_BUSY` and `SQLITE_LOCKED` with their extended codes). Answered
+/// `503` with `Retry-After`, not `500`.
+pub fn is_transient(e: Option<&sqlx::Error>) -> bool {
+    let Some(sqlx::Error::Database(d)) = e else {
+        return false;
+    };
+    matches!(
+        d.code().as_deref(),
+        Some("40P01" | "40001" | "5" | "261" | "517" | "6" | "262")
+    )
+}
+
 /// True when `e` is a unique-constraint violation on either backend.
 pub fn is_unique_violation(e: Option<&sqlx::Error>) -> bool {
     matches!(e, Some(sqlx::Error::Database(d)) if d.is_unique_violation())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A real lost race on each backend is transient; a unique violation is not.
+    #[tokio::test]
+    async fn lost_races_are_transient_and_unique_violations_are_not() {
+        for backend in testing::backends() {
+            let e = testing::lost_race(backend).await.unwrap();
+            assert!(is_transient(Some(&e)), "{backend:?}: {e}");
+            assert!(StoreError::Sqlx(e).is_transient());
+            let db = testing::fresh_db(Service::Auth, backend).await.unwrap();
+            let insert =
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (1, 'again', 0)";
+            let dup = sqlx::query(insert).execute(db.writer()).await.unwrap_err();
+            assert!(is_unique_violation(Some(&dup)), "{dup}");
+            assert!(!is_transient(Some(&dup)), "{backend:?}: {dup}");
+        }
+    }
 }

@@ -128,6 +128,44 @@ pub async fn fresh_location(backend: Backend) -> Result<String, StoreError> {
     }
 }
 
+/// The error of a transaction that lost a race, from `backend` itself: on SQLite a
+/// second writer refused at once (`SQLITE_BUSY`, no busy timeout), on PostgreSQL the
+/// victim of a real deadlock between two transactions (`40P01`).
+pub async fn lost_race(backend: Backend) -> Result<sqlx::Error, StoreError> {
+    let loc = fresh_location(backend).await?;
+    let (_, url) = crate::db::normalise_url(&loc)?;
+    let mut a = sqlx::AnyConnection::connect(&url).await?;
+    let mut b = sqlx::AnyConnection::connect(&url).await?;
+    sqlx::raw_sql("CREATE TABLE race (id INTEGER PRIMARY KEY, n INTEGER NOT NULL); INSERT INTO race VALUES (1, 0), (2, 0)")
+        .execute(&mut a)
+        .await?;
+    if backend == Backend::Sqlite {
+        sqlx::raw_sql("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE")
+            .execute(&mut a)
+            .await?;
+        let err = sqlx::raw_sql("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE")
+            .execute(&mut b)
+            .await
+            .err()
+            .ok_or_else(|| StoreError::Audit("the second writer was not refused".into()))?;
+        return Ok(err);
+    }
+    // Each holds one row, then asks for the other's: PostgreSQL aborts one of them.
+    sqlx::raw_sql("BEGIN; UPDATE race SET n = 1 WHERE id = 1")
+        .execute(&mut a)
+        .await?;
+    sqlx::raw_sql("BEGIN; UPDATE race SET n = 1 WHERE id = 2")
+        .execute(&mut b)
+        .await?;
+    let (ra, rb) = tokio::join!(
+        sqlx::raw_sql("UPDATE race SET n = 2 WHERE id = 2").execute(&mut a),
+        sqlx::raw_sql("UPDATE race SET n = 2 WHERE id = 1").execute(&mut b),
+    );
+    ra.err()
+        .or(rb.err())
+        .ok_or_else(|| StoreError::Audit("no deadlock".into()))
+}
+
 /// A new, migrated database for `service` on `backend`.
 pub async fn fresh_db(service: Service, backend: Backend) -> Result<Db, StoreError> {
     let loc = fresh_location(backend).await?;

@@ -27,6 +27,8 @@ pub(crate) fn router(svc: AuthService) -> Router {
         )
         .route("/v1/me/trusted-networks", get(list_networks))
         .route("/v1/me/trusted-networks/{id}", delete(revoke_network))
+        .route("/v1/me/identities", get(list_identities))
+        .route("/v1/me/identities/{provider}", delete(unlink_identity))
         .route("/v1/admin/roles", post(create_role))
         .route("/v1/admin/roles/{name}", delete(delete_role))
         .with_state(svc)
@@ -44,6 +46,8 @@ pub(crate) fn router(svc: AuthService) -> Router {
         email_confirm,
         list_networks,
         revoke_network,
+        list_identities,
+        unlink_identity,
         create_role,
         delete_role
     ),
@@ -52,6 +56,8 @@ pub(crate) fn router(svc: AuthService) -> Router {
         iwire::LoginCompleteRequest,
         iwire::TrustedNetwork,
         iwire::TrustedNetworkList,
+        iwire::LinkedIdentity,
+        iwire::LinkedIdentityList,
         iwire::CreateRoleRequest
     ))
 )]
@@ -239,6 +245,32 @@ async fn revoke_network(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     svc.revoke_trusted_network(&ctx, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The sign-in providers (GitHub, OpenID Connect) linked to the caller's account.
+#[utoipa::path(get, path = "/v1/me/identities", tag = "auth",
+    responses((status = 200, body = iwire::LinkedIdentityList), (status = 401, body = Problem)), security(("bearer" = [])))]
+async fn list_identities(
+    State(svc): State<AuthService>,
+    p: Principal,
+) -> ApiResult<Json<iwire::LinkedIdentityList>> {
+    Ok(Json(svc.list_identities(&p).await?))
+}
+
+/// Unlink a sign-in provider from the caller's account (a recent sign-in needed, as
+/// for an email change). 409 `last_sign_in_method` when the account has no password
+/// and this is its only provider; 404 when none is linked.
+#[utoipa::path(delete, path = "/v1/me/identities/{provider}", tag = "auth", params(("provider" = String, Path)),
+    responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn unlink_identity(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+    Path(provider): Path<String>,
+) -> ApiResult<StatusCode> {
+    svc.unlink_identity(&ctx, &p, &provider).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

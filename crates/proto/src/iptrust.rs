@@ -40,6 +40,21 @@ pub struct TrustedNetworkList {
     pub networks: Vec<TrustedNetwork>,
 }
 
+/// A sign-in provider identity linked to the caller's account.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LinkedIdentity {
+    /// The provider's configured name (`[auth.oauth.upstream.<name>]`).
+    pub provider: String,
+    /// The address the provider gave when it was linked.
+    pub email: Option<String>,
+    pub linked_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LinkedIdentityList {
+    pub identities: Vec<LinkedIdentity>,
+}
+
 /// `POST /v1/admin/roles`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -569,6 +569,106 @@ async fn map_user(
     Ok(Mapped::User(user_id))
 }
 
+impl AuthService {
+    /// `GET /v1/me/identities`.
+    pub async fn list_identities(
+        &self,
+        p: &vaultpay_web::Principal,
+    ) -> Result<vaultpay_proto::iptrust::LinkedIdentityList, AuthError> {
+        self.require_live_session(p).await?;
+        let rows = sqlx::query(
+            "SELECT provider, email, created_at FROM upstream_identities WHERE user_id = $1 \
+             ORDER BY created_at, provider",
+        )
+        .bind(p.user_id())
+        .fetch_all(self.db().read())
+        .await?;
+        let identities = rows
+            .iter()
+            .map(|r| {
+                Ok(vaultpay_proto::iptrust::LinkedIdentity {
+                    provider: r.try_get("provider")?,
+                    email: r.try_get("email")?,
+                    linked_at: vaultpay_core::time::rfc3339(r.try_get("created_at")?),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(vaultpay_proto::iptrust::LinkedIdentityList { identities })
+    }
+
+    /// `DELETE /v1/me/identities/{provider}`: unlinks the caller's identities at
+    /// `provider`, audited and told to the account's address. Refused when it would
+    /// leave the account with no way to sign in (no password, no other provider).
+    pub async fn unlink_identity(
+        &self,
+        ctx: &Ctx,
+        p: &vaultpay_web::Principal,
+        provider: &str,
+    ) -> Result<(), AuthError> {
+        self.require_live_session(p).await?;
+        self.require_step_up(p, crate::mfa::StepUpOp::EmailChange)
+            .await?;
+        let db = self.db();
+        // the user's row, with the session re-checked under it (see `begin_as_caller`)
+        let mut tx = crate::sessions::begin_as_caller(db, p, None).await?;
+        let user_id = p.user_id();
+        let rows =
+            sqlx::query("SELECT provider, subject FROM upstream_identities WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut here = Vec::new();
+        let mut elsewhere = 0usize;
+        for r in &rows {
+            let prov: String = r.try_get("provider")?;
+            if prov == provider {
+                here.push(r.try_get::<String, _>("subject")?);
+            } else {
+                elsewhere += 1;
+            }
+        }
+        if here.is_empty() {
+            return Err(AuthError::NotFound("linked identity"));
+        }
+        let phc: String = sqlx::query("SELECT password_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("password_hash")?;
+        // "!" (an account an upstream sign-in created) is no PHC string: no password
+        if !phc.starts_with('$') && elsewhere == 0 {
+            return Err(AuthError::Api(ApiError::conflict(
+                "last_sign_in_method",
+                "This provider is the account's only way to sign in: set a password first \
+                 (POST /v1/auth/password/forgot), then unlink it.",
+            )));
+        }
+        sqlx::query("DELETE FROM upstream_identities WHERE user_id = $1 AND provider = $2")
+            .bind(user_id)
+            .bind(provider)
+            .execute(&mut *tx)
+            .await?;
+        append(
+            db,
+            &mut tx,
+            &ctx.origin(),
+            NewAudit::success("account.unlinked_upstream")
+                .actor(user_id)
+                .resource(user_id)
+                .metadata(serde_json::json!({ "provider": provider, "subjects": here })),
+        )
+        .await?;
+        tx.commit().await?;
+        self.notify_security_change(
+            user_id,
+            "A sign-in provider was unlinked from your account",
+            &format!("Signing in to your VaultPay account with {provider} was turned off."),
+        )
+        .await;
+        Ok(())
+    }
+}
+
 /// The provider's redirect back: identity → local account → consent page.
 pub(crate) async fn callback(
     State(svc): State<AuthService>,

@@ -2058,3 +2058,92 @@ fn p_param(url: &str, name: &str) -> String {
         })
         .unwrap()
 }
+
+/// A user lists the sign-in providers linked to the account and unlinks one (audited,
+/// told by mail); never another user's, and never the last way into an account that
+/// has no password. (The links are made by the upstream sign-in tests above; here
+/// they are written directly.)
+#[tokio::test]
+async fn linked_identities_are_listed_and_unlinked() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let link = |user: String, provider: &'static str, subject: &'static str| {
+            let db = app.auth_db().writer().clone();
+            async move {
+                sqlx::query(
+                    "INSERT INTO upstream_identities (provider, subject, user_id, email, created_at) \
+                     VALUES ($1, $2, $3, 'x@example.net', 1)",
+                )
+                .bind(provider)
+                .bind(subject)
+                .bind(user)
+                .execute(&db)
+                .await
+                .unwrap();
+            }
+        };
+        let ann_email = "ann.links@example.com";
+        let ann = app.user(ann_email).await;
+        let ann_id = jwt_part(&ann.access, 1)["sub"].as_str().unwrap().to_owned();
+        let bob = app.user("bob.links@example.com").await;
+        let bob_id = jwt_part(&bob.access, 1)["sub"].as_str().unwrap().to_owned();
+        link(ann_id.clone(), "github", "gh-ann").await;
+        link(bob_id.clone(), "corp", "corp-bob").await;
+
+        let r = app.get("/v1/me/identities", Some(&ann.access)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["identities"].as_array().unwrap().len(), 1);
+        assert_eq!(r.body["identities"][0]["provider"], "github");
+        // another user's provider is not ann's to unlink
+        app.delete("/v1/me/identities/corp", Some(&ann.access))
+            .await
+            .assert_problem(404, "not_found");
+        let mails_before = crate::auth_flows::mails_to(&app, ann_email);
+        let r = app
+            .delete("/v1/me/identities/github", Some(&ann.access))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let r = app.get("/v1/me/identities", Some(&ann.access)).await;
+        assert_eq!(r.body["identities"], json!([]));
+        app.delete("/v1/me/identities/github", Some(&ann.access))
+            .await
+            .assert_problem(404, "not_found");
+        assert_eq!(
+            crate::auth_flows::mails_to(&app, ann_email),
+            mails_before + 1
+        );
+        let admin = app.admin().await.access;
+        let entries = audit_action(&app, &admin, "account.unlinked_upstream").await;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["metadata"]["provider"], "github");
+        assert_eq!(
+            app.count_where("upstream_identities", "provider = 'corp'")
+                .await,
+            1
+        );
+
+        // an account with no password keeps its last provider
+        sqlx::query("UPDATE users SET password_hash = '!' WHERE id = $1")
+            .bind(&bob_id)
+            .execute(app.auth_db().writer())
+            .await
+            .unwrap();
+        app.delete("/v1/me/identities/corp", Some(&bob.access))
+            .await
+            .assert_problem(409, "last_sign_in_method");
+        link(bob_id.clone(), "github", "gh-bob").await;
+        let r = app
+            .delete("/v1/me/identities/corp", Some(&bob.access))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        app.delete("/v1/me/identities/github", Some(&bob.access))
+            .await
+            .assert_problem(409, "last_sign_in_method");
+        // no token, no list
+        assert_eq!(
+            app.get("/v1/me/identities", None).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        app.stop().await;
+    });
+}

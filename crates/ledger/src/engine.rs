@@ -616,8 +616,13 @@ fn answer_if_failed(group: &mut Vec<Queued>, began: Result<Tx, LedgerError>) -> 
         Ok(tx) => Some(tx),
         Err(e) => {
             tracing::error!(error = %e, "group commit: begin failed");
+            let transient = e.is_transient();
             for (_, reply_to) in group.drain(..) {
-                let _ = reply_to.send(Err(LedgerError::Internal("begin failed".into())));
+                let _ = reply_to.send(Err(if transient {
+                    LedgerError::TransactionConflict
+                } else {
+                    LedgerError::Internal("begin failed".into())
+                }));
             }
             None
         }

@@ -71,6 +71,10 @@ pub enum LedgerError {
     IntrospectionUnavailable(String),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    /// A group's transaction lost a race (see [`LedgerError::is_transient`]); each of
+    /// its jobs is answered with this.
+    #[error("the transaction lost a race with a concurrent one")]
+    TransactionConflict,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -92,6 +96,16 @@ impl From<vaultpay_core::money::MoneyError> for LedgerError {
 }
 
 impl LedgerError {
+    /// True when the transaction lost a race with a concurrent one and the request may
+    /// simply be sent again (503 `transaction_conflict`).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LedgerError::Store(e) => e.is_transient(),
+            LedgerError::TransactionConflict => true,
+            _ => false,
+        }
+    }
+
     /// True for errors the caller did not cause (storage, internal, dependency):
     /// these roll back and are never stored with an idempotency key.
     pub fn is_server_error(&self) -> bool {
@@ -126,6 +140,7 @@ impl LedgerError {
             UntrustedNetwork => StatusCode::FORBIDDEN,
             IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            TransactionConflict => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -163,6 +178,7 @@ impl LedgerError {
             InvalidCursor(_) => "invalid_cursor",
             IntrospectionUnavailable(_) => "service_unavailable",
             Store(e) if e.is_transient() => "transaction_conflict",
+            TransactionConflict => "transaction_conflict",
             Store(_) | Internal(_) => "internal_error",
         }
     }
@@ -191,10 +207,8 @@ impl LedgerError {
                     p = Problem::new(status, "service_unavailable", "Service unavailable")
                         .detail("A dependency of this service is unavailable; retry later.");
                 }
-                LedgerError::Store(e) if e.is_transient() => {
-                    p = p.detail(
-                        "This request ran into a concurrent one and nothing of it was written; retry it.",
-                    );
+                _ if self.is_transient() => {
+                    p = p.detail("This request ran into a concurrent one; retry it.");
                 }
                 _ => {}
             }
@@ -228,7 +242,7 @@ impl LedgerError {
 impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> Self {
         match &e {
-            LedgerError::Store(s) if s.is_transient() => ApiError::transaction_conflict(&e),
+            _ if e.is_transient() => ApiError::transaction_conflict(&e),
             LedgerError::Store(_) | LedgerError::Internal(_) => ApiError::internal(&e),
             LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
             LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),
@@ -272,6 +286,14 @@ mod tests {
             .headers
             .iter()
             .any(|(k, v)| k == http::header::RETRY_AFTER && v == "1"));
+        // what every job of a group whose transaction could not begin is answered
+        let group = LedgerError::TransactionConflict;
+        assert!(group.is_transient() && group.is_server_error());
+        assert_eq!(group.code(), "transaction_conflict");
+        assert_eq!(
+            ApiError::from(group).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(
             LedgerError::Internal("boom".into()).status(),
             StatusCode::INTERNAL_SERVER_ERROR

@@ -61,16 +61,17 @@ impl StoreError {
 
 /// True when `e` means the transaction lost a race with a concurrent one and was
 /// rolled back, so that running it again may succeed: a PostgreSQL deadlock (`40P01`)
-/// or serialization failure (`40001`), or SQLite still busy or locked after its busy
-/// timeout (`SQLITE_BUSY` and `SQLITE_LOCKED` with their extended codes). Answered
-/// `503` with `Retry-After`, not `500`.
+/// or serialization failure (`40001`), or SQLite still busy after its busy timeout
+/// (`SQLITE_BUSY` and its extended codes, as sqlx reports them: decimal extended
+/// result codes). `SQLITE_LOCKED` is not: it is a conflict within one connection, a
+/// bug a retry does not cure. Answered `503` with `Retry-After`, not `500`.
 pub fn is_transient(e: Option<&sqlx::Error>) -> bool {
     let Some(sqlx::Error::Database(d)) = e else {
         return false;
     };
     matches!(
         d.code().as_deref(),
-        Some("40P01" | "40001" | "5" | "261" | "517" | "6" | "262")
+        Some("40P01" | "40001" | "5" | "261" | "517" | "773")
     )
 }
 

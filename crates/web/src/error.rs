@@ -85,8 +85,8 @@ impl ApiError {
     }
 
     /// 503 `transaction_conflict` with `Retry-After: 1`: the request's transaction lost a
-    /// race with a concurrent one (a deadlock, a serialization failure) and was rolled
-    /// back, so nothing of it was written; sending it again may succeed.
+    /// race with a concurrent one (a deadlock, a serialization failure, a busy database)
+    /// and was rolled back; sending it again may succeed.
     pub fn transaction_conflict(err: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %err, "transaction lost a race; answered 503");
         let mut e = Self::new(
@@ -94,7 +94,7 @@ impl ApiError {
             "transaction_conflict",
             "Service unavailable",
         )
-        .detail("This request ran into a concurrent one and nothing of it was written; retry it.");
+        .detail("This request ran into a concurrent one; retry it.");
         e.headers
             .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
         e

@@ -206,7 +206,7 @@ impl AuthService {
     /// (or long-refreshed) access token cannot enrol an attacker's authenticator:
     /// a login within `max_age` (RFC 9470 `max_age` challenge), or, when the user
     /// already has a second factor, a step-up within `max_age`.
-    async fn require_recent_auth(&self, p: &Principal) -> Result<(), AuthError> {
+    pub(crate) async fn require_recent_auth(&self, p: &Principal) -> Result<(), AuthError> {
         let max_age = self.inner.cfg.step_up.max_age_secs;
         let now = now_micros() / 1_000_000;
         if self.factors(p.user_id()).await?.any() {

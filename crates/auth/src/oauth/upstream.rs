@@ -606,8 +606,8 @@ impl AuthService {
         provider: &str,
     ) -> Result<(), AuthError> {
         self.require_live_session(p).await?;
-        self.require_step_up(p, crate::mfa::StepUpOp::EmailChange)
-            .await?;
+        // a recent sign-in (or step-up), whatever the step-up policy says of email changes
+        self.require_recent_auth(p).await?;
         let db = self.db();
         // the user's row, with the session re-checked under it (see `begin_as_caller`)
         let mut tx = crate::sessions::begin_as_caller(db, p, None).await?;

@@ -23,7 +23,7 @@ async fn change(app: &TestApp, token: &str, new_email: &str, password: &str) -> 
 
 /// Moves the session's sign-in `secs` seconds into the past and refreshes: an access
 /// token of a session signed in long ago.
-async fn aged_token(app: &TestApp, t: &Tokens, secs: i64) -> String {
+pub async fn aged_token(app: &TestApp, t: &Tokens, secs: i64) -> String {
     sqlx::query("UPDATE sessions SET auth_time = auth_time - $1 WHERE id = $2")
         .bind(secs * 1_000_000)
         .bind(&t.session)

@@ -1321,6 +1321,14 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
     });
 }
 
+/// Registers `email` with TOTP on; returns the user id.
+async fn totp_user(app: &TestApp, email: &str) -> String {
+    app.register(email).await;
+    let t = app.login(email, PASSWORD).await;
+    enable_totp(app, &t.access).await;
+    jwt_part(&t.access, 1)["sub"].as_str().unwrap().to_owned()
+}
+
 /// An administrator removes the second factors of a user who lost them (or on whose
 /// account someone else enrolled one): the user then signs in with the password
 /// alone, their sessions and pending second-factor sign-ins end, the reset is audited
@@ -1462,10 +1470,7 @@ async fn an_administrator_resets_a_users_second_factors() {
         // a factor someone else enrolled, who knows the password: the account is also
         // locked until its password is reset
         let other = "taken-over@example.com";
-        app.register(other).await;
-        let o = app.login(other, PASSWORD).await;
-        enable_totp(&app, &o.access).await;
-        let oid = jwt_part(&o.access, 1)["sub"].as_str().unwrap().to_owned();
+        let oid = totp_user(&app, other).await;
         let r = app
             .post(
                 &format!("/v1/admin/users/{oid}/mfa/reset"),
@@ -1506,11 +1511,7 @@ async fn an_administrator_resets_a_users_second_factors() {
         )
         .await
         .assert_problem(403, "forbidden");
-        let third = "third@example.com";
-        app.register(third).await;
-        let t3 = app.login(third, PASSWORD).await;
-        enable_totp(&app, &t3.access).await;
-        let tid = jwt_part(&t3.access, 1)["sub"].as_str().unwrap().to_owned();
+        let tid = totp_user(&app, "third@example.com").await;
         let r = app
             .post(
                 &format!("/v1/admin/users/{tid}/mfa/reset"),

@@ -427,17 +427,13 @@ impl AuthService {
         let mut tx = db.begin().await?;
         // No hold for a password that a reset or change replaced while Argon2 ran (the
         // revocation expired the holds it saw; this one would have come after it).
-        let current: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT password_hash FROM users WHERE id = $1{}",
-            db.for_no_key_update()
-        ))
-        .bind(user_id)
-        .fetch_optional(&mut *tx)
+        crate::sessions::recheck_authority(
+            db,
+            &mut tx,
+            user_id,
+            crate::sessions::Proof::password(password_hash),
+        )
         .await?;
-        if current.as_deref() != Some(password_hash) {
-            tx.rollback().await?;
-            return Err(AuthError::InvalidCredentials);
-        }
         sqlx::query(
             "INSERT INTO login_holds (ticket_hash, user_id, network, ip, device_id, device_name, confirm_hash, deny_hash, \
              created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",

@@ -256,12 +256,7 @@ impl AuthService {
     /// the account (`what`, a sentence), so that an owner whose password someone else
     /// has learns of it. The mail carries no link that acts.
     pub(crate) async fn notify_security_change(&self, user_id: &str, subject: &str, what: &str) {
-        let email: Result<Option<String>, _> =
-            sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
-                .bind(user_id)
-                .fetch_optional(self.inner.db.read())
-                .await;
-        let Ok(Some(email)) = email else {
+        let Ok(email) = self.user_email(user_id).await else {
             tracing::warn!(user_id, "security notice: no address to send it to");
             return;
         };

@@ -130,19 +130,40 @@ pub(crate) struct Proof<'a> {
     pub session: Option<&'a str>,
 }
 
+impl<'a> Proof<'a> {
+    /// A password that matched `hash`.
+    pub(crate) fn password(hash: &'a str) -> Self {
+        Self {
+            password_hash: Some(hash),
+            session: None,
+        }
+    }
+
+    /// The session `id` of the caller's token.
+    pub(crate) fn session(id: &'a str) -> Self {
+        Self {
+            password_hash: None,
+            session: Some(id),
+        }
+    }
+}
+
+/// A session that is neither revoked nor expired: `$1` its id, `$2` its user, `$3` now.
+const LIVE_SESSION_SQL: &str = "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3";
+
 /// Re-checks in `tx`, under the user's row lock (see [`lock_owner`]), what a step
 /// proved before its transaction began: the password (Argon2 runs outside any
 /// transaction) and the caller's session. A password reset or change, "log out
 /// everywhere" or "this wasn't me" that committed meanwhile refuses the step, which
 /// would otherwise act after it on the authority it ended (set a password of its own
 /// choosing over a reset, mail an email-change link, approve a device, carry an OAuth
-/// sign-in on to consent).
+/// sign-in on to consent). Returns the account's current password hash.
 pub(crate) async fn recheck_authority(
     db: &vaultpay_store::Db,
     tx: &mut Tx,
     user_id: &str,
     proof: Proof<'_>,
-) -> Result<(), AuthError> {
+) -> Result<String, AuthError> {
     let row = sqlx::query(&format!(
         "SELECT password_hash FROM users WHERE id = $1{}",
         db.for_no_key_update()
@@ -153,14 +174,12 @@ pub(crate) async fn recheck_authority(
     .ok_or(AuthError::InvalidCredentials)?;
     if let Some(sid) = proof.session {
         let now = now_micros();
-        let live = sqlx::query(
-            "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3",
-        )
-        .bind(sid)
-        .bind(user_id)
-        .bind(now)
-        .fetch_optional(&mut **tx)
-        .await?;
+        let live = sqlx::query(LIVE_SESSION_SQL)
+            .bind(sid)
+            .bind(user_id)
+            .bind(now)
+            .fetch_optional(&mut **tx)
+            .await?;
         if live.is_none() {
             return Err(AuthError::SessionInactive);
         }
@@ -171,7 +190,7 @@ pub(crate) async fn recheck_authority(
             return Err(AuthError::InvalidCredentials);
         }
     }
-    Ok(())
+    Ok(row.try_get("password_hash")?)
 }
 
 /// Begins a transaction that first re-checks the caller of `p` under the user's row
@@ -748,14 +767,12 @@ impl AuthService {
         user_id: &str,
     ) -> Result<bool, AuthError> {
         let now = now_micros();
-        let r = sqlx::query(
-            "SELECT id FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > $3 AND idle_expires_at > $3",
-        )
-        .bind(session_id)
-        .bind(user_id)
-        .bind(now)
-        .fetch_optional(self.inner.db.read())
-        .await?;
+        let r = sqlx::query(LIVE_SESSION_SQL)
+            .bind(session_id)
+            .bind(user_id)
+            .bind(now)
+            .fetch_optional(self.inner.db.read())
+            .await?;
         Ok(r.is_some())
     }
 

@@ -179,7 +179,7 @@ impl AuthService {
         })
     }
 
-    async fn user_email(&self, user_id: &str) -> Result<String, AuthError> {
+    pub(crate) async fn user_email(&self, user_id: &str) -> Result<String, AuthError> {
         let r = sqlx::query("SELECT email FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_optional(self.inner.db.read())
@@ -985,16 +985,17 @@ impl AuthService {
                 .execute(&mut *tx)
                 .await?;
         }
+        let now = now_micros();
         sqlx::query(
             "UPDATE mfa_email_codes SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL",
         )
-        .bind(now_micros())
+        .bind(now)
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
         if req.require_password_reset {
             sqlx::query("UPDATE users SET security_locked_at = $1, updated_at = $1 WHERE id = $2")
-                .bind(now_micros())
+                .bind(now)
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
@@ -1057,10 +1058,7 @@ impl AuthService {
     ) -> Result<AuthError, AuthError> {
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
-        let proof = crate::sessions::Proof {
-            password_hash: Some(matched),
-            session: None,
-        };
+        let proof = crate::sessions::Proof::password(matched);
         crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
         let challenge = self
             .mfa_challenge_in(&mut tx, ctx, user_id, device, f)
@@ -1348,29 +1346,41 @@ impl AuthService {
             return Ok(());
         };
         match op {
-            StepUpOp::RoleChange | StepUpOp::MfaReset => {
-                let (label, what) = if matches!(op, StepUpOp::RoleChange) {
-                    ("role_change", "Role changes need")
-                } else {
-                    ("mfa_reset", "Resetting another user's second factors needs")
-                };
-                metrics::counter!("auth_step_up_required_total", "op" => label).increment(1);
-                if self.factors(p.user_id()).await?.any() {
-                    Err(AuthError::Api(challenge))
-                } else {
-                    Err(AuthError::Api(
-                        challenge
-                            .detail(format!(
-                                "{what} a second factor within the last few minutes, and this \
-                                 account has none: enrol one (POST /v1/mfa/totp), step up \
-                                 (POST /v1/auth/step-up) and retry with the new token."
-                            ))
-                            .with("mfa_enrolled", false),
-                    ))
-                }
+            StepUpOp::RoleChange => {
+                self.second_factor_challenge(p, challenge, "role_change", "Role changes need")
+                    .await
+            }
+            StepUpOp::MfaReset => {
+                let what = "Resetting another user's second factors needs";
+                self.second_factor_challenge(p, challenge, "mfa_reset", what)
+                    .await
             }
             StepUpOp::PasswordChange | StepUpOp::EmailChange => self.require_recent_auth(p).await,
         }
+    }
+
+    /// Refuses an operation that needs a fresh second factor with `challenge`, told
+    /// (`what`, e.g. "Role changes need") how to get one when the caller has none.
+    async fn second_factor_challenge(
+        &self,
+        p: &Principal,
+        challenge: ApiError,
+        label: &'static str,
+        what: &str,
+    ) -> Result<(), AuthError> {
+        metrics::counter!("auth_step_up_required_total", "op" => label).increment(1);
+        if self.factors(p.user_id()).await?.any() {
+            return Err(AuthError::Api(challenge));
+        }
+        Err(AuthError::Api(
+            challenge
+                .detail(format!(
+                    "{what} a second factor within the last few minutes, and this account has \
+                     none: enrol one (POST /v1/mfa/totp), step up (POST /v1/auth/step-up) and \
+                     retry with the new token."
+                ))
+                .with("mfa_enrolled", false),
+        ))
     }
 
     /// `POST /v1/auth/step-up/email`: mails a step-up code for the current session.

@@ -6,7 +6,7 @@
 //! redirect URI as `error=…&state=…` (RFC 6749 §4.1.2.1).
 
 use super::clients::Client;
-use super::signin::{second_factor_required, signin_failure_text, verify_second_factor};
+use super::signin::{second_factor_required, signin_failure, verify_second_factor};
 use super::{has_scope, pages, split_scope, GRANT_CODE};
 use crate::{AuthError, AuthService};
 use axum::extract::State;
@@ -542,22 +542,15 @@ pub(crate) async fn signin(
         return stage_error();
     }
     // The sign-in page again with what went wrong, or an error page.
-    let refused = |e: AuthError| match signin_failure_text(&e) {
-        Some(text) => {
-            let status = if matches!(e, AuthError::Api(_)) {
-                StatusCode::TOO_MANY_REQUESTS
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            pages::signin(
-                status,
-                &form.csrf,
-                &p.client.name,
-                Some(text),
-                &super::upstream::providers(&svc),
-                None,
-            )
-        }
+    let refused = |e: AuthError| match signin_failure(&e) {
+        Some((status, text)) => pages::signin(
+            status,
+            &form.csrf,
+            &p.client.name,
+            Some(text),
+            &super::upstream::providers(&svc),
+            None,
+        ),
         None => internal(e),
     };
     let (user_id, matched) = match svc.check_password(&ctx, &form.email, &form.password).await {
@@ -574,10 +567,7 @@ pub(crate) async fn signin(
     } else {
         "consent"
     };
-    let proof = crate::sessions::Proof {
-        password_hash: Some(&matched),
-        session: None,
-    };
+    let proof = crate::sessions::Proof::password(&matched);
     match advance(&svc, &ctx, &p, next, &user_id, now, "pwd", proof).await {
         Ok(true) => {}
         Ok(false) => return stage_error(),

@@ -4,7 +4,7 @@
 
 use super::authorize::{read_cookie, set_cookie};
 use super::clients::Client;
-use super::signin::{second_factor_required, signin_failure_text, verify_second_factor};
+use super::signin::{second_factor_required, signin_failure, verify_second_factor};
 use super::tokens::{no_store, Grant};
 use super::{pages, presented_client, split_scope, OAuthError, GRANT_DEVICE};
 use crate::{AuthError, AuthService};
@@ -345,10 +345,7 @@ pub(crate) async fn approve_route(
             p.claims.auth_time * 1_000_000,
             &amr,
             !req.deny,
-            crate::sessions::Proof {
-                password_hash: None,
-                session: Some(p.session_id()),
-            },
+            crate::sessions::Proof::session(p.session_id()),
         )
         .await?;
     if !ok {
@@ -414,17 +411,13 @@ pub(crate) async fn device_submit(
     }
     let again =
         |status: StatusCode, msg: &str| pages::device(status, &f.csrf, &f.user_code, Some(msg));
+    let refused = |e: AuthError| match signin_failure(&e) {
+        Some((status, text)) => again(status, text),
+        None => ApiError::from(e).into_response(),
+    };
     let (user_id, matched) = match svc.check_password(&ctx, &f.email, &f.password).await {
         Ok(u) => u,
-        Err(e) => {
-            return match signin_failure_text(&e) {
-                Some(t) if matches!(e, AuthError::Api(_)) => {
-                    again(StatusCode::TOO_MANY_REQUESTS, t)
-                }
-                Some(t) => again(StatusCode::UNAUTHORIZED, t),
-                None => ApiError::from(e).into_response(),
-            }
-        }
+        Err(e) => return refused(e),
     };
     let mut amr = "pwd".to_owned();
     if second_factor_required(&svc, &ctx, &user_id).await {
@@ -446,10 +439,7 @@ pub(crate) async fn device_submit(
             now_micros(),
             &amr,
             approve,
-            crate::sessions::Proof {
-                password_hash: Some(&matched),
-                session: None,
-            },
+            crate::sessions::Proof::password(&matched),
         )
         .await
     {
@@ -459,11 +449,7 @@ pub(crate) async fn device_submit(
             StatusCode::BAD_REQUEST,
             "No pending request has this code (it may have expired).",
         ),
-        Err(e) => match signin_failure_text(&e) {
-            Some(t) if matches!(e, AuthError::Api(_)) => again(StatusCode::TOO_MANY_REQUESTS, t),
-            Some(t) => again(StatusCode::UNAUTHORIZED, t),
-            None => ApiError::from(e).into_response(),
-        },
+        Err(e) => refused(e),
     }
 }
 

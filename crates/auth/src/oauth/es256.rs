@@ -59,11 +59,6 @@ impl Es256Key {
         URL_SAFE_NO_PAD.encode_string(sig.to_bytes(), &mut out);
         Ok(out)
     }
-
-    /// The public key as a JWK (RFC 7518 §6.2).
-    pub fn jwk(&self) -> serde_json::Value {
-        public_jwk(&self.kid, VerifyingKey::from(&self.key))
-    }
 }
 
 fn public_jwk(kid: &str, vk: VerifyingKey) -> serde_json::Value {

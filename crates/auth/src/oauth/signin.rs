@@ -85,8 +85,18 @@ impl AuthService {
     }
 }
 
-/// What a browser page says for a failed sign-in.
-pub(crate) fn signin_failure_text(e: &AuthError) -> Option<&'static str> {
+/// The status and text a browser page shows for a failed sign-in (`None`: not a sign-in
+/// failure, answered as an API error).
+pub(crate) fn signin_failure(e: &AuthError) -> Option<(axum::http::StatusCode, &'static str)> {
+    let status = if matches!(e, AuthError::Api(_)) {
+        axum::http::StatusCode::TOO_MANY_REQUESTS
+    } else {
+        axum::http::StatusCode::UNAUTHORIZED
+    };
+    signin_failure_text(e).map(|t| (status, t))
+}
+
+fn signin_failure_text(e: &AuthError) -> Option<&'static str> {
     match e {
         AuthError::InvalidCredentials => Some("The email or password is wrong."),
         AuthError::Locked { .. } => {

@@ -609,9 +609,16 @@ impl AuthService {
         // a recent sign-in (or step-up), whatever the step-up policy says of email changes
         self.require_recent_auth(p).await?;
         let db = self.db();
-        // the user's row, with the session re-checked under it (see `begin_as_caller`)
-        let mut tx = crate::sessions::begin_as_caller(db, p, None).await?;
         let user_id = p.user_id();
+        // the user's row, with the session re-checked under it
+        let mut tx = db.begin().await?;
+        let phc = crate::sessions::recheck_authority(
+            db,
+            &mut tx,
+            user_id,
+            crate::sessions::Proof::session(p.session_id()),
+        )
+        .await?;
         let rows =
             sqlx::query("SELECT provider, subject FROM upstream_identities WHERE user_id = $1")
                 .bind(user_id)
@@ -630,11 +637,6 @@ impl AuthService {
         if here.is_empty() {
             return Err(AuthError::NotFound("linked identity"));
         }
-        let phc: String = sqlx::query("SELECT password_hash FROM users WHERE id = $1")
-            .bind(user_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("password_hash")?;
         // "!" (an account an upstream sign-in created) is no PHC string: no password
         if !phc.starts_with('$') && elsewhere == 0 {
             return Err(AuthError::Api(ApiError::conflict(

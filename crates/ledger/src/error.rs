@@ -139,9 +139,8 @@ impl LedgerError {
             SessionRevoked | StepUpRequired { .. } => StatusCode::UNAUTHORIZED,
             UntrustedNetwork => StatusCode::FORBIDDEN,
             IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
-            TransactionConflict => StatusCode::SERVICE_UNAVAILABLE,
-            Store(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ if self.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            Store(_) | Internal(_) | TransactionConflict => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -177,9 +176,8 @@ impl LedgerError {
             StepUpRequired { .. } => "insufficient_user_authentication",
             InvalidCursor(_) => "invalid_cursor",
             IntrospectionUnavailable(_) => "service_unavailable",
-            Store(e) if e.is_transient() => "transaction_conflict",
-            TransactionConflict => "transaction_conflict",
-            Store(_) | Internal(_) => "internal_error",
+            _ if self.is_transient() => "transaction_conflict",
+            Store(_) | Internal(_) | TransactionConflict => "internal_error",
         }
     }
 
@@ -202,15 +200,9 @@ impl LedgerError {
         if self.is_server_error() {
             let mut p = Problem::new(status, self.code(), self.title())
                 .detail("An unexpected error occurred; it has been logged with this request id.");
-            match self {
-                LedgerError::IntrospectionUnavailable(_) => {
-                    p = Problem::new(status, "service_unavailable", "Service unavailable")
-                        .detail("A dependency of this service is unavailable; retry later.");
-                }
-                _ if self.is_transient() => {
-                    p = p.detail("This request ran into a concurrent one; retry it.");
-                }
-                _ => {}
+            if let LedgerError::IntrospectionUnavailable(_) = self {
+                p = Problem::new(status, "service_unavailable", "Service unavailable")
+                    .detail("A dependency of this service is unavailable; retry later.");
             }
             p.request_id = request_id;
             return p;
@@ -262,24 +254,20 @@ impl From<LedgerError> for ApiError {
 mod tests {
     use super::*;
 
-    /// A transaction that lost a race is a retryable 503, in the ledger's own problem
-    /// (what a group commit answers a job) and over HTTP (with `Retry-After`); as a
-    /// server error it is never stored with an idempotency key.
+    /// A transaction that lost a race is a retryable 503 (with `Retry-After` over
+    /// HTTP), and as a server error is never stored with an idempotency key; so is
+    /// what every job of a group whose transaction could not begin is answered.
     #[tokio::test]
     async fn a_lost_race_is_a_retryable_503() {
-        let race = || async {
-            LedgerError::Store(vaultpay_store::StoreError::Sqlx(
-                vaultpay_store::testing::lost_race(vaultpay_store::Backend::Sqlite)
-                    .await
-                    .unwrap(),
-            ))
-        };
-        let e = race().await;
+        let e = LedgerError::Store(vaultpay_store::StoreError::Sqlx(
+            vaultpay_store::testing::lost_race(vaultpay_store::Backend::Sqlite)
+                .await
+                .unwrap(),
+        ));
+        assert!(e.is_transient() && e.is_server_error());
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(e.code(), "transaction_conflict");
-        assert!(e.is_server_error());
-        assert_eq!(e.problem(None).status, 503);
-        let api = ApiError::from(race().await);
+        let api = ApiError::from(e);
         assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(api.problem.code, "transaction_conflict");
         assert!(api

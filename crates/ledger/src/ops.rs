@@ -666,7 +666,8 @@ pub(crate) async fn transfer(
             .await?;
         }
     }
-    crate::tally::count("ledger_transfers_total", "kind", t.kind.clone(), 1);
+    let kind = if req.pending { "hold" } else { "transfer" };
+    crate::tally::count("ledger_transfers_total", "kind", kind, 1);
     Ok(t)
 }
 

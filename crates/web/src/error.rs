@@ -89,15 +89,13 @@ impl ApiError {
     /// and was rolled back; sending it again may succeed.
     pub fn transaction_conflict(err: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %err, "transaction lost a race; answered 503");
-        let mut e = Self::new(
+        Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "transaction_conflict",
             "Service unavailable",
         )
-        .detail("This request ran into a concurrent one; retry it.");
-        e.headers
-            .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
-        e
+        .detail("This request ran into a concurrent one; retry it.")
+        .header(header::RETRY_AFTER, 1)
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {

@@ -517,8 +517,15 @@ pub(crate) async fn run_group(core: &Core, group: &mut Vec<Queued>) {
     let ((results, broken), tally) =
         crate::tally::collect(run_jobs_with_savepoints(core, &mut tx, group)).await;
     if broken {
+        // Nothing of it was committed: each job gets its own answer from a transaction
+        // of its own, so the one that breaks the group fails alone.
+        tracing::warn!(
+            jobs = group.len(),
+            "group commit: transaction broken; retrying its jobs one by one"
+        );
         let _ = tx.rollback().await;
-        answer_group(group, results, false);
+        drop(results);
+        retry_one_by_one(core, group).await;
     } else {
         commit_and_answer(core, tx, group, results, tally).await;
     }
@@ -723,8 +730,10 @@ async fn run_unguarded(core: &Core, group: &mut Vec<Queued>, plain: bool) {
 }
 
 /// Commits a group's transaction and answers its jobs: each with its result, or each
-/// with an internal error if the commit failed. A COMMIT refused by a deferred foreign
-/// key (see [`refused_by_deferred_check`]) reruns the jobs one by one instead.
+/// with an internal error if the commit failed for a reason that leaves its outcome
+/// unknown (the connection lost, say: a retry with the same key then replays or runs).
+/// A COMMIT refused by a deferred foreign key (see [`refused_by_deferred_check`]) or
+/// for a lost race wrote nothing: the jobs are run again one by one instead.
 async fn commit_and_answer(
     core: &Core,
     tx: Tx,
@@ -737,8 +746,8 @@ async fn commit_and_answer(
             tally.flush();
             answer_group(group, results, true);
         }
-        Err(e) if refused_by_deferred_check(&e) => {
-            tracing::error!(error = %e, jobs = group.len(), "group commit refused by a foreign key; retrying its jobs one by one");
+        Err(e) if refused_by_deferred_check(&e) || vaultpay_store::is_transient(Some(&e)) => {
+            tracing::warn!(error = %e, jobs = group.len(), "group commit refused; retrying its jobs one by one");
             retry_one_by_one(core, group).await;
         }
         Err(e) => {

@@ -611,3 +611,114 @@ async fn plain_groups_side_by_side_keep_every_invariant() {
         );
     }
 }
+
+fn hold(from: &str, to: &str, amount: i64) -> Op {
+    match tr(from, to, amount, "hold") {
+        Op::Transfer(mut r) => {
+            r.pending = true;
+            Op::Transfer(r)
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// A group whose transaction breaks outside any one job's savepoint (here: storing the
+/// group's idempotency keys fails for one key) wrote nothing, so its jobs are run again
+/// one by one: only the job that breaks it fails, the others get their own answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_group_is_rerun_job_by_job() {
+    for backend in vaultpay_store::testing::backends() {
+        let (core, alice, a, b) = two_accounts(backend).await;
+        let sqls: &[&str] = match backend {
+            Backend::Sqlite => &["CREATE TRIGGER key_boom BEFORE INSERT ON idempotency_keys \
+                 WHEN NEW.key = 'k2' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+            Backend::Postgres => &[
+                "CREATE FUNCTION key_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.key = 'k2' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END; $$",
+                "CREATE TRIGGER key_boom BEFORE INSERT ON idempotency_keys FOR EACH ROW \
+                 EXECUTE FUNCTION key_boom()",
+            ],
+        };
+        for s in sqls {
+            sqlx::raw_sql(s).execute(core.db.writer()).await.unwrap();
+        }
+        // a hold in the group makes it an exclusive one, run with savepoints
+        let out = group(
+            &core,
+            vec![
+                job(&alice, "k1", tr(&a, &b, 10, "ok")),
+                job(&alice, "k2", hold(&a, &b, 20)),
+                job(&alice, "k3", tr(&a, &b, 30, "ok")),
+            ],
+        )
+        .await;
+        failed_alone(&core, &out, 201).await;
+        assert_eq!(balance(&core, &a).await, 60, "{backend:?}");
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM transfers WHERE status = 'pending'"
+            )
+            .await,
+            0,
+            "{backend:?}: the failed hold left nothing behind"
+        );
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{backend:?}: {report}");
+    }
+}
+
+/// A COMMIT refused for a lost race (here a deferred trigger raising PostgreSQL's
+/// serialization failure for one transfer) wrote nothing: the group's jobs are run again
+/// one by one, the others succeed and the one that keeps losing gets a retryable 503,
+/// for a group of plain transfers and for an exclusive group alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_commit_loses_a_race_is_rerun_job_by_job() {
+    for backend in vaultpay_store::testing::backends() {
+        if backend != Backend::Postgres {
+            continue; // SQLite has no deferred triggers
+        }
+        let (core, alice, a, b) = two_accounts(backend).await;
+        for s in [
+            "CREATE FUNCTION lose() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.description = 'lose' THEN \
+             RAISE EXCEPTION 'injected conflict' USING ERRCODE = '40001'; END IF; \
+             RETURN NULL; END; $$",
+            "CREATE CONSTRAINT TRIGGER lose AFTER INSERT ON transfers \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION lose()",
+        ] {
+            sqlx::raw_sql(s).execute(core.db.writer()).await.unwrap();
+        }
+        for (round, last) in [("p", tr(&a, &b, 1, "ok")), ("x", hold(&a, &b, 1))] {
+            let k = |n: u8| format!("{round}{n}");
+            let out = group(
+                &core,
+                vec![
+                    job(&alice, &k(1), tr(&a, &b, 10, "ok")),
+                    job(&alice, &k(2), tr(&a, &b, 20, "lose")),
+                    job(&alice, &k(3), last),
+                ],
+            )
+            .await;
+            assert_eq!(out[0].as_ref().unwrap().status, 201, "{round}");
+            assert!(
+                matches!(out[1], Err(ref e) if e.is_transient()),
+                "{round}: {:?}",
+                out[1]
+            );
+            assert_eq!(out[2].as_ref().unwrap().status, 201, "{round}");
+        }
+        // 100 - (10 + 1) - (10 + 1 held)
+        assert_eq!(balance(&core, &a).await, 79);
+        assert_eq!(
+            count(
+                &core,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE key IN ('p2', 'x2')"
+            )
+            .await,
+            0
+        );
+        let report = crate::verify(&core.db).await.unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+}

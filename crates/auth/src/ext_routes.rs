@@ -259,8 +259,10 @@ async fn list_identities(
 }
 
 /// Unlink a sign-in provider from the caller's account (a recent sign-in needed, as
-/// for an email change). 409 `last_sign_in_method` when the account has no password
-/// and this is its only provider; 404 when none is linked.
+/// for an email change). Ends the sessions signed in through it (the caller's too, if
+/// it was one) and its codes not yet exchanged. 409 `last_sign_in_method` when the
+/// account has no password and no other provider this server offers; 404 when none is
+/// linked.
 #[utoipa::path(delete, path = "/v1/me/identities/{provider}", tag = "auth", params(("provider" = String, Path)),
     responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = [])))]

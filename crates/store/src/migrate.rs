@@ -50,6 +50,7 @@ const AUTH: &[Migration] = &[
     migration!(6, "auth", "0006_oauth_acr"),
     migration!(7, "auth", "0007_grants_by_user"),
     migration!(8, "auth", "0008_es256_rotation"),
+    migration!(9, "auth", "0009_sessions_by_provider"),
 ];
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),

@@ -355,6 +355,8 @@ pub(crate) struct Pending {
     user_id: Option<String>,
     auth_time: Option<i64>,
     amr: Option<String>,
+    /// The upstream provider the user signed in through, if any.
+    upstream_provider: Option<String>,
     acr_mfa: bool,
     pub(crate) stage: String,
 }
@@ -392,7 +394,7 @@ async fn load_pending(
     };
     let r = sqlx::query(
         "SELECT id_hash, csrf_hash, client_id, redirect_uri, redirect_given, scope, state, nonce, code_challenge, user_id, auth_time, \
-         amr, acr_mfa, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
+         amr, upstream_provider, acr_mfa, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
     )
     .bind(id_hash)
     .fetch_optional(svc.db().read())
@@ -427,6 +429,7 @@ async fn load_pending(
         user_id: r.try_get("user_id")?,
         auth_time: r.try_get("auth_time")?,
         amr: r.try_get("amr")?,
+        upstream_provider: r.try_get("upstream_provider")?,
         acr_mfa: r.try_get::<i64, _>("acr_mfa")? != 0,
         stage: r.try_get("stage")?,
     }))
@@ -606,13 +609,14 @@ pub(crate) async fn federated_signin(
     let db = svc.db();
     let mut tx = db.begin().await?;
     let n = sqlx::query(
-        "UPDATE oauth_requests SET stage = $1, user_id = $2, auth_time = $3, amr = 'fed', csrf_hash = $4 \
-         WHERE id_hash = $5 AND stage = 'signin'",
+        "UPDATE oauth_requests SET stage = $1, user_id = $2, auth_time = $3, amr = 'fed', csrf_hash = $4, \
+         upstream_provider = $5 WHERE id_hash = $6 AND stage = 'signin'",
     )
     .bind(next)
     .bind(user_id)
     .bind(now_micros())
     .bind(sha256_hex(csrf.as_bytes()))
+    .bind(provider)
     .bind(id_hash)
     .execute(&mut *tx)
     .await?
@@ -803,7 +807,7 @@ async fn issue_code(
     let code = opaque_token();
     sqlx::query(
         "INSERT INTO oauth_codes (code_hash, client_id, user_id, redirect_uri, scope, nonce, code_challenge, auth_time, amr, \
-         created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         upstream_provider, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(sha256_hex(code.as_bytes()))
     .bind(&p.client.client_id)
@@ -818,6 +822,7 @@ async fn issue_code(
     .bind(&p.code_challenge)
     .bind(p.auth_time.unwrap_or(now))
     .bind(p.amr.as_deref().unwrap_or("pwd"))
+    .bind(&p.upstream_provider)
     .bind(now)
     .bind(now + secs(svc.config().oauth.code_ttl_secs))
     .execute(&mut *tx)

@@ -219,6 +219,8 @@ pub(crate) async fn poll(
                 nonce: None,
                 auth_time: auth_time.unwrap_or(now),
                 amr: split_scope(amr.as_deref().unwrap_or("pwd")),
+                // approved from a session of the user's, not an upstream sign-in
+                upstream: None,
             };
             let (sid, refresh) = match svc.oauth_session(&mut tx, ctx, &g).await {
                 Err(AuthError::ResetRequired) => {

@@ -129,6 +129,9 @@ pub(crate) struct Grant<'a> {
     pub nonce: Option<String>,
     pub auth_time: i64,
     pub amr: Vec<String>,
+    /// The upstream provider the user signed in through, if any (kept on the session:
+    /// unlinking the provider ends it).
+    pub upstream: Option<String>,
 }
 
 impl AuthService {
@@ -161,8 +164,8 @@ impl AuthService {
         let idle = (now + secs(cfg.session_idle_ttl_secs)).min(expires);
         sqlx::query(
             "INSERT INTO sessions (id, user_id, device_id, device_name, ip, user_agent, created_at, last_seen_at, \
-             idle_expires_at, expires_at, auth_time, amr, client_id, scope) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13)",
+             idle_expires_at, expires_at, auth_time, amr, client_id, scope, upstream_provider) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&sid)
         .bind(g.user_id)
@@ -177,6 +180,7 @@ impl AuthService {
         .bind(g.amr.join(" "))
         .bind(&g.client.client_id)
         .bind(g.scope)
+        .bind(&g.upstream)
         .execute(&mut **tx)
         .await?;
         let refresh = if has_scope(g.scope, "offline_access")
@@ -313,7 +317,7 @@ async fn exchange_code(
         crate::sessions::lock_owner(db, &mut tx, "oauth_codes", "code_hash", &code_hash).await?;
     let r = sqlx::query(&format!(
         "SELECT client_id, user_id, redirect_uri, scope, nonce, code_challenge, auth_time, amr, expires_at, \
-         used_at, session_id FROM oauth_codes WHERE code_hash = $1{}",
+         used_at, session_id, upstream_provider FROM oauth_codes WHERE code_hash = $1{}",
         db.for_update()
     ))
     .bind(&code_hash)
@@ -401,6 +405,7 @@ async fn exchange_code(
         nonce: r.try_get("nonce")?,
         auth_time: r.try_get("auth_time")?,
         amr: split_scope(&amr),
+        upstream: r.try_get("upstream_provider")?,
     };
     let (sid, refresh) = match svc.oauth_session(&mut tx, ctx, &g).await {
         Err(AuthError::ResetRequired) => {
@@ -498,6 +503,7 @@ async fn refresh(
         nonce: None,
         auth_time: r.try_get("auth_time").map_err(AuthError::from)?,
         amr: split_scope(&amr),
+        upstream: None, // (a refresh opens no session)
     };
     let res = svc.user_tokens(&g, &sid, tokens.refresh_token).await?;
     Ok(res)

@@ -597,8 +597,11 @@ impl AuthService {
     }
 
     /// `DELETE /v1/me/identities/{provider}`: unlinks the caller's identities at
-    /// `provider`, audited and told to the account's address. Refused when it would
-    /// leave the account with no way to sign in (no password, no other provider).
+    /// `provider`, audited and told to the account's address, and ends what a sign-in
+    /// through it gave: the sessions it opened (the caller's own too, if it was one),
+    /// the authorization codes not yet exchanged and the requests signed in through it.
+    /// Refused when it would leave the account with no way to sign in (no password,
+    /// and no other provider this server still offers).
     pub async fn unlink_identity(
         &self,
         ctx: &Ctx,
@@ -626,11 +629,13 @@ impl AuthService {
                 .await?;
         let mut here = Vec::new();
         let mut elsewhere = 0usize;
+        let offered = &self.config().oauth.upstream;
         for r in &rows {
             let prov: String = r.try_get("provider")?;
             if prov == provider {
                 here.push(r.try_get::<String, _>("subject")?);
-            } else {
+            } else if offered.contains_key(&prov) {
+                // a link to a provider taken out of the configuration is no way in
                 elsewhere += 1;
             }
         }
@@ -645,6 +650,31 @@ impl AuthService {
                  (POST /v1/auth/password/forgot), then unlink it.",
             )));
         }
+        // Requests first (a consent in flight locks its request, then issues its code,
+        // which the next statement then finds), then codes, then sessions.
+        sqlx::query("DELETE FROM oauth_requests WHERE user_id = $1 AND upstream_provider = $2")
+            .bind(user_id)
+            .bind(provider)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE oauth_codes SET expires_at = 0 \
+             WHERE user_id = $1 AND upstream_provider = $2 AND used_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+        let ended = sqlx::query(
+            "UPDATE sessions SET revoked_at = $1, revoked_reason = 'provider_unlinked' \
+             WHERE user_id = $2 AND upstream_provider = $3 AND revoked_at IS NULL",
+        )
+        .bind(vaultpay_core::time::now_micros())
+        .bind(user_id)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         sqlx::query("DELETE FROM upstream_identities WHERE user_id = $1 AND provider = $2")
             .bind(user_id)
             .bind(provider)
@@ -657,10 +687,17 @@ impl AuthService {
             NewAudit::success("account.unlinked_upstream")
                 .actor(user_id)
                 .resource(user_id)
-                .metadata(serde_json::json!({ "provider": provider, "subjects": here })),
+                .metadata(serde_json::json!({
+                    "provider": provider,
+                    "subjects": here,
+                    "sessions_ended": ended,
+                })),
         )
         .await?;
         tx.commit().await?;
+        if ended > 0 {
+            self.sessions_changed(Some(user_id)).await;
+        }
         self.notify_security_change(
             user_id,
             "A sign-in provider was unlinked from your account",

@@ -2046,6 +2046,57 @@ async fn github_case(backend: Backend) {
         .get("/oauth/authorize/upstream/gh/callback?code=x&state=forged")
         .await;
     assert_eq!(p.status, StatusCode::BAD_REQUEST);
+
+    // Unlinking GitHub ends what a GitHub sign-in gave, and nothing else: the session
+    // of the exchange above, and a code from a second GitHub sign-in not yet exchanged.
+    let fed = r.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(introspect(&down, &web, &fed).await.body["active"], true);
+    let (verifier2, challenge2) = pkce();
+    let p = b
+        .get(&authorize_query(
+            &web.id,
+            CB,
+            "openid email profile",
+            Some(&challenge2),
+        ))
+        .await;
+    let p = b
+        .post("/oauth/authorize/upstream/gh", &[("csrf", &p.csrf())])
+        .await;
+    let state = p_param(&p.location.unwrap(), "state");
+    let p = b
+        .get(&format!(
+            "/oauth/authorize/upstream/gh/callback?code=gh-code&state={}",
+            urlencoding::encode(&state)
+        ))
+        .await;
+    let p = b.consent(&p.csrf(), "approve").await;
+    let code2 = p.param("code").unwrap();
+    // The account gets a password (another account's hash) and a password session.
+    down.user("donor.gh@example.com").await;
+    sqlx::query(
+        "UPDATE users SET password_hash = \
+         (SELECT password_hash FROM users WHERE email = 'donor.gh@example.com') \
+         WHERE email = 'octo@example.com'",
+    )
+    .execute(down.auth_db().writer())
+    .await
+    .unwrap();
+    let octo = down.login("octo@example.com", PASSWORD).await;
+    let r = down
+        .delete("/v1/me/identities/gh", Some(&octo.access))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    assert_eq!(introspect(&down, &web, &fed).await.body["active"], false);
+    let r = exchange(&down, &web, &code2, CB, &verifier2).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.body["error"], "invalid_grant");
+    // the password session lives on
+    let me = down.get("/v1/me", Some(&octo.access)).await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.text);
+    let entries = audit_action(&down, &admin, "account.unlinked_upstream").await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["metadata"]["sessions_ended"], 1);
     down.stop().await;
 }
 
@@ -2066,7 +2117,26 @@ fn p_param(url: &str, name: &str) -> String {
 #[tokio::test]
 async fn linked_identities_are_listed_and_unlinked() {
     each_backend!(|backend: Backend| async move {
-        let app = TestApp::spawn(backend).await;
+        // "github" is offered; "corp" and "legacy" are not (links left from an earlier
+        // configuration)
+        let app = TestApp::spawn_with(backend, |c| {
+            c.auth.oauth.upstream.insert(
+                "github".into(),
+                vaultpay_auth::oauth::upstream::UpstreamConfig {
+                    kind: "github".into(),
+                    display_name: "GitHub".into(),
+                    issuer: None,
+                    client_id: "gh-client".into(),
+                    client_secret: vaultpay_core::secret::Secret::new("gh-secret"),
+                    scopes: None,
+                    authorize_url: None,
+                    token_url: None,
+                    api_url: None,
+                    link_by_verified_email: false,
+                },
+            );
+        })
+        .await;
         let link = |user: String, provider: &'static str, subject: &'static str| {
             let db = app.auth_db().writer().clone();
             async move {
@@ -2140,6 +2210,11 @@ async fn linked_identities_are_listed_and_unlinked() {
             .execute(app.auth_db().writer())
             .await
             .unwrap();
+        app.delete("/v1/me/identities/corp", Some(&bob.access))
+            .await
+            .assert_problem(409, "last_sign_in_method");
+        // a link to a provider this server no longer offers is no way in either
+        link(bob_id.clone(), "legacy", "legacy-bob").await;
         app.delete("/v1/me/identities/corp", Some(&bob.access))
             .await
             .assert_problem(409, "last_sign_in_method");

@@ -324,7 +324,8 @@ async fn rotate_group(
 }
 
 /// Locks (PostgreSQL: `FOR UPDATE`; SQLite: the write transaction) and reads the rows
-/// of every token in the group, with their sessions, in one statement.
+/// of every token in the group, with their sessions, in one statement, in session id
+/// order (as multi-row revocations lock sessions: `sessions::lock_sessions_in_order`).
 async fn lock_rows(
     db: &Db,
     tx: &mut Tx,
@@ -335,7 +336,7 @@ async fn lock_rows(
          r.replaced_by AS replaced_by, s.user_id AS user_id, s.device_id AS device_id, \
          s.revoked_at AS revoked_at, s.expires_at AS expires_at, s.idle_expires_at AS idle_expires_at, \
          s.auth_time AS auth_time, s.amr AS amr, s.client_id AS client_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
-         WHERE r.token_hash IN ({}){}",
+         WHERE r.token_hash IN ({}) ORDER BY s.id{}",
         params::list(db.backend(), jobs.len()),
         db.for_update()
     );

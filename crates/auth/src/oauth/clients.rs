@@ -361,6 +361,13 @@ pub async fn delete(
     if n == 0 {
         return Ok(false);
     }
+    crate::sessions::lock_sessions_in_order(
+        db,
+        &mut tx,
+        "client_id = $1 AND revoked_at IS NULL",
+        &[client_id],
+    )
+    .await?;
     let revoked = sqlx::query(
         "UPDATE sessions SET revoked_at = $1, revoked_reason = 'client_deleted' WHERE client_id = $2 AND revoked_at IS NULL",
     )

@@ -665,6 +665,13 @@ impl AuthService {
         .bind(provider)
         .execute(&mut *tx)
         .await?;
+        crate::sessions::lock_sessions_in_order(
+            db,
+            &mut tx,
+            "user_id = $1 AND upstream_provider = $2 AND revoked_at IS NULL",
+            &[user_id, provider],
+        )
+        .await?;
         let ended = sqlx::query(
             "UPDATE sessions SET revoked_at = $1, revoked_reason = 'provider_unlinked' \
              WHERE user_id = $2 AND upstream_provider = $3 AND revoked_at IS NULL",

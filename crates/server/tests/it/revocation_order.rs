@@ -388,3 +388,75 @@ async fn a_login_ticket_is_not_opened_after_a_reset() {
     );
     app.stop().await;
 }
+
+/// A revocation of several sessions locks them in id order, the order a refresh
+/// rotation group locks its sessions in, so that the two never wait for each other in
+/// a cycle (a deadlock, and one of them refused). The test holds the user's first
+/// session; "log out everywhere" must then wait for it holding none of the others, so
+/// the second can still be locked. Before, the revocation's `UPDATE` locked sessions in
+/// the order its plan read them: here the second first (the first session's row is
+/// made the last one read, by creation time and by position), then waited for the
+/// first while holding the second.
+#[tokio::test]
+async fn a_revocation_locks_sessions_in_id_order() {
+    if !on_postgres() {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let email = "order.sessions@example.com";
+    let first = app.user(email).await;
+    let second = app.login(email, PASSWORD).await;
+    let caller = app.login(email, PASSWORD).await;
+    let sid = |t: &Tokens| jwt_part(&t.access, 1)["sid"].as_str().unwrap().to_owned();
+    let (s1, s2) = (sid(&first), sid(&second));
+    assert!(s1 < s2, "session ids increase");
+    let db = app.auth_db().writer().clone();
+    sqlx::query("UPDATE sessions SET created_at = created_at + 3600000000 WHERE id = $1")
+        .bind(&s1)
+        .execute(&db)
+        .await
+        .unwrap();
+    let mut holder = db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(&s1)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let logout = app.post(
+        "/v1/auth/logout",
+        Some(&caller.access),
+        json!({ "everywhere": true }),
+    );
+    let probe = async {
+        until_waiting_at(&app, "sessions").await;
+        let mut other = db.begin().await.unwrap();
+        let free = sqlx::query("SELECT id FROM sessions WHERE id = $1 FOR UPDATE NOWAIT")
+            .bind(&s2)
+            .fetch_one(&mut *other)
+            .await
+            .map(|_| ());
+        other.rollback().await.unwrap();
+        holder.rollback().await.unwrap();
+        free
+    };
+    let (r, free) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join(logout, probe),
+    )
+    .await
+    .expect("the revocation neither waited nor answered");
+    assert!(
+        free.is_ok(),
+        "the revocation held a later session while waiting for the first: {free:?}"
+    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        app.count_where(
+            "sessions",
+            "revoked_at IS NULL AND user_id = (SELECT id FROM users WHERE email = 'order.sessions@example.com')"
+        )
+        .await,
+        0
+    );
+    app.stop().await;
+}

@@ -708,7 +708,7 @@ async fn a_group_whose_commit_loses_a_race_is_rerun_job_by_job() {
             );
             assert_eq!(out[2].as_ref().unwrap().status, 201, "{round}");
         }
-        // 100 - (10 + 1) - (10 + 1 held)
+        // 100 - (10 + 1) - 10: the held 1 is reserved, not yet taken from the balance
         assert_eq!(balance(&core, &a).await, 79);
         assert_eq!(
             count(

@@ -608,6 +608,18 @@ pub(crate) async fn federated_signin(
     let csrf = opaque_token();
     let db = svc.db();
     let mut tx = db.begin().await?;
+    // The link the callback found is still there, under the user's row lock: an unlink
+    // (which takes that row first) that committed since then ends this sign-in.
+    crate::sessions::recheck_authority(db, &mut tx, user_id, Default::default()).await?;
+    let linked =
+        sqlx::query("SELECT user_id FROM upstream_identities WHERE user_id = $1 AND provider = $2")
+            .bind(user_id)
+            .bind(provider)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if linked.is_none() {
+        return Ok(None);
+    }
     let n = sqlx::query(
         "UPDATE oauth_requests SET stage = $1, user_id = $2, auth_time = $3, amr = 'fed', csrf_hash = $4, \
          upstream_provider = $5 WHERE id_hash = $6 AND stage = 'signin'",

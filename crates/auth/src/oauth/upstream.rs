@@ -569,6 +569,13 @@ async fn map_user(
     Ok(Mapped::User(user_id))
 }
 
+/// The live sessions of user `$1` that unlinking provider `$2` ends: those signed in
+/// through it (or approved from such a session), and those signed in through an
+/// upstream provider before sessions recorded which (auth migration 0009), whose
+/// provider is unknown.
+const UNLINKED_SESSIONS: &str = "user_id = $1 AND revoked_at IS NULL AND (upstream_provider = $2 \
+     OR (upstream_provider IS NULL AND (amr = 'fed' OR amr LIKE 'fed %')))";
+
 impl AuthService {
     /// `GET /v1/me/identities`.
     pub async fn list_identities(
@@ -665,20 +672,28 @@ impl AuthService {
         .bind(provider)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "UPDATE oauth_device_codes SET expires_at = 0 \
+             WHERE user_id = $1 AND upstream_provider = $2 AND status = 'approved'",
+        )
+        .bind(user_id)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
         crate::sessions::lock_sessions_in_order(
             db,
             &mut tx,
-            "user_id = $1 AND upstream_provider = $2 AND revoked_at IS NULL",
+            UNLINKED_SESSIONS,
             &[user_id, provider],
         )
         .await?;
-        let ended = sqlx::query(
-            "UPDATE sessions SET revoked_at = $1, revoked_reason = 'provider_unlinked' \
-             WHERE user_id = $2 AND upstream_provider = $3 AND revoked_at IS NULL",
-        )
-        .bind(vaultpay_core::time::now_micros())
+        let ended = sqlx::query(&format!(
+            "UPDATE sessions SET revoked_at = $3, revoked_reason = 'provider_unlinked' \
+             WHERE {UNLINKED_SESSIONS}"
+        ))
         .bind(user_id)
         .bind(provider)
+        .bind(vaultpay_core::time::now_micros())
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -2047,31 +2047,53 @@ async fn github_case(backend: Backend) {
         .await;
     assert_eq!(p.status, StatusCode::BAD_REQUEST);
 
-    // Unlinking GitHub ends what a GitHub sign-in gave, and nothing else: the session
-    // of the exchange above, and a code from a second GitHub sign-in not yet exchanged.
+    // Unlinking GitHub ends what a GitHub sign-in gave, and nothing else.
+    // 1. the session of the exchange above
     let fed = r.body["access_token"].as_str().unwrap().to_owned();
     assert_eq!(introspect(&down, &web, &fed).await.body["active"], true);
-    let (verifier2, challenge2) = pkce();
-    let p = b
-        .get(&authorize_query(
-            &web.id,
-            CB,
-            "openid email profile",
-            Some(&challenge2),
-        ))
+    // 2. a code from a second GitHub sign-in, not yet exchanged
+    let (mut b2, consent2, verifier2) = gh_to_consent(&down, &web, "openid").await;
+    let code2 = b2
+        .consent(&consent2, "approve")
+        .await
+        .param("code")
+        .unwrap();
+    // 3. a third GitHub sign-in left at its consent page
+    let (mut b3, consent3, _) = gh_to_consent(&down, &web, "openid").await;
+    // 4. a device approved from a GitHub-signed-in session, and its session
+    let (mut b4, consent4, verifier4) = gh_to_consent(&down, &web, "openid api").await;
+    let code4 = b4
+        .consent(&consent4, "approve")
+        .await
+        .param("code")
+        .unwrap();
+    let fed_api = exchange(&down, &web, &code4, CB, &verifier4).await;
+    let fed_api = fed_api.body["access_token"].as_str().unwrap().to_owned();
+    let cli = device_client(&down, &admin).await;
+    let start = device_start(&down, &cli, "openid api").await;
+    let r = down
+        .post(
+            "/v1/oauth/device/approve",
+            Some(&fed_api),
+            json!({ "user_code": start["user_code"] }),
+        )
         .await;
-    let p = b
-        .post("/oauth/authorize/upstream/gh", &[("csrf", &p.csrf())])
-        .await;
-    let state = p_param(&p.location.unwrap(), "state");
-    let p = b
-        .get(&format!(
-            "/oauth/authorize/upstream/gh/callback?code=gh-code&state={}",
-            urlencoding::encode(&state)
-        ))
-        .await;
-    let p = b.consent(&p.csrf(), "approve").await;
-    let code2 = p.param("code").unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let device = device_poll(&down, &cli, start["device_code"].as_str().unwrap()).await;
+    assert_eq!(device.status, StatusCode::OK, "{}", device.text);
+    let device = device.body["access_token"].as_str().unwrap().to_owned();
+    let r = down.get("/v1/me", Some(&device)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // each of the three knows its provider (not only by its "fed" amr, which a session
+    // from before auth migration 0009 is matched by)
+    assert_eq!(
+        down.count_where(
+            "sessions",
+            "upstream_provider = 'gh' AND revoked_at IS NULL"
+        )
+        .await,
+        3
+    );
     // The account gets a password (another account's hash) and a password session.
     down.user("donor.gh@example.com").await;
     sqlx::query(
@@ -2087,17 +2109,56 @@ async fn github_case(backend: Backend) {
         .delete("/v1/me/identities/gh", Some(&octo.access))
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
-    assert_eq!(introspect(&down, &web, &fed).await.body["active"], false);
+    let r = introspect(&down, &web, &fed).await;
+    assert_eq!(r.body["active"], false, "the sign-in's session lives on");
+    for (what, token) in [("the api one's", &fed_api), ("the device's", &device)] {
+        let r = down.get("/v1/me", Some(token)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{what} session lives on: {}",
+            r.text
+        );
+    }
     let r = exchange(&down, &web, &code2, CB, &verifier2).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     assert_eq!(r.body["error"], "invalid_grant");
+    let p = b3.consent(&consent3, "approve").await;
+    assert!(
+        p.param("code").is_none(),
+        "a code after the unlink: {:?}",
+        p.location
+    );
     // the password session lives on
     let me = down.get("/v1/me", Some(&octo.access)).await;
     assert_eq!(me.status, StatusCode::OK, "{}", me.text);
     let entries = audit_action(&down, &admin, "account.unlinked_upstream").await;
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0]["metadata"]["sessions_ended"], 1);
+    assert_eq!(entries[0]["metadata"]["sessions_ended"], 3);
     down.stop().await;
+}
+
+/// A browser signed in through the fake GitHub ("gh") for `scope`, at the consent page:
+/// the browser, the page's CSRF token and the PKCE verifier.
+async fn gh_to_consent(app: &TestApp, web: &OClient, scope: &str) -> (Browser, String, String) {
+    let (verifier, challenge) = pkce();
+    let mut b = Browser::new(app);
+    let p = b
+        .get(&authorize_query(&web.id, CB, scope, Some(&challenge)))
+        .await;
+    let p = b
+        .post("/oauth/authorize/upstream/gh", &[("csrf", &p.csrf())])
+        .await;
+    let state = p_param(&p.location.unwrap(), "state");
+    let p = b
+        .get(&format!(
+            "/oauth/authorize/upstream/gh/callback?code=gh-code&state={}",
+            urlencoding::encode(&state)
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    let csrf = p.csrf();
+    (b, csrf, verifier)
 }
 
 fn p_param(url: &str, name: &str) -> String {

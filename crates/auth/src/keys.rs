@@ -82,7 +82,8 @@ pub async fn ensure_key(db: &Db, env: &Envelope) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// Adds a new signing key; the previous ones stay verifiable for `overlap_secs`.
+/// Rotates the Ed25519 signing key: the current one stops signing and stays
+/// verifiable for `overlap_secs`; a new one is made. Returns the new key's id.
 pub async fn rotate(
     db: &Db,
     env: &Envelope,
@@ -90,12 +91,41 @@ pub async fn rotate(
     actor: &str,
 ) -> Result<String, AuthError> {
     let mut tx = db.begin().await?;
-    rotate_out(&mut tx, "signing_keys", overlap_secs).await?;
-    let kid = create_key(db, env, &mut tx).await?;
+    let kid = rotate_in(db, env, &mut tx, overlap_secs, actor).await?;
+    tx.commit().await?;
+    Ok(kid)
+}
+
+/// `vaultpay keys rotate`: the Ed25519 signing key ([`rotate`], `overlap_secs`) and, if
+/// there is one, the ES256 ID-token key (`id_overlap_secs`), in ONE transaction: both
+/// rotate, or neither does. Returns the new keys' ids.
+pub async fn rotate_all(
+    db: &Db,
+    env: &Envelope,
+    overlap_secs: i64,
+    id_overlap_secs: i64,
+    actor: &str,
+) -> Result<(String, Option<String>), AuthError> {
+    let mut tx = db.begin().await?;
+    let kid = rotate_in(db, env, &mut tx, overlap_secs, actor).await?;
+    let id_kid = crate::oauth::es256::rotate_in(db, env, &mut tx, id_overlap_secs, actor).await?;
+    tx.commit().await?;
+    Ok((kid, id_kid))
+}
+
+async fn rotate_in(
+    db: &Db,
+    env: &Envelope,
+    tx: &mut vaultpay_store::Tx,
+    overlap_secs: i64,
+    actor: &str,
+) -> Result<String, AuthError> {
+    rotate_out(tx, "signing_keys", overlap_secs).await?;
+    let kid = create_key(db, env, tx).await?;
     let origin = vaultpay_store::audit::Origin::default();
     vaultpay_store::audit::append(
         db,
-        &mut tx,
+        tx,
         &origin,
         vaultpay_store::audit::NewAudit::success("key.rotated")
             .actor(actor)
@@ -103,7 +133,6 @@ pub async fn rotate(
             .metadata(serde_json::json!({ "overlap_secs": overlap_secs })),
     )
     .await?;
-    tx.commit().await?;
     Ok(kid)
 }
 

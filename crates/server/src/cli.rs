@@ -237,12 +237,12 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             // Running servers sign with the old keys until their next key reload.
             let reload = vaultpay_auth::keys::RELOAD_EVERY_SECS;
             let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs + reload;
-            let kid = vaultpay_auth::keys::rotate(&db, &env, overlap, "cli").await?;
-            println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
             let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs + reload;
-            if let Some(kid) =
-                vaultpay_auth::oauth::es256::rotate(&db, &env, id_overlap, "cli").await?
-            {
+            // both keys in one transaction: both rotate, or neither does
+            let (kid, id_kid) =
+                vaultpay_auth::keys::rotate_all(&db, &env, overlap, id_overlap, "cli").await?;
+            println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
+            if let Some(kid) = id_kid {
                 println!(
                     "new ES256 ID-token key {kid}; the previous one stays in the JWKS for {id_overlap} more seconds"
                 );

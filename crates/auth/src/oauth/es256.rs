@@ -120,14 +120,24 @@ pub async fn rotate(
     actor: &str,
 ) -> Result<Option<String>, AuthError> {
     let mut tx = db.begin().await?;
-    db.lock(&mut tx, LOCK_ES256).await?;
-    if crate::keys::rotate_out(&mut tx, "oauth_es256_keys", overlap_secs).await? == 0 {
-        tx.rollback().await?;
+    let kid = rotate_in(db, env, &mut tx, overlap_secs, actor).await?;
+    tx.commit().await?;
+    Ok(kid)
+}
+
+/// [`rotate`] inside the caller's transaction (see `keys::rotate_all`).
+pub(crate) async fn rotate_in(
+    db: &Db,
+    env: &Envelope,
+    tx: &mut vaultpay_store::Tx,
+    overlap_secs: i64,
+    actor: &str,
+) -> Result<Option<String>, AuthError> {
+    db.lock(tx, LOCK_ES256).await?;
+    if crate::keys::rotate_out(tx, "oauth_es256_keys", overlap_secs).await? == 0 {
         return Ok(None);
     }
-    let key = create(db, env, &mut tx, "key.rotated", actor).await?;
-    tx.commit().await?;
-    Ok(Some(key.kid))
+    Ok(Some(create(db, env, tx, "key.rotated", actor).await?.kid))
 }
 
 /// Makes sure the P-256 key exists. Called when an ES256 client is registered, so

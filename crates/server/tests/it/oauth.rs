@@ -689,6 +689,66 @@ async fn es256_rotation_case(backend: Backend) {
     app.stop().await;
 }
 
+/// `vaultpay keys rotate` rotates the Ed25519 signing key and the ES256 ID-token key in
+/// one transaction: when the second cannot be made, the first is not rotated either.
+#[tokio::test]
+async fn rotating_both_keys_is_all_or_nothing() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await.access;
+        let env = crate::auth_attacks::envelope(&app);
+        let db = app.auth_db();
+        // an ES256 client makes the ES256 key
+        create_client(
+            &app,
+            &admin,
+            json!({ "name": "Legacy", "redirect_uris": [CB], "id_token_alg": "ES256" }),
+        )
+        .await;
+        let keys = || async {
+            (
+                app.count_where("signing_keys", "retired_at IS NULL").await,
+                app.count("signing_keys").await,
+                app.count("oauth_es256_keys").await,
+            )
+        };
+        let before = keys().await;
+        assert_eq!((before.0, before.2), (1, 1));
+        let sqls: &[&str] = match backend {
+            Backend::Sqlite => &["CREATE TRIGGER no_ec BEFORE INSERT ON oauth_es256_keys \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+            Backend::Postgres => &[
+                "CREATE FUNCTION no_ec() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 RAISE EXCEPTION 'injected fault'; END; $$",
+                "CREATE TRIGGER no_ec BEFORE INSERT ON oauth_es256_keys FOR EACH ROW \
+                 EXECUTE FUNCTION no_ec()",
+            ],
+        };
+        for s in sqls {
+            sqlx::raw_sql(s).execute(db.writer()).await.unwrap();
+        }
+        assert!(
+            vaultpay_auth::keys::rotate_all(db, &env, 3600, 3600, "test")
+                .await
+                .is_err()
+        );
+        assert_eq!(keys().await, before, "a half rotation");
+        sqlx::raw_sql(match backend {
+            Backend::Sqlite => "DROP TRIGGER no_ec",
+            Backend::Postgres => "DROP TRIGGER no_ec ON oauth_es256_keys",
+        })
+        .execute(db.writer())
+        .await
+        .unwrap();
+        let (_, ec) = vaultpay_auth::keys::rotate_all(db, &env, 3600, 3600, "test")
+            .await
+            .unwrap();
+        assert!(ec.is_some());
+        assert_eq!(keys().await, (1, before.1 + 1, before.2 + 1));
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn authorize_refuses_bad_requests() {
     each_backend!(authorize_bad_case);

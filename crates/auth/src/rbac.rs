@@ -84,6 +84,24 @@ where
         .collect()
 }
 
+/// The user's effective permissions, read in `tx` (not from the cache): for checks
+/// that must hold when the transaction commits (see `admin_reset_mfa`).
+pub(crate) async fn permissions_in(
+    tx: &mut vaultpay_store::Tx,
+    user_id: &str,
+) -> Result<BTreeSet<String>, AuthError> {
+    let rows = sqlx::query(
+        "SELECT rp.permission AS p FROM user_roles ur \
+         JOIN role_permissions rp ON rp.role = ur.role WHERE ur.user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("p").map_err(AuthError::from))
+        .collect()
+}
+
 impl AuthService {
     /// The user's roles and effective permissions (cached, invalidated on change).
     pub async fn effective(&self, user_id: &str) -> Result<Shared, AuthError> {
@@ -200,10 +218,15 @@ impl AuthService {
                 format!("There is no role `{role}`."),
             ));
         }
-        let user = sqlx::query("SELECT id FROM users WHERE id = $1")
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        // The user's row: a reset of their second factors checks their permissions
+        // under it, so a role change is ordered before that check or after the reset.
+        let user = sqlx::query(&format!(
+            "SELECT id FROM users WHERE id = $1{}",
+            db.for_no_key_update()
+        ))
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         if user.is_none() {
             return Err(AuthError::NotFound("user"));
         }

@@ -950,17 +950,6 @@ impl AuthService {
             ));
         }
         self.require_step_up(actor, StepUpOp::MfaReset).await?;
-        // Nobody strips the factors of an account that can do more than they can (a
-        // help desk with `users:manage`, an administrator's).
-        let mine = self.effective(actor.user_id()).await?;
-        let theirs = self.effective(user_id).await?;
-        if let Some(p) = theirs
-            .permissions
-            .iter()
-            .find(|p| !mine.permissions.contains(*p))
-        {
-            return Err(AuthError::Forbidden(p.clone()));
-        }
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
         let row = sqlx::query(&format!(
@@ -971,6 +960,14 @@ impl AuthService {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(AuthError::NotFound("user"))?;
+        // Nobody strips the factors of an account that can do more than they can (a
+        // help desk with `users:manage`, an administrator's): checked under the user's
+        // row, which a role change takes too, so a role granted meanwhile is seen.
+        let mine = crate::rbac::permissions_in(&mut tx, actor.user_id()).await?;
+        let theirs = crate::rbac::permissions_in(&mut tx, user_id).await?;
+        if let Some(p) = theirs.iter().find(|p| !mine.contains(*p)) {
+            return Err(AuthError::Forbidden(p.clone()));
+        }
         let had = Factors::from_row(&row)?;
         if !had.any() {
             return Err(AuthError::Api(ApiError::conflict(

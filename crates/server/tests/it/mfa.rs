@@ -1523,3 +1523,77 @@ async fn an_administrator_resets_a_users_second_factors() {
         app.stop().await;
     });
 }
+
+/// A help desk's reset of a user's second factors checks the user's permissions under
+/// the user's row, which a role change takes too: a role granted while the reset waits
+/// is ordered after it (the reset saw a customer), never between its check and its
+/// action. Before, the reset checked cached permissions before its transaction and a
+/// grant did not take the row, so an administrator made meanwhile lost their factors
+/// to a help desk. PostgreSQL (row locks order the two).
+#[tokio::test]
+async fn a_role_granted_during_a_factor_reset_is_ordered_after_it() {
+    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let admin = app.admin_mfa().await;
+    let r = app
+        .post(
+            "/v1/admin/roles",
+            Some(&admin.access),
+            json!({ "name": "helpdesk", "permissions": ["users:manage"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let desk_email = "desk.race@example.com";
+    let desk_id = crate::auth_flows::id_of(&app.register(desk_email).await);
+    let r = app
+        .post(
+            &format!("/v1/admin/users/{desk_id}/roles"),
+            Some(&admin.access),
+            json!({ "role": "helpdesk" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let desk = app.with_mfa(desk_email).await;
+    let target = totp_user(&app, "rising@example.com").await;
+    let (reset, grant) = crate::helpers::one_after_the_other(
+        &app,
+        &target,
+        app.post(
+            &format!("/v1/admin/users/{target}/mfa/reset"),
+            Some(&desk.access),
+            json!({ "reason": "lost phone", "require_password_reset": false }),
+        ),
+        app.post(
+            &format!("/v1/admin/users/{target}/roles"),
+            Some(&admin.access),
+            json!({ "role": "admin" }),
+        ),
+    )
+    .await;
+    assert_eq!(grant.status, StatusCode::OK, "{}", grant.text);
+    use sqlx::Row;
+    let order: Vec<String> = sqlx::query(
+        "SELECT action FROM audit_log WHERE resource = $1 \
+         AND action IN ('mfa.reset', 'role.granted') ORDER BY seq",
+    )
+    .bind(&target)
+    .fetch_all(app.auth_db().read())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get("action"))
+    .collect();
+    if reset.status == StatusCode::OK {
+        assert_eq!(
+            order,
+            ["mfa.reset", "role.granted"],
+            "the reset acted on an administrator"
+        );
+    } else {
+        reset.assert_problem(403, "forbidden");
+        assert_eq!(order, ["role.granted"]);
+    }
+    app.stop().await;
+}

@@ -55,7 +55,11 @@ where
     })
 }
 
-/// Voids every hold whose timeout has passed; each exactly once. Returns how many.
+/// Voids every hold whose timeout has passed; each exactly once, each in a transaction
+/// of its own. A hold that cannot be expired is logged and counted
+/// (`ledger_hold_expiry_failures_total`) and tried again on the next run; it does not
+/// stop the holds after it (they would stay reserved, and unpostable, for good).
+/// Returns how many were expired.
 pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
     let now = now_micros();
     let rows = sqlx::query("SELECT id FROM transfers WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT 500")
@@ -65,11 +69,20 @@ pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
     let mut n = 0;
     for r in rows {
         let id: String = r.try_get("id")?;
-        let mut tx = begin(&core.db).await?;
-        if expire_hold(core, &mut tx, &id, now).await? {
-            n += 1;
+        let one = async {
+            let mut tx = begin(&core.db).await?;
+            let expired = expire_hold(core, &mut tx, &id, now).await?;
+            tx.commit().await?;
+            Ok::<_, LedgerError>(expired)
+        };
+        match one.await {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(hold = %id, error = %e, "could not expire a hold; going on with the others");
+                metrics::counter!("ledger_hold_expiry_failures_total").increment(1);
+            }
         }
-        tx.commit().await?;
     }
     if n > 0 {
         metrics::counter!("ledger_holds_expired_total").increment(n);
@@ -77,12 +90,18 @@ pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
     Ok(n)
 }
 
-/// Deletes idempotency keys older than the configured TTL (at least 24 hours).
+/// Deletes idempotency keys older than the configured TTL (at least 24 hours), except
+/// those whose resource is a hold still pending: a partial post retried with its key
+/// after a day would otherwise capture again (holds live up to
+/// `hold_max_timeout_secs`). They go once the hold is resolved.
 pub async fn purge_idempotency(core: &Core) -> Result<u64, LedgerError> {
     let ttl = core.config.idempotency_ttl_secs.max(86_400);
     let cutoff = now_micros().saturating_sub(secs(ttl));
-    let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-        .bind(cutoff)
+    let r = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE created_at < $1 AND NOT EXISTS \
+         (SELECT 1 FROM transfers t WHERE t.id = idempotency_keys.resource_id AND t.status = 'pending')",
+    )
+    .bind(cutoff)
         .execute(core.db.writer())
         .await?;
     Ok(r.rows_affected())

@@ -503,7 +503,8 @@ impl Ledger {
             .await
     }
 
-    /// `POST /v1/transfers/{id}/void` (Idempotency-Key optional: voiding is naturally idempotent).
+    /// `POST /v1/transfers/{id}/void` (Idempotency-Key optional: a hold is voided at most
+    /// once; a repeat without a key gets 409 `hold_not_pending`, with one the first answer).
     pub async fn void_hold(
         &self,
         actor: &Actor,

@@ -206,6 +206,19 @@ impl Config {
         if self.body_limit_bytes < 1024 {
             bail!("body_limit_bytes must be at least 1024");
         }
+        // A hold's timeout: the default within the maximum (else every hold without
+        // `timeout_secs` is refused), and the maximum within a year (its expiry is a
+        // timestamp in microseconds).
+        let (hold_default, hold_max) = (
+            self.ledger.hold_default_timeout_secs,
+            self.ledger.hold_max_timeout_secs,
+        );
+        if !(1..=hold_max).contains(&hold_default) || hold_max > 366 * 86_400 {
+            bail!(
+                "ledger.hold_default_timeout_secs must be between 1 and \
+                 ledger.hold_max_timeout_secs, which is at most 366 days"
+            );
+        }
         vaultpay_web::ClientIpConfig::parse(&self.trusted_proxies).map_err(anyhow::Error::msg)?;
         Ok(())
     }
@@ -259,6 +272,33 @@ mod tests {
         assert_eq!(c.auth.access_token_ttl_secs, 600);
         assert_eq!(c.auth.lockout.threshold, 3);
         assert_eq!(c.master_key.unwrap().expose(), "1234");
+    }
+
+    #[test]
+    fn hold_timeouts_must_be_ordered_and_bounded() {
+        for (default, max) in [("0", "60"), ("120", "60"), ("60", "99999999999")] {
+            let e = Config::load(
+                None,
+                env(&[
+                    ("VAULTPAY_LEDGER__HOLD_DEFAULT_TIMEOUT_SECS", default),
+                    ("VAULTPAY_LEDGER__HOLD_MAX_TIMEOUT_SECS", max),
+                ]),
+            )
+            .unwrap_err();
+            assert!(
+                format!("{e:#}").contains("hold_default_timeout_secs"),
+                "{default}/{max}: {e:#}"
+            );
+        }
+        let c = Config::load(
+            None,
+            env(&[
+                ("VAULTPAY_LEDGER__HOLD_DEFAULT_TIMEOUT_SECS", "60"),
+                ("VAULTPAY_LEDGER__HOLD_MAX_TIMEOUT_SECS", "3600"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.ledger.hold_max_timeout_secs, 3600);
     }
 
     #[test]

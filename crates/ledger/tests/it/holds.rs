@@ -235,6 +235,86 @@ async fn expired_holds_are_voided_exactly_once() {
     .await;
 }
 
+/// A hold that cannot be expired (a fault injected into its update) does not stop the
+/// expiry of the holds after it: each is expired in its own transaction, and the
+/// failing one is tried again on the next run.
+#[tokio::test]
+async fn a_hold_that_fails_to_expire_does_not_block_the_others() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        app.deposit(&a, 1_000, "USD").await.expect(201);
+        let stuck = hold(&app, &alice, &a, &bb, 100, Some(3600))
+            .await
+            .expect(201)
+            .id();
+        let other = hold(&app, &alice, &a, &bb, 50, Some(3600))
+            .await
+            .expect(201)
+            .id();
+        // both overdue, the stuck one first in the expiry order
+        for (id, at) in [(&stuck, 1i64), (&other, 2)] {
+            sqlx::query("UPDATE transfers SET expires_at = $1 WHERE id = $2")
+                .bind(at)
+                .bind(id)
+                .execute(app.db.writer())
+                .await
+                .unwrap();
+        }
+        let sqls: Vec<String> = match app.backend {
+            vaultpay_store::Backend::Sqlite => vec![format!(
+                "CREATE TRIGGER stuck BEFORE UPDATE ON transfers WHEN OLD.id = '{stuck}' \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+            )],
+            vaultpay_store::Backend::Postgres => vec![
+                format!(
+                    "CREATE FUNCTION stuck() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF OLD.id = '{stuck}' THEN RAISE EXCEPTION 'injected fault'; END IF; \
+                     RETURN NEW; END; $$"
+                ),
+                "CREATE TRIGGER stuck BEFORE UPDATE ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION stuck()"
+                    .to_owned(),
+            ],
+        };
+        for s in &sqls {
+            sqlx::raw_sql(s).execute(app.db.writer()).await.unwrap();
+        }
+        assert_eq!(app.ledger.expire_holds().await.unwrap(), 1);
+        let status = |id: String| {
+            let app = &app;
+            let alice = alice.clone();
+            async move {
+                app.get(&format!("/v1/transfers/{id}"), &alice)
+                    .await
+                    .expect(200)
+                    .body["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        };
+        assert_eq!(status(other.clone()).await, "expired");
+        assert_eq!(status(stuck.clone()).await, "pending");
+        assert_eq!(app.balance(&alice, &a).await, (1_000, 900));
+        sqlx::raw_sql(match app.backend {
+            vaultpay_store::Backend::Sqlite => "DROP TRIGGER stuck",
+            vaultpay_store::Backend::Postgres => "DROP TRIGGER stuck ON transfers",
+        })
+        .execute(app.db.writer())
+        .await
+        .unwrap();
+        assert_eq!(app.ledger.expire_holds().await.unwrap(), 1);
+        assert_eq!(status(stuck).await, "expired");
+        assert_eq!(app.balance(&alice, &a).await, (1_000, 1_000));
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
 /// verify's held_equals_pending_holds check (a GROUP BY over pending holds since the
 /// per-account transfer indexes were dropped) still catches both ways of breaking it.
 #[tokio::test]

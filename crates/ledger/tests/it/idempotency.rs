@@ -155,6 +155,78 @@ async fn keys_are_kept_a_day_then_purged() {
     .await;
 }
 
+/// A key whose resource is a hold still pending outlives the 24-hour purge: a partial
+/// post retried with its key after a day is replayed, not captured again. Once the hold
+/// is resolved, the purge takes it.
+#[tokio::test]
+async fn keys_of_a_pending_hold_outlive_the_purge() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let a = app.open(&alice, "USD").await;
+        let bb = app.open(&bob, "USD").await;
+        app.deposit(&a, 1_000, "USD").await.expect(201);
+        let h = app
+            .post(
+                "/v1/transfers",
+                &alice,
+                Some("hold-1"),
+                json!({"from_account_id": a, "to_account_id": bb, "amount": 500, "currency": "USD", "pending": true}),
+            )
+            .await
+            .expect(201)
+            .id();
+        let post = || async {
+            app.post(
+                &format!("/v1/transfers/{h}/post"),
+                &alice,
+                Some("post-1"),
+                json!({"amount": 200}),
+            )
+            .await
+        };
+        post().await.expect(200);
+        let aged = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
+        sqlx::query("UPDATE idempotency_keys SET created_at = $1")
+            .bind(aged)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        // the keys of the hold and of its partial post stay (the deposit's and the
+        // accounts' go)
+        app.ledger.purge_idempotency().await.unwrap();
+        let kept = |k: &'static str| {
+            let db = app.db.read().clone();
+            async move {
+                sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = $1")
+                    .bind(k)
+                    .fetch_optional(&db)
+                    .await
+                    .unwrap()
+                    .is_some()
+            }
+        };
+        assert!(kept("hold-1").await && kept("post-1").await);
+        let again = post().await.expect(200);
+        assert!(again.replayed());
+        assert_eq!(app.balance(&bob, &bb).await, (200, 200));
+        // resolved: the purge takes them
+        app.post(&format!("/v1/transfers/{h}/void"), &alice, Some(&key()), json!({}))
+            .await
+            .expect(200);
+        sqlx::query("UPDATE idempotency_keys SET created_at = $1")
+            .bind(aged)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        app.ledger.purge_idempotency().await.unwrap();
+        assert!(!kept("hold-1").await && !kept("post-1").await);
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
 /// Makes inserting a transfer described "boom" fail inside the database.
 async fn install_fault(app: &TestApp) {
     let sqls: &[&str] = match app.backend {

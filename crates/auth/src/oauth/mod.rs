@@ -343,6 +343,11 @@ pub(crate) fn basic_credentials(
     let pw = urlencoding::decode(&pw.replace('+', " "))
         .map_err(|_| bad())?
         .into_owned();
+    // Decoded here, so the body and path checks for NUL never saw them: a NUL in a
+    // query parameter is a database error on PostgreSQL.
+    if id.chars().chain(pw.chars()).any(char::is_control) {
+        return Err(bad());
+    }
     Ok(Some((id, pw)))
 }
 

@@ -4,6 +4,7 @@
 
 use crate::each_backend;
 use crate::helpers::*;
+use base64::Engine;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use vaultpay_store::Backend;
@@ -593,6 +594,28 @@ async fn nul_characters_are_refused_everywhere_on_every_backend() {
             .await
             .unwrap();
         assert!(r.status().is_client_error(), "{}", r.status());
+        // in HTTP Basic credentials: raw, and percent-encoded (decoded by the server)
+        for (what, creds) in [("raw", "a\u{0}b:x"), ("percent-encoded", "a%00:x")] {
+            let r = app
+                .http
+                .post(format!("{}/oauth/token", app.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header(
+                    "authorization",
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(creds)
+                    ),
+                )
+                .body("grant_type=client_credentials")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+            assert_eq!(body["error"], "invalid_client", "{what}");
+        }
         assert_eq!(counts(&app).await[0], after_register[0]);
         assert_eq!(
             after_register[0],

@@ -812,7 +812,16 @@ pub(crate) async fn callback(
             );
         }
     };
-    let user_id = match map_user(&svc, &ctx, &name, &up, &ident).await {
+    let mut mapped = map_user(&svc, &ctx, &name, &up, &ident).await;
+    // The identity's account or link was made meanwhile (two sign-ins of a new identity
+    // at once, or a registration of its address): on PostgreSQL this insert met that
+    // row's unique key. Looking again finds it.
+    if matches!(&mapped, Err(AuthError::Store(vaultpay_store::StoreError::Sqlx(e)))
+        if vaultpay_store::is_unique_violation(Some(e)))
+    {
+        mapped = map_user(&svc, &ctx, &name, &up, &ident).await;
+    }
+    let user_id = match mapped {
         Ok(Mapped::User(u)) => u,
         Ok(Mapped::Refused(msg)) => return pages::error(StatusCode::FORBIDDEN, msg),
         Err(e) => return internal(e),

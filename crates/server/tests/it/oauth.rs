@@ -2034,21 +2034,7 @@ async fn github_case(backend: Backend) {
     let (gh, seen) = fake_github().await;
     let g = gh.clone();
     let down = spawn_addressed(backend, move |c| {
-        c.auth.oauth.upstream.insert(
-            "gh".into(),
-            vaultpay_auth::oauth::upstream::UpstreamConfig {
-                kind: "github".into(),
-                display_name: "GitHub".into(),
-                issuer: None,
-                client_id: "gh-client".into(),
-                client_secret: vaultpay_core::secret::Secret::new("gh-secret"),
-                scopes: None,
-                authorize_url: Some(format!("{g}/login/oauth/authorize")),
-                token_url: Some(format!("{g}/login/oauth/access_token")),
-                api_url: Some(g),
-                link_by_verified_email: false,
-            },
-        );
+        c.auth.oauth.upstream.insert("gh".into(), gh_config(g));
     })
     .await;
     let admin = down.admin().await.access;
@@ -2195,6 +2181,77 @@ async fn github_case(backend: Backend) {
     let entries = audit_action(&down, &admin, "account.unlinked_upstream").await;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0]["metadata"]["sessions_ended"], 3);
+    down.stop().await;
+}
+
+/// The fake GitHub at `g` as the upstream provider "gh".
+fn gh_config(g: String) -> vaultpay_auth::oauth::upstream::UpstreamConfig {
+    vaultpay_auth::oauth::upstream::UpstreamConfig {
+        kind: "github".into(),
+        display_name: "GitHub".into(),
+        issuer: None,
+        client_id: "gh-client".into(),
+        client_secret: vaultpay_core::secret::Secret::new("gh-secret"),
+        scopes: None,
+        authorize_url: Some(format!("{g}/login/oauth/authorize")),
+        token_url: Some(format!("{g}/login/oauth/access_token")),
+        api_url: Some(g),
+        link_by_verified_email: false,
+    }
+}
+
+/// A new identity's first GitHub sign-in whose account insert meets an account made
+/// meanwhile with the same address (PostgreSQL: a registration the test holds open,
+/// committed while the sign-in waits on the unique key) is refused with the page for
+/// an existing address, not a 500.
+#[tokio::test]
+async fn a_sign_in_racing_an_account_of_its_address_is_refused_cleanly() {
+    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let (gh, _) = fake_github().await;
+    let down = spawn_addressed(Backend::Postgres, move |c| {
+        c.auth.oauth.upstream.insert("gh".into(), gh_config(gh));
+    })
+    .await;
+    let admin = down.admin().await.access;
+    let web = web_client(&down, &admin).await;
+    let (_, challenge) = pkce();
+    let mut b = Browser::new(&down);
+    let p = b
+        .get(&authorize_query(&web.id, CB, "openid", Some(&challenge)))
+        .await;
+    let p = b
+        .post("/oauth/authorize/upstream/gh", &[("csrf", &p.csrf())])
+        .await;
+    let state = p_param(&p.location.unwrap(), "state");
+    // an account with the identity's address, not yet committed
+    let mut other = down.auth_db().writer().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO users (id, email, name, password_hash, email_verified, created_at, updated_at) \
+         VALUES ('racer', 'octo@example.com', 'Racer', '!', 1, 1, 1)",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let callback_path = format!(
+        "/oauth/authorize/upstream/gh/callback?code=gh-code&state={}",
+        urlencoding::encode(&state)
+    );
+    let callback = b.get(&callback_path);
+    let commit = async {
+        until_waiting_at(&down, "INSERT INTO users").await;
+        other.commit().await.unwrap();
+    };
+    let (p, ()) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join(callback, commit),
+    )
+    .await
+    .expect("the sign-in neither waited nor answered");
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "{}", p.text);
+    assert!(p.text.contains("already exists"), "{}", p.text);
+    assert_eq!(down.count("upstream_identities").await, 0);
     down.stop().await;
 }
 

@@ -231,7 +231,7 @@ impl AuthService {
             return Err(AuthError::NotFound("user"));
         }
         let changed = if grant {
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (user_id, role) DO NOTHING",
             )
@@ -240,8 +240,21 @@ impl AuthService {
             .bind(now_micros())
             .bind(actor.user_id())
             .execute(&mut *tx)
-            .await?
-            .rows_affected()
+            .await;
+            match inserted {
+                Ok(r) => r.rows_affected(),
+                // the role was deleted meanwhile (PostgreSQL: the foreign key waited
+                // for that deletion to commit)
+                Err(sqlx::Error::Database(d))
+                    if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation =>
+                {
+                    return Err(AuthError::Invalid(
+                        "role_unknown",
+                        format!("There is no role `{role}`."),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
         } else {
             if role == "admin" && user_id == actor.user_id() {
                 return Err(AuthError::Invalid(

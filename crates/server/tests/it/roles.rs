@@ -444,3 +444,47 @@ async fn two_replicas_share_invalidations_and_trusted_networks() {
     one.stop().await;
     two.stop().await;
 }
+
+/// A grant of a custom role that an administrator deletes meanwhile is refused as an
+/// unknown role, not answered 500: on PostgreSQL the grant's foreign-key check waits for
+/// the deletion (held open by the test here) and then finds the role gone.
+#[tokio::test]
+async fn a_grant_racing_the_roles_deletion_is_refused_cleanly() {
+    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let admin = app.admin_mfa().await.access;
+    let id = id_of(&app.register("late.grant@example.com").await);
+    let r = app
+        .post(
+            "/v1/admin/roles",
+            Some(&admin),
+            json!({ "name": "fleeting", "permissions": ["audit:read"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let mut deletion = app.auth_db().writer().begin().await.unwrap();
+    for sql in [
+        "DELETE FROM user_roles WHERE role = 'fleeting'",
+        "DELETE FROM role_permissions WHERE role = 'fleeting'",
+        "DELETE FROM roles WHERE name = 'fleeting'",
+    ] {
+        sqlx::query(sql).execute(&mut *deletion).await.unwrap();
+    }
+    let path = format!("/v1/admin/users/{id}/roles");
+    let grant = app.post(&path, Some(&admin), json!({ "role": "fleeting" }));
+    let commit = async {
+        until_waiting_at(&app, "INSERT INTO user_roles").await;
+        deletion.commit().await.unwrap();
+    };
+    let (r, ()) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join(grant, commit),
+    )
+    .await
+    .expect("the grant neither waited nor answered");
+    r.assert_problem(422, "role_unknown");
+    assert_eq!(app.count_where("user_roles", "role = 'fleeting'").await, 0);
+    app.stop().await;
+}

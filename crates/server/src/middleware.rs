@@ -75,6 +75,9 @@ pub async fn request_context(
         if vaultpay_web::urlencoded_has_nul(req.uri().path().as_bytes()) {
             return vaultpay_web::nul_refused().into_response();
         }
+        if !vaultpay_web::path_is_utf8(req.uri().path().as_bytes()) {
+            return vaultpay_web::path_not_utf8().into_response();
+        }
         match tokio::time::timeout(deadline.0 .0, next.run(req)).await {
             Ok(res) => res,
             Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "Request timed out")

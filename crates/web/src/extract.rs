@@ -59,6 +59,40 @@ pub fn urlencoded_has_nul(text: &[u8]) -> bool {
     text.contains(&0) || text.windows(3).any(|w| w == b"%00")
 }
 
+/// True when a request path, percent-decoded, is UTF-8 text: axum's `Path` extractor
+/// refuses one that is not with a plain-text 400, so the server checks it first and
+/// answers with [`path_not_utf8`].
+pub fn path_is_utf8(path: &[u8]) -> bool {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        let escaped = match (path[i], path.get(i + 1), path.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h << 4 | l),
+            _ => None,
+        };
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(path[i]);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&out).is_ok()
+}
+
+/// The answer to a path that does not decode to UTF-8.
+pub fn path_not_utf8() -> ApiError {
+    ApiError::bad_request(
+        "invalid_path",
+        "The request path does not decode to UTF-8 text.",
+    )
+}
+
 fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
     let Some(ct) = headers
         .get(header::CONTENT_TYPE)
@@ -361,6 +395,12 @@ mod nul_tests {
 
     #[test]
     fn json_nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(path_is_utf8(b"/v1/accounts/abc%20d%C3%A9"));
+        assert!(path_is_utf8(b"/v1/x%"));
+        assert!(path_is_utf8(b"/v1/x%zz"));
+        assert!(!path_is_utf8(b"/v1/accounts/%FF"));
+        assert!(!path_is_utf8(b"/v1/accounts/%C3"));
+        assert!(!path_is_utf8(b"/v1/accounts/%c3%28"));
         assert!(json_has_nul(br#"{"a":"x\u0000y"}"#));
         assert!(json_has_nul(b"{\"a\":\"\0\"}"));
         assert!(!json_has_nul(br#"{"a":"x\\u0000y"}"#), "the text \\u0000");

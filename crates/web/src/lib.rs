@@ -19,8 +19,8 @@ mod step_up;
 pub use authn::{bearer_token, Introspector, KeySource, MaybePrincipal, Principal, TokenVerifier};
 pub use error::{current_request_id, ApiError, REQUEST_ID};
 pub use extract::{
-    client_ip, json_has_nul, nul_refused, urlencoded_has_nul, ApiForm, ApiJson, ApiQuery,
-    ClientIpConfig, Ctx,
+    client_ip, json_has_nul, nul_refused, path_is_utf8, path_not_utf8, urlencoded_has_nul, ApiForm,
+    ApiJson, ApiQuery, ClientIpConfig, Ctx,
 };
 pub use ratelimit::{enforce, MemoryRateLimiter, RateLimiter};
 pub use step_up::{reauthentication_required, require_step_up, step_up_required};

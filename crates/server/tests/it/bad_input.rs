@@ -577,6 +577,11 @@ async fn nul_characters_are_refused_everywhere_on_every_backend() {
             let r = app.get(path, Some(&t.access)).await;
             assert_clean_refusal(what, &r, 422, Some("invalid_request"));
         }
+        // a path that does not decode to UTF-8: problem+json, not axum's plain text
+        for path in ["/v1/accounts/%FF", "/v1/sessions/%C3%28"] {
+            let r = app.get(path, Some(&t.access)).await;
+            assert_clean_refusal(path, &r, 400, Some("invalid_path"));
+        }
         let r = app
             .token_form(&[
                 ("grant_type", "refresh_token"),

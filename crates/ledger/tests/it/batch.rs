@@ -9,11 +9,7 @@ fn item(from: &str, to: &str, amount: i64) -> Value {
 async fn batch_reports_each_outcome_or_is_all_or_nothing() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let alice = app.customer("alice");
-        let bob = app.customer("bob");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&bob, "USD").await;
-        app.deposit(&a, 1_000, "USD").await.expect(201);
+        let (alice, _, a, bb) = app.alice_and_bob().await;
 
         let body = json!({"transfers": [item(&a, &bb, 100), item(&a, &bb, 5_000), item(&a, &a, 1), item(&a, &bb, 200)]});
         let k = key();

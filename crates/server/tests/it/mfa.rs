@@ -1321,6 +1321,29 @@ async fn oauth_acr_values_ask_for_a_second_factor() {
     });
 }
 
+/// A "helpdesk" role with `users:manage` alone (made by `admin`), given to a new user
+/// `email` with a second factor: that user's tokens, with a fresh factor.
+async fn helpdesk(app: &TestApp, admin: &str, email: &str) -> crate::helpers::Tokens {
+    let r = app
+        .post(
+            "/v1/admin/roles",
+            Some(admin),
+            json!({ "name": "helpdesk", "permissions": ["users:manage"] }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = crate::auth_flows::id_of(&app.register(email).await);
+    let r = app
+        .post(
+            &format!("/v1/admin/users/{id}/roles"),
+            Some(admin),
+            json!({ "role": "helpdesk" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    app.with_mfa(email).await
+}
+
 /// Registers `email` with TOTP on; returns the user id.
 async fn totp_user(app: &TestApp, email: &str) -> String {
     app.register(email).await;
@@ -1485,25 +1508,7 @@ async fn an_administrator_resets_a_users_second_factors() {
 
         // a help desk with `users:manage` alone resets a customer's factors, never an
         // administrator's (who can do more than it can)
-        let r = app
-            .post(
-                "/v1/admin/roles",
-                Some(&admin.access),
-                json!({ "name": "helpdesk", "permissions": ["users:manage"] }),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-        let desk_email = "desk@example.com";
-        let desk_id = crate::auth_flows::id_of(&app.register(desk_email).await);
-        let r = app
-            .post(
-                &format!("/v1/admin/users/{desk_id}/roles"),
-                Some(&admin.access),
-                json!({ "role": "helpdesk" }),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        let desk = app.with_mfa(desk_email).await;
+        let desk = helpdesk(&app, &admin.access, "desk@example.com").await;
         app.post(
             &format!("/v1/admin/users/{own}/mfa/reset"),
             Some(&desk.access),
@@ -1537,25 +1542,7 @@ async fn a_role_granted_during_a_factor_reset_is_ordered_after_it() {
     }
     let app = TestApp::spawn(Backend::Postgres).await;
     let admin = app.admin_mfa().await;
-    let r = app
-        .post(
-            "/v1/admin/roles",
-            Some(&admin.access),
-            json!({ "name": "helpdesk", "permissions": ["users:manage"] }),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let desk_email = "desk.race@example.com";
-    let desk_id = crate::auth_flows::id_of(&app.register(desk_email).await);
-    let r = app
-        .post(
-            &format!("/v1/admin/users/{desk_id}/roles"),
-            Some(&admin.access),
-            json!({ "role": "helpdesk" }),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let desk = app.with_mfa(desk_email).await;
+    let desk = helpdesk(&app, &admin.access, "desk.race@example.com").await;
     let target = totp_user(&app, "rising@example.com").await;
     let (reset, grant) = crate::helpers::one_after_the_other(
         &app,

@@ -2297,22 +2297,10 @@ async fn linked_identities_are_listed_and_unlinked() {
     each_backend!(|backend: Backend| async move {
         // "github" is offered; "corp" and "legacy" are not (links left from an earlier
         // configuration)
+        // (never contacted here)
         let app = TestApp::spawn_with(backend, |c| {
-            c.auth.oauth.upstream.insert(
-                "github".into(),
-                vaultpay_auth::oauth::upstream::UpstreamConfig {
-                    kind: "github".into(),
-                    display_name: "GitHub".into(),
-                    issuer: None,
-                    client_id: "gh-client".into(),
-                    client_secret: vaultpay_core::secret::Secret::new("gh-secret"),
-                    scopes: None,
-                    authorize_url: None,
-                    token_url: None,
-                    api_url: None,
-                    link_by_verified_email: false,
-                },
-            );
+            let github = gh_config("http://127.0.0.1:9".into());
+            c.auth.oauth.upstream.insert("github".into(), github);
         })
         .await;
         let link = |user: String, provider: &'static str, subject: &'static str| {

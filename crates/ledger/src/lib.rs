@@ -108,9 +108,15 @@ struct Inner {
     events: broadcast::Sender<OutboxEvent>,
 }
 
-/// What a session has moved since its last live-session check.
+/// What a session has moved, and how much of it AuthShield has confirmed it live for.
 struct Unchecked {
+    /// All the session has moved (counted as each movement starts).
     moved: i64,
+    /// `moved` as it was when the latest passing live check began: everything up to
+    /// it was moved by a session confirmed live afterwards. Checks overlap, so a check
+    /// that passes confirms only what was counted before it began, not movements
+    /// counted while it was in flight.
+    confirmed: i64,
     last: std::time::Instant,
     /// AuthShield answered that the session is over: every movement is checked live
     /// from then on (a check that began earlier and passes must not reset the count).
@@ -122,6 +128,79 @@ struct Unchecked {
 struct UncheckedMap {
     sessions: HashMap<String, Unchecked>,
     pruned: Option<std::time::Instant>,
+}
+
+impl UncheckedMap {
+    /// Counts `amount` moved by `session`; `Some(snapshot)` when a live check is due
+    /// (the amount is at `threshold`, or what the session has moved unconfirmed
+    /// reaches it, or it was found revoked), to be passed to [`Self::confirm`] if the
+    /// check passes.
+    fn count(&mut self, session: &str, amount: i64, threshold: i64) -> Option<i64> {
+        let amount = amount.max(0);
+        let now = std::time::Instant::now();
+        if amount >= threshold {
+            return Some(self.sessions.get(session).map_or(0, |u| u.moved));
+        }
+        if let Some(u) = self.sessions.get_mut(session) {
+            u.moved = u.moved.saturating_add(amount);
+            u.last = now;
+            let due = u.revoked || u.moved.saturating_sub(u.confirmed) >= threshold;
+            return due.then_some(u.moved);
+        }
+        if self.sessions.len() >= UNCHECKED_SESSIONS_MAX {
+            if self
+                .pruned
+                .is_some_and(|t| now.duration_since(t) < UNCHECKED_PRUNE_EVERY)
+            {
+                return Some(0);
+            }
+            self.sessions
+                .retain(|_, u| now.duration_since(u.last) < UNCHECKED_IDLE);
+            self.pruned = Some(now);
+            if self.sessions.len() >= UNCHECKED_SESSIONS_MAX {
+                return Some(0);
+            }
+        }
+        self.sessions.insert(
+            session.to_owned(),
+            Unchecked {
+                moved: amount,
+                confirmed: 0,
+                last: now,
+                revoked: false,
+            },
+        );
+        None
+    }
+
+    /// A live check that began at `snapshot` passed: what was moved up to it is
+    /// confirmed (a session with nothing unconfirmed left is forgotten).
+    fn confirm(&mut self, session: &str, snapshot: i64) {
+        if let Some(u) = self.sessions.get_mut(session) {
+            if u.revoked {
+                return;
+            }
+            u.confirmed = u.confirmed.max(snapshot);
+            if u.confirmed >= u.moved {
+                self.sessions.remove(session);
+            }
+        }
+    }
+
+    /// AuthShield answered that `session` is over: remembered even when a large
+    /// movement made the check (no entry yet), so that smaller ones after it are
+    /// checked too.
+    fn revoke(&mut self, session: &str) {
+        self.sessions
+            .entry(session.to_owned())
+            .or_insert(Unchecked {
+                moved: 0,
+                confirmed: 0,
+                last: std::time::Instant::now(),
+                revoked: true,
+            })
+            .revoked = true;
+    }
 }
 
 /// Sessions tracked in [`Inner::unchecked`] before idle ones are dropped; at this many
@@ -237,79 +316,29 @@ impl Ledger {
         Ok(r.roles)
     }
 
-    /// Whether moving `amount` needs AuthShield to confirm first that the caller's
-    /// session is live: an amount at the introspection threshold, or one that brings
-    /// what the session has moved since its last confirmation to it. A threshold per
-    /// request alone would let the token of a revoked session (valid until it expires,
-    /// up to its lifetime) move any sum in transfers just under it. Counted per process
-    /// and before the outcome is known (a refused transfer counts too).
-    fn live_check_due(&self, actor: &Actor, amount: i64) -> bool {
-        let threshold = self.config().introspection_threshold_minor;
-        let amount = amount.max(0);
-        if amount >= threshold {
-            return true;
-        }
-        let now = std::time::Instant::now();
-        let mut m = self.inner.unchecked.lock();
-        if let Some(u) = m.sessions.get_mut(actor.session_key()) {
-            u.moved = u.moved.saturating_add(amount);
-            u.last = now;
-            return u.revoked || u.moved >= threshold;
-        }
-        if m.sessions.len() >= UNCHECKED_SESSIONS_MAX {
-            if m.pruned
-                .is_some_and(|t| now.duration_since(t) < UNCHECKED_PRUNE_EVERY)
-            {
-                return true;
-            }
-            m.sessions
-                .retain(|_, u| now.duration_since(u.last) < UNCHECKED_IDLE);
-            m.pruned = Some(now);
-            if m.sessions.len() >= UNCHECKED_SESSIONS_MAX {
-                return true;
-            }
-        }
-        m.sessions.insert(
-            actor.session_key().to_owned(),
-            Unchecked {
-                moved: amount,
-                last: now,
-                revoked: false,
-            },
-        );
-        false
-    }
-
-    /// [`Self::require_live_session`] when [`Self::live_check_due`]; a confirmed session
-    /// starts counting again from zero, and one found over stays checked on every
-    /// movement.
+    /// [`Self::require_live_session`] when moving `amount` needs AuthShield to confirm
+    /// first that the caller's session is live: an amount at the introspection
+    /// threshold, or one that brings what the session has moved since its last
+    /// confirmation to it ([`UncheckedMap::count`]). A threshold per request alone would
+    /// let the token of a revoked session (valid until it expires, up to its lifetime)
+    /// move any sum in transfers just under it. Counted per process and before the
+    /// outcome is known (a refused transfer counts too); a session found over stays
+    /// checked on every movement.
     async fn check_session_for(&self, actor: &Actor, amount: i64) -> Result<(), LedgerError> {
-        if !self.live_check_due(actor, amount) {
+        let threshold = self.config().introspection_threshold_minor;
+        let Some(snapshot) =
+            self.inner
+                .unchecked
+                .lock()
+                .count(actor.session_key(), amount, threshold)
+        else {
             return Ok(());
-        }
+        };
         let r = self.require_live_session(actor).await;
         let mut m = self.inner.unchecked.lock();
         match &r {
-            Ok(_) => {
-                if m.sessions
-                    .get(actor.session_key())
-                    .is_some_and(|u| !u.revoked)
-                {
-                    m.sessions.remove(actor.session_key());
-                }
-            }
-            // Remembered even when a large movement made the check (no entry yet), so
-            // that smaller ones after it are checked too.
-            Err(LedgerError::SessionRevoked) => {
-                m.sessions
-                    .entry(actor.session_key().to_owned())
-                    .or_insert(Unchecked {
-                        moved: 0,
-                        last: std::time::Instant::now(),
-                        revoked: true,
-                    })
-                    .revoked = true;
-            }
+            Ok(_) => m.confirm(actor.session_key(), snapshot),
+            Err(LedgerError::SessionRevoked) => m.revoke(actor.session_key()),
             Err(_) => {}
         }
         r.map(|_| ())
@@ -603,5 +632,56 @@ impl Ledger {
         limit: Option<i64>,
     ) -> Result<wire::AuditList, LedgerError> {
         query::audit_log(self.db(), actor, cursor, limit).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod unchecked_tests {
+    use super::UncheckedMap;
+
+    const T: i64 = 1_000;
+
+    #[test]
+    fn movements_under_the_threshold_add_up_to_a_check() {
+        let mut m = UncheckedMap::default();
+        assert_eq!(m.count("s", 600, T), None);
+        assert_eq!(m.count("s", 399, T), None);
+        assert_eq!(m.count("s", 1, T), Some(1_000));
+        m.confirm("s", 1_000);
+        // confirmed: counting starts again
+        assert_eq!(m.count("s", 999, T), None);
+        // an amount at the threshold is checked on its own
+        assert_eq!(m.count("x", T, T), Some(0));
+    }
+
+    /// A check that passes confirms only what was moved before it began: movements
+    /// counted while it was in flight stay unconfirmed (before, a passing check
+    /// forgot the session's whole count, so overlapping checks let a session moving
+    /// many transfers at once move up to the threshold again after each).
+    #[test]
+    fn a_passing_check_does_not_confirm_movements_counted_after_it_began() {
+        let mut m = UncheckedMap::default();
+        assert_eq!(m.count("s", 900, T), None);
+        let first = m.count("s", 200, T).unwrap();
+        // in flight: more is moved, each due for its own check
+        assert_eq!(m.count("s", 300, T), Some(1_400));
+        m.confirm("s", first);
+        // 300 unconfirmed; 700 more reaches the threshold again
+        assert_eq!(m.count("s", 699, T), None);
+        assert_eq!(m.count("s", 1, T), Some(2_100));
+        // an older check passing late confirms nothing new
+        m.confirm("s", 900);
+        assert_eq!(m.count("s", 1, T), Some(2_101));
+    }
+
+    #[test]
+    fn a_revoked_session_is_checked_on_every_movement() {
+        let mut m = UncheckedMap::default();
+        m.revoke("s");
+        assert!(m.count("s", 1, T).is_some());
+        // a check that began before the revocation and passes does not reset it
+        m.confirm("s", 10);
+        assert!(m.count("s", 1, T).is_some());
     }
 }

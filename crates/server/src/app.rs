@@ -265,6 +265,26 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
             if let Err(e) = v.refresh().await {
                 tracing::warn!(error = %e, "AuthShield's JWKS not reachable yet; will fetch on first token");
             }
+            // Reloaded on a timer as AuthShield reloads its own keys: an unknown `kid`
+            // refetches, but a key AuthShield retired or rotated out would otherwise
+            // verify here until the next restart.
+            let (keys, mut stop) = (v.clone(), shutdown_rx.clone());
+            let every = std::time::Duration::from_secs(cfg.jwks_refresh_secs);
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if let Err(e) = keys.refresh().await {
+                                tracing::warn!(error = %e, "could not reload AuthShield's JWKS");
+                            }
+                        }
+                        _ = stop.changed() => break,
+                    }
+                }
+            }));
             v
         }
         (None, None) => bail!("the ledger alone needs --auth-url (where AuthShield runs)"),

@@ -36,6 +36,9 @@ pub struct Config {
     pub ledger: LedgerConfig,
     /// The ledger process of a split deployment: where AuthShield is.
     pub auth_url: Option<String>,
+    /// The ledger process of a split deployment: how often it reloads AuthShield's
+    /// JWKS (so that a retired or rotated-out key stops verifying there too).
+    pub jwks_refresh_secs: u64,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             ledger: LedgerConfig::default(),
             auth_url: None,
+            jwks_refresh_secs: 15,
         }
     }
 }
@@ -206,6 +210,16 @@ impl Config {
         if self.body_limit_bytes < 1024 {
             bail!("body_limit_bytes must be at least 1024");
         }
+        if !(1..=3600).contains(&self.jwks_refresh_secs) {
+            bail!("jwks_refresh_secs must be between 1 and 3600");
+        }
+        // The ledger's credential for AuthShield's introspection: anyone who has it
+        // learns any token's subject, session and roles.
+        if let Some(s) = &self.auth.introspection_secret {
+            if s.expose().chars().count() < 16 {
+                bail!("auth.introspection_secret must be at least 16 characters");
+            }
+        }
         // A hold's timeout: the default within the maximum (else every hold without
         // `timeout_secs` is refused), and the maximum within a year (its expiry is a
         // timestamp in microseconds).
@@ -272,6 +286,21 @@ mod tests {
         assert_eq!(c.auth.access_token_ttl_secs, 600);
         assert_eq!(c.auth.lockout.threshold, 3);
         assert_eq!(c.master_key.unwrap().expose(), "1234");
+    }
+
+    #[test]
+    fn a_short_introspection_secret_is_refused() {
+        for short in ["", "fifteen-chars!!"] {
+            let e = Config::load(None, env(&[("VAULTPAY_AUTH__INTROSPECTION_SECRET", short)]))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains("introspection_secret"), "{e:#}");
+        }
+        let c = Config::load(
+            None,
+            env(&[("VAULTPAY_AUTH__INTROSPECTION_SECRET", "sixteen-chars!!!")]),
+        )
+        .unwrap();
+        assert!(c.auth.introspection_secret.is_some());
     }
 
     #[test]

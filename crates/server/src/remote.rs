@@ -8,8 +8,13 @@ use vaultpay_core::jwt::KeySet;
 use vaultpay_core::secret::Secret;
 use vaultpay_proto::auth::Introspection;
 
+/// The HTTP client for AuthShield: no proxy from the environment (`HTTP_PROXY` would
+/// see the introspection secret and users' tokens, and could serve its own JWKS) and
+/// no redirects.
 fn client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(5))
         .connect_timeout(Duration::from_secs(2))
         .user_agent(concat!("vaultpay-ledger/", env!("CARGO_PKG_VERSION")))

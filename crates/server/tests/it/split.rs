@@ -53,6 +53,14 @@ async fn run(backend: Backend) {
         &common,
         dir.join("auth.log"),
     );
+    // The ledger's calls to AuthShield go direct even with a proxy in its environment
+    // (a proxy would see the introspection secret and could serve its own JWKS; this
+    // one is not there at all); it reloads the JWKS every second here.
+    let mut ledger_env = common.clone();
+    for proxy in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        ledger_env.push((proxy, "http://127.0.0.1:9".into()));
+    }
+    ledger_env.push(("VAULTPAY_JWKS_REFRESH_SECS", "1".into()));
     let mut ledger = Proc::spawn(
         &[
             "serve",
@@ -62,7 +70,7 @@ async fn run(backend: Backend) {
             "--auth-url",
             &format!("http://127.0.0.1:{pa}"),
         ],
-        &common,
+        &ledger_env,
         dir.join("ledger.log"),
     );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -239,6 +247,42 @@ async fn run(backend: Backend) {
     )
     .await;
     r.assert_problem(401, "invalid_token");
+
+    // A key AuthShield retires (a compromised one) stops verifying at the ledger too,
+    // without a restart: the ledger reloads the JWKS, not only on an unknown `kid`.
+    let old_kid = crate::auth_flows::jwt_part(&admin, 0)["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+        cmd.args(args);
+        for (k, v) in &common {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    cli(&["keys", "rotate"]);
+    let accounts = || {
+        let r = http.get(format!("{l}/v1/accounts")).bearer_auth(&admin);
+        async move { read(r.send().await.unwrap()).await }
+    };
+    assert_eq!(
+        accounts().await.status,
+        200,
+        "a rotated-out key still verifies"
+    );
+    cli(&["keys", "retire", &old_kid]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let refused = loop {
+        let r = accounts().await;
+        if r.status == 401 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    refused.assert_problem(401, "invalid_token");
 
     // graceful shutdown: logins in flight when SIGTERM arrives still complete
     let inflight: Vec<_> = (0..12)

@@ -63,6 +63,10 @@ pub fn urlencoded_has_nul(text: &[u8]) -> bool {
 /// refuses one that is not with a plain-text 400, so the server checks it first and
 /// answers with [`path_not_utf8`].
 pub fn path_is_utf8(path: &[u8]) -> bool {
+    // the common case, with nothing to decode: no allocation per request
+    if !path.contains(&b'%') {
+        return std::str::from_utf8(path).is_ok();
+    }
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(path.len());
     let mut i = 0;

@@ -869,6 +869,11 @@ async fn void_hold(
         }));
     }
     let now = now_micros();
+    // past its timeout it is the expiry task's to release (as `expired`, which is what
+    // it is), as a post of it is refused
+    if t.expires_at.is_some_and(|e| e <= now) {
+        return Err(LedgerError::HoldExpired);
+    }
     release_hold(tx, &mut t, &mut from, "voided", now).await?;
     let extra = serde_json::json!({"reason": reason});
     record(

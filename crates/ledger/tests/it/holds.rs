@@ -179,6 +179,10 @@ async fn expired_holds_are_voided_exactly_once() {
         )
         .await
         .problem(409, "hold_expired");
+        // and so is voiding it: it is the expiry task's to release, as `expired`
+        app.post(&format!("/v1/transfers/{id}/void"), &alice, None, json!({}))
+            .await
+            .problem(409, "hold_expired");
         // several expiry runs at once: exactly one voids it
         let (x, y, z) = tokio::join!(
             app.ledger.expire_holds(),

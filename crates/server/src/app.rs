@@ -210,6 +210,12 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     let mut background = Vec::new();
     let mut router = Router::new();
     let mut dbs = Vec::new();
+    if mode == Mode::Auth && cfg.auth.introspection_secret.is_none() {
+        tracing::warn!(
+            "no auth.introspection_secret: a ledger run alone (serve ledger --auth-url) cannot \
+             introspect here, and answers 503 for every sensitive operation"
+        );
+    }
 
     let auth = match &auth_db {
         Some(db) => {

@@ -47,11 +47,20 @@ fn redirect(to: &str) -> Response {
     res
 }
 
-fn error_redirect(uri: &str, error: &str, description: &str, state: Option<&str>) -> Response {
+/// An error answered to the client's redirect URI, with `state` and `iss` (RFC 9207:
+/// on error responses too, so a client can tell which server answered).
+fn error_redirect(
+    uri: &str,
+    error: &str,
+    description: &str,
+    state: Option<&str>,
+    issuer: &str,
+) -> Response {
     let mut params = vec![("error", error), ("error_description", description)];
     if let Some(s) = state {
         params.push(("state", s));
     }
+    params.push(("iss", issuer));
     redirect(&with_params(uri, &params))
 }
 
@@ -88,7 +97,11 @@ struct Checked {
 
 /// `Err(page)`: shown in the browser; `Err(redirect)`: sent back to the client.
 #[allow(clippy::result_large_err)]
-fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked, Response> {
+fn check_request(
+    client: Client,
+    q: &HashMap<String, String>,
+    issuer: &str,
+) -> Result<Checked, Response> {
     let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
     let redirect_uri = match get("redirect_uri") {
         Some(u) if client.redirect_matches(u) => u.to_owned(),
@@ -107,7 +120,15 @@ fn check_request(client: Client, q: &HashMap<String, String>) -> Result<Checked,
         }
     };
     let state = get("state").map(str::to_owned);
-    let fail = |e: &str, d: &str| Err(error_redirect(&redirect_uri, e, d, state.as_deref()));
+    let fail = |e: &str, d: &str| {
+        Err(error_redirect(
+            &redirect_uri,
+            e,
+            d,
+            state.as_deref(),
+            issuer,
+        ))
+    };
     if state.as_ref().is_some_and(|s| s.len() > 512) || get("nonce").is_some_and(|n| n.len() > 512)
     {
         return fail(
@@ -284,7 +305,7 @@ pub(crate) async fn authorize(
         }
         Err(e) => return vaultpay_web::ApiError::from(e).into_response(),
     };
-    let c = match check_request(client, &q) {
+    let c = match check_request(client, &q, &svc.config().issuer) {
         Ok(c) => c,
         Err(res) => return res,
     };
@@ -688,6 +709,7 @@ async fn unmet_acr(svc: &AuthService, ctx: &Ctx, p: &Pending, user_id: &str) -> 
             "unmet_authentication_requirements",
             "the application requires a second factor and the account has none; enrol one first",
             p.state.as_deref(),
+            &svc.config().issuer,
         ),
         Ok(false) => stage_error(),
         Err(e) => internal(e),
@@ -779,6 +801,7 @@ pub(crate) async fn consent(
             "access_denied",
             "the user denied the request",
             p.state.as_deref(),
+            &svc.config().issuer,
         ),
         Err(e) => internal(e),
     }

@@ -144,6 +144,19 @@ fn invalid(detail: impl Into<String>) -> AuthError {
     AuthError::Invalid("invalid_client_metadata", detail.into())
 }
 
+/// `http://localhost`, optionally with a port, then nothing or a path: not
+/// `http://localhost.evil.example/` nor `http://localhost@evil.example/`.
+fn is_localhost(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("http://localhost") else {
+        return false;
+    };
+    let (port, _) = rest.split_once('/').unwrap_or((rest, ""));
+    match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(p) => !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
 fn valid_redirect(uri: &str) -> bool {
     if uri.len() > 2000
         || uri.contains('#')
@@ -154,7 +167,7 @@ fn valid_redirect(uri: &str) -> bool {
     if let Some(rest) = uri.strip_prefix("https://") {
         return !rest.is_empty() && !rest.starts_with('/');
     }
-    if loopback_parts(uri).is_some() || uri.starts_with("http://localhost") {
+    if loopback_parts(uri).is_some() || is_localhost(uri) {
         return true;
     }
     // A private-use scheme of a native app (RFC 8252 §7.1): reverse domain name.
@@ -479,5 +492,21 @@ mod tests {
         assert!(!c.redirect_matches("http://localhost:5000/cb"));
         assert!(!c.redirect_matches("https://app.example/cb/../x"));
         assert!(!c.redirect_matches("https://app.example:443/cb"));
+    }
+
+    #[test]
+    fn localhost_redirects_name_localhost_itself() {
+        for ok in ["http://localhost/cb", "http://localhost:5000/cb", "http://localhost"] {
+            assert!(valid_redirect(ok), "{ok}");
+        }
+        for bad in [
+            "http://localhost.evil.example/cb",
+            "http://localhost@evil.example/cb",
+            "http://localhost:5000@evil.example/cb",
+            "http://localhost:/cb",
+            "http://localhost:99999999/cb",
+        ] {
+            assert!(!valid_redirect(bad), "{bad}");
+        }
     }
 }

@@ -350,6 +350,15 @@ pub(crate) async fn approve_route(
     ApiJson(req): ApiJson<ApproveRequest>,
 ) -> Result<Response, ApiError> {
     svc.require_live_session(&p).await?;
+    // Only the user's own (first-party) session approves a device: a client the user
+    // let act with `api` would otherwise mint a session for another client, with
+    // scopes (a refresh token, say) the user never granted it.
+    if p.claims.client_id.is_some() {
+        return Err(ApiError::forbidden(
+            "first_party_session_required",
+            "Approve devices from a VaultPay session (POST /v1/auth/login), not with a token issued to an OAuth client.",
+        ));
+    }
     let amr = p.claims.amr.join(" ");
     let ok = svc
         .decide_device(

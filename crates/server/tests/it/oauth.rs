@@ -879,6 +879,15 @@ async fn authorize_bad_case(backend: Backend) {
         assert_eq!(p.status, StatusCode::SEE_OTHER, "{extra}: {}", p.text);
         assert_eq!(p.param("error").as_deref(), Some(error), "{extra}");
         assert_eq!(p.param("state").as_deref(), Some("st-123"), "{extra}");
+        // RFC 9207: the issuer on error responses too
+        let iss = p
+            .param("iss")
+            .map(|i| urlencoding::decode(&i).unwrap().into_owned());
+        assert_eq!(
+            iss.as_deref(),
+            Some(app.auth().config().issuer.as_str()),
+            "{extra}"
+        );
         assert!(p.location.as_deref().unwrap().starts_with(CB), "{extra}");
     }
     assert_eq!(app.count("oauth_requests").await, requests);
@@ -935,6 +944,7 @@ async fn authorize_bad_case(backend: Backend) {
     let p = b.consent(&csrf, "deny").await;
     assert_eq!(p.param("error").as_deref(), Some("access_denied"));
     assert_eq!(p.param("state").as_deref(), Some("st-123"));
+    assert!(p.param("iss").is_some(), "{:?}", p.location);
     // The request is spent.
     let p = b.consent(&csrf, "approve").await;
     assert!(p.location.is_none());
@@ -2106,7 +2116,8 @@ async fn github_case(backend: Backend) {
         .unwrap();
     // 3. a third GitHub sign-in left at its consent page
     let (mut b3, consent3, _) = gh_to_consent(&down, &web, "openid").await;
-    // 4. a device approved from a GitHub-signed-in session, and its session
+    // 4. an api-scoped GitHub session (which may not approve devices: only the user's
+    // own first-party sessions do)
     let (mut b4, consent4, verifier4) = gh_to_consent(&down, &web, "openid api").await;
     let code4 = b4
         .consent(&consent4, "approve")
@@ -2117,28 +2128,24 @@ async fn github_case(backend: Backend) {
     let fed_api = fed_api.body["access_token"].as_str().unwrap().to_owned();
     let cli = device_client(&down, &admin).await;
     let start = device_start(&down, &cli, "openid api").await;
-    let r = down
-        .post(
-            "/v1/oauth/device/approve",
-            Some(&fed_api),
-            json!({ "user_code": start["user_code"] }),
-        )
-        .await;
+    down.post(
+        "/v1/oauth/device/approve",
+        Some(&fed_api),
+        json!({ "user_code": start["user_code"] }),
+    )
+    .await
+    .assert_problem(403, "first_party_session_required");
+    let r = down.get("/v1/me", Some(&fed_api)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let device = device_poll(&down, &cli, start["device_code"].as_str().unwrap()).await;
-    assert_eq!(device.status, StatusCode::OK, "{}", device.text);
-    let device = device.body["access_token"].as_str().unwrap().to_owned();
-    let r = down.get("/v1/me", Some(&device)).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    // each of the three knows its provider (not only by its "fed" amr, which a session
-    // from before auth migration 0009 is matched by)
+    // each knows its provider (not only by its "fed" amr, which a session from before
+    // auth migration 0009 is matched by)
     assert_eq!(
         down.count_where(
             "sessions",
             "upstream_provider = 'gh' AND revoked_at IS NULL"
         )
         .await,
-        3
+        2
     );
     // The account gets a password (another account's hash) and a password session.
     down.user("donor.gh@example.com").await;
@@ -2157,15 +2164,13 @@ async fn github_case(backend: Backend) {
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
     let r = introspect(&down, &web, &fed).await;
     assert_eq!(r.body["active"], false, "the sign-in's session lives on");
-    for (what, token) in [("the api one's", &fed_api), ("the device's", &device)] {
-        let r = down.get("/v1/me", Some(token)).await;
-        assert_eq!(
-            r.status,
-            StatusCode::UNAUTHORIZED,
-            "{what} session lives on: {}",
-            r.text
-        );
-    }
+    let r = down.get("/v1/me", Some(&fed_api)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the api one's session lives on: {}",
+        r.text
+    );
     let r = exchange(&down, &web, &code2, CB, &verifier2).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     assert_eq!(r.body["error"], "invalid_grant");
@@ -2180,7 +2185,7 @@ async fn github_case(backend: Backend) {
     assert_eq!(me.status, StatusCode::OK, "{}", me.text);
     let entries = audit_action(&down, &admin, "account.unlinked_upstream").await;
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0]["metadata"]["sessions_ended"], 3);
+    assert_eq!(entries[0]["metadata"]["sessions_ended"], 2);
     down.stop().await;
 }
 

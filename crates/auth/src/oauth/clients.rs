@@ -496,7 +496,11 @@ mod tests {
 
     #[test]
     fn localhost_redirects_name_localhost_itself() {
-        for ok in ["http://localhost/cb", "http://localhost:5000/cb", "http://localhost"] {
+        for ok in [
+            "http://localhost/cb",
+            "http://localhost:5000/cb",
+            "http://localhost",
+        ] {
             assert!(valid_redirect(ok), "{ok}");
         }
         for bad in [

@@ -494,12 +494,22 @@ async fn refresh(
     // that succeeded was of this client's session, which that check found.)
     let granted: Option<String> = r.try_get("scope").map_err(AuthError::from)?;
     let granted = granted.unwrap_or_default();
+    // A narrower scope asked for is the new access token's (RFC 6749 §6); the session
+    // keeps its whole grant for later refreshes.
+    let scope = match scope {
+        Some(s) => split_scope(s)
+            .into_iter()
+            .filter(|x| has_scope(&granted, x))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => granted,
+    };
     let user_id: String = r.try_get("user_id").map_err(AuthError::from)?;
     let amr: String = r.try_get("amr").map_err(AuthError::from)?;
     let g = Grant {
         client,
         user_id: &user_id,
-        scope: &granted,
+        scope: &scope,
         nonce: None,
         auth_time: r.try_get("auth_time").map_err(AuthError::from)?,
         amr: split_scope(&amr),

@@ -405,6 +405,35 @@ async fn code_flow_case(backend: Backend) {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let full = r.body["scope"].as_str().unwrap().to_owned();
+    let rt2 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    // A narrower scope gives an access token of that scope (RFC 6749 §6); the grant
+    // stays whole for the next refresh.
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&c.id, secret)),
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt2),
+            ("scope", "openid"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["scope"], "openid");
+    let narrow = r.body["access_token"].as_str().unwrap();
+    assert_eq!(jwt_part(narrow, 1)["scope"], "openid");
+    let rt2 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&c.id, secret)),
+        &[("grant_type", "refresh_token"), ("refresh_token", &rt2)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["scope"], full.as_str());
     let rt2 = r.body["refresh_token"].as_str().unwrap().to_owned();
     let at2 = r.body["access_token"].as_str().unwrap().to_owned();
     // Refresh by another client: refused.

@@ -210,6 +210,31 @@ impl Config {
         if self.body_limit_bytes < 1024 {
             bail!("body_limit_bytes must be at least 1024");
         }
+        let o = &self.auth.oauth;
+        for (name, value, range) in [
+            ("code_ttl_secs", o.code_ttl_secs, 1..=600),
+            ("request_ttl_secs", o.request_ttl_secs, 60..=3600),
+            ("device_code_ttl_secs", o.device_code_ttl_secs, 60..=3600),
+            (
+                "device_poll_interval_secs",
+                o.device_poll_interval_secs,
+                0..=60,
+            ),
+            ("id_token_ttl_secs", o.id_token_ttl_secs, 30..=3600),
+            (
+                "client_credentials_ttl_secs",
+                o.client_credentials_ttl_secs,
+                0..=3600,
+            ),
+        ] {
+            if !range.contains(&value) {
+                bail!(
+                    "auth.oauth.{name} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                );
+            }
+        }
         if !(1..=3600).contains(&self.jwks_refresh_secs) {
             bail!("jwks_refresh_secs must be between 1 and 3600");
         }
@@ -286,6 +311,24 @@ mod tests {
         assert_eq!(c.auth.access_token_ttl_secs, 600);
         assert_eq!(c.auth.lockout.threshold, 3);
         assert_eq!(c.master_key.unwrap().expose(), "1234");
+    }
+
+    #[test]
+    fn oauth_lifetimes_are_bounded() {
+        for (key, value) in [
+            ("VAULTPAY_AUTH__OAUTH__CODE_TTL_SECS", "0"),
+            ("VAULTPAY_AUTH__OAUTH__CODE_TTL_SECS", "86400"),
+            ("VAULTPAY_AUTH__OAUTH__DEVICE_CODE_TTL_SECS", "-5"),
+            ("VAULTPAY_AUTH__OAUTH__ID_TOKEN_TTL_SECS", "99999999"),
+        ] {
+            let e = Config::load(None, env(&[(key, value)])).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("auth.oauth."),
+                "{key}={value}: {e:#}"
+            );
+        }
+        let c = Config::load(None, env(&[("VAULTPAY_AUTH__OAUTH__CODE_TTL_SECS", "30")])).unwrap();
+        assert_eq!(c.auth.oauth.code_ttl_secs, 30);
     }
 
     #[test]

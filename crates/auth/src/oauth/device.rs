@@ -388,6 +388,7 @@ pub(crate) async fn approve_route(
     responses((status = 200, description = "Device page (HTML)", content_type = "text/html")))]
 pub(crate) async fn device_page(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     q: Result<ApiQuery<HashMap<String, String>>, ApiError>,
 ) -> Response {
     let code = q
@@ -396,9 +397,58 @@ pub(crate) async fn device_page(
         .map(|c| display(&normalise_user_code(&c)))
         .unwrap_or_default();
     let csrf = opaque_token();
-    let mut res = pages::device(StatusCode::OK, &csrf, &code, None);
+    let (status, error, pending) = if code.is_empty() {
+        (StatusCode::OK, None, None)
+    } else {
+        match pending_request(&svc, &ctx, &code).await {
+            Ok(Some(p)) => (StatusCode::OK, None, Some(p)),
+            Ok(None) => (
+                StatusCode::OK,
+                Some("No pending request has this code (it may have expired)."),
+                None,
+            ),
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    };
+    let request = pending.as_ref().map(|(name, scopes)| pages::DeviceRequest {
+        client_name: name,
+        scopes,
+    });
+    let mut res = pages::device(status, &csrf, &code, error, request);
     set_cookie(&mut res, &svc, CSRF_COOKIE, &csrf, "/oauth/device");
     res
+}
+
+/// The client name and scopes of the pending device request with `user_code`, looked
+/// up under the same per-address limit as approvals (user codes are short).
+async fn pending_request(
+    svc: &AuthService,
+    ctx: &Ctx,
+    user_code: &str,
+) -> Result<Option<(String, Vec<String>)>, AuthError> {
+    vaultpay_web::enforce(
+        &*svc.limiter(),
+        &format!("device:ip:{}", ctx.ip_key()),
+        svc.config().rate_limits.login_per_ip,
+    )
+    .await?;
+    let row = sqlx::query(
+        "SELECT client_id, scope FROM oauth_device_codes \
+         WHERE user_code = $1 AND status = 'pending' AND expires_at > $2",
+    )
+    .bind(normalise_user_code(user_code))
+    .bind(now_micros())
+    .fetch_optional(svc.db().read())
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let client_id: String = row.try_get("client_id")?;
+    let scope: String = row.try_get("scope")?;
+    let name = super::clients::get(svc.db(), &client_id)
+        .await?
+        .map_or(client_id, |c| c.name);
+    Ok(Some((name, split_scope(&scope))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -432,8 +482,9 @@ pub(crate) async fn device_submit(
             "The form is not valid (CSRF check failed).",
         );
     }
-    let again =
-        |status: StatusCode, msg: &str| pages::device(status, &f.csrf, &f.user_code, Some(msg));
+    let again = |status: StatusCode, msg: &str| {
+        pages::device(status, &f.csrf, &f.user_code, Some(msg), None)
+    };
     let refused = |e: AuthError| match signin_failure(&e) {
         Some((status, text)) => again(status, text),
         None => ApiError::from(e).into_response(),

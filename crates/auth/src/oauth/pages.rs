@@ -151,12 +151,41 @@ pub fn consent(csrf: &str, client_name: &str, scopes: &[String]) -> Response {
 }
 
 /// The device-flow page: sign in, enter the code shown on the device, approve.
-pub fn device(status: StatusCode, csrf: &str, user_code: &str, error: Option<&str>) -> Response {
+/// A pending device request as the device page shows it: the client's name and the
+/// scopes it asks for.
+pub struct DeviceRequest<'a> {
+    pub client_name: &'a str,
+    pub scopes: &'a [String],
+}
+
+pub fn device(
+    status: StatusCode,
+    csrf: &str,
+    user_code: &str,
+    error: Option<&str>,
+    request: Option<DeviceRequest<'_>>,
+) -> Response {
+    // What is being approved, when the code is known (RFC 8628 §5.4: a code sent by
+    // someone else would otherwise connect their device to this account unseen).
+    let what = request
+        .map(|r| {
+            let items: String = r
+                .scopes
+                .iter()
+                .map(|s| format!("<li><code>{}</code>: {}</li>", esc(s), scope_text(s)))
+                .collect();
+            format!(
+                "<p><strong>{client}</strong> on a device asks to:</p><ul>{items}</ul>\
+                 <p>Approve only if you started this yourself, on a device you have with you.</p>",
+                client = esc(r.client_name),
+            )
+        })
+        .unwrap_or_default();
     page(
         status,
         "Connect a device",
         &format!(
-            "<p>Enter the code your device shows, sign in and approve.</p>{err}\
+            "<p>Enter the code your device shows, sign in and approve.</p>{what}{err}\
              <form method=\"post\" action=\"/oauth/device\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
              <label>Code <input name=\"user_code\" value=\"{code}\" autocomplete=\"off\" required></label>\

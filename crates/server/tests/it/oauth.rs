@@ -1670,6 +1670,24 @@ async fn device_case(backend: Backend) {
     let p = b.get(&format!("/oauth/device?user_code={uc}")).await;
     assert_eq!(p.status, StatusCode::OK);
     assert!(p.text.contains(&uc));
+    // what is being approved: the client and the scopes it asks for (RFC 8628 §5.4)
+    assert!(
+        p.text
+            .contains("<strong>vaultpay CLI</strong> on a device asks to"),
+        "{}",
+        p.text
+    );
+    assert!(p.text.contains("Know who you are"), "{}", p.text);
+    // a code no request has: said so, nothing shown
+    let unknown = Browser::new(&app)
+        .get("/oauth/device?user_code=BCDF-GHJK")
+        .await;
+    assert!(
+        unknown.text.contains("No pending request has this code"),
+        "{}",
+        unknown.text
+    );
+    assert!(!unknown.text.contains("asks to"));
     let csrf = p.csrf();
     let mut other = Browser::new(&app);
     let bad = other

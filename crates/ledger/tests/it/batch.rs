@@ -9,7 +9,7 @@ fn item(from: &str, to: &str, amount: i64) -> Value {
 async fn batch_reports_each_outcome_or_is_all_or_nothing() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, _, a, bb) = app.alice_and_bob().await;
+        let (alice, _, a, bb) = app.alice_and_bob(1_000).await;
 
         let body = json!({"transfers": [item(&a, &bb, 100), item(&a, &bb, 5_000), item(&a, &a, 1), item(&a, &bb, 200)]});
         let k = key();
@@ -64,11 +64,7 @@ async fn batch_reports_each_outcome_or_is_all_or_nothing() {
 async fn a_large_stored_response_is_compressed_and_replays_exactly() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let alice = app.customer("alice");
-        let bob = app.customer("bob");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&bob, "USD").await;
-        app.deposit(&a, 100_000, "USD").await.expect(201);
+        let (alice, _, a, bb) = app.alice_and_bob(100_000).await;
         let body = json!({"transfers": (1..=100).map(|n| item(&a, &bb, n)).collect::<Vec<_>>()});
         let k = key();
         let first = app

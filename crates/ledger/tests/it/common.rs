@@ -315,14 +315,14 @@ impl TestApp {
         (a, b)
     }
 
-    /// Customers alice and bob with a USD account each, alice's holding 1,000: their
-    /// tokens and account ids (alice, bob, alice's account, bob's account).
-    pub async fn alice_and_bob(&self) -> (String, String, String, String) {
+    /// Customers alice and bob with a USD account each, alice's holding `deposit`:
+    /// their tokens and account ids (alice, bob, alice's account, bob's account).
+    pub async fn alice_and_bob(&self, deposit: i64) -> (String, String, String, String) {
         let alice = self.customer("alice");
         let bob = self.customer("bob");
         let a = self.open(&alice, "USD").await;
         let b = self.open(&bob, "USD").await;
-        self.deposit(&a, 1_000, "USD").await.expect(201);
+        self.deposit(&a, deposit, "USD").await.expect(201);
         (alice, bob, a, b)
     }
 

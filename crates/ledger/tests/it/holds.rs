@@ -20,7 +20,7 @@ async fn hold(
 async fn holds_reserve_then_post_partially_and_fully_then_never_again() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, bob, a, bb) = app.alice_and_bob().await;
+        let (alice, bob, a, bb) = app.alice_and_bob(1_000).await;
 
         let h = hold(&app, &alice, &a, &bb, 600, None).await.expect(201);
         assert_eq!(h.body["status"], "pending");
@@ -133,7 +133,7 @@ async fn holds_reserve_then_post_partially_and_fully_then_never_again() {
 async fn void_releases_and_resolves_once() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, bob, a, bb) = app.alice_and_bob().await;
+        let (alice, bob, a, bb) = app.alice_and_bob(1_000).await;
         let id = hold(&app, &alice, &a, &bb, 300, None).await.expect(201).id();
         app.post(&format!("/v1/transfers/{id}/post"), &alice, Some(&key()), json!({"amount": 100})).await.expect(200);
         // the payee may release the rest
@@ -158,7 +158,7 @@ async fn void_releases_and_resolves_once() {
 async fn expired_holds_are_voided_exactly_once() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, _, a, bb) = app.alice_and_bob().await;
+        let (alice, _, a, bb) = app.alice_and_bob(1_000).await;
         let id = hold(&app, &alice, &a, &bb, 250, Some(1))
             .await
             .expect(201)
@@ -234,7 +234,7 @@ async fn expired_holds_are_voided_exactly_once() {
 async fn a_hold_that_fails_to_expire_does_not_block_the_others() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, _, a, bb) = app.alice_and_bob().await;
+        let (alice, _, a, bb) = app.alice_and_bob(1_000).await;
         let stuck = hold(&app, &alice, &a, &bb, 100, Some(3600))
             .await
             .expect(201)

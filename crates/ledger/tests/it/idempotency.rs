@@ -7,7 +7,7 @@ use vaultpay_store::sqlx;
 async fn same_key_same_request_replays_exactly() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, bob, a, bb) = app.alice_and_bob().await;
+        let (alice, bob, a, bb) = app.alice_and_bob(1_000).await;
         let k = key();
         let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 100, "currency": "USD", "description": "rent"});
         let first = app.post("/v1/transfers", &alice, Some(&k), body.clone()).await.expect(201);
@@ -158,7 +158,7 @@ async fn keys_are_kept_a_day_then_purged() {
 async fn keys_of_a_pending_hold_outlive_the_purge() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let (alice, bob, a, bb) = app.alice_and_bob().await;
+        let (alice, bob, a, bb) = app.alice_and_bob(1_000).await;
         let h = app
             .post(
                 "/v1/transfers",

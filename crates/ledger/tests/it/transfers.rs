@@ -5,11 +5,7 @@ use serde_json::json;
 async fn transfer_moves_money_with_double_entry() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let alice = app.customer("alice");
-        let bob = app.customer("bob");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&bob, "USD").await;
-        app.deposit(&a, 10_000, "USD").await.expect(201);
+        let (alice, bob, a, bb) = app.alice_and_bob(10_000).await;
 
         let t = app.transfer(&alice, &a, &bb, 2_550).await.expect(201);
         assert_eq!(t.body["status"], "posted");
@@ -216,11 +212,7 @@ async fn every_failure_has_its_code_and_is_recorded() {
 async fn history_has_running_balance_pagination_time_filters_and_csv() {
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
-        let alice = app.customer("alice");
-        let bob = app.customer("bob");
-        let a = app.open(&alice, "USD").await;
-        let bb = app.open(&bob, "USD").await;
-        app.deposit(&a, 10_000, "USD").await.expect(201);
+        let (alice, bob, a, bb) = app.alice_and_bob(10_000).await;
         for amount in [100, 200, 300] {
             app.transfer(&alice, &a, &bb, amount).await.expect(201);
         }

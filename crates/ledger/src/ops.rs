@@ -801,17 +801,8 @@ async fn post_hold(
     if !from.owned_by(actor) {
         return Err(LedgerError::NotAccountOwner);
     }
-    if t.kind != "hold" || t.status != "pending" {
-        return Err(LedgerError::HoldNotPending(if t.kind == "hold" {
-            t.status.clone()
-        } else {
-            "not a hold".into()
-        }));
-    }
     let now = now_micros();
-    if t.expires_at.is_some_and(|e| e <= now) {
-        return Err(LedgerError::HoldExpired);
-    }
+    still_pending(&t, now)?;
     let remaining = t.remaining();
     let p = amount.unwrap_or(remaining);
     if p < 1 || p > remaining {
@@ -861,19 +852,8 @@ async fn void_hold(
     if !(from.owned_by(actor) || to.owned_by(actor)) {
         return Err(LedgerError::NotAccountOwner);
     }
-    if t.kind != "hold" || t.status != "pending" {
-        return Err(LedgerError::HoldNotPending(if t.kind == "hold" {
-            t.status.clone()
-        } else {
-            "not a hold".into()
-        }));
-    }
     let now = now_micros();
-    // past its timeout it is the expiry task's to release (as `expired`, which is what
-    // it is), as a post of it is refused
-    if t.expires_at.is_some_and(|e| e <= now) {
-        return Err(LedgerError::HoldExpired);
-    }
+    still_pending(&t, now)?;
     release_hold(tx, &mut t, &mut from, "voided", now).await?;
     let extra = serde_json::json!({"reason": reason});
     record(
@@ -887,6 +867,22 @@ async fn void_hold(
     )
     .await?;
     Ok(t)
+}
+
+/// Refuses to post or void `t` unless it is a hold still pending and not past its
+/// timeout (an overdue hold is the expiry task's to release, as `expired`).
+fn still_pending(t: &TransferRow, now: i64) -> Result<(), LedgerError> {
+    if t.kind != "hold" || t.status != "pending" {
+        return Err(LedgerError::HoldNotPending(if t.kind == "hold" {
+            t.status.clone()
+        } else {
+            "not a hold".into()
+        }));
+    }
+    if t.expires_at.is_some_and(|e| e <= now) {
+        return Err(LedgerError::HoldExpired);
+    }
+    Ok(())
 }
 
 /// Releases what a pending hold still reserves and marks it `status`.

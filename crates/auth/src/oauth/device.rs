@@ -144,7 +144,7 @@ pub(crate) async fn poll(
             .await?;
     let r = sqlx::query(&format!(
         "SELECT client_id, scope, status, user_id, auth_time, amr, interval_secs, last_polled_at, \
-         expires_at, upstream_provider FROM oauth_device_codes WHERE device_code_hash = $1{}",
+         expires_at FROM oauth_device_codes WHERE device_code_hash = $1{}",
         db.for_update()
     ))
     .bind(&hash)
@@ -219,7 +219,8 @@ pub(crate) async fn poll(
                 nonce: None,
                 auth_time: auth_time.unwrap_or(now),
                 amr: split_scope(amr.as_deref().unwrap_or("pwd")),
-                upstream: r.try_get("upstream_provider")?,
+                // approved from the user's own (first-party) session: no provider
+                upstream: None,
             };
             let (sid, refresh) = match svc.oauth_session(&mut tx, ctx, &g).await {
                 Err(AuthError::ResetRequired) => {
@@ -277,27 +278,14 @@ impl AuthService {
         let now = now_micros();
         let mut tx = db.begin().await?;
         crate::sessions::recheck_authority(db, &mut tx, user_id, proof).await?;
-        // Approved from a session signed in through an upstream provider: the device's
-        // session counts as one too (unlinking the provider ends it).
-        let upstream: Option<String> = match proof.session {
-            Some(sid) => sqlx::query("SELECT upstream_provider FROM sessions WHERE id = $1")
-                .bind(sid)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get("upstream_provider"))
-                .transpose()?
-                .flatten(),
-            None => None,
-        };
         let n = sqlx::query(
-            "UPDATE oauth_device_codes SET status = $1, user_id = $2, auth_time = $3, amr = $4, \
-             upstream_provider = $5 WHERE user_code = $6 AND status = 'pending' AND expires_at > $7",
+            "UPDATE oauth_device_codes SET status = $1, user_id = $2, auth_time = $3, amr = $4 \
+             WHERE user_code = $5 AND status = 'pending' AND expires_at > $6",
         )
         .bind(if approve { "approved" } else { "denied" })
         .bind(user_id)
         .bind(auth_time)
         .bind(amr)
-        .bind(&upstream)
         .bind(&code)
         .bind(now)
         .execute(&mut *tx)

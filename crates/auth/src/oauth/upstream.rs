@@ -570,7 +570,7 @@ async fn map_user(
 }
 
 /// The live sessions of user `$1` that unlinking provider `$2` ends: those signed in
-/// through it (or approved from such a session), and those signed in through an
+/// through it, and those signed in through an
 /// upstream provider before sessions recorded which (auth migration 0009), whose
 /// provider is unknown.
 const UNLINKED_SESSIONS: &str = "user_id = $1 AND revoked_at IS NULL AND (upstream_provider = $2 \
@@ -667,14 +667,6 @@ impl AuthService {
         sqlx::query(
             "UPDATE oauth_codes SET expires_at = 0 \
              WHERE user_id = $1 AND upstream_provider = $2 AND used_at IS NULL",
-        )
-        .bind(user_id)
-        .bind(provider)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE oauth_device_codes SET expires_at = 0 \
-             WHERE user_id = $1 AND upstream_provider = $2 AND status = 'approved'",
         )
         .bind(user_id)
         .bind(provider)
@@ -816,9 +808,7 @@ pub(crate) async fn callback(
     // The identity's account or link was made meanwhile (two sign-ins of a new identity
     // at once, or a registration of its address): on PostgreSQL this insert met that
     // row's unique key. Looking again finds it.
-    if matches!(&mapped, Err(AuthError::Store(vaultpay_store::StoreError::Sqlx(e)))
-        if vaultpay_store::is_unique_violation(Some(e)))
-    {
+    if matches!(&mapped, Err(AuthError::Store(e)) if e.is_unique_violation()) {
         mapped = map_user(&svc, &ctx, &name, &up, &ident).await;
     }
     let user_id = match mapped {

@@ -325,7 +325,7 @@ async fn rotate_group(
 
 /// Locks (PostgreSQL: `FOR UPDATE`; SQLite: the write transaction) and reads the rows
 /// of every token in the group, with their sessions, in one statement, in session id
-/// order (as multi-row revocations lock sessions: `sessions::lock_sessions_in_order`).
+/// order (as multi-row revocations lock sessions: `sessions::revoke_sessions_where`).
 async fn lock_rows(
     db: &Db,
     tx: &mut Tx,

@@ -121,29 +121,46 @@ pub(crate) async fn lock_owner(
     Ok(row.map(|r| r.try_get("id")).transpose()?)
 }
 
-/// Locks the live sessions a multi-row revocation is about to end (`filter`, with
-/// `binds` for `$1`, `$2`, …), in id order: the order the refresh rotation locks a
-/// group's sessions in (`rotation::lock_rows`). Without it the revocation's `UPDATE`
-/// locked them in whatever order its plan read them, and a rotation group holding two
-/// of the same user's sessions could wait for it in a cycle (a deadlock, one of the two
-/// refused). On SQLite, whose write transactions do not overlap, nothing to do.
-pub(crate) async fn lock_sessions_in_order(
+/// Ends the sessions `filter` selects (with `binds` for `$1`, `$2`, …; it names live
+/// ones itself), revoked at `now` for `reason`; returns how many. On PostgreSQL they are
+/// locked first in id order: the order the refresh rotation locks a group's sessions
+/// in (`rotation::lock_rows`). A plain `UPDATE` locked them in whatever order its plan
+/// read them, and a rotation group holding two of the same user's sessions could wait
+/// for it in a cycle (a deadlock, one of the two refused). SQLite's write transactions
+/// do not overlap.
+pub(crate) async fn revoke_sessions_where(
     db: &vaultpay_store::Db,
     tx: &mut Tx,
     filter: &'static str,
     binds: &[&str],
-) -> Result<(), AuthError> {
-    if db.backend() != vaultpay_store::Backend::Postgres {
-        return Ok(());
-    }
+    reason: &str,
+    now: i64,
+) -> Result<u64, AuthError> {
     // `filter` is a constant of this crate, never input.
-    let sql = format!("SELECT id FROM sessions WHERE {filter} ORDER BY id FOR UPDATE");
+    if db.backend() == vaultpay_store::Backend::Postgres {
+        let sql = format!("SELECT id FROM sessions WHERE {filter} ORDER BY id FOR UPDATE");
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        q.fetch_all(&mut **tx).await?;
+    }
+    let sql = format!(
+        "UPDATE sessions SET revoked_at = ${}, revoked_reason = ${} WHERE {filter}",
+        binds.len() + 1,
+        binds.len() + 2
+    );
     let mut q = sqlx::query(&sql);
     for b in binds {
         q = q.bind(*b);
     }
-    q.fetch_all(&mut **tx).await?;
-    Ok(())
+    let n = q
+        .bind(now)
+        .bind(reason)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    Ok(n)
 }
 
 /// What a step proved before its transaction, for [`recheck_authority`].
@@ -762,24 +779,15 @@ impl AuthService {
         .await?;
         expire_login_holds(tx, user_id, now).await?;
         crate::accounts::void_email_tokens(tx, user_id, crate::email_change::PURPOSE, now).await?;
-        lock_sessions_in_order(
+        revoke_sessions_where(
             &self.inner.db,
             tx,
-            "user_id = $1 AND revoked_at IS NULL",
-            &[user_id],
+            "user_id = $1 AND revoked_at IS NULL AND id <> $2",
+            &[user_id, keep.unwrap_or("")],
+            reason,
+            now,
         )
-        .await?;
-        let n = sqlx::query(
-            "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 WHERE user_id = $3 AND revoked_at IS NULL AND id <> $4",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(user_id)
-        .bind(keep.unwrap_or(""))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        Ok(n)
+        .await
     }
 
     /// Refuses a token whose session has been revoked or has expired.

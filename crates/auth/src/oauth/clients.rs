@@ -374,21 +374,15 @@ pub async fn delete(
     if n == 0 {
         return Ok(false);
     }
-    crate::sessions::lock_sessions_in_order(
+    let revoked = crate::sessions::revoke_sessions_where(
         db,
         &mut tx,
         "client_id = $1 AND revoked_at IS NULL",
         &[client_id],
+        "client_deleted",
+        now_micros(),
     )
     .await?;
-    let revoked = sqlx::query(
-        "UPDATE sessions SET revoked_at = $1, revoked_reason = 'client_deleted' WHERE client_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(now_micros())
-    .bind(client_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
     append(
         db,
         &mut tx,

@@ -672,23 +672,15 @@ impl AuthService {
         .bind(provider)
         .execute(&mut *tx)
         .await?;
-        crate::sessions::lock_sessions_in_order(
+        let ended = crate::sessions::revoke_sessions_where(
             db,
             &mut tx,
             UNLINKED_SESSIONS,
             &[user_id, provider],
+            "provider_unlinked",
+            vaultpay_core::time::now_micros(),
         )
         .await?;
-        let ended = sqlx::query(&format!(
-            "UPDATE sessions SET revoked_at = $3, revoked_reason = 'provider_unlinked' \
-             WHERE {UNLINKED_SESSIONS}"
-        ))
-        .bind(user_id)
-        .bind(provider)
-        .bind(vaultpay_core::time::now_micros())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
         sqlx::query("DELETE FROM upstream_identities WHERE user_id = $1 AND provider = $2")
             .bind(user_id)
             .bind(provider)

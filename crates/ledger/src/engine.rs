@@ -778,26 +778,9 @@ async fn retry_one_by_one(core: &Core, group: &mut Vec<Queued>) {
         } else {
             run_single(core, job).await
         };
-        unreachable |= matches!(&r, Err(e) if is_unreachable(e));
+        unreachable |= matches!(&r, Err(LedgerError::Store(e)) if e.is_unreachable());
         let _ = reply_to.send(r);
     }
-}
-
-/// True when `e` says the database could not be reached (connection, pool, I/O), not
-/// that a statement was refused.
-fn is_unreachable(e: &LedgerError) -> bool {
-    use sqlx::Error as E;
-    matches!(
-        e,
-        LedgerError::Store(vaultpay_store::StoreError::Sqlx(
-            E::Io(_)
-                | E::Tls(_)
-                | E::Protocol(_)
-                | E::PoolTimedOut
-                | E::PoolClosed
-                | E::WorkerCrashed
-        ))
-    )
 }
 
 /// Runs one job in the current savepoint `job` and leaves a fresh one open. Returns

@@ -51,6 +51,23 @@ impl StoreError {
         is_transient(self.sqlx())
     }
 
+    /// True when the database could not be reached (connection, pool, I/O), not that
+    /// a statement was refused.
+    pub fn is_unreachable(&self) -> bool {
+        use sqlx::Error as E;
+        matches!(
+            self.sqlx(),
+            Some(
+                E::Io(_)
+                    | E::Tls(_)
+                    | E::Protocol(_)
+                    | E::PoolTimedOut
+                    | E::PoolClosed
+                    | E::WorkerCrashed
+            )
+        )
+    }
+
     fn sqlx(&self) -> Option<&sqlx::Error> {
         match self {
             StoreError::Sqlx(e) => Some(e),

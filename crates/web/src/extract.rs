@@ -63,30 +63,8 @@ pub fn urlencoded_has_nul(text: &[u8]) -> bool {
 /// refuses one that is not with a plain-text 400, so the server checks it first and
 /// answers with [`path_not_utf8`].
 pub fn path_is_utf8(path: &[u8]) -> bool {
-    // the common case, with nothing to decode: no allocation per request
-    if !path.contains(&b'%') {
-        return std::str::from_utf8(path).is_ok();
-    }
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(path.len());
-    let mut i = 0;
-    while i < path.len() {
-        let escaped = match (path[i], path.get(i + 1), path.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h << 4 | l),
-            _ => None,
-        };
-        match escaped {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(path[i]);
-                i += 1;
-            }
-        }
-    }
-    std::str::from_utf8(&out).is_ok()
+    // borrows the path when there is nothing to decode: no allocation per request
+    percent_encoding::percent_decode(path).decode_utf8().is_ok()
 }
 
 /// The answer to a path that does not decode to UTF-8.

@@ -169,24 +169,19 @@ impl AuthService {
     /// Periodic work: picking up rotated keys; stops when `shutdown` turns true.
     pub fn spawn_background(
         &self,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let svc = self.clone();
-        vec![tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(
-                keys::RELOAD_EVERY_SECS.unsigned_abs(),
-            ));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = svc.reload_keys().await {
-                            tracing::warn!(error = %e, "could not reload signing keys");
-                        }
-                    }
-                    _ = shutdown.changed() => break,
-                }
-            }
-        })]
+        let every = std::time::Duration::from_secs(keys::RELOAD_EVERY_SECS.unsigned_abs());
+        vec![vaultpay_web::every(
+            "key_reload",
+            every,
+            shutdown,
+            move || {
+                let svc = svc.clone();
+                async move { svc.reload_keys().await.map(|()| 0) }
+            },
+        )]
     }
 
     /// Hashes on the hashing threads (`hash_concurrency` of them).

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use vaultpay_core::time::{now_micros, secs};
+use vaultpay_web::every;
 
 /// An event relayed from the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,41 +19,6 @@ pub struct OutboxEvent {
     pub topic: String,
     pub payload: serde_json::Value,
     pub created_at: i64,
-}
-
-/// Runs `step` every `every` until `shutdown` turns true.
-pub(crate) fn every<F, Fut>(
-    name: &'static str,
-    every: Duration,
-    mut shutdown: watch::Receiver<bool>,
-    mut step: F,
-) -> tokio::task::JoinHandle<()>
-where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<u64, LedgerError>> + Send,
-{
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            tokio::select! {
-                _ = tick.tick() => {}
-                r = shutdown.changed() => {
-                    if r.is_err() || *shutdown.borrow() { break; }
-                    continue;
-                }
-            }
-            match step().await {
-                Ok(n) if n > 0 => tracing::debug!(task = name, n, "background step"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(task = name, error = %e, "background step failed"),
-            }
-        }
-        tracing::debug!(task = name, "stopped");
-    })
 }
 
 /// Voids every hold whose timeout has passed; each exactly once, each in a transaction

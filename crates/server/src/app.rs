@@ -268,29 +268,20 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                 leeway_secs: cfg.auth.leeway_secs,
             };
             let v = Arc::new(TokenVerifier::new(rules, source, KeySet::default()));
-            if let Err(e) = v.refresh().await {
-                tracing::warn!(error = %e, "AuthShield's JWKS not reachable yet; will fetch on first token");
-            }
-            // Reloaded on a timer as AuthShield reloads its own keys: an unknown `kid`
-            // refetches, but a key AuthShield retired or rotated out would otherwise
-            // verify here until the next restart.
-            let (keys, mut stop) = (v.clone(), shutdown_rx.clone());
+            // Fetched now and reloaded on a timer, as AuthShield reloads its own keys: an
+            // unknown `kid` refetches, but a key AuthShield retired or rotated out would
+            // otherwise verify here until the next restart.
+            let keys = v.clone();
             let every = std::time::Duration::from_secs(cfg.jwks_refresh_secs);
-            background.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            if let Err(e) = keys.refresh().await {
-                                tracing::warn!(error = %e, "could not reload AuthShield's JWKS");
-                            }
-                        }
-                        _ = stop.changed() => break,
-                    }
-                }
-            }));
+            background.push(vaultpay_web::every(
+                "jwks_reload",
+                every,
+                shutdown_rx.clone(),
+                move || {
+                    let keys = keys.clone();
+                    async move { keys.refresh().await.map(|()| 0) }
+                },
+            ));
             v
         }
         (None, None) => bail!("the ledger alone needs --auth-url (where AuthShield runs)"),

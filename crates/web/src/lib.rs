@@ -11,12 +11,14 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod authn;
+mod background;
 mod error;
 mod extract;
 mod ratelimit;
 mod step_up;
 
 pub use authn::{bearer_token, Introspector, KeySource, MaybePrincipal, Principal, TokenVerifier};
+pub use background::every;
 pub use error::{current_request_id, ApiError, REQUEST_ID};
 pub use extract::{
     client_ip, json_has_nul, nul_refused, path_is_utf8, path_not_utf8, urlencoded_has_nul, ApiForm,

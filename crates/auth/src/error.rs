@@ -145,6 +145,7 @@ impl From<AuthError> for ApiError {
             ),
             AuthError::Api(e) => e,
             AuthError::Store(e) if e.is_transient() => ApiError::transaction_conflict(e),
+            AuthError::Store(e) if e.is_unreachable() => ApiError::unavailable(e),
             AuthError::Store(e) => ApiError::internal(e),
             AuthError::Internal(e) => ApiError::internal(e),
         }

@@ -623,10 +623,12 @@ fn answer_if_failed(group: &mut Vec<Queued>, began: Result<Tx, LedgerError>) -> 
         Ok(tx) => Some(tx),
         Err(e) => {
             tracing::error!(error = %e, "group commit: begin failed");
-            let transient = e.is_transient();
+            let (transient, unreachable) = (e.is_transient(), e.is_unreachable());
             for (_, reply_to) in group.drain(..) {
                 let _ = reply_to.send(Err(if transient {
                     LedgerError::TransactionConflict
+                } else if unreachable {
+                    LedgerError::Unavailable("the group's transaction could not begin".into())
                 } else {
                     LedgerError::Internal("begin failed".into())
                 }));
@@ -767,18 +769,20 @@ fn refused_by_deferred_check(e: &sqlx::Error) -> bool {
 
 /// Answers a group that did not commit (and wrote nothing) by running each job in a
 /// transaction of its own, so that a job that fails, fails alone. Once one of them
-/// finds the database unreachable, the rest are answered at once (500, nothing
+/// finds the database unreachable, the rest are answered at once (503, nothing
 /// written, their keys retryable) instead of each waiting out the same timeout.
 async fn retry_one_by_one(core: &Core, group: &mut Vec<Queued>) {
     let mut unreachable = false;
     for (job, reply_to) in group.drain(..) {
         let r = if unreachable {
             drop(job);
-            Err(LedgerError::Internal("the database is unreachable".into()))
+            Err(LedgerError::Unavailable(
+                "an earlier job of its group found it so".into(),
+            ))
         } else {
             run_single(core, job).await
         };
-        unreachable |= matches!(&r, Err(LedgerError::Store(e)) if e.is_unreachable());
+        unreachable |= matches!(&r, Err(e) if e.is_unreachable());
         let _ = reply_to.send(r);
     }
 }

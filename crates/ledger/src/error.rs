@@ -69,6 +69,9 @@ pub enum LedgerError {
     InvalidCursor(String),
     #[error("session introspection failed: {0}")]
     IntrospectionUnavailable(String),
+    /// The database cannot be reached (503 `service_unavailable`; nothing written).
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     /// A group's transaction lost a race (see [`LedgerError::is_transient`]); each of
@@ -106,6 +109,16 @@ impl LedgerError {
         }
     }
 
+    /// True when the database could not be reached: the request wrote nothing and may
+    /// be sent again later (503 `service_unavailable`).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            LedgerError::Store(e) => e.is_unreachable(),
+            LedgerError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
+
     /// True for errors the caller did not cause (storage, internal, dependency):
     /// these roll back and are never stored with an idempotency key.
     pub fn is_server_error(&self) -> bool {
@@ -138,8 +151,8 @@ impl LedgerError {
             }
             SessionRevoked | StepUpRequired { .. } => StatusCode::UNAUTHORIZED,
             UntrustedNetwork => StatusCode::FORBIDDEN,
-            IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ if self.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            IntrospectionUnavailable(_) | Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ if self.is_transient() || self.is_unreachable() => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) | Internal(_) | TransactionConflict => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -175,8 +188,9 @@ impl LedgerError {
             UntrustedNetwork => "untrusted_network",
             StepUpRequired { .. } => "insufficient_user_authentication",
             InvalidCursor(_) => "invalid_cursor",
-            IntrospectionUnavailable(_) => "service_unavailable",
+            IntrospectionUnavailable(_) | Unavailable(_) => "service_unavailable",
             _ if self.is_transient() => "transaction_conflict",
+            _ if self.is_unreachable() => "service_unavailable",
             Store(_) | Internal(_) | TransactionConflict => "internal_error",
         }
     }
@@ -235,6 +249,7 @@ impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> Self {
         match &e {
             _ if e.is_transient() => ApiError::transaction_conflict(&e),
+            _ if e.is_unreachable() => ApiError::unavailable(&e),
             LedgerError::Store(_) | LedgerError::Internal(_) => ApiError::internal(&e),
             LedgerError::IntrospectionUnavailable(_) => ApiError::unavailable(&e),
             LedgerError::SessionRevoked => ApiError::unauthorized("session_revoked", e.to_string()),

@@ -73,7 +73,8 @@ impl ApiError {
         .detail("An unexpected error occurred; it has been logged with this request id.")
     }
 
-    /// 503 for a dependency that is down (database, the auth service).
+    /// 503 `service_unavailable` with `Retry-After: 5` for a dependency that is down
+    /// (the database, the auth service).
     pub fn unavailable(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "dependency unavailable");
         Self::new(
@@ -82,6 +83,7 @@ impl ApiError {
             "Service unavailable",
         )
         .detail("A dependency of this service is unavailable; retry later.")
+        .header(header::RETRY_AFTER, 5)
     }
 
     /// 503 `transaction_conflict` with `Retry-After: 1`: the request's transaction lost a

@@ -515,3 +515,57 @@ async fn overlapping_relays_publish_each_event_once() {
     })
     .await;
 }
+
+/// A database that cannot be reached answers 503 `service_unavailable` with
+/// `Retry-After` (the caller may retry, with the same idempotency key), not 500:
+/// reads, single transfers through the group committer, and batches alike.
+#[tokio::test]
+async fn an_unreachable_database_answers_503() {
+    use axum::http::Method;
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
+        app.db.close().await;
+
+        let transfer =
+            json!({"from_account_id": a, "to_account_id": bb, "amount": 100, "currency": "USD"});
+        let batch = json!({"transfers": [transfer]});
+        let k = key();
+        let mut requests = vec![(Method::GET, format!("/v1/accounts/{a}"), None, None)];
+        // On PostgreSQL the committer has connections of its own, which closing the
+        // test's handle does not close.
+        if b == vaultpay_store::Backend::Sqlite {
+            requests.push((
+                Method::POST,
+                "/v1/transfers".into(),
+                Some(k.as_str()),
+                Some(transfer),
+            ));
+            requests.push((
+                Method::POST,
+                "/v1/transfers/batch".into(),
+                Some(k.as_str()),
+                Some(batch),
+            ));
+        }
+        for (method, path, key, body) in requests {
+            let r = app
+                .raw_unchecked(
+                    method,
+                    &path,
+                    Some(&alice),
+                    key,
+                    body.map(|b| b.to_string()),
+                )
+                .await;
+            assert_eq!(r.status.as_u16(), 503, "{path}: {}", r.text);
+            assert_eq!(r.code(), "service_unavailable", "{path}");
+            assert!(
+                r.headers.contains_key("retry-after"),
+                "{path}: {:?}",
+                r.headers
+            );
+        }
+    })
+    .await;
+}

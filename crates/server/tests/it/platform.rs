@@ -161,3 +161,18 @@ async fn request_id_is_echoed_and_in_problems() {
     r.assert_problem(405, "method_not_allowed");
     app.stop().await;
 }
+
+/// AuthShield's database cannot be reached: a sign-in answers 503
+/// `service_unavailable` with `Retry-After` (not 500), and `/readyz` says so.
+#[tokio::test]
+async fn an_unreachable_database_answers_503() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.register("down@example.com").await;
+    app.auth_db().close().await;
+    let r = app
+        .login_device("down@example.com", PASSWORD, "laptop-1")
+        .await;
+    r.assert_problem(503, "service_unavailable");
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert_eq!(app.get("/readyz", None).await.status.as_u16(), 503);
+}

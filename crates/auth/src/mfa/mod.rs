@@ -880,14 +880,15 @@ impl AuthService {
     // ---- browser sign-in (OAuth authorize and device pages) ----
 
     /// Whether the browser sign-in of `user_id` needs a second factor; mails a code
-    /// when emailed codes are the user's only factor.
+    /// (if `mail`) when emailed codes are the user's only factor.
     pub(crate) async fn browser_second_factor_start(
         &self,
         ctx: &Ctx,
         user_id: &str,
+        mail: bool,
     ) -> Result<bool, AuthError> {
         let f = self.factors(user_id).await?;
-        if f.any() && !f.totp {
+        if mail && f.any() && !f.totp {
             self.send_email_code(ctx, user_id, &format!("browser:{user_id}"))
                 .await?;
         }
@@ -908,9 +909,26 @@ impl AuthService {
         let check = self
             .consume_factor(&mut tx, user_id, None, code, &format!("browser:{user_id}"))
             .await?;
+        // Which factor passed (a recovery code spent among them), with the spending.
+        if let Check::Ok(method) = check {
+            append(
+                &self.inner.db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::success("oauth.mfa_passed")
+                    .actor(user_id)
+                    .resource(user_id)
+                    .metadata(serde_json::json!({ "mfa_method": method })),
+            )
+            .await?;
+        }
         tx.commit().await?;
         match check {
-            Check::Ok(_) => Ok(true),
+            Check::Ok(_) => {
+                let email = self.user_email(user_id).await?;
+                self.sign_in_passed(user_id, &email).await?;
+                Ok(true)
+            }
             Check::Wrong(_) => {
                 let email = self.user_email(user_id).await?;
                 self.factor_failed(ctx, user_id, &email, "oauth.mfa_failed")
@@ -1481,13 +1499,27 @@ impl AuthService {
         .await?;
         tx.commit().await?;
         let roles = self.effective(user_id).await?.roles.clone();
-        let (access, ttl) = self.issue_access(&facts, roles)?;
+        // The stepped-up token is for whom the presented one was: a token issued to an
+        // OAuth client stays that client's, with its scope. (A first-party token for the
+        // client's session would pass every first-party-only check, the approval of
+        // devices among them.)
+        let (access, ttl) = match &p.claims.client_id {
+            Some(client_id) => {
+                let ttl = self.inner.cfg.access_token_ttl_secs;
+                let scope = p.claims.scope.as_deref().unwrap_or_default();
+                (
+                    self.oauth_access(&facts, roles, scope, client_id, ttl)?,
+                    ttl,
+                )
+            }
+            None => self.issue_access(&facts, roles)?,
+        };
         Ok(wire::TokenResponse {
             access_token: access,
             token_type: "Bearer".into(),
             expires_in: ttl,
             refresh_token: None,
-            scope: None,
+            scope: p.claims.scope.clone(),
             session_id: Some(facts.session_id),
         })
     }

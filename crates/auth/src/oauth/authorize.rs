@@ -582,7 +582,7 @@ pub(crate) async fn signin(
         Err(e) => return refused(e),
     };
     let now = now_micros();
-    let needs_2fa = second_factor_required(&svc, &ctx, &user_id).await;
+    let needs_2fa = second_factor_required(&svc, &ctx, &user_id, true).await;
     if p.acr_mfa && !needs_2fa {
         return unmet_acr(&svc, &ctx, &p, &user_id).await;
     }
@@ -617,7 +617,7 @@ pub(crate) async fn federated_signin(
         Ok(p) if p.stage == "signin" => p,
         _ => return Ok(None),
     };
-    let needs_2fa = second_factor_required(svc, ctx, user_id).await;
+    let needs_2fa = second_factor_required(svc, ctx, user_id, true).await;
     if p.acr_mfa && !needs_2fa {
         return Ok(Some(unmet_acr(svc, ctx, &p, user_id).await));
     }

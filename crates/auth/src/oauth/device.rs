@@ -482,13 +482,16 @@ pub(crate) async fn device_submit(
         Err(e) => return refused(e),
     };
     let mut amr = "pwd".to_owned();
-    if second_factor_required(&svc, &ctx, &user_id).await {
-        let otp = f.otp.as_deref().unwrap_or("").trim();
-        if otp.is_empty() || !verify_second_factor(&svc, &ctx, &user_id, otp).await {
+    let otp = f.otp.as_deref().unwrap_or("").trim();
+    if second_factor_required(&svc, &ctx, &user_id, otp.is_empty()).await {
+        if otp.is_empty() {
             return again(
                 StatusCode::UNAUTHORIZED,
-                "The second-factor code is missing or wrong.",
+                "Enter your second-factor code (if you get codes by email, one is on its way).",
             );
+        }
+        if !verify_second_factor(&svc, &ctx, &user_id, otp).await {
+            return again(StatusCode::UNAUTHORIZED, "The second-factor code is wrong.");
         }
         amr.push_str(" mfa");
     }

@@ -11,9 +11,17 @@ use vaultpay_web::Ctx;
 // when the step is reached.
 // ---------------------------------------------------------------------------
 
-/// Whether `user_id` has a second factor that sign-in must check. Fails closed.
-pub async fn second_factor_required(svc: &AuthService, ctx: &Ctx, user_id: &str) -> bool {
-    match svc.browser_second_factor_start(ctx, user_id).await {
+/// Whether `user_id` has a second factor that sign-in must check; mails a code when
+/// emailed codes are the user's only factor and `mail` is set (not when the form
+/// already carries the code a previous mail sent: a new mail would void it). Fails
+/// closed.
+pub async fn second_factor_required(
+    svc: &AuthService,
+    ctx: &Ctx,
+    user_id: &str,
+    mail: bool,
+) -> bool {
+    match svc.browser_second_factor_start(ctx, user_id, mail).await {
         Ok(required) => required,
         Err(e) => {
             tracing::warn!(error = %e, "second-factor check failed; requiring one");
@@ -52,12 +60,19 @@ impl AuthService {
         } = self
             .check_credentials(ctx, email, password.to_owned())
             .await?;
-        // The "this wasn't me" lock was read before Argon2 ran: read it again with the
-        // failure count's reset, to refuse the sign-in at once.
-        let row = sqlx::query(&crate::sessions::sign_in_check_sql(", password_hash"))
-            .bind(&user_id)
-            .fetch_optional(self.inner.db.writer())
-            .await?;
+        // The "this wasn't me" lock was read before Argon2 ran: read it again, to refuse
+        // the sign-in at once. The failure count is reset here only for an account
+        // without a second factor; with one, only once its code passed
+        // ([`AuthService::browser_second_factor`]): a right password must not wipe
+        // the count that wrong codes add to, or a caller who knows the password could
+        // guess codes for ever, a sign-in page apart.
+        let row = sqlx::query(&format!(
+            "SELECT security_locked_at, password_hash, {} FROM users WHERE id = $1",
+            crate::mfa::FACTOR_COLUMNS
+        ))
+        .bind(&user_id)
+        .fetch_optional(self.inner.db.writer())
+        .await?;
         let Some(row) = row else {
             return Err(AuthError::InvalidCredentials);
         };
@@ -67,11 +82,9 @@ impl AuthService {
         if crate::sessions::is_security_locked(&row)? {
             return Err(self.refuse_security_locked(ctx, &user_id).await);
         }
-        let _ = self
-            .inner
-            .limiter
-            .reset(&format!("login:acct:{email}"))
-            .await;
+        if !crate::mfa::Factors::from_row(&row)?.any() {
+            self.sign_in_passed(&user_id, &email).await?;
+        }
         // IP trust as at the first-party login: the first network is trusted, a new one
         // is held (the confirm link is mailed; the user signs in again after it), and a
         // "this wasn't me" lock refuses.
@@ -82,6 +95,23 @@ impl AuthService {
         self.ip_trust_login_gate(ctx, &user_id, &email, &device, &password_hash)
             .await?;
         Ok((user_id, password_hash))
+    }
+}
+
+impl AuthService {
+    /// A browser sign-in passed every factor the account has: its failure count and
+    /// its per-account sign-in limit start again.
+    pub(crate) async fn sign_in_passed(&self, user_id: &str, email: &str) -> Result<(), AuthError> {
+        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
+            .bind(user_id)
+            .execute(self.inner.db.writer())
+            .await?;
+        let _ = self
+            .inner
+            .limiter
+            .reset(&format!("login:acct:{email}"))
+            .await;
+        Ok(())
     }
 }
 

@@ -1584,3 +1584,202 @@ async fn a_role_granted_during_a_factor_reset_is_ordered_after_it() {
     }
     app.stop().await;
 }
+
+/// The device page with the right password and a guessed code, once per guess.
+async fn device_page_guess(
+    app: &TestApp,
+    cli: &crate::oauth::OClient,
+    email: &str,
+    otp: &str,
+) -> crate::oauth::Page {
+    use crate::oauth::{device_start, Browser};
+    let d = device_start(app, cli, "openid").await;
+    let uc = d["user_code"].as_str().unwrap().to_owned();
+    let mut b = Browser::new(app);
+    let csrf = b.get(&format!("/oauth/device?user_code={uc}")).await.csrf();
+    b.post(
+        "/oauth/device",
+        &[
+            ("csrf", &csrf),
+            ("user_code", &uc),
+            ("email", email),
+            ("password", PASSWORD),
+            ("otp", otp),
+            ("decision", "approve"),
+        ],
+    )
+    .await
+}
+
+/// The browser sign-ins (device and authorize pages) reset the failure count only once
+/// the second factor passed: someone who knows the password and guesses codes, one
+/// sign-in page after another, is locked out as after the API's login. Before, each
+/// right password wiped the count the wrong codes had added.
+#[tokio::test]
+async fn browser_sign_ins_keep_the_failure_count_until_the_second_factor_passes() {
+    use crate::oauth::{authorize_query, device_client, pkce, web_client, Browser, CB};
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let cli = device_client(&app, &admin.access).await;
+        let client = web_client(&app, &admin.access).await;
+        let email = "pagebrute@example.com";
+        let t = app.user(email).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        // the lockout threshold is 5: guesses alternate between the two pages
+        for i in 0..5 {
+            let guess = code(&secret, 5 + i); // never inside the window
+            if i % 2 == 0 {
+                let p = device_page_guess(&app, &cli, email, &guess).await;
+                assert_eq!(p.status, StatusCode::UNAUTHORIZED, "{}", p.text);
+            } else {
+                let (_, challenge) = pkce();
+                let mut b = Browser::new(&app);
+                let q = authorize_query(&client.id, CB, "openid", Some(&challenge));
+                let csrf = b.get(&q).await.csrf();
+                let p = b.sign_in(&csrf, email, PASSWORD).await;
+                assert!(
+                    p.text.contains("/oauth/authorize/second-factor"),
+                    "{}",
+                    p.text
+                );
+                let w = b
+                    .post(
+                        "/oauth/authorize/second-factor",
+                        &[("csrf", &csrf), ("code", &guess)],
+                    )
+                    .await;
+                assert_eq!(w.status, StatusCode::UNAUTHORIZED, "{}", w.text);
+            }
+        }
+        login(&app, email, PASSWORD)
+            .await
+            .assert_problem(423, "account_locked");
+        app.stop().await;
+    });
+}
+
+/// A user whose only factor is emailed codes approves a device: the page mails a code
+/// when the form has none, and the code typed from that mail is the one checked (a
+/// second mail sent before checking it used to void it). A right code resets the
+/// failure count.
+#[tokio::test]
+async fn device_page_takes_an_emailed_code() {
+    use crate::oauth::device_client;
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let cli = device_client(&app, &admin.access).await;
+        let who = "mailonly@example.com";
+        let t = app.user(who).await;
+        app.post("/v1/mfa/email/enable", Some(&t.access), json!({}))
+            .await;
+        let c = mailed_code(&app, who);
+        let r = app
+            .post(
+                "/v1/mfa/email/confirm",
+                Some(&t.access),
+                json!({ "code": c }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+        let sent = mails_with_code(&app, who);
+        let p = device_page_guess(&app, &cli, who, "").await;
+        assert_eq!(p.status, StatusCode::UNAUTHORIZED, "{}", p.text);
+        assert!(p.text.contains("on its way"), "{}", p.text);
+        assert_eq!(mails_with_code(&app, who), sent + 1);
+        let wrong = device_page_guess(&app, &cli, who, "000000").await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.text);
+        // no new mail for a form that carries a code
+        assert_eq!(mails_with_code(&app, who), sent + 1);
+        let failed: i64 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = $1")
+            .bind(who)
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+        assert!(failed >= 1, "a wrong code counts: {failed}");
+        let ok = device_page_guess(&app, &cli, who, &mailed_code(&app, who)).await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+        assert!(ok.text.contains("Device connected"), "{}", ok.text);
+        let failed: i64 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = $1")
+            .bind(who)
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+        assert_eq!(failed, 0);
+        // the factor that passed is audited
+        let passed = audit_action(&app, &admin.access, "oauth.mfa_passed").await;
+        assert_eq!(passed.len(), 1, "{passed:?}");
+        assert_eq!(passed[0]["metadata"]["mfa_method"], "email", "{passed:?}");
+        app.stop().await;
+    });
+}
+
+/// A step-up with a token issued to an OAuth client answers a token for that client,
+/// with its scope, not a first-party one: it cannot be used where only the user's own
+/// session may act (approving a device code).
+#[tokio::test]
+async fn step_up_keeps_an_oauth_token_the_clients() {
+    use crate::oauth::{
+        authorize_query, device_client, device_start, exchange, pkce, web_client, Browser, CB,
+    };
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let client = web_client(&app, &admin.access).await;
+        let email = "stepclient@example.com";
+        let t = app.user(email).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+
+        let (verifier, challenge) = pkce();
+        let mut b = Browser::new(&app);
+        let csrf = b
+            .get(&authorize_query(
+                &client.id,
+                CB,
+                "openid api",
+                Some(&challenge),
+            ))
+            .await
+            .csrf();
+        b.sign_in(&csrf, email, PASSWORD).await;
+        let ok = b
+            .post(
+                "/oauth/authorize/second-factor",
+                &[("csrf", &csrf), ("code", &code(&secret, 0))],
+            )
+            .await;
+        assert!(ok.text.contains("Allow access"), "{}", ok.text);
+        let p = b.consent(&csrf, "approve").await;
+        let tokens = exchange(&app, &client, &p.param("code").unwrap(), CB, &verifier).await;
+        assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
+        let access = tokens.body["access_token"].as_str().unwrap().to_owned();
+
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&access),
+                json!({"code": code(&secret, 1)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["scope"], "openid api", "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let claims = jwt_part(&stepped, 1);
+        assert_eq!(claims["client_id"], client.id.as_str(), "{claims}");
+        assert_eq!(claims["scope"], "openid api", "{claims}");
+        assert!(claims["amr"].as_array().unwrap().iter().any(|m| m == "mfa"));
+
+        let cli = device_client(&app, &admin.access).await;
+        let d = device_start(&app, &cli, "openid").await;
+        app.post(
+            "/v1/oauth/device/approve",
+            Some(&stepped),
+            json!({ "user_code": d["user_code"] }),
+        )
+        .await
+        .assert_problem(403, "first_party_session_required");
+        app.stop().await;
+    });
+}

@@ -20,7 +20,7 @@ use vaultpay_core::crypto::MasterKey;
 use vaultpay_core::jwt::{KeySet, Rules};
 use vaultpay_ledger::Ledger;
 use vaultpay_store::{Db, DbOptions, Service};
-use vaultpay_web::{ApiError, ClientIpConfig, Introspector, RateLimiter, TokenVerifier};
+use vaultpay_web::{ApiError, Introspector, RateLimiter, TokenVerifier};
 
 /// Which services this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +325,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         )
         .route("/openapi.json", get(docs::openapi_json))
         .route("/docs", get(docs::page));
-    let ip_cfg = Arc::new(ClientIpConfig::parse(&cfg.trusted_proxies).map_err(anyhow::Error::msg)?);
+    let ip_cfg = Arc::new(cfg.client_ip_config()?);
     let app = router
         .merge(system)
         .fallback(middleware::not_found)

@@ -25,8 +25,11 @@ pub struct Config {
     pub master_key_file: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: String,
-    /// Peers allowed to set the client address through X-Forwarded-For / Forwarded.
+    /// Peers allowed to set the client address, in `forwarded_header`.
     pub trusted_proxies: Vec<String>,
+    /// The header those proxies report the client in: `x-forwarded-for` (default) or
+    /// `forwarded` (RFC 7239). Only that one is read.
+    pub forwarded_header: String,
     pub body_limit_bytes: usize,
     pub request_timeout_secs: u64,
     /// Redis for shared rate limits (needs the `redis` cargo feature).
@@ -51,6 +54,7 @@ impl Default for Config {
             log_format: LogFormat::Json,
             log_level: "info".into(),
             trusted_proxies: Vec::new(),
+            forwarded_header: "x-forwarded-for".into(),
             body_limit_bytes: 64 * 1024,
             request_timeout_secs: 30,
             redis_url: None,
@@ -103,6 +107,7 @@ const TOP_LEVEL: &[&str] = &[
     "log_format",
     "log_level",
     "trusted_proxies",
+    "forwarded_header",
     "body_limit_bytes",
     "request_timeout_secs",
     "redis_url",
@@ -258,8 +263,17 @@ impl Config {
                  ledger.hold_max_timeout_secs, which is at most 366 days"
             );
         }
-        vaultpay_web::ClientIpConfig::parse(&self.trusted_proxies).map_err(anyhow::Error::msg)?;
+        self.client_ip_config()?;
         Ok(())
+    }
+
+    /// Who may report the client address, and in which header.
+    pub fn client_ip_config(&self) -> anyhow::Result<vaultpay_web::ClientIpConfig> {
+        let header = vaultpay_web::ForwardedHeader::parse(&self.forwarded_header)
+            .map_err(anyhow::Error::msg)?;
+        Ok(vaultpay_web::ClientIpConfig::parse(&self.trusted_proxies)
+            .map_err(anyhow::Error::msg)?
+            .with_header(header))
     }
 
     pub fn auth_db(&self) -> String {

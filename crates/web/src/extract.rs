@@ -163,11 +163,37 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiForm<T> {
     }
 }
 
-/// Which peers may tell us the client address (X-Forwarded-For / Forwarded).
+/// The one header trusted proxies report the client address in. Only that header is
+/// read: a proxy appends to the header it knows and passes any other through as the
+/// client sent it, so reading a second one would let the client name its own address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx, HAProxy, cloud load balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded` (its `for=` parameters).
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// `x-forwarded-for` or `forwarded` (any case).
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(Self::XForwardedFor),
+            "forwarded" => Ok(Self::Forwarded),
+            other => Err(format!(
+                "forwarded_header must be x-forwarded-for or forwarded, not {other:?}"
+            )),
+        }
+    }
+}
+
+/// Which peers may tell us the client address, and in which header.
 #[derive(Debug, Clone, Default)]
 pub struct ClientIpConfig {
     /// Trusted proxy networks as (address, prefix length).
     pub trusted_proxies: Vec<(IpAddr, u8)>,
+    pub header: ForwardedHeader,
 }
 
 impl ClientIpConfig {
@@ -195,7 +221,16 @@ impl ClientIpConfig {
             };
             trusted_proxies.push((ip, len));
         }
-        Ok(Self { trusted_proxies })
+        Ok(Self {
+            trusted_proxies,
+            header: ForwardedHeader::default(),
+        })
+    }
+
+    /// The same, reading the client address from `header` (see [`ForwardedHeader`]).
+    pub fn with_header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
     }
 
     fn trusts(&self, peer: IpAddr) -> bool {
@@ -230,8 +265,10 @@ fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
     }
 }
 
-/// The client address: the peer, or — when the peer is a trusted proxy — the last
-/// address in `X-Forwarded-For` / `Forwarded` that is not itself a trusted proxy.
+/// The client address: the peer, or, when the peer is a trusted proxy, the nearest
+/// address in the configured forwarding header (walking from the right) that is not
+/// itself a trusted proxy. An entry that is not an address (an obfuscated or malformed
+/// node) ends the walk at the peer: what is left of it is whatever the client wrote.
 pub fn client_ip(parts: &Parts) -> Option<IpAddr> {
     let peer = parts
         .extensions
@@ -243,41 +280,47 @@ pub fn client_ip(parts: &Parts) -> Option<IpAddr> {
     if !cfg.trusts(peer) {
         return Some(peer);
     }
-    let mut chain: Vec<IpAddr> = Vec::new();
-    for v in parts.headers.get_all("forwarded") {
-        for elem in v.to_str().unwrap_or("").split(',') {
-            for pair in elem.split(';') {
-                if let Some((k, val)) = pair.trim().split_once('=') {
-                    if k.eq_ignore_ascii_case("for") {
-                        let val = val.trim_matches('"').trim_start_matches('[');
-                        let val = val.split(']').next().unwrap_or(val);
-                        if let Ok(ip) = val.parse::<IpAddr>() {
-                            chain.push(ip);
-                        } else if let Ok(sa) = val.parse::<SocketAddr>() {
-                            chain.push(sa.ip());
-                        }
-                    }
+    let mut chain: Vec<&str> = Vec::new();
+    match cfg.header {
+        ForwardedHeader::XForwardedFor => {
+            for v in parts.headers.get_all("x-forwarded-for") {
+                chain.extend(v.to_str().unwrap_or("_").split(','));
+            }
+        }
+        ForwardedHeader::Forwarded => {
+            for v in parts.headers.get_all("forwarded") {
+                for elem in v.to_str().unwrap_or("for=_").split(',') {
+                    let node = elem.split(';').find_map(|pair| {
+                        let (k, val) = pair.trim().split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then_some(val)
+                    });
+                    // An element without `for=` names no node; skip it.
+                    chain.extend(node);
                 }
             }
         }
     }
-    if chain.is_empty() {
-        for v in parts.headers.get_all("x-forwarded-for") {
-            chain.extend(
-                v.to_str()
-                    .unwrap_or("")
-                    .split(',')
-                    .filter_map(|s| s.trim().parse::<IpAddr>().ok()),
-            );
+    for node in chain.into_iter().rev() {
+        match parse_node(node) {
+            Some(ip) if cfg.trusts(ip) => continue,
+            Some(ip) => return Some(ip),
+            None => break,
         }
     }
-    Some(
-        chain
-            .into_iter()
-            .rev()
-            .find(|ip| !cfg.trusts(*ip))
-            .unwrap_or(peer),
-    )
+    Some(peer)
+}
+
+/// One node of a forwarding header: `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`,
+/// `[2001:db8::1]` or `[2001:db8::1]:80`, optionally quoted.
+fn parse_node(node: &str) -> Option<IpAddr> {
+    let node = node.trim().trim_matches('"');
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = node.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    node.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// Who is asking, as the audit log records it.
@@ -297,11 +340,21 @@ impl Ctx {
         }
     }
 
-    /// The rate-limit key of the client address.
+    /// The rate-limit key of the client address: an IPv4 address, or an IPv6
+    /// address's /64 (one subscriber's network: the least a provider hands out, so a
+    /// client cannot get a fresh budget per address by walking its own /64).
     pub fn ip_key(&self) -> String {
-        self.ip
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "unknown".to_owned())
+        match self.ip {
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => format!(
+                    "{}/64",
+                    std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))
+                ),
+            },
+            Some(ip) => ip.to_string(),
+            None => "unknown".to_owned(),
+        }
     }
 }
 
@@ -328,6 +381,15 @@ mod tests {
     use super::*;
 
     fn parts(peer: &str, headers: &[(&str, &str)], trusted: &[&str]) -> Parts {
+        parts_via(ForwardedHeader::XForwardedFor, peer, headers, trusted)
+    }
+
+    fn parts_via(
+        header: ForwardedHeader,
+        peer: &str,
+        headers: &[(&str, &str)],
+        trusted: &[&str],
+    ) -> Parts {
         let mut b = axum::http::Request::builder();
         for (k, v) in headers {
             b = b.header(*k, *v);
@@ -336,7 +398,8 @@ mod tests {
         p.extensions
             .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
         let cfg = ClientIpConfig::parse(&trusted.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
+            .unwrap()
+            .with_header(header);
         p.extensions.insert(Arc::new(cfg));
         p
     }
@@ -356,18 +419,97 @@ mod tests {
             &["10.0.0.0/8"],
         );
         assert_eq!(client_ip(&p), ip("9.9.9.9"));
-        let p = parts(
+        let fwd = ForwardedHeader::Forwarded;
+        let p = parts_via(
+            fwd,
             "10.0.0.2:5",
             &[("forwarded", "for=\"[2001:db8::1]:4711\";proto=https")],
             &["10.0.0.0/8"],
         );
         assert_eq!(client_ip(&p), ip("2001:db8::1"));
+        let p = parts_via(
+            fwd,
+            "10.0.0.2:5",
+            &[(
+                "forwarded",
+                "for=6.6.6.6, proto=https, For=9.9.9.9:80;by=10.0.0.2",
+            )],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("9.9.9.9"));
+        // Only the configured header counts: a proxy passes the other one through as
+        // the client wrote it.
+        let both = [("x-forwarded-for", "9.9.9.9"), ("forwarded", "for=6.6.6.6")];
+        assert_eq!(
+            client_ip(&parts("10.0.0.2:5", &both, &["10.0.0.0/8"])),
+            ip("9.9.9.9")
+        );
+        assert_eq!(
+            client_ip(&parts_via(fwd, "10.0.0.2:5", &both, &["10.0.0.0/8"])),
+            ip("6.6.6.6")
+        );
+        // Ports and brackets are read; an entry that is no address ends the walk at
+        // the peer instead of skipping to what the client wrote left of it.
+        let p = parts(
+            "10.0.0.2:5",
+            &[("x-forwarded-for", "6.6.6.6, 9.9.9.9:4711")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("9.9.9.9"));
+        let p = parts(
+            "10.0.0.2:5",
+            &[("x-forwarded-for", "6.6.6.6, [2001:db8::2]:80, 10.0.0.3")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("2001:db8::2"));
+        let p = parts(
+            "10.0.0.2:5",
+            &[("x-forwarded-for", "6.6.6.6, unknown")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("10.0.0.2"));
+        let p = parts_via(
+            fwd,
+            "10.0.0.2:5",
+            &[("forwarded", "for=6.6.6.6, for=_hidden")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("10.0.0.2"));
+        // several header lines read in order
+        let p = parts(
+            "10.0.0.2:5",
+            &[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-for", "9.9.9.9"),
+            ],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(client_ip(&p), ip("9.9.9.9"));
+        assert_eq!(ForwardedHeader::parse("Forwarded"), Ok(fwd));
+        assert!(ForwardedHeader::parse("x-real-ip").is_err());
         // trusted peer, no header: the peer
         assert_eq!(
             client_ip(&parts("10.0.0.2:5", &[], &["10.0.0.0/8"])),
             ip("10.0.0.2")
         );
         assert!(ClientIpConfig::parse(&["10.0.0.0/33".into()]).is_err());
+    }
+
+    #[test]
+    fn rate_limit_keys_take_an_ipv6_address_by_its_64() {
+        let key = |ip: &str| {
+            Ctx {
+                ip: Some(ip.parse().unwrap()),
+                ..Ctx::default()
+            }
+            .ip_key()
+        };
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2::ffff"), key("2001:db8:1:2:aaaa::1"));
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(Ctx::default().ip_key(), "unknown");
     }
 }
 

@@ -1146,3 +1146,68 @@ async fn a_locked_account_confirms_no_new_network() {
         );
     });
 }
+
+/// A client behind the trusted proxy cannot name its own address in the header the
+/// proxy does not write (`Forwarded` beside the proxy's `X-Forwarded-For`), nor with a
+/// malformed entry to the right of it: the login from a new network is held all the
+/// same, and the per-address limit counts it there.
+#[tokio::test]
+async fn a_client_cannot_choose_its_address_through_the_proxy() {
+    let app = spawn_proxied(Backend::Sqlite, |_| {}).await;
+    let email = "spoof@example.com";
+    user_at(&app, email, HOME).await;
+    let body = json!({ "email": email, "password": PASSWORD,
+                       "device": { "id": "evil", "name": "evil phone" } });
+    for (xff, forwarded) in [
+        (AWAY.to_owned(), Some(format!("for={HOME}"))),
+        (format!("{HOME}, {AWAY}:4711"), None),
+        (format!("{HOME}, garbage"), None),
+    ] {
+        let mut req = app
+            .http
+            .post(format!("{}/v1/auth/login", app.base))
+            .header("x-forwarded-for", &xff)
+            .json(&body);
+        if let Some(f) = &forwarded {
+            req = req.header("forwarded", f);
+        }
+        let r = read(req.send().await.unwrap()).await;
+        assert_eq!(
+            r.status,
+            StatusCode::ACCEPTED,
+            "{xff} {forwarded:?}: {}",
+            r.text
+        );
+    }
+    // the operator who runs a Forwarded-writing proxy says so, and then only that counts
+    let app = spawn_proxied(Backend::Sqlite, |c| c.forwarded_header = "forwarded".into()).await;
+    let email = "spoof2@example.com";
+    let id = id_of(&app.register(email).await);
+    assert!(!id.is_empty());
+    let r = read(
+        app.http
+            .post(format!("{}/v1/auth/login", app.base))
+            .header("forwarded", format!("for={HOME}"))
+            .header("x-forwarded-for", AWAY)
+            .json(&json!({ "email": email, "password": PASSWORD,
+                           "device": { "id": "d1", "name": "phone" } }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = login_from(&app, HOME, email, "d2").await; // X-Forwarded-For only: ignored
+    let net: Option<String> =
+        sqlx::query_scalar("SELECT ip FROM sessions ORDER BY created_at DESC LIMIT 1")
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "the proxy's own address is not HOME: {}",
+        r.text
+    );
+    assert_eq!(net.as_deref(), Some(HOME), "the first session's address");
+}

@@ -189,6 +189,53 @@ pub async fn open_dbs(cfg: &Config, mode: Mode) -> anyhow::Result<(Option<Db>, O
     Ok((auth, ledger))
 }
 
+/// Opens the databases of `mode` that must already exist, for the commands that
+/// inspect them (`audit verify`, `ledger verify`): a database file that is not there
+/// (a wrong `--data-dir`) or a database without VaultPay's schema is an error, not a
+/// new empty database that then verifies as intact.
+pub async fn open_existing_dbs(
+    cfg: &Config,
+    mode: Mode,
+) -> anyhow::Result<(Option<Db>, Option<Db>)> {
+    let opts = db_options(cfg);
+    let open = |location: String, service: Service, what: &'static str| {
+        let opts = opts.clone();
+        async move {
+            if !location.contains("://") && !std::path::Path::new(&location).is_file() {
+                bail!("{what}'s database {location} does not exist (is --data-dir right?)");
+            }
+            let db = Db::connect(&location, service, &opts)
+                .await
+                .with_context(|| format!("opening {what}'s database"))?;
+            let applied: Result<i64, _> =
+                vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+                    .fetch_one(db.read())
+                    .await;
+            if !matches!(applied, Ok(n) if n > 0) {
+                bail!(
+                    "{what}'s database {} has no VaultPay schema",
+                    vaultpay_store::redact_url(&location)
+                );
+            }
+            db.migrate()
+                .await
+                .with_context(|| format!("migrating {what}'s database"))?;
+            Ok(db)
+        }
+    };
+    let auth = if mode.auth() {
+        Some(open(cfg.auth_db(), Service::Auth, "AuthShield").await?)
+    } else {
+        None
+    };
+    let ledger = if mode.ledger() {
+        Some(open(cfg.ledger_db(), Service::Ledger, "the ledger").await?)
+    } else {
+        None
+    };
+    Ok((auth, ledger))
+}
+
 fn rate_limiter(cfg: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {
     match &cfg.redis_url {
         #[cfg(feature = "redis")]

@@ -212,7 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => {
-            let (_, ledger) = app::open_dbs(&cfg, Mode::Ledger).await?;
+            let (_, ledger) = app::open_existing_dbs(&cfg, Mode::Ledger).await?;
             let db = ledger.context("ledger database")?;
             let report = vaultpay_ledger::verify(&db)
                 .await
@@ -314,7 +314,7 @@ async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
         Which::Ledger => Mode::Ledger,
         Which::All => Mode::All,
     };
-    let (auth, ledger) = app::open_dbs(cfg, mode).await?;
+    let (auth, ledger) = app::open_existing_dbs(cfg, mode).await?;
     let mut ok = true;
     for db in [auth, ledger].into_iter().flatten() {
         match vaultpay_store::audit::verify_chain(&db).await? {

@@ -115,6 +115,7 @@ const TOP_LEVEL: &[&str] = &[
     "auth",
     "ledger",
     "auth_url",
+    "jwks_refresh_secs",
 ];
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -305,6 +306,23 @@ mod tests {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    /// Every top-level key can be set from the environment (`jwks_refresh_secs` could
+    /// not: it was missing from the list).
+    #[test]
+    fn every_top_level_key_takes_an_env_override() {
+        let toml::Value::Table(t) = toml::Value::try_from(Config::default()).unwrap() else {
+            panic!("config is a table");
+        };
+        for key in t.keys() {
+            assert!(
+                TOP_LEVEL.contains(&key.as_str()),
+                "{key} is not overridable"
+            );
+        }
+        let c = Config::load(None, env(&[("VAULTPAY_JWKS_REFRESH_SECS", "42")])).unwrap();
+        assert_eq!(c.jwks_refresh_secs, 42);
     }
 
     #[test]

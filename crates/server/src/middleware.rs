@@ -100,7 +100,7 @@ pub async fn request_context(
     }
     let labels = [
         ("route", route),
-        ("method", method.to_string()),
+        ("method", method_label(&method).to_owned()),
         ("status", status.to_string()),
     ];
     metrics::counter!("http_requests_total", &labels).increment(1);
@@ -114,6 +114,25 @@ pub async fn request_context(
     }
     security_headers(h);
     res
+}
+
+/// The metrics label of a request method: the standard ones by name, any other as
+/// `other` (a method is any token a client cares to send, and each label value is a
+/// series the process keeps for its lifetime).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 fn security_headers(h: &mut axum::http::HeaderMap) {

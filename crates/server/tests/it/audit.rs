@@ -614,3 +614,56 @@ async fn a_tampered_row_is_found_at_its_seq() {
         assert!(out.contains("intact"), "{out}");
     });
 }
+
+/// `audit verify` and `ledger verify` pointed at no database (a wrong `--data-dir`) or
+/// at one without VaultPay's schema fail, naming it; they do not create an empty
+/// database and call it intact.
+#[tokio::test]
+async fn verify_commands_refuse_a_missing_or_empty_database() {
+    let missing = temp_dir().join("not-here");
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+        cmd.env_clear().args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let dir = missing.display().to_string();
+    for args in [
+        &["audit", "verify", "--data-dir", &dir][..],
+        &["ledger", "verify", "--data-dir", &dir][..],
+    ] {
+        let (code, text) = run(args, &[]);
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains("does not exist"), "{args:?}: {text}");
+        assert!(!missing.join("auth.db").exists() && !missing.join("ledger.db").exists());
+    }
+    if std::env::var(vaultpay_store::testing::PG_URL_VAR).is_ok() {
+        let empty = vaultpay_store::testing::fresh_location(Backend::Postgres)
+            .await
+            .unwrap();
+        let other = vaultpay_store::testing::fresh_location(Backend::Postgres)
+            .await
+            .unwrap();
+        let env = [
+            ("VAULTPAY_DATABASE__AUTH_URL", empty.clone()),
+            ("VAULTPAY_DATABASE__LEDGER_URL", other),
+            ("VAULTPAY_DATA_DIR", dir.clone()),
+        ];
+        for args in [
+            &["audit", "verify", "--service", "auth"][..],
+            &["ledger", "verify"][..],
+        ] {
+            let (code, text) = run(args, &env);
+            assert_ne!(code, 0, "{args:?}: {text}");
+            assert!(text.contains("has no VaultPay schema"), "{args:?}: {text}");
+        }
+    }
+}

@@ -176,3 +176,26 @@ async fn an_unreachable_database_answers_503() {
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
     assert_eq!(app.get("/readyz", None).await.status.as_u16(), 503);
 }
+
+/// A request with a method of its own invention is counted under `method="other"`:
+/// label values are series kept for the process's lifetime, so a client inventing
+/// methods must not be able to add them.
+#[tokio::test]
+async fn invented_methods_do_not_grow_the_metrics() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for i in 0..20 {
+        let m = reqwest::Method::from_bytes(format!("FOO{i}").as_bytes()).unwrap();
+        let r = app
+            .http
+            .request(m, format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    app.get("/healthz", None).await;
+    let m = app.get("/metrics", None).await.text;
+    assert!(!m.contains("FOO"), "{m}");
+    assert!(m.contains("method=\"other\""), "{m}");
+    assert!(m.contains("method=\"GET\""), "{m}");
+}

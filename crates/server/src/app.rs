@@ -107,6 +107,31 @@ pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses to start AuthShield on `db` with a master key about to be generated when
+/// `db` already holds secrets sealed with one (signing keys): the key file is missing
+/// (a partial restore, a moved data directory), and a new key would leave those
+/// secrets unreadable and the keyed email index unable to find existing accounts.
+async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> anyhow::Result<()> {
+    let path = cfg
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("master.key"));
+    if cfg.master_key.is_some() || path.exists() {
+        return Ok(());
+    }
+    let sealed: i64 = vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys")
+        .fetch_one(db.read())
+        .await
+        .context("reading AuthShield's signing keys")?;
+    if sealed > 0 {
+        bail!(
+            "no master key at {}, but AuthShield's database already holds secrets sealed with              one: restore master.key from the backup of this data directory (or set              VAULTPAY_MASTER_KEY); a new key would make them unreadable",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// The master key from config/env, or (embedded mode only) the one generated once
 /// into `<data_dir>/master.key` with mode 0600.
 pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
@@ -118,6 +143,15 @@ pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
         .clone()
         .unwrap_or_else(|| cfg.data_dir.join("master.key"));
     if path.exists() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(&path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), "the master key file is readable by other users; chmod 600 it");
+                }
+            }
+        }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         return MasterKey::parse(&text)
@@ -267,6 +301,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     let auth = match &auth_db {
         Some(db) => {
             dbs.push(db.clone());
+            refuse_new_key_for_sealed_data(&cfg, db).await?;
             let key = master_key(&cfg)?;
             let svc = AuthService::new(
                 db.clone(),

@@ -199,3 +199,30 @@ async fn invented_methods_do_not_grow_the_metrics() {
     assert!(m.contains("method=\"other\""), "{m}");
     assert!(m.contains("method=\"GET\""), "{m}");
 }
+
+/// Embedded mode generates the master key once; a restart that finds the key file gone
+/// while the database holds secrets sealed with it refuses to start (a new key would
+/// leave the signing keys unreadable and existing accounts unfindable) and writes no
+/// new key. With the file back, it starts.
+#[tokio::test]
+async fn a_lost_master_key_is_not_silently_replaced() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let cfg = app.cfg.clone();
+    app.stop().await;
+    let key = cfg.data_dir.join("master.key");
+    let saved = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let bootstrap = vaultpay_auth::Bootstrap {
+        admin_email: None,
+        admin_password: None,
+    };
+    let err = match vaultpay_server::start(cfg.clone(), vaultpay_server::Mode::All, bootstrap).await
+    {
+        Ok(_) => panic!("started with a new master key over sealed data"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("restore master.key"), "{err}");
+    assert!(!key.exists(), "no new key was written");
+    std::fs::write(&key, saved).unwrap();
+    TestApp::start(cfg).await.stop().await;
+}

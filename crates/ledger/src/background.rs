@@ -60,17 +60,73 @@ pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
 /// those whose resource is a hold still pending: a partial post retried with its key
 /// after a day would otherwise capture again (holds live up to
 /// `hold_max_timeout_secs`). They go once the hold is resolved.
+///
+/// Deletes in chunks of [`PURGE_CHUNK`], each its own statement, so that a backlog (a
+/// day of keys after a day down) never holds the writer for one long DELETE while
+/// transfers wait behind it.
 pub async fn purge_idempotency(core: &Core) -> Result<u64, LedgerError> {
     let ttl = core.config.idempotency_ttl_secs.max(86_400);
     let cutoff = now_micros().saturating_sub(secs(ttl));
-    let r = sqlx::query(
-        "DELETE FROM idempotency_keys WHERE created_at < $1 AND NOT EXISTS \
-         (SELECT 1 FROM transfers t WHERE t.id = idempotency_keys.resource_id AND t.status = 'pending')",
-    )
-    .bind(cutoff)
+    let mut purged = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (user_id, key) IN (SELECT user_id, key FROM idempotency_keys \
+             WHERE created_at < $1 AND NOT EXISTS \
+             (SELECT 1 FROM transfers t WHERE t.id = idempotency_keys.resource_id AND t.status = 'pending') \
+             ORDER BY created_at LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(PURGE_CHUNK)
         .execute(core.db.writer())
-        .await?;
-    Ok(r.rows_affected())
+        .await?
+        .rows_affected();
+        purged += n;
+        if n < PURGE_CHUNK as u64 {
+            break;
+        }
+    }
+    Ok(purged)
+}
+
+/// Rows one purge statement deletes at most.
+const PURGE_CHUNK: i64 = 1_000;
+
+/// Deletes published outbox events older than `outbox_retention_secs` (at least an
+/// hour), oldest first, a chunk at a time, up to the first event that is unpublished
+/// or younger (the table is read in `seq` order through its primary key; nothing
+/// unpublished is ever deleted).
+pub async fn purge_outbox(core: &Core) -> Result<u64, LedgerError> {
+    let cutoff = now_micros().saturating_sub(secs(core.config.outbox_retention_secs.max(3_600)));
+    let mut purged = 0;
+    loop {
+        let head =
+            sqlx::query("SELECT seq, created_at, published_at FROM outbox ORDER BY seq LIMIT $1")
+                .bind(PURGE_CHUNK)
+                .fetch_all(core.db.read())
+                .await?;
+        let mut upto = None;
+        for r in &head {
+            let published: Option<i64> = r.try_get("published_at")?;
+            let created: i64 = r.try_get("created_at")?;
+            if published.is_none() || created >= cutoff {
+                break;
+            }
+            upto = Some(r.try_get::<i64, _>("seq")?);
+        }
+        let Some(upto) = upto else {
+            break;
+        };
+        let n = sqlx::query("DELETE FROM outbox WHERE seq <= $1 AND published_at IS NOT NULL")
+            .bind(upto)
+            .execute(core.db.writer())
+            .await?
+            .rows_affected();
+        purged += n;
+        if n < PURGE_CHUNK as u64 {
+            break;
+        }
+    }
+    Ok(purged)
 }
 
 /// Publishes unpublished outbox events to in-process subscribers, in order, and marks
@@ -178,7 +234,9 @@ pub(crate) fn spawn_all(
             shutdown.clone(),
             move || {
                 let c = c2.clone();
-                async move { purge_idempotency(&c).await }
+                async move {
+                    Ok::<_, LedgerError>(purge_idempotency(&c).await? + purge_outbox(&c).await?)
+                }
             },
         ),
         every(

@@ -70,6 +70,9 @@ pub struct LedgerConfig {
     pub expiry_interval_ms: u64,
     pub purge_interval_secs: u64,
     pub outbox_interval_ms: u64,
+    /// How long published outbox events are kept before the purge deletes them (at
+    /// least an hour whatever this says).
+    pub outbox_retention_secs: i64,
 }
 
 impl Default for LedgerConfig {
@@ -88,6 +91,7 @@ impl Default for LedgerConfig {
             expiry_interval_ms: 1000,
             purge_interval_secs: 300,
             outbox_interval_ms: 200,
+            outbox_retention_secs: 7 * 86_400,
         }
     }
 }
@@ -272,6 +276,11 @@ impl Ledger {
     /// Runs the idempotency purge once.
     pub async fn purge_idempotency(&self) -> Result<u64, LedgerError> {
         background::purge_idempotency(&self.inner.core).await
+    }
+
+    /// Runs the outbox purge once (published events past their retention).
+    pub async fn purge_outbox(&self) -> Result<u64, LedgerError> {
+        background::purge_outbox(&self.inner.core).await
     }
 
     /// Asks AuthShield whether the caller's session is still live and, for an admin

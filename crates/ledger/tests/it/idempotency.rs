@@ -278,3 +278,34 @@ async fn a_server_error_stores_nothing_and_leaves_the_key_retryable() {
     })
     .await;
 }
+
+/// The purge deletes a backlog larger than one chunk (a day of keys after a day down)
+/// in several statements, and all of it.
+#[tokio::test]
+async fn purge_deletes_a_backlog_in_chunks() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let old = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
+        let mut tx = app.db.begin().await.unwrap();
+        for i in 0..2_500 {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, created_at) \
+                 VALUES ($1, $2, 'f', 201, '{}', $3)",
+            )
+            .bind(format!("u{}", i % 7))
+            .bind(format!("k-{i}"))
+            .bind(old)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 2_500);
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM idempotency_keys")
+            .fetch_one(app.db.read())
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+    })
+    .await;
+}

@@ -569,3 +569,57 @@ async fn an_unreachable_database_answers_503() {
     })
     .await;
 }
+
+/// Published outbox events past their retention are purged, oldest first; unpublished
+/// ones never are, however old, and the purge stops at the first of them.
+#[tokio::test]
+async fn published_outbox_events_are_purged_after_their_retention() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
+        app.transfer(&alice, &a, &bb, 100).await.expect(201);
+        let count = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox")
+                .fetch_one(app.db.read())
+                .await
+                .unwrap()
+        };
+        let old = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(30 * 86_400);
+        let age = || {
+            let db = app.db.clone();
+            async move {
+                sqlx::query("UPDATE outbox SET created_at = $1")
+                    .bind(old)
+                    .execute(db.writer())
+                    .await
+                    .unwrap();
+            }
+        };
+        let total = count().await;
+        assert!(total >= 3, "{total}");
+        // old but unpublished: kept
+        age().await;
+        assert_eq!(app.ledger.purge_outbox().await.unwrap(), 0);
+        assert_eq!(count().await, total);
+        // published and old: gone
+        assert_eq!(app.ledger.relay_outbox().await.unwrap() as i64, total);
+        app.transfer(&alice, &a, &bb, 100).await.expect(201);
+        let max_published: i64 =
+            sqlx::query_scalar("SELECT MAX(seq) FROM outbox WHERE published_at IS NOT NULL")
+                .fetch_one(app.db.read())
+                .await
+                .unwrap();
+        assert_eq!(app.ledger.purge_outbox().await.unwrap() as i64, total);
+        let left: i64 = sqlx::query_scalar("SELECT MIN(seq) FROM outbox")
+            .fetch_one(app.db.read())
+            .await
+            .unwrap();
+        assert!(left > max_published, "the new, unpublished events stay");
+        // published but young: kept
+        let n = count().await;
+        assert_eq!(app.ledger.relay_outbox().await.unwrap() as i64, n);
+        assert_eq!(app.ledger.purge_outbox().await.unwrap(), 0);
+        assert_eq!(count().await, n);
+    })
+    .await;
+}

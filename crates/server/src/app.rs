@@ -425,23 +425,13 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    // Responses go out at once: no Nagle delay behind a client's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let mut rx = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await
-    });
+    let header_timeout = Duration::from_secs(cfg.header_read_timeout_secs.max(1));
+    let server = tokio::spawn(serve_http(
+        listener,
+        app,
+        header_timeout,
+        shutdown_rx.clone(),
+    ));
     tracing::info!(%addr, ?mode, "listening");
     Ok(Running {
         addr,
@@ -482,4 +472,73 @@ fn metrics_text(
             .into_response(),
         None => ApiError::internal("metrics recorder not installed").into_response(),
     }
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown`, then lets the requests in
+/// flight finish. Unlike `axum::serve`, each connection has a timer, so that a
+/// connection whose request head has not fully arrived within `header_timeout` (a
+/// client trickling its headers, or one idle between keep-alive requests) is closed
+/// instead of held open for good.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // Each connection holds a receiver; the server returns once all are dropped.
+    let (open_tx, open_rx) = watch::channel(());
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: wait instead of spinning on it.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { drop(shutdown.wait_for(|s| *s).await) } => break,
+        };
+        // Responses go out at once: no Nagle delay behind a client's delayed ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let router = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo::<SocketAddr>(remote));
+                tower::ServiceExt::oneshot(router.clone(), req)
+            });
+        let mut stop = shutdown.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    drop(open_rx);
+    open_tx.closed().await;
+    Ok(())
 }

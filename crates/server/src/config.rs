@@ -32,6 +32,9 @@ pub struct Config {
     pub forwarded_header: String,
     pub body_limit_bytes: usize,
     pub request_timeout_secs: u64,
+    /// A connection whose request head has not arrived this long after it began to
+    /// wait for one (a slow client, or one idle between keep-alive requests) is closed.
+    pub header_read_timeout_secs: u64,
     /// Redis for shared rate limits (needs the `redis` cargo feature).
     pub redis_url: Option<Secret>,
     pub database: DatabaseConfig,
@@ -57,6 +60,7 @@ impl Default for Config {
             forwarded_header: "x-forwarded-for".into(),
             body_limit_bytes: 64 * 1024,
             request_timeout_secs: 30,
+            header_read_timeout_secs: 10,
             redis_url: None,
             database: DatabaseConfig::default(),
             auth: AuthConfig::default(),
@@ -110,6 +114,7 @@ const TOP_LEVEL: &[&str] = &[
     "forwarded_header",
     "body_limit_bytes",
     "request_timeout_secs",
+    "header_read_timeout_secs",
     "redis_url",
     "database",
     "auth",

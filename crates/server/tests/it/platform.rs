@@ -226,3 +226,48 @@ async fn a_lost_master_key_is_not_silently_replaced() {
     std::fs::write(&key, saved).unwrap();
     TestApp::start(cfg).await.stop().await;
 }
+
+/// A client that opens a connection and trickles an incomplete request head (or goes
+/// idle between keep-alive requests) is disconnected after `header_read_timeout_secs`
+/// instead of holding the connection for good; a whole request on a fresh connection
+/// is answered. (The 30 s bound only keeps a regression from hanging the suite.)
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.header_read_timeout_secs = 1).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        slow.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection is still open");
+    assert!(
+        buf.is_empty() || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    // idle after one request on a keep-alive connection: closed as well
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        idle.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the idle connection is still open");
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    app.stop().await;
+}

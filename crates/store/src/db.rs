@@ -266,9 +266,12 @@ impl Db {
                 } else {
                     "NORMAL"
                 };
+                // recursive_triggers: a REPLACE that deletes a row to make room fires its
+                // DELETE triggers only with it, so without it `INSERT OR REPLACE` could
+                // overwrite a row of the append-only audit log.
                 let pragmas: Arc<str> = Arc::from(format!(
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
-                     PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY;"
+                     PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA recursive_triggers = ON;"
                 ));
                 let p2 = pragmas.clone();
                 // The single writer connection gets a larger page cache (64 MiB, grown

@@ -521,6 +521,24 @@ async fn the_database_refuses_update_and_delete_on_the_audit_log() {
             let err = res.expect_err(sql).to_string();
             assert!(err.contains("append-only"), "{sql}: {err}");
         }
+        // Overwriting a row by insertion: SQLite's REPLACE deletes the old row first
+        // (its DELETE trigger fires only with recursive_triggers, which every
+        // connection sets), and an upsert updates it.
+        let overwrite: &[&str] = match backend {
+            Backend::Sqlite => &[
+                "INSERT OR REPLACE INTO audit_log SELECT * FROM audit_log WHERE seq = 1",
+                "REPLACE INTO audit_log SELECT * FROM audit_log WHERE seq = 1",
+            ],
+            Backend::Postgres => &[
+                "INSERT INTO audit_log SELECT * FROM audit_log WHERE seq = 1 \
+                 ON CONFLICT (seq) DO UPDATE SET outcome = 'success'",
+            ],
+        };
+        for sql in overwrite {
+            let res = sqlx::query(sql).execute(db.writer()).await;
+            let err = res.expect_err(sql).to_string();
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
         if backend == Backend::Postgres {
             let err = sqlx::query("TRUNCATE audit_log")
                 .execute(db.writer())

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README): every crate, every feature, one integration binary per crate.
 #
-# PostgreSQL and Redis variants run when VAULTPAY_TEST_PG_URL / VAULTPAY_TEST_REDIS_URL
-# are set (.ci/run sets both and starts the services); a set variable whose service is
-# unreachable fails the run. The SMTP test talks to a real SMTP server (Python aiosmtpd),
+# PostgreSQL, Redis and NATS variants run when VAULTPAY_TEST_PG_URL /
+# VAULTPAY_TEST_REDIS_URL / VAULTPAY_TEST_NATS_URL are set (.ci/run sets them and starts
+# the services); a set variable whose service is unreachable fails the run. The SMTP test talks to a real SMTP server (Python aiosmtpd),
 # installed here when missing, as is pyotp (scripts/interop/totp_pyotp.py cross-checks
 # our TOTP against it; that test fails when pyotp is missing), and the Python OAuth/OIDC
 # libraries (Authlib, requests, PyJWT) scripts/interop/oauth_authlib.py drives the server with,

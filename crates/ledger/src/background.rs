@@ -21,6 +21,20 @@ pub struct OutboxEvent {
     pub created_at: i64,
 }
 
+/// A broker the outbox relay hands events to, besides the in-process subscribers (the
+/// server's `nats` feature: NATS JetStream). The relay marks a page published only
+/// once [`EventSink::publish`] returned `Ok`; a crash or error before that publishes
+/// the page again, so a sink must let the broker drop a re-publication by the
+/// event's `id` (JetStream: the `Nats-Msg-Id` header within its duplicate window), and
+/// consumers see each event at least once.
+pub trait EventSink: Send + Sync {
+    /// Publishes `events` in order; `Ok` once the broker has acknowledged every one.
+    fn publish<'a>(
+        &'a self,
+        events: &'a [OutboxEvent],
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+}
+
 /// Voids every hold whose timeout has passed; each exactly once, each in a transaction
 /// of its own. A hold that cannot be expired is logged and counted
 /// (`ledger_hold_expiry_failures_total`) and tried again on the next run; it does not
@@ -129,11 +143,13 @@ pub async fn purge_outbox(core: &Core) -> Result<u64, LedgerError> {
     Ok(purged)
 }
 
-/// Publishes unpublished outbox events to in-process subscribers, in order, and marks
-/// them published. (A NATS relay would publish here instead.)
+/// Publishes unpublished outbox events, in order, to `sink` (when there is one, and
+/// first: a page it does not acknowledge stays unpublished and is tried again) and to
+/// in-process subscribers, and marks them published.
 pub async fn relay_outbox(
     core: &Core,
     events: &broadcast::Sender<OutboxEvent>,
+    sink: Option<&dyn EventSink>,
 ) -> Result<u64, LedgerError> {
     const PAGE: &str =
         "SELECT seq, id, topic, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1000";
@@ -172,6 +188,17 @@ pub async fn relay_outbox(
                 .unwrap_or(serde_json::Value::Null),
             created_at: r.try_get("created_at")?,
         });
+    }
+    if let Some(sink) = sink {
+        if let Err(e) = sink.publish(&evs).await {
+            metrics::counter!("ledger_outbox_publish_failures_total").increment(1);
+            if let Some(tx) = tx {
+                tx.rollback().await?;
+            }
+            return Err(LedgerError::Unavailable(format!(
+                "the event broker did not take the outbox page: {e}"
+            )));
+        }
     }
     // One statement marks the whole page: this transaction holds the writer (SQLite) or
     // the rows (PostgreSQL), and one UPDATE per event kept ledger commits waiting.
@@ -213,6 +240,7 @@ pub async fn relay_outbox(
 pub(crate) fn spawn_all(
     core: Arc<Core>,
     events: broadcast::Sender<OutboxEvent>,
+    sink: Option<Arc<dyn EventSink>>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let c1 = core.clone();
@@ -246,7 +274,8 @@ pub(crate) fn spawn_all(
             move || {
                 let c = c3.clone();
                 let ev = events.clone();
-                async move { relay_outbox(&c, &ev).await }
+                let sink = sink.clone();
+                async move { relay_outbox(&c, &ev, sink.as_deref()).await }
             },
         ),
     ]

@@ -24,7 +24,7 @@ mod tally;
 mod verify;
 
 pub use admin::AccountAction;
-pub use background::OutboxEvent;
+pub use background::{EventSink, OutboxEvent};
 pub use engine::Reply;
 pub use error::LedgerError;
 pub use model::Actor;
@@ -110,6 +110,8 @@ struct Inner {
     inflight: Arc<Inflight>,
     committer: OnceLock<mpsc::Sender<Queued>>,
     events: broadcast::Sender<OutboxEvent>,
+    /// Where relayed events go besides in-process subscribers.
+    sink: OnceLock<Arc<dyn EventSink>>,
 }
 
 /// What a session has moved, and how much of it AuthShield has confirmed it live for.
@@ -232,8 +234,15 @@ impl Ledger {
                 inflight: Arc::new(Inflight::default()),
                 committer: OnceLock::new(),
                 events,
+                sink: OnceLock::new(),
             }),
         }
+    }
+
+    /// Hands relayed outbox events to `sink` as well (see [`EventSink`]); set before
+    /// [`Ledger::spawn_background`]. Returns false if one was set already.
+    pub fn set_event_sink(&self, sink: Arc<dyn EventSink>) -> bool {
+        self.inner.sink.set(sink).is_ok()
     }
 
     /// All ledger routes, with state applied.
@@ -247,7 +256,12 @@ impl Ledger {
         &self,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        background::spawn_all(self.inner.core.clone(), self.inner.events.clone(), shutdown)
+        background::spawn_all(
+            self.inner.core.clone(),
+            self.inner.events.clone(),
+            self.inner.sink.get().cloned(),
+            shutdown,
+        )
     }
 
     pub fn db(&self) -> &Db {
@@ -270,7 +284,12 @@ impl Ledger {
 
     /// Runs the outbox relay once.
     pub async fn relay_outbox(&self) -> Result<u64, LedgerError> {
-        background::relay_outbox(&self.inner.core, &self.inner.events).await
+        background::relay_outbox(
+            &self.inner.core,
+            &self.inner.events,
+            self.inner.sink.get().map(|s| &**s),
+        )
+        .await
     }
 
     /// Runs the idempotency purge once.

@@ -387,6 +387,24 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                 (None, None) => bail!("the ledger alone needs --auth-url"),
             };
             let l = Ledger::new(db.clone(), cfg.ledger.clone(), introspector);
+            if let Some(url) = &cfg.nats_url {
+                #[cfg(feature = "nats")]
+                {
+                    let sink = crate::nats_sink::NatsSink::connect(
+                        url.expose(),
+                        &cfg.nats_subject_prefix,
+                        &cfg.nats_stream,
+                    )
+                    .await
+                    .context("connecting to NATS")?;
+                    l.set_event_sink(Arc::new(sink));
+                }
+                #[cfg(not(feature = "nats"))]
+                {
+                    let _ = url;
+                    bail!("nats_url is set but this binary was built without the `nats` feature");
+                }
+            }
             background.extend(l.spawn_background(shutdown_rx.clone()));
             router = router.merge(l.router());
             Some(l)

@@ -37,6 +37,13 @@ pub struct Config {
     pub header_read_timeout_secs: u64,
     /// Redis for shared rate limits (needs the `redis` cargo feature).
     pub redis_url: Option<Secret>,
+    /// NATS with JetStream, where the ledger's outbox relay publishes its events (needs
+    /// the `nats` cargo feature); unset: in-process subscribers only.
+    pub nats_url: Option<Secret>,
+    /// Subjects are `<nats_subject_prefix>.<topic>`, e.g. `vaultpay.ledger.transfer.posted`.
+    pub nats_subject_prefix: String,
+    /// The JetStream stream the events are kept in (created if missing).
+    pub nats_stream: String,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub ledger: LedgerConfig,
@@ -62,6 +69,9 @@ impl Default for Config {
             request_timeout_secs: 30,
             header_read_timeout_secs: 10,
             redis_url: None,
+            nats_url: None,
+            nats_subject_prefix: "vaultpay".into(),
+            nats_stream: "VAULTPAY_LEDGER".into(),
             database: DatabaseConfig::default(),
             auth: AuthConfig::default(),
             ledger: LedgerConfig::default(),
@@ -116,6 +126,9 @@ const TOP_LEVEL: &[&str] = &[
     "request_timeout_secs",
     "header_read_timeout_secs",
     "redis_url",
+    "nats_url",
+    "nats_subject_prefix",
+    "nats_stream",
     "database",
     "auth",
     "ledger",
@@ -270,6 +283,22 @@ impl Config {
             );
         }
         self.client_ip_config()?;
+        let token_ok = |s: &str, stream: bool| {
+            !s.is_empty()
+                && s.split('.').all(|t| {
+                    !t.is_empty()
+                        && t.chars().all(|c| {
+                            !c.is_whitespace() && !c.is_control() && !matches!(c, '*' | '>')
+                        })
+                })
+                && !(stream && s.contains(['.', '/', '\\']))
+        };
+        if !token_ok(&self.nats_subject_prefix, false) {
+            bail!("nats_subject_prefix must be dot-separated NATS tokens, without wildcards or spaces");
+        }
+        if !token_ok(&self.nats_stream, true) {
+            bail!("nats_stream must be one NATS token (no dots, slashes, wildcards or spaces)");
+        }
         Ok(())
     }
 

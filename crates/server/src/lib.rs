@@ -7,6 +7,8 @@ pub mod cli;
 pub mod config;
 mod docs;
 mod middleware;
+#[cfg(feature = "nats")]
+pub mod nats_sink;
 #[cfg(feature = "redis")]
 pub mod redis_cluster;
 #[cfg(feature = "redis")]

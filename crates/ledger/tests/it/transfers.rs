@@ -623,3 +623,64 @@ async fn published_outbox_events_are_purged_after_their_retention() {
     })
     .await;
 }
+
+/// The outbox relay hands a page to the event sink (a broker) before it marks it
+/// published: a sink that does not take it leaves every event unpublished (the relay
+/// answers 503-class `Unavailable`) for the next run, and a sink that does gets them
+/// in order, once per successful relay.
+#[tokio::test]
+async fn the_relay_marks_events_published_only_once_the_sink_took_them() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vaultpay_ledger::{EventSink, OutboxEvent};
+    #[derive(Default)]
+    struct Broker {
+        down: AtomicBool,
+        got: parking_lot::Mutex<Vec<(i64, String)>>,
+    }
+    impl EventSink for Broker {
+        fn publish<'a>(
+            &'a self,
+            events: &'a [OutboxEvent],
+        ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+            Box::pin(async move {
+                if self.down.load(Ordering::SeqCst) {
+                    return Err("broker unreachable".into());
+                }
+                let mut got = self.got.lock();
+                got.extend(events.iter().map(|e| (e.seq, e.id.clone())));
+                Ok(())
+            })
+        }
+    }
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let broker = std::sync::Arc::new(Broker::default());
+        assert!(app.ledger.set_event_sink(broker.clone()));
+        let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
+        app.transfer(&alice, &a, &bb, 100).await.expect(201);
+        let unpublished = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(app.db.read())
+                .await
+                .unwrap()
+        };
+        let pending = unpublished().await;
+        assert!(pending >= 3, "{pending}");
+
+        broker.down.store(true, Ordering::SeqCst);
+        let err = app.ledger.relay_outbox().await.unwrap_err();
+        assert!(err.is_unreachable(), "{err}");
+        assert_eq!(unpublished().await, pending);
+        assert!(broker.got.lock().is_empty());
+
+        broker.down.store(false, Ordering::SeqCst);
+        assert_eq!(app.ledger.relay_outbox().await.unwrap() as i64, pending);
+        assert_eq!(unpublished().await, 0);
+        let got = broker.got.lock().clone();
+        assert_eq!(got.len() as i64, pending);
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "in order: {got:?}");
+        assert_eq!(app.ledger.relay_outbox().await.unwrap(), 0);
+        assert_eq!(broker.got.lock().len() as i64, pending, "nothing twice");
+    })
+    .await;
+}

@@ -16,6 +16,8 @@ mod hibp;
 mod iptrust;
 mod me_cache;
 mod mfa;
+#[cfg(feature = "nats")]
+mod nats;
 mod oauth;
 mod oauth_interop;
 mod platform;

@@ -1,0 +1,152 @@
+//! The ledger's outbox relayed to NATS JetStream (cargo feature `nats`), against the
+//! real NATS server named by `VAULTPAY_TEST_NATS_URL` (CI sets it; unset: skipped with
+//! a notice; set and unreachable: the test fails).
+
+use crate::helpers::*;
+use async_nats::jetstream;
+use serde_json::json;
+use vaultpay_core::secret::Secret;
+use vaultpay_store::Backend;
+
+fn nats_url() -> Option<String> {
+    let url = std::env::var("VAULTPAY_TEST_NATS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if url.is_none() {
+        eprintln!("note: VAULTPAY_TEST_NATS_URL is not set; NATS tests skipped");
+    }
+    url
+}
+
+async fn unpublished(app: &TestApp) -> i64 {
+    let db = app.running.as_ref().unwrap().ledger.as_ref().unwrap().db();
+    sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(db.read())
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 30 s, a bound against a hang, not a timing assertion) until the
+/// background relay has published every outbox event.
+async fn until_relayed(app: &TestApp) {
+    for _ in 0..300 {
+        if unpublished(app).await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the outbox was not relayed");
+}
+
+/// Every ledger event reaches the stream once, in outbox order, on its topic's subject,
+/// with its outbox id as `Nats-Msg-Id`; relaying the same events again (a crash between
+/// publishing and marking them) adds nothing to the stream.
+#[tokio::test]
+async fn ledger_events_reach_jetstream_once() {
+    let Some(url) = nats_url() else { return };
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (prefix, stream) = (format!("vptest{tag}"), format!("VPTEST_{tag}"));
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.nats_url = Some(Secret::new(url.clone()));
+        c.nats_subject_prefix = prefix.clone();
+        c.nats_stream = stream.clone();
+    })
+    .await;
+    let admin = app.admin().await.access;
+    let u = app.user("events@example.com").await;
+    let r = app
+        .post(
+            "/v1/accounts",
+            Some(&u.access),
+            json!({ "currency": "USD", "kind": "current", "name": "e" }),
+        )
+        .await;
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    let r = ledger_post(
+        &app,
+        "/v1/admin/deposits",
+        &admin,
+        "n-dep",
+        json!({ "account_id": a, "amount": 500, "currency": "USD", "reference": "r" }),
+    )
+    .await;
+    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    until_relayed(&app).await;
+
+    let db = app
+        .running
+        .as_ref()
+        .unwrap()
+        .ledger
+        .as_ref()
+        .unwrap()
+        .db()
+        .clone();
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as("SELECT seq, id, topic FROM outbox ORDER BY seq")
+            .fetch_all(db.read())
+            .await
+            .unwrap();
+    assert!(rows.len() >= 2, "{rows:?}");
+    let js = jetstream::new(async_nats::connect(&url).await.expect("NATS reachable"));
+    let mut s = js.get_stream(&stream).await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, rows.len() as u64);
+    for (i, (seq, id, topic)) in rows.iter().enumerate() {
+        let m = s.get_raw_message(i as u64 + 1).await.unwrap();
+        assert_eq!(m.subject.as_str(), format!("{prefix}.{topic}"));
+        assert_eq!(
+            m.headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str()),
+            Some(id.as_str()),
+            "{:?}",
+            m.headers
+        );
+        assert_eq!(
+            m.headers.get("VaultPay-Outbox-Seq").unwrap().as_str(),
+            seq.to_string()
+        );
+        let payload: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert!(payload.is_object(), "{payload}");
+    }
+    let topics: Vec<&str> = rows.iter().map(|(_, _, t)| t.as_str()).collect();
+    assert!(topics.contains(&"ledger.account.opened"), "{topics:?}");
+    assert!(topics.contains(&"ledger.deposit.posted"), "{topics:?}");
+
+    // published again: JetStream drops the copies by their ids
+    sqlx::query("UPDATE outbox SET published_at = NULL")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    until_relayed(&app).await;
+    assert_eq!(s.info().await.unwrap().state.messages, rows.len() as u64);
+
+    app.stop().await;
+    js.delete_stream(&stream).await.unwrap();
+}
+
+/// NATS unreachable: the server still starts, and the relay leaves every event in the
+/// outbox (answering that the broker did not take them) instead of marking it.
+#[tokio::test]
+async fn events_wait_in_the_outbox_while_nats_is_down() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.nats_url = Some(Secret::new("nats://127.0.0.1:1"));
+    })
+    .await;
+    let u = app.user("waiting@example.com").await;
+    let r = app
+        .post(
+            "/v1/accounts",
+            Some(&u.access),
+            json!({ "currency": "USD", "kind": "current", "name": "w" }),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    let before = unpublished(&app).await;
+    assert!(before >= 1);
+    let ledger = app.running.as_ref().unwrap().ledger.clone().unwrap();
+    let err = ledger.relay_outbox().await.unwrap_err();
+    assert!(err.is_unreachable(), "{err}");
+    assert_eq!(unpublished(&app).await, before);
+    app.stop().await;
+}

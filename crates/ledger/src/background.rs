@@ -162,6 +162,13 @@ pub async fn relay_outbox(
     let (tx, rows) = match backend {
         vaultpay_store::Backend::Postgres => {
             let mut tx = core.db.begin().await?;
+            // One relay at a time across processes, so that pages go out in order (with
+            // SKIP LOCKED alone, a second relay published the next page while the first
+            // still held its own, and a first that then failed left them out of order).
+            if !core.db.try_lock(&mut tx, RELAY_LOCK).await? {
+                tx.rollback().await?;
+                return Ok(0);
+            }
             let rows = sqlx::query(&format!("{PAGE} FOR UPDATE SKIP LOCKED"))
                 .fetch_all(&mut *tx)
                 .await?;
@@ -190,7 +197,12 @@ pub async fn relay_outbox(
         });
     }
     if let Some(sink) = sink {
-        if let Err(e) = sink.publish(&evs).await {
+        // A broker that is slow but alive must not hold the page (and on PostgreSQL its
+        // rows and a connection) for one acknowledgement timeout per event.
+        let published = tokio::time::timeout(PUBLISH_TIMEOUT, sink.publish(&evs))
+            .await
+            .unwrap_or_else(|_| Err(format!("no acknowledgement within {PUBLISH_TIMEOUT:?}")));
+        if let Err(e) = published {
             metrics::counter!("ledger_outbox_publish_failures_total").increment(1);
             if let Some(tx) = tx {
                 tx.rollback().await?;
@@ -236,6 +248,11 @@ pub async fn relay_outbox(
     tx.commit().await?;
     Ok(n)
 }
+
+/// The outbox relay's advisory lock on PostgreSQL (see `engine::WRITE_LOCK`).
+const RELAY_LOCK: i64 = 4;
+/// Longest a sink may take to acknowledge one page.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) fn spawn_all(
     core: Arc<Core>,

@@ -125,7 +125,9 @@ async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> anyhow::Result
         .context("reading AuthShield's signing keys")?;
     if sealed > 0 {
         bail!(
-            "no master key at {}, but AuthShield's database already holds secrets sealed with              one: restore master.key from the backup of this data directory (or set              VAULTPAY_MASTER_KEY); a new key would make them unreadable",
+            "no master key at {}, but AuthShield's database already holds secrets sealed with \
+             one: restore master.key from the backup of this data directory (or set \
+             VAULTPAY_MASTER_KEY); a new key would make them unreadable",
             path.display()
         );
     }
@@ -235,8 +237,13 @@ pub async fn open_existing_dbs(
     let open = |location: String, service: Service, what: &'static str| {
         let opts = opts.clone();
         async move {
-            if !location.contains("://") && !std::path::Path::new(&location).is_file() {
-                bail!("{what}'s database {location} does not exist (is --data-dir right?)");
+            if let Some(file) = vaultpay_store::sqlite_file(&location) {
+                if !file.is_file() {
+                    bail!(
+                        "{what}'s database {} does not exist (is --data-dir right?)",
+                        file.display()
+                    );
+                }
             }
             let db = Db::connect(&location, service, &opts)
                 .await
@@ -511,9 +518,14 @@ async fn serve_http(
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
-                    // Out of file descriptors, say: wait instead of spinning on it.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // A connection that went away before it was accepted: next one.
+                    // Anything else (out of file descriptors, say): wait a second
+                    // instead of spinning on it, as axum::serve does.
+                    use std::io::ErrorKind as K;
+                    if !matches!(e.kind(), K::ConnectionAborted | K::ConnectionReset | K::ConnectionRefused) {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                     continue;
                 }
             },

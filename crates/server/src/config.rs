@@ -34,6 +34,9 @@ pub struct Config {
     pub request_timeout_secs: u64,
     /// A connection whose request head has not arrived this long after it began to
     /// wait for one (a slow client, or one idle between keep-alive requests) is closed.
+    /// Behind a proxy that keeps idle upstream connections (nginx, load balancers: 60 s
+    /// by default), keep it longer than the proxy's idle timeout, or a request sent as
+    /// the server closes the connection fails at the proxy.
     pub header_read_timeout_secs: u64,
     /// Redis for shared rate limits (needs the `redis` cargo feature).
     pub redis_url: Option<Secret>,
@@ -67,7 +70,7 @@ impl Default for Config {
             forwarded_header: "x-forwarded-for".into(),
             body_limit_bytes: 64 * 1024,
             request_timeout_secs: 30,
-            header_read_timeout_secs: 10,
+            header_read_timeout_secs: 75,
             redis_url: None,
             nats_url: None,
             nats_subject_prefix: "vaultpay".into(),

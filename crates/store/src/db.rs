@@ -185,6 +185,23 @@ impl std::fmt::Debug for Db {
     }
 }
 
+/// The file of a configured SQLite location (a path, `sqlite:PATH` or `sqlite://PATH`,
+/// query string dropped); `None` for PostgreSQL and in-memory databases.
+pub fn sqlite_file(location: &str) -> Option<std::path::PathBuf> {
+    if location.contains("://") && !location.starts_with("sqlite://") {
+        return None;
+    }
+    let rest = location
+        .strip_prefix("sqlite://")
+        .or_else(|| location.strip_prefix("sqlite:"))
+        .unwrap_or(location);
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() || path == ":memory:" || location.contains("mode=memory") {
+        return None;
+    }
+    Some(std::path::PathBuf::from(path))
+}
+
 /// Turns a configured location into a connection URL: `postgres://…` and
 /// `sqlite://…` pass through; anything else is a SQLite file path.
 pub fn normalise_url(location: &str) -> Result<(Backend, String), StoreError> {
@@ -454,6 +471,19 @@ impl Db {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Like [`Db::lock`] but does not wait: false when another transaction holds it
+    /// (always true on SQLite).
+    pub async fn try_lock(&self, tx: &mut Tx, key: i64) -> Result<bool, StoreError> {
+        if self.inner.backend != Backend::Postgres {
+            return Ok(true);
+        }
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(self.inner.service.lock_base() + key)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(got)
     }
 
     pub(crate) fn audit_head(&self) -> Option<(i64, String)> {

@@ -17,7 +17,7 @@ mod migrate;
 pub mod params;
 pub mod testing;
 
-pub use db::{redact_url, Backend, Db, DbOptions, Service, Tx};
+pub use db::{redact_url, sqlite_file, Backend, Db, DbOptions, Service, Tx};
 pub use sqlx;
 
 /// Errors from the storage layer.

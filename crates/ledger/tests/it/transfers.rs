@@ -681,6 +681,19 @@ async fn the_relay_marks_events_published_only_once_the_sink_took_them() {
         assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "in order: {got:?}");
         assert_eq!(app.ledger.relay_outbox().await.unwrap(), 0);
         assert_eq!(broker.got.lock().len() as i64, pending, "nothing twice");
+
+        // PostgreSQL: one relay at a time across processes (pages stay in order); one
+        // that finds another running leaves the page to it.
+        if b == vaultpay_store::Backend::Postgres {
+            app.transfer(&alice, &a, &bb, 100).await.expect(201);
+            let mut other = app.db.begin().await.unwrap();
+            app.db.lock(&mut other, 4).await.unwrap();
+            assert_eq!(app.ledger.relay_outbox().await.unwrap(), 0);
+            assert!(unpublished().await > 0);
+            other.rollback().await.unwrap();
+            assert!(app.ledger.relay_outbox().await.unwrap() > 0);
+            assert_eq!(unpublished().await, 0);
+        }
     })
     .await;
 }

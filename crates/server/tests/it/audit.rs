@@ -663,6 +663,15 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
         assert!(text.contains("does not exist"), "{args:?}: {text}");
         assert!(!missing.join("auth.db").exists() && !missing.join("ledger.db").exists());
     }
+    // a sqlite: URL naming a file that is not there: refused, and not created
+    let url = format!("sqlite://{}/auth.db", missing.display());
+    let (code, text) = run(
+        &["audit", "verify", "--service", "auth"],
+        &[("VAULTPAY_DATABASE__AUTH_URL", url)],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(!missing.exists(), "nothing created");
     if std::env::var(vaultpay_store::testing::PG_URL_VAR).is_ok() {
         let empty = vaultpay_store::testing::fresh_location(Backend::Postgres)
             .await

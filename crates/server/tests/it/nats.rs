@@ -121,6 +121,55 @@ async fn ledger_events_reach_jetstream_once() {
     until_relayed(&app).await;
     assert_eq!(s.info().await.unwrap().state.messages, rows.len() as u64);
 
+    // An event too large for one NATS message goes as a stub flagged truncated, and
+    // does not hold back the events behind it.
+    let big = json!({ "blob": "x".repeat(2 * 1024 * 1024) }).to_string();
+    sqlx::query("INSERT INTO outbox (id, topic, payload, created_at) VALUES ($1, $2, $3, $4)")
+        .bind("big-event-1")
+        .bind("ledger.test.big")
+        .bind(&big)
+        .bind(vaultpay_core::time::now_micros())
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let r = app
+        .post(
+            "/v1/accounts",
+            Some(&u.access),
+            json!({ "currency": "EUR", "kind": "savings", "name": "after" }),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    until_relayed(&app).await;
+    let n = s.info().await.unwrap().state.messages;
+    assert_eq!(n, rows.len() as u64 + 2);
+    let stub = s.get_raw_message(rows.len() as u64 + 1).await.unwrap();
+    assert_eq!(
+        stub.headers.get("VaultPay-Truncated").map(|v| v.as_str()),
+        Some("true")
+    );
+    let body: serde_json::Value = serde_json::from_slice(&stub.payload).unwrap();
+    assert_eq!(body["id"], "big-event-1");
+    let after = s.get_raw_message(n).await.unwrap();
+    assert_eq!(
+        after.subject.as_str(),
+        format!("{prefix}.ledger.account.opened")
+    );
+
+    // The stream deleted under a running server is made again.
+    js.delete_stream(&stream).await.unwrap();
+    let r = app
+        .post(
+            "/v1/accounts",
+            Some(&u.access),
+            json!({ "currency": "GBP", "kind": "savings", "name": "again" }),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    until_relayed(&app).await;
+    let mut s = js.get_stream(&stream).await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 1);
+
     app.stop().await;
     js.delete_stream(&stream).await.unwrap();
 }

@@ -340,6 +340,36 @@ async fn password_change_guesses_lock_the_account() {
     });
 }
 
+/// The lockout counts consecutive failures: a successful sign-in starts the count
+/// again.
+#[tokio::test]
+async fn a_successful_sign_in_resets_the_failure_count() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |cfg| cfg.auth.lockout.threshold = 3).await;
+        let email = "reset-count@example.com";
+        app.register(email).await;
+        let count = || async {
+            sqlx::query_scalar::<_, i64>("SELECT failed_logins FROM users WHERE email = $1")
+                .bind(email)
+                .fetch_one(app.auth_db().read())
+                .await
+                .unwrap()
+        };
+        for round in 0..3 {
+            for _ in 0..2 {
+                app.login_device(email, "Wrong-password-123!", "d")
+                    .await
+                    .assert_problem(401, "invalid_credentials");
+            }
+            assert_eq!(count().await, 2, "round {round}");
+            let ok = app.login_device(email, PASSWORD, "dev-1").await;
+            assert_eq!(ok.status.as_u16(), 200, "round {round}: {}", ok.text);
+            assert_eq!(count().await, 0, "round {round}");
+        }
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn lockout_then_admin_unlock() {
     each_backend!(|backend: Backend| async move {

@@ -42,32 +42,67 @@ pub trait EventSink: Send + Sync {
 /// Returns how many were expired.
 pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
     let now = now_micros();
-    let rows = sqlx::query("SELECT id FROM transfers WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT 500")
-        .bind(now)
+    let mut n = 0;
+    // Page by page in (expires_at, id) order, each page after the last hold of the one
+    // before: a page's worth of holds that keep failing does not hide the holds behind
+    // it (with the first page read again each run, they stayed reserved for good).
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let rows = match &after {
+            None => sqlx::query(
+                "SELECT id, expires_at FROM transfers WHERE status = 'pending' AND expires_at <= $1 \
+                 ORDER BY expires_at, id LIMIT $2",
+            )
+            .bind(now)
+            .bind(EXPIRY_PAGE),
+            Some((at, id)) => sqlx::query(
+                "SELECT id, expires_at FROM transfers WHERE status = 'pending' AND expires_at <= $1 \
+                 AND (expires_at > $2 OR (expires_at = $2 AND id > $3)) ORDER BY expires_at, id LIMIT $4",
+            )
+            .bind(now)
+            .bind(*at)
+            .bind(id.clone())
+            .bind(EXPIRY_PAGE),
+        }
         .fetch_all(core.db.read())
         .await?;
-    let mut n = 0;
-    for r in rows {
-        let id: String = r.try_get("id")?;
-        let one = async {
-            let mut tx = begin(&core.db).await?;
-            let expired = expire_hold(core, &mut tx, &id, now).await?;
-            tx.commit().await?;
-            Ok::<_, LedgerError>(expired)
-        };
-        match one.await {
-            Ok(true) => n += 1,
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(hold = %id, error = %e, "could not expire a hold; going on with the others");
-                metrics::counter!("ledger_hold_expiry_failures_total").increment(1);
-            }
+        let full = rows.len() as i64 == EXPIRY_PAGE;
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            after = Some((r.try_get("expires_at")?, id.clone()));
+            n += expire_one(core, &id, now).await;
+        }
+        if !full {
+            break;
         }
     }
     if n > 0 {
         metrics::counter!("ledger_holds_expired_total").increment(n);
     }
     Ok(n)
+}
+
+/// Holds one expiry query reads.
+const EXPIRY_PAGE: i64 = 500;
+
+/// Expires hold `id` in a transaction of its own: 1 if it did, 0 if it was resolved
+/// meanwhile or failed (logged and counted; tried again on the next run).
+async fn expire_one(core: &Core, id: &str, now: i64) -> u64 {
+    let one = async {
+        let mut tx = begin(&core.db).await?;
+        let expired = expire_hold(core, &mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok::<_, LedgerError>(expired)
+    };
+    match one.await {
+        Ok(true) => 1,
+        Ok(false) => 0,
+        Err(e) => {
+            tracing::error!(hold = %id, error = %e, "could not expire a hold; going on with the others");
+            metrics::counter!("ledger_hold_expiry_failures_total").increment(1);
+            0
+        }
+    }
 }
 
 /// Deletes idempotency keys older than the configured TTL (at least 24 hours), except

@@ -357,3 +357,59 @@ async fn verify_catches_held_that_does_not_match_pending_holds() {
     })
     .await;
 }
+
+/// More holds that keep failing to expire than one expiry page reads (500) do not keep
+/// the holds behind them reserved: the run pages on past them.
+#[tokio::test]
+async fn a_page_of_failing_holds_does_not_hide_the_ones_behind_it() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _, a, bb) = app.alice_and_bob(10_000).await;
+        for _ in 0..501 {
+            let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 1,
+                              "currency": "USD", "pending": true, "description": "stuck",
+                              "timeout_secs": 3600});
+            app.post("/v1/transfers", &alice, Some(&key()), body)
+                .await
+                .expect(201);
+        }
+        let good = hold(&app, &alice, &a, &bb, 50, Some(3600))
+            .await
+            .expect(201)
+            .id();
+        // all overdue, the stuck ones first in the expiry order
+        sqlx::query("UPDATE transfers SET expires_at = 1 WHERE description = 'stuck'")
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE transfers SET expires_at = 2 WHERE id = $1")
+            .bind(&good)
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        let sqls: Vec<&str> = match app.backend {
+            vaultpay_store::Backend::Sqlite => vec![
+                "CREATE TRIGGER stuck BEFORE UPDATE ON transfers WHEN OLD.description = 'stuck' \
+                 BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+            ],
+            vaultpay_store::Backend::Postgres => vec![
+                "CREATE FUNCTION stuck() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF OLD.description = 'stuck' THEN RAISE EXCEPTION 'injected fault'; END IF; \
+                 RETURN NEW; END; $$",
+                "CREATE TRIGGER stuck BEFORE UPDATE ON transfers FOR EACH ROW \
+                 EXECUTE FUNCTION stuck()",
+            ],
+        };
+        for s in sqls {
+            sqlx::raw_sql(s).execute(app.db.writer()).await.unwrap();
+        }
+        assert_eq!(app.ledger.expire_holds().await.unwrap(), 1);
+        let t = app
+            .get(&format!("/v1/transfers/{good}"), &alice)
+            .await
+            .expect(200);
+        assert_eq!(t.body["status"], "expired");
+        assert_eq!(app.balance(&alice, &a).await, (10_000, 10_000 - 501));
+    })
+    .await;
+}

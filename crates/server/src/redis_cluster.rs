@@ -25,6 +25,12 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 "#;
 
+/// How often the invalidation subscription checks its connection, and how long the
+/// answer may take before the connection counts as dead (then it reconnects and drops
+/// every cached permission, as messages may have been missed).
+const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A sentinel member so a user with no networks still has a (present) set.
 const SENTINEL: &str = "-";
 /// How long the generation counters live (far longer than any set).
@@ -95,12 +101,34 @@ impl RedisCluster {
                     let mut pubsub = client.get_async_pubsub().await?;
                     pubsub.subscribe(&channel).await?;
                     svc.drop_cached_permissions(None);
-                    let mut stream = pubsub.on_message();
-                    while let Some(msg) = stream.next().await {
-                        let payload: String = msg.get_payload()?;
-                        match payload.strip_prefix("user:") {
-                            Some(user) => svc.drop_cached_permissions(Some(user)),
-                            None => svc.drop_cached_permissions(None),
+                    let (mut sink, mut stream) = pubsub.split();
+                    // A subscription only reads: a connection that died without a word
+                    // (a NAT or load balancer dropping it, a failover) would leave it
+                    // waiting for good, every invalidation missed. A PING every
+                    // PING_EVERY that must be answered within PING_TIMEOUT finds it.
+                    let mut ping = tokio::time::interval(PING_EVERY);
+                    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            msg = stream.next() => {
+                                let Some(msg) = msg else { break };
+                                let payload: String = msg.get_payload()?;
+                                match payload.strip_prefix("user:") {
+                                    Some(user) => svc.drop_cached_permissions(Some(user)),
+                                    None => svc.drop_cached_permissions(None),
+                                }
+                            }
+                            _ = ping.tick() => {
+                                match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
+                                    Ok(r) => drop(r?),
+                                    Err(_) => {
+                                        return Err(redis::RedisError::from((
+                                            redis::ErrorKind::IoError,
+                                            "no answer to PING",
+                                        )))
+                                    }
+                                }
+                            }
                         }
                     }
                     Ok::<(), redis::RedisError>(())

@@ -73,3 +73,126 @@ async fn two_servers_enforce_the_same_login_limit() {
     one.stop().await;
     two.stop().await;
 }
+
+/// A TCP relay to `target` whose connections opened so far can be frozen (`freeze`):
+/// they stay open and forward nothing, as a connection a NAT or load balancer dropped
+/// without a word; connections opened later pass.
+struct FreezableRelay {
+    addr: std::net::SocketAddr,
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezableRelay {
+    async fn start(target: &str) -> FreezableRelay {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (opened, frozen) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (o, f) = (opened.clone(), frozen.clone());
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let n = o.fetch_add(1, Ordering::SeqCst) + 1;
+                let Ok(up) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pump(dr, uw, n, f.clone()));
+                tokio::spawn(pump(ur, dw, n, f.clone()));
+            }
+        });
+        FreezableRelay {
+            addr,
+            opened,
+            frozen,
+        }
+    }
+
+    fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen
+            .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    n: u64,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let k = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(k) => k,
+        };
+        if n <= frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            // frozen: the connection stays open and forwards nothing
+            std::future::pending::<()>().await;
+        }
+        if w.write_all(&buf[..k]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The permission invalidation subscription notices a connection that went silent
+/// (it pings it) and reconnects, dropping every cached permission, as messages may have
+/// been missed: a role removed meanwhile stops counting. Before, the subscriber waited
+/// on the dead connection for good, and the cache served the role until its TTL.
+#[tokio::test]
+async fn a_silently_dead_subscription_is_noticed() {
+    let Some(url) = redis_url() else { return };
+    let target = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let relay = FreezableRelay::start(&target).await;
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(vaultpay_core::secret::Secret::new(format!(
+            "redis://{}",
+            relay.addr
+        )));
+        c.auth.permission_cache_ttl_secs = 3_600;
+    })
+    .await;
+    let email = format!("deaf-{}@example.com", uuid::Uuid::now_v7().simple());
+    let id = crate::auth_flows::id_of(&app.register(&email).await);
+    sqlx::query("INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ($1, 'compliance', 0, 'test')")
+        .bind(&id)
+        .execute(app.auth_db().writer())
+        .await
+        .unwrap();
+    let t = app.login(&email, PASSWORD).await;
+    let audit = || app.get("/v1/admin/audit?limit=1", Some(&t.access));
+    assert_eq!(audit().await.status, reqwest::StatusCode::OK);
+    // the role goes without an invalidation (as if its message were lost)
+    sqlx::query("DELETE FROM user_roles WHERE user_id = $1 AND role = 'compliance'")
+        .bind(&id)
+        .execute(app.auth_db().writer())
+        .await
+        .unwrap();
+    assert_eq!(
+        audit().await.status,
+        reqwest::StatusCode::OK,
+        "served from the cache"
+    );
+    relay.freeze();
+    // Bounded wait for the reconnect (a ping every 5 s, 3 s to answer), not a timing
+    // assertion; without the ping it never comes.
+    let mut refused = false;
+    for _ in 0..300 {
+        if audit().await.status == reqwest::StatusCode::FORBIDDEN {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the dead subscription was not noticed");
+    app.stop().await;
+}

@@ -210,7 +210,24 @@ impl AuthService {
         let backend = self.inner.iptrust.backend.read().clone();
         if let Some(b) = backend {
             if let Err(e) = b.forget(user_id).await {
-                tracing::warn!(error = %e, "could not drop the shared trusted-network set");
+                // Other replicas would go on trusting what was just revoked until the
+                // set's TTL (up to an hour): keep trying, in the background.
+                tracing::warn!(error = %e, "could not drop the shared trusted-network set; retrying");
+                let user = user_id.to_owned();
+                tokio::spawn(async move {
+                    let mut wait = std::time::Duration::from_millis(250);
+                    for _ in 0..12 {
+                        tokio::time::sleep(wait).await;
+                        match b.forget(&user).await {
+                            Ok(()) => return,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "trusted-network set still not dropped")
+                            }
+                        }
+                        wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                    }
+                    tracing::error!(user = %user, "gave up dropping the shared trusted-network set; it lapses with its TTL");
+                });
             }
         }
     }

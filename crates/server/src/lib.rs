@@ -12,6 +12,8 @@ pub mod nats_sink;
 #[cfg(feature = "redis")]
 pub mod redis_cluster;
 #[cfg(feature = "redis")]
+mod redis_conn;
+#[cfg(feature = "redis")]
 pub mod redis_limiter;
 pub mod remote;
 mod telemetry;

@@ -6,12 +6,11 @@
 //! * permission invalidations: published on a pub/sub channel; every replica
 //!   subscribes and drops its cached permissions.
 
+use crate::redis_conn::SharedConn;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::Script;
 use std::time::Duration;
-use tokio::sync::OnceCell;
 use vaultpay_auth::{AuthService, InvalidationBus, Lookup, TrustBackend};
 
 /// Replaces the set only when nobody changed it since the caller's `Missing` answer.
@@ -38,7 +37,7 @@ const GEN_TTL_SECS: i64 = 7 * 86_400;
 
 pub struct RedisCluster {
     client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: SharedConn,
     fill: Script,
     prefix: String,
 }
@@ -47,7 +46,7 @@ impl RedisCluster {
     pub fn new(url: &str) -> anyhow::Result<Self> {
         Ok(Self {
             client: redis::Client::open(url)?,
-            conn: OnceCell::new(),
+            conn: SharedConn::new(redis::Client::open(url)?),
             fill: Script::new(FILL),
             prefix: "vaultpay:".into(),
         })
@@ -69,20 +68,6 @@ impl RedisCluster {
 
     fn channel(&self) -> String {
         format!("{}perms", self.prefix)
-    }
-
-    async fn conn(&self) -> Result<ConnectionManager, String> {
-        self.conn
-            .get_or_try_init(|| async {
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_number_of_retries(1)
-                    .set_connection_timeout(Duration::from_secs(2))
-                    .set_response_timeout(Duration::from_secs(2));
-                ConnectionManager::new_with_config(self.client.clone(), cfg).await
-            })
-            .await
-            .cloned()
-            .map_err(|e| e.to_string())
     }
 
     /// Subscribes to invalidations and applies them to `svc` until `shutdown`;
@@ -157,14 +142,14 @@ impl TrustBackend for RedisCluster {
         network: &'a str,
     ) -> BoxFuture<'a, Result<Lookup, String>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
-            let (exists, member, generation): (bool, bool, Option<u64>) = redis::pipe()
+            let mut conn = self.conn.get().await?;
+            let r = redis::pipe()
                 .exists(self.set_key(user))
                 .sismember(self.set_key(user), network)
                 .get(self.gen_key(user))
                 .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await;
+            let (exists, member, generation): (bool, bool, Option<u64>) = self.conn.done(r).await?;
             Ok(if exists {
                 Lookup::Member(member)
             } else {
@@ -181,7 +166,7 @@ impl TrustBackend for RedisCluster {
         ttl_secs: u64,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn.get().await?;
             let mut inv = self.fill.key(self.set_key(user));
             inv.key(self.gen_key(user))
                 .arg(generation)
@@ -189,17 +174,15 @@ impl TrustBackend for RedisCluster {
             for n in networks.iter().filter(|n| n.as_str() != SENTINEL) {
                 inv.arg(n);
             }
-            inv.invoke_async::<i64>(&mut conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            let r = inv.invoke_async::<i64>(&mut conn).await;
+            self.conn.done(r).await.map(drop)
         })
     }
 
     fn forget<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
-            redis::pipe()
+            let mut conn = self.conn.get().await?;
+            let r = redis::pipe()
                 .atomic()
                 .incr(self.gen_key(user), 1)
                 .ignore()
@@ -208,8 +191,8 @@ impl TrustBackend for RedisCluster {
                 .del(self.set_key(user))
                 .ignore()
                 .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
+                .await;
+            self.conn.done(r).await
         })
     }
 }
@@ -217,18 +200,17 @@ impl TrustBackend for RedisCluster {
 impl InvalidationBus for RedisCluster {
     fn publish<'a>(&'a self, user: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn.get().await?;
             let payload = match user {
                 Some(u) => format!("user:{u}"),
                 None => "all".to_owned(),
             };
-            redis::cmd("PUBLISH")
+            let r = redis::cmd("PUBLISH")
                 .arg(self.channel())
                 .arg(payload)
                 .query_async::<i64>(&mut conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                .await;
+            self.conn.done(r).await.map(drop)
         })
     }
 }

@@ -3,10 +3,9 @@
 //! The same GCRA as `vaultpay_core::gcra`, run atomically in a Lua script against the
 //! Redis server's clock, so replicas with skewed clocks still agree.
 
+use crate::redis_conn::SharedConn;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use redis::Script;
-use tokio::sync::OnceCell;
 use vaultpay_core::gcra::{Decision, Quota};
 
 const GCRA: &str = r#"
@@ -26,8 +25,7 @@ return {1, new_tat - now, 0}
 "#;
 
 pub struct RedisRateLimiter {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: SharedConn,
     script: Script,
     prefix: String,
 }
@@ -35,8 +33,7 @@ pub struct RedisRateLimiter {
 impl RedisRateLimiter {
     pub fn new(url: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            client: redis::Client::open(url)?,
-            conn: OnceCell::new(),
+            conn: SharedConn::new(redis::Client::open(url)?),
             script: Script::new(GCRA),
             prefix: "vaultpay:rl:".into(),
         })
@@ -47,21 +44,6 @@ impl RedisRateLimiter {
         self.prefix = prefix.into();
         self
     }
-
-    async fn conn(&self) -> Result<ConnectionManager, String> {
-        self.conn
-            .get_or_try_init(|| async {
-                // Fail fast: a limiter that cannot answer makes the request fail closed (503).
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_number_of_retries(1)
-                    .set_connection_timeout(std::time::Duration::from_secs(2))
-                    .set_response_timeout(std::time::Duration::from_secs(2));
-                ConnectionManager::new_with_config(self.client.clone(), cfg).await
-            })
-            .await
-            .cloned()
-            .map_err(|e| e.to_string())
-    }
 }
 
 fn secs_ceil(micros: i64) -> u64 {
@@ -71,17 +53,18 @@ fn secs_ceil(micros: i64) -> u64 {
 impl vaultpay_web::RateLimiter for RedisRateLimiter {
     fn check<'a>(&'a self, key: &'a str, quota: Quota) -> BoxFuture<'a, Result<Decision, String>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
+            // Fail fast: a limiter that cannot answer makes the request fail closed (503).
+            let mut conn = self.conn.get().await?;
             let t = quota.emission_interval();
             let tau = quota.tolerance();
-            let (allowed, ahead, retry): (i64, i64, i64) = self
+            let r = self
                 .script
                 .key(format!("{}{key}", self.prefix))
                 .arg(t)
                 .arg(tau)
                 .invoke_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await;
+            let (allowed, ahead, retry): (i64, i64, i64) = self.conn.done(r).await?;
             let remaining = if allowed == 1 {
                 u32::try_from((tau - ahead) / t.max(1)).unwrap_or(0)
             } else {
@@ -103,12 +86,12 @@ impl vaultpay_web::RateLimiter for RedisRateLimiter {
 
     fn reset<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
-            redis::cmd("DEL")
+            let mut conn = self.conn.get().await?;
+            let r = redis::cmd("DEL")
                 .arg(format!("{}{key}", self.prefix))
                 .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
+                .await;
+            self.conn.done(r).await
         })
     }
 }

@@ -196,3 +196,81 @@ async fn a_silently_dead_subscription_is_noticed() {
     assert!(refused, "the dead subscription was not noticed");
     app.stop().await;
 }
+
+/// A trusted network revoked on a replica whose Redis connection has gone silent is
+/// still dropped from the shared store (the command that timed out opens a fresh
+/// connection, and the drop is retried), so the other replica holds the next sign-in
+/// from it. Before, the other replica trusted it until the set's TTL (up to an hour).
+#[tokio::test]
+async fn a_network_revoked_while_redis_stalls_is_dropped_everywhere() {
+    let Some(url) = redis_url() else { return };
+    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
+        eprintln!("note: VAULTPAY_TEST_PG_URL is not set; skipped");
+        return;
+    }
+    use crate::iptrust::{login_from, send_from};
+    use vaultpay_core::secret::Secret;
+    let target = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let relay = FreezableRelay::start(&target).await;
+    let tweak = |c: &mut vaultpay_server::Config, redis: String| {
+        c.redis_url = Some(Secret::new(redis));
+        c.trusted_proxies = vec!["127.0.0.1".into()];
+        c.auth.rate_limits.login_per_account = Quota::new(100, 60);
+    };
+    let mut cfg1 = test_config(Backend::Postgres).await;
+    tweak(&mut cfg1, format!("redis://{}", relay.addr));
+    let one = TestApp::start(cfg1).await;
+    let mut cfg2 = test_config(Backend::Postgres).await;
+    tweak(&mut cfg2, url.clone());
+    cfg2.database = one.cfg.database.clone();
+    cfg2.master_key = one.cfg.master_key.clone();
+    let two = TestApp::start(cfg2).await;
+
+    let email = format!("stall-{}@example.com", uuid::Uuid::now_v7().simple());
+    one.register(&email).await;
+    let first = login_from(&one, "198.51.100.1", &email, "d1").await;
+    assert_eq!(first.status, reqwest::StatusCode::OK, "{}", first.text);
+    // the other replica trusts the network through the shared set
+    let r = login_from(&two, "198.51.100.7", &email, "d2").await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{}", r.text);
+    let access = first.body["access_token"].as_str().unwrap().to_owned();
+    let nets = send_from(
+        &one,
+        "198.51.100.1",
+        reqwest::Method::GET,
+        "/v1/me/trusted-networks",
+        Some(&access),
+        None,
+    )
+    .await;
+    let net = nets.body["networks"][0]["id"].as_str().unwrap().to_owned();
+
+    relay.freeze();
+    let r = send_from(
+        &one,
+        "198.51.100.1",
+        reqwest::Method::DELETE,
+        &format!("/v1/me/trusted-networks/{net}"),
+        Some(&access),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, reqwest::StatusCode::NO_CONTENT, "{}", r.text);
+    // Bounded wait for the retried drop (not a timing assertion).
+    let mut held = false;
+    for _ in 0..40 {
+        let r = login_from(&two, "198.51.100.7", &email, "d2").await;
+        if r.status == reqwest::StatusCode::ACCEPTED {
+            held = true;
+            break;
+        }
+        assert_eq!(r.status, reqwest::StatusCode::OK, "{}", r.text);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(held, "the other replica still trusts the revoked network");
+    one.stop().await;
+    two.stop().await;
+}

@@ -274,3 +274,33 @@ async fn a_network_revoked_while_redis_stalls_is_dropped_everywhere() {
     one.stop().await;
     two.stop().await;
 }
+
+/// A Redis that accepts connections and never answers (a host that went away behind a
+/// load balancer): a burst of rate-limit checks fails closed without each opening its
+/// own connection and waiting out its own timeout in turn (which queued sign-ins past
+/// their deadline); a failed connect is tried again only after a second.
+#[tokio::test]
+async fn a_burst_against_a_mute_redis_fails_together() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tarpit.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicU64::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = tarpit.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            held.push(c); // open, silent
+        }
+    });
+    let l = std::sync::Arc::new(RedisRateLimiter::new(&format!("redis://{addr}")).unwrap());
+    let checks = (0..20).map(|i| {
+        let l = l.clone();
+        tokio::spawn(async move { l.check(&format!("k{i}"), Quota::new(1, 1)).await })
+    });
+    for c in futures::future::join_all(checks).await {
+        assert!(c.unwrap().is_err(), "fails closed");
+    }
+    let n = accepted.load(Ordering::SeqCst);
+    assert!(n <= 4, "{n} connections for one burst");
+}

@@ -205,8 +205,12 @@ impl AuthService {
     /// Adding a second factor needs proof of a recent authentication, so a stolen
     /// (or long-refreshed) access token cannot enrol an attacker's authenticator:
     /// a login within `max_age` (RFC 9470 `max_age` challenge), or, when the user
-    /// already has a second factor, a step-up within `max_age`.
+    /// already has a second factor, a step-up within `max_age`. And the user's own
+    /// session: an OAuth client, whatever its scope, enrols no factor for the user (it
+    /// would hold the only TOTP secret and the recovery codes, and lock the user out),
+    /// and changes no credential ([`crate::oauth::require_first_party`]).
     pub(crate) async fn require_recent_auth(&self, p: &Principal) -> Result<(), AuthError> {
+        crate::oauth::require_first_party(p)?;
         let max_age = self.inner.cfg.step_up.max_age_secs;
         let now = now_micros() / 1_000_000;
         if self.factors(p.user_id()).await?.any() {
@@ -1344,6 +1348,8 @@ impl AuthService {
     ///   have one, a sign-in within `max_age` from users who have none (they have
     ///   nothing stronger to offer, and the current password is checked as well).
     pub async fn require_step_up(&self, p: &Principal, op: StepUpOp) -> Result<(), AuthError> {
+        // Credential, role and second-factor changes are the user's own session's.
+        crate::oauth::require_first_party(p)?;
         let sc = &self.inner.cfg.step_up;
         let on = match op {
             StepUpOp::PasswordChange => sc.password_change,

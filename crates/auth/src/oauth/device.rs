@@ -341,12 +341,7 @@ pub(crate) async fn approve_route(
     // Only the user's own (first-party) session approves a device: a client the user
     // let act with `api` would otherwise mint a session for another client, with
     // scopes (a refresh token, say) the user never granted it.
-    if p.claims.client_id.is_some() {
-        return Err(ApiError::forbidden(
-            "first_party_session_required",
-            "Approve devices from a VaultPay session (POST /v1/auth/login), not with a token issued to an OAuth client.",
-        ));
-    }
+    super::require_first_party(&p)?;
     let amr = p.claims.amr.join(" ");
     let ok = svc
         .decide_device(

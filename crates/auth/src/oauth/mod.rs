@@ -197,6 +197,20 @@ pub(crate) fn require_api_scope(p: &Principal) -> Result<(), AuthError> {
     Ok(())
 }
 
+/// Refuses a token issued to an OAuth client (403 `first_party_session_required`):
+/// for what only the user's own session may do, whatever scope a client was granted
+/// (approving a device, adding or replacing a second factor, changing the password or
+/// email, unlinking a sign-in provider).
+pub(crate) fn require_first_party(p: &Principal) -> Result<(), AuthError> {
+    if p.claims.client_id.is_some() {
+        return Err(AuthError::Api(vaultpay_web::ApiError::forbidden(
+            "first_party_session_required",
+            "Do this from a VaultPay session (POST /v1/auth/login), not with a token issued to an OAuth client.",
+        )));
+    }
+    Ok(())
+}
+
 /// An error of the OAuth token-style endpoints, rendered as RFC 6749 §5.2 JSON.
 #[derive(Debug)]
 pub enum OAuthError {

@@ -1783,3 +1783,50 @@ async fn step_up_keeps_an_oauth_token_the_clients() {
         app.stop().await;
     });
 }
+
+/// A token issued to an OAuth client, even with the `api` scope and a fresh sign-in,
+/// adds no second factor for the user (it would hold the only TOTP secret and the
+/// recovery codes) and changes no credential: 403 `first_party_session_required`. The
+/// user's own session does all of it.
+#[tokio::test]
+async fn oauth_clients_cannot_enrol_factors_or_change_credentials() {
+    use crate::oauth::{exchange, get_code, pkce, web_client, CB};
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let admin = app.admin().await;
+        let client = web_client(&app, &admin.access).await;
+        let email = "delegated@example.com";
+        let own = app.user(email).await;
+        let (verifier, challenge) = pkce();
+        let code = get_code(&app, &client.id, CB, "openid api", &challenge, email).await;
+        let tokens = exchange(&app, &client, &code, CB, &verifier).await;
+        assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
+        let delegated = tokens.body["access_token"].as_str().unwrap().to_owned();
+        // the client may act on the API (it has `api`)
+        assert_eq!(
+            app.get("/v1/me", Some(&delegated)).await.status,
+            StatusCode::OK
+        );
+        for (path, body) in [
+            ("/v1/mfa/totp", json!({})),
+            ("/v1/mfa/email/enable", json!({})),
+            (
+                "/v1/auth/password/change",
+                json!({ "current_password": PASSWORD, "new_password": "An0ther-correct-Horse-battery" }),
+            ),
+            (
+                "/v1/auth/email/change",
+                json!({ "new_email": "elsewhere@example.com", "password": PASSWORD }),
+            ),
+        ] {
+            app.post(path, Some(&delegated), body)
+                .await
+                .assert_problem(403, "first_party_session_required");
+        }
+        assert_eq!(app.count_where("mfa_totp", "1 = 1").await, 0);
+        // the user's own session enrols
+        let r = app.post("/v1/mfa/totp", Some(&own.access), json!({})).await;
+        assert!(r.status.is_success(), "{}", r.text);
+        app.stop().await;
+    });
+}

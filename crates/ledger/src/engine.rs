@@ -624,7 +624,10 @@ fn answer_if_failed(group: &mut Vec<Queued>, began: Result<Tx, LedgerError>) -> 
         Err(e) => {
             tracing::error!(error = %e, "group commit: begin failed");
             let (transient, unreachable) = (e.is_transient(), e.is_unreachable());
-            for (_, reply_to) in group.drain(..) {
+            for (job, reply_to) in group.drain(..) {
+                // Release the in-flight claim before answering (see `answer_group`): a
+                // retry with the same key right after this answer must not get 409.
+                drop(job);
                 let _ = reply_to.send(Err(if transient {
                     LedgerError::TransactionConflict
                 } else if unreachable {

@@ -92,6 +92,20 @@ fn mailed_code(app: &TestApp, to: &str) -> String {
     mail[start..start + 6].to_owned()
 }
 
+/// Turns on emailed codes for `who` (signed in as `token`): enable, then confirm with
+/// the mailed code.
+async fn enable_email(app: &TestApp, token: &str, who: &str) {
+    let r = app
+        .post("/v1/mfa/email/enable", Some(token), json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let c = mailed_code(app, who);
+    let r = app
+        .post("/v1/mfa/email/confirm", Some(token), json!({ "code": c }))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
 fn mails_with_code(app: &TestApp, to: &str) -> usize {
     app.mails()
         .iter()
@@ -343,19 +357,7 @@ async fn security_changes_are_mailed_to_the_account() {
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!((notices(ADDED), notices(REMOVED)), (1, 1));
-        let r = app
-            .post("/v1/mfa/email/enable", Some(&t.access), json!({}))
-            .await;
-        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
-        let c = mailed_code(&app, who);
-        let r = app
-            .post(
-                "/v1/mfa/email/confirm",
-                Some(&t.access),
-                json!({ "code": c }),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        enable_email(&app, &t.access, who).await;
         assert_eq!((notices(ADDED), notices(REMOVED)), (2, 1));
         app.stop().await;
     });
@@ -803,17 +805,7 @@ async fn step_up_by_emailed_code_and_for_role_changes() {
             .unwrap()
             .to_owned();
         // the admin turns on emailed codes
-        app.post("/v1/mfa/email/enable", Some(&admin.access), json!({}))
-            .await;
-        let c = mailed_code(&app, "admin@example.com");
-        let r = app
-            .post(
-                "/v1/mfa/email/confirm",
-                Some(&admin.access),
-                json!({ "code": c }),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        enable_email(&app, &admin.access, "admin@example.com").await;
         let path = format!("/v1/admin/users/{id}/roles");
         let r = app
             .post(&path, Some(&admin.access), json!({"role": "support"}))
@@ -1672,17 +1664,7 @@ async fn device_page_takes_an_emailed_code() {
         let cli = device_client(&app, &admin.access).await;
         let who = "mailonly@example.com";
         let t = app.user(who).await;
-        app.post("/v1/mfa/email/enable", Some(&t.access), json!({}))
-            .await;
-        let c = mailed_code(&app, who);
-        let r = app
-            .post(
-                "/v1/mfa/email/confirm",
-                Some(&t.access),
-                json!({ "code": c }),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        enable_email(&app, &t.access, who).await;
 
         let sent = mails_with_code(&app, who);
         let p = device_page_guess(&app, &cli, who, "").await;

@@ -649,6 +649,7 @@ impl Ledger {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<wire::FailedTransferList, LedgerError> {
+        self.require_live_auditor(actor).await?;
         query::failed_transfers(self.db(), actor, cursor, limit, self.config().page_size_max).await
     }
 
@@ -659,7 +660,24 @@ impl Ledger {
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<wire::AuditList, LedgerError> {
+        self.require_live_auditor(actor).await?;
         query::audit_log(self.db(), actor, cursor, limit).await
+    }
+
+    /// The staff reads of the ledger's records (its audit log, failed transfers):
+    /// like an admin action, AuthShield confirms that the caller's session is live and
+    /// that it still holds compliance or admin, so a revoked session or role stops
+    /// reading at once, not when the token expires.
+    async fn require_live_auditor(&self, actor: &Actor) -> Result<(), LedgerError> {
+        if !actor.can_audit() {
+            return Err(LedgerError::Forbidden("audit:read"));
+        }
+        let roles = self.require_live_session(actor).await?;
+        if !roles.is_some_and(|r| r.iter().any(|r| r == "compliance" || r == "admin")) {
+            metrics::counter!("ledger_role_revoked_total").increment(1);
+            return Err(LedgerError::Forbidden("audit:read"));
+        }
+        Ok(())
     }
 }
 

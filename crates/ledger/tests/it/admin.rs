@@ -191,6 +191,18 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
         .await
         .problem(401, "session_revoked");
         assert!(*app.introspector.calls.lock() >= 3);
+
+        // staff reads of the ledger's records are checked live too
+        let auditor = app.token_sid("comp-1", &["compliance"], "s-comp");
+        for path in ["/v1/admin/ledger/audit", "/v1/admin/failed-transfers"] {
+            app.get(path, &auditor).await.expect(200);
+        }
+        app.introspector.revoked.lock().insert("s-comp".into());
+        for path in ["/v1/admin/ledger/audit", "/v1/admin/failed-transfers"] {
+            app.get(path, &auditor)
+                .await
+                .problem(401, "session_revoked");
+        }
     })
     .await;
 }

@@ -153,6 +153,10 @@ pub(crate) struct TrustState {
     generation: AtomicU64,
     local: RwLock<HashMap<String, Arc<Known>>>,
     backend: RwLock<Option<Arc<dyn TrustBackend>>>,
+    /// Users whose shared set a background task is still trying to drop (one task
+    /// each, however many changes fail meanwhile), and whether a change came since its
+    /// current attempt began (then it must drop the set once more).
+    retrying: Arc<parking_lot::Mutex<HashMap<String, bool>>>,
 }
 
 /// Result of a trust check.
@@ -214,18 +218,36 @@ impl AuthService {
                 // set's TTL (up to an hour): keep trying, in the background.
                 tracing::warn!(error = %e, "could not drop the shared trusted-network set; retrying");
                 let user = user_id.to_owned();
+                let retrying = self.inner.iptrust.retrying.clone();
+                {
+                    let mut pending = retrying.lock();
+                    if let Some(changed) = pending.get_mut(&user) {
+                        *changed = true; // the running task drops the set once more
+                        return;
+                    }
+                    pending.insert(user.clone(), false);
+                }
                 tokio::spawn(async move {
                     let mut wait = std::time::Duration::from_millis(250);
                     for _ in 0..12 {
                         tokio::time::sleep(wait).await;
+                        retrying.lock().insert(user.clone(), false);
                         match b.forget(&user).await {
-                            Ok(()) => return,
+                            Ok(()) => {
+                                let mut pending = retrying.lock();
+                                if pending.get(&user) == Some(&false) {
+                                    pending.remove(&user);
+                                    return;
+                                }
+                                // changed again while this attempt ran: once more
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "trusted-network set still not dropped")
                             }
                         }
                         wait = (wait * 2).min(std::time::Duration::from_secs(30));
                     }
+                    retrying.lock().remove(&user);
                     tracing::error!(user = %user, "gave up dropping the shared trusted-network set; it lapses with its TTL");
                 });
             }

@@ -83,8 +83,20 @@ impl RedisCluster {
         tokio::spawn(async move {
             loop {
                 let run = async {
-                    let mut pubsub = client.get_async_pubsub().await?;
-                    pubsub.subscribe(&channel).await?;
+                    // Connecting and subscribing get a bound too: a half-dead endpoint
+                    // that accepts and never answers would otherwise hold them for good.
+                    let pubsub = tokio::time::timeout(PING_EVERY, async {
+                        let mut pubsub = client.get_async_pubsub().await?;
+                        pubsub.subscribe(&channel).await?;
+                        Ok::<_, redis::RedisError>(pubsub)
+                    })
+                    .await
+                    .map_err(|_| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::IoError,
+                            "no answer to the subscription",
+                        ))
+                    })??;
                     svc.drop_cached_permissions(None);
                     let (mut sink, mut stream) = pubsub.split();
                     // A subscription only reads: a connection that died without a word
@@ -147,9 +159,10 @@ impl TrustBackend for RedisCluster {
                 .exists(self.set_key(user))
                 .sismember(self.set_key(user), network)
                 .get(self.gen_key(user))
-                .query_async(&mut conn)
+                .query_async(&mut conn.manager)
                 .await;
-            let (exists, member, generation): (bool, bool, Option<u64>) = self.conn.done(r).await?;
+            let (exists, member, generation): (bool, bool, Option<u64>) =
+                self.conn.done(&conn, r)?;
             Ok(if exists {
                 Lookup::Member(member)
             } else {
@@ -174,8 +187,8 @@ impl TrustBackend for RedisCluster {
             for n in networks.iter().filter(|n| n.as_str() != SENTINEL) {
                 inv.arg(n);
             }
-            let r = inv.invoke_async::<i64>(&mut conn).await;
-            self.conn.done(r).await.map(drop)
+            let r = inv.invoke_async::<i64>(&mut conn.manager).await;
+            self.conn.done(&conn, r).map(drop)
         })
     }
 
@@ -190,9 +203,9 @@ impl TrustBackend for RedisCluster {
                 .ignore()
                 .del(self.set_key(user))
                 .ignore()
-                .query_async::<()>(&mut conn)
+                .query_async::<()>(&mut conn.manager)
                 .await;
-            self.conn.done(r).await
+            self.conn.done(&conn, r)
         })
     }
 }
@@ -208,9 +221,9 @@ impl InvalidationBus for RedisCluster {
             let r = redis::cmd("PUBLISH")
                 .arg(self.channel())
                 .arg(payload)
-                .query_async::<i64>(&mut conn)
+                .query_async::<i64>(&mut conn.manager)
                 .await;
-            self.conn.done(r).await.map(drop)
+            self.conn.done(&conn, r).map(drop)
         })
     }
 }

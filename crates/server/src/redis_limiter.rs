@@ -62,9 +62,9 @@ impl vaultpay_web::RateLimiter for RedisRateLimiter {
                 .key(format!("{}{key}", self.prefix))
                 .arg(t)
                 .arg(tau)
-                .invoke_async(&mut conn)
+                .invoke_async(&mut conn.manager)
                 .await;
-            let (allowed, ahead, retry): (i64, i64, i64) = self.conn.done(r).await?;
+            let (allowed, ahead, retry): (i64, i64, i64) = self.conn.done(&conn, r)?;
             let remaining = if allowed == 1 {
                 u32::try_from((tau - ahead) / t.max(1)).unwrap_or(0)
             } else {
@@ -89,9 +89,9 @@ impl vaultpay_web::RateLimiter for RedisRateLimiter {
             let mut conn = self.conn.get().await?;
             let r = redis::cmd("DEL")
                 .arg(format!("{}{key}", self.prefix))
-                .query_async::<()>(&mut conn)
+                .query_async::<()>(&mut conn.manager)
                 .await;
-            self.conn.done(r).await
+            self.conn.done(&conn, r)
         })
     }
 }

@@ -380,11 +380,7 @@ impl AuthService {
             )
             .await?;
         tx.commit().await?;
-        let _ = self
-            .inner
-            .limiter
-            .reset(&format!("login:acct:{email}"))
-            .await;
+        self.reset_login_limit(&email).await;
         metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
         self.token_response(facts, refresh).await
     }
@@ -788,6 +784,16 @@ impl AuthService {
             now,
         )
         .await
+    }
+
+    /// A sign-in passed: the account's sign-in rate limit starts again (best effort: a
+    /// limiter that cannot answer keeps the count, which only errs toward limiting).
+    pub(crate) async fn reset_login_limit(&self, email: &str) {
+        let _ = self
+            .inner
+            .limiter
+            .reset(&format!("login:acct:{email}"))
+            .await;
     }
 
     /// Refuses a token whose session has been revoked or has expired.

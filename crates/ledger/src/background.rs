@@ -46,31 +46,24 @@ pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
     // Page by page in (expires_at, id) order, each page after the last hold of the one
     // before: a page's worth of holds that keep failing does not hide the holds behind
     // it (with the first page read again each run, they stayed reserved for good).
-    let mut after: Option<(i64, String)> = None;
+    // The first page starts after (i64::MIN, ""), i.e. at the beginning.
+    let (mut after_at, mut after_id) = (i64::MIN, String::new());
     loop {
-        let rows = match &after {
-            None => sqlx::query(
-                "SELECT id, expires_at FROM transfers WHERE status = 'pending' AND expires_at <= $1 \
-                 ORDER BY expires_at, id LIMIT $2",
-            )
-            .bind(now)
-            .bind(EXPIRY_PAGE),
-            Some((at, id)) => sqlx::query(
-                "SELECT id, expires_at FROM transfers WHERE status = 'pending' AND expires_at <= $1 \
-                 AND (expires_at > $2 OR (expires_at = $2 AND id > $3)) ORDER BY expires_at, id LIMIT $4",
-            )
-            .bind(now)
-            .bind(*at)
-            .bind(id.clone())
-            .bind(EXPIRY_PAGE),
-        }
+        let rows = sqlx::query(
+            "SELECT id, expires_at FROM transfers WHERE status = 'pending' AND expires_at <= $1 \
+             AND (expires_at > $2 OR (expires_at = $2 AND id > $3)) ORDER BY expires_at, id LIMIT $4",
+        )
+        .bind(now)
+        .bind(after_at)
+        .bind(&after_id)
+        .bind(EXPIRY_PAGE)
         .fetch_all(core.db.read())
         .await?;
         let full = rows.len() as i64 == EXPIRY_PAGE;
         for r in rows {
-            let id: String = r.try_get("id")?;
-            after = Some((r.try_get("expires_at")?, id.clone()));
-            n += expire_one(core, &id, now).await;
+            after_id = r.try_get("id")?;
+            after_at = r.try_get("expires_at")?;
+            n += expire_one(core, &after_id, now).await;
         }
         if !full {
             break;

@@ -107,15 +107,19 @@ pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the master key file is: `master_key_file`, or `<data_dir>/master.key`.
+fn master_key_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.master_key_file
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("master.key"))
+}
+
 /// Refuses to start AuthShield on `db` with a master key about to be generated when
 /// `db` already holds secrets sealed with one (signing keys): the key file is missing
 /// (a partial restore, a moved data directory), and a new key would leave those
 /// secrets unreadable and the keyed email index unable to find existing accounts.
 async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> anyhow::Result<()> {
-    let path = cfg
-        .master_key_file
-        .clone()
-        .unwrap_or_else(|| cfg.data_dir.join("master.key"));
+    let path = master_key_path(cfg);
     if cfg.master_key.is_some() || path.exists() {
         return Ok(());
     }
@@ -140,10 +144,7 @@ pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
     if let Some(k) = &cfg.master_key {
         return MasterKey::parse(k.expose()).context("master_key");
     }
-    let path = cfg
-        .master_key_file
-        .clone()
-        .unwrap_or_else(|| cfg.data_dir.join("master.key"));
+    let path = master_key_path(cfg);
     if path.exists() {
         #[cfg(unix)]
         {
@@ -196,33 +197,7 @@ fn db_options(cfg: &Config) -> DbOptions {
 
 /// Opens and migrates the databases of `mode` (for `vaultpay migrate`).
 pub async fn open_dbs(cfg: &Config, mode: Mode) -> anyhow::Result<(Option<Db>, Option<Db>)> {
-    if cfg.auth_db() == cfg.ledger_db() {
-        bail!("AuthShield and the ledger must not share a database");
-    }
-    let needs_dir = !cfg.auth_db().contains("://") || !cfg.ledger_db().contains("://");
-    if needs_dir {
-        ensure_data_dir(&cfg.data_dir)?;
-    }
-    let opts = db_options(cfg);
-    let auth = if mode.auth() {
-        Some(
-            Db::open(&cfg.auth_db(), Service::Auth, &opts)
-                .await
-                .context("opening AuthShield's database")?,
-        )
-    } else {
-        None
-    };
-    let ledger = if mode.ledger() {
-        Some(
-            Db::open(&cfg.ledger_db(), Service::Ledger, &opts)
-                .await
-                .context("opening the ledger's database")?,
-        )
-    } else {
-        None
-    };
-    Ok((auth, ledger))
+    open_each(cfg, mode, false).await
 }
 
 /// Opens the databases of `mode` that must already exist, for the commands that
@@ -233,48 +208,73 @@ pub async fn open_existing_dbs(
     cfg: &Config,
     mode: Mode,
 ) -> anyhow::Result<(Option<Db>, Option<Db>)> {
+    open_each(cfg, mode, true).await
+}
+
+async fn open_each(
+    cfg: &Config,
+    mode: Mode,
+    existing: bool,
+) -> anyhow::Result<(Option<Db>, Option<Db>)> {
+    if cfg.auth_db() == cfg.ledger_db() {
+        bail!("AuthShield and the ledger must not share a database");
+    }
+    let needs_dir = !cfg.auth_db().contains("://") || !cfg.ledger_db().contains("://");
+    if needs_dir && !existing {
+        ensure_data_dir(&cfg.data_dir)?;
+    }
     let opts = db_options(cfg);
-    let open = |location: String, service: Service, what: &'static str| {
-        let opts = opts.clone();
-        async move {
-            if let Some(file) = vaultpay_store::sqlite_file(&location) {
-                if !file.is_file() {
-                    bail!(
-                        "{what}'s database {} does not exist (is --data-dir right?)",
-                        file.display()
-                    );
-                }
-            }
-            let db = Db::connect(&location, service, &opts)
-                .await
-                .with_context(|| format!("opening {what}'s database"))?;
-            let applied: Result<i64, _> =
-                vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
-                    .fetch_one(db.read())
-                    .await;
-            if !matches!(applied, Ok(n) if n > 0) {
-                bail!(
-                    "{what}'s database {} has no VaultPay schema",
-                    vaultpay_store::redact_url(&location)
-                );
-            }
-            db.migrate()
-                .await
-                .with_context(|| format!("migrating {what}'s database"))?;
-            Ok(db)
+    let mut dbs = (None, None);
+    if mode.auth() {
+        let location = cfg.auth_db();
+        dbs.0 = Some(open_one(&location, Service::Auth, "AuthShield", &opts, existing).await?);
+    }
+    if mode.ledger() {
+        let location = cfg.ledger_db();
+        dbs.1 = Some(open_one(&location, Service::Ledger, "the ledger", &opts, existing).await?);
+    }
+    Ok(dbs)
+}
+
+/// Opens (creating and migrating) the database at `location`; with `existing`, only
+/// one that is there and has VaultPay's schema.
+async fn open_one(
+    location: &str,
+    service: Service,
+    what: &str,
+    opts: &DbOptions,
+    existing: bool,
+) -> anyhow::Result<Db> {
+    if !existing {
+        return Db::open(location, service, opts)
+            .await
+            .with_context(|| format!("opening {what}'s database"));
+    }
+    if let Some(file) = vaultpay_store::sqlite_file(location) {
+        if !file.is_file() {
+            bail!(
+                "{what}'s database {} does not exist (is --data-dir right?)",
+                file.display()
+            );
         }
-    };
-    let auth = if mode.auth() {
-        Some(open(cfg.auth_db(), Service::Auth, "AuthShield").await?)
-    } else {
-        None
-    };
-    let ledger = if mode.ledger() {
-        Some(open(cfg.ledger_db(), Service::Ledger, "the ledger").await?)
-    } else {
-        None
-    };
-    Ok((auth, ledger))
+    }
+    let db = Db::connect(location, service, opts)
+        .await
+        .with_context(|| format!("opening {what}'s database"))?;
+    let applied: Result<i64, _> =
+        vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(db.read())
+            .await;
+    if !matches!(applied, Ok(n) if n > 0) {
+        bail!(
+            "{what}'s database {} has no VaultPay schema",
+            vaultpay_store::redact_url(location)
+        );
+    }
+    db.migrate()
+        .await
+        .with_context(|| format!("migrating {what}'s database"))?;
+    Ok(db)
 }
 
 fn rate_limiter(cfg: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {

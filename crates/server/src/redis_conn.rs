@@ -38,6 +38,15 @@ struct Slot {
     failed_at: Option<Instant>,
 }
 
+impl Slot {
+    fn handout(&self) -> Option<Conn> {
+        self.conn.as_ref().map(|(id, c)| Conn {
+            id: *id,
+            manager: c.clone(),
+        })
+    }
+}
+
 enum Next {
     Ready(Conn),
     Wait(Arc<Notify>),
@@ -54,11 +63,8 @@ impl SharedConn {
 
     fn next(&self) -> Result<Next, String> {
         let mut slot = self.slot.lock();
-        if let Some((id, c)) = &slot.conn {
-            return Ok(Next::Ready(Conn {
-                id: *id,
-                manager: c.clone(),
-            }));
+        if let Some(c) = slot.handout() {
+            return Ok(Next::Ready(c));
         }
         if let Some(n) = &slot.connecting {
             return Ok(Next::Wait(n.clone()));
@@ -128,10 +134,7 @@ impl SharedConn {
     }
 
     fn current(&self) -> Option<Conn> {
-        self.slot.lock().conn.as_ref().map(|(id, c)| Conn {
-            id: *id,
-            manager: c.clone(),
-        })
+        self.slot.lock().handout()
     }
 
     /// A command's result as the components report it; a timeout on `conn` drops it

@@ -186,17 +186,15 @@ impl std::fmt::Debug for Db {
 }
 
 /// The file of a configured SQLite location (a path, `sqlite:PATH` or `sqlite://PATH`,
-/// query string dropped); `None` for PostgreSQL and in-memory databases.
+/// as [`normalise_url`] reads it, query string dropped); `None` for PostgreSQL,
+/// in-memory databases and locations that are no database.
 pub fn sqlite_file(location: &str) -> Option<std::path::PathBuf> {
-    if location.contains("://") && !location.starts_with("sqlite://") {
+    let (Backend::Sqlite, url) = normalise_url(location).ok()? else {
         return None;
-    }
-    let rest = location
-        .strip_prefix("sqlite://")
-        .or_else(|| location.strip_prefix("sqlite:"))
-        .unwrap_or(location);
+    };
+    let rest = url.strip_prefix("sqlite://").unwrap_or(&url);
     let path = rest.split('?').next().unwrap_or(rest);
-    if path.is_empty() || path == ":memory:" || location.contains("mode=memory") {
+    if path.is_empty() || path == ":memory:" || url.contains("mode=memory") {
         return None;
     }
     Some(std::path::PathBuf::from(path))
@@ -525,6 +523,17 @@ impl FromStr for Backend {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlite_files_of_each_location_form() {
+        let f = |l: &str| sqlite_file(l).map(|p| p.display().to_string());
+        assert_eq!(f("data/auth.db").as_deref(), Some("data/auth.db"));
+        assert_eq!(f("sqlite:/x/a.db").as_deref(), Some("/x/a.db"));
+        assert_eq!(f("sqlite:///x/a.db?mode=rw").as_deref(), Some("/x/a.db"));
+        assert_eq!(f("postgres://u@h/db"), None);
+        assert_eq!(f("sqlite::memory:"), None);
+        assert_eq!(f("mysql://h/db"), None);
+    }
 
     /// A PostgreSQL connection that died (server restart, dropped socket) is replaced:
     /// after an idle spell before use (no failed query), and in steady use after at

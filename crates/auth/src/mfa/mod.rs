@@ -1329,11 +1329,7 @@ impl AuthService {
             )
             .await?;
         tx.commit().await?;
-        let _ = self
-            .inner
-            .limiter
-            .reset(&format!("login:acct:{email}"))
-            .await;
+        self.reset_login_limit(&email).await;
         metrics::counter!("auth_logins_total", "outcome" => "success").increment(1);
         self.token_response(facts, refresh).await
     }

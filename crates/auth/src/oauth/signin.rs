@@ -106,11 +106,7 @@ impl AuthService {
             .bind(user_id)
             .execute(self.inner.db.writer())
             .await?;
-        let _ = self
-            .inner
-            .limiter
-            .reset(&format!("login:acct:{email}"))
-            .await;
+        self.reset_login_limit(email).await;
         Ok(())
     }
 }

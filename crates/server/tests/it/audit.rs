@@ -558,14 +558,24 @@ async fn the_database_refuses_update_and_delete_on_the_audit_log() {
 
 /// Runs `vaultpay audit verify --service <which>` against the app's databases.
 fn cli_audit_verify(cfg: &vaultpay_server::Config, which: &str) -> (i32, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
-    cmd.env_clear()
-        .args(["audit", "verify", "--service", which])
-        .env("VAULTPAY_DATABASE__AUTH_URL", cfg.auth_db())
-        .env("VAULTPAY_DATABASE__LEDGER_URL", cfg.ledger_db())
-        .env("VAULTPAY_DATA_DIR", &cfg.data_dir);
+    let mut env = vec![
+        ("VAULTPAY_DATABASE__AUTH_URL", cfg.auth_db()),
+        ("VAULTPAY_DATABASE__LEDGER_URL", cfg.ledger_db()),
+        ("VAULTPAY_DATA_DIR", cfg.data_dir.display().to_string()),
+    ];
     if let Some(k) = &cfg.master_key {
-        cmd.env("VAULTPAY_MASTER_KEY", k.expose());
+        env.push(("VAULTPAY_MASTER_KEY", k.expose().to_owned()));
+    }
+    run_cli(&["audit", "verify", "--service", which], &env)
+}
+
+/// Runs the `vaultpay` binary with `args` and only the environment `env`; returns its
+/// exit code and its stdout and stderr together.
+fn run_cli(args: &[&str], env: &[(&str, String)]) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
+    cmd.env_clear().args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
     let text = format!(
@@ -639,33 +649,19 @@ async fn a_tampered_row_is_found_at_its_seq() {
 #[tokio::test]
 async fn verify_commands_refuse_a_missing_or_empty_database() {
     let missing = temp_dir().join("not-here");
-    let run = |args: &[&str], env: &[(&str, String)]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vaultpay"));
-        cmd.env_clear().args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    };
     let dir = missing.display().to_string();
     for args in [
         &["audit", "verify", "--data-dir", &dir][..],
         &["ledger", "verify", "--data-dir", &dir][..],
     ] {
-        let (code, text) = run(args, &[]);
+        let (code, text) = run_cli(args, &[]);
         assert_ne!(code, 0, "{args:?}: {text}");
         assert!(text.contains("does not exist"), "{args:?}: {text}");
         assert!(!missing.join("auth.db").exists() && !missing.join("ledger.db").exists());
     }
     // a sqlite: URL naming a file that is not there: refused, and not created
     let url = format!("sqlite://{}/auth.db", missing.display());
-    let (code, text) = run(
+    let (code, text) = run_cli(
         &["audit", "verify", "--service", "auth"],
         &[("VAULTPAY_DATABASE__AUTH_URL", url)],
     );
@@ -688,7 +684,7 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
             &["audit", "verify", "--service", "auth"][..],
             &["ledger", "verify"][..],
         ] {
-            let (code, text) = run(args, &env);
+            let (code, text) = run_cli(args, &env);
             assert_ne!(code, 0, "{args:?}: {text}");
             assert!(text.contains("has no VaultPay schema"), "{args:?}: {text}");
         }

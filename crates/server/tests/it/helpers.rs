@@ -222,6 +222,19 @@ impl TestApp {
         .await
     }
 
+    /// Opens a wallet in `currency` as the holder of `token`; returns its id.
+    pub async fn open_wallet(&self, token: &str, currency: &str) -> String {
+        let r = self
+            .post(
+                "/v1/accounts",
+                Some(token),
+                json!({ "currency": currency, "kind": "current", "name": "wallet" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.body["id"].as_str().unwrap().to_owned()
+    }
+
     /// Registers (if needed) and logs in; returns (access, refresh, session id).
     pub async fn user(&self, email: &str) -> Tokens {
         let r = self.register(email).await;

@@ -54,14 +54,7 @@ async fn ledger_events_reach_jetstream_once() {
     .await;
     let admin = app.admin().await.access;
     let u = app.user("events@example.com").await;
-    let r = app
-        .post(
-            "/v1/accounts",
-            Some(&u.access),
-            json!({ "currency": "USD", "kind": "current", "name": "e" }),
-        )
-        .await;
-    let a = r.body["id"].as_str().unwrap().to_owned();
+    let a = app.open_wallet(&u.access, "USD").await;
     let r = ledger_post(
         &app,
         "/v1/admin/deposits",
@@ -132,14 +125,7 @@ async fn ledger_events_reach_jetstream_once() {
         .execute(db.writer())
         .await
         .unwrap();
-    let r = app
-        .post(
-            "/v1/accounts",
-            Some(&u.access),
-            json!({ "currency": "EUR", "kind": "savings", "name": "after" }),
-        )
-        .await;
-    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    app.open_wallet(&u.access, "EUR").await;
     until_relayed(&app).await;
     let n = s.info().await.unwrap().state.messages;
     assert_eq!(n, rows.len() as u64 + 2);
@@ -158,14 +144,7 @@ async fn ledger_events_reach_jetstream_once() {
 
     // The stream deleted under a running server is made again.
     js.delete_stream(&stream).await.unwrap();
-    let r = app
-        .post(
-            "/v1/accounts",
-            Some(&u.access),
-            json!({ "currency": "GBP", "kind": "savings", "name": "again" }),
-        )
-        .await;
-    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    app.open_wallet(&u.access, "GBP").await;
     until_relayed(&app).await;
     let mut s = js.get_stream(&stream).await.unwrap();
     assert_eq!(s.info().await.unwrap().state.messages, 1);
@@ -183,14 +162,7 @@ async fn events_wait_in_the_outbox_while_nats_is_down() {
     })
     .await;
     let u = app.user("waiting@example.com").await;
-    let r = app
-        .post(
-            "/v1/accounts",
-            Some(&u.access),
-            json!({ "currency": "USD", "kind": "current", "name": "w" }),
-        )
-        .await;
-    assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.text);
+    app.open_wallet(&u.access, "USD").await;
     let before = unpublished(&app).await;
     assert!(before >= 1);
     let ledger = app.running.as_ref().unwrap().ledger.clone().unwrap();

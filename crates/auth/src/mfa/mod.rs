@@ -913,7 +913,8 @@ impl AuthService {
         let check = self
             .consume_factor(&mut tx, user_id, None, code, &format!("browser:{user_id}"))
             .await?;
-        // Which factor passed (a recovery code spent among them), with the spending.
+        // Which factor passed (a recovery code spent among them), and the failure
+        // count's reset, in the transaction that spends it.
         if let Check::Ok(method) = check {
             append(
                 &self.inner.db,
@@ -925,12 +926,16 @@ impl AuthService {
                     .metadata(serde_json::json!({ "mfa_method": method })),
             )
             .await?;
+            sqlx::query(crate::oauth::signin::RESET_FAILURES_SQL)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         match check {
             Check::Ok(_) => {
                 let email = self.user_email(user_id).await?;
-                self.sign_in_passed(user_id, &email).await?;
+                self.reset_login_limit(&email).await;
                 Ok(true)
             }
             Check::Wrong(_) => {

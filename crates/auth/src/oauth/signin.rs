@@ -98,11 +98,15 @@ impl AuthService {
     }
 }
 
+/// Resets the failure count of user `$1` (a sign-in passed every factor it has).
+pub(crate) const RESET_FAILURES_SQL: &str =
+    "UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0";
+
 impl AuthService {
     /// A browser sign-in passed every factor the account has: its failure count and
     /// its per-account sign-in limit start again.
     pub(crate) async fn sign_in_passed(&self, user_id: &str, email: &str) -> Result<(), AuthError> {
-        sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = $1 AND failed_logins <> 0")
+        sqlx::query(RESET_FAILURES_SQL)
             .bind(user_id)
             .execute(self.inner.db.writer())
             .await?;

@@ -310,13 +310,24 @@ impl Ledger {
         actor: &Actor,
         admin: &'static str,
     ) -> Result<(), LedgerError> {
-        if !actor.is_admin() {
-            return Err(LedgerError::Forbidden(admin));
+        self.require_live_role(actor, &["admin"], admin).await
+    }
+
+    /// The caller holds one of `roles` by its token, its session is live, and
+    /// AuthShield reports it still holds one of them; else 403 for `perm`.
+    async fn require_live_role(
+        &self,
+        actor: &Actor,
+        roles: &[&str],
+        perm: &'static str,
+    ) -> Result<(), LedgerError> {
+        if !roles.iter().any(|r| actor.has(r)) {
+            return Err(LedgerError::Forbidden(perm));
         }
-        let roles = self.require_live_session(actor).await?;
-        if !roles.is_some_and(|r| r.iter().any(|r| r == "admin")) {
+        let live = self.require_live_session(actor).await?;
+        if !live.is_some_and(|l| l.iter().any(|r| roles.contains(&r.as_str()))) {
             metrics::counter!("ledger_role_revoked_total").increment(1);
-            return Err(LedgerError::Forbidden(admin));
+            return Err(LedgerError::Forbidden(perm));
         }
         Ok(())
     }
@@ -669,15 +680,8 @@ impl Ledger {
     /// that it still holds compliance or admin, so a revoked session or role stops
     /// reading at once, not when the token expires.
     async fn require_live_auditor(&self, actor: &Actor) -> Result<(), LedgerError> {
-        if !actor.can_audit() {
-            return Err(LedgerError::Forbidden("audit:read"));
-        }
-        let roles = self.require_live_session(actor).await?;
-        if !roles.is_some_and(|r| r.iter().any(|r| r == "compliance" || r == "admin")) {
-            metrics::counter!("ledger_role_revoked_total").increment(1);
-            return Err(LedgerError::Forbidden("audit:read"));
-        }
-        Ok(())
+        self.require_live_role(actor, &["compliance", "admin"], "audit:read")
+            .await
     }
 }
 

@@ -76,7 +76,7 @@ impl Actor {
         }
     }
 
-    fn has(&self, role: &str) -> bool {
+    pub(crate) fn has(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
     }
 

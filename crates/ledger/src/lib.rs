@@ -60,6 +60,10 @@ pub struct LedgerConfig {
     pub idempotency_ttl_secs: i64,
     /// Most transfers in one batch request.
     pub max_batch: usize,
+    /// Largest body of a batch request (`POST /v1/transfers/batch`), which the
+    /// server-wide `body_limit_bytes` does not bound: 1,000 transfers with long
+    /// descriptions are several hundred KiB.
+    pub batch_body_limit_bytes: usize,
     /// Group concurrent write requests into shared commits (one fsync for many).
     /// Off: one transaction per request.
     pub group_commit: bool,
@@ -85,6 +89,7 @@ impl Default for LedgerConfig {
             hold_max_timeout_secs: 30 * 86_400,
             idempotency_ttl_secs: 86_400,
             max_batch: 1000,
+            batch_body_limit_bytes: 4 * 1024 * 1024,
             group_commit: true,
             group_max: 256,
             page_size_max: 200,

@@ -7,7 +7,7 @@ use crate::model::Actor;
 use crate::query::HistoryFilter;
 use crate::Ledger;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,13 +19,16 @@ use vaultpay_proto::{Problem, PROBLEM_CONTENT_TYPE};
 use vaultpay_web::{ApiError, ApiJson, ApiQuery, Ctx, Principal};
 
 pub(crate) fn router(ledger: Ledger) -> Router {
+    // A route's own limit replaces the server-wide one (`DefaultBodyLimit` is read by
+    // the innermost layer that set it).
+    let batch_limit = DefaultBodyLimit::max(ledger.config().batch_body_limit_bytes);
     Router::new()
         .route("/v1/accounts", post(open_account).get(list_accounts))
         .route("/v1/accounts/{id}", get(get_account))
         .route("/v1/accounts/{id}/transactions", get(transactions))
         .route("/v1/accounts/{id}/statement.csv", get(statement))
         .route("/v1/transfers", post(create_transfer))
-        .route("/v1/transfers/batch", post(batch))
+        .route("/v1/transfers/batch", post(batch).layer(batch_limit))
         .route("/v1/transfers/{id}", get(get_transfer))
         .route("/v1/transfers/{id}/post", post(post_hold))
         .route("/v1/transfers/{id}/void", post(void_hold))

@@ -315,7 +315,6 @@ async fn batches(ctx: &Arc<Ctx>) -> f64 {
 
 async fn config(backend: Backend, group_commit: bool) -> Config {
     let mut cfg = common::server_config(backend).await;
-    cfg.body_limit_bytes = 4 * 1024 * 1024;
     cfg.database.max_connections = 32;
     cfg.ledger.group_commit = group_commit;
     cfg

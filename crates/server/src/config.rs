@@ -237,6 +237,9 @@ impl Config {
         if self.body_limit_bytes < 1024 {
             bail!("body_limit_bytes must be at least 1024");
         }
+        if self.ledger.batch_body_limit_bytes < 1024 {
+            bail!("ledger.batch_body_limit_bytes must be at least 1024");
+        }
         let o = &self.auth.oauth;
         for (name, value, range) in [
             ("code_ttl_secs", o.code_ttl_secs, 1..=600),

@@ -630,3 +630,61 @@ async fn nul_characters_are_refused_everywhere_on_every_backend() {
         app.stop().await;
     });
 }
+
+/// The server-wide body limit (64 KiB) does not cap the batch API below its 1,000
+/// transfers: the batch route has a limit of its own (`ledger.batch_body_limit_bytes`),
+/// and a body over that is refused whole, with nothing moved.
+#[tokio::test]
+async fn a_full_batch_fits_and_a_body_over_its_limit_is_refused() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let admin = app.admin().await.access;
+    let u = app.user("batcher@example.com").await;
+    let (a, b) = (
+        app.open_wallet(&u.access, "USD").await,
+        app.open_wallet(&u.access, "USD").await,
+    );
+    let r = ledger_post(
+        &app,
+        "/v1/admin/deposits",
+        &admin,
+        "batch-dep",
+        json!({ "account_id": a, "amount": 5_000, "currency": "USD", "reference": "r" }),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let item = json!({ "from_account_id": a, "to_account_id": b, "amount": 1,
+        "currency": "USD", "description": "x".repeat(200) });
+    let full = json!({ "transfers": vec![item.clone(); 1000] });
+    assert!(
+        full.to_string().len() > 4 * 64 * 1024,
+        "the body is well over 64 KiB"
+    );
+    let r = ledger_post(&app, "/v1/transfers/batch", &u.access, "batch-full", full).await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(r.body["succeeded"], 1000, "{}", r.text);
+
+    // over the batch route's own limit: 413 before anything runs
+    let huge = json!({ "transfers": vec![item; 1000], "pad": "y".repeat(4 * 1024 * 1024) });
+    let r = ledger_post(&app, "/v1/transfers/batch", &u.access, "batch-huge", huge).await;
+    assert_clean_refusal("batch body over its limit", &r, 413, Some("body_too_large"));
+    let balance = app.get(&format!("/v1/accounts/{a}"), Some(&u.access)).await;
+    assert_eq!(balance.body["balance"], 4_000, "{}", balance.text);
+
+    // every other route keeps the server-wide limit
+    let r = ledger_post(
+        &app,
+        "/v1/transfers",
+        &u.access,
+        "single-huge",
+        json!({ "from_account_id": a, "to_account_id": b, "amount": 1, "currency": "USD",
+            "description": "z".repeat(100 * 1024) }),
+    )
+    .await;
+    assert_clean_refusal(
+        "transfer body over the server limit",
+        &r,
+        413,
+        Some("body_too_large"),
+    );
+    app.stop().await;
+}

@@ -140,6 +140,10 @@ fn security_headers(h: &mut axum::http::HeaderMap) {
         h.entry(k).or_insert(HeaderValue::from_static(v));
     };
     set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    // Answers carry personal and financial data (profiles, balances, statements):
+    // no shared or browser cache keeps them unless a route says otherwise (the JWKS
+    // and discovery documents do).
+    set(header::CACHE_CONTROL, "no-store");
     set(header::X_FRAME_OPTIONS, "DENY");
     set(header::REFERRER_POLICY, "no-referrer");
     set(

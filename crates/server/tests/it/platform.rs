@@ -271,3 +271,28 @@ async fn slow_request_heads_are_cut_off() {
     );
     app.stop().await;
 }
+
+/// Personal and financial answers are not kept by caches: `/v1/me`, an account, its
+/// history and its CSV statement say `Cache-Control: no-store`; the public key set
+/// keeps the caching it asks for.
+#[tokio::test]
+async fn personal_answers_are_not_cached() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let u = app.user("uncached@example.com").await;
+    let a = app.open_wallet(&u.access, "USD").await;
+    for path in [
+        "/v1/me".to_owned(),
+        "/v1/sessions".to_owned(),
+        format!("/v1/accounts/{a}"),
+        "/v1/accounts".to_owned(),
+        format!("/v1/accounts/{a}/transactions"),
+        format!("/v1/accounts/{a}/statement.csv"),
+    ] {
+        let r = app.get(&path, Some(&u.access)).await;
+        assert!(r.status.is_success(), "{path}: {}", r.text);
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{path}");
+    }
+    let jwks = app.get("/.well-known/jwks.json", None).await;
+    assert_eq!(jwks.header("cache-control"), Some("public, max-age=60"));
+    app.stop().await;
+}

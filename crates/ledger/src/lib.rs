@@ -530,9 +530,15 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
-        self.check_session_for(actor, req.amount).await?;
-        if req.amount >= self.config().introspection_threshold_minor {
-            self.require_step_up(actor)?;
+        // An amount no transfer can have moves nothing: it goes straight to its
+        // refusal (`amount_invalid`, recorded and kept under the key), not through a
+        // live check or a step-up the caller could never make good on.
+        let amount = movable(req.amount);
+        if amount > 0 {
+            self.check_session_for(actor, amount).await?;
+            if amount >= self.config().introspection_threshold_minor {
+                self.require_step_up(actor)?;
+            }
         }
         self.submit(actor, Some(key), Op::Transfer(req), origin)
             .await
@@ -551,10 +557,12 @@ impl Ledger {
         let total = req
             .transfers
             .iter()
-            .fold(0i64, |s, t| s.saturating_add(t.amount.max(0)));
-        self.check_session_for(actor, total).await?;
-        if total >= threshold {
-            self.require_step_up(actor)?;
+            .fold(0i64, |s, t| s.saturating_add(movable(t.amount)));
+        if total > 0 {
+            self.check_session_for(actor, total).await?;
+            if total >= threshold {
+                self.require_step_up(actor)?;
+            }
         }
         self.submit(actor, Some(key), Op::Batch(req), origin).await
     }
@@ -687,6 +695,16 @@ impl Ledger {
     async fn require_live_auditor(&self, actor: &Actor) -> Result<(), LedgerError> {
         self.require_live_role(actor, &["compliance", "admin"], "audit:read")
             .await
+    }
+}
+
+/// What a transfer of `amount` minor units could move: the amount when it is one a
+/// transfer may have (`1..=MAX_MINOR_UNITS`), else nothing (it will be refused).
+fn movable(amount: i64) -> i64 {
+    if vaultpay_core::money::Amount::new(amount).is_ok() {
+        amount
+    } else {
+        0
     }
 }
 

@@ -919,6 +919,32 @@ async fn large_ledger_transfers_need_step_up() {
         )
         .await;
         assert_step_up_challenge(&r);
+        // an amount no transfer may have moves nothing: refused as such at once, not
+        // sent through a step-up it could never pass (nor counted in a batch's total)
+        for (key, amount) in [
+            ("t-max", i64::MAX),
+            ("t-over", 1_000_000_000_000_001),
+            ("t-neg", -100_000),
+        ] {
+            ledger_post(&app, "/v1/transfers", &u.access, key, transfer(amount))
+                .await
+                .assert_problem(422, "amount_invalid");
+        }
+        let r = ledger_post(
+            &app,
+            "/v1/transfers/batch",
+            &u.access,
+            "b-huge-item",
+            json!({"transfers": [transfer(i64::MAX), transfer(10)]}),
+        )
+        .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        assert_eq!(
+            (r.body["succeeded"].as_i64(), r.body["failed"].as_i64()),
+            (Some(1), Some(1)),
+            "{}",
+            r.text
+        );
         // enrol, step up, retry the same request
         let (secret, _) = enable_totp(&app, &u.access).await;
         let r = app
@@ -933,7 +959,7 @@ async fn large_ledger_transfers_need_step_up() {
         let r = ledger_post(&app, "/v1/transfers", &stepped, "t-big", transfer(100_000)).await;
         assert_eq!(r.status, 201, "{}", r.text);
         let r = app.get(&format!("/v1/accounts/{b}"), Some(&stepped)).await;
-        assert_eq!(r.body["balance"], 100_100, "{}", r.text);
+        assert_eq!(r.body["balance"], 100_110, "{}", r.text);
         app.stop().await;
     });
 }

@@ -201,9 +201,10 @@ pub async fn open_dbs(cfg: &Config, mode: Mode) -> anyhow::Result<(Option<Db>, O
 }
 
 /// Opens the databases of `mode` that must already exist, for the commands that
-/// inspect them (`audit verify`, `ledger verify`): a database file that is not there
-/// (a wrong `--data-dir`) or a database without VaultPay's schema is an error, not a
-/// new empty database that then verifies as intact.
+/// inspect or administer them (`audit verify`, `ledger verify`, `keys`, `clients`): a
+/// database file that is not there (a wrong `--data-dir`) or a database without
+/// VaultPay's schema is an error, not a new empty database that then verifies as
+/// intact or gets a key of its own.
 pub async fn open_existing_dbs(
     cfg: &Config,
     mode: Mode,
@@ -253,7 +254,7 @@ async fn open_one(
     if let Some(file) = vaultpay_store::sqlite_file(location) {
         if !file.is_file() {
             bail!(
-                "{what}'s database {} does not exist (is --data-dir right?)",
+                "{what}'s database {} does not exist (is --data-dir right? `vaultpay migrate` creates it)",
                 file.display()
             );
         }
@@ -267,7 +268,7 @@ async fn open_one(
             .await;
     if !matches!(applied, Ok(n) if n > 0) {
         bail!(
-            "{what}'s database {} has no VaultPay schema",
+            "{what}'s database {} has no VaultPay schema (`vaultpay migrate` creates it)",
             vaultpay_store::redact_url(location)
         );
     }
@@ -291,6 +292,15 @@ fn rate_limiter(cfg: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {
 
 /// Builds everything and starts listening on `cfg.listen` (port 0 picks a free port).
 pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Result<Running> {
+    // What can refuse the start without touching any state goes first: a ledger alone
+    // without AuthShield's address, a listen address that is taken. A refused start
+    // has then created no database, no master key and no bootstrap administrator.
+    if mode == Mode::Ledger && cfg.auth_url.is_none() {
+        bail!("the ledger alone needs --auth-url (where AuthShield runs)");
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
     let prometheus = telemetry::prometheus();
     let (auth_db, ledger_db) = open_dbs(&cfg, mode).await?;
     let limiter = rate_limiter(&cfg)?;
@@ -446,9 +456,6 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
             middleware::request_context,
         ));
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let header_timeout = Duration::from_secs(cfg.header_read_timeout_secs.max(1));
     let server = tokio::spawn(serve_http(

@@ -228,7 +228,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
-    let (auth, _) = app::open_dbs(cfg, Mode::Auth).await?;
+    // An existing database only: a mistyped --data-dir must not get a new database,
+    // master key and signing key.
+    let (auth, _) = app::open_existing_dbs(cfg, Mode::Auth).await?;
     let db = auth.context("auth database")?;
     let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
     vaultpay_auth::keys::ensure_key(&db, &env).await?;
@@ -268,7 +270,7 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
 
 async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCode> {
     use vaultpay_auth::oauth::clients;
-    let (auth, _) = app::open_dbs(cfg, Mode::Auth).await?;
+    let (auth, _) = app::open_existing_dbs(cfg, Mode::Auth).await?;
     let db = auth.context("auth database")?;
     let origin = vaultpay_store::audit::Origin::default();
     match command {

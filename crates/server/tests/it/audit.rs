@@ -643,6 +643,40 @@ async fn a_tampered_row_is_found_at_its_seq() {
     });
 }
 
+/// A start that cannot succeed (the listen address is taken; the ledger alone without
+/// AuthShield's address) fails before it creates anything: no data dir, no database, no
+/// master key, no bootstrap administrator whose password would be printed and lost.
+#[tokio::test]
+async fn a_refused_start_creates_nothing() {
+    let missing = temp_dir().join("not-here");
+    let dir = missing.display().to_string();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    for (args, says) in [
+        (
+            &["serve", "--listen", &listen, "--data-dir", &dir][..],
+            "binding",
+        ),
+        (
+            &[
+                "serve",
+                "ledger",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &dir,
+            ][..],
+            "--auth-url",
+        ),
+    ] {
+        let (code, text) = run_cli(args, &[]);
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+        assert!(!text.contains("password"), "{args:?}: {text}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+}
+
 /// `audit verify` and `ledger verify` pointed at no database (a wrong `--data-dir`) or
 /// at one without VaultPay's schema fail, naming it; they do not create an empty
 /// database and call it intact.
@@ -653,11 +687,24 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
     for args in [
         &["audit", "verify", "--data-dir", &dir][..],
         &["ledger", "verify", "--data-dir", &dir][..],
+        &["keys", "list", "--data-dir", &dir][..],
+        &["keys", "rotate", "--data-dir", &dir][..],
+        &["clients", "list", "--data-dir", &dir][..],
+        &[
+            "clients",
+            "create",
+            "--name",
+            "x",
+            "--grant-type",
+            "client_credentials",
+            "--data-dir",
+            &dir,
+        ][..],
     ] {
         let (code, text) = run_cli(args, &[]);
         assert_ne!(code, 0, "{args:?}: {text}");
         assert!(text.contains("does not exist"), "{args:?}: {text}");
-        assert!(!missing.join("auth.db").exists() && !missing.join("ledger.db").exists());
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
     }
     // a sqlite: URL naming a file that is not there: refused, and not created
     let url = format!("sqlite://{}/auth.db", missing.display());
@@ -683,6 +730,8 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
         for args in [
             &["audit", "verify", "--service", "auth"][..],
             &["ledger", "verify"][..],
+            &["keys", "list"][..],
+            &["clients", "list"][..],
         ] {
             let (code, text) = run_cli(args, &env);
             assert_ne!(code, 0, "{args:?}: {text}");

@@ -183,34 +183,32 @@ impl Config {
         vars.sort();
         for (k, v) in vars {
             let rest = &k["VAULTPAY_".len()..];
-            let (rest, value) = match rest.strip_suffix("_FILE") {
+            // `…_FILE`: the value is the file's text (without its final line break),
+            // read as the variable's own value would be.
+            let (rest, raw) = match rest.strip_suffix("_FILE") {
                 Some(r) => {
                     let text =
                         std::fs::read_to_string(&v).with_context(|| format!("{k}: reading {v}"))?;
-                    (
-                        r,
-                        toml::Value::String(text.trim_end_matches(['\n', '\r']).to_owned()),
-                    )
+                    (r, text.trim_end_matches(['\n', '\r']).to_owned())
                 }
-                None => (rest, parse_env_value(&v)),
+                None => (rest, v),
             };
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             if !TOP_LEVEL.contains(&path[0].as_str()) {
                 continue;
             }
-            // secrets and free text stay strings even if they look like numbers
-            let value = match (&value, path.last().map(String::as_str)) {
-                (
-                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_),
-                    Some(key),
-                ) if key.ends_with("password")
+            // secrets and addresses are taken as written, even when they look like a
+            // number, a boolean or a quoted TOML string; other settings are TOML values
+            let secret = path.last().is_some_and(|key| {
+                key.ends_with("password")
                     || key.ends_with("secret")
                     || key.ends_with("key")
-                    || key.ends_with("url") =>
-                {
-                    toml::Value::String(v.clone())
-                }
-                _ => value,
+                    || key.ends_with("url")
+            });
+            let value = if secret {
+                toml::Value::String(raw)
+            } else {
+                parse_env_value(&raw)
             };
             set_path(&mut table, &path, value).with_context(|| format!("applying {k}"))?;
         }
@@ -487,5 +485,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.master_key.unwrap().expose(), "abcd");
+    }
+
+    /// A `_FILE` variable is read as its plain variable would be: a number, a boolean
+    /// or a list from a file configures the typed setting; a secret stays exactly the
+    /// text written, whatever it looks like.
+    #[test]
+    fn file_variables_are_typed_like_plain_ones() {
+        let dir = std::env::temp_dir().join(format!("vp-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let f = dir.join(name);
+            std::fs::write(&f, text).unwrap();
+            f.to_str().unwrap().to_owned()
+        };
+        let vars = [
+            (
+                "VAULTPAY_AUTH__ACCESS_TOKEN_TTL_SECS_FILE",
+                file("ttl", "700\n"),
+            ),
+            ("VAULTPAY_AUTH__HIBP__ENABLED_FILE", file("hibp", "true\n")),
+            (
+                "VAULTPAY_TRUSTED_PROXIES_FILE",
+                file("proxies", "[\"10.0.0.0/8\"]"),
+            ),
+            ("VAULTPAY_MASTER_KEY_FILE", file("key", "\"1234\"\n")),
+            (
+                "VAULTPAY_AUTH__INTROSPECTION_SECRET",
+                "12345678901234567".to_owned(),
+            ),
+        ];
+        let c = Config::load(None, vars.iter().map(|(k, v)| ((*k).to_owned(), v.clone()))).unwrap();
+        assert_eq!(c.auth.access_token_ttl_secs, 700);
+        assert!(c.auth.hibp.enabled);
+        assert_eq!(c.trusted_proxies, vec!["10.0.0.0/8".to_owned()]);
+        assert_eq!(c.master_key.unwrap().expose(), "\"1234\"");
+        let secret = c.auth.introspection_secret.as_ref().map(|s| s.expose());
+        assert_eq!(secret, Some("12345678901234567"));
     }
 }

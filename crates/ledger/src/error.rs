@@ -256,6 +256,14 @@ impl From<LedgerError> for ApiError {
             LedgerError::StepUpRequired { max_age_secs } => {
                 vaultpay_web::step_up_required(*max_age_secs)
             }
+            // the first request with the key is still running: worth a retry shortly
+            LedgerError::IdempotencyInProgress => ApiError {
+                problem: Box::new(e.problem(vaultpay_web::current_request_id())),
+                headers: vec![(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                )],
+            },
             _ => ApiError {
                 problem: Box::new(e.problem(vaultpay_web::current_request_id())),
                 headers: Vec::new(),
@@ -286,6 +294,13 @@ mod tests {
         assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(api.problem.code, "transaction_conflict");
         assert!(api
+            .headers
+            .iter()
+            .any(|(k, v)| k == http::header::RETRY_AFTER && v == "1"));
+        // a request whose key is still in use by the first one: retry shortly
+        let busy = ApiError::from(LedgerError::IdempotencyInProgress);
+        assert_eq!(busy.status(), StatusCode::CONFLICT);
+        assert!(busy
             .headers
             .iter()
             .any(|(k, v)| k == http::header::RETRY_AFTER && v == "1"));

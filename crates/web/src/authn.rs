@@ -196,7 +196,7 @@ impl Principal {
 pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
-        return Err(ApiError::unauthorized(
+        return Err(ApiError::credentials_missing(
             "missing_token",
             "This endpoint needs a bearer access token.",
         ));

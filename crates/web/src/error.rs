@@ -62,6 +62,15 @@ impl ApiError {
         e
     }
 
+    /// 401 for a request that sent no credentials: the challenge names the scheme
+    /// only, with no error code (RFC 6750 §3.1).
+    pub fn credentials_missing(code: &str, detail: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, code, "Unauthorized").detail(detail);
+        e.headers
+            .push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        e
+    }
+
     /// A 500 that logs `err` with the request id and tells the caller nothing more.
     pub fn internal(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "internal error");

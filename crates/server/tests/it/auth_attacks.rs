@@ -785,7 +785,10 @@ async fn forged_and_garbage_tokens_are_refused() {
             "invalid_token",
             "two headers",
         );
-        assert_refused(&me_with(&app, &[]).await, "missing_token", "no header");
+        let none = me_with(&app, &[]).await;
+        assert_refused(&none, "missing_token", "no header");
+        // no credentials sent: the challenge carries no error code (RFC 6750 §3.1)
+        assert_eq!(none.header("www-authenticate"), Some("Bearer"));
         // after all that, the real token still works (nothing was poisoned)
         assert_eq!(
             me_with(&app, &[bearer(&t.access)]).await.status,

@@ -95,6 +95,12 @@ impl SharedConn {
                     .ok_or_else(|| "Redis is unreachable (connecting failed)".to_owned())
             }
             Next::Connect(n) => {
+                // Ends the connect in progress however this call ends, a cancelled
+                // caller (a client gone, a request deadline) included.
+                let ending = Connecting {
+                    shared: self,
+                    notify: n,
+                };
                 let cfg = redis::aio::ConnectionManagerConfig::new()
                     .set_number_of_retries(0)
                     .set_connection_timeout(CONNECT_TIMEOUT)
@@ -112,7 +118,6 @@ impl SharedConn {
                 });
                 let out = {
                     let mut slot = self.slot.lock();
-                    slot.connecting = None;
                     match made {
                         Ok(c) => {
                             slot.next_id += 1;
@@ -127,7 +132,7 @@ impl SharedConn {
                         }
                     }
                 };
-                n.notify_waiters();
+                drop(ending);
                 out
             }
         }
@@ -153,5 +158,301 @@ impl SharedConn {
                 Err(e.to_string())
             }
         }
+    }
+}
+
+/// A connect in progress. Dropped (when the connect ends, or when the caller making it
+/// is cancelled mid-way) it clears the slot's mark and wakes the waiters: without it a
+/// cancelled connect left the slot "connecting" for good, and every later caller waited
+/// out its timeout and failed, with no connect ever tried again.
+struct Connecting<'a> {
+    shared: &'a SharedConn,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        {
+            let mut slot = self.shared.slot.lock();
+            if slot
+                .connecting
+                .as_ref()
+                .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            {
+                slot.connecting = None;
+            }
+        }
+        self.notify.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Poll;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What the fake answers a command (by connection number, from 1, and command
+    /// name); `None`: never.
+    type Answer = fn(usize, &str) -> Option<&'static str>;
+
+    fn answers_all(_: usize, cmd: &str) -> Option<&'static str> {
+        Some(if cmd == "PING" {
+            "+PONG\r\n"
+        } else {
+            "+OK\r\n"
+        })
+    }
+
+    fn answers_nothing(_: usize, _: &str) -> Option<&'static str> {
+        None
+    }
+
+    /// A stand-in for Redis on a local port: counts the connections it accepts and
+    /// answers each command as `answer` says, once `open` (a gate a test can hold
+    /// shut, so that a connect stays in progress).
+    struct FakeRedis {
+        url: String,
+        accepted: Arc<AtomicUsize>,
+        open: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl FakeRedis {
+        async fn start(open: bool, answer: Answer) -> FakeRedis {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("redis://{}", listener.local_addr().unwrap());
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let (gate, rx) = tokio::sync::watch::channel(open);
+            let counted = accepted.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::spawn(serve(stream, n, answer, rx.clone()));
+                }
+            });
+            FakeRedis {
+                url,
+                accepted,
+                open: gate,
+            }
+        }
+
+        fn client(&self) -> redis::Client {
+            redis::Client::open(self.url.as_str()).unwrap()
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn serve(
+        mut stream: tokio::net::TcpStream,
+        n: usize,
+        answer: Answer,
+        mut open: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some((cmd, used)) = parse_command(&buf) {
+                buf.drain(..used);
+                if open.wait_for(|o| *o).await.is_err() {
+                    return;
+                }
+                if let Some(reply) = answer(n, &cmd) {
+                    if stream.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+    }
+
+    /// The name of the first whole RESP command in `buf` and the bytes it takes.
+    fn parse_command(buf: &[u8]) -> Option<(String, usize)> {
+        fn line(buf: &[u8], from: usize, tag: u8) -> Option<(usize, usize)> {
+            let end = from + buf.get(from..)?.windows(2).position(|w| w == b"\r\n")?;
+            assert_eq!(buf[from], tag, "not a RESP command");
+            let n = std::str::from_utf8(&buf[from + 1..end])
+                .ok()?
+                .parse()
+                .ok()?;
+            Some((n, end + 2))
+        }
+        let (args, mut pos) = line(buf, 0, b'*')?;
+        let mut name = String::new();
+        for i in 0..args {
+            let (len, start) = line(buf, pos, b'$')?;
+            let arg = buf.get(start..start + len)?;
+            if i == 0 {
+                name = String::from_utf8_lossy(arg).to_uppercase();
+            }
+            pos = start + len + 2;
+            if buf.len() < pos {
+                return None;
+            }
+        }
+        Some((name, pos))
+    }
+
+    /// A hang guard, not a timing assertion.
+    async fn guard<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("hung")
+    }
+
+    /// Several callers at once while there is no connection: one connects, the others
+    /// wait for that connect (neither failing nor connecting themselves) and then share
+    /// its connection.
+    #[tokio::test]
+    async fn one_caller_connects_and_the_others_wait_for_it() {
+        let fake = FakeRedis::start(false, answers_all).await; // the handshake is held
+        let shared = Arc::new(SharedConn::new(fake.client()));
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let shared = shared.clone();
+                tokio::spawn(async move { shared.get().await.map(|c| c.id) })
+            })
+            .collect();
+        // Bounded wait for the connect to reach the fake (on this one-thread runtime
+        // every caller has asked for the connection by then).
+        guard(async {
+            while fake.accepted() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        tokio::task::yield_now().await;
+        assert!(
+            callers.iter().all(|c| !c.is_finished()),
+            "a caller did not wait for the connect in progress"
+        );
+        fake.open.send(true).unwrap();
+        let mut ids = Vec::new();
+        for c in callers {
+            ids.push(guard(c).await.unwrap().expect("connected"));
+        }
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert_eq!(fake.accepted(), 1, "one connect for every caller");
+    }
+
+    /// A connect that fails (a Redis that accepts and never answers) fails the callers
+    /// waiting for it as soon as it ends, and a caller right after fails at once
+    /// without connecting again (for a second): one connection attempt in all.
+    #[tokio::test]
+    async fn a_failed_connect_fails_every_caller_at_once() {
+        let fake = FakeRedis::start(true, answers_nothing).await;
+        let shared = SharedConn::new(fake.client());
+        let mut connector = Box::pin(shared.get());
+        assert!(futures::poll!(&mut connector).is_pending());
+        let mut waiters: Vec<_> = (0..5).map(|_| Box::pin(shared.get())).collect();
+        for w in &mut waiters {
+            assert!(futures::poll!(w).is_pending(), "waits for the connect");
+        }
+        assert!(guard(connector).await.is_err());
+        for w in &mut waiters {
+            // woken by the failed connect: done at the next poll, not after a wait
+            assert!(
+                matches!(futures::poll!(w), Poll::Ready(Err(_))),
+                "a waiter did not fail with the connect"
+            );
+        }
+        let late = shared.get().now_or_never();
+        // Within the fail-fast window (measured after the call, so it held during it;
+        // a VM stalled past it skips this check rather than fail).
+        if shared
+            .slot
+            .lock()
+            .failed_at
+            .is_some_and(|t| t.elapsed() < RETRY_CONNECT_AFTER)
+        {
+            assert!(
+                matches!(late, Some(Err(_))),
+                "a caller right after a failed connect did not fail at once"
+            );
+        } else {
+            eprintln!("note: the fail-fast window passed before it was checked; skipped");
+        }
+        assert_eq!(
+            fake.accepted(),
+            1,
+            "one connection attempt for every caller"
+        );
+    }
+
+    /// Two commands in flight on a connection that went silent both time out; the
+    /// first drops it and the next caller opens a new one; the second (late) timeout,
+    /// about the old connection, leaves the new one in place.
+    #[tokio::test]
+    async fn a_late_timeout_on_an_old_connection_keeps_the_new_one() {
+        // the first connection goes silent after its handshake; later ones answer
+        fn first_goes_silent(n: usize, cmd: &str) -> Option<&'static str> {
+            if n == 1 && cmd != "CLIENT" {
+                None
+            } else {
+                answers_all(n, cmd)
+            }
+        }
+        let fake = FakeRedis::start(true, first_goes_silent).await;
+        let shared = SharedConn::new(fake.client());
+        let ping = |mut m: ConnectionManager| async move {
+            redis::cmd("PING").query_async::<String>(&mut m).await
+        };
+        let old = guard(shared.get()).await.unwrap();
+        let (first, late) =
+            guard(async { tokio::join!(ping(old.manager.clone()), ping(old.manager.clone())) })
+                .await;
+        assert!(first.as_ref().is_err_and(|e| e.is_timeout()), "{first:?}");
+        assert!(late.as_ref().is_err_and(|e| e.is_timeout()), "{late:?}");
+
+        assert!(shared.done(&old, first).is_err());
+        let new = guard(shared.get()).await.unwrap();
+        assert_ne!(new.id, old.id);
+        assert_eq!(fake.accepted(), 2);
+
+        assert!(shared.done(&old, late).is_err());
+        let after = guard(shared.get()).await.unwrap();
+        assert_eq!(
+            after.id, new.id,
+            "the late timeout dropped the new connection"
+        );
+        assert_eq!(guard(ping(after.manager)).await.unwrap(), "PONG");
+        assert_eq!(fake.accepted(), 2);
+    }
+
+    /// The caller making the connect is cancelled mid-way (its client went away, its
+    /// request's deadline passed): the connect in progress ends with it, a caller
+    /// waiting for it is woken, and the next caller connects afresh.
+    #[tokio::test]
+    async fn a_cancelled_connect_does_not_block_the_ones_after_it() {
+        let fake = FakeRedis::start(false, answers_all).await; // the handshake is held
+        let shared = SharedConn::new(fake.client());
+        let mut connector = Box::pin(shared.get());
+        assert!(futures::poll!(&mut connector).is_pending());
+        let mut waiter = Box::pin(shared.get());
+        assert!(
+            futures::poll!(&mut waiter).is_pending(),
+            "waits for the connect"
+        );
+        drop(connector);
+        assert!(
+            matches!(futures::poll!(&mut waiter), Poll::Ready(Err(_))),
+            "the waiter was not woken when the connect was cancelled"
+        );
+        fake.open.send(true).unwrap();
+        for _ in 0..3 {
+            let c = guard(shared.get()).await.expect("a fresh connect");
+            assert_eq!(c.id, 1);
+        }
+        assert_eq!(fake.accepted(), 2, "the cancelled connect, then one more");
     }
 }

@@ -953,7 +953,7 @@ struct Hold {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -974,5 +974,164 @@ mod tests {
             "203.0.113.77/32"
         );
         assert_ne!(n("203.0.114.1"), n("203.0.113.1"));
+    }
+
+    type Attempt = (String, tokio::sync::oneshot::Sender<Result<(), String>>);
+    type Attempts = tokio::sync::mpsc::UnboundedReceiver<Attempt>;
+
+    /// A shared store whose every `forget` waits for the test's answer.
+    struct Scripted(tokio::sync::mpsc::UnboundedSender<Attempt>);
+
+    impl TrustBackend for Scripted {
+        fn contains<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Lookup, String>> {
+            Box::pin(async { Err("not in this test".to_owned()) })
+        }
+
+        fn fill<'a>(
+            &'a self,
+            _: &'a str,
+            _: u64,
+            _: Vec<String>,
+            _: u64,
+        ) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Err("not in this test".to_owned()) })
+        }
+
+        fn forget<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async move {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                self.0
+                    .send((user.to_owned(), answer))
+                    .map_err(|_| "test over".to_owned())?;
+                answered.await.map_err(|_| "test over".to_owned())?
+            })
+        }
+    }
+
+    /// A service on a fresh SQLite database whose shared trust store is `Scripted`
+    /// (returned too): its `forget` calls come out of the receiver.
+    async fn scripted_service() -> (
+        AuthService,
+        Arc<dyn TrustBackend>,
+        Attempts,
+        std::path::PathBuf,
+    ) {
+        use vaultpay_store::{testing, Backend, Service};
+        let db = testing::fresh_db(Service::Auth, Backend::Sqlite)
+            .await
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("vaultpay-iptrust-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = AuthService::new(
+            db,
+            crate::config::AuthConfig::default(),
+            &vaultpay_core::crypto::MasterKey::generate(),
+            Arc::new(vaultpay_web::MemoryRateLimiter::default()),
+            &dir,
+        )
+        .await
+        .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let backend: Arc<dyn TrustBackend> = Arc::new(Scripted(tx));
+        svc.set_trust_backend(backend.clone());
+        (svc, backend, rx, dir)
+    }
+
+    /// Retry tasks alive: each holds the store (besides the service and the test), and
+    /// lets it go when it ends.
+    fn retry_tasks(backend: &Arc<dyn TrustBackend>) -> usize {
+        Arc::strong_count(backend) - 2
+    }
+
+    /// Waits (bounded) until `n` retry tasks are alive.
+    async fn until_tasks(backend: &Arc<dyn TrustBackend>, n: usize) {
+        guard(async {
+            while retry_tasks(backend) != n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
+    /// A hang guard, not a timing assertion.
+    async fn guard<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("hung")
+    }
+
+    async fn next_attempt(attempts: &mut Attempts) -> Attempt {
+        guard(attempts.recv()).await.unwrap()
+    }
+
+    /// A change for `user` whose own drop of the shared set fails: returns once
+    /// `forget_trust` has.
+    async fn failed_change(svc: &AuthService, attempts: &mut Attempts, user: &'static str) {
+        let change = {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.forget_trust(user).await })
+        };
+        let (whose, answer) = next_attempt(attempts).await;
+        assert_eq!(whose, user);
+        answer.send(Err("Redis is down".into())).unwrap();
+        guard(change).await.unwrap();
+    }
+
+    /// A failed drop of the shared set gets one retry task per user, however many
+    /// changes fail while it runs; changes that came while an attempt ran make it drop
+    /// the set once more; once it is done, the next failure starts a new task.
+    #[tokio::test]
+    async fn a_failed_shared_drop_has_one_retry_task_that_drops_again_after_a_change() {
+        let (svc, backend, mut attempts, dir) = scripted_service().await;
+        let ok = |(_, answer): Attempt| answer.send(Ok(())).unwrap();
+
+        failed_change(&svc, &mut attempts, "u1").await;
+        assert_eq!(retry_tasks(&backend), 1);
+        // the retry task's first attempt, held in flight
+        let held = next_attempt(&mut attempts).await;
+        assert_eq!(held.0, "u1");
+        // more changes meanwhile, whose own drops fail too: no task of their own
+        for _ in 0..3 {
+            failed_change(&svc, &mut attempts, "u1").await;
+            assert_eq!(retry_tasks(&backend), 1, "a second retry task for one user");
+        }
+        // another user's failed drop does get a retry task of its own
+        failed_change(&svc, &mut attempts, "u2").await;
+        assert_eq!(retry_tasks(&backend), 2);
+        let other = next_attempt(&mut attempts).await;
+        assert_eq!(other.0, "u2");
+        ok(other);
+        until_tasks(&backend, 1).await;
+
+        // the held attempt succeeds, but changes came while it ran: once more
+        ok(held);
+        let again = guard(async {
+            tokio::select! {
+                a = attempts.recv() => Some(a.unwrap()),
+                () = until_tasks(&backend, 0) => None,
+            }
+        })
+        .await
+        .expect("the retry task ended without dropping the set once more");
+        assert_eq!(again.0, "u1");
+        ok(again);
+        until_tasks(&backend, 0).await;
+        assert!(
+            attempts.try_recv().is_err(),
+            "an attempt after the task ended"
+        );
+
+        // the task is done: the next failure starts a new one
+        failed_change(&svc, &mut attempts, "u1").await;
+        assert_eq!(
+            retry_tasks(&backend),
+            1,
+            "no retry task after a failed drop"
+        );
+        let retry = next_attempt(&mut attempts).await;
+        assert_eq!(retry.0, "u1");
+        ok(retry);
+        until_tasks(&backend, 0).await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

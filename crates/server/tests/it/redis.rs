@@ -304,3 +304,127 @@ async fn a_burst_against_a_mute_redis_fails_together() {
     let n = accepted.load(Ordering::SeqCst);
     assert!(n <= 4, "{n} connections for one burst");
 }
+
+/// A Redis stand-in that accepts connections and answers nothing, or (`handshake`) only
+/// the connection handshake (`CLIENT SETINFO`): counts the connections it accepted and
+/// the SUBSCRIBEs it got.
+struct DeafRedis {
+    url: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    subscribes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DeafRedis {
+    async fn start(handshake: bool) -> DeafRedis {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let (accepted, subscribes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (a, s) = (accepted.clone(), subscribes.clone());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        while let Some((cmd, used)) = resp_command(&buf) {
+                            buf.drain(..used);
+                            if cmd == "SUBSCRIBE" {
+                                s.fetch_add(1, Ordering::SeqCst);
+                            } else if handshake && c.write_all(b"+OK\r\n").await.is_err() {
+                                return;
+                            }
+                        }
+                        match c.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                });
+            }
+        });
+        DeafRedis {
+            url,
+            accepted,
+            subscribes,
+        }
+    }
+}
+
+/// The name of the first whole RESP command in `buf` and the bytes it takes.
+fn resp_command(buf: &[u8]) -> Option<(String, usize)> {
+    fn line(buf: &[u8], from: usize, tag: u8) -> Option<(usize, usize)> {
+        let end = from + buf.get(from..)?.windows(2).position(|w| w == b"\r\n")?;
+        assert_eq!(buf[from], tag, "not a RESP command");
+        let n = std::str::from_utf8(&buf[from + 1..end])
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((n, end + 2))
+    }
+    let (args, mut pos) = line(buf, 0, b'*')?;
+    let mut name = String::new();
+    for i in 0..args {
+        let (len, start) = line(buf, pos, b'$')?;
+        let arg = buf.get(start..start + len)?;
+        if i == 0 {
+            name = String::from_utf8_lossy(arg).to_uppercase();
+        }
+        pos = start + len + 2;
+        if buf.len() < pos {
+            return None;
+        }
+    }
+    Some((name, pos))
+}
+
+/// The permission invalidation subscriber bounds its connect and its SUBSCRIBE: against
+/// a Redis that accepts and never answers, or answers all but the SUBSCRIBE (a host gone
+/// behind a load balancer, a wedged server), it gives up and tries a new connection.
+/// Before, it waited on the first for good, every invalidation missed meanwhile.
+#[tokio::test]
+async fn the_subscriber_gives_up_on_a_redis_that_never_answers() {
+    use std::sync::atomic::Ordering;
+    use vaultpay_server::redis_cluster::RedisCluster;
+    // no redis_url: nothing but the subscribers below talks to the stand-ins
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let mute = DeafRedis::start(false).await;
+    let deaf = DeafRedis::start(true).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let subscribers: Vec<_> = [&mute.url, &deaf.url]
+        .into_iter()
+        .map(|url| {
+            RedisCluster::new(url)
+                .unwrap()
+                .spawn_subscriber(app.auth().clone(), stopped.clone())
+        })
+        .collect();
+    // Bounded wait for the second attempts (a try gets 5 s, the next comes a second
+    // later), not a timing assertion: unbounded, the first try never ends.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while mute.accepted.load(Ordering::SeqCst) < 2 || deaf.subscribes.load(Ordering::SeqCst) < 2
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        mute.accepted.load(Ordering::SeqCst) >= 2,
+        "the subscriber waited for good on a connect that got no answer"
+    );
+    assert!(
+        deaf.subscribes.load(Ordering::SeqCst) >= 2 && deaf.accepted.load(Ordering::SeqCst) >= 2,
+        "the subscriber waited for good on a SUBSCRIBE that got no answer"
+    );
+    stop.send(true).unwrap();
+    for s in subscribers {
+        tokio::time::timeout(std::time::Duration::from_secs(10), s)
+            .await
+            .expect("the subscriber stops")
+            .unwrap();
+    }
+    app.stop().await;
+}

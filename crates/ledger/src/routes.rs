@@ -421,9 +421,58 @@ async fn audit_log(
         wire::AccountActionRequest, wire::AccountTransaction, wire::TransactionList, wire::FailedTransfer,
         wire::FailedTransferList, wire::AuditEntry, wire::AuditList, Problem
     )),
-    tags((name = "ledger", description = "Wallets, transfers, holds"), (name = "ledger-admin", description = "Treasury and account management"))
+    tags((name = "ledger", description = "Wallets, transfers, holds"), (name = "ledger-admin", description = "Treasury and account management")),
+    modifiers(&EveryRouteAuthenticated)
 )]
 struct LedgerApi;
+
+/// What every ledger route shares, said once instead of on each annotation: a bearer
+/// access token (`security`), and the refusals any route can give, a 401 for the
+/// token and, for a POST, 400 (malformed JSON, a missing or bad `Idempotency-Key`),
+/// 413 (body over the limit) and 415 (not JSON).
+struct EveryRouteAuthenticated;
+
+impl utoipa::Modify for EveryRouteAuthenticated {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::security::SecurityRequirement;
+        use utoipa::openapi::{Ref, ResponseBuilder};
+        let problem = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in doc.paths.paths.values_mut() {
+            let post = item.post.is_some();
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                op.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+                let r = &mut op.responses.responses;
+                let mut add = |status: &str, what: &str| {
+                    r.entry(status.to_owned())
+                        .or_insert_with(|| problem(what).into());
+                };
+                add("401", "No valid access token: missing, malformed, expired or revoked, or step-up required (`insufficient_user_authentication`)");
+                if post {
+                    add(
+                        "400",
+                        "Malformed JSON, or a missing or invalid Idempotency-Key",
+                    );
+                    add("413", "Body over the limit");
+                    add("415", "Body is not application/json");
+                }
+            }
+        }
+    }
+}
 
 /// The OpenAPI document of the ledger routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {

@@ -61,9 +61,38 @@ fn problems_as_problem_json(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
+/// A response the route annotations leave without a description gets its status's
+/// reason phrase ("Created", "Not Found"): OpenAPI requires one, and generated clients
+/// and documentation show it.
+fn described(mut v: serde_json::Value) -> serde_json::Value {
+    let paths = v.get_mut("paths").and_then(|p| p.as_object_mut());
+    for (status, response) in paths
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|op| op.get_mut("responses").and_then(|r| r.as_object_mut()))
+        .flat_map(|r| r.iter_mut())
+    {
+        let empty = response
+            .get("description")
+            .is_none_or(|d| d.as_str().is_some_and(str::is_empty));
+        let reason = status
+            .parse::<u16>()
+            .ok()
+            .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+            .and_then(|s| s.canonical_reason());
+        if let (true, Some(reason), Some(r)) = (empty, reason, response.as_object_mut()) {
+            r.insert("description".into(), reason.into());
+        }
+    }
+    v
+}
+
 pub async fn openapi_json() -> Response {
     match serde_json::to_value(document())
         .map(problems_as_problem_json)
+        .map(described)
         .and_then(|v| serde_json::to_string(&v))
     {
         Ok(json) => {

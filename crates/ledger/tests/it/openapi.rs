@@ -38,3 +38,33 @@ fn openapi_documents_every_ledger_route() {
         );
     }
 }
+
+/// Every ledger operation says it needs a bearer token and documents the 401 a
+/// request without a valid one gets; every POST its 400, 413 and 415.
+#[test]
+fn every_ledger_operation_documents_its_authentication() {
+    let v = serde_json::to_value(vaultpay_ledger::openapi()).unwrap();
+    let mut seen = 0;
+    for (path, item) in v["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            seen += 1;
+            assert_eq!(
+                op["security"],
+                serde_json::json!([{ "bearer": [] }]),
+                "{method} {path}"
+            );
+            let responses = op["responses"].as_object().unwrap();
+            let mut want = vec!["401"];
+            if method == "post" {
+                want.extend(["400", "413", "415"]);
+            }
+            for status in want {
+                assert!(
+                    responses.contains_key(status),
+                    "{method} {path}: no {status}"
+                );
+            }
+        }
+    }
+    assert!(seen >= 17, "{seen} operations");
+}

@@ -25,6 +25,10 @@ async fn health_ready_metrics_openapi_docs() {
         for item in doc.body["paths"].as_object().unwrap().values() {
             for op in item.as_object().unwrap().values() {
                 for (status, r) in op["responses"].as_object().into_iter().flatten() {
+                    assert!(
+                        r["description"].as_str().is_some_and(|d| !d.is_empty()),
+                        "{status}: no description"
+                    );
                     let json = &r["content"]["application/json"]["schema"]["$ref"];
                     assert!(
                         !json.as_str().is_some_and(|s| s.ends_with("/Problem")),
@@ -35,6 +39,14 @@ async fn health_ready_metrics_openapi_docs() {
             }
         }
         assert!(problems > 90, "{problems}");
+        // the ledger's routes say they need a bearer token, and document its 401
+        let accounts = &doc.body["paths"]["/v1/accounts"]["get"];
+        assert_eq!(
+            accounts["security"][0]["bearer"],
+            serde_json::json!([]),
+            "{accounts}"
+        );
+        assert!(accounts["responses"]["401"].is_object(), "{accounts}");
         // query parameters are documented as query parameters, optional where they are
         let limit = doc.body["paths"]["/v1/admin/audit"]["get"]["parameters"]
             .as_array()

@@ -350,7 +350,7 @@ async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
 fn issuer_from_listen(cfg: &Config) -> Option<String> {
     let defaults = Config::default();
     let listen = cfg.listen;
-    (cfg.auth.issuer == defaults.auth.issuer
+    (!cfg.issuer_configured
         && listen != defaults.listen
         && !listen.ip().is_unspecified()
         && listen.port() != 0)
@@ -371,6 +371,19 @@ mod tests {
             issuer_from_listen(&cfg).as_deref(),
             Some("http://127.0.0.1:9000")
         );
+        // an issuer the configuration names is kept, even one equal to the default
+        let named = Config::load(
+            None,
+            [(
+                "VAULTPAY_AUTH__ISSUER".to_owned(),
+                Config::default().auth.issuer,
+            )],
+        )
+        .unwrap();
+        assert!(named.issuer_configured);
+        let mut named = named;
+        named.listen = cfg.listen;
+        assert_eq!(issuer_from_listen(&named), None);
         cfg.listen = "[::1]:9000".parse().unwrap();
         assert_eq!(
             issuer_from_listen(&cfg).as_deref(),
@@ -381,7 +394,10 @@ mod tests {
             assert_eq!(issuer_from_listen(&cfg), None, "{wild}");
         }
         cfg.listen = "127.0.0.1:9000".parse().unwrap();
-        cfg.auth.issuer = "https://id.example.com".into();
-        assert_eq!(issuer_from_listen(&cfg), None, "an explicit issuer wins");
+        let file = std::env::temp_dir().join(format!("vp-issuer-{}.toml", uuid::Uuid::now_v7()));
+        std::fs::write(&file, "[auth]\nissuer = \"https://id.example.com\"\n").unwrap();
+        let mut named = Config::load(Some(&file), Vec::new()).unwrap();
+        named.listen = cfg.listen;
+        assert_eq!(issuer_from_listen(&named), None, "an explicit issuer wins");
     }
 }

@@ -55,6 +55,10 @@ pub struct Config {
     /// The ledger process of a split deployment: how often it reloads AuthShield's
     /// JWKS (so that a retired or rotated-out key stops verifying there too).
     pub jwks_refresh_secs: u64,
+    /// Whether the config file or the environment named `auth.issuer` (a default issuer
+    /// follows the listen address; a configured one is kept as it is).
+    #[serde(skip)]
+    pub issuer_configured: bool,
 }
 
 impl Default for Config {
@@ -80,6 +84,7 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             auth_url: None,
             jwks_refresh_secs: 15,
+            issuer_configured: false,
         }
     }
 }
@@ -212,9 +217,14 @@ impl Config {
             };
             set_path(&mut table, &path, value).with_context(|| format!("applying {k}"))?;
         }
-        let cfg: Config = toml::Value::Table(table)
+        let issuer_configured = table
+            .get("auth")
+            .and_then(|a| a.as_table())
+            .is_some_and(|a| a.contains_key("issuer"));
+        let mut cfg: Config = toml::Value::Table(table)
             .try_into()
             .context("invalid configuration")?;
+        cfg.issuer_configured = issuer_configured;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -42,8 +42,22 @@ pub(crate) fn router(ledger: Ledger) -> Router {
         .with_state(ledger)
 }
 
-fn actor(p: &Principal, ctx: &Ctx) -> Actor {
-    Actor::from_principal(p, ctx.ip)
+/// The caller; a token AuthShield issued to an OAuth client without the `api` scope
+/// is refused (403, as AuthShield's own API refuses it), not taken for a caller who
+/// owns nothing.
+fn actor(p: &Principal, ctx: &Ctx) -> Result<Actor, ApiError> {
+    let c = &p.claims;
+    let api = c
+        .scope
+        .as_deref()
+        .is_some_and(|s| s.split(' ').any(|x| x == "api"));
+    if c.client_id.is_some() && !api {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "This needs the `scope:api` permission.",
+        ));
+    }
+    Ok(Actor::from_principal(p, ctx.ip))
 }
 
 /// The Idempotency-Key header, if present (its shape is checked by the service).
@@ -144,7 +158,7 @@ async fn open_account(
     ApiJson(req): ApiJson<wire::OpenAccountRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    Ok(l.open_account(&actor(&p, &ctx), key, req, ctx.origin())
+    Ok(l.open_account(&actor(&p, &ctx)?, key, req, ctx.origin())
         .await?)
 }
 
@@ -158,7 +172,7 @@ async fn list_accounts(
 ) -> ApiResult<axum::Json<wire::AccountList>> {
     Ok(axum::Json(
         l.list_accounts(
-            &actor(&p, &ctx),
+            &actor(&p, &ctx)?,
             q.owner_id.as_deref(),
             q.cursor.as_deref(),
             q.limit,
@@ -175,7 +189,7 @@ async fn get_account(
     p: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<wire::Account>> {
-    Ok(axum::Json(l.get_account(&actor(&p, &ctx), &id).await?))
+    Ok(axum::Json(l.get_account(&actor(&p, &ctx)?, &id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}/transactions", tag = "ledger", params(("id" = String, Path), HistoryQuery),
@@ -194,7 +208,7 @@ async fn transactions(
         ..Default::default()
     };
     Ok(axum::Json(
-        l.transactions(&actor(&p, &ctx), &id, filter, q.cursor.as_deref())
+        l.transactions(&actor(&p, &ctx)?, &id, filter, q.cursor.as_deref())
             .await?,
     ))
 }
@@ -210,7 +224,7 @@ async fn statement(
 ) -> ApiResult<Response> {
     let from = time_param("from", q.from.as_deref())?;
     let to = time_param("to", q.to.as_deref())?;
-    let csv = l.statement_csv(&actor(&p, &ctx), &id, from, to).await?;
+    let csv = l.statement_csv(&actor(&p, &ctx)?, &id, from, to).await?;
     let disposition = format!(
         "attachment; filename=\"statement-{}.csv\"",
         id.chars()
@@ -238,7 +252,8 @@ async fn create_transfer(
     ApiJson(req): ApiJson<wire::TransferRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    Ok(l.transfer(&actor(&p, &ctx), key, req, ctx.origin()).await?)
+    Ok(l.transfer(&actor(&p, &ctx)?, key, req, ctx.origin())
+        .await?)
 }
 
 #[utoipa::path(post, path = "/v1/transfers/batch", tag = "ledger", request_body = wire::BatchRequest,
@@ -252,7 +267,7 @@ async fn batch(
     ApiJson(req): ApiJson<wire::BatchRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    Ok(l.batch(&actor(&p, &ctx), key, req, ctx.origin()).await?)
+    Ok(l.batch(&actor(&p, &ctx)?, key, req, ctx.origin()).await?)
 }
 
 #[utoipa::path(get, path = "/v1/transfers/{id}", tag = "ledger", params(("id" = String, Path)),
@@ -263,7 +278,7 @@ async fn get_transfer(
     p: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<wire::Transfer>> {
-    Ok(axum::Json(l.get_transfer(&actor(&p, &ctx), &id).await?))
+    Ok(axum::Json(l.get_transfer(&actor(&p, &ctx)?, &id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/transfers/{id}/post", tag = "ledger", request_body = wire::PostHoldRequest,
@@ -279,7 +294,7 @@ async fn post_hold(
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
     let req: wire::PostHoldRequest = optional_json(&body)?;
-    Ok(l.post_hold(&actor(&p, &ctx), key, &id, req, ctx.origin())
+    Ok(l.post_hold(&actor(&p, &ctx)?, key, &id, req, ctx.origin())
         .await?)
 }
 
@@ -296,7 +311,7 @@ async fn void_hold(
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
     let req: wire::VoidHoldRequest = optional_json(&body)?;
-    Ok(l.void_hold(&actor(&p, &ctx), key, &id, req, ctx.origin())
+    Ok(l.void_hold(&actor(&p, &ctx)?, key, &id, req, ctx.origin())
         .await?)
 }
 
@@ -311,7 +326,7 @@ async fn deposit(
     ApiJson(req): ApiJson<wire::TreasuryRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    Ok(l.treasury(&actor(&p, &ctx), key, req, true, ctx.origin())
+    Ok(l.treasury(&actor(&p, &ctx)?, key, req, true, ctx.origin())
         .await?)
 }
 
@@ -326,7 +341,7 @@ async fn withdraw(
     ApiJson(req): ApiJson<wire::TreasuryRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    Ok(l.treasury(&actor(&p, &ctx), key, req, false, ctx.origin())
+    Ok(l.treasury(&actor(&p, &ctx)?, key, req, false, ctx.origin())
         .await?)
 }
 
@@ -339,7 +354,7 @@ async fn account_action(
     req: wire::AccountActionRequest,
 ) -> ApiResult<axum::Json<wire::Account>> {
     Ok(axum::Json(
-        l.account_action(&actor(&p, &ctx), &id, action, &req.reason, ctx.origin())
+        l.account_action(&actor(&p, &ctx)?, &id, action, &req.reason, ctx.origin())
             .await?,
     ))
 }
@@ -389,7 +404,7 @@ async fn failed_transfers(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<axum::Json<wire::FailedTransferList>> {
     Ok(axum::Json(
-        l.failed_transfers(&actor(&p, &ctx), q.cursor.as_deref(), q.limit)
+        l.failed_transfers(&actor(&p, &ctx)?, q.cursor.as_deref(), q.limit)
             .await?,
     ))
 }
@@ -403,7 +418,7 @@ async fn audit_log(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<axum::Json<wire::AuditList>> {
     Ok(axum::Json(
-        l.audit_log(&actor(&p, &ctx), q.cursor.as_deref(), q.limit)
+        l.audit_log(&actor(&p, &ctx)?, q.cursor.as_deref(), q.limit)
             .await?,
     ))
 }

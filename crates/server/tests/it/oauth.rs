@@ -530,8 +530,10 @@ async fn code_flow_case(backend: Backend) {
     .await;
     let r = exchange(&app, &c, &code, CB, &verifier).await;
     let narrow = r.body["access_token"].as_str().unwrap().to_owned();
+    // without `api` the ledger refuses the token outright (it used to answer as if
+    // for a caller who owns nothing: 200 with an empty list)
     let l = app.get("/v1/accounts", Some(&narrow)).await;
-    assert_eq!(l.status, StatusCode::OK, "{}", l.text);
+    l.assert_problem(403, "forbidden");
     assert!(!l.text.contains("Main"), "{}", l.text);
     assert!(app
         .get("/v1/accounts", Some(&olivia.access))
@@ -1294,7 +1296,22 @@ async fn client_credentials_case(backend: Backend) {
         .await
         .unwrap();
     let open = read(open).await;
-    assert_eq!(open.status, StatusCode::FORBIDDEN, "{}", open.text);
+    open.assert_problem(403, "forbidden");
+    // every ledger route refuses it alike, reads included (not an empty list)
+    for path in ["/v1/accounts", "/v1/admin/failed-transfers"] {
+        app.get(path, Some(&at))
+            .await
+            .assert_problem(403, "forbidden");
+    }
+    let transfer = ledger_post(
+        &app,
+        "/v1/transfers",
+        &at,
+        "cc-t-1",
+        json!({"from_account_id": "a", "to_account_id": "b", "amount": 1, "currency": "USD", "description": ""}),
+    )
+    .await;
+    transfer.assert_problem(403, "forbidden");
     // Introspection (client_secret_post) and revocation.
     let i = form_post(
         &app,

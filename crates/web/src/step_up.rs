@@ -9,7 +9,7 @@ use vaultpay_core::step_up::{is_fresh_mfa, ACR_MFA};
 /// `WWW-Authenticate: Bearer error="insufficient_user_authentication",
 /// error_description="…", acr_values="<mfa acr>", max_age=<n>`.
 pub fn step_up_required(max_age_secs: i64) -> ApiError {
-    let detail = "A second factor within the last few minutes is required; complete step-up at POST /v1/auth/step-up and retry with the new token.";
+    let detail = "A second factor within the last few minutes is required; complete step-up at POST /v1/auth/step-up (with no second factor yet, enrol one first: POST /v1/mfa/totp or /v1/mfa/email/enable) and retry with the new token.";
     let challenge = format!(
         "Bearer error=\"insufficient_user_authentication\", error_description=\"{detail}\", acr_values=\"{ACR_MFA}\", max_age={max_age_secs}"
     );

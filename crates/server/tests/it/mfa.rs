@@ -907,9 +907,18 @@ async fn large_ledger_transfers_need_step_up() {
         // small: the password session is enough
         let r = ledger_post(&app, "/v1/transfers", &u.access, "t-small", transfer(100)).await;
         assert_eq!(r.status, 201, "{}", r.text);
-        // at the threshold: step-up, with the RFC 9470 challenge
+        // at the threshold: step-up, with the RFC 9470 challenge, which tells a user
+        // without a second factor where to enrol one
         let r = ledger_post(&app, "/v1/transfers", &u.access, "t-big", transfer(100_000)).await;
         assert_step_up_challenge(&r);
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("POST /v1/mfa/totp"),
+            "{}",
+            r.text
+        );
         let r = ledger_post(
             &app,
             "/v1/transfers/batch",

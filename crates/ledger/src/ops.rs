@@ -194,9 +194,14 @@ fn check_text(field: &str, s: &str, max: usize, required: bool) -> Result<(), Le
             "{field} must not be empty"
         )));
     }
-    if s.chars().count() > max || s.chars().any(|c| c.is_control()) {
+    if s.chars().count() > max {
         return Err(LedgerError::InvalidRequest(format!(
-            "{field} must be at most {max} printable characters"
+            "{field} must be at most {max} characters"
+        )));
+    }
+    if s.chars().any(|c| c.is_control()) {
+        return Err(LedgerError::InvalidRequest(format!(
+            "{field} must not contain control characters (line breaks, tabs, NUL)"
         )));
     }
     Ok(())
@@ -254,6 +259,12 @@ fn check_active(a: &AccountRow) -> Result<(), LedgerError> {
 
 fn check_currency(requested: &str, a: &AccountRow) -> Result<(), LedgerError> {
     if requested != a.currency {
+        // a code that is no currency at all says so, as opening an account does
+        if vaultpay_core::money::Currency::parse(requested).is_err() {
+            return Err(LedgerError::CurrencyUnknown(
+                requested.chars().take(16).collect(),
+            ));
+        }
         return Err(LedgerError::CurrencyMismatch {
             requested: requested.chars().take(16).collect(),
             account: a.currency.clone(),

@@ -117,6 +117,29 @@ async fn every_failure_has_its_code_and_is_recorded() {
             .await
             .problem(422, "currency_mismatch");
         assert_eq!(r.body["account_currency"], "USD");
+        // a code that is no currency at all is named as such, as on opening an account;
+        // a control character in the description is named as such
+        for (currency, description, code, says) in [
+            ("usd", "", "currency_unknown", "usd"),
+            ("XYZ", "", "currency_unknown", "XYZ"),
+            ("USD", "two\nlines", "invalid_request", "control characters"),
+        ] {
+            let r = app
+                .post(
+                    "/v1/transfers",
+                    &alice,
+                    Some(&key()),
+                    json!({"from_account_id": a, "to_account_id": bb, "amount": 1,
+                        "currency": currency, "description": description}),
+                )
+                .await
+                .problem(422, code);
+            assert!(
+                r.body["detail"].as_str().unwrap().contains(says),
+                "{}",
+                r.text
+            );
+        }
         // frozen / closed
         app.post(
             &format!("/v1/admin/accounts/{bb}/freeze"),

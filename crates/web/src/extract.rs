@@ -8,6 +8,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use vaultpay_store::audit::Origin;
 
+/// serde's wording for a field of the wrong type, with the type names a client knows
+/// (`expected i64` is `expected an integer`).
+fn plain_types(text: &str) -> String {
+    let mut out = text.to_owned();
+    for int in ["i64", "u64", "i32", "u32", "u16", "u8", "usize", "isize"] {
+        out = out.replace(&format!("expected {int}"), "expected an integer");
+    }
+    out.replace("expected f64", "expected a number")
+}
+
 fn rejection(status: StatusCode, text: String) -> ApiError {
     let (code, title) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", "Request body too large"),
@@ -114,7 +124,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 JsonRejection::JsonSyntaxError(_) => {
                     ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
                 }
-                other => rejection(other.status(), other.body_text()),
+                _ if !bytes.trim_ascii_start().starts_with(b"{") => rejection(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "The request body must be a JSON object.".into(),
+                ),
+                other => rejection(other.status(), plain_types(&other.body_text())),
             }),
         }
     }

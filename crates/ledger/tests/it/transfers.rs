@@ -140,6 +140,18 @@ async fn every_failure_has_its_code_and_is_recorded() {
                 r.text
             );
         }
+        // an amount too large for an integer is named in JSON's terms
+        let r = app
+            .post(
+                "/v1/transfers",
+                &alice,
+                Some(&key()),
+                json!({"from_account_id": a, "to_account_id": bb, "amount": 1e20, "currency": "USD"}),
+            )
+            .await
+            .problem(422, "invalid_request");
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains("expected an integer") && !detail.contains("i64"), "{detail}");
         // frozen / closed
         app.post(
             &format!("/v1/admin/accounts/{bb}/freeze"),

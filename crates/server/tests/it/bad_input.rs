@@ -264,6 +264,14 @@ async fn bad_registration_input_is_refused_and_writes_nothing() {
                 }
                 _ => {}
             }
+            // the detail speaks JSON, not the server's Rust types
+            let detail = r.body["detail"].as_str().unwrap_or("");
+            for internal in ["struct", "RegisterRequest", "i64", "u64"] {
+                assert!(!detail.contains(internal), "{what}: {detail}");
+            }
+            if what.ends_with(" body") {
+                assert_eq!(detail, "The request body must be a JSON object.", "{what}");
+            }
             assert_eq!(counts(&app).await, before, "{what} wrote something");
         }
         assert_eq!(app.mails().len(), 1, "only the first registration mailed");

@@ -397,7 +397,11 @@ pub async fn delete(
     Ok(true)
 }
 
+/// Client management is the administrator's own session's: a token an OAuth client
+/// holds for them (with `api`) registers and deletes no clients (a deletion ends every
+/// session of the client's users).
 async fn admin(svc: &AuthService, p: &Principal) -> Result<(), AuthError> {
+    super::require_first_party(p)?;
     svc.require_live_session(p).await?;
     svc.require(p, "clients:manage").await
 }

@@ -342,6 +342,13 @@ pub(crate) async fn approve_route(
     // let act with `api` would otherwise mint a session for another client, with
     // scopes (a refresh token, say) the user never granted it.
     super::require_first_party(&p)?;
+    // And a recent authentication, as enrolling a factor needs: an approval mints a
+    // refreshable session of its own (up to the absolute session lifetime), so a
+    // stolen five-minute access token must not be turned into one. A refusal needs
+    // no such proof.
+    if !req.deny {
+        svc.require_recent_auth(&p).await?;
+    }
     let amr = p.claims.amr.join(" ");
     let ok = svc
         .decide_device(

@@ -1844,6 +1844,38 @@ async fn oauth_clients_cannot_enrol_factors_or_change_credentials() {
         // the user's own session enrols
         let r = app.post("/v1/mfa/totp", Some(&own.access), json!({})).await;
         assert!(r.status.is_success(), "{}", r.text);
+        // an administrator's delegated token manages no OAuth clients (a deletion ends
+        // every session of the client's users); their own session does
+        let (verifier, challenge) = pkce();
+        let code = get_code(
+            &app,
+            &client.id,
+            CB,
+            "openid api",
+            &challenge,
+            "admin@example.com",
+        )
+        .await;
+        let tokens = exchange(&app, &client, &code, CB, &verifier).await;
+        let delegated_admin = tokens.body["access_token"].as_str().unwrap().to_owned();
+        let new_client = json!({ "name": "x", "grant_types": ["client_credentials"] });
+        app.post(
+            "/v1/admin/clients",
+            Some(&delegated_admin),
+            new_client.clone(),
+        )
+        .await
+        .assert_problem(403, "first_party_session_required");
+        app.delete(
+            &format!("/v1/admin/clients/{}", client.id),
+            Some(&delegated_admin),
+        )
+        .await
+        .assert_problem(403, "first_party_session_required");
+        let r = app
+            .post("/v1/admin/clients", Some(&admin.access), new_client)
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         app.stop().await;
     });
 }

@@ -1444,6 +1444,24 @@ async fn locked_grant_case(backend: Backend) {
     let code = get_code(&app, &web.id, CB, "openid", &challenge, email).await;
     let d = device_start(&app, &cli, "openid api").await;
     let dc = d["device_code"].as_str().unwrap().to_owned();
+    // a token of a session signed in long ago (a stolen one, say) approves nothing: an
+    // approval mints a refreshable session of its own
+    sqlx::query("UPDATE sessions SET auth_time = auth_time - 901000000 WHERE id = $1")
+        .bind(&u.session)
+        .execute(app.auth_db().writer())
+        .await
+        .unwrap();
+    let r = crate::auth_flows::refresh(&app, &u.refresh).await;
+    let old = r.body["access_token"].as_str().unwrap().to_owned();
+    let r = app
+        .post(
+            "/v1/oauth/device/approve",
+            Some(&old),
+            json!({ "user_code": d["user_code"] }),
+        )
+        .await;
+    r.assert_problem(401, "insufficient_user_authentication");
+    let u = app.login(email, PASSWORD).await;
     let r = app
         .post(
             "/v1/oauth/device/approve",

@@ -132,6 +132,9 @@ pub struct RateLimits {
     pub refresh_per_session: Quota,
     pub reset_per_ip: Quota,
     pub reset_per_account: Quota,
+    /// OAuth requests started from one address (`GET /oauth/authorize`,
+    /// `POST /oauth/device_authorization`): each writes a pending request, anonymously.
+    pub oauth_start_per_ip: Quota,
 }
 
 impl Default for RateLimits {
@@ -145,6 +148,7 @@ impl Default for RateLimits {
             refresh_per_session: Quota::new(30, 60),
             reset_per_ip: Quota::new(10, 600),
             reset_per_account: Quota::new(3, 600),
+            oauth_start_per_ip: Quota::new(60, 60),
         }
     }
 }

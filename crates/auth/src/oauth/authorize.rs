@@ -280,11 +280,23 @@ pub(crate) fn set_cookie(
 #[utoipa::path(get, path = "/oauth/authorize", tag = "oauth",
     responses((status = 200, description = "Sign-in page (HTML)", content_type = "text/html"),
         (status = 303, description = "Error redirect to the verified redirect URI"),
-        (status = 400, description = "Error page (HTML)", content_type = "text/html")))]
+        (status = 400, description = "Error page (HTML)", content_type = "text/html"),
+        (status = 429, body = vaultpay_proto::Problem, description = "Too many requests from this address")))]
 pub(crate) async fn authorize(
     State(svc): State<AuthService>,
+    ctx: vaultpay_web::Ctx,
     q: Result<ApiQuery<HashMap<String, String>>, vaultpay_web::ApiError>,
 ) -> Response {
+    // Each request writes a pending authorization, anonymously: bounded per address.
+    if let Err(e) = vaultpay_web::enforce(
+        &*svc.limiter(),
+        &format!("oauth:start:ip:{}", ctx.ip_key()),
+        svc.config().rate_limits.oauth_start_per_ip,
+    )
+    .await
+    {
+        return e.into_response();
+    }
     let Ok(ApiQuery(q)) = q else {
         return pages::error(
             StatusCode::BAD_REQUEST,

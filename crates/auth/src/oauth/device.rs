@@ -59,13 +59,21 @@ pub(crate) struct DeviceAuthForm {
 /// Device authorization request (RFC 8628 §3.1).
 #[utoipa::path(post, path = "/oauth/device_authorization", tag = "oauth",
     responses((status = 200, description = "device_code, user_code, verification_uri(_complete), expires_in, interval"),
-        (status = 400, body = vaultpay_proto::auth::OAuthError), (status = 401, body = vaultpay_proto::auth::OAuthError)))]
+        (status = 400, body = vaultpay_proto::auth::OAuthError), (status = 401, body = vaultpay_proto::auth::OAuthError),
+        (status = 429, body = vaultpay_proto::auth::OAuthError, description = "Too many requests from this address")))]
 pub(crate) async fn device_authorization(
     State(svc): State<AuthService>,
     ctx: Ctx,
     headers: HeaderMap,
     form: Result<ApiForm<DeviceAuthForm>, ApiError>,
 ) -> Result<Response, OAuthError> {
+    // Each request writes a pending device code, anonymously: bounded per address.
+    vaultpay_web::enforce(
+        &*svc.limiter(),
+        &format!("oauth:start:ip:{}", ctx.ip_key()),
+        svc.config().rate_limits.oauth_start_per_ip,
+    )
+    .await?;
     let ApiForm(f) = form.map_err(|e| OAuthError::request(e.problem.detail.unwrap_or_default()))?;
     let presented = presented_client(&headers, f.client_id.as_deref(), f.client_secret.as_deref())?;
     let client = svc.authenticate_client(&ctx, presented).await?;

@@ -2487,3 +2487,43 @@ async fn linked_identities_are_listed_and_unlinked() {
         app.stop().await;
     });
 }
+
+/// Starting OAuth requests is bounded per address: each `GET /oauth/authorize` and
+/// `POST /oauth/device_authorization` writes a pending request before anyone has signed
+/// in, so a flood from one address is refused (429 with `Retry-After`) and writes
+/// nothing more.
+#[tokio::test]
+async fn starting_oauth_requests_is_rate_limited() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.auth.rate_limits.oauth_start_per_ip = vaultpay_core::gcra::Quota::new(3, 600);
+    })
+    .await;
+    let admin = app.admin().await.access;
+    let web = web_client(&app, &admin).await;
+    let cli = device_client(&app, &admin).await;
+    let (_, challenge) = pkce();
+    let authorize = authorize_query(&web.id, CB, "openid", Some(&challenge));
+    for _ in 0..2 {
+        let r = Browser::new(&app).get(&authorize).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    device_start(&app, &cli, "openid").await;
+    let pending = app.count("oauth_requests").await + app.count("oauth_device_codes").await;
+    let r = Browser::new(&app).get(&authorize).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    let r = form_post(
+        &app,
+        "/oauth/device_authorization",
+        None,
+        &[("client_id", &cli.id), ("scope", "openid")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert_eq!(
+        app.count("oauth_requests").await + app.count("oauth_device_codes").await,
+        pending,
+        "a refused start wrote nothing"
+    );
+    app.stop().await;
+}

@@ -52,20 +52,26 @@ impl StoreError {
     }
 
     /// True when the database could not be reached (connection, pool, I/O), not that
-    /// a statement was refused.
+    /// a statement was refused. On PostgreSQL that includes what the server says as it
+    /// drops or refuses a connection: a connection exception (SQLSTATE class `08`), a
+    /// shutdown or restart (`57P01`, `57P02`, `57P03`: an administrator's
+    /// `pg_terminate_backend`, a failover), no connection slots left (`53300`).
     pub fn is_unreachable(&self) -> bool {
         use sqlx::Error as E;
-        matches!(
-            self.sqlx(),
+        match self.sqlx() {
             Some(
                 E::Io(_)
-                    | E::Tls(_)
-                    | E::Protocol(_)
-                    | E::PoolTimedOut
-                    | E::PoolClosed
-                    | E::WorkerCrashed
-            )
-        )
+                | E::Tls(_)
+                | E::Protocol(_)
+                | E::PoolTimedOut
+                | E::PoolClosed
+                | E::WorkerCrashed,
+            ) => true,
+            Some(E::Database(d)) => d.code().is_some_and(|c| {
+                c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        }
     }
 
     fn sqlx(&self) -> Option<&sqlx::Error> {
@@ -101,6 +107,39 @@ pub fn is_unique_violation(e: Option<&sqlx::Error>) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// A PostgreSQL connection the server ends (an administrator's
+    /// `pg_terminate_backend`, as in a restart or failover) fails its next statement
+    /// with an error that counts as unreachable (answered 503, retryable), not as a
+    /// refused statement (500).
+    #[tokio::test]
+    async fn a_connection_the_server_ended_is_unreachable() {
+        if !testing::backends().contains(&Backend::Postgres) {
+            return;
+        }
+        let db = testing::fresh_db(Service::Auth, Backend::Postgres)
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(db.read())
+            .await
+            .unwrap();
+        assert!(ended);
+        let e = sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap_err();
+        assert!(StoreError::Sqlx(e).is_unreachable());
+        // a statement the database refuses is not
+        let refused = sqlx::query("SELECT * FROM no_such_table")
+            .execute(db.read())
+            .await
+            .unwrap_err();
+        assert!(!StoreError::Sqlx(refused).is_unreachable());
+    }
 
     /// A real lost race on each backend is transient; a unique violation is not.
     #[tokio::test]

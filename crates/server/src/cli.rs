@@ -234,6 +234,9 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     let db = auth.context("auth database")?;
     let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
     vaultpay_auth::keys::ensure_key(&db, &env).await?;
+    // before anything is sealed with it: a key sealed with another master key than the
+    // server's would stop AuthShield from starting again
+    opens_the_signing_key(&db, &env).await?;
     match command {
         KeysCommand::Rotate => {
             // Running servers sign with the old keys until their next key reload.
@@ -268,6 +271,23 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses a master key that does not open the database's current signing key (a
+/// wrong `VAULTPAY_MASTER_KEY`, another data dir's `master.key`).
+async fn opens_the_signing_key(
+    db: &vaultpay_store::Db,
+    env: &vaultpay_core::crypto::Envelope,
+) -> anyhow::Result<()> {
+    vaultpay_auth::keys::load(db, env)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "this master key does not open the database's signing key ({e}); use the \
+             master key the server runs with (VAULTPAY_MASTER_KEY, or master.key in its data dir)"
+            )
+        })
+}
+
 async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCode> {
     use vaultpay_auth::oauth::clients;
     let (auth, _) = app::open_existing_dbs(cfg, Mode::Auth).await?;
@@ -291,6 +311,7 @@ async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCo
                 id_token_alg,
             };
             let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
+            opens_the_signing_key(&db, &env).await?;
             let created = clients::create(&db, &env, &origin, "cli", new).await?;
             println!("{}", serde_json::to_string(&created)?);
         }

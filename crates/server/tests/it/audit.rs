@@ -739,3 +739,44 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
         }
     }
 }
+
+/// `keys rotate` and `clients create` with a master key other than the one the
+/// database's keys are sealed with are refused before they seal anything: a signing
+/// key sealed with the wrong master key stopped AuthShield from starting again.
+#[tokio::test]
+async fn key_commands_refuse_a_master_key_that_does_not_open_the_keys() {
+    let dir = temp_dir().join("keys");
+    let d = dir.display().to_string();
+    let (code, text) = run_cli(&["keys", "list", "--data-dir", &d], &[]);
+    assert_eq!(code, 1, "{text}"); // no database yet
+    let (code, text) = run_cli(&["migrate", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+    let (code, before) = run_cli(&["keys", "list", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{before}");
+    let wrong = vaultpay_core::crypto::MasterKey::generate()
+        .to_hex()
+        .to_string();
+    let env = [("VAULTPAY_MASTER_KEY", wrong)];
+    for args in [
+        &["keys", "rotate", "--data-dir", &d][..],
+        &[
+            "clients",
+            "create",
+            "--name",
+            "x",
+            "--grant-type",
+            "client_credentials",
+            "--data-dir",
+            &d,
+        ][..],
+    ] {
+        let (code, text) = run_cli(args, &env);
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains("does not open"), "{args:?}: {text}");
+    }
+    let (code, after) = run_cli(&["keys", "list", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{after}");
+    assert_eq!(after, before, "nothing rotated");
+    let (code, text) = run_cli(&["keys", "rotate", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "the right key rotates: {text}");
+}

@@ -85,6 +85,6 @@ pub(crate) async fn account_action(
         now,
     )
     .await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(crate::engine::commit_failed)?;
     Ok(a)
 }

@@ -485,10 +485,23 @@ pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerErr
     })
     .await;
     let reply = done?;
-    tx.commit().await?;
+    tx.commit().await.map_err(commit_failed)?;
     tally.flush();
     drop(job);
     Ok(reply)
+}
+
+/// The error a failed COMMIT is answered with. One the database refused (a lost race,
+/// a deferred foreign key) wrote nothing, and is answered as that refusal. Any other
+/// (the connection lost while committing) may have committed or not: never answered
+/// as "unavailable, nothing written" (503), which invites a retry under a new key,
+/// but as an internal error (500), which says to retry with the same key.
+pub(crate) fn commit_failed(e: sqlx::Error) -> LedgerError {
+    if refused_by_deferred_check(&e) || vaultpay_store::is_transient(Some(&e)) {
+        return LedgerError::Store(e.into());
+    }
+    tracing::error!(error = %e, "commit failed; its outcome is unknown");
+    LedgerError::Internal(format!("commit outcome unknown: {e}"))
 }
 
 /// Runs one group in one transaction and answers its jobs.

@@ -277,6 +277,25 @@ impl From<LedgerError> for ApiError {
 mod tests {
     use super::*;
 
+    /// A COMMIT that failed on a lost connection may have committed: answered 500
+    /// (retry with the same key), never 503 "unavailable, nothing written"; one the
+    /// database refused (a lost race) wrote nothing and stays a retryable 503.
+    #[tokio::test]
+    async fn a_failed_commit_is_outcome_unknown_unless_refused() {
+        let lost = crate::engine::commit_failed(sqlx::Error::Io(std::io::Error::other(
+            "connection reset while committing",
+        )));
+        assert_eq!(lost.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!lost.is_unreachable() && !lost.is_transient());
+        let race = crate::engine::commit_failed(
+            vaultpay_store::testing::lost_race(vaultpay_store::Backend::Sqlite)
+                .await
+                .unwrap(),
+        );
+        assert!(race.is_transient());
+        assert_eq!(race.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
     /// A transaction that lost a race is a retryable 503 (with `Retry-After` over
     /// HTTP), and as a server error is never stored with an idempotency key; so is
     /// what every job of a group whose transaction could not begin is answered.

@@ -329,6 +329,32 @@ async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredK
     row.as_ref().map(StoredKey::from_row).transpose()
 }
 
+/// The stored answer to `op` under `user`'s `key`, read outside any transaction: a
+/// replay when the key was used for this same request, `None` otherwise (never used,
+/// or used for another request: the caller's own answer stands).
+pub(crate) async fn stored_replay(
+    db: &Db,
+    user: &str,
+    key: &str,
+    op: &Op,
+) -> Result<Option<Reply>, LedgerError> {
+    let row = sqlx::query(
+        "SELECT fingerprint, status, body, body_lz4 FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+    )
+    .bind(user)
+    .bind(key)
+    .fetch_optional(db.read())
+    .await?;
+    let Some(stored) = row.as_ref().map(StoredKey::from_row).transpose()? else {
+        return Ok(None);
+    };
+    Ok((stored.fingerprint == op.fingerprint()).then(|| Reply {
+        status: u16::try_from(stored.status).unwrap_or(500),
+        body: stored.body,
+        replayed: true,
+    }))
+}
+
 /// Looks up the stored keys of every job of a group in one statement.
 async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerError> {
     let keys: Vec<(&str, &str)> = jobs

@@ -534,14 +534,41 @@ impl Ledger {
         // refusal (`amount_invalid`, recorded and kept under the key), not through a
         // live check or a step-up the caller could never make good on.
         let amount = movable(req.amount);
+        let op = Op::Transfer(req);
         if amount > 0 {
-            self.check_session_for(actor, amount).await?;
-            if amount >= self.config().introspection_threshold_minor {
-                self.require_step_up(actor)?;
+            let gates = async {
+                self.check_session_for(actor, amount).await?;
+                if amount >= self.config().introspection_threshold_minor {
+                    self.require_step_up(actor)?;
+                }
+                Ok(())
+            };
+            if let Some(replay) = self.gated(actor, &key, &op, gates.await).await? {
+                return Ok(replay);
             }
         }
-        self.submit(actor, Some(key), Op::Transfer(req), origin)
-            .await
+        self.submit(actor, Some(key), op, origin).await
+    }
+
+    /// Passes the outcome of a request's gates (live session, step-up) through, except
+    /// that a refusal of a request already answered under its key gives that answer:
+    /// a retry must replay, not be sent to step up (or told AuthShield is down) for a
+    /// payment that was made, and then perhaps be made again under a new key.
+    /// (`Ok(Some(reply))`: the replay to return; `Ok(None)`: the gates passed.)
+    async fn gated(
+        &self,
+        actor: &Actor,
+        key: &str,
+        op: &Op,
+        gates: Result<(), LedgerError>,
+    ) -> Result<Option<Reply>, LedgerError> {
+        let Err(refused) = gates else {
+            return Ok(None);
+        };
+        match engine::stored_replay(self.db(), &actor.user_id, key, op).await {
+            Ok(Some(replay)) => Ok(Some(replay)),
+            _ => Err(refused),
+        }
     }
 
     /// `POST /v1/transfers/batch` (Idempotency-Key required).
@@ -558,13 +585,20 @@ impl Ledger {
             .transfers
             .iter()
             .fold(0i64, |s, t| s.saturating_add(movable(t.amount)));
+        let op = Op::Batch(req);
         if total > 0 {
-            self.check_session_for(actor, total).await?;
-            if total >= threshold {
-                self.require_step_up(actor)?;
+            let gates = async {
+                self.check_session_for(actor, total).await?;
+                if total >= threshold {
+                    self.require_step_up(actor)?;
+                }
+                Ok(())
+            };
+            if let Some(replay) = self.gated(actor, &key, &op, gates.await).await? {
+                return Ok(replay);
             }
         }
-        self.submit(actor, Some(key), Op::Batch(req), origin).await
+        self.submit(actor, Some(key), op, origin).await
     }
 
     /// `POST /v1/transfers/{id}/post` (Idempotency-Key required).
@@ -578,10 +612,14 @@ impl Ledger {
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
         // Posting the whole hold (no amount) is checked live whatever its size.
-        self.check_session_for(actor, req.amount.unwrap_or(i64::MAX))
-            .await?;
-        self.submit(actor, Some(key), Op::Post(id.to_owned(), req), origin)
-            .await
+        let gates = self
+            .check_session_for(actor, req.amount.unwrap_or(i64::MAX))
+            .await;
+        let op = Op::Post(id.to_owned(), req);
+        if let Some(replay) = self.gated(actor, &key, &op, gates).await? {
+            return Ok(replay);
+        }
+        self.submit(actor, Some(key), op, origin).await
     }
 
     /// `POST /v1/transfers/{id}/void` (Idempotency-Key optional: a hold is voided at most
@@ -617,12 +655,15 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
-        self.require_live_admin(actor, "treasury:move").await?;
         let op = if deposit {
             Op::Deposit(req)
         } else {
             Op::Withdraw(req)
         };
+        let gates = self.require_live_admin(actor, "treasury:move").await;
+        if let Some(replay) = self.gated(actor, &key, &op, gates).await? {
+            return Ok(replay);
+        }
         self.submit(actor, Some(key), op, origin).await
     }
 

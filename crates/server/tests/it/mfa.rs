@@ -967,6 +967,15 @@ async fn large_ledger_transfers_need_step_up() {
         let stepped = r.body["access_token"].as_str().unwrap().to_owned();
         let r = ledger_post(&app, "/v1/transfers", &stepped, "t-big", transfer(100_000)).await;
         assert_eq!(r.status, 201, "{}", r.text);
+        // a retry of it, even with the token from before the step-up, replays the
+        // answer: it is not sent to step up for a payment that was made
+        let again = ledger_post(&app, "/v1/transfers", &u.access, "t-big", transfer(100_000)).await;
+        assert_eq!(again.status, 201, "{}", again.text);
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+        assert_eq!(again.body["id"], r.body["id"]);
+        // the same key for another request is still challenged, not replayed
+        let other = ledger_post(&app, "/v1/transfers", &u.access, "t-big", transfer(100_001)).await;
+        assert_step_up_challenge(&other);
         let r = app.get(&format!("/v1/accounts/{b}"), Some(&stepped)).await;
         assert_eq!(r.body["balance"], 100_110, "{}", r.text);
         app.stop().await;

@@ -668,6 +668,19 @@ async fn a_refused_start_creates_nothing() {
             ][..],
             "--auth-url",
         ),
+        (
+            &[
+                "serve",
+                "ledger",
+                "--listen",
+                "127.0.0.1:0",
+                "--auth-url",
+                "http://127.0.0.1:1",
+                "--data-dir",
+                &dir,
+            ][..],
+            "introspection_secret",
+        ),
     ] {
         let (code, text) = run_cli(args, &[]);
         assert_ne!(code, 0, "{args:?}: {text}");

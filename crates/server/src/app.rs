@@ -436,12 +436,17 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     };
 
     let ready_dbs = dbs.clone();
+    // A ledger run alone is ready once it holds AuthShield's keys as well.
+    let ready_keys = auth.is_none().then(|| verifier.clone());
     let system = Router::new()
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
         )
-        .route("/readyz", get(move || readyz(ready_dbs.clone())))
+        .route(
+            "/readyz",
+            get(move || readyz(ready_dbs.clone(), ready_keys.clone())),
+        )
         .route(
             "/metrics",
             get(move || async move { metrics_text(prometheus) }),
@@ -482,12 +487,15 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     })
 }
 
-async fn readyz(dbs: Vec<Db>) -> Response {
+async fn readyz(dbs: Vec<Db>, keys: Option<Arc<TokenVerifier>>) -> Response {
     for db in &dbs {
         if let Err(e) = db.ping().await {
             return ApiError::unavailable(format!("{} database: {e}", db.service().name()))
                 .into_response();
         }
+    }
+    if keys.is_some_and(|k| !k.has_keys()) {
+        return ApiError::unavailable("AuthShield's JWKS has not been fetched").into_response();
     }
     (
         StatusCode::OK,

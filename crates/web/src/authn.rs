@@ -164,6 +164,11 @@ impl TokenVerifier {
     pub fn jwks(&self) -> serde_json::Value {
         self.keys.read().to_jwks()
     }
+
+    /// Whether any verification key is loaded (a remote key set may not be yet).
+    pub fn has_keys(&self) -> bool {
+        !self.keys.read().is_empty()
+    }
 }
 
 /// The authenticated caller of a request.
@@ -247,6 +252,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
                 claims,
                 token: token.to_owned(),
             }),
+            // No key at all yet (a ledger run alone that has not reached AuthShield's
+            // JWKS): the token is not known bad, the service is not ready.
+            Err(JwtError::UnknownKey) if !verifier.has_keys() => Err(ApiError::unavailable(
+                "no verification keys: AuthShield's JWKS has not been fetched",
+            )),
             Err(e) => Err(ApiError::unauthorized("invalid_token", e.to_string())),
         }
     }

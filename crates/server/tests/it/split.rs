@@ -31,7 +31,8 @@ async fn run(backend: Backend) {
             "VAULTPAY_AUTH__INTROSPECTION_SECRET",
             "split-test-secret".into(),
         ),
-        ("VAULTPAY_AUTH__ISSUER", format!("http://127.0.0.1:{pa}")),
+        // no VAULTPAY_AUTH__ISSUER: AuthShield's is its listen address, and the ledger
+        // expects its --auth-url, the same
         (
             "VAULTPAY_MASTER_KEY",
             vaultpay_core::crypto::MasterKey::generate()
@@ -304,4 +305,72 @@ async fn run(backend: Backend) {
     }
     assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
     assert!(ledger.terminate().success());
+}
+
+/// A ledger run alone that cannot reach AuthShield's JWKS is not ready, and answers a
+/// token it cannot check with 503 (retry later), not 401 (a client would throw a good
+/// token away).
+#[tokio::test]
+async fn a_ledger_without_authshield_keys_is_not_ready() {
+    use base64::Engine;
+    let dir = temp_dir();
+    let (nowhere, pl) = (free_port(), free_port());
+    let env = vec![
+        ("VAULTPAY_DATA_DIR", dir.display().to_string()),
+        ("VAULTPAY_DATABASE__SQLITE_SYNCHRONOUS_FULL", "false".into()),
+        (
+            "VAULTPAY_AUTH__INTROSPECTION_SECRET",
+            "split-test-secret".into(),
+        ),
+        ("VAULTPAY_LOG_FORMAT", "pretty".into()),
+    ];
+    let _ledger = Proc::spawn(
+        &[
+            "serve",
+            "ledger",
+            "--listen",
+            &format!("127.0.0.1:{pl}"),
+            "--auth-url",
+            &format!("http://127.0.0.1:{nowhere}"),
+        ],
+        &env,
+        dir.join("ledger.log"),
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = format!("http://127.0.0.1:{pl}");
+    // up (healthz), not ready
+    let mut up = false;
+    for _ in 0..600 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        up,
+        "the ledger never listened; see {}",
+        dir.join("ledger.log").display()
+    );
+    let r = read(http.get(format!("{base}/readyz")).send().await.unwrap()).await;
+    r.assert_problem(503, "service_unavailable");
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let token = format!(
+        "{}.{}.{}",
+        b64(json!({"alg": "EdDSA", "typ": "JWT", "kid": "k1"})),
+        b64(json!({"sub": "u"})),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0u8; 64])
+    );
+    let r = read(
+        http.get(format!("{base}/v1/accounts"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.assert_problem(503, "service_unavailable");
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
 }

@@ -469,10 +469,12 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
 
     let addr = listener.local_addr()?;
     let header_timeout = Duration::from_secs(cfg.header_read_timeout_secs.max(1));
+    let drain = Duration::from_secs(cfg.request_timeout_secs.saturating_add(1));
     let server = tokio::spawn(serve_http(
         listener,
         app,
         header_timeout,
+        drain,
         shutdown_rx.clone(),
     ));
     tracing::info!(%addr, ?mode, "listening");
@@ -525,10 +527,15 @@ fn metrics_text(
 /// connection whose request head has not fully arrived within `header_timeout` (a
 /// client trickling its headers, or one idle between keep-alive requests) is closed
 /// instead of held open for good.
+/// `drain`: how long a connection may take to finish once shutdown begins. A request in
+/// flight is cut off at the request timeout anyway; what this bounds is a connection
+/// that is still sending its request head (hyper waits for it up to the header
+/// timeout, 75 s by default, past a typical termination grace period).
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
     header_timeout: Duration,
+    drain: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -580,8 +587,10 @@ async fn serve_http(
                 }
                 _ = async { drop(stop.wait_for(|s| *s).await) } => {
                     conn.as_mut().graceful_shutdown();
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    match tokio::time::timeout(drain, conn).await {
+                        Ok(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                        Ok(Ok(())) => {}
+                        Err(_) => tracing::info!("closing a connection still open at the end of shutdown"),
                     }
                 }
             }

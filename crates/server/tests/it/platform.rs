@@ -239,6 +239,30 @@ async fn a_lost_master_key_is_not_silently_replaced() {
     TestApp::start(cfg).await.stop().await;
 }
 
+/// Shutdown does not wait on a client still sending its request head: with the
+/// header timeout at an hour, the server stops once the request timeout (the longest a
+/// request in flight may run) has passed. (The 60 s bound keeps a regression, which
+/// would wait the hour, from hanging the suite.)
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_half_sent_request_head() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.header_read_timeout_secs = 3600;
+        c.request_timeout_secs = 1;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // the server has the connection (a request after it on another is answered)
+    assert_eq!(app.get("/healthz", None).await.status.as_u16(), 200);
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), app.stop()).await;
+    assert!(stopped.is_ok(), "shutdown waited on the half-sent head");
+    drop(slow);
+}
+
 /// A client that opens a connection and trickles an incomplete request head (or goes
 /// idle between keep-alive requests) is disconnected after `header_read_timeout_secs`
 /// instead of holding the connection for good; a whole request on a fresh connection

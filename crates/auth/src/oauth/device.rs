@@ -412,7 +412,7 @@ pub(crate) async fn device_page(
         client_name: name,
         scopes,
     });
-    let mut res = pages::device(status, &csrf, &code, error, request);
+    let mut res = pages::device(status, &csrf, &code, error, request, false);
     set_cookie(&mut res, &svc, CSRF_COOKIE, &csrf, "/oauth/device");
     res
 }
@@ -458,6 +458,9 @@ pub(crate) struct DeviceForm {
     #[serde(default)]
     otp: Option<String>,
     decision: String,
+    /// The code whose request (client and scopes) the page showed, if any.
+    #[serde(default)]
+    shown: Option<String>,
 }
 
 /// The device page's post: sign in and approve or deny.
@@ -480,13 +483,40 @@ pub(crate) async fn device_submit(
             "The form is not valid (CSRF check failed).",
         );
     }
+    let code = normalise_user_code(&f.user_code);
+    let confirmed = f.shown.as_deref().map(normalise_user_code) == Some(code.clone());
     let again = |status: StatusCode, msg: &str| {
-        pages::device(status, &f.csrf, &f.user_code, Some(msg), None)
+        pages::device(status, &f.csrf, &f.user_code, Some(msg), None, confirmed)
     };
     let refused = |e: AuthError| match signin_failure(&e) {
         Some((status, text)) => again(status, text),
         None => ApiError::from(e).into_response(),
     };
+    // An approval of a code whose request the page has not shown (typed in, or changed
+    // after the page showed another): show what it asks for first, and approve only
+    // from that page (RFC 8628 §5.4: a code someone sent would otherwise connect their
+    // device unseen). Nothing is signed in yet.
+    if f.decision == "approve" && !confirmed {
+        let code = display(&code);
+        return match pending_request(&svc, &ctx, &code).await {
+            Ok(Some((name, scopes))) => pages::device(
+                StatusCode::OK,
+                &f.csrf,
+                &code,
+                Some("Check what this device asks for, then sign in and approve."),
+                Some(pages::DeviceRequest {
+                    client_name: &name,
+                    scopes: &scopes,
+                }),
+                false,
+            ),
+            Ok(None) => again(
+                StatusCode::BAD_REQUEST,
+                "No pending request has this code (it may have expired).",
+            ),
+            Err(e) => refused(e),
+        };
+    }
     let (user_id, matched) = match svc.check_password(&ctx, &f.email, &f.password).await {
         Ok(u) => u,
         Err(e) => return refused(e),

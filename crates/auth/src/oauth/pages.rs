@@ -150,7 +150,6 @@ pub fn consent(csrf: &str, client_name: &str, scopes: &[String]) -> Response {
     )
 }
 
-/// The device-flow page: sign in, enter the code shown on the device, approve.
 /// A pending device request as the device page shows it: the client's name and the
 /// scopes it asks for.
 pub struct DeviceRequest<'a> {
@@ -158,15 +157,29 @@ pub struct DeviceRequest<'a> {
     pub scopes: &'a [String],
 }
 
+/// The device-flow page: sign in, enter the code shown on the device, approve.
+/// `confirmed`: the code's request was shown to the user already (the form keeps
+/// saying so when it comes back with an error).
 pub fn device(
     status: StatusCode,
     csrf: &str,
     user_code: &str,
     error: Option<&str>,
     request: Option<DeviceRequest<'_>>,
+    confirmed: bool,
 ) -> Response {
     // What is being approved, when the code is known (RFC 8628 §5.4: a code sent by
-    // someone else would otherwise connect their device to this account unseen).
+    // someone else would otherwise connect their device to this account unseen). The
+    // form says which code it was shown for: an approval of any other code shows its
+    // request first (see `device_submit`).
+    let shown = if request.is_some() || confirmed {
+        format!(
+            "<input type=\"hidden\" name=\"shown\" value=\"{}\">",
+            esc(user_code)
+        )
+    } else {
+        String::new()
+    };
     let what = request
         .map(|r| {
             let items: String = r
@@ -187,7 +200,7 @@ pub fn device(
         &format!(
             "<p>Enter the code your device shows, sign in and approve.</p>{what}{err}\
              <form method=\"post\" action=\"/oauth/device\">\
-             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{shown}\
              <label>Code <input name=\"user_code\" value=\"{code}\" autocomplete=\"off\" required></label>\
              <label>Email <input type=\"email\" name=\"email\" autocomplete=\"username\" required></label>\
              <label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" required></label>\

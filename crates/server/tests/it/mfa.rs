@@ -1638,6 +1638,7 @@ async fn device_page_guess(
         &[
             ("csrf", &csrf),
             ("user_code", &uc),
+            ("shown", &uc),
             ("email", email),
             ("password", PASSWORD),
             ("otp", otp),

@@ -1744,6 +1744,7 @@ async fn device_case(backend: Backend) {
             &[
                 ("csrf", &csrf),
                 ("user_code", &uc),
+                ("shown", &uc),
                 ("email", "dora@example.com"),
                 ("password", "wrong-pass-1234"),
                 ("decision", "approve"),
@@ -1751,6 +1752,8 @@ async fn device_case(backend: Backend) {
         )
         .await;
     assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    // the page that says so still counts the request as shown
+    assert!(p.text.contains("name=\"shown\""), "{}", p.text);
     assert_oauth_error(
         &device_poll(&app, &cli, &dc).await,
         400,
@@ -1771,25 +1774,38 @@ async fn device_case(backend: Backend) {
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     assert_oauth_error(&device_poll(&app, &cli, &dc).await, 400, "access_denied");
 
-    // Approved through the page.
+    // Approved through the page, the code typed in: the first approval only shows what
+    // the request asks for (RFC 8628 §5.4), the one from that page approves.
     let d = device_start(&app, &cli, "openid").await;
     let dc = d["device_code"].as_str().unwrap().to_owned();
     let uc = d["user_code"].as_str().unwrap().to_owned();
     let p = b.get("/oauth/device").await;
     let csrf = p.csrf();
-    let p = b
-        .post(
-            "/oauth/device",
-            &[
-                ("csrf", &csrf),
-                ("user_code", &uc),
-                ("email", "dora@example.com"),
-                ("password", PASSWORD),
-                ("decision", "approve"),
-            ],
-        )
-        .await;
+    let typed = [
+        ("csrf", csrf.as_str()),
+        ("user_code", uc.as_str()),
+        ("email", "dora@example.com"),
+        ("password", PASSWORD),
+        ("decision", "approve"),
+    ];
+    let p = b.post("/oauth/device", &typed).await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    assert!(
+        p.text
+            .contains("<strong>vaultpay CLI</strong> on a device asks to"),
+        "{}",
+        p.text
+    );
+    assert_oauth_error(
+        &device_poll(&app, &cli, &dc).await,
+        400,
+        "authorization_pending",
+    );
+    let mut confirmed = typed.to_vec();
+    confirmed.push(("shown", uc.as_str()));
+    let p = b.post("/oauth/device", &confirmed).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    assert!(p.text.contains("Device connected"), "{}", p.text);
     let t = device_poll(&app, &cli, &dc).await;
     assert_eq!(t.status, StatusCode::OK, "{}", t.text);
     assert!(t.body["id_token"].is_string());

@@ -46,11 +46,15 @@ def check(cond, what):
     print(f"ok - {what}", flush=True)
 
 
-def csrf_of(html):
-    m = re.search(r'name="csrf" value="([^"]+)"', html)
+def hidden_of(html, name):
+    m = re.search(rf'name="{name}" value="([^"]+)"', html)
     if not m:
-        raise AssertionError(f"no csrf field in page: {html[:300]}")
+        raise AssertionError(f"no {name} field in page: {html[:300]}")
     return m.group(1)
+
+
+def csrf_of(html):
+    return hidden_of(html, "csrf")
 
 
 disc = requests.get(f"{BASE}/.well-known/openid-configuration", timeout=10).json()
@@ -175,8 +179,11 @@ except OAuthError as e:
     check(e.error == "authorization_pending", "device: authorization_pending before approval")
 browser = requests.Session()
 page = browser.get(dev["verification_uri_complete"].replace(urllib.parse.urlparse(dev["verification_uri_complete"]).netloc, urllib.parse.urlparse(BASE).netloc), timeout=10)
+# the form as a browser sends it: the page showed this code's request (client and
+# scopes), and says so in a hidden field
 page = browser.post(f"{BASE}/oauth/device", timeout=30, data={
-    "csrf": csrf_of(page.text), "user_code": dev["user_code"], "email": EMAIL,
+    "csrf": csrf_of(page.text), "shown": hidden_of(page.text, "shown"),
+    "user_code": dev["user_code"], "email": EMAIL,
     "password": PASSWORD, "decision": "approve"})
 check(page.status_code == 200 and "connected" in page.text, "device approved on the device page")
 interval = max(int(dev.get("interval", 5)), 0)

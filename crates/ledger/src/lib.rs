@@ -632,8 +632,19 @@ impl Ledger {
         req: wire::VoidHoldRequest,
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
-        self.submit(actor, key, Op::Void(id.to_owned(), req), origin)
-            .await
+        // No money moves, but funds reserved for someone are released: not by the token
+        // of a session that has ended.
+        let gates = self.require_live_session(actor).await.map(|_| ());
+        let op = Op::Void(id.to_owned(), req);
+        match &key {
+            Some(k) => {
+                if let Some(replay) = self.gated(actor, k, &op, gates).await? {
+                    return Ok(replay);
+                }
+            }
+            None => gates?,
+        }
+        self.submit(actor, key, op, origin).await
     }
 
     /// `GET /v1/transfers/{id}`.

@@ -157,8 +157,24 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
         let admin = app.token_sid("admin-1", &["admin"], "s-admin");
         let (a, bb) = app.funded_pair(&alice, 1_000_000).await;
         let threshold = app.ledger.config().introspection_threshold_minor;
+        let hold = app
+            .post(
+                "/v1/transfers",
+                &alice,
+                Some(&key()),
+                json!({"from_account_id": a, "to_account_id": bb, "amount": 100, "currency": "USD", "pending": true}),
+            )
+            .await
+            .expect(201);
+        let hold = hold.body["id"].as_str().unwrap().to_owned();
 
         app.introspector.revoked.lock().insert("s-alice".into());
+        // releasing reserved funds is checked live as well
+        app.post(&format!("/v1/transfers/{hold}/void"), &alice, None, json!({}))
+            .await
+            .problem(401, "session_revoked");
+        let h = app.get(&format!("/v1/transfers/{hold}"), &alice).await.expect(200);
+        assert_eq!(h.body["status"], "pending");
         // below the threshold: the signed token is enough
         app.transfer(&alice, &a, &bb, 10).await.expect(201);
         app.get(&format!("/v1/accounts/{a}"), &alice)

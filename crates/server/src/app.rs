@@ -298,6 +298,12 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     if mode == Mode::Ledger && cfg.auth_url.is_none() {
         bail!("the ledger alone needs --auth-url (where AuthShield runs)");
     }
+    if mode == Mode::Ledger && !cfg.issuer_configured {
+        bail!(
+            "the ledger alone needs auth.issuer (VAULTPAY_AUTH__ISSUER): AuthShield's issuer, \
+             as its /.well-known/openid-configuration gives it; set the same on both"
+        );
+    }
     if mode == Mode::Ledger && cfg.auth.introspection_secret.is_none() {
         bail!(
             "the ledger alone needs auth.introspection_secret (VAULTPAY_AUTH__INTROSPECTION_SECRET), \

@@ -173,17 +173,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ServeWhat::Ledger => Mode::Ledger,
             };
             // An issuer the configuration does not name: AuthShield's is its own listen
-            // address; a ledger run alone expects the AuthShield it was pointed at.
-            let derived = match mode {
-                Mode::All | Mode::Auth => issuer_from_listen(&cfg),
-                Mode::Ledger => issuer_from_auth_url(&cfg),
-            };
-            if let Some(issuer) = derived {
-                tracing::info!(%issuer, "auth.issuer not set: using {}", match mode {
-                    Mode::Ledger => "--auth-url",
-                    _ => "the listen address",
-                });
-                cfg.auth.issuer = issuer;
+            // address (a concrete one). A ledger run alone cannot know AuthShield's, so
+            // it must be told (`app::start` refuses to start it otherwise).
+            if mode != Mode::Ledger {
+                if let Some(issuer) = issuer_from_listen(&cfg) {
+                    tracing::info!(%issuer, "auth.issuer not set: using the listen address");
+                    cfg.auth.issuer = issuer;
+                }
             }
             let bootstrap = Bootstrap {
                 admin_email: std::env::var("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL")
@@ -370,19 +366,10 @@ async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The issuer (`iss`, OIDC discovery, links in mails) of an all-in-one server whose
-/// `auth.issuer` was left at its default while it listens elsewhere: its own address,
-/// so discovery points at the port it serves. Not for a wildcard or ephemeral address
-/// (set `auth.issuer` to the public URL there), nor for the split deployment, where
-/// the ledger must be configured with the same issuer as AuthShield.
-/// The issuer a ledger run alone expects when none is configured: AuthShield's address
-/// as `--auth-url` gives it (without a trailing `/`), which is AuthShield's own issuer
-/// when that one is not configured either and it listens there.
-fn issuer_from_auth_url(cfg: &Config) -> Option<String> {
-    let url = cfg.auth_url.as_deref()?.trim_end_matches('/');
-    (!cfg.issuer_configured && !url.is_empty()).then(|| url.to_owned())
-}
-
+/// The issuer (`iss`, OIDC discovery, links in mails) of a server running AuthShield
+/// whose configuration does not name one while it listens elsewhere than the default:
+/// its own address, so discovery points at the port it serves. Not for a wildcard or
+/// ephemeral address (set `auth.issuer` to the public URL there).
 fn issuer_from_listen(cfg: &Config) -> Option<String> {
     let defaults = Config::default();
     let listen = cfg.listen;
@@ -435,16 +422,5 @@ mod tests {
         let mut named = Config::load(Some(&file), Vec::new()).unwrap();
         named.listen = cfg.listen;
         assert_eq!(issuer_from_listen(&named), None, "an explicit issuer wins");
-        // a ledger run alone expects the AuthShield it is pointed at, unless told
-        let mut ledger = Config {
-            auth_url: Some("http://127.0.0.1:18181/".into()),
-            ..Config::default()
-        };
-        assert_eq!(
-            issuer_from_auth_url(&ledger).as_deref(),
-            Some("http://127.0.0.1:18181")
-        );
-        ledger.issuer_configured = true;
-        assert_eq!(issuer_from_auth_url(&ledger), None);
     }
 }

@@ -679,10 +679,30 @@ async fn a_refused_start_creates_nothing() {
                 "--data-dir",
                 &dir,
             ][..],
-            "introspection_secret",
+            "auth.issuer",
         ),
     ] {
         let (code, text) = run_cli(args, &[]);
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+        assert!(!text.contains("password"), "{args:?}: {text}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+    // with the issuer, still no introspection secret
+    let ledger = [
+        "serve",
+        "ledger",
+        "--listen",
+        "127.0.0.1:0",
+        "--auth-url",
+        "http://127.0.0.1:1",
+        "--data-dir",
+        &dir,
+    ];
+    let issuer = [("VAULTPAY_AUTH__ISSUER", "http://127.0.0.1:1".to_owned())];
+    {
+        let (args, says) = (&ledger[..], "introspection_secret");
+        let (code, text) = run_cli(args, &issuer);
         assert_ne!(code, 0, "{args:?}: {text}");
         assert!(text.contains(says), "{args:?}: {text}");
         assert!(!text.contains("password"), "{args:?}: {text}");

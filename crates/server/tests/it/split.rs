@@ -31,8 +31,8 @@ async fn run(backend: Backend) {
             "VAULTPAY_AUTH__INTROSPECTION_SECRET",
             "split-test-secret".into(),
         ),
-        // no VAULTPAY_AUTH__ISSUER: AuthShield's is its listen address, and the ledger
-        // expects its --auth-url, the same
+        // the ledger alone must be told AuthShield's issuer
+        ("VAULTPAY_AUTH__ISSUER", format!("http://127.0.0.1:{pa}")),
         (
             "VAULTPAY_MASTER_KEY",
             vaultpay_core::crypto::MasterKey::generate()
@@ -321,6 +321,10 @@ async fn a_ledger_without_authshield_keys_is_not_ready() {
         (
             "VAULTPAY_AUTH__INTROSPECTION_SECRET",
             "split-test-secret".into(),
+        ),
+        (
+            "VAULTPAY_AUTH__ISSUER",
+            format!("http://127.0.0.1:{nowhere}"),
         ),
         ("VAULTPAY_LOG_FORMAT", "pretty".into()),
     ];

@@ -118,7 +118,7 @@ fn master_key_path(cfg: &Config) -> std::path::PathBuf {
 /// `db` already holds secrets sealed with one (signing keys): the key file is missing
 /// (a partial restore, a moved data directory), and a new key would leave those
 /// secrets unreadable and the keyed email index unable to find existing accounts.
-async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> anyhow::Result<()> {
+pub(crate) async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> anyhow::Result<()> {
     let path = master_key_path(cfg);
     if cfg.master_key.is_some() || path.exists() {
         return Ok(());

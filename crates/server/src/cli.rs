@@ -235,11 +235,8 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     // master key and signing key.
     let (auth, _) = app::open_existing_dbs(cfg, Mode::Auth).await?;
     let db = auth.context("auth database")?;
-    let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
+    let env = checked_master_key(cfg, &db).await?;
     vaultpay_auth::keys::ensure_key(&db, &env).await?;
-    // before anything is sealed with it: a key sealed with another master key than the
-    // server's would stop AuthShield from starting again
-    opens_the_signing_key(&db, &env).await?;
     match command {
         KeysCommand::Rotate => {
             // Running servers sign with the old keys until their next key reload.
@@ -274,21 +271,32 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Refuses a master key that does not open the database's current signing key (a
-/// wrong `VAULTPAY_MASTER_KEY`, another data dir's `master.key`).
-async fn opens_the_signing_key(
+/// The master key for a command that seals with it, refused before anything is sealed
+/// or written when it is not the one the database's keys are sealed with: a missing
+/// key file while the database holds sealed keys (a new one would be generated), or a
+/// key (a wrong `VAULTPAY_MASTER_KEY`, another data dir's `master.key`) that does not
+/// open the current signing key. A key sealed with another master key than the
+/// server's stops AuthShield from starting again.
+async fn checked_master_key(
+    cfg: &Config,
     db: &vaultpay_store::Db,
-    env: &vaultpay_core::crypto::Envelope,
-) -> anyhow::Result<()> {
-    vaultpay_auth::keys::load(db, env)
-        .await
-        .map(|_| ())
-        .map_err(|e| {
+) -> anyhow::Result<vaultpay_core::crypto::Envelope> {
+    app::refuse_new_key_for_sealed_data(cfg, db).await?;
+    let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
+    let active: i64 = vaultpay_store::sqlx::query_scalar(
+        "SELECT COUNT(*) FROM signing_keys WHERE retired_at IS NULL",
+    )
+    .fetch_one(db.read())
+    .await?;
+    if active > 0 {
+        vaultpay_auth::keys::load(db, &env).await.map_err(|e| {
             anyhow::anyhow!(
                 "this master key does not open the database's signing key ({e}); use the \
-             master key the server runs with (VAULTPAY_MASTER_KEY, or master.key in its data dir)"
+                 master key the server runs with (VAULTPAY_MASTER_KEY, or master.key in its data dir)"
             )
-        })
+        })?;
+    }
+    Ok(env)
 }
 
 async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCode> {
@@ -313,8 +321,7 @@ async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCo
                 public,
                 id_token_alg,
             };
-            let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
-            opens_the_signing_key(&db, &env).await?;
+            let env = checked_master_key(cfg, &db).await?;
             let created = clients::create(&db, &env, &origin, "cli", new).await?;
             println!("{}", serde_json::to_string(&created)?);
         }

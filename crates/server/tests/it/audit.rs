@@ -810,6 +810,20 @@ async fn key_commands_refuse_a_master_key_that_does_not_open_the_keys() {
     let (code, after) = run_cli(&["keys", "list", "--data-dir", &d], &[]);
     assert_eq!(code, 0, "{after}");
     assert_eq!(after, before, "nothing rotated");
+    // the key file gone (a partial restore): refused, and no new key file written
+    let file = dir.join("master.key");
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    for args in [
+        &["keys", "list", "--data-dir", &d][..],
+        &["keys", "rotate", "--data-dir", &d][..],
+    ] {
+        let (code, text) = run_cli(args, &[]);
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains("no master key"), "{args:?}: {text}");
+        assert!(!file.exists(), "{args:?} wrote a new master key");
+    }
+    std::fs::write(&file, saved).unwrap();
     let (code, text) = run_cli(&["keys", "rotate", "--data-dir", &d], &[]);
     assert_eq!(code, 0, "the right key rotates: {text}");
 }

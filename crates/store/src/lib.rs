@@ -53,7 +53,7 @@ impl StoreError {
 
     /// True when the database could not be reached (connection, pool, I/O), not that
     /// a statement was refused. On PostgreSQL that includes what the server says as it
-    /// drops or refuses a connection: a connection exception (SQLSTATE class `08`), a
+    /// drops or refuses a connection: a connection exception (SQLSTATE `08000`-`08006`), a
     /// shutdown or restart (`57P01`, `57P02`, `57P03`: an administrator's
     /// `pg_terminate_backend`, a failover), no connection slots left (`53300`).
     pub fn is_unreachable(&self) -> bool {
@@ -67,8 +67,21 @@ impl StoreError {
                 | E::PoolClosed
                 | E::WorkerCrashed,
             ) => true,
+            // connection exceptions, not `08P01` (protocol_violation), which is what a
+            // malformed message (a client's bug) gets
             Some(E::Database(d)) => d.code().is_some_and(|c| {
-                c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300")
+                matches!(
+                    &*c,
+                    "08000"
+                        | "08001"
+                        | "08003"
+                        | "08004"
+                        | "08006"
+                        | "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "53300"
+                )
             }),
             _ => false,
         }

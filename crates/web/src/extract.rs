@@ -118,16 +118,24 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         if json_has_nul(&bytes) {
             return Err(nul_refused());
         }
+        // Every body of this API is an object; serde would also build a struct from an
+        // array of its fields in order (`["a@b", "pw", "Alice"]`).
+        let trimmed = bytes.trim_ascii_start();
+        if !trimmed.is_empty()
+            && !trimmed.starts_with(b"{")
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
+        {
+            return Err(rejection(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "The request body must be a JSON object.".into(),
+            ));
+        }
         match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rej) => Err(match rej {
                 JsonRejection::JsonSyntaxError(_) => {
                     ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
                 }
-                _ if !bytes.trim_ascii_start().starts_with(b"{") => rejection(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "The request body must be a JSON object.".into(),
-                ),
                 other => rejection(other.status(), plain_types(&other.body_text())),
             }),
         }

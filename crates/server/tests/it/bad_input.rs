@@ -152,6 +152,13 @@ async fn bad_registration_input_is_refused_and_writes_nothing() {
                 "invalid_request",
             ),
             ("array body", json!([]), 422, "invalid_request"),
+            // serde would build the request from its fields in order
+            (
+                "array of fields body",
+                json!(["arr@example.com", PASSWORD, "Arr"]),
+                422,
+                "invalid_request",
+            ),
             ("null body", Value::Null, 422, "invalid_request"),
             (
                 "missing field",

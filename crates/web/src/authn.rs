@@ -147,6 +147,11 @@ impl TokenVerifier {
     /// Reloads the key set from its source.
     pub async fn refresh(&self) -> Result<(), String> {
         let keys = self.source.fetch().await?;
+        // A source that answers no key at all (a misrouted or broken JWKS endpoint) is
+        // a failed fetch, not a rotation: the keys held stay.
+        if keys.is_empty() {
+            return Err("the key source returned no keys".into());
+        }
         self.set_keys(keys);
         Ok(())
     }
@@ -391,5 +396,19 @@ mod tests {
         // even if it had been cached while valid, a hit re-checks exp
         v.verified.put(&token, &c);
         assert_eq!(v.verify(&token).await, Err(JwtError::Expired));
+    }
+
+    /// A key source that answers an empty set (a misrouted or broken JWKS endpoint) is
+    /// a failed refresh: the keys held stay, and tokens keep verifying.
+    #[tokio::test]
+    async fn an_empty_key_set_from_the_source_keeps_the_keys_held() {
+        let (signer, v, now) = setup();
+        let token = signer.sign(&claims(now)).unwrap();
+        assert!(
+            v.refresh().await.is_err(),
+            "the fixed source answers no keys"
+        );
+        assert!(v.has_keys());
+        assert_eq!(v.verify(&token).await.unwrap().sub, "u1");
     }
 }

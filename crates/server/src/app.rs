@@ -415,7 +415,11 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                 }
                 (None, None) => bail!("the ledger alone needs --auth-url"),
             };
-            let l = Ledger::new(db.clone(), cfg.ledger.clone(), introspector);
+            // the batch route's own limit is never below the server-wide one
+            let mut ledger_cfg = cfg.ledger.clone();
+            ledger_cfg.batch_body_limit_bytes =
+                ledger_cfg.batch_body_limit_bytes.max(cfg.body_limit_bytes);
+            let l = Ledger::new(db.clone(), ledger_cfg, introspector);
             if let Some(url) = &cfg.nats_url {
                 #[cfg(feature = "nats")]
                 {

@@ -56,7 +56,10 @@ fn every_ledger_operation_documents_its_authentication() {
             let responses = op["responses"].as_object().unwrap();
             let mut want = vec!["401"];
             if method == "post" {
-                want.extend(["400", "413", "415"]);
+                want.extend(["400", "413"]);
+                if !path.ends_with("/post") && !path.ends_with("/void") {
+                    want.push("415");
+                }
             }
             for status in want {
                 assert!(

@@ -287,16 +287,6 @@ pub(crate) async fn authorize(
     ctx: vaultpay_web::Ctx,
     q: Result<ApiQuery<HashMap<String, String>>, vaultpay_web::ApiError>,
 ) -> Response {
-    // Each request writes a pending authorization, anonymously: bounded per address.
-    if let Err(e) = vaultpay_web::enforce(
-        &*svc.limiter(),
-        &format!("oauth:start:ip:{}", ctx.ip_key()),
-        svc.config().rate_limits.oauth_start_per_ip,
-    )
-    .await
-    {
-        return e.into_response();
-    }
     let Ok(ApiQuery(q)) = q else {
         return pages::error(
             StatusCode::BAD_REQUEST,
@@ -321,6 +311,17 @@ pub(crate) async fn authorize(
         Ok(c) => c,
         Err(res) => return res,
     };
+    // A valid request writes a pending authorization, anonymously: bounded per address
+    // (one refused before it writes anything does not count).
+    if let Err(e) = vaultpay_web::enforce(
+        &*svc.limiter(),
+        &format!("oauth:start:ip:{}", ctx.ip_key()),
+        svc.config().rate_limits.oauth_start_per_ip,
+    )
+    .await
+    {
+        return e.into_response();
+    }
     match start_request(&svc, &c).await {
         Ok((id, csrf)) => {
             let mut res = pages::signin(

@@ -67,13 +67,6 @@ pub(crate) async fn device_authorization(
     headers: HeaderMap,
     form: Result<ApiForm<DeviceAuthForm>, ApiError>,
 ) -> Result<Response, OAuthError> {
-    // Each request writes a pending device code, anonymously: bounded per address.
-    vaultpay_web::enforce(
-        &*svc.limiter(),
-        &format!("oauth:start:ip:{}", ctx.ip_key()),
-        svc.config().rate_limits.oauth_start_per_ip,
-    )
-    .await?;
     let ApiForm(f) = form.map_err(|e| OAuthError::request(e.problem.detail.unwrap_or_default()))?;
     let presented = presented_client(&headers, f.client_id.as_deref(), f.client_secret.as_deref())?;
     let client = svc.authenticate_client(&ctx, presented).await?;
@@ -93,6 +86,14 @@ pub(crate) async fn device_authorization(
             "a requested scope is not allowed for this client",
         ));
     }
+    // A valid request writes a pending device code, anonymously: bounded per address
+    // (one refused before it writes anything does not count).
+    vaultpay_web::enforce(
+        &*svc.limiter(),
+        &format!("oauth:start:ip:{}", ctx.ip_key()),
+        svc.config().rate_limits.oauth_start_per_ip,
+    )
+    .await?;
     let cfg = &svc.config().oauth;
     let device_code = opaque_token();
     let code = user_code();

@@ -537,10 +537,10 @@ fn metrics_text(
 /// connection whose request head has not fully arrived within `header_timeout` (a
 /// client trickling its headers, or one idle between keep-alive requests) is closed
 /// instead of held open for good.
-/// `drain`: how long a connection may take to finish once shutdown begins. A request in
-/// flight is cut off at the request timeout anyway; what this bounds is a connection
-/// that is still sending its request head (hyper waits for it up to the header
-/// timeout, 75 s by default, past a typical termination grace period).
+/// `drain`: how long a connection answering a request may take to finish once shutdown
+/// begins (a request in flight is cut off at the request timeout anyway). A connection
+/// answering nothing, idle or still sending its request head (which hyper would wait
+/// for up to the header timeout, 75 s by default), is closed at once.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -574,11 +574,22 @@ async fn serve_http(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
         let router = app.clone();
+        // Requests of this connection being answered: at shutdown a connection with
+        // none (idle, or still sending a request head) is closed at once.
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = busy.clone();
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo::<SocketAddr>(remote));
-                tower::ServiceExt::oneshot(router.clone(), req)
+                let answer = tower::ServiceExt::oneshot(router.clone(), req);
+                let counted = counted.clone();
+                counted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                async move {
+                    let r = answer.await;
+                    counted.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    r
+                }
             });
         let mut stop = shutdown.clone();
         let open = open_rx.clone();
@@ -596,6 +607,12 @@ async fn serve_http(
                     }
                 }
                 _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                    if busy.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                        // nothing being answered: a client between requests, or still
+                        // sending one, may send it again elsewhere
+                        drop(open);
+                        return;
+                    }
                     conn.as_mut().graceful_shutdown();
                     match tokio::time::timeout(drain, conn).await {
                         Ok(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),

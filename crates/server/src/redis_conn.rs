@@ -82,60 +82,76 @@ impl SharedConn {
 
     /// The connection, opened if there is none.
     pub(crate) async fn get(&self) -> Result<Conn, String> {
-        match self.next()? {
-            Next::Ready(c) => Ok(c),
-            Next::Wait(n) => {
-                let woken = n.notified();
-                // The connect may have ended between `next` and `notified`.
-                if let Some(c) = self.current() {
-                    return Ok(c);
-                }
-                let _ = tokio::time::timeout(CONNECT_TIMEOUT * 2, woken).await;
-                self.current()
-                    .ok_or_else(|| "Redis is unreachable (connecting failed)".to_owned())
-            }
-            Next::Connect(n) => {
-                // Ends the connect in progress however this call ends, a cancelled
-                // caller (a client gone, a request deadline) included.
-                let ending = Connecting {
-                    shared: self,
-                    notify: n,
-                };
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_number_of_retries(0)
-                    .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(Duration::from_secs(2));
-                let made = tokio::time::timeout(
-                    CONNECT_TIMEOUT * 2,
-                    ConnectionManager::new_with_config(self.client.clone(), cfg),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(redis::RedisError::from((
-                        redis::ErrorKind::IoError,
-                        "connect timed out",
-                    )))
-                });
-                let out = {
-                    let mut slot = self.slot.lock();
-                    match made {
-                        Ok(c) => {
-                            slot.next_id += 1;
-                            let id = slot.next_id;
-                            slot.conn = Some((id, c.clone()));
-                            slot.failed_at = None;
-                            Ok(Conn { id, manager: c })
-                        }
-                        Err(e) => {
-                            slot.failed_at = Some(Instant::now());
-                            Err(e.to_string())
-                        }
+        // A waiter whose connect was cancelled (its caller went away) rather than failed
+        // asks again, once: it connects itself or waits for whoever does.
+        for _ in 0..2 {
+            match self.next()? {
+                Next::Ready(c) => return Ok(c),
+                Next::Connect(n) => return self.connect(n).await,
+                Next::Wait(n) => {
+                    let woken = n.notified();
+                    // The connect may have ended between `next` and `notified`.
+                    if self.current().is_none() {
+                        let _ = tokio::time::timeout(CONNECT_TIMEOUT * 2, woken).await;
                     }
-                };
-                drop(ending);
-                out
+                }
+            }
+            if let Some(c) = self.current() {
+                return Ok(c);
+            }
+            if self
+                .slot
+                .lock()
+                .failed_at
+                .is_some_and(|t| t.elapsed() < RETRY_CONNECT_AFTER)
+            {
+                break;
             }
         }
+        Err("Redis is unreachable (connecting failed)".to_owned())
+    }
+
+    /// Makes the connect this caller was handed.
+    async fn connect(&self, n: Arc<Notify>) -> Result<Conn, String> {
+        // Ends the connect in progress however this call ends, a cancelled
+        // caller (a client gone, a request deadline) included.
+        let ending = Connecting {
+            shared: self,
+            notify: n,
+        };
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(Duration::from_secs(2));
+        let made = tokio::time::timeout(
+            CONNECT_TIMEOUT * 2,
+            ConnectionManager::new_with_config(self.client.clone(), cfg),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "connect timed out",
+            )))
+        });
+        let out = {
+            let mut slot = self.slot.lock();
+            match made {
+                Ok(c) => {
+                    slot.next_id += 1;
+                    let id = slot.next_id;
+                    slot.conn = Some((id, c.clone()));
+                    slot.failed_at = None;
+                    Ok(Conn { id, manager: c })
+                }
+                Err(e) => {
+                    slot.failed_at = Some(Instant::now());
+                    Err(e.to_string())
+                }
+            }
+        };
+        drop(ending);
+        out
     }
 
     fn current(&self) -> Option<Conn> {
@@ -430,8 +446,8 @@ mod tests {
     }
 
     /// The caller making the connect is cancelled mid-way (its client went away, its
-    /// request's deadline passed): the connect in progress ends with it, a caller
-    /// waiting for it is woken, and the next caller connects afresh.
+    /// request's deadline passed): the connect in progress ends with it, and a caller
+    /// waiting for it is woken and makes the connect itself, which the others share.
     #[tokio::test]
     async fn a_cancelled_connect_does_not_block_the_ones_after_it() {
         let fake = FakeRedis::start(false, answers_all).await; // the handshake is held
@@ -444,13 +460,17 @@ mod tests {
             "waits for the connect"
         );
         drop(connector);
+        // woken, the waiter connects itself (held by the fake until the gate opens)
+        assert!(futures::poll!(&mut waiter).is_pending());
         assert!(
-            matches!(futures::poll!(&mut waiter), Poll::Ready(Err(_))),
-            "the waiter was not woken when the connect was cancelled"
+            shared.slot.lock().connecting.is_some(),
+            "the waiter did not take the connect over"
         );
         fake.open.send(true).unwrap();
+        let c = guard(waiter).await.expect("the waiter's own connect");
+        assert_eq!(c.id, 1);
         for _ in 0..3 {
-            let c = guard(shared.get()).await.expect("a fresh connect");
+            let c = guard(shared.get()).await.expect("the same connection");
             assert_eq!(c.id, 1);
         }
         assert_eq!(fake.accepted(), 2, "the cancelled connect, then one more");

@@ -313,9 +313,13 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
+    let limiter = rate_limiter(&cfg)?;
+    #[cfg(not(feature = "nats"))]
+    if cfg.nats_url.is_some() && mode != Mode::Auth {
+        bail!("nats_url is set but this binary was built without the `nats` feature");
+    }
     let prometheus = telemetry::prometheus();
     let (auth_db, ledger_db) = open_dbs(&cfg, mode).await?;
-    let limiter = rate_limiter(&cfg)?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut background = Vec::new();
     let mut router = Router::new();

@@ -15,6 +15,9 @@ pub mod redis_cluster;
 mod redis_conn;
 #[cfg(feature = "redis")]
 pub mod redis_limiter;
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub mod redis_test_support;
 pub mod remote;
 mod telemetry;
 

@@ -330,7 +330,9 @@ impl DeafRedis {
                 tokio::spawn(async move {
                     let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
                     loop {
-                        while let Some((cmd, used)) = resp_command(&buf) {
+                        while let Some((cmd, used)) =
+                            vaultpay_server::redis_test_support::resp_command(&buf)
+                        {
                             buf.drain(..used);
                             if cmd == "SUBSCRIBE" {
                                 s.fetch_add(1, Ordering::SeqCst);
@@ -352,33 +354,6 @@ impl DeafRedis {
             subscribes,
         }
     }
-}
-
-/// The name of the first whole RESP command in `buf` and the bytes it takes.
-fn resp_command(buf: &[u8]) -> Option<(String, usize)> {
-    fn line(buf: &[u8], from: usize, tag: u8) -> Option<(usize, usize)> {
-        let end = from + buf.get(from..)?.windows(2).position(|w| w == b"\r\n")?;
-        assert_eq!(buf[from], tag, "not a RESP command");
-        let n = std::str::from_utf8(&buf[from + 1..end])
-            .ok()?
-            .parse()
-            .ok()?;
-        Some((n, end + 2))
-    }
-    let (args, mut pos) = line(buf, 0, b'*')?;
-    let mut name = String::new();
-    for i in 0..args {
-        let (len, start) = line(buf, pos, b'$')?;
-        let arg = buf.get(start..start + len)?;
-        if i == 0 {
-            name = String::from_utf8_lossy(arg).to_uppercase();
-        }
-        pos = start + len + 2;
-        if buf.len() < pos {
-            return None;
-        }
-    }
-    Some((name, pos))
 }
 
 /// The permission invalidation subscriber bounds its connect and its SUBSCRIBE: against

@@ -180,6 +180,15 @@ fn check_request(
                 "PKCE (code_challenge, S256) is required for public clients",
             )
         }
+        // A confidential client's code must be bound to its request one way or the
+        // other (RFC 9700 §2.1.1: against code injection): PKCE, or an OpenID Connect
+        // nonce its ID token will carry.
+        (None, None) if !(scope.iter().any(|s| s == "openid") && get("nonce").is_some()) => {
+            return fail(
+                "invalid_request",
+                "PKCE (code_challenge, S256) is required, or a nonce with the openid scope",
+            )
+        }
         (None, None) => None,
     };
     // OIDC Core §3.1.2.1 / §6: request objects are not supported

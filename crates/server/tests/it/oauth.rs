@@ -843,6 +843,21 @@ async fn authorize_bad_case(backend: Backend) {
         .get(&(authorize_query(&c.id, CB, "openid", None) + "&code_challenge=" + &challenge))
         .await;
     assert_eq!(p.param("error").as_deref(), Some("invalid_request"));
+    // A confidential client binds its code with PKCE or an OIDC nonce (RFC 9700
+    // §2.1.1): with neither, refused; a nonce with openid is enough.
+    let bare = authorize_query(&c.id, CB, "openid", None).replace("&nonce=n-456", "");
+    for q in [
+        bare.clone(),
+        bare.replace("scope=openid", "scope=profile") + "&nonce=n-1",
+    ] {
+        let p = Browser::new(&app).get(&q).await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{q}");
+        assert_eq!(p.param("error").as_deref(), Some("invalid_request"), "{q}");
+    }
+    let p = Browser::new(&app)
+        .get(&authorize_query(&c.id, CB, "openid", None))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
     // Public client without PKCE.
     let p = b
         .get(&authorize_query(

@@ -966,9 +966,21 @@ impl AuthService {
         if !claims.sid.is_empty() && !self.session_live(&claims.sid, &claims.sub).await? {
             return Ok(wire::Introspection::default());
         }
-        // Session-less (client_credentials) tokens can be revoked one by one.
-        if claims.sid.is_empty() && crate::oauth::tokens::jti_revoked(self, &claims.jti).await? {
-            return Ok(wire::Introspection::default());
+        // Session-less (client_credentials) tokens can be revoked one by one, and end
+        // with their client: a deleted client's tokens are not active, though they have
+        // not expired (they are not listed anywhere to revoke one by one).
+        if claims.sid.is_empty() {
+            if crate::oauth::tokens::jti_revoked(self, &claims.jti).await? {
+                return Ok(wire::Introspection::default());
+            }
+            if let Some(client) = &claims.client_id {
+                if crate::oauth::clients::get(self.db(), client)
+                    .await?
+                    .is_none()
+                {
+                    return Ok(wire::Introspection::default());
+                }
+            }
         }
         // The token's roles that the user still holds: a role revoked since the token
         // was signed is not reported (the ledger's admin actions, which introspect,

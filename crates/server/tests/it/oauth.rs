@@ -2558,3 +2558,34 @@ async fn starting_oauth_requests_is_rate_limited() {
     );
     app.stop().await;
 }
+
+/// A deleted client's client_credentials tokens are no longer active at introspection
+/// (what the ledger asks before a sensitive operation), though they have not expired.
+#[tokio::test]
+async fn a_deleted_clients_tokens_are_not_active() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let admin = app.admin().await.access;
+    let svc = create_client(
+        &app,
+        &admin,
+        json!({ "name": "Short-lived job", "grant_types": ["client_credentials"] }),
+    )
+    .await;
+    let secret = svc.secret.clone().unwrap();
+    let r = form_post(
+        &app,
+        "/oauth/token",
+        Some((&svc.id, &secret)),
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let at = r.body["access_token"].as_str().unwrap().to_owned();
+    assert!(app.auth().introspect_token(&at).await.unwrap().active);
+    let d = app
+        .delete(&format!("/v1/admin/clients/{}", svc.id), Some(&admin))
+        .await;
+    assert!(d.status.is_success(), "{}", d.text);
+    assert!(!app.auth().introspect_token(&at).await.unwrap().active);
+    app.stop().await;
+}

@@ -51,6 +51,7 @@ const AUTH: &[Migration] = &[
     migration!(7, "auth", "0007_grants_by_user"),
     migration!(8, "auth", "0008_es256_rotation"),
     migration!(9, "auth", "0009_sessions_by_provider"),
+    migration!(10, "auth", "0010_oauth_expiry_indexes"),
 ];
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),
@@ -227,6 +228,28 @@ impl Db {
 mod tests {
     use super::*;
     use crate::DbOptions;
+
+    /// The sweeps every OAuth authorization or device request runs (expired codes,
+    /// device codes, revoked-token ids) search by index, not scan their tables.
+    #[tokio::test]
+    async fn oauth_expiry_sweeps_use_their_indexes() {
+        let db = crate::testing::fresh_db(Service::Auth, Backend::Sqlite)
+            .await
+            .unwrap();
+        for table in ["oauth_codes", "oauth_device_codes", "oauth_revoked_tokens"] {
+            let plan: Vec<String> = sqlx::query(&format!(
+                "EXPLAIN QUERY PLAN DELETE FROM {table} WHERE expires_at < 1"
+            ))
+            .fetch_all(db.read())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect();
+            let want = format!("INDEX {table}_expiry");
+            assert!(plan.iter().any(|d| d.contains(&want)), "{table}: {plan:?}");
+        }
+    }
 
     async fn sqlite_ledger() -> Db {
         let loc = crate::testing::fresh_location(Backend::Sqlite)

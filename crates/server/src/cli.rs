@@ -42,7 +42,11 @@ pub enum Command {
         auth_url: Option<String>,
     },
     /// Apply database migrations and exit.
-    Migrate,
+    Migrate {
+        /// Which service's database (a split deployment's data dir holds one).
+        #[arg(long, value_enum, default_value_t = Which::All)]
+        service: Which,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -195,9 +199,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             running.run_until_signal().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate => {
+        Command::Migrate { service } => {
             crate::telemetry::init_logging(&cfg);
-            app::open_dbs(&cfg, Mode::All).await?;
+            app::open_dbs(&cfg, which_mode(service)).await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
@@ -341,12 +345,16 @@ async fn clients(cfg: &Config, command: ClientsCommand) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
-    let mode = match which {
+fn which_mode(which: Which) -> Mode {
+    match which {
         Which::Auth => Mode::Auth,
         Which::Ledger => Mode::Ledger,
         Which::All => Mode::All,
-    };
+    }
+}
+
+async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
+    let mode = which_mode(which);
     let (auth, ledger) = app::open_existing_dbs(cfg, mode).await?;
     let mut ok = true;
     for db in [auth, ledger].into_iter().flatten() {

@@ -681,6 +681,27 @@ async fn a_refused_start_creates_nothing() {
     }
 }
 
+/// `migrate --service ledger` migrates the ledger's database only (a split
+/// deployment's ledger data dir gets no AuthShield database), and `audit verify
+/// --service ledger` then checks it.
+#[tokio::test]
+async fn migrate_one_service() {
+    let dir = temp_dir().join("ledger-only");
+    let d = dir.display().to_string();
+    let (code, text) = run_cli(&["migrate", "--service", "ledger", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(dir.join("ledger.db").is_file());
+    assert!(
+        !dir.join("auth.db").exists(),
+        "an AuthShield database was created"
+    );
+    let (code, text) = run_cli(
+        &["audit", "verify", "--service", "ledger", "--data-dir", &d],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+}
+
 /// `audit verify` and `ledger verify` pointed at no database (a wrong `--data-dir`) or
 /// at one without VaultPay's schema fail, naming it; they do not create an empty
 /// database and call it intact.

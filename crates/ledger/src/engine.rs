@@ -264,6 +264,15 @@ pub(crate) struct StoredKey {
 }
 
 impl StoredKey {
+    /// The stored answer, replayed.
+    fn replay(&self) -> Reply {
+        Reply {
+            status: u16::try_from(self.status).unwrap_or(500),
+            body: self.body.clone(),
+            replayed: true,
+        }
+    }
+
     /// Reads `fingerprint`, `status`, `body` and `body_lz4` of a row.
     fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, LedgerError> {
         let body: String = r.try_get("body")?;
@@ -318,13 +327,16 @@ pub(crate) struct NewKey {
     resource: Option<String>,
 }
 
-async fn lookup_key(tx: &mut Tx, user: &str, key: &str) -> Result<Option<StoredKey>, LedgerError> {
+async fn lookup_key<'e, E>(ex: E, user: &str, key: &str) -> Result<Option<StoredKey>, LedgerError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     let row = sqlx::query(
         "SELECT fingerprint, status, body, body_lz4 FROM idempotency_keys WHERE user_id = $1 AND key = $2",
     )
     .bind(user)
     .bind(key)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(ex)
     .await?;
     row.as_ref().map(StoredKey::from_row).transpose()
 }
@@ -338,21 +350,10 @@ pub(crate) async fn stored_replay(
     key: &str,
     op: &Op,
 ) -> Result<Option<Reply>, LedgerError> {
-    let row = sqlx::query(
-        "SELECT fingerprint, status, body, body_lz4 FROM idempotency_keys WHERE user_id = $1 AND key = $2",
-    )
-    .bind(user)
-    .bind(key)
-    .fetch_optional(db.read())
-    .await?;
-    let Some(stored) = row.as_ref().map(StoredKey::from_row).transpose()? else {
-        return Ok(None);
-    };
-    Ok((stored.fingerprint == op.fingerprint()).then(|| Reply {
-        status: u16::try_from(stored.status).unwrap_or(500),
-        body: stored.body,
-        replayed: true,
-    }))
+    let stored = lookup_key(db.read(), user, key).await?;
+    Ok(stored
+        .filter(|s| s.fingerprint == op.fingerprint())
+        .map(|s| s.replay()))
 }
 
 /// Looks up the stored keys of every job of a group in one statement.
@@ -440,7 +441,7 @@ pub(crate) async fn exec_job(
             return Ok((reply, None));
         }
     } else if let Some(key) = &job.key {
-        if let Some(s) = lookup_key(tx, &job.actor.user_id, key).await? {
+        if let Some(s) = lookup_key(&mut **tx, &job.actor.user_id, key).await? {
             let mut p = Prefetched::new();
             p.insert((job.actor.user_id.clone(), key.clone()), s);
             if let Some(reply) = stored_reply(job, &fingerprint, Some(&p)) {
@@ -475,11 +476,7 @@ pub(crate) fn stored_reply(
             job.origin.request_id.clone(),
         ));
     }
-    Some(Reply {
-        status: u16::try_from(s.status).unwrap_or(500),
-        body: s.body.clone(),
-        replayed: true,
-    })
+    Some(s.replay())
 }
 
 /// The idempotency record to store for `job`'s outcome (none without a key).
@@ -523,7 +520,7 @@ pub(crate) async fn run_single(core: &Core, job: Job) -> Result<Reply, LedgerErr
 /// as "unavailable, nothing written" (503), which invites a retry under a new key,
 /// but as an internal error (500), which says to retry with the same key.
 pub(crate) fn commit_failed(e: sqlx::Error) -> LedgerError {
-    if refused_by_deferred_check(&e) || vaultpay_store::is_transient(Some(&e)) {
+    if commit_refused(&e) {
         return LedgerError::Store(e.into());
     }
     tracing::error!(error = %e, "commit failed; its outcome is unknown");
@@ -790,7 +787,7 @@ async fn commit_and_answer(
             tally.flush();
             answer_group(group, results, true);
         }
-        Err(e) if refused_by_deferred_check(&e) || vaultpay_store::is_transient(Some(&e)) => {
+        Err(e) if commit_refused(&e) => {
             tracing::warn!(error = %e, jobs = group.len(), "group commit refused; retrying its jobs one by one");
             retry_one_by_one(core, group).await;
         }
@@ -807,6 +804,13 @@ async fn commit_and_answer(
 /// breaks the key then fails alone.
 fn refused_by_deferred_check(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation)
+}
+
+/// Whether a failed COMMIT was refused by the database (a deferred foreign key, a lost
+/// race), so that nothing of it was written; any other failure leaves its outcome
+/// unknown.
+fn commit_refused(e: &sqlx::Error) -> bool {
+    refused_by_deferred_check(e) || vaultpay_store::is_transient(Some(e))
 }
 
 /// Answers a group that did not commit (and wrote nothing) by running each job in a

@@ -533,42 +533,47 @@ impl Ledger {
         // An amount no transfer can have moves nothing: it goes straight to its
         // refusal (`amount_invalid`, recorded and kept under the key), not through a
         // live check or a step-up the caller could never make good on.
-        let amount = movable(req.amount);
-        let op = Op::Transfer(req);
-        if amount > 0 {
-            let gates = async {
-                self.check_session_for(actor, amount).await?;
-                if amount >= self.config().introspection_threshold_minor {
-                    self.require_step_up(actor)?;
-                }
-                Ok(())
-            };
-            if let Some(replay) = self.gated(actor, &key, &op, gates.await).await? {
-                return Ok(replay);
-            }
-        }
-        self.submit(actor, Some(key), op, origin).await
+        let gates = self.money_gates(actor, movable(req.amount)).await;
+        self.submit_gated(actor, Some(key), Op::Transfer(req), origin, gates)
+            .await
     }
 
-    /// Passes the outcome of a request's gates (live session, step-up) through, except
-    /// that a refusal of a request already answered under its key gives that answer:
-    /// a retry must replay, not be sent to step up (or told AuthShield is down) for a
-    /// payment that was made, and then perhaps be made again under a new key.
-    /// (`Ok(Some(reply))`: the replay to return; `Ok(None)`: the gates passed.)
-    async fn gated(
+    /// The gates in front of moving `amount` (0: an amount no transfer may have,
+    /// which moves nothing and passes): the live-session check it may need, and a
+    /// step-up at or over the threshold.
+    async fn money_gates(&self, actor: &Actor, amount: i64) -> Result<(), LedgerError> {
+        if amount > 0 {
+            self.check_session_for(actor, amount).await?;
+            if amount >= self.config().introspection_threshold_minor {
+                self.require_step_up(actor)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::submit`] once the request's gates (live session, step-up, live admin)
+    /// passed. A refusal of a request already answered under its key gives that
+    /// answer instead: a retry must replay, not be sent to step up (or told AuthShield
+    /// is down) for a payment that was made, and then perhaps be made again under a
+    /// new key. The stored answer is read only on a refusal.
+    async fn submit_gated(
         &self,
         actor: &Actor,
-        key: &str,
-        op: &Op,
+        key: Option<String>,
+        op: Op,
+        origin: Origin,
         gates: Result<(), LedgerError>,
-    ) -> Result<Option<Reply>, LedgerError> {
-        let Err(refused) = gates else {
-            return Ok(None);
-        };
-        match engine::stored_replay(self.db(), &actor.user_id, key, op).await {
-            Ok(Some(replay)) => Ok(Some(replay)),
-            _ => Err(refused),
+    ) -> Result<Reply, LedgerError> {
+        if let Err(refused) = gates {
+            let Some(k) = &key else {
+                return Err(refused);
+            };
+            return match engine::stored_replay(self.db(), &actor.user_id, k, &op).await {
+                Ok(Some(replay)) => Ok(replay),
+                _ => Err(refused),
+            };
         }
+        self.submit(actor, key, op, origin).await
     }
 
     /// `POST /v1/transfers/batch` (Idempotency-Key required).
@@ -580,25 +585,13 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
-        let threshold = self.config().introspection_threshold_minor;
         let total = req
             .transfers
             .iter()
             .fold(0i64, |s, t| s.saturating_add(movable(t.amount)));
-        let op = Op::Batch(req);
-        if total > 0 {
-            let gates = async {
-                self.check_session_for(actor, total).await?;
-                if total >= threshold {
-                    self.require_step_up(actor)?;
-                }
-                Ok(())
-            };
-            if let Some(replay) = self.gated(actor, &key, &op, gates.await).await? {
-                return Ok(replay);
-            }
-        }
-        self.submit(actor, Some(key), op, origin).await
+        let gates = self.money_gates(actor, total).await;
+        self.submit_gated(actor, Some(key), Op::Batch(req), origin, gates)
+            .await
     }
 
     /// `POST /v1/transfers/{id}/post` (Idempotency-Key required).
@@ -616,10 +609,7 @@ impl Ledger {
             .check_session_for(actor, req.amount.unwrap_or(i64::MAX))
             .await;
         let op = Op::Post(id.to_owned(), req);
-        if let Some(replay) = self.gated(actor, &key, &op, gates).await? {
-            return Ok(replay);
-        }
-        self.submit(actor, Some(key), op, origin).await
+        self.submit_gated(actor, Some(key), op, origin, gates).await
     }
 
     /// `POST /v1/transfers/{id}/void` (Idempotency-Key optional: a hold is voided at most
@@ -636,15 +626,7 @@ impl Ledger {
         // of a session that has ended.
         let gates = self.require_live_session(actor).await.map(|_| ());
         let op = Op::Void(id.to_owned(), req);
-        match &key {
-            Some(k) => {
-                if let Some(replay) = self.gated(actor, k, &op, gates).await? {
-                    return Ok(replay);
-                }
-            }
-            None => gates?,
-        }
-        self.submit(actor, key, op, origin).await
+        self.submit_gated(actor, key, op, origin, gates).await
     }
 
     /// `GET /v1/transfers/{id}`.
@@ -672,10 +654,7 @@ impl Ledger {
             Op::Withdraw(req)
         };
         let gates = self.require_live_admin(actor, "treasury:move").await;
-        if let Some(replay) = self.gated(actor, &key, &op, gates).await? {
-            return Ok(replay);
-        }
-        self.submit(actor, Some(key), op, origin).await
+        self.submit_gated(actor, Some(key), op, origin, gates).await
     }
 
     /// `POST /v1/admin/accounts/{id}/freeze|unfreeze|close` (admin, audited).

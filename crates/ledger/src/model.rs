@@ -33,37 +33,26 @@ impl Actor {
         }
     }
 
+    /// The caller a verified token names; `None` for a token AuthShield issued to an
+    /// OAuth client without the `api` scope, which acts on nothing here (as on
+    /// AuthShield's own API).
     pub fn from_principal(
         p: &vaultpay_web::Principal,
         client_ip: Option<std::net::IpAddr>,
-    ) -> Self {
-        // A token AuthShield issued to an OAuth client acts on the ledger only with the
-        // `api` scope; without it the caller owns nothing and holds no role.
-        let c = &p.claims;
-        let api = c
-            .scope
-            .as_deref()
-            .is_some_and(|s| s.split(' ').any(|x| x == "api"));
-        if let (Some(client), false) = (&c.client_id, api) {
-            return Self {
-                user_id: format!("oauth-client:{client}"),
-                roles: Vec::new(),
-                token: p.token.clone(),
-                client_ip,
-                acr: None,
-                auth_time: c.auth_time,
-                session_id: c.sid.clone(),
-            };
+    ) -> Option<Self> {
+        if !p.may_use_api() {
+            return None;
         }
-        Self {
+        let c = &p.claims;
+        Some(Self {
             user_id: p.user_id().to_owned(),
-            roles: p.claims.roles.clone(),
+            roles: c.roles.clone(),
             token: p.token.clone(),
             client_ip,
-            acr: p.claims.acr.clone(),
-            auth_time: p.claims.auth_time,
+            acr: c.acr.clone(),
+            auth_time: c.auth_time,
             session_id: c.sid.clone(),
-        }
+        })
     }
 
     /// What the money this caller moves is counted under between live-session checks

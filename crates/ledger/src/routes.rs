@@ -43,21 +43,10 @@ pub(crate) fn router(ledger: Ledger) -> Router {
 }
 
 /// The caller; a token AuthShield issued to an OAuth client without the `api` scope
-/// is refused (403, as AuthShield's own API refuses it), not taken for a caller who
-/// owns nothing.
+/// is refused (403, as AuthShield's own API refuses it).
 fn actor(p: &Principal, ctx: &Ctx) -> Result<Actor, ApiError> {
-    let c = &p.claims;
-    let api = c
-        .scope
-        .as_deref()
-        .is_some_and(|s| s.split(' ').any(|x| x == "api"));
-    if c.client_id.is_some() && !api {
-        return Err(ApiError::forbidden(
-            "forbidden",
-            "This needs the `scope:api` permission.",
-        ));
-    }
-    Ok(Actor::from_principal(p, ctx.ip))
+    Actor::from_principal(p, ctx.ip)
+        .ok_or_else(|| ApiError::forbidden("forbidden", "This needs the `scope:api` permission."))
 }
 
 /// The Idempotency-Key header, if present (its shape is checked by the service).

@@ -200,6 +200,18 @@ impl Principal {
     pub fn has_any_role(&self, roles: &[&str]) -> bool {
         roles.iter().any(|r| self.has_role(r))
     }
+
+    /// Whether the token may act on the user's behalf on VaultPay's own APIs: a
+    /// first-party token, or one AuthShield issued to an OAuth client with the `api`
+    /// scope.
+    pub fn may_use_api(&self) -> bool {
+        self.claims.client_id.is_none()
+            || self
+                .claims
+                .scope
+                .as_deref()
+                .is_some_and(|s| s.split(' ').any(|x| x == "api"))
+    }
 }
 
 /// Parses `Authorization: Bearer <token>` strictly (RFC 6750 §2.1).

@@ -185,13 +185,7 @@ pub(crate) fn has_scope(scope: &str, want: &str) -> bool {
 
 /// Refuses a token issued to an OAuth client unless it was granted the `api` scope.
 pub(crate) fn require_api_scope(p: &Principal) -> Result<(), AuthError> {
-    if p.claims.client_id.is_some()
-        && !p
-            .claims
-            .scope
-            .as_deref()
-            .is_some_and(|s| has_scope(s, "api"))
-    {
+    if !p.may_use_api() {
         return Err(AuthError::Forbidden("scope:api".into()));
     }
     Ok(())

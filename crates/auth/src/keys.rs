@@ -195,6 +195,27 @@ pub async fn retire(db: &Db, kid: &str, actor: &str) -> Result<bool, AuthError> 
     Ok(false)
 }
 
+/// Whether the database holds any signing key (each sealed with the master key).
+pub async fn any(db: &Db) -> Result<bool, AuthError> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys")
+        .fetch_one(db.read())
+        .await?;
+    Ok(n > 0)
+}
+
+/// Checks that `env` opens the current signing key, when there is one (a wrong master
+/// key would seal new keys that the server then cannot open).
+pub async fn check_opens(db: &Db, env: &Envelope) -> Result<(), AuthError> {
+    let active: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys WHERE retired_at IS NULL")
+            .fetch_one(db.read())
+            .await?;
+    if active > 0 {
+        load(db, env).await?;
+    }
+    Ok(())
+}
+
 /// Loads the signer (newest unretired key) and all keys still verifiable.
 pub async fn load(db: &Db, env: &Envelope) -> Result<LoadedKeys, AuthError> {
     let now = now_micros();

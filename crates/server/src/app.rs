@@ -123,11 +123,10 @@ pub(crate) async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> any
     if cfg.master_key.is_some() || path.exists() {
         return Ok(());
     }
-    let sealed: i64 = vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys")
-        .fetch_one(db.read())
+    if vaultpay_auth::keys::any(db)
         .await
-        .context("reading AuthShield's signing keys")?;
-    if sealed > 0 {
+        .context("reading AuthShield's signing keys")?
+    {
         bail!(
             "no master key at {}, but AuthShield's database already holds secrets sealed with \
              one: restore master.key from the backup of this data directory (or set \

@@ -287,19 +287,14 @@ async fn checked_master_key(
 ) -> anyhow::Result<vaultpay_core::crypto::Envelope> {
     app::refuse_new_key_for_sealed_data(cfg, db).await?;
     let env = vaultpay_core::crypto::Envelope::new(&app::master_key(cfg)?);
-    let active: i64 = vaultpay_store::sqlx::query_scalar(
-        "SELECT COUNT(*) FROM signing_keys WHERE retired_at IS NULL",
-    )
-    .fetch_one(db.read())
-    .await?;
-    if active > 0 {
-        vaultpay_auth::keys::load(db, &env).await.map_err(|e| {
+    vaultpay_auth::keys::check_opens(db, &env)
+        .await
+        .map_err(|e| {
             anyhow::anyhow!(
                 "this master key does not open the database's signing key ({e}); use the \
-                 master key the server runs with (VAULTPAY_MASTER_KEY, or master.key in its data dir)"
+             master key the server runs with (VAULTPAY_MASTER_KEY, or master.key in its data dir)"
             )
         })?;
-    }
     Ok(env)
 }
 

@@ -23,7 +23,7 @@
 //! vectors, and check the table arithmetic against curve25519-dalek's scalar
 //! multiplication, torsion included.
 
-use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::Identity;
@@ -94,6 +94,14 @@ impl CombTable {
 
 static BASEPOINT: LazyLock<CombTable> = LazyLock::new(|| CombTable::new(&ED25519_BASEPOINT_POINT));
 
+/// The canonical encodings of the eight points of small order. A signature's `R` must
+/// equal the canonical encoding of the computed point, so that point has small order
+/// exactly when `R` is one of these: comparing bytes answers `verify_strict`'s
+/// small-order check on `R` before any curve arithmetic (it cost three doublings and a
+/// comparison per verification).
+static SMALL_ORDER_ENCODINGS: LazyLock<[[u8; 32]; 8]> =
+    LazyLock::new(|| EIGHT_TORSION.map(|p| p.compress().to_bytes()));
+
 /// An Ed25519 public key ready to verify signatures; cheap to clone. Its table is
 /// built on the first verification.
 #[derive(Clone)]
@@ -137,6 +145,9 @@ impl PreparedKey {
     /// Whether `signature` (R || s) is this key's signature of `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
         let (r_bytes, s_tail) = signature.split_at(32);
+        if SMALL_ORDER_ENCODINGS.iter().any(|e| e[..] == *r_bytes) {
+            return false;
+        }
         let mut s_bytes = [0u8; 32];
         s_bytes.copy_from_slice(s_tail);
         let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
@@ -153,7 +164,7 @@ impl PreparedKey {
         let mut r = EdwardsPoint::identity();
         BASEPOINT.add_multiple(&s, &mut r);
         table.add_multiple(&k, &mut r);
-        !r.is_small_order() && r.compress().as_bytes()[..] == *r_bytes
+        r.compress().as_bytes()[..] == *r_bytes
     }
 }
 
@@ -392,6 +403,46 @@ mod tests {
         );
         assert!(dalek.verify_strict(msg, &sig_d).is_err());
         assert!(!PreparedKey::new(&public).unwrap().verify(msg, &sig));
+    }
+
+    /// Every small-order `R`, not only the identity: with a key `A = [a]B + T` (T of
+    /// order 8) and `s = k·a`, the computed point is `-[k]T`, one of the eight
+    /// small-order points, and equals `R` for about one message in eight. Those
+    /// signatures satisfy the cofactorless equation (dalek's `verify` accepts them);
+    /// strict verification, and this module's byte comparison, refuse them all.
+    #[test]
+    fn every_small_order_r_is_refused() {
+        let a = Scalar::from(0x0bad_cafeu64);
+        let public = (ED25519_BASEPOINT_POINT * a + torsion8())
+            .compress()
+            .to_bytes();
+        let key = PreparedKey::new(&public).unwrap();
+        let dalek = VerifyingKey::from_bytes(&public).unwrap();
+        let mut refused = [false; 8];
+        for n in 0u32..4_000 {
+            let msg = n.to_le_bytes();
+            for (i, t) in EIGHT_TORSION.iter().enumerate() {
+                let r = t.compress().to_bytes();
+                let mut h = Sha512::new();
+                h.update(r);
+                h.update(public);
+                h.update(msg);
+                let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+                let mut sig = [0u8; 64];
+                sig[..32].copy_from_slice(&r);
+                sig[32..].copy_from_slice((k * a).as_bytes());
+                let sig_d = ed25519_dalek::Signature::from_bytes(&sig);
+                if ed25519_dalek::Verifier::verify(&dalek, &msg, &sig_d).is_ok() {
+                    assert!(!key.verify(&msg, &sig), "R = T{i}, message {n}");
+                    assert!(dalek.verify_strict(&msg, &sig_d).is_err());
+                    refused[i] = true;
+                }
+            }
+        }
+        assert_eq!(
+            refused, [true; 8],
+            "a forgery was found for every small-order R"
+        );
     }
 
     proptest! {

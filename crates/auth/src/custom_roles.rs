@@ -73,21 +73,24 @@ impl AuthService {
         }
     }
 
-    /// Refuses to grant a role carrying permissions the granting actor lacks (a
-    /// `roles:manage` holder cannot make themselves admin).
-    pub(crate) async fn ensure_can_grant(
-        &self,
+    /// Refuses, with the first permission missing, an actor who does not hold every
+    /// permission of `role`: granting it, revoking it or deleting it is a change only
+    /// someone holding all of it may make (a delegate with `roles:manage` alone must
+    /// not strip `admin` from the administrators, nor delete a role it could not
+    /// grant). Read in `tx`, so a role deleted and re-created meanwhile is seen.
+    pub(crate) async fn ensure_holds_role(
+        tx: &mut vaultpay_store::Tx,
         actor: &Principal,
         role: &str,
     ) -> Result<(), AuthError> {
         let rows = sqlx::query("SELECT permission FROM role_permissions WHERE role = $1")
             .bind(role)
-            .fetch_all(self.inner.db.read())
+            .fetch_all(&mut **tx)
             .await?;
-        let mine = self.effective(actor.user_id()).await?;
+        let mine = crate::rbac::permissions_in(tx, actor.user_id()).await?;
         for r in rows {
             let p: String = r.try_get("permission")?;
-            if !mine.permissions.contains(&p) {
+            if !mine.contains(&p) {
                 return Err(AuthError::Forbidden(p));
             }
         }
@@ -215,6 +218,7 @@ impl AuthService {
                 format!("`{name}` is a built-in role; it cannot be changed or deleted."),
             ));
         }
+        Self::ensure_holds_role(&mut tx, actor, name).await?;
         let holders = sqlx::query("DELETE FROM user_roles WHERE role = $1")
             .bind(name)
             .execute(&mut *tx)

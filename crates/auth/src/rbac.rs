@@ -181,11 +181,11 @@ impl AuthService {
         user_id: &str,
         role: &str,
     ) -> Result<wire::User, AuthError> {
-        self.ensure_can_grant(actor, role).await?;
         self.change_role(ctx, actor, user_id, role, true).await
     }
 
-    /// Revokes `role` from `user_id`. Audited; invalidates cached permissions.
+    /// Revokes `role` from `user_id`: only by an actor holding every permission of
+    /// the role, as for granting it. Audited; invalidates cached permissions.
     pub async fn revoke_role(
         &self,
         ctx: &Ctx,
@@ -218,6 +218,7 @@ impl AuthService {
                 format!("There is no role `{role}`."),
             ));
         }
+        Self::ensure_holds_role(&mut tx, actor, role).await?;
         // The user's row: a reset of their second factors checks their permissions
         // under it, so a role change is ordered before that check or after the reset.
         let user = sqlx::query(&format!(

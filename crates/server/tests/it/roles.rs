@@ -327,6 +327,57 @@ async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
             .get(&format!("/v1/admin/users/{id}"), Some(&admin))
             .await;
         assert!(!u.text.contains("\"admin\""), "{}", u.text);
+        // nor take away a role they could not grant: not admin from the administrator,
+        // and not a role whose permissions they lack, by revoking or by deleting it
+        let me = app.get("/v1/me", Some(&admin)).await;
+        let admin_id = me.body["id"].as_str().unwrap().to_owned();
+        app.delete(
+            &format!("/v1/admin/users/{admin_id}/roles/admin"),
+            Some(&t.access),
+        )
+        .await
+        .assert_problem(403, "forbidden");
+        let r = create(
+            admin.clone(),
+            json!({ "name": "auditor", "permissions": ["audit:read"] }),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let r = app
+            .post(
+                &format!("/v1/admin/users/{admin_id}/roles"),
+                Some(&admin),
+                json!({ "role": "auditor" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        app.delete(
+            &format!("/v1/admin/users/{admin_id}/roles/auditor"),
+            Some(&t.access),
+        )
+        .await
+        .assert_problem(403, "forbidden");
+        app.delete("/v1/admin/roles/auditor", Some(&t.access))
+            .await
+            .assert_problem(403, "forbidden");
+        let u = app
+            .get(&format!("/v1/admin/users/{admin_id}"), Some(&admin))
+            .await;
+        assert!(
+            u.text.contains("\"admin\"") && u.text.contains("\"auditor\""),
+            "{}",
+            u.text
+        );
+        // what they could grant, they may take away
+        let r = app
+            .delete(
+                &format!("/v1/admin/users/{id}/roles/reader"),
+                Some(&t.access),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app.delete("/v1/admin/roles/reader", Some(&t.access)).await;
+        assert!(r.status.is_success(), "{}", r.text);
         app.stop().await;
     });
 }

@@ -744,11 +744,15 @@ impl AuthService {
             return Err(AuthError::IpConfirmationRequired(req.login_ticket));
         }
         // The lock and the second factors, under the user row's lock (see
-        // `sessions::sign_in_check_sql`).
-        let row = sqlx::query(&crate::sessions::sign_in_check_sql(&format!(
-            ", {}",
-            crate::mfa::FACTOR_COLUMNS
-        )))
+        // `sessions::sign_in_check_sql`), without resetting the failure count yet: with
+        // a second factor the count must survive until its code passes, or a caller
+        // with the password and the mailbox could guess codes for ever, a held login
+        // apart (`mfa_challenge` keeps it the same way).
+        let row = sqlx::query(&format!(
+            "SELECT security_locked_at, {} FROM users WHERE id = $1{}",
+            crate::mfa::FACTOR_COLUMNS,
+            self.inner.db.for_no_key_update()
+        ))
         .bind(&hold.user_id)
         .fetch_optional(&mut *tx)
         .await?
@@ -784,6 +788,10 @@ impl AuthService {
             tx.commit().await?;
             return Err(challenge);
         }
+        sqlx::query(crate::oauth::signin::RESET_FAILURES_SQL)
+            .bind(&hold.user_id)
+            .execute(&mut *tx)
+            .await?;
         let facts = SessionFacts {
             user_id: hold.user_id.clone(),
             session_id: uuid::Uuid::now_v7().to_string(),

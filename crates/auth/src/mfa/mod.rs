@@ -751,7 +751,10 @@ impl AuthService {
 
     /// Checks and consumes a second factor of `user_id` inside `tx`. `method = None`
     /// picks by the code's shape: six digits are TOTP (or the emailed code when TOTP
-    /// is off), anything else a recovery code.
+    /// is off), anything else a recovery code. Six digits from a user with both TOTP
+    /// and emailed codes are ambiguous: refused (422 `mfa_method_required`) before
+    /// anything is counted, rather than checked as TOTP and counted as a failure when
+    /// they were the mailed code.
     async fn consume_factor(
         &self,
         tx: &mut Tx,
@@ -770,6 +773,13 @@ impl AuthService {
         };
         let method = match method {
             Some(m) => m,
+            None if six && f.totp && f.email => {
+                return Err(AuthError::Invalid(
+                    "mfa_method_required",
+                    "This account has both an authenticator app and emailed codes: say which                      one this code is from with \"method\": \"totp\" or \"email\"."
+                        .into(),
+                ))
+            }
             None if six && f.totp => METHOD_TOTP,
             None if six => METHOD_EMAIL,
             None => METHOD_RECOVERY,

@@ -794,6 +794,48 @@ async fn step_up_challenge_and_satisfying_it_without_logging_out() {
     });
 }
 
+/// With both TOTP and emailed codes on, six digits without `method` could be either:
+/// refused as ambiguous before anything is counted (the mailed code checked as TOTP
+/// used to fail and count towards the lockout), and accepted once the method is named.
+#[tokio::test]
+async fn an_ambiguous_code_asks_for_its_method() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let who = "two-factors@example.com";
+        let t = app.user(who).await;
+        let (secret, _) = enable_totp(&app, &t.access).await;
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&t.access),
+                json!({"code": code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        enable_email(&app, &stepped, who).await;
+
+        let tk = ticket(&app, who).await;
+        let r = app
+            .post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": tk }))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let c = mailed_code(&app, who);
+        verify(&app, &tk, &c, None)
+            .await
+            .assert_problem(422, "mfa_method_required");
+        let failures: i64 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = $1")
+            .bind(who)
+            .fetch_one(app.auth_db().read())
+            .await
+            .unwrap();
+        assert_eq!(failures, 0, "an ambiguous code is not a wrong one");
+        let r = verify(&app, &tk, &c, Some("email")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn step_up_by_emailed_code_and_for_role_changes() {
     each_backend!(|backend: Backend| async move {
@@ -1188,9 +1230,24 @@ async fn an_ip_confirmed_login_still_needs_the_second_factor() {
         let r = link_post(&app, "confirm", &confirm).await;
         assert!(r.status.is_success(), "{}", r.text);
 
+        // earlier wrong guesses (of codes, say): completing the held login with the
+        // right password must not wipe them before the second factor has passed
+        let failures = || async {
+            sqlx::query_scalar::<_, i64>("SELECT failed_logins FROM users WHERE email = $1")
+                .bind(email)
+                .fetch_one(app.auth_db().read())
+                .await
+                .unwrap()
+        };
+        sqlx::query("UPDATE users SET failed_logins = 3 WHERE email = $1")
+            .bind(email)
+            .execute(app.auth_db().writer())
+            .await
+            .unwrap();
         let next = complete_from(&app, away, &login_ticket, "dev-2").await;
         assert_eq!(next.status, StatusCode::ACCEPTED, "{}", next.text);
         assert_eq!(next.body["status"], "mfa_required");
+        assert_eq!(failures().await, 3);
         assert!(next.body.get("access_token").is_none());
         let mfa_ticket = next.body["mfa_ticket"].as_str().unwrap().to_owned();
         // the login ticket is spent: it cannot skip the second factor on a retry
@@ -1200,9 +1257,11 @@ async fn an_ip_confirmed_login_still_needs_the_second_factor() {
         verify(&app, &mfa_ticket, "000000", None)
             .await
             .assert_problem(401, "mfa_code_invalid");
+        assert_eq!(failures().await, 4);
         let done = verify(&app, &mfa_ticket, &code(&secret, 0), None).await;
         assert_eq!(done.status, StatusCode::OK, "{}", done.text);
         assert_mfa_claims(done.body["access_token"].as_str().unwrap());
+        assert_eq!(failures().await, 0);
         app.stop().await;
     });
 }

@@ -215,22 +215,43 @@ impl AuthService {
         let id = self
             .create_user(&ctx.origin(), &email, &name, &phc, &["customer"], false)
             .await?;
-        self.send_verification(&id, &email).await?;
+        self.send_verification(&ctx.origin(), &id, &email).await?;
         self.user(&id).await
     }
 
+    /// Issues a mailed link's token of `purpose` for `user_id` and audits it (`audit`,
+    /// resource the user) in one transaction: a link that can verify an address or
+    /// reset a password is a credential, and its issue leaves a trace.
     pub(crate) async fn new_email_token(
         &self,
+        origin: &Origin,
         user_id: &str,
         purpose: &str,
         ttl_secs: i64,
+        audit: NewAudit<'_>,
     ) -> Result<String, AuthError> {
-        insert_email_token(self.inner.db.writer(), user_id, purpose, ttl_secs, None).await
+        let db = &self.inner.db;
+        let mut tx = db.begin().await?;
+        let token = insert_email_token(&mut *tx, user_id, purpose, ttl_secs, None).await?;
+        append(db, &mut tx, origin, audit.resource(user_id)).await?;
+        tx.commit().await?;
+        Ok(token)
     }
 
-    async fn send_verification(&self, user_id: &str, email: &str) -> Result<(), AuthError> {
+    async fn send_verification(
+        &self,
+        origin: &Origin,
+        user_id: &str,
+        email: &str,
+    ) -> Result<(), AuthError> {
         let token = self
-            .new_email_token(user_id, "verify", self.inner.cfg.email_verify_ttl_secs)
+            .new_email_token(
+                origin,
+                user_id,
+                "verify",
+                self.inner.cfg.email_verify_ttl_secs,
+                NewAudit::success("email.verification_sent").actor(user_id),
+            )
             .await?;
         let link = format!("{}/v1/auth/verify-email?token={token}", self.public_url());
         let text = format!(
@@ -244,7 +265,11 @@ impl AuthService {
     }
 
     /// Sends a new verification link to the caller.
-    pub async fn resend_verification(&self, p: &Principal) -> Result<wire::Accepted, AuthError> {
+    pub async fn resend_verification(
+        &self,
+        ctx: &Ctx,
+        p: &Principal,
+    ) -> Result<wire::Accepted, AuthError> {
         self.require_live_session(p).await?;
         let user = self.user(p.user_id()).await?;
         vaultpay_web::enforce(
@@ -254,7 +279,8 @@ impl AuthService {
         )
         .await?;
         if !user.email_verified {
-            self.send_verification(&user.id, &user.email).await?;
+            self.send_verification(&ctx.origin(), &user.id, &user.email)
+                .await?;
         }
         Ok(wire::Accepted {
             status: "sent".into(),
@@ -363,7 +389,13 @@ impl AuthService {
         if let Some(u) = user {
             let id: String = u.try_get("id")?;
             let token = self
-                .new_email_token(&id, "reset", self.inner.cfg.password_reset_ttl_secs)
+                .new_email_token(
+                    &ctx.origin(),
+                    &id,
+                    "reset",
+                    self.inner.cfg.password_reset_ttl_secs,
+                    NewAudit::success("password.reset_requested"),
+                )
                 .await?;
             let link = format!("{}/v1/auth/password/reset?token={token}", self.public_url());
             let text = format!(

@@ -104,7 +104,13 @@ struct TokenParam {
 }
 
 /// A tiny page with one button: link scanners that prefetch GETs change nothing.
-fn page(title: &str, text: &str, action: &str, button: &str, token: &str) -> ApiResult<Response> {
+pub(crate) fn page(
+    title: &str,
+    text: &str,
+    action: &str,
+    button: &str,
+    token: &str,
+) -> ApiResult<Response> {
     let ok = !token.is_empty()
         && token.len() <= 128
         && token
@@ -206,22 +212,28 @@ async fn email_confirm(
     ctx: Ctx,
     req: axum::extract::Request,
 ) -> ApiResult<Response> {
+    let token = link_token(req).await?;
+    let user = svc.confirm_email_change(&ctx, &token).await?;
+    Ok(no_store(StatusCode::OK, Json(user)))
+}
+
+/// The token of a mailed link's confirmation: the form field `token` (the link's page
+/// posts it) or JSON `{"token": …}` (an API client).
+pub(crate) async fn link_token(req: axum::extract::Request) -> ApiResult<String> {
     use axum::extract::FromRequest;
     let form = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-    let token = if form {
+    Ok(if form {
         ApiForm::<TokenParam>::from_request(req, &()).await?.0.token
     } else {
         ApiJson::<wire::TokenRequestBody>::from_request(req, &())
             .await?
             .0
             .token
-    };
-    let user = svc.confirm_email_change(&ctx, &token).await?;
-    Ok(no_store(StatusCode::OK, Json(user)))
+    })
 }
 
 /// The caller's trusted networks.

@@ -129,41 +129,52 @@ async fn logout(
     Ok(Json(svc.logout(&ctx, &p, req.everywhere).await?))
 }
 
-/// Confirm an email address with the token from the emailed link.
+/// Confirm an email address with the token from the emailed link: the link's page
+/// posts it as the form field `token`; an API client sends JSON `{"token": …}`.
 #[utoipa::path(post, path = "/v1/auth/verify-email", tag = "auth", request_body = wire::TokenRequestBody,
     responses((status = 200, body = wire::User), (status = 400, body = Problem)))]
 async fn verify_email(
     State(svc): State<AuthService>,
     ctx: Ctx,
-    ApiJson(req): ApiJson<wire::TokenRequestBody>,
+    req: axum::extract::Request,
 ) -> ApiResult<Json<wire::User>> {
-    Ok(Json(svc.verify_email(&ctx, &req.token).await?))
+    let token = crate::ext_routes::link_token(req).await?;
+    Ok(Json(svc.verify_email(&ctx, &token).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 struct TokenQuery {
     token: String,
 }
 
-/// The emailed link itself (opened in a browser).
+/// The emailed link itself (opened in a browser): a page whose button confirms the
+/// address. Opening the link changes nothing, so a mail scanner that prefetches links
+/// cannot verify an address for whoever registered it.
 #[utoipa::path(get, path = "/v1/auth/verify-email", tag = "auth", params(TokenQuery),
-    responses((status = 200, body = wire::User), (status = 400, body = Problem)))]
-async fn verify_email_link(
-    State(svc): State<AuthService>,
-    ctx: Ctx,
-    ApiQuery(q): ApiQuery<TokenQuery>,
-) -> ApiResult<Json<wire::User>> {
-    Ok(Json(svc.verify_email(&ctx, &q.token).await?))
+    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem)))]
+async fn verify_email_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Response> {
+    crate::ext_routes::page(
+        "Confirm your email address",
+        "Confirm that this address belongs to your VaultPay account?",
+        "/v1/auth/verify-email",
+        "Yes, this is my address",
+        &q.token,
+    )
 }
 
 /// Mail a new verification link to the caller.
 #[utoipa::path(post, path = "/v1/auth/verify-email/resend", tag = "auth",
     responses((status = 202, body = wire::Accepted), (status = 401, body = Problem)), security(("bearer" = [])))]
-async fn resend_verification(State(svc): State<AuthService>, p: Principal) -> ApiResult<Response> {
+async fn resend_verification(
+    State(svc): State<AuthService>,
+    ctx: Ctx,
+    p: Principal,
+) -> ApiResult<Response> {
     Ok((
         StatusCode::ACCEPTED,
-        Json(svc.resend_verification(&p).await?),
+        Json(svc.resend_verification(&ctx, &p).await?),
     )
         .into_response())
 }

@@ -55,10 +55,10 @@ async fn every_auth_event_is_audited_with_its_origin() {
         let token = mail_token(&app, email, "verify-email?token=");
         ok(&send_with(
             &app,
-            Method::GET,
-            &format!("/v1/auth/verify-email?token={token}"),
+            Method::POST,
+            "/v1/auth/verify-email",
             None,
-            None,
+            Some(json!({ "token": token })),
             Some("r-verify"),
         )
         .await);
@@ -221,7 +221,10 @@ async fn every_auth_event_is_audited_with_its_origin() {
         let expected: Vec<(&str, Vec<Row>)> = vec![
             (
                 "r-register",
-                vec![("user.registered", Some(ivy), Some(ivy), "success")],
+                vec![
+                    ("email.verification_sent", Some(ivy), Some(ivy), "success"),
+                    ("user.registered", Some(ivy), Some(ivy), "success"),
+                ],
             ),
             (
                 "r-verify",
@@ -272,6 +275,10 @@ async fn every_auth_event_is_audited_with_its_origin() {
             (
                 "r-change",
                 vec![("password.changed", Some(ivy), Some(ivy), "success")],
+            ),
+            (
+                "r-forgot",
+                vec![("password.reset_requested", None, Some(ivy), "success")],
             ),
             (
                 "r-reset",

@@ -362,6 +362,15 @@ async fn sessions_list_revoke_and_logout_everywhere() {
     });
 }
 
+/// The verification page's button: the token as a form field.
+async fn verify_form(app: &TestApp, token: &str) -> Resp {
+    let req = app
+        .http
+        .post(format!("{}/v1/auth/verify-email", app.base))
+        .form(&[("token", token)]);
+    read(req.send().await.unwrap()).await
+}
+
 #[tokio::test]
 async fn email_verification_through_the_outbox() {
     each_backend!(|backend: Backend| async move {
@@ -371,20 +380,36 @@ async fn email_verification_through_the_outbox() {
         let token = mail_token(&app, "carol@example.com", "verify-email?token=");
 
         // a wrong token does nothing
-        app.get(
-            "/v1/auth/verify-email?token=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-            None,
-        )
-        .await
-        .assert_problem(400, "invalid_token");
-        let r = app
+        verify_form(&app, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+            .await
+            .assert_problem(400, "invalid_token");
+        // opening the link (or a mail scanner prefetching it) only shows a page whose
+        // button posts the token; the address is not verified yet
+        let page = app
             .get(&format!("/v1/auth/verify-email?token={token}"), None)
             .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        assert!(
+            page.text.contains("action=\"/v1/auth/verify-email\"")
+                && page.text.contains(&format!("value=\"{token}\"")),
+            "{}",
+            page.text
+        );
+        let verified = || async {
+            sqlx::query_scalar::<_, i64>("SELECT email_verified FROM users WHERE id = $1")
+                .bind(&id)
+                .fetch_one(app.auth_db().read())
+                .await
+                .unwrap()
+        };
+        assert_eq!(verified().await, 0);
+        let r = verify_form(&app, &token).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!(r.body["id"], id.as_str());
         assert_eq!(r.body["email_verified"], true);
-        // single use, by link or by POST
-        app.get(&format!("/v1/auth/verify-email?token={token}"), None)
+        assert_eq!(verified().await, 1);
+        // single use, by the page's form or by JSON
+        verify_form(&app, &token)
             .await
             .assert_problem(400, "invalid_token");
         app.post("/v1/auth/verify-email", None, json!({ "token": token }))

@@ -57,6 +57,16 @@ impl AuthService {
                 "This is already the account's email address.".into(),
             ));
         }
+        // mails to addresses the caller chose: limited like password-reset mails
+        // (wrong passwords are limited by the lockout above instead). Counted before
+        // the address is looked up, so "taken" answers cannot be asked for faster than
+        // mails can be sent (no cheap probing of which addresses have accounts).
+        vaultpay_web::enforce(
+            &*self.inner.limiter,
+            &format!("email_change:acct:{user_id}"),
+            self.inner.cfg.rate_limits.reset_per_account,
+        )
+        .await?;
         let taken = sqlx::query("SELECT id FROM users WHERE email = $1")
             .bind(&new_email)
             .fetch_optional(self.inner.db.read())
@@ -64,14 +74,6 @@ impl AuthService {
         if taken.is_some() {
             return Err(AuthError::EmailTaken);
         }
-        // mails to addresses the caller chose: limited like password-reset mails
-        // (wrong passwords are limited by the lockout above instead)
-        vaultpay_web::enforce(
-            &*self.inner.limiter,
-            &format!("email_change:acct:{user_id}"),
-            self.inner.cfg.rate_limits.reset_per_account,
-        )
-        .await?;
         let now = now_micros();
         let ttl = self.inner.cfg.email_verify_ttl_secs;
         let db = &self.inner.db;

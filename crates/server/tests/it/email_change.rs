@@ -268,6 +268,11 @@ async fn an_email_change_link_fails_cleanly_when_expired_or_the_address_was_take
             .await
             .assert_problem(429, "rate_limited");
         assert_eq!(app.mails().len(), mails);
+        // and asking for a taken address counts too: past the limit, a taken address
+        // is not told apart from a free one (no probing for accounts this way)
+        change(&app, &t.access, "kim2@example.com", PASSWORD)
+            .await
+            .assert_problem(429, "rate_limited");
         // a verification link cannot confirm a change, nor the reverse
         let verify = mail_token(&app, "kim@example.com", "verify-email?token=");
         app.post("/v1/auth/email/confirm", None, json!({ "token": verify }))

@@ -60,6 +60,20 @@ pub(crate) async fn account_action(
         }
         (AccountAction::Close, _) => "closed",
     };
+    // Nor with a hold paying into it still pending: it could never be posted to a
+    // closed account, and the payer's money would stay reserved until it expired.
+    // (A new hold to it locks it too, so none can appear before this commits.)
+    if next == "closed" {
+        let incoming = sqlx::query(
+            "SELECT id FROM transfers WHERE to_account_id = $1 AND status = 'pending' LIMIT 1",
+        )
+        .bind(&a.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if incoming.is_some() {
+            return Err(LedgerError::AccountNotEmpty);
+        }
+    }
     let now = now_micros();
     a.status = next.to_owned();
     a.updated_at = now;

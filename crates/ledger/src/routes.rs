@@ -6,7 +6,6 @@ use crate::error::LedgerError;
 use crate::model::Actor;
 use crate::query::HistoryFilter;
 use crate::Ledger;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +15,7 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 use vaultpay_proto::ledger::{self as wire, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER};
 use vaultpay_proto::{Problem, PROBLEM_CONTENT_TYPE};
-use vaultpay_web::{ApiError, ApiJson, ApiQuery, Ctx, Principal};
+use vaultpay_web::{ApiError, ApiJson, ApiQuery, Ctx, OptionalJson, Principal};
 
 pub(crate) fn router(ledger: Ledger) -> Router {
     // A route's own limit replaces the server-wide one (`DefaultBodyLimit` is read by
@@ -62,20 +61,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .to_str()
         .map_err(|_| ApiError::from(LedgerError::IdempotencyKeyInvalid))?;
     Ok(Some(v.to_owned()))
-}
-
-/// An optional JSON body (empty = default) for the hold endpoints.
-fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
-        } else {
-            ApiError::unprocessable("invalid_request", e.to_string())
-        }
-    })
 }
 
 impl IntoResponse for Reply {
@@ -279,10 +264,9 @@ async fn post_hold(
     p: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    OptionalJson(req): OptionalJson<wire::PostHoldRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    let req: wire::PostHoldRequest = optional_json(&body)?;
     Ok(l.post_hold(&actor(&p, &ctx)?, key, &id, req, ctx.origin())
         .await?)
 }
@@ -296,10 +280,9 @@ async fn void_hold(
     p: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    OptionalJson(req): OptionalJson<wire::VoidHoldRequest>,
 ) -> ApiResult<Reply> {
     let key = idempotency_key(&headers)?;
-    let req: wire::VoidHoldRequest = optional_json(&body)?;
     Ok(l.void_hold(&actor(&p, &ctx)?, key, &id, req, ctx.origin())
         .await?)
 }

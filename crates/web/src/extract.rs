@@ -115,30 +115,55 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|rej| rejection(rej.status(), rej.body_text()))?;
-        if json_has_nul(&bytes) {
-            return Err(nul_refused());
+        json_body(&bytes).map(ApiJson)
+    }
+}
+
+/// A JSON body as [`ApiJson`] reads it (NUL refused, an object only, errors in JSON
+/// terms), from bytes already read.
+fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if json_has_nul(bytes) {
+        return Err(nul_refused());
+    }
+    // Every body of this API is an object; serde would also build a struct from an
+    // array of its fields in order (`["a@b", "pw", "Alice"]`).
+    let trimmed = bytes.trim_ascii_start();
+    if !trimmed.is_empty()
+        && !trimmed.starts_with(b"{")
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
+        return Err(rejection(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "The request body must be a JSON object.".into(),
+        ));
+    }
+    match axum::Json::<T>::from_bytes(bytes) {
+        Ok(axum::Json(v)) => Ok(v),
+        Err(rej) => Err(match rej {
+            JsonRejection::JsonSyntaxError(_) => {
+                ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
+            }
+            other => rejection(other.status(), plain_types(&other.body_text())),
+        }),
+    }
+}
+
+/// An optional JSON body: none (or only whitespace) is `T::default()`, any other is
+/// read as [`ApiJson`] reads one (whatever its content type, as `curl -d` sends a
+/// form type), and an oversized one is a problem document like every rejection.
+pub struct OptionalJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rej| rejection(rej.status(), rej.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
         }
-        // Every body of this API is an object; serde would also build a struct from an
-        // array of its fields in order (`["a@b", "pw", "Alice"]`).
-        let trimmed = bytes.trim_ascii_start();
-        if !trimmed.is_empty()
-            && !trimmed.starts_with(b"{")
-            && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
-        {
-            return Err(rejection(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "The request body must be a JSON object.".into(),
-            ));
-        }
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(match rej {
-                JsonRejection::JsonSyntaxError(_) => {
-                    ApiError::bad_request("malformed_json", "The request body is not valid JSON.")
-                }
-                other => rejection(other.status(), plain_types(&other.body_text())),
-            }),
-        }
+        json_body(&bytes).map(OptionalJson)
     }
 }
 

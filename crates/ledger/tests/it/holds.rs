@@ -1,4 +1,5 @@
 use crate::common::*;
+use axum::http::Method;
 use serde_json::json;
 
 async fn hold(
@@ -149,6 +150,106 @@ async fn void_releases_and_resolves_once() {
         app.post("/v1/transfers", &alice, Some(&key()), json!({"from_account_id": a, "to_account_id": bb, "amount": 1, "currency": "USD", "timeout_secs": 5}))
             .await
             .problem(422, "invalid_request");
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
+/// The hold endpoints' optional bodies get the checks every JSON body gets: serde
+/// would build the request from an array (`[]` posted the whole hold, `[250]` a part
+/// of it), and an oversized body was a plain-text 413.
+#[tokio::test]
+async fn hold_bodies_are_objects_or_nothing() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _bob, a, bb) = app.alice_and_bob(1_000).await;
+        let id = hold(&app, &alice, &a, &bb, 600, None)
+            .await
+            .expect(201)
+            .id();
+        let post = format!("/v1/transfers/{id}/post");
+        for body in ["[]", "[null]", "[250]", "250", "\"x\""] {
+            app.raw(
+                Method::POST,
+                &post,
+                Some(&alice),
+                Some(&key()),
+                Some(body.into()),
+            )
+            .await
+            .problem(422, "invalid_request");
+        }
+        app.raw(
+            Method::POST,
+            &post,
+            Some(&alice),
+            Some(&key()),
+            Some(r#"{"amount": 1"#.into()),
+        )
+        .await
+        .problem(400, "malformed_json");
+        app.raw(
+            Method::POST,
+            &post,
+            Some(&alice),
+            Some(&key()),
+            Some(r#"{"reason": "\u0000"}"#.into()),
+        )
+        .await
+        .problem(422, "invalid_request");
+        let big = format!(r#"{{"reason": "{}"}}"#, "x".repeat(3 << 20));
+        app.raw(
+            Method::POST,
+            &format!("/v1/transfers/{id}/void"),
+            Some(&alice),
+            None,
+            Some(big),
+        )
+        .await
+        .problem(413, "body_too_large");
+        // nothing moved; an empty body still posts the whole hold
+        assert_eq!(app.balance(&alice, &a).await, (1_000, 400));
+        app.raw(Method::POST, &post, Some(&alice), Some(&key()), None)
+            .await
+            .expect(200);
+        assert_eq!(app.balance(&alice, &a).await, (400, 400));
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
+/// An account with a pending hold paying into it cannot be closed (the hold could
+/// never be posted there, and the payer's money would stay reserved); once the hold
+/// is resolved it can.
+#[tokio::test]
+async fn an_account_with_an_incoming_hold_stays_open() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, bob, a, bb) = app.alice_and_bob(1_000).await;
+        let id = hold(&app, &alice, &a, &bb, 300, None)
+            .await
+            .expect(201)
+            .id();
+        let admin = app.admin();
+        let close = format!("/v1/admin/accounts/{bb}/close");
+        app.post(&close, &admin, None, json!({"reason": "bye"}))
+            .await
+            .problem(409, "account_not_empty");
+        assert_eq!(
+            app.get(&format!("/v1/accounts/{bb}"), &bob)
+                .await
+                .expect(200)
+                .body["status"],
+            "active"
+        );
+        app.post(&format!("/v1/transfers/{id}/void"), &alice, None, json!({}))
+            .await
+            .expect(200);
+        let c = app
+            .post(&close, &admin, None, json!({"reason": "bye"}))
+            .await
+            .expect(200);
+        assert_eq!(c.body["status"], "closed");
         app.assert_consistent().await;
     })
     .await;

@@ -63,9 +63,16 @@ const CHECKS: &[(&str, &str)] = &[
         "SELECT p.id AS detail FROM postings p JOIN accounts a ON a.id = p.account_id WHERE p.currency <> a.currency",
     ),
     (
+        // Every posting's running balance (what history and statements show) is the
+        // sum of its account's postings up to it, its sequence numbers run 1..n with
+        // no gap, and the account's row agrees with the last one.
         "running_balance_matches",
-        "SELECT a.id AS detail FROM accounts a WHERE a.posting_seq <> (SELECT COUNT(*) FROM postings p WHERE p.account_id = a.id) \
-         OR (a.posting_seq > 0 AND a.balance <> (SELECT p.balance_after FROM postings p WHERE p.account_id = a.id AND p.account_seq = a.posting_seq))",
+        "SELECT x.account_id AS detail FROM (SELECT account_id, account_seq, balance_after, \
+         SUM(amount) OVER (PARTITION BY account_id ORDER BY account_seq ROWS UNBOUNDED PRECEDING) AS run, \
+         ROW_NUMBER() OVER (PARTITION BY account_id ORDER BY account_seq) AS n FROM postings) x \
+         WHERE x.run <> x.balance_after OR x.account_seq <> x.n \
+         UNION SELECT a.id AS detail FROM accounts a WHERE a.posting_seq <> (SELECT COUNT(*) FROM postings p WHERE p.account_id = a.id) \
+         OR (a.posting_seq > 0 AND a.balance <> COALESCE((SELECT p.balance_after FROM postings p WHERE p.account_id = a.id AND p.account_seq = a.posting_seq), a.balance + 1))",
     ),
     (
         // History time windows are sequence ranges found by binary search

@@ -484,15 +484,29 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
         app.assert_consistent().await;
 
         // And `verify` names an account whose postings are out of time order, or whose
-        // last posting time is not its last posting's.
-        for (tamper, undo) in [
+        // last posting time is not its last posting's; or one whose running balance
+        // (shown by history and statements) is wrong on a posting before its last, or
+        // whose postings' numbers have a gap.
+        for (tamper, undo, invariant) in [
             (
                 "UPDATE postings SET created_at = created_at + 1 WHERE account_id = $1 AND account_seq = 1",
                 "UPDATE postings SET created_at = created_at - 1 WHERE account_id = $1 AND account_seq = 1",
+                "posting_times_ordered",
             ),
             (
                 "UPDATE accounts SET last_posted_at = 0 WHERE id = $1",
                 "UPDATE accounts SET last_posted_at = (SELECT MAX(created_at) FROM postings WHERE account_id = $1) WHERE id = $1",
+                "posting_times_ordered",
+            ),
+            (
+                "UPDATE postings SET balance_after = balance_after + 7 WHERE account_id = $1 AND account_seq = 1",
+                "UPDATE postings SET balance_after = balance_after - 7 WHERE account_id = $1 AND account_seq = 1",
+                "running_balance_matches",
+            ),
+            (
+                "UPDATE postings SET account_seq = 0 WHERE account_id = $1 AND account_seq = 1",
+                "UPDATE postings SET account_seq = 1 WHERE account_id = $1 AND account_seq = 0",
+                "running_balance_matches",
             ),
         ] {
             sqlx::query(tamper).bind(&bb).execute(app.db.writer()).await.unwrap();
@@ -503,7 +517,7 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
                     .iter()
                     .map(|v| (v.invariant, v.detail.as_str()))
                     .collect::<Vec<_>>(),
-                [("posting_times_ordered", bb.as_str())],
+                [(invariant, bb.as_str())],
                 "{tamper}"
             );
             sqlx::query(undo).bind(&bb).execute(app.db.writer()).await.unwrap();

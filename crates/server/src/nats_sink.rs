@@ -85,7 +85,7 @@ impl NatsSink {
 
     /// The body of `ev` as published: its payload, or, when that would not fit in one
     /// message of this server (which would refuse the page for good and hold every
-    /// later event back), a stub naming the event, flagged `truncated` (and the
+    /// later event back), a [`stub`] flagged `truncated` (and the
     /// `VaultPay-Truncated` header), whose details a consumer reads through the API.
     fn body(&self, ev: &OutboxEvent) -> Result<(Vec<u8>, bool), String> {
         let payload = serde_json::to_vec(&ev.payload).map_err(|e| e.to_string())?;
@@ -100,8 +100,7 @@ impl NatsSink {
         tracing::error!(event = %ev.id, topic = %ev.topic, bytes = payload.len(), max,
             "outbox event too large for NATS; publishing a truncated stub");
         metrics::counter!("ledger_outbox_events_truncated_total").increment(1);
-        let stub = serde_json::json!({ "id": ev.id, "topic": ev.topic, "truncated": true });
-        Ok((stub.to_string().into_bytes(), true))
+        Ok((stub(ev).to_string().into_bytes(), true))
     }
 
     async fn send(&self, events: &[OutboxEvent]) -> Result<(), String> {
@@ -146,4 +145,31 @@ impl EventSink for NatsSink {
             sent
         })
     }
+}
+
+/// What goes out for an event too large for one message: its id and topic, the
+/// payload's scalar members (the resource's ids, amounts, counts: what a consumer
+/// needs to look the rest up, e.g. a batch's `batch_id`), and the names of the members
+/// left out (arrays, objects, and text over 1 KiB).
+fn stub(ev: &OutboxEvent) -> serde_json::Value {
+    let mut kept = serde_json::Map::new();
+    let mut omitted = Vec::new();
+    if let Some(members) = ev.payload.as_object() {
+        for (k, v) in members {
+            let small = match v {
+                serde_json::Value::String(t) => t.len() <= 1024,
+                serde_json::Value::Array(_) | serde_json::Value::Object(_) => false,
+                _ => true,
+            };
+            if small && k.len() <= 128 {
+                kept.insert(k.clone(), v.clone());
+            } else {
+                omitted.push(k.chars().take(128).collect::<String>());
+            }
+        }
+    }
+    serde_json::json!({
+        "id": ev.id, "topic": ev.topic, "truncated": true,
+        "payload": kept, "omitted": omitted,
+    })
 }

@@ -116,7 +116,11 @@ async fn ledger_events_reach_jetstream_once() {
 
     // An event too large for one NATS message goes as a stub flagged truncated, and
     // does not hold back the events behind it.
-    let big = json!({ "blob": "x".repeat(2 * 1024 * 1024) }).to_string();
+    let big = json!({
+        "batch_id": "batch-1", "succeeded": 3,
+        "blob": "x".repeat(2 * 1024 * 1024), "transfers": ["t1", "t2", "t3"],
+    })
+    .to_string();
     sqlx::query("INSERT INTO outbox (id, topic, payload, created_at) VALUES ($1, $2, $3, $4)")
         .bind("big-event-1")
         .bind("ledger.test.big")
@@ -136,6 +140,12 @@ async fn ledger_events_reach_jetstream_once() {
     );
     let body: serde_json::Value = serde_json::from_slice(&stub.payload).unwrap();
     assert_eq!(body["id"], "big-event-1");
+    // what a consumer needs to look the rest up is kept; what did not fit is named
+    assert_eq!(
+        body["payload"],
+        json!({ "batch_id": "batch-1", "succeeded": 3 })
+    );
+    assert_eq!(body["omitted"], json!(["blob", "transfers"]));
     let after = s.get_raw_message(n).await.unwrap();
     assert_eq!(
         after.subject.as_str(),

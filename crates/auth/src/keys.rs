@@ -107,6 +107,9 @@ pub async fn rotate_all(
     actor: &str,
 ) -> Result<(String, Option<String>), AuthError> {
     let mut tx = db.begin().await?;
+    // The ES256 key's lock before the audit chain's (which the Ed25519 rotation's
+    // audit entry takes): the order `es256::load_or_create` takes them in.
+    db.lock(&mut tx, crate::oauth::es256::LOCK_ES256).await?;
     let kid = rotate_in(db, env, &mut tx, overlap_secs, actor).await?;
     let id_kid = crate::oauth::es256::rotate_in(db, env, &mut tx, id_overlap_secs, actor).await?;
     tx.commit().await?;

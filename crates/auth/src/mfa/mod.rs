@@ -65,6 +65,12 @@ pub(crate) struct Factors {
 /// The second factors of the `users` row a query selects, as three columns
 /// (`mfa_totp`, `mfa_email`, `mfa_recovery`) that [`Factors::from_row`] reads: a
 /// sign-in reads them in its session transaction, under the user row's lock.
+/// Whether `code` has the shape of a TOTP or emailed code (six digits).
+fn is_six_digits(code: &str) -> bool {
+    let c = code.trim();
+    c.len() == 6 && c.bytes().all(|b| b.is_ascii_digit())
+}
+
 pub(crate) const FACTOR_COLUMNS: &str = "\
      (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_totp f WHERE f.user_id = users.id AND f.enabled_at IS NOT NULL) AS mfa_totp, \
      (SELECT CAST(COUNT(*) AS BIGINT) FROM mfa_email f WHERE f.user_id = users.id) AS mfa_email, \
@@ -767,10 +773,7 @@ impl AuthService {
             return Ok(Check::Wrong("unknown"));
         }
         let f = self.factors(user_id).await?;
-        let six = {
-            let c = code.trim();
-            c.len() == 6 && c.bytes().all(|b| b.is_ascii_digit())
-        };
+        let six = is_six_digits(code);
         let method = match method {
             Some(m) => m,
             None if six && f.totp && f.email => {
@@ -919,13 +922,29 @@ impl AuthService {
     ) -> Result<bool, AuthError> {
         self.mfa_limit(ctx, user_id).await?;
         self.refuse_locked(user_id).await?;
+        // The browser page mails no code to an account with TOTP (see
+        // `browser_needs_second_factor`), so six digits there are its TOTP code.
+        let method =
+            (self.factors(user_id).await?.totp && is_six_digits(code)).then_some(METHOD_TOTP);
         let mut tx = self.inner.db.begin().await?;
         let check = self
-            .consume_factor(&mut tx, user_id, None, code, &format!("browser:{user_id}"))
+            .consume_factor(
+                &mut tx,
+                user_id,
+                method,
+                code,
+                &format!("browser:{user_id}"),
+            )
             .await?;
         // Which factor passed (a recovery code spent among them), and the failure
-        // count's reset, in the transaction that spends it.
+        // count's reset, in the transaction that spends it: the user's row first, then
+        // the audit chain's lock, the order every sign-in takes them in (the other
+        // order deadlocks against a concurrent password sign-in on PostgreSQL).
         if let Check::Ok(method) = check {
+            sqlx::query(crate::oauth::signin::RESET_FAILURES_SQL)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             append(
                 &self.inner.db,
                 &mut tx,
@@ -936,10 +955,6 @@ impl AuthService {
                     .metadata(serde_json::json!({ "mfa_method": method })),
             )
             .await?;
-            sqlx::query(crate::oauth::signin::RESET_FAILURES_SQL)
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         match check {

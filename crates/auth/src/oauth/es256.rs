@@ -18,7 +18,7 @@ use vaultpay_core::time::now_micros;
 use vaultpay_store::Db;
 use zeroize::Zeroizing;
 
-const LOCK_ES256: i64 = 0x4f41;
+pub(crate) const LOCK_ES256: i64 = 0x4f41;
 
 /// A loaded ES256 signer.
 pub struct Es256Key {

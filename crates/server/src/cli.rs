@@ -234,6 +234,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How long a rotated-out key keeps verifying: (the Ed25519 key, the ES256 ID-token
+/// key). Running servers sign with the old keys until their next key reload; the
+/// Ed25519 key signs access tokens, client_credentials tokens and EdDSA ID tokens, so
+/// it verifies until the longest-lived of them has expired.
+fn rotation_overlaps(cfg: &Config) -> (i64, i64) {
+    let reload = vaultpay_auth::keys::RELOAD_EVERY_SECS;
+    let a = &cfg.auth;
+    let longest = a
+        .access_token_ttl_secs
+        .max(a.oauth.client_credentials_ttl_secs)
+        .max(a.oauth.id_token_ttl_secs);
+    (
+        longest + a.leeway_secs + reload,
+        a.oauth.id_token_ttl_secs + a.leeway_secs + reload,
+    )
+}
+
 async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     // An existing database only: a mistyped --data-dir must not get a new database,
     // master key and signing key.
@@ -243,10 +260,7 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     vaultpay_auth::keys::ensure_key(&db, &env).await?;
     match command {
         KeysCommand::Rotate => {
-            // Running servers sign with the old keys until their next key reload.
-            let reload = vaultpay_auth::keys::RELOAD_EVERY_SECS;
-            let overlap = cfg.auth.access_token_ttl_secs + cfg.auth.leeway_secs + reload;
-            let id_overlap = cfg.auth.oauth.id_token_ttl_secs + cfg.auth.leeway_secs + reload;
+            let (overlap, id_overlap) = rotation_overlaps(cfg);
             // both keys in one transaction: both rotate, or neither does
             let (kid, id_kid) =
                 vaultpay_auth::keys::rotate_all(&db, &env, overlap, id_overlap, "cli").await?;
@@ -393,6 +407,28 @@ fn issuer_from_listen(cfg: &Config) -> Option<String> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn a_rotated_key_verifies_as_long_as_anything_it_signed() {
+        let mut cfg = Config::default();
+        let reload = vaultpay_auth::keys::RELOAD_EVERY_SECS;
+        let lee = cfg.auth.leeway_secs;
+        cfg.auth.access_token_ttl_secs = 300;
+        cfg.auth.oauth.id_token_ttl_secs = 600;
+        cfg.auth.oauth.client_credentials_ttl_secs = 0;
+        assert_eq!(
+            rotation_overlaps(&cfg),
+            (600 + lee + reload, 600 + lee + reload)
+        );
+        cfg.auth.oauth.client_credentials_ttl_secs = 3_600;
+        assert_eq!(rotation_overlaps(&cfg).0, 3_600 + lee + reload);
+        cfg.auth.oauth.client_credentials_ttl_secs = 0;
+        cfg.auth.oauth.id_token_ttl_secs = 60;
+        assert_eq!(
+            rotation_overlaps(&cfg),
+            (300 + lee + reload, 60 + lee + reload)
+        );
+    }
     use super::*;
 
     #[test]

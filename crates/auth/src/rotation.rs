@@ -16,7 +16,7 @@
 
 use crate::AuthError;
 use sqlx::Row;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
 use vaultpay_core::crypto::{opaque_token, sha256_hex};
 use vaultpay_core::time::{now_micros, secs};
@@ -159,6 +159,11 @@ async fn rotate_group(
     let now = now_micros();
     let mut tx = db.begin().await?;
     let mut current = lock_rows(db, &mut tx, jobs).await?;
+    let used_successors = if policy.reuse_grace_secs > 0 {
+        used_successors(db, &mut tx, &current).await?
+    } else {
+        HashSet::new()
+    };
 
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut revoked: HashMap<String, &'static str> = HashMap::new();
@@ -169,6 +174,14 @@ async fn rotate_group(
     let mut audits: Vec<Audit> = Vec::new();
 
     for (i, job) in jobs.iter().enumerate() {
+        // A concurrent double refresh is one whose other answer has not been used yet:
+        // once the successor rotated (before this group, or earlier in it), the old
+        // token coming back is reuse, not a race, and a second pair would start a
+        // second chain of tokens for the session.
+        let successor_unused = current
+            .get(&job.hash)
+            .and_then(|r| r.replaced_by.as_deref())
+            .is_some_and(|n| !used_successors.contains(n) && !current_used(&current, n));
         let Some(row) = current.get_mut(&job.hash) else {
             outcomes.push(Err(invalid("refresh token is invalid")));
             continue;
@@ -200,7 +213,7 @@ async fn rotate_group(
                 .as_deref()
                 .unwrap_or("")
                 .starts_with("grace:");
-            if within && first_grace && row.session_device == job.device_id {
+            if within && first_grace && successor_unused && row.session_device == job.device_id {
                 grace = true;
             } else {
                 revoked.insert(row.session_id.clone(), "refresh_token_reuse");
@@ -326,6 +339,45 @@ async fn rotate_group(
 /// Locks (PostgreSQL: `FOR UPDATE`; SQLite: the write transaction) and reads the rows
 /// of every token in the group, with their sessions, in one statement, in session id
 /// order (as multi-row revocations lock sessions: `sessions::revoke_sessions_where`).
+/// The successors (`replaced_by`) of the locked rows that were used already: a spent
+/// token whose successor rotated on gets no grace (read in the group's transaction).
+async fn used_successors(
+    db: &Db,
+    tx: &mut Tx,
+    current: &HashMap<String, Current>,
+) -> Result<HashSet<String>, AuthError> {
+    let next: Vec<&str> = current
+        .values()
+        .filter(|r| r.used_at.is_some())
+        .filter_map(|r| r.replaced_by.as_deref())
+        .filter(|h| !h.starts_with("grace:"))
+        .collect();
+    if next.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT token_hash FROM refresh_tokens WHERE used_at IS NOT NULL AND token_hash IN ({})",
+        params::list(db.backend(), next.len())
+    );
+    let mut q = sqlx::query(&sql).persistent(false);
+    for h in &next {
+        q = q.bind(*h);
+    }
+    q.fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| {
+            r.try_get::<String, _>("token_hash")
+                .map_err(AuthError::from)
+        })
+        .collect()
+}
+
+/// Whether the group spent `hash` already (a row it locked and rotated).
+fn current_used(current: &HashMap<String, Current>, hash: &str) -> bool {
+    current.get(hash).is_some_and(|r| r.used_at.is_some())
+}
+
 async fn lock_rows(
     db: &Db,
     tx: &mut Tx,

@@ -170,6 +170,39 @@ async fn refresh_reuse_grace_window_gives_one_more_pair() {
     });
 }
 
+/// The grace window covers a concurrent double refresh only: once the token's
+/// successor has itself been used, the old token coming back is reuse (it used to get
+/// a pair of its own, a second token chain for the session that reuse detection never
+/// saw again).
+#[tokio::test]
+async fn no_grace_once_the_successor_was_used() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn_with(backend, |cfg| cfg.auth.refresh_reuse_grace_secs = 30).await;
+        let t = app.user("chain@example.com").await;
+        let r2 = refresh(&app, &t.refresh).await;
+        assert_eq!(r2.status, StatusCode::OK, "{}", r2.text);
+        let rt2 = r2.body["refresh_token"].as_str().unwrap().to_owned();
+        let r3 = refresh(&app, &rt2).await;
+        assert_eq!(r3.status, StatusCode::OK, "{}", r3.text);
+        let rt3 = r3.body["refresh_token"].as_str().unwrap().to_owned();
+        assert_oauth_error(&refresh(&app, &t.refresh).await, 400, "invalid_grant");
+        assert_oauth_error(&refresh(&app, &rt3).await, 400, "invalid_grant");
+        let admin = app.admin().await;
+        assert!(
+            audit_action(&app, &admin.access, "token.refreshed_in_grace")
+                .await
+                .is_empty()
+        );
+        assert_eq!(
+            audit_action(&app, &admin.access, "refresh.reuse_detected")
+                .await
+                .len(),
+            1
+        );
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn refresh_is_bound_to_its_device_and_validates_the_form() {
     each_backend!(|backend: Backend| async move {

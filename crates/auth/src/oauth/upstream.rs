@@ -83,17 +83,45 @@ fn http() -> Result<reqwest::Client, AuthError> {
         .map_err(|e| AuthError::Internal(e.to_string()))
 }
 
-/// Sends a request to the provider and reads its JSON answer; any failure (transport,
-/// non-2xx status, body) is an upstream error.
+/// Largest answer read from a provider's discovery, token, userinfo or user API
+/// endpoint (a hostile or broken provider must not fill the server's memory).
+const MAX_UPSTREAM_JSON_BYTES: usize = 256 * 1024;
+
+/// Sends a request to the provider and reads its JSON answer, at most
+/// [`MAX_UPSTREAM_JSON_BYTES`]; any failure (transport, non-2xx status, size, body) is
+/// an upstream error.
 async fn fetch_json(req: reqwest::RequestBuilder) -> Result<Value, AuthError> {
-    req.send()
+    let body = read_capped(req, MAX_UPSTREAM_JSON_BYTES).await?;
+    serde_json::from_slice(&body).map_err(upstream_err)
+}
+
+/// Sends `req` and reads a 2xx answer's body, refusing one over `max` bytes before
+/// reading past it.
+async fn read_capped(req: reqwest::RequestBuilder, max: usize) -> Result<Vec<u8>, AuthError> {
+    let too_large = || upstream_err("answer too large");
+    let mut res = req
+        .send()
         .await
         .map_err(upstream_err)?
         .error_for_status()
-        .map_err(upstream_err)?
-        .json()
-        .await
-        .map_err(upstream_err)
+        .map_err(upstream_err)?;
+    if res.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(upstream_err)? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A provider's subject fit to key an identity by: OIDC Core §2's at most 255 ASCII
+/// characters, printable ones only (a NUL would be refused by PostgreSQL as a 500).
+fn subject_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 fn upstream_err(e: impl std::fmt::Display) -> AuthError {
@@ -180,6 +208,7 @@ pub(crate) struct StartForm {
 /// The sign-in page's "Sign in with …" button: off to the provider.
 pub(crate) async fn start(
     State(svc): State<AuthService>,
+    ctx: vaultpay_web::Ctx,
     Path(name): Path<String>,
     headers: HeaderMap,
     form: Result<ApiForm<StartForm>, ApiError>,
@@ -197,6 +226,18 @@ pub(crate) async fn start(
     };
     if p.stage != "signin" {
         return pages::error(StatusCode::BAD_REQUEST, "This step does not belong here.");
+    }
+    // Each start stores a state and asks the provider for its endpoints: bounded per
+    // address like starting an authorization (one sign-in page could be posted for
+    // ever, filling the state table and sending the provider requests in our name).
+    if let Err(e) = vaultpay_web::enforce(
+        &*svc.limiter(),
+        &format!("oauth:upstream:ip:{}", ctx.ip_key()),
+        svc.config().rate_limits.oauth_start_per_ip,
+    )
+    .await
+    {
+        return e.into_response();
     }
     let ep = match endpoints(&up).await {
         Ok(e) => e,
@@ -285,28 +326,8 @@ fn numeric_date(v: &Value) -> Option<i64> {
 
 /// Reads the provider's JWK Set, at most [`upstream_jws::MAX_JWKS_BYTES`].
 async fn fetch_jwks(uri: &str) -> Result<JwkSet, AuthError> {
-    let too_large = || upstream_err("JWK Set too large");
-    let mut res = http()?
-        .get(uri)
-        .header(header::ACCEPT, "application/json")
-        .send()
-        .await
-        .map_err(upstream_err)?
-        .error_for_status()
-        .map_err(upstream_err)?;
-    if res
-        .content_length()
-        .is_some_and(|n| n > upstream_jws::MAX_JWKS_BYTES as u64)
-    {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = res.chunk().await.map_err(upstream_err)? {
-        if body.len() + chunk.len() > upstream_jws::MAX_JWKS_BYTES {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let req = http()?.get(uri).header(header::ACCEPT, "application/json");
+    let body = read_capped(req, upstream_jws::MAX_JWKS_BYTES).await?;
     JwkSet::parse(&body).map_err(|e| upstream_err(format!("bad JWK Set: {e}")))
 }
 
@@ -352,10 +373,7 @@ async fn id_token_claims(
         Value::Null => true,
         nbf => numeric_date(nbf).is_some_and(|n| n <= now + SKEW_SECS),
     };
-    // OIDC Core §2: `sub` is at most 255 ASCII characters.
-    let sub_ok = claims["sub"]
-        .as_str()
-        .is_some_and(|s| !s.is_empty() && s.len() <= 255);
+    let sub_ok = claims["sub"].as_str().is_some_and(subject_ok);
     if claims["iss"].as_str() != Some(iss)
         || !sub_ok
         || !aud_ok
@@ -422,7 +440,7 @@ async fn identity(
         });
         let subject = match &user["id"] {
             Value::Number(n) => n.to_string(),
-            Value::String(s) => s.clone(),
+            Value::String(s) if subject_ok(s) => s.clone(),
             _ => return Err(upstream_err("no user id")),
         };
         return Ok(Identity {
@@ -566,6 +584,19 @@ async fn map_user(
     )
     .await?;
     tx.commit().await?;
+    if !created {
+        // A new way into an existing account (by its verified address): its owner
+        // hears of it, as of an unlinking or a password reset.
+        svc.notify_security_change(
+            &user_id,
+            "A sign-in provider was linked to your account",
+            &format!(
+                "Signing in to your VaultPay account with {provider} was turned on, because \
+                 that provider vouched for your email address."
+            ),
+        )
+        .await;
+    }
     Ok(Mapped::User(user_id))
 }
 

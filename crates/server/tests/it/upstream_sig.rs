@@ -394,7 +394,10 @@ async fn signature_case(backend: Backend) {
 
     // A valid signature, but the checks of OIDC Core §3.1.3.7 fail.
     type Tweak = fn(&mut Value);
-    let tweaks: [(&str, Tweak); 6] = [
+    let tweaks: [(&str, Tweak); 8] = [
+        // a subject PostgreSQL cannot store (was a 500), and one with a space
+        ("NUL in sub", |c| c["sub"] = json!("eve\u{0}x")),
+        ("space in sub", |c| c["sub"] = json!("eve x")),
         ("nonce mismatch", |c| c["nonce"] = json!("not-the-nonce")),
         ("other issuer", |c| c["iss"] = json!("https://evil.example")),
         ("other audience", |c| c["aud"] = json!("someone-else")),
@@ -519,5 +522,95 @@ async fn rotation_case(backend: Backend) {
     .await;
     assert_signed_in(&down, &web, a, "dave@example.com").await;
     assert_eq!(idp.fetches(), 2);
+    down.stop().await;
+}
+
+/// Starting a provider sign-in stores a state and asks the provider for its endpoints:
+/// bounded per address (the sign-in page's form could otherwise be posted for ever).
+#[tokio::test]
+async fn starting_a_provider_sign_in_is_rate_limited() {
+    let idp = MockIdp::start(vec![rsa_jwk("rsa-1", &rsa_key())]).await;
+    let i = idp.clone();
+    let down = crate::oauth::spawn_addressed(Backend::Sqlite, move |c| {
+        c.auth
+            .oauth
+            .upstream
+            .insert("mock".into(), upstream(&i, "Mock IdP"));
+        c.auth.rate_limits.oauth_start_per_ip = vaultpay_core::gcra::Quota::new(2, 3_600);
+    })
+    .await;
+    let admin = down.admin().await.access;
+    let web = web_client(&down, &admin).await;
+    let (_, challenge) = pkce();
+    let mut b = Browser::new(&down);
+    let p = b
+        .get(&authorize_query(&web.id, CB, "openid", Some(&challenge)))
+        .await;
+    let csrf = p.csrf();
+    for _ in 0..2 {
+        let p = b
+            .post("/oauth/authorize/upstream/mock", &[("csrf", &csrf)])
+            .await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.text);
+    }
+    let states = down.count("oauth_upstream_states").await;
+    let p = b
+        .post("/oauth/authorize/upstream/mock", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS, "{}", p.text);
+    assert_eq!(down.count("oauth_upstream_states").await, states);
+    down.stop().await;
+}
+
+/// With `link_by_verified_email`, a provider vouching for an existing account's
+/// verified address links the two, and the account's owner is told (a new way into
+/// the account must not appear silently).
+#[tokio::test]
+async fn linking_by_verified_email_tells_the_owner() {
+    let rsa = rsa_key();
+    let idp = MockIdp::start(vec![rsa_jwk("rsa-1", &rsa)]).await;
+    let i = idp.clone();
+    let down = crate::oauth::spawn_addressed(Backend::Sqlite, move |c| {
+        let mut up = upstream(&i, "Mock IdP");
+        up.link_by_verified_email = true;
+        c.auth.oauth.upstream.insert("mock".into(), up);
+    })
+    .await;
+    let admin = down.admin().await.access;
+    let web = web_client(&down, &admin).await;
+    down.user("carol@example.com").await;
+    sqlx::query("UPDATE users SET email_verified = 1 WHERE email = 'carol@example.com'")
+        .execute(down.auth_db().writer())
+        .await
+        .unwrap();
+    let users = down.count("users").await;
+    let notices = || {
+        down.mails()
+            .iter()
+            .filter(|m| {
+                m.contains("To: carol@example.com")
+                    && m.contains("A sign-in provider was linked to your account")
+            })
+            .count()
+    };
+    assert_eq!(notices(), 0);
+    let a = attempt(&down, &web, &idp, "mock", |n| {
+        rs256("rsa-1", &rsa, &idp.claims(n, "carol"))
+    })
+    .await;
+    assert_signed_in(&down, &web, a, "carol@example.com").await;
+    assert_eq!(
+        down.count("users").await,
+        users,
+        "linked, not a new account"
+    );
+    assert_eq!(notices(), 1);
+    // a later sign-in through the same link is no news
+    let a = attempt(&down, &web, &idp, "mock", |n| {
+        rs256("rsa-1", &rsa, &idp.claims(n, "carol"))
+    })
+    .await;
+    assert_signed_in(&down, &web, a, "carol@example.com").await;
+    assert_eq!(notices(), 1);
     down.stop().await;
 }

@@ -645,7 +645,8 @@ impl AuthService {
         // The per-session limit is checked before the write transaction starts, so no
         // database lock is held across a limiter round trip (Redis in production).
         let family = sqlx::query(
-            "SELECT r.session_id AS session_id, r.used_at AS used_at, s.user_id AS user_id \
+            "SELECT r.session_id AS session_id, r.used_at AS used_at, s.user_id AS user_id, \
+             s.device_id AS device_id, s.auth_time AS auth_time, s.amr AS amr \
              FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1",
         )
         .bind(&hash)
@@ -672,6 +673,21 @@ impl AuthService {
             self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
                 .await?;
         }
+        // The answer is made before the rotation, with everything it reads (the
+        // roles): once the rotation commits, the old token is spent, and a failure to
+        // answer then (a database read timing out under load) would lose the new token
+        // and make the client's retry with the old one a reuse that ends the session.
+        // A session whose sign-in facts changed meanwhile (a step-up) is answered from
+        // the rotation's own reading instead.
+        let before = SessionFacts {
+            user_id: user_id.clone(),
+            session_id: session_id.clone(),
+            device_id: family.try_get("device_id")?,
+            auth_time: family.try_get("auth_time")?,
+            amr: amr_of(&family.try_get::<String, _>("amr")?),
+        };
+        let (auth_time, amr) = (before.auth_time, before.amr.clone());
+        let mut answer = self.token_response(before, String::new()).await?;
         // The rotation and, when it was refused, the cache invalidation run on their
         // own task: a refused rotation may have revoked the session (reuse, wrong
         // device), and a client that hangs up meanwhile must not leave this node's
@@ -693,6 +709,13 @@ impl AuthService {
         })
         .await
         .map_err(|e| AuthError::Internal(format!("rotation task: {e}")))??;
+        if answer.session_id.as_deref() == Some(rotated.session_id.as_str())
+            && rotated.auth_time == auth_time
+            && amr_of(&rotated.amr) == amr
+        {
+            answer.refresh_token = Some(rotated.refresh_token);
+            return Ok(answer);
+        }
         let facts = SessionFacts {
             user_id: rotated.user_id,
             session_id: rotated.session_id,

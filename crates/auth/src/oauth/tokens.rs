@@ -256,6 +256,19 @@ impl AuthService {
         session_id: &str,
         refresh: Option<String>,
     ) -> Result<Response, AuthError> {
+        let mut body = self.user_token_body(g, session_id).await?;
+        if let Some(r) = refresh {
+            body["refresh_token"] = r.into();
+        }
+        Ok(no_store(Json(body)))
+    }
+
+    /// The token response of [`Self::user_tokens`] without its refresh token.
+    pub(crate) async fn user_token_body(
+        &self,
+        g: &Grant<'_>,
+        session_id: &str,
+    ) -> Result<serde_json::Value, AuthError> {
         // Roles ride in an OAuth token only when the user granted `api`.
         let roles = if has_scope(g.scope, "api") {
             self.effective(g.user_id).await?.roles.clone()
@@ -277,9 +290,6 @@ impl AuthService {
             "expires_in": ttl,
             "scope": g.scope,
         });
-        if let Some(r) = refresh {
-            body["refresh_token"] = r.into();
-        }
         if has_scope(g.scope, "openid") {
             body["id_token"] = self
                 .id_token(
@@ -294,7 +304,7 @@ impl AuthService {
                 .await?
                 .into();
         }
-        Ok(no_store(Json(body)))
+        Ok(body)
     }
 }
 
@@ -450,33 +460,26 @@ async fn refresh(
             "this client may not use refresh tokens",
         ));
     }
-    // A scope beyond the grant is refused before the token is rotated: refused after,
-    // the client's retry with the same (now spent) token would count as reuse and end
-    // the session. Only this client's own sessions are checked here; a token of another
-    // client's session goes on to `refresh_as`, which ends that session.
-    if let Some(s) = scope {
-        let granted: Option<Option<String>> = sqlx::query(
-            "SELECT s.scope FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
-             WHERE t.token_hash = $1 AND s.client_id = $2",
-        )
-        .bind(sha256_hex(token.as_bytes()))
-        .bind(&client.client_id)
-        .fetch_optional(svc.db().read())
-        .await
-        .map_err(AuthError::from)?
-        .map(|r| r.try_get("scope"))
-        .transpose()
-        .map_err(AuthError::from)?;
-        if let Some(granted) = granted {
-            let granted = granted.unwrap_or_default();
-            if split_scope(s).iter().any(|x| !has_scope(&granted, x)) {
-                return Err(OAuthError::new(
-                    "invalid_scope",
-                    "the scope exceeds what was granted",
-                ));
-            }
-        }
-    }
+    // Everything the answer needs is read, and the answer made, before the token is
+    // rotated: once the rotation commits the old token is spent, and a failure after it
+    // (a scope beyond the grant, a database read timing out under load) would make the
+    // client's retry with the same token a reuse that ends the session. Only this
+    // client's own sessions are found here; a token of another client's session goes
+    // on to `refresh_as`, which ends that session. (A step-up between this reading and
+    // the rotation's shows in the next refresh's tokens.)
+    let session = sqlx::query(&format!(
+        "SELECT {REFRESH_SESSION_COLS} FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
+         WHERE t.token_hash = $1 AND s.client_id = $2"
+    ))
+    .bind(sha256_hex(token.as_bytes()))
+    .bind(&client.client_id)
+    .fetch_optional(svc.db().read())
+    .await
+    .map_err(AuthError::from)?;
+    let prepared = match &session {
+        Some(r) => Some(refresh_body(svc, client, r, scope).await?),
+        None => None,
+    };
     let device = oauth_device(&client.client_id);
     let tokens = svc
         .refresh_as(ctx, token, Some(&device), Some(&client.client_id))
@@ -485,26 +488,55 @@ async fn refresh(
         .session_id
         .clone()
         .ok_or_else(|| AuthError::Internal("refresh without a session".into()))?;
-    let r = sqlx::query("SELECT user_id, scope, auth_time, amr FROM sessions WHERE id = $1")
-        .bind(&sid)
-        .fetch_one(svc.db().read())
-        .await
-        .map_err(AuthError::from)?;
-    // (The requested scope was checked against this session's grant above: a rotation
-    // that succeeded was of this client's session, which that check found.)
+    let refresh = tokens
+        .refresh_token
+        .ok_or_else(|| AuthError::Internal("refresh without a refresh token".into()))?;
+    let mut body = match prepared {
+        Some((pre_sid, body)) if pre_sid == sid => body,
+        // not found before the rotation, yet rotated for this client: read it now
+        _ => {
+            let r = sqlx::query(&format!(
+                "SELECT {REFRESH_SESSION_COLS} FROM sessions s WHERE s.id = $1"
+            ))
+            .bind(&sid)
+            .fetch_one(svc.db().read())
+            .await
+            .map_err(AuthError::from)?;
+            refresh_body(svc, client, &r, scope).await?.1
+        }
+    };
+    body["refresh_token"] = refresh.into();
+    Ok(no_store(Json(body)))
+}
+
+/// The session columns a refresh's answer is made from.
+const REFRESH_SESSION_COLS: &str =
+    "s.id AS id, s.user_id AS user_id, s.scope AS scope, s.auth_time AS auth_time, s.amr AS amr";
+
+/// A refresh's answer (without its refresh token) for the session `r`
+/// ([`REFRESH_SESSION_COLS`]): its session id and the token response body. A scope
+/// beyond the session's grant is refused; a narrower one is the new access token's
+/// (RFC 6749 §6), while the session keeps its whole grant for later refreshes.
+async fn refresh_body(
+    svc: &AuthService,
+    client: &Client,
+    r: &sqlx::any::AnyRow,
+    scope: Option<&str>,
+) -> Result<(String, serde_json::Value), OAuthError> {
+    let sid: String = r.try_get("id").map_err(AuthError::from)?;
+    let user_id: String = r.try_get("user_id").map_err(AuthError::from)?;
     let granted: Option<String> = r.try_get("scope").map_err(AuthError::from)?;
     let granted = granted.unwrap_or_default();
-    // A narrower scope asked for is the new access token's (RFC 6749 §6); the session
-    // keeps its whole grant for later refreshes.
     let scope = match scope {
-        Some(s) => split_scope(s)
-            .into_iter()
-            .filter(|x| has_scope(&granted, x))
-            .collect::<Vec<_>>()
-            .join(" "),
+        Some(s) if split_scope(s).iter().any(|x| !has_scope(&granted, x)) => {
+            return Err(OAuthError::new(
+                "invalid_scope",
+                "the scope exceeds what was granted",
+            ));
+        }
+        Some(s) => split_scope(s).join(" "),
         None => granted,
     };
-    let user_id: String = r.try_get("user_id").map_err(AuthError::from)?;
     let amr: String = r.try_get("amr").map_err(AuthError::from)?;
     let g = Grant {
         client,
@@ -515,8 +547,8 @@ async fn refresh(
         amr: split_scope(&amr),
         upstream: None, // (a refresh opens no session)
     };
-    let res = svc.user_tokens(&g, &sid, tokens.refresh_token).await?;
-    Ok(res)
+    let body = svc.user_token_body(&g, &sid).await?;
+    Ok((sid, body))
 }
 
 async fn client_credentials(

@@ -45,6 +45,19 @@ fn check_name(name: &str) -> Result<(), AuthError> {
     }
 }
 
+/// Permissions the ledger enforces by built-in role name (see the ledger's
+/// `Actor::can_own`, `can_read_any`, `is_admin`, `can_audit`): a custom role cannot
+/// carry them.
+const LEDGER_PERMISSIONS: &[&str] = &[
+    "accounts:own",
+    "transfers:create",
+    "accounts:read",
+    "accounts:manage",
+    "transfers:read",
+    "kyc:read",
+    "treasury:move",
+];
+
 impl AuthService {
     /// Installs the bus that carries permission invalidations to other nodes.
     pub fn set_invalidation_bus(&self, bus: Arc<dyn InvalidationBus>) {
@@ -141,6 +154,21 @@ impl AuthService {
                 format!(
                     "There is no permission `{}`.",
                     bad.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        // The ledger authorises by the built-in roles a token carries, not by
+        // permissions: a custom role with a ledger permission would show it in
+        // `/v1/me` and grant nothing there. Refused rather than silently inert.
+        if let Some(p) = permissions
+            .iter()
+            .find(|p| LEDGER_PERMISSIONS.contains(&p.as_str()))
+        {
+            return Err(AuthError::Invalid(
+                "permission_not_delegable",
+                format!(
+                    "`{p}` is enforced by the ledger through the built-in roles (customer, \
+                     support, compliance, admin); grant one of those instead."
                 ),
             ));
         }

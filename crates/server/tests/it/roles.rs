@@ -210,6 +210,15 @@ async fn custom_roles_refuse_bad_input_builtins_and_escalation() {
         create(admin.clone(), json!({ "name": "x1", "permissions": [] }))
             .await
             .assert_problem(422, "permissions_invalid");
+        // the ledger decides by built-in role: a custom role cannot carry its permissions
+        for p in ["treasury:move", "accounts:manage", "transfers:read"] {
+            create(
+                admin.clone(),
+                json!({ "name": "treasurer", "permissions": ["audit:read", p] }),
+            )
+            .await
+            .assert_problem(422, "permission_not_delegable");
+        }
         for bad in [
             "",
             "A",

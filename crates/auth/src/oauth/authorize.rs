@@ -93,6 +93,9 @@ struct Checked {
     login_hint: Option<String>,
     /// `acr_values` asked for a second factor (RFC 9470 step-up by a client).
     acr_mfa: bool,
+    /// `prompt=login` or `max_age`: the user must authenticate now, with a credential
+    /// this server checks (see [`providers_for`]).
+    fresh_login: bool,
 }
 
 /// `Err(page)`: shown in the browser; `Err(redirect)`: sent back to the client.
@@ -228,8 +231,10 @@ fn check_request(
             "the user must sign in, which prompt=none forbids",
         );
     }
-    // max_age and prompt=login are always satisfied: the user signs in on every
-    // authorization, and the ID token carries auth_time.
+    // max_age and prompt=login are satisfied by the sign-in every authorization here
+    // asks for, and the ID token carries auth_time; but a sign-in provider may answer
+    // from its own session without asking the user anything, so for these requests
+    // only the password sign-in is offered (`fresh_login`).
     let login_hint = get("login_hint")
         .filter(|h| h.len() <= 254 && h.contains('@') && !h.chars().any(char::is_control))
         .map(str::to_owned);
@@ -246,7 +251,18 @@ fn check_request(
         code_challenge,
         login_hint,
         acr_mfa,
+        fresh_login: prompt.contains(&"login") || get("max_age").is_some(),
     })
+}
+
+/// The sign-in providers the page of request offers: none when it asked for a fresh
+/// sign-in.
+fn providers_for(svc: &AuthService, fresh_login: bool) -> Vec<(String, String)> {
+    if fresh_login {
+        Vec::new()
+    } else {
+        super::upstream::providers(svc)
+    }
 }
 
 fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -338,7 +354,7 @@ pub(crate) async fn authorize(
                 &csrf,
                 &c.client.name,
                 None,
-                &super::upstream::providers(&svc),
+                &providers_for(&svc, c.fresh_login),
                 c.login_hint.as_deref(),
             );
             set_cookie(&mut res, &svc, COOKIE, &id, "/oauth/authorize");
@@ -365,7 +381,8 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
         .await?;
     sqlx::query(
         "INSERT INTO oauth_requests (id_hash, csrf_hash, client_id, redirect_uri, scope, state, nonce, code_challenge, \
-         stage, created_at, expires_at, redirect_given, acr_mfa) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'signin', $9, $10, $11, $12)",
+         stage, created_at, expires_at, redirect_given, acr_mfa, fresh_login) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'signin', $9, $10, $11, $12, $13)",
     )
     .bind(sha256_hex(id.as_bytes()))
     .bind(sha256_hex(csrf.as_bytes()))
@@ -379,6 +396,7 @@ async fn start_request(svc: &AuthService, c: &Checked) -> Result<(String, String
     .bind(now + secs(svc.config().oauth.request_ttl_secs))
     .bind(i64::from(c.redirect_given))
     .bind(i64::from(c.acr_mfa))
+    .bind(i64::from(c.fresh_login))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -401,6 +419,8 @@ pub(crate) struct Pending {
     /// The upstream provider the user signed in through, if any.
     upstream_provider: Option<String>,
     acr_mfa: bool,
+    /// The request asked for a fresh sign-in: no sign-in provider may answer it.
+    pub(crate) fresh_login: bool,
     pub(crate) stage: String,
 }
 
@@ -437,7 +457,7 @@ async fn load_pending(
     };
     let r = sqlx::query(
         "SELECT id_hash, csrf_hash, client_id, redirect_uri, redirect_given, scope, state, nonce, code_challenge, user_id, auth_time, \
-         amr, upstream_provider, acr_mfa, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
+         amr, upstream_provider, acr_mfa, fresh_login, stage, expires_at FROM oauth_requests WHERE id_hash = $1",
     )
     .bind(id_hash)
     .fetch_optional(svc.db().read())
@@ -474,6 +494,7 @@ async fn load_pending(
         amr: r.try_get("amr")?,
         upstream_provider: r.try_get("upstream_provider")?,
         acr_mfa: r.try_get::<i64, _>("acr_mfa")? != 0,
+        fresh_login: r.try_get::<i64, _>("fresh_login")? != 0,
         stage: r.try_get("stage")?,
     }))
 }
@@ -594,7 +615,7 @@ pub(crate) async fn signin(
             &form.csrf,
             &p.client.name,
             Some(text),
-            &super::upstream::providers(&svc),
+            &providers_for(&svc, p.fresh_login),
             None,
         ),
         None => internal(e),

@@ -227,6 +227,12 @@ pub(crate) async fn start(
     if p.stage != "signin" {
         return pages::error(StatusCode::BAD_REQUEST, "This step does not belong here.");
     }
+    if p.fresh_login {
+        return pages::error(
+            StatusCode::BAD_REQUEST,
+            "This application asked you to sign in again with your password: a sign-in provider cannot confirm that.",
+        );
+    }
     // Each start stores a state and asks the provider for its endpoints: bounded per
     // address like starting an authorization (one sign-in page could be posted for
     // ever, filling the state table and sending the provider requests in our name).

@@ -614,3 +614,37 @@ async fn linking_by_verified_email_tells_the_owner() {
     assert_eq!(notices(), 1);
     down.stop().await;
 }
+
+/// A client asking for a fresh sign-in (`prompt=login`, `max_age`) gets only the
+/// password sign-in: a provider may answer from its own session without asking the
+/// user anything, and the ID token would still claim an authentication just now.
+#[tokio::test]
+async fn a_fresh_sign_in_is_not_offered_through_a_provider() {
+    let (_rsa, _idp, down, web) = with_mock_idp(Backend::Sqlite, "mock", "Mock IdP").await;
+    let (_, challenge) = pkce();
+    let plain = authorize_query(&web.id, CB, "openid", Some(&challenge));
+    let mut b = Browser::new(&down);
+    let p = b.get(&plain).await;
+    assert!(
+        p.text.contains("/oauth/authorize/upstream/mock"),
+        "{}",
+        p.text
+    );
+    for extra in ["&prompt=login", "&max_age=0", "&max_age=600"] {
+        let mut b = Browser::new(&down);
+        let p = b.get(&format!("{plain}{extra}")).await;
+        assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+        assert!(
+            !p.text.contains("/oauth/authorize/upstream/mock"),
+            "{extra}: {}",
+            p.text
+        );
+        let states = down.count("oauth_upstream_states").await;
+        let p = b
+            .post("/oauth/authorize/upstream/mock", &[("csrf", &p.csrf())])
+            .await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{extra}: {}", p.text);
+        assert_eq!(down.count("oauth_upstream_states").await, states);
+    }
+    down.stop().await;
+}

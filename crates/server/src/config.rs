@@ -273,6 +273,10 @@ impl Config {
                 );
             }
         }
+        for (name, up) in &o.upstream {
+            up.validate()
+                .map_err(|e| anyhow::anyhow!("auth.oauth.upstream.{name}: {e}"))?;
+        }
         if !(1..=3600).contains(&self.jwks_refresh_secs) {
             bail!("jwks_refresh_secs must be between 1 and 3600");
         }
@@ -409,6 +413,59 @@ mod tests {
         }
         let c = Config::load(None, env(&[("VAULTPAY_AUTH__OAUTH__CODE_TTL_SECS", "30")])).unwrap();
         assert_eq!(c.auth.oauth.code_ttl_secs, 30);
+    }
+
+    #[test]
+    fn upstream_providers_are_checked_at_load() {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let file = |body: &str| {
+            let p = std::env::temp_dir().join(format!(
+                "vaultpay-upstream-{}-{}.toml",
+                std::process::id(),
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let provider = |extra: &str| {
+            format!(
+                "[auth.oauth.upstream.corp]\ndisplay_name = \"Corp\"\nclient_id = \"c\"\n\
+                 client_secret = \"s\"\n{extra}\n"
+            )
+        };
+        for (what, extra) in [
+            (
+                "unknown kind",
+                "kind = \"saml\"\nissuer = \"https://idp.example\"",
+            ),
+            ("oidc without issuer", "kind = \"oidc\""),
+            (
+                "clear-text issuer",
+                "kind = \"oidc\"\nissuer = \"http://idp.example\"",
+            ),
+            (
+                "clear-text token url",
+                "kind = \"github\"\ntoken_url = \"http://10.1.1.1/token\"",
+            ),
+        ] {
+            let p = file(&provider(extra));
+            let e = Config::load(Some(&p), env(&[])).unwrap_err();
+            std::fs::remove_file(&p).unwrap();
+            assert!(
+                format!("{e:#}").contains("auth.oauth.upstream.corp"),
+                "{what}: {e:#}"
+            );
+        }
+        for extra in [
+            "kind = \"oidc\"\nissuer = \"https://idp.example\"",
+            "kind = \"oidc\"\nissuer = \"http://127.0.0.1:9000\"",
+            "kind = \"github\"",
+        ] {
+            let p = file(&provider(extra));
+            let c = Config::load(Some(&p), env(&[]));
+            std::fs::remove_file(&p).unwrap();
+            c.unwrap();
+        }
     }
 
     #[test]

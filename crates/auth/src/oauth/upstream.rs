@@ -124,6 +124,51 @@ fn subject_ok(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
+/// Whether `url` may carry a client secret or a provider's tokens: `https`, or `http`
+/// to a loopback address (a provider on the same host, as in tests).
+fn url_ok(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    match u.scheme() {
+        "https" => u.host().is_some(),
+        "http" => u.host_str().is_some_and(|h| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }),
+        _ => false,
+    }
+}
+
+impl UpstreamConfig {
+    /// Checks a provider's settings when the configuration is loaded (instead of at its
+    /// first sign-in): a known kind, an issuer for OIDC, and every URL `https` (or
+    /// `http` to loopback), so a client secret never goes out in clear text.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.kind.as_str() {
+            "oidc" if self.issuer.is_none() => return Err("an oidc provider needs issuer".into()),
+            "oidc" | "github" => {}
+            other => return Err(format!("kind must be oidc or github, not {other:?}")),
+        }
+        for (key, v) in [
+            ("issuer", &self.issuer),
+            ("authorize_url", &self.authorize_url),
+            ("token_url", &self.token_url),
+            ("api_url", &self.api_url),
+        ] {
+            if let Some(v) = v.as_deref().filter(|v| !url_ok(v)) {
+                return Err(format!(
+                    "{key} must be an https URL (http only to loopback), not {v:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn upstream_err(e: impl std::fmt::Display) -> AuthError {
     AuthError::Internal(format!("upstream provider: {e}"))
 }
@@ -155,7 +200,15 @@ async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
             if doc["issuer"].as_str() != Some(iss) {
                 return Err(upstream_err("discovery issuer mismatch"));
             }
-            let s = |k: &str| doc[k].as_str().map(str::to_owned);
+            // The discovery document's endpoints get the secret and the tokens too.
+            let s = |k: &str| {
+                doc[k].as_str().map(str::to_owned).filter(|u| {
+                    url_ok(u) || {
+                        tracing::warn!(endpoint = k, url = %u, "upstream endpoint refused: not https");
+                        false
+                    }
+                })
+            };
             Ok(Endpoints {
                 authorize: s("authorization_endpoint")
                     .ok_or_else(|| upstream_err("no authorization_endpoint"))?,
@@ -849,5 +902,31 @@ pub(crate) async fn callback(
         Ok(Some(page)) => page,
         Ok(None) => bad(),
         Err(e) => internal(e),
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    #[test]
+    fn secrets_go_over_https_or_to_loopback_only() {
+        for ok in [
+            "https://idp.example/",
+            "https://github.example/login/oauth/access_token",
+            "http://127.0.0.1:8080/token",
+            "http://localhost/x",
+            "http://[::1]:9000/",
+        ] {
+            assert!(super::url_ok(ok), "{ok}");
+        }
+        for bad in [
+            "http://idp.example/token",
+            "http://10.0.0.5/",
+            "ftp://idp.example/",
+            "https://",
+            "not a url",
+            "",
+        ] {
+            assert!(!super::url_ok(bad), "{bad}");
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod mail;
 mod me_cache;
 mod mfa;
 pub mod oauth;
+pub mod outbound;
 mod rbac;
 mod rotation;
 mod routes;

@@ -297,6 +297,23 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     if mode == Mode::Ledger && cfg.auth_url.is_none() {
         bail!("the ledger alone needs --auth-url (where AuthShield runs)");
     }
+    // The introspection secret and users' tokens go to AuthShield, and the keys that
+    // verify every token come from it: never in clear text across a network.
+    let mut auth_ca = Vec::new();
+    if mode == Mode::Ledger {
+        if let Some(url) = cfg
+            .auth_url
+            .as_deref()
+            .filter(|u| !vaultpay_auth::outbound::is_secure_url(u))
+        {
+            bail!("--auth-url must be https (http only to a loopback address), not {url:?}");
+        }
+        if let Some(f) = &cfg.auth_ca_path {
+            auth_ca = remote::load_ca(f)
+                .map_err(anyhow::Error::msg)
+                .context("auth_ca_path")?;
+        }
+    }
     if mode == Mode::Ledger && !cfg.issuer_configured {
         bail!(
             "the ledger alone needs auth.issuer (VAULTPAY_AUTH__ISSUER): AuthShield's issuer, \
@@ -375,7 +392,8 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     let verifier: Arc<TokenVerifier> = match (&auth, &cfg.auth_url) {
         (Some(a), _) => a.verifier(),
         (None, Some(url)) => {
-            let source = Arc::new(remote::JwksSource::new(url).map_err(anyhow::Error::msg)?);
+            let source =
+                Arc::new(remote::JwksSource::new(url, &auth_ca).map_err(anyhow::Error::msg)?);
             let rules = Rules {
                 issuer: cfg.auth.issuer.clone(),
                 audience: cfg.auth.audience.clone(),
@@ -413,7 +431,8 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                         .clone()
                         .context("the ledger alone needs auth.introspection_secret (VAULTPAY_AUTH__INTROSPECTION_SECRET)")?;
                     Arc::new(
-                        remote::HttpIntrospector::new(url, secret).map_err(anyhow::Error::msg)?,
+                        remote::HttpIntrospector::new(url, secret, &auth_ca)
+                            .map_err(anyhow::Error::msg)?,
                     )
                 }
                 (None, None) => bail!("the ledger alone needs --auth-url"),

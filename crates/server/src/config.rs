@@ -50,8 +50,13 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub ledger: LedgerConfig,
-    /// The ledger process of a split deployment: where AuthShield is.
+    /// The ledger process of a split deployment: where AuthShield is (https, or http
+    /// to a loopback address: the introspection secret and users' tokens go there, and
+    /// the keys that verify tokens come from there).
     pub auth_url: Option<String>,
+    /// PEM certificates of the authorities to trust for `auth_url`'s TLS besides the
+    /// public roots (an internal CA).
+    pub auth_ca_path: Option<std::path::PathBuf>,
     /// The ledger process of a split deployment: how often it reloads AuthShield's
     /// JWKS (so that a retired or rotated-out key stops verifying there too).
     pub jwks_refresh_secs: u64,
@@ -83,6 +88,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             ledger: LedgerConfig::default(),
             auth_url: None,
+            auth_ca_path: None,
             jwks_refresh_secs: 15,
             issuer_configured: false,
         }
@@ -141,6 +147,7 @@ const TOP_LEVEL: &[&str] = &[
     "auth",
     "ledger",
     "auth_url",
+    "auth_ca_path",
     "jwks_refresh_secs",
 ];
 

@@ -4,15 +4,35 @@
 use futures::future::BoxFuture;
 use std::net::IpAddr;
 use std::time::Duration;
+use vaultpay_auth::outbound::read_capped;
 use vaultpay_core::jwt::KeySet;
 use vaultpay_core::secret::Secret;
 use vaultpay_proto::auth::Introspection;
 
+/// Largest JWKS document read from AuthShield.
+const MAX_JWKS_BYTES: usize = 64 * 1024;
+/// Largest introspection answer read from AuthShield.
+const MAX_INTROSPECTION_BYTES: usize = 16 * 1024;
+
+/// The authorities `auth_ca_path` names, for AuthShield's TLS besides the public roots.
+pub fn load_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
 /// The HTTP client for AuthShield: no proxy from the environment (`HTTP_PROXY` would
-/// see the introspection secret and users' tokens, and could serve its own JWKS) and
-/// no redirects.
-fn client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+/// see the introspection secret and users' tokens, and could serve its own JWKS), no
+/// redirects, and `ca` trusted besides the public roots.
+fn client(ca: &[reqwest::Certificate]) -> Result<reqwest::Client, String> {
+    ca.iter()
+        .fold(reqwest::Client::builder(), |b, c| {
+            b.add_root_certificate(c.clone())
+        })
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(5))
@@ -29,10 +49,10 @@ pub struct JwksSource {
 }
 
 impl JwksSource {
-    pub fn new(auth_url: &str) -> Result<Self, String> {
+    pub fn new(auth_url: &str, ca: &[reqwest::Certificate]) -> Result<Self, String> {
         Ok(Self {
             url: format!("{}/.well-known/jwks.json", auth_url.trim_end_matches('/')),
-            http: client()?,
+            http: client(ca)?,
         })
     }
 }
@@ -40,16 +60,11 @@ impl JwksSource {
 impl vaultpay_web::KeySource for JwksSource {
     fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
         Box::pin(async move {
-            let res = self
-                .http
-                .get(&self.url)
-                .send()
+            let body = read_capped(self.http.get(&self.url), MAX_JWKS_BYTES)
                 .await
-                .map_err(|e| e.to_string())?;
-            if !res.status().is_success() {
-                return Err(format!("JWKS answered {}", res.status()));
-            }
-            let doc: serde_json::Value = res.json().await.map_err(|e| e.to_string())?;
+                .map_err(|e| format!("JWKS: {e}"))?;
+            let doc: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| format!("JWKS: {e}"))?;
             KeySet::from_jwks(&doc).map_err(|e| e.to_string())
         })
     }
@@ -63,11 +78,15 @@ pub struct HttpIntrospector {
 }
 
 impl HttpIntrospector {
-    pub fn new(auth_url: &str, secret: Secret) -> Result<Self, String> {
+    pub fn new(
+        auth_url: &str,
+        secret: Secret,
+        ca: &[reqwest::Certificate],
+    ) -> Result<Self, String> {
         Ok(Self {
             url: format!("{}/oauth/introspect", auth_url.trim_end_matches('/')),
             secret,
-            http: client()?,
+            http: client(ca)?,
         })
     }
 }
@@ -93,11 +112,33 @@ impl vaultpay_web::Introspector for HttpIntrospector {
             if let Some(id) = vaultpay_web::current_request_id() {
                 req = req.header("x-request-id", id);
             }
-            let res = req.send().await.map_err(|e| e.to_string())?;
-            if !res.status().is_success() {
-                return Err(format!("introspection answered {}", res.status()));
-            }
-            res.json::<Introspection>().await.map_err(|e| e.to_string())
+            let body = read_capped(req, MAX_INTROSPECTION_BYTES)
+                .await
+                .map_err(|e| format!("introspection: {e}"))?;
+            serde_json::from_slice::<Introspection>(&body)
+                .map_err(|e| format!("introspection: {e}"))
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    #[test]
+    fn the_ca_file_must_hold_certificates() {
+        let dir = std::env::temp_dir().join(format!("vaultpay-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, include_str!("../tests/it/fixtures/test_ca.pem")).unwrap();
+        assert_eq!(super::load_ca(&good).unwrap().len(), 1);
+        // the certificates trusted make a client
+        assert!(super::client(&super::load_ca(&good).unwrap()).is_ok());
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        assert!(super::load_ca(&junk)
+            .unwrap_err()
+            .contains("no PEM certificate"));
+        assert!(super::load_ca(&dir.join("missing.pem")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,6 +20,7 @@
 use super::authorize::{read_cookie, COOKIE};
 use super::pages;
 use super::upstream_jws::{self, JwkSet};
+use crate::outbound::{is_secure_url, read_capped};
 use crate::{AuthError, AuthService};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -91,56 +92,16 @@ const MAX_UPSTREAM_JSON_BYTES: usize = 256 * 1024;
 /// [`MAX_UPSTREAM_JSON_BYTES`]; any failure (transport, non-2xx status, size, body) is
 /// an upstream error.
 async fn fetch_json(req: reqwest::RequestBuilder) -> Result<Value, AuthError> {
-    let body = read_capped(req, MAX_UPSTREAM_JSON_BYTES).await?;
-    serde_json::from_slice(&body).map_err(upstream_err)
-}
-
-/// Sends `req` and reads a 2xx answer's body, refusing one over `max` bytes before
-/// reading past it.
-async fn read_capped(req: reqwest::RequestBuilder, max: usize) -> Result<Vec<u8>, AuthError> {
-    let too_large = || upstream_err("answer too large");
-    let mut res = req
-        .send()
+    let body = read_capped(req, MAX_UPSTREAM_JSON_BYTES)
         .await
-        .map_err(upstream_err)?
-        .error_for_status()
         .map_err(upstream_err)?;
-    if res.content_length().is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = res.chunk().await.map_err(upstream_err)? {
-        if body.len() + chunk.len() > max {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    serde_json::from_slice(&body).map_err(upstream_err)
 }
 
 /// A provider's subject fit to key an identity by: OIDC Core §2's at most 255 ASCII
 /// characters, printable ones only (a NUL would be refused by PostgreSQL as a 500).
 fn subject_ok(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
-}
-
-/// Whether `url` may carry a client secret or a provider's tokens: `https`, or `http`
-/// to a loopback address (a provider on the same host, as in tests).
-fn url_ok(url: &str) -> bool {
-    let Ok(u) = reqwest::Url::parse(url) else {
-        return false;
-    };
-    match u.scheme() {
-        "https" => u.host().is_some(),
-        "http" => u.host_str().is_some_and(|h| {
-            h.eq_ignore_ascii_case("localhost")
-                || h.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }),
-        _ => false,
-    }
 }
 
 impl UpstreamConfig {
@@ -159,7 +120,7 @@ impl UpstreamConfig {
             ("token_url", &self.token_url),
             ("api_url", &self.api_url),
         ] {
-            if let Some(v) = v.as_deref().filter(|v| !url_ok(v)) {
+            if let Some(v) = v.as_deref().filter(|v| !is_secure_url(v)) {
                 return Err(format!(
                     "{key} must be an https URL (http only to loopback), not {v:?}"
                 ));
@@ -203,7 +164,7 @@ async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
             // The discovery document's endpoints get the secret and the tokens too.
             let s = |k: &str| {
                 doc[k].as_str().map(str::to_owned).filter(|u| {
-                    url_ok(u) || {
+                    is_secure_url(u) || {
                         tracing::warn!(endpoint = k, url = %u, "upstream endpoint refused: not https");
                         false
                     }
@@ -386,7 +347,9 @@ fn numeric_date(v: &Value) -> Option<i64> {
 /// Reads the provider's JWK Set, at most [`upstream_jws::MAX_JWKS_BYTES`].
 async fn fetch_jwks(uri: &str) -> Result<JwkSet, AuthError> {
     let req = http()?.get(uri).header(header::ACCEPT, "application/json");
-    let body = read_capped(req, upstream_jws::MAX_JWKS_BYTES).await?;
+    let body = read_capped(req, upstream_jws::MAX_JWKS_BYTES)
+        .await
+        .map_err(upstream_err)?;
     JwkSet::parse(&body).map_err(|e| upstream_err(format!("bad JWK Set: {e}")))
 }
 
@@ -902,31 +865,5 @@ pub(crate) async fn callback(
         Ok(Some(page)) => page,
         Ok(None) => bad(),
         Err(e) => internal(e),
-    }
-}
-
-#[cfg(test)]
-mod url_tests {
-    #[test]
-    fn secrets_go_over_https_or_to_loopback_only() {
-        for ok in [
-            "https://idp.example/",
-            "https://github.example/login/oauth/access_token",
-            "http://127.0.0.1:8080/token",
-            "http://localhost/x",
-            "http://[::1]:9000/",
-        ] {
-            assert!(super::url_ok(ok), "{ok}");
-        }
-        for bad in [
-            "http://idp.example/token",
-            "http://10.0.0.5/",
-            "ftp://idp.example/",
-            "https://",
-            "not a url",
-            "",
-        ] {
-            assert!(!super::url_ok(bad), "{bad}");
-        }
     }
 }

@@ -658,7 +658,7 @@ async fn a_tampered_row_is_found_at_its_seq() {
 }
 
 /// A start that cannot succeed (the listen address is taken; the ledger alone without
-/// AuthShield's address) fails before it creates anything: no data dir, no database, no
+/// AuthShield's address, or with one in clear text across a network) fails before it creates anything: no data dir, no database, no
 /// master key, no bootstrap administrator whose password would be printed and lost.
 #[tokio::test]
 async fn a_refused_start_creates_nothing() {
@@ -676,6 +676,21 @@ async fn a_refused_start_creates_nothing() {
     ];
     let pointed = [&ledger[..], &["--auth-url", "http://127.0.0.1:1"]].concat();
     let issuer = [("VAULTPAY_AUTH__ISSUER", "http://127.0.0.1:1".to_owned())];
+    // AuthShield over clear text across a network (its keys, the secret, users'
+    // tokens), or a CA file that is not there
+    let clear = [&ledger[..], &["--auth-url", "http://auth.example:8080"]].concat();
+    let no_ca = [
+        ("VAULTPAY_AUTH__ISSUER", "https://auth.example".to_owned()),
+        (
+            "VAULTPAY_AUTH__INTROSPECTION_SECRET",
+            "sixteen-chars-and-more".to_owned(),
+        ),
+        (
+            "VAULTPAY_AUTH_CA_PATH",
+            missing.join("ca.pem").display().to_string(),
+        ),
+    ];
+    let tls = [&ledger[..], &["--auth-url", "https://auth.example"]].concat();
     for (args, env, says) in [
         (
             &["serve", "--listen", &listen, "--data-dir", &dir][..],
@@ -686,6 +701,8 @@ async fn a_refused_start_creates_nothing() {
         (&pointed[..], &[][..], "auth.issuer"),
         // with the issuer, still no introspection secret
         (&pointed[..], &issuer[..], "introspection_secret"),
+        (&clear[..], &issuer[..], "--auth-url must be https"),
+        (&tls[..], &no_ca[..], "auth_ca_path"),
     ] {
         let (code, text) = run_cli(args, env);
         assert_ne!(code, 0, "{args:?}: {text}");

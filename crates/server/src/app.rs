@@ -470,6 +470,10 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     let ready_dbs = dbs.clone();
     // A ledger run alone is ready once it holds AuthShield's keys as well.
     let ready_keys = auth.is_none().then(|| verifier.clone());
+    // ... and has heard from it lately: keys held while every reload fails may include
+    // one AuthShield retired since (a compromised key), so after three reload periods
+    // without an answer the ledger stops calling itself ready.
+    let keys_stale_after = std::time::Duration::from_secs(cfg.jwks_refresh_secs.saturating_mul(3));
     let system = Router::new()
         .route(
             "/healthz",
@@ -477,7 +481,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         )
         .route(
             "/readyz",
-            get(move || readyz(ready_dbs.clone(), ready_keys.clone())),
+            get(move || readyz(ready_dbs.clone(), ready_keys.clone(), keys_stale_after)),
         )
         .route(
             "/metrics",
@@ -521,15 +525,28 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     })
 }
 
-async fn readyz(dbs: Vec<Db>, keys: Option<Arc<TokenVerifier>>) -> Response {
+async fn readyz(
+    dbs: Vec<Db>,
+    keys: Option<Arc<TokenVerifier>>,
+    stale_after: std::time::Duration,
+) -> Response {
     for db in &dbs {
         if let Err(e) = db.ping().await {
             return ApiError::unavailable(format!("{} database: {e}", db.service().name()))
                 .into_response();
         }
     }
-    if keys.is_some_and(|k| !k.has_keys()) {
-        return ApiError::unavailable("AuthShield's JWKS has not been fetched").into_response();
+    if let Some(k) = keys {
+        if !k.has_keys() {
+            return ApiError::unavailable("AuthShield's JWKS has not been fetched").into_response();
+        }
+        if let Some(age) = k.keys_age().filter(|a| *a > stale_after) {
+            return ApiError::unavailable(format!(
+                "AuthShield's JWKS last answered {} s ago: keys it retired since may still verify here",
+                age.as_secs()
+            ))
+            .into_response();
+        }
     }
     (
         StatusCode::OK,

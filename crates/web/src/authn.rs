@@ -85,6 +85,8 @@ pub struct TokenVerifier {
     rules: Rules,
     source: Arc<dyn KeySource>,
     last_refetch: Mutex<Option<Instant>>,
+    /// When the source last answered a key set (`None`: never, or a fixed key set).
+    fetched: Mutex<Option<Instant>>,
     verified: VerifiedCache,
 }
 
@@ -95,6 +97,7 @@ impl TokenVerifier {
             rules,
             source,
             last_refetch: Mutex::new(None),
+            fetched: Mutex::new(None),
             verified: VerifiedCache::new(),
         }
     }
@@ -153,7 +156,15 @@ impl TokenVerifier {
             return Err("the key source returned no keys".into());
         }
         self.set_keys(keys);
+        *self.fetched.lock() = Some(Instant::now());
         Ok(())
+    }
+
+    /// How long ago the key source last answered a key set (`None`: never). Keys held
+    /// past their source's answers may include one retired since: a ledger run alone
+    /// reports itself not ready when this grows too old.
+    pub fn keys_age(&self) -> Option<std::time::Duration> {
+        self.fetched.lock().map(|t| t.elapsed())
     }
 
     /// Replaces the key set; when any key or key id changes, tokens verified under the

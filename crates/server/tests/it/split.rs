@@ -304,6 +304,21 @@ async fn run(backend: Backend) {
         );
     }
     assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
+    // Without AuthShield the ledger's JWKS reloads fail: after three reload periods
+    // (1 s each here) it stops calling itself ready, as a key retired meanwhile would
+    // still verify with it.
+    let mut stale = None;
+    for _ in 0..400 {
+        let r = read(http.get(format!("{l}/readyz")).send().await.unwrap()).await;
+        if r.status == 503 {
+            stale = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stale
+        .expect("the ledger stayed ready with no JWKS answer for 20 s")
+        .assert_problem(503, "service_unavailable");
     assert!(ledger.terminate().success());
 }
 

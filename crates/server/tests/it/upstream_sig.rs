@@ -289,6 +289,18 @@ async fn assert_refused(
     assert_eq!(footprint(down).await, before, "{what}");
 }
 
+/// A browser at the downstream sign-in page of a new authorization request, and the
+/// page's CSRF token.
+async fn sign_in_page(down: &TestApp, web: &OClient) -> (Browser, String) {
+    let (_, challenge) = pkce();
+    let mut b = Browser::new(down);
+    let p = b
+        .get(&authorize_query(&web.id, CB, "openid", Some(&challenge)))
+        .await;
+    let csrf = p.csrf();
+    (b, csrf)
+}
+
 /// A downstream server whose upstream provider `name` is a mock IdP serving `rsa-1`
 /// (the fixture RSA key), and a registered web client.
 async fn with_mock_idp(
@@ -471,12 +483,7 @@ async fn signature_case(backend: Backend) {
 
     // A provider whose discovery document has no jwks_uri cannot be used at all.
     idp.publish_jwks_uri.store(false, Ordering::SeqCst);
-    let (_, challenge) = pkce();
-    let mut b = Browser::new(&down);
-    let p = b
-        .get(&authorize_query(&web.id, CB, "openid", Some(&challenge)))
-        .await;
-    let csrf = p.csrf();
+    let (mut b, csrf) = sign_in_page(&down, &web).await;
     let p = b
         .post("/oauth/authorize/upstream/mock", &[("csrf", &csrf)])
         .await;
@@ -541,12 +548,7 @@ async fn starting_a_provider_sign_in_is_rate_limited() {
     .await;
     let admin = down.admin().await.access;
     let web = web_client(&down, &admin).await;
-    let (_, challenge) = pkce();
-    let mut b = Browser::new(&down);
-    let p = b
-        .get(&authorize_query(&web.id, CB, "openid", Some(&challenge)))
-        .await;
-    let csrf = p.csrf();
+    let (mut b, csrf) = sign_in_page(&down, &web).await;
     for _ in 0..2 {
         let p = b
             .post("/oauth/authorize/upstream/mock", &[("csrf", &csrf)])

@@ -468,6 +468,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     };
 
     let ready_dbs = dbs.clone();
+    let metrics_token = cfg.metrics_token.clone();
     // A ledger run alone is ready once it holds AuthShield's keys as well.
     let ready_keys = auth.is_none().then(|| verifier.clone());
     // ... and has heard from it lately: keys held while every reload fails may include
@@ -485,7 +486,15 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         )
         .route(
             "/metrics",
-            get(move || async move { metrics_text(prometheus) }),
+            get(move |headers: axum::http::HeaderMap| {
+                let token = metrics_token.clone();
+                async move {
+                    match metrics_allowed(&headers, token.as_ref()) {
+                        Ok(()) => metrics_text(prometheus),
+                        Err(e) => e.into_response(),
+                    }
+                }
+            }),
         )
         .route("/openapi.json", get(docs::openapi_json))
         .route("/docs", get(docs::page));
@@ -553,6 +562,32 @@ async fn readyz(
         Json(serde_json::json!({ "status": "ready" })),
     )
         .into_response()
+}
+
+/// With `metrics_token` set, `/metrics` answers only a request bearing it (compared in
+/// constant time).
+fn metrics_allowed(
+    headers: &axum::http::HeaderMap,
+    token: Option<&vaultpay_core::secret::Secret>,
+) -> Result<(), ApiError> {
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if vaultpay_core::crypto::ct_eq(g.as_bytes(), token.expose().as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized(
+            "invalid_token",
+            "This is not the metrics token.",
+        )),
+        None => Err(ApiError::credentials_missing(
+            "missing_token",
+            "/metrics needs the metrics token (metrics_token) as a bearer token.",
+        )),
+    }
 }
 
 fn metrics_text(

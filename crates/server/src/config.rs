@@ -38,6 +38,10 @@ pub struct Config {
     /// by default), keep it longer than the proxy's idle timeout, or a request sent as
     /// the server closes the connection fails at the proxy.
     pub header_read_timeout_secs: u64,
+    /// When set, `GET /metrics` answers only `Authorization: Bearer <metrics_token>`
+    /// (at least 16 characters): its counters show lockouts, reuse detections, rate
+    /// limiting and admin activity. Unset: open, as on the default loopback listener.
+    pub metrics_token: Option<Secret>,
     /// Redis for shared rate limits (needs the `redis` cargo feature).
     pub redis_url: Option<Secret>,
     /// NATS with JetStream, where the ledger's outbox relay publishes its events (needs
@@ -80,6 +84,7 @@ impl Default for Config {
             body_limit_bytes: 64 * 1024,
             request_timeout_secs: 30,
             header_read_timeout_secs: 75,
+            metrics_token: None,
             redis_url: None,
             nats_url: None,
             nats_subject_prefix: "vaultpay".into(),
@@ -139,6 +144,7 @@ const TOP_LEVEL: &[&str] = &[
     "body_limit_bytes",
     "request_timeout_secs",
     "header_read_timeout_secs",
+    "metrics_token",
     "redis_url",
     "nats_url",
     "nats_subject_prefix",
@@ -214,6 +220,7 @@ impl Config {
             let secret = path.last().is_some_and(|key| {
                 key.ends_with("password")
                     || key.ends_with("secret")
+                    || key.ends_with("token")
                     || key.ends_with("key")
                     || key.ends_with("url")
             });
@@ -289,6 +296,13 @@ impl Config {
         }
         // The ledger's credential for AuthShield's introspection: anyone who has it
         // learns any token's subject, session and roles.
+        if self
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.expose().chars().count() < 16)
+        {
+            bail!("metrics_token must be at least 16 characters");
+        }
         if let Some(s) = &self.auth.introspection_secret {
             if s.expose().chars().count() < 16 {
                 bail!("auth.introspection_secret must be at least 16 characters");
@@ -473,6 +487,14 @@ mod tests {
             std::fs::remove_file(&p).unwrap();
             c.unwrap();
         }
+    }
+
+    #[test]
+    fn a_metrics_token_is_a_secret_of_16_characters_or_more() {
+        let c = Config::load(None, env(&[("VAULTPAY_METRICS_TOKEN", "1234567890123456")])).unwrap();
+        assert_eq!(c.metrics_token.unwrap().expose(), "1234567890123456");
+        let e = Config::load(None, env(&[("VAULTPAY_METRICS_TOKEN", "short")])).unwrap_err();
+        assert!(format!("{e:#}").contains("metrics_token"), "{e:#}");
     }
 
     #[test]

@@ -332,3 +332,33 @@ async fn personal_answers_are_not_cached() {
     assert_eq!(jwks.header("cache-control"), Some("public, max-age=60"));
     app.stop().await;
 }
+
+/// With `metrics_token` set, `/metrics` (lockouts, reuse detections, admin activity)
+/// answers only a request bearing that token.
+#[tokio::test]
+async fn metrics_can_require_a_token() {
+    let token = "metrics-token-0123456789";
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.metrics_token = Some(vaultpay_core::secret::Secret::new(token));
+    })
+    .await;
+    app.get("/metrics", None)
+        .await
+        .assert_problem(401, "missing_token");
+    app.get("/metrics", Some("metrics-token-0123456780"))
+        .await
+        .assert_problem(401, "invalid_token");
+    let m = app.get("/metrics", Some(token)).await;
+    assert_eq!(m.status, reqwest::StatusCode::OK, "{}", m.text);
+    assert!(m.text.contains("http_requests_total"), "{}", m.text);
+    // health and readiness stay open
+    assert_eq!(
+        app.get("/healthz", None).await.status,
+        reqwest::StatusCode::OK
+    );
+    assert_eq!(
+        app.get("/readyz", None).await.status,
+        reqwest::StatusCode::OK
+    );
+    app.stop().await;
+}

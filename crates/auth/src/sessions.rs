@@ -2,7 +2,7 @@
 //! and token introspection.
 
 use crate::accounts::normalise_email;
-use crate::rotation::Rotation;
+use crate::rotation::{Rotated, Rotation};
 use crate::service::SessionFacts;
 use crate::{AuthError, AuthService};
 use futures::future::BoxFuture;
@@ -36,6 +36,17 @@ fn amr_of(text: &str) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// A refresh checked up to its rotation ([`AuthService::start_refresh`]).
+pub(crate) struct RefreshStart {
+    /// The token's session as read before the rotation.
+    pub facts: SessionFacts,
+    /// The OAuth client the session was created for (`None`: first-party).
+    pub client_id: Option<String>,
+    /// The session's OAuth grant.
+    pub scope: Option<String>,
+    pub rotation: Rotation,
 }
 
 /// A sign-in whose password matched, and the account state read with the hash.
@@ -600,26 +611,53 @@ impl AuthService {
         Ok(())
     }
 
-    /// The refresh-token grant of `POST /oauth/token`.
+    /// The refresh-token grant of `POST /oauth/token` for first-party sessions.
+    ///
+    /// The answer is made before the rotation, with everything it reads (the roles):
+    /// once the rotation commits, the old token is spent, and a failure to answer then
+    /// (a database read timing out under load) would lose the new token and make the
+    /// client's retry with the old one a reuse that ends the session. A session whose
+    /// sign-in facts changed meanwhile (a step-up) is answered from the rotation's own
+    /// reading instead.
     pub async fn refresh(
         &self,
         ctx: &Ctx,
         token: &str,
         device_id: Option<&str>,
     ) -> Result<wire::TokenResponse, AuthError> {
-        self.refresh_as(ctx, token, device_id, None).await
+        let start = self.start_refresh(ctx, token, device_id, None).await?;
+        let before = start.facts.clone();
+        let mut answer = self.token_response(start.facts, String::new()).await?;
+        let rotated = self.rotate_refresh(start.rotation, &before.user_id).await?;
+        if before.session_id == rotated.session_id
+            && before.auth_time == rotated.auth_time
+            && before.amr == amr_of(&rotated.amr)
+        {
+            answer.refresh_token = Some(rotated.refresh_token);
+            return Ok(answer);
+        }
+        let facts = SessionFacts {
+            user_id: rotated.user_id,
+            session_id: rotated.session_id,
+            device_id: rotated.device_id,
+            auth_time: rotated.auth_time,
+            amr: amr_of(&rotated.amr),
+        };
+        self.token_response(facts, rotated.refresh_token).await
     }
 
-    /// The refresh grant for first-party sessions (`client = None`) or for the
-    /// sessions of one OAuth client: a refresh token only ever refreshes for the
-    /// client its session was created for.
-    pub(crate) async fn refresh_as(
+    /// A refresh up to its rotation, for first-party sessions (`client = None`) or for
+    /// the sessions of one OAuth client (a refresh token only ever refreshes for the
+    /// client its session was created for; the rotation refuses any other): the form
+    /// checked, the limits and the network gate passed, and the token's session as it
+    /// reads now, from which the caller makes its answer before [`Self::rotate_refresh`].
+    pub(crate) async fn start_refresh(
         &self,
         ctx: &Ctx,
         token: &str,
         device_id: Option<&str>,
         client: Option<&str>,
-    ) -> Result<wire::TokenResponse, AuthError> {
+    ) -> Result<RefreshStart, AuthError> {
         let cfg = &self.inner.cfg;
         vaultpay_web::enforce(
             &*self.inner.limiter,
@@ -646,7 +684,8 @@ impl AuthService {
         // database lock is held across a limiter round trip (Redis in production).
         let family = sqlx::query(
             "SELECT r.session_id AS session_id, r.used_at AS used_at, s.user_id AS user_id, \
-             s.device_id AS device_id, s.auth_time AS auth_time, s.amr AS amr \
+             s.device_id AS device_id, s.auth_time AS auth_time, s.amr AS amr, \
+             s.client_id AS client_id, s.scope AS scope \
              FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1",
         )
         .bind(&hash)
@@ -673,34 +712,38 @@ impl AuthService {
             self.ip_trust_refresh_gate(ctx, &user_id, &session_id, spent)
                 .await?;
         }
-        // The answer is made before the rotation, with everything it reads (the
-        // roles): once the rotation commits, the old token is spent, and a failure to
-        // answer then (a database read timing out under load) would lose the new token
-        // and make the client's retry with the old one a reuse that ends the session.
-        // A session whose sign-in facts changed meanwhile (a step-up) is answered from
-        // the rotation's own reading instead.
-        let before = SessionFacts {
-            user_id: user_id.clone(),
-            session_id: session_id.clone(),
-            device_id: family.try_get("device_id")?,
-            auth_time: family.try_get("auth_time")?,
-            amr: amr_of(&family.try_get::<String, _>("amr")?),
-        };
-        let (auth_time, amr) = (before.auth_time, before.amr.clone());
-        let mut answer = self.token_response(before, String::new()).await?;
-        // The rotation and, when it was refused, the cache invalidation run on their
-        // own task: a refused rotation may have revoked the session (reuse, wrong
-        // device), and a client that hangs up meanwhile must not leave this node's
-        // `/v1/me` cache and the other nodes believing the session is live.
-        let rotation = Rotation {
-            hash,
-            device_id: device_id.to_owned(),
-            client: client.map(str::to_owned),
-            origin: ctx.origin(),
-        };
+        Ok(RefreshStart {
+            facts: SessionFacts {
+                user_id,
+                session_id,
+                device_id: family.try_get("device_id")?,
+                auth_time: family.try_get("auth_time")?,
+                amr: amr_of(&family.try_get::<String, _>("amr")?),
+            },
+            client_id: family.try_get("client_id")?,
+            scope: family.try_get("scope")?,
+            rotation: Rotation {
+                hash,
+                device_id: device_id.to_owned(),
+                client: client.map(str::to_owned),
+                origin: ctx.origin(),
+            },
+        })
+    }
+
+    /// Rotates the token of a [`Self::start_refresh`] of `user_id`'s session. The
+    /// rotation and, when it was refused, the cache invalidation run on their own
+    /// task: a refused rotation may have revoked the session (reuse, wrong device), and
+    /// a client that hangs up meanwhile must not leave this node's `/v1/me` cache and
+    /// the other nodes believing the session is live.
+    pub(crate) async fn rotate_refresh(
+        &self,
+        rotation: Rotation,
+        user_id: &str,
+    ) -> Result<Rotated, AuthError> {
         let svc = self.clone();
-        let user = user_id.clone();
-        let rotated = tokio::spawn(async move {
+        let user = user_id.to_owned();
+        tokio::spawn(async move {
             let r = svc.inner.rotations.rotate(rotation).await;
             if r.is_err() {
                 svc.sessions_changed(Some(&user)).await;
@@ -708,22 +751,7 @@ impl AuthService {
             r
         })
         .await
-        .map_err(|e| AuthError::Internal(format!("rotation task: {e}")))??;
-        if answer.session_id.as_deref() == Some(rotated.session_id.as_str())
-            && rotated.auth_time == auth_time
-            && amr_of(&rotated.amr) == amr
-        {
-            answer.refresh_token = Some(rotated.refresh_token);
-            return Ok(answer);
-        }
-        let facts = SessionFacts {
-            user_id: rotated.user_id,
-            session_id: rotated.session_id,
-            device_id: rotated.device_id,
-            auth_time: rotated.auth_time,
-            amr: amr_of(&rotated.amr),
-        };
-        self.token_response(facts, rotated.refresh_token).await
+        .map_err(|e| AuthError::Internal(format!("rotation task: {e}")))?
     }
 
     /// After a commit that revoked sessions or changed a profile: drops what the caches

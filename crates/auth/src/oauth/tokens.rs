@@ -460,73 +460,44 @@ async fn refresh(
             "this client may not use refresh tokens",
         ));
     }
-    // Everything the answer needs is read, and the answer made, before the token is
-    // rotated: once the rotation commits the old token is spent, and a failure after it
-    // (a scope beyond the grant, a database read timing out under load) would make the
-    // client's retry with the same token a reuse that ends the session. Only this
-    // client's own sessions are found here; a token of another client's session goes
-    // on to `refresh_as`, which ends that session. (A step-up between this reading and
-    // the rotation's shows in the next refresh's tokens.)
-    let session = sqlx::query(&format!(
-        "SELECT {REFRESH_SESSION_COLS} FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
-         WHERE t.token_hash = $1 AND s.client_id = $2"
-    ))
-    .bind(sha256_hex(token.as_bytes()))
-    .bind(&client.client_id)
-    .fetch_optional(svc.db().read())
-    .await
-    .map_err(AuthError::from)?;
-    let prepared = match &session {
-        Some(r) => Some(refresh_body(svc, client, r, scope).await?),
-        None => None,
-    };
-    let device = oauth_device(&client.client_id);
-    let tokens = svc
-        .refresh_as(ctx, token, Some(&device), Some(&client.client_id))
+    // The answer is made before the token is rotated: once the rotation commits the
+    // old token is spent, and a failure after it (a scope beyond the grant, a database
+    // read timing out under load) would make the client's retry with the same token a
+    // reuse that ends the session. A token of another client's session gets no answer
+    // made: its rotation is refused, and ends that session. (A step-up between the
+    // session's reading and the rotation shows in the next refresh's tokens.)
+    let start = svc
+        .start_refresh(
+            ctx,
+            token,
+            Some(&oauth_device(&client.client_id)),
+            Some(&client.client_id),
+        )
         .await?;
-    let sid = tokens
-        .session_id
-        .clone()
-        .ok_or_else(|| AuthError::Internal("refresh without a session".into()))?;
-    let refresh = tokens
-        .refresh_token
-        .ok_or_else(|| AuthError::Internal("refresh without a refresh token".into()))?;
-    let mut body = match prepared {
-        Some((pre_sid, body)) if pre_sid == sid => body,
-        // not found before the rotation, yet rotated for this client: read it now
-        _ => {
-            let r = sqlx::query(&format!(
-                "SELECT {REFRESH_SESSION_COLS} FROM sessions s WHERE s.id = $1"
-            ))
-            .bind(&sid)
-            .fetch_one(svc.db().read())
-            .await
-            .map_err(AuthError::from)?;
-            refresh_body(svc, client, &r, scope).await?.1
-        }
+    let prepared = if start.client_id.as_deref() == Some(client.client_id.as_str()) {
+        Some(refresh_body(svc, client, &start, scope).await?)
+    } else {
+        None
     };
-    body["refresh_token"] = refresh.into();
+    let rotated = svc
+        .rotate_refresh(start.rotation, &start.facts.user_id)
+        .await?;
+    let mut body = prepared
+        .ok_or_else(|| AuthError::Internal("a refresh rotated for another client".into()))?;
+    body["refresh_token"] = rotated.refresh_token.into();
     Ok(no_store(Json(body)))
 }
 
-/// The session columns a refresh's answer is made from.
-const REFRESH_SESSION_COLS: &str =
-    "s.id AS id, s.user_id AS user_id, s.scope AS scope, s.auth_time AS auth_time, s.amr AS amr";
-
-/// A refresh's answer (without its refresh token) for the session `r`
-/// ([`REFRESH_SESSION_COLS`]): its session id and the token response body. A scope
-/// beyond the session's grant is refused; a narrower one is the new access token's
-/// (RFC 6749 §6), while the session keeps its whole grant for later refreshes.
+/// A refresh's answer (without its refresh token) for the session `start` read. A
+/// scope beyond the session's grant is refused; a narrower one is the new access
+/// token's (RFC 6749 §6), while the session keeps its whole grant for later refreshes.
 async fn refresh_body(
     svc: &AuthService,
     client: &Client,
-    r: &sqlx::any::AnyRow,
+    start: &crate::sessions::RefreshStart,
     scope: Option<&str>,
-) -> Result<(String, serde_json::Value), OAuthError> {
-    let sid: String = r.try_get("id").map_err(AuthError::from)?;
-    let user_id: String = r.try_get("user_id").map_err(AuthError::from)?;
-    let granted: Option<String> = r.try_get("scope").map_err(AuthError::from)?;
-    let granted = granted.unwrap_or_default();
+) -> Result<serde_json::Value, OAuthError> {
+    let granted = start.scope.clone().unwrap_or_default();
     let scope = match scope {
         Some(s) if split_scope(s).iter().any(|x| !has_scope(&granted, x)) => {
             return Err(OAuthError::new(
@@ -537,18 +508,17 @@ async fn refresh_body(
         Some(s) => split_scope(s).join(" "),
         None => granted,
     };
-    let amr: String = r.try_get("amr").map_err(AuthError::from)?;
+    let f = &start.facts;
     let g = Grant {
         client,
-        user_id: &user_id,
+        user_id: &f.user_id,
         scope: &scope,
         nonce: None,
-        auth_time: r.try_get("auth_time").map_err(AuthError::from)?,
-        amr: split_scope(&amr),
+        auth_time: f.auth_time,
+        amr: f.amr.clone(),
         upstream: None, // (a refresh opens no session)
     };
-    let body = svc.user_token_body(&g, &sid).await?;
-    Ok((sid, body))
+    Ok(svc.user_token_body(&g, &f.session_id).await?)
 }
 
 async fn client_credentials(

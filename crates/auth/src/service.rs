@@ -191,14 +191,14 @@ impl AuthService {
 
     /// Verifies on the hashing threads; `phc = None` verifies against the dummy hash
     /// so an unknown account costs the same as a wrong password, and so does an
-    /// account without a password (see [`hash_to_check`]).
+    /// account without a password (see [`is_password_hash`]).
     pub(crate) async fn verify_password(
         &self,
         password: String,
         phc: Option<String>,
     ) -> Result<bool, AuthError> {
         let (usable, phc) = match phc {
-            Some(p) if hash_to_check(Some(&p)) => (true, p),
+            Some(p) if is_password_hash(&p) => (true, p),
             _ => (false, self.inner.dummy_hash.clone()),
         };
         let ok = self.inner.hashes.verify(password, phc).await?;
@@ -287,28 +287,23 @@ pub(crate) struct SessionFacts {
 }
 
 /// Whether a stored password hash is one a password can match (an Argon2id PHC
-/// string). Anything else (no account, or an account made by an upstream sign-in,
-/// whose hash is `!`) is verified against the dummy hash instead: refusing it at once
-/// would answer in microseconds where a wrong password takes Argon2's time, and tell
-/// a caller which addresses have accounts without a password.
-pub(crate) fn hash_to_check(stored: Option<&str>) -> bool {
-    stored.is_some_and(|p| p.starts_with("$argon2id$"))
+/// string). Anything else (an account made by an upstream sign-in, whose hash is `!`)
+/// is verified against the dummy hash instead, as an unknown account is: refusing it
+/// at once would answer in microseconds where a wrong password takes Argon2's time,
+/// and tell a caller which addresses have accounts without a password.
+fn is_password_hash(stored: &str) -> bool {
+    stored.starts_with("$argon2id$")
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn only_argon2id_hashes_are_checked_as_themselves() {
-        use super::hash_to_check;
+        use super::is_password_hash;
         let h = vaultpay_core::password::PasswordHasher::default().dummy_hash();
-        assert!(hash_to_check(Some(&h)));
-        for other in [
-            None,
-            Some("!"),
-            Some(""),
-            Some("$argon2i$v=19$m=64,t=1,p=1$x$y"),
-        ] {
-            assert!(!hash_to_check(other), "{other:?}");
+        assert!(is_password_hash(&h));
+        for other in ["!", "", "$argon2i$v=19$m=64,t=1,p=1$x$y"] {
+            assert!(!is_password_hash(other), "{other:?}");
         }
     }
 }

@@ -779,7 +779,7 @@ impl AuthService {
             None if six && f.totp && f.email => {
                 return Err(AuthError::Invalid(
                     "mfa_method_required",
-                    "This account has both an authenticator app and emailed codes: say which                      one this code is from with \"method\": \"totp\" or \"email\"."
+                    "This account has both an authenticator app and emailed codes: say which one this code is from with \"method\": \"totp\" or \"email\"."
                         .into(),
                 ))
             }

@@ -821,9 +821,16 @@ async fn an_ambiguous_code_asks_for_its_method() {
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
         let c = mailed_code(&app, who);
-        verify(&app, &tk, &c, None)
-            .await
-            .assert_problem(422, "mfa_method_required");
+        let r = verify(&app, &tk, &c, None).await;
+        r.assert_problem(422, "mfa_method_required");
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("say which one this code is from"),
+            "{}",
+            r.text
+        );
         let failures: i64 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = $1")
             .bind(who)
             .fetch_one(app.auth_db().read())

@@ -214,6 +214,18 @@ pub async fn get_code(
     p.param("code").expect("code in redirect")
 }
 
+/// `POST /oauth/token` with `grant_type=client_credentials`, authenticated as client
+/// `id` with `secret`.
+pub async fn client_credentials_grant(app: &TestApp, id: &str, secret: &str) -> Resp {
+    form_post(
+        app,
+        "/oauth/token",
+        Some((id, secret)),
+        &[("grant_type", "client_credentials")],
+    )
+    .await
+}
+
 pub async fn form_post(
     app: &TestApp,
     path: &str,
@@ -1019,13 +1031,7 @@ async fn token_bad_case(backend: Backend) {
     .await;
     assert_oauth_error(&r, 401, "invalid_client");
     assert!(r.header("www-authenticate").unwrap().starts_with("Basic"));
-    let r = form_post(
-        &app,
-        "/oauth/token",
-        Some((&c.id, "wrong-secret")),
-        &[("grant_type", "client_credentials")],
-    )
-    .await;
+    let r = client_credentials_grant(&app, &c.id, "wrong-secret").await;
     assert_oauth_error(&r, 401, "invalid_client");
     let r = form_post(
         &app,
@@ -1067,13 +1073,7 @@ async fn token_bad_case(backend: Backend) {
     .await;
     assert_oauth_error(&r, 400, "invalid_request");
     // Wrong grant for the client.
-    let r = form_post(
-        &app,
-        "/oauth/token",
-        Some((&c.id, &secret)),
-        &[("grant_type", "client_credentials")],
-    )
-    .await;
+    let r = client_credentials_grant(&app, &c.id, &secret).await;
     assert_oauth_error(&r, 400, "unauthorized_client");
     let r = form_post(
         &app,
@@ -1259,13 +1259,7 @@ async fn client_credentials_case(backend: Backend) {
     )
     .await;
     let secret = svc.secret.clone().unwrap();
-    let r = form_post(
-        &app,
-        "/oauth/token",
-        Some((&svc.id, &secret)),
-        &[("grant_type", "client_credentials")],
-    )
-    .await;
+    let r = client_credentials_grant(&app, &svc.id, &secret).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert!(r.body.get("refresh_token").is_none());
     let at = r.body["access_token"].as_str().unwrap().to_owned();
@@ -1369,13 +1363,7 @@ async fn client_credentials_case(backend: Backend) {
 
     // A revocation made by another replica (straight into the shared database) counts
     // here too, within the in-memory set's reload interval.
-    let r = form_post(
-        &app,
-        "/oauth/token",
-        Some((&svc.id, &secret)),
-        &[("grant_type", "client_credentials")],
-    )
-    .await;
+    let r = client_credentials_grant(&app, &svc.id, &secret).await;
     let at2 = r.body["access_token"].as_str().unwrap().to_owned();
     let claims = crate::auth_flows::jwt_part(&at2, 1);
     let basic = (svc.id.as_str(), secret.as_str());
@@ -2572,13 +2560,7 @@ async fn a_deleted_clients_tokens_are_not_active() {
     )
     .await;
     let secret = svc.secret.clone().unwrap();
-    let r = form_post(
-        &app,
-        "/oauth/token",
-        Some((&svc.id, &secret)),
-        &[("grant_type", "client_credentials")],
-    )
-    .await;
+    let r = client_credentials_grant(&app, &svc.id, &secret).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let at = r.body["access_token"].as_str().unwrap().to_owned();
     assert!(app.auth().introspect_token(&at).await.unwrap().active);

@@ -156,6 +156,9 @@ fn check_request(
         );
     }
     let scope = match get("scope") {
+        Some(s) if s.len() > super::MAX_SCOPE_LEN => {
+            return fail("invalid_scope", "the scope is too long")
+        }
         Some(s) => split_scope(s),
         None => vec!["openid".to_owned()],
     };
@@ -310,14 +313,26 @@ pub(crate) fn set_cookie(
 pub(crate) async fn authorize(
     State(svc): State<AuthService>,
     ctx: vaultpay_web::Ctx,
-    q: Result<ApiQuery<HashMap<String, String>>, vaultpay_web::ApiError>,
+    q: Result<ApiQuery<Vec<(String, String)>>, vaultpay_web::ApiError>,
 ) -> Response {
-    let Ok(ApiQuery(q)) = q else {
+    let Ok(ApiQuery(pairs)) = q else {
         return pages::error(
             StatusCode::BAD_REQUEST,
             "The authorization request is malformed.",
         );
     };
+    // RFC 6749 §3.1: parameters must not be repeated. Taking the last of two
+    // `redirect_uri`s or `scope`s would decide on another value than a proxy or
+    // filter in front that read the first.
+    let mut q = HashMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        if q.insert(k, v).is_some() {
+            return pages::error(
+                StatusCode::BAD_REQUEST,
+                "The authorization request repeats a parameter.",
+            );
+        }
+    }
     let client = match q
         .get("client_id")
         .filter(|c| !c.is_empty() && c.len() <= 128)

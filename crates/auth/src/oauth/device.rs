@@ -77,7 +77,7 @@ pub(crate) async fn device_authorization(
         ));
     }
     let scope = match f.scope.as_deref() {
-        Some(s) => split_scope(s),
+        Some(s) => super::requested_scope(s)?,
         None => vec!["openid".to_owned()],
     };
     if scope.is_empty() || scope.iter().any(|s| !client.allows_scope(s)) {
@@ -96,7 +96,6 @@ pub(crate) async fn device_authorization(
     .await?;
     let cfg = &svc.config().oauth;
     let device_code = opaque_token();
-    let code = user_code();
     let now = now_micros();
     let db = svc.db();
     let mut tx = db.begin().await?;
@@ -108,19 +107,32 @@ pub(crate) async fn device_authorization(
         .bind(now)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "INSERT INTO oauth_device_codes (device_code_hash, user_code, client_id, scope, status, interval_secs, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
-    )
-    .bind(sha256_hex(device_code.as_bytes()))
-    .bind(&code)
-    .bind(&client.client_id)
-    .bind(scope.join(" "))
-    .bind(cfg.device_poll_interval_secs)
-    .bind(now)
-    .bind(now + secs(cfg.device_code_ttl_secs))
-    .execute(&mut *tx)
-    .await?;
+    // User codes are short and kept a day after they expire: one already taken (by
+    // chance, or by someone creating many) is replaced by another, not a 500.
+    let scope = scope.join(" ");
+    let mut code = None;
+    for _ in 0..8 {
+        let candidate = user_code();
+        let inserted = sqlx::query(
+            "INSERT INTO oauth_device_codes (device_code_hash, user_code, client_id, scope, status, interval_secs, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7) ON CONFLICT (user_code) DO NOTHING",
+        )
+        .bind(sha256_hex(device_code.as_bytes()))
+        .bind(&candidate)
+        .bind(&client.client_id)
+        .bind(&scope)
+        .bind(cfg.device_poll_interval_secs)
+        .bind(now)
+        .bind(now + secs(cfg.device_code_ttl_secs))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            code = Some(candidate);
+            break;
+        }
+    }
+    let code = code.ok_or_else(|| AuthError::Internal("no free user code in 8 draws".into()))?;
     tx.commit().await?;
     let uri = format!("{}/oauth/device", svc.public_url());
     Ok(no_store(Json(serde_json::json!({
@@ -145,8 +157,12 @@ pub(crate) async fn poll(
     }
     let db = svc.db();
     let now = now_micros();
-    let mut tx = db.begin().await?;
     let hash = sha256_hex(device_code.as_bytes());
+    if !super::tokens::code_exists(db, "oauth_device_codes", "device_code_hash", &hash).await? {
+        return Err(OAuthError::grant("the device code is invalid"));
+    }
+    super::tokens::prepare_answer(svc, client).await?;
+    let mut tx = db.begin().await?;
     // the approving user's row, if the code has one yet (see `lock_owner`)
     let owner =
         crate::sessions::lock_owner(db, &mut tx, "oauth_device_codes", "device_code_hash", &hash)
@@ -252,8 +268,10 @@ pub(crate) async fn poll(
                     .metadata(serde_json::json!({ "client_id": client.client_id, "scope": scope })),
             )
             .await?;
+            // Made before the commit, as for a code (see `exchange_code`).
+            let body = svc.user_token_body(&g, &sid).await?;
             tx.commit().await?;
-            Ok(svc.user_tokens(&g, &sid, refresh).await?)
+            Ok(super::tokens::token_answer(body, refresh))
         }
         _ => Err(OAuthError::grant("the device code was already used")),
     }

@@ -249,21 +249,8 @@ impl AuthService {
             .map_err(|e| AuthError::Internal(e.to_string()))
     }
 
-    /// The token response of a user grant, after its session has been committed.
-    pub(crate) async fn user_tokens(
-        &self,
-        g: &Grant<'_>,
-        session_id: &str,
-        refresh: Option<String>,
-    ) -> Result<Response, AuthError> {
-        let mut body = self.user_token_body(g, session_id).await?;
-        if let Some(r) = refresh {
-            body["refresh_token"] = r.into();
-        }
-        Ok(no_store(Json(body)))
-    }
-
-    /// The token response of [`Self::user_tokens`] without its refresh token.
+    /// The token response of a user grant without its refresh token (see
+    /// [`token_answer`]).
     pub(crate) async fn user_token_body(
         &self,
         g: &Grant<'_>,
@@ -321,8 +308,12 @@ async fn exchange_code(
         .ok_or_else(|| OAuthError::request("code is required"))?;
     let db = svc.db();
     let now = now_micros();
-    let mut tx = db.begin().await?;
     let code_hash = sha256_hex(code.as_bytes());
+    if !code_exists(db, "oauth_codes", "code_hash", &code_hash).await? {
+        return Err(OAuthError::grant("the authorization code is invalid"));
+    }
+    prepare_answer(svc, client).await?;
+    let mut tx = db.begin().await?;
     let owner =
         crate::sessions::lock_owner(db, &mut tx, "oauth_codes", "code_hash", &code_hash).await?;
     let r = sqlx::query(&format!(
@@ -443,8 +434,47 @@ async fn exchange_code(
             .metadata(serde_json::json!({ "client_id": client.client_id, "scope": scope })),
     )
     .await?;
+    // The answer is made before the commit: a failure making it after the code is spent
+    // would make the client's retry a replay, which revokes the session.
+    let body = svc.user_token_body(&g, &sid).await?;
     tx.commit().await?;
-    Ok(svc.user_tokens(&g, &sid, refresh).await?)
+    Ok(token_answer(body, refresh))
+}
+
+/// Whether a row with `hash` in `column` exists, read without a write transaction: a
+/// code or device code that was never issued (a guess, a flood of them) is refused
+/// without taking the writer (on SQLite, the only one) that a real one needs.
+pub(crate) async fn code_exists(
+    db: &vaultpay_store::Db,
+    table: &'static str,
+    column: &'static str,
+    hash: &str,
+) -> Result<bool, AuthError> {
+    Ok(
+        sqlx::query(&format!("SELECT 1 FROM {table} WHERE {column} = $1"))
+            .bind(hash)
+            .fetch_optional(db.read())
+            .await?
+            .is_some(),
+    )
+}
+
+/// Loads what making a grant's answer inside its transaction may otherwise load through
+/// the writer: the ES256 key of a client signing ID tokens with it (created on first
+/// use), which on SQLite would wait for the transaction's own connection.
+pub(crate) async fn prepare_answer(svc: &AuthService, client: &Client) -> Result<(), AuthError> {
+    if client.id_token_alg == "ES256" {
+        svc.es256().await?;
+    }
+    Ok(())
+}
+
+/// A user grant's token response: `body` plus its refresh token, if any.
+pub(crate) fn token_answer(mut body: serde_json::Value, refresh: Option<String>) -> Response {
+    if let Some(r) = refresh {
+        body["refresh_token"] = r.into();
+    }
+    no_store(Json(body))
 }
 
 async fn refresh(
@@ -498,14 +528,14 @@ async fn refresh_body(
     scope: Option<&str>,
 ) -> Result<serde_json::Value, OAuthError> {
     let granted = start.scope.clone().unwrap_or_default();
-    let scope = match scope {
-        Some(s) if split_scope(s).iter().any(|x| !has_scope(&granted, x)) => {
+    let scope = match scope.map(super::requested_scope).transpose()? {
+        Some(s) if s.iter().any(|x| !has_scope(&granted, x)) => {
             return Err(OAuthError::new(
                 "invalid_scope",
                 "the scope exceeds what was granted",
             ));
         }
-        Some(s) => split_scope(s).join(" "),
+        Some(s) => s.join(" "),
         None => granted,
     };
     let f = &start.facts;
@@ -533,7 +563,10 @@ async fn client_credentials(
             "this client may not use client_credentials",
         ));
     }
-    let requested = scope.map(split_scope).unwrap_or_default();
+    let requested = scope
+        .map(super::requested_scope)
+        .transpose()?
+        .unwrap_or_default();
     for s in &requested {
         // No user: openid, offline_access and api (user roles) mean nothing here.
         if !client.allows_scope(s)

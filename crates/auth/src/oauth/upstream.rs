@@ -794,12 +794,25 @@ pub(crate) async fn callback(
         return bad();
     };
     // The state is single use and belongs to this browser's authorization request.
+    let state_hash = sha256_hex(state.as_bytes());
     let row = async {
+        // Unknown states (anyone can send one) are refused from a read, without
+        // taking the writer.
+        let known = super::tokens::code_exists(
+            svc.db(),
+            "oauth_upstream_states",
+            "state_hash",
+            &state_hash,
+        )
+        .await?;
+        if !known {
+            return Ok(None);
+        }
         let mut tx = svc.db().begin().await?;
         let r = sqlx::query(
             "DELETE FROM oauth_upstream_states WHERE state_hash = $1 RETURNING request_id_hash, provider, nonce, verifier, expires_at",
         )
-        .bind(sha256_hex(state.as_bytes()))
+        .bind(&state_hash)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;

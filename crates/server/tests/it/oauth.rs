@@ -905,6 +905,28 @@ async fn authorize_bad_case(backend: Backend) {
         ))
         .await;
     assert_eq!(p.param("error").as_deref(), Some("invalid_scope"));
+    // A scope longer than any this server grants: refused before it is split.
+    let long = vec!["x"; 600].join(" ");
+    let p = b
+        .get(&authorize_query(&c.id, CB, &long, Some(&challenge)))
+        .await;
+    assert_eq!(p.param("error").as_deref(), Some("invalid_scope"));
+    // A repeated parameter (RFC 6749 §3.1): an error page, not a redirect to either
+    // redirect URI, whichever a filter in front may have read.
+    let requests = app.count("oauth_requests").await;
+    for extra in [
+        "&redirect_uri=https%3A%2F%2Fevil.example%2Fcb",
+        "&scope=openid%20api",
+        "&state=other",
+    ] {
+        let p = b
+            .get(&(authorize_query(&c.id, CB, "openid", Some(&challenge)) + extra))
+            .await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{extra}");
+        assert!(p.location.is_none(), "{extra}: {:?}", p.location);
+        assert!(p.text.contains("repeats a parameter"), "{extra}");
+    }
+    assert_eq!(app.count("oauth_requests").await, requests);
     // Unsupported response type.
     let p = b
         .get(

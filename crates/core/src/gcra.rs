@@ -21,6 +21,18 @@ impl Quota {
         Self { burst, period_secs }
     }
 
+    /// Refuses a quota that would limit nothing or everything: no burst, no period, or
+    /// a rate so high that the emission interval rounds to zero (every request allowed).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.burst == 0 || self.period_secs == 0 {
+            return Err("burst and period_secs must be at least 1".into());
+        }
+        if self.emission_interval() < 1 {
+            return Err("burst may be at most 1,000,000 per second of period_secs".into());
+        }
+        Ok(())
+    }
+
     /// Microseconds between two conforming requests at the steady rate.
     pub fn emission_interval(&self) -> i64 {
         i64::from(self.period_secs) * 1_000_000 / i64::from(self.burst.max(1))
@@ -78,33 +90,77 @@ pub fn decide(stored_tat: Option<i64>, now: i64, quota: Quota) -> (Decision, Opt
 
 const SHARDS: usize = 32;
 const MAX_KEYS_PER_SHARD: usize = 50_000;
+/// A shard is swept when it has grown to this many keys (and then at twice what the
+/// sweep left), so a sweep's cost is spread over the inserts since the last one.
+const FIRST_SWEEP: usize = 1024;
 
-/// A process-local limiter over many keys, sharded to keep lock hold times tiny.
+/// One shard's keys and the size at which it is next swept.
+#[derive(Default)]
+struct Shard {
+    tats: HashMap<String, i64>,
+    sweep_at: usize,
+}
+
+impl Shard {
+    /// Drops the keys whose TAT has passed (a TAT in the past equals no entry). If the
+    /// shard is still near its cap (more live keys than it holds: someone spraying
+    /// addresses or emails), it also drops the keys nearest to their TAT, down to three
+    /// quarters of the cap: those are the ones closest to a full budget anyway, so the
+    /// memory stays bounded at the cost of a little budget for the least limited keys.
+    fn sweep(&mut self, now: i64, max: usize) {
+        self.tats.retain(|_, tat| *tat > now);
+        if self.tats.len() >= max - max / 10 {
+            let excess = self.tats.len() - (max - max / 4);
+            let mut tats: Vec<i64> = self.tats.values().copied().collect();
+            let (_, cutoff, _) = tats.select_nth_unstable(excess);
+            let cutoff = *cutoff;
+            self.tats.retain(|_, tat| *tat > cutoff);
+        }
+        self.sweep_at = (self.tats.len() * 2).clamp(FIRST_SWEEP.min(max), max);
+    }
+}
+
+/// A process-local limiter over many keys, sharded to keep lock hold times tiny. At
+/// most `MAX_KEYS_PER_SHARD` keys per shard (1.6 million in all, ~100 MB at most).
 pub struct MemoryLimiter {
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<String, i64>>>,
+    shards: Vec<Mutex<Shard>>,
+    max_per_shard: usize,
 }
 
 impl Default for MemoryLimiter {
     fn default() -> Self {
-        Self {
-            hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
+        Self::with_max_keys(MAX_KEYS_PER_SHARD)
     }
 }
 
 impl MemoryLimiter {
+    fn with_max_keys(max_per_shard: usize) -> Self {
+        let max_per_shard = max_per_shard.max(8);
+        Self {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        tats: HashMap::new(),
+                        sweep_at: FIRST_SWEEP.min(max_per_shard),
+                    })
+                })
+                .collect(),
+            max_per_shard,
+        }
+    }
+
     pub fn check(&self, key: &str, quota: Quota, now: i64) -> Decision {
         let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
         let mut shard = self.shards[idx].lock();
-        if shard.len() >= MAX_KEYS_PER_SHARD {
-            // Expired entries carry no state: a TAT in the past equals no entry.
-            shard.retain(|_, tat| *tat > now);
-        }
-        let (decision, new_tat) = decide(shard.get(key).copied(), now, quota);
+        let stored = shard.tats.get(key).copied();
+        let (decision, new_tat) = decide(stored, now, quota);
         if let Some(tat) = new_tat {
-            shard.insert(key.to_owned(), tat);
+            if stored.is_none() && shard.tats.len() >= shard.sweep_at {
+                shard.sweep(now, self.max_per_shard);
+            }
+            shard.tats.insert(key.to_owned(), tat);
         }
         decision
     }
@@ -112,7 +168,17 @@ impl MemoryLimiter {
     /// Forgets a key (e.g. after a successful login resets the failure budget).
     pub fn reset(&self, key: &str) {
         let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
-        self.shards[idx].lock().remove(key);
+        self.shards[idx].lock().tats.remove(key);
+    }
+
+    /// Keys held, over all shards.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().tats.len()).sum()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -142,6 +208,62 @@ mod tests {
         assert!(lim.check("other", q, now).allowed);
         lim.reset("k");
         assert!(lim.check("k", q, now + 12 * S).allowed);
+    }
+
+    #[test]
+    fn a_spray_of_live_keys_stays_within_the_cap_and_keeps_the_most_limited() {
+        let lim = MemoryLimiter::with_max_keys(200);
+        let q = Quota::new(5, 60);
+        let now = 1_000 * S;
+        // A key with its whole budget spent: the one an attacker would like dropped.
+        for _ in 0..5 {
+            assert!(lim.check("victim", q, now).allowed);
+        }
+        assert!(!lim.check("victim", q, now).allowed);
+        // 100,000 distinct live keys (one request each), far beyond 32 × 200.
+        for i in 0..100_000 {
+            assert!(lim.check(&format!("spray-{i}"), q, now + i).allowed);
+        }
+        assert!(lim.len() <= SHARDS * 200, "{} keys", lim.len());
+        // The spent key outlived the spray: its TAT is the furthest ahead.
+        assert!(!lim.check("victim", q, now + 100_000).allowed);
+    }
+
+    #[test]
+    fn expired_keys_are_swept_without_losing_live_ones() {
+        let lim = MemoryLimiter::with_max_keys(50_000);
+        let q = Quota::new(1, 1);
+        for i in 0..20_000 {
+            lim.check(&format!("old-{i}"), q, 0);
+        }
+        let later = 10 * S;
+        for i in 0..20_000 {
+            lim.check(&format!("new-{i}"), q, later);
+        }
+        // Every old key expired at 1 s; the sweeps on the way dropped them.
+        assert!(lim.len() < 40_000, "{} keys", lim.len());
+        assert!(!lim.check("new-7", q, later).allowed);
+    }
+
+    #[test]
+    fn quotas_that_limit_nothing_are_refused() {
+        assert!(Quota::new(10, 60).validate().is_ok());
+        assert!(Quota::new(1_000_000, 1).validate().is_ok());
+        for q in [
+            Quota::new(0, 60),
+            Quota::new(5, 0),
+            Quota::new(2_000_000, 1),
+        ] {
+            assert!(q.validate().is_err(), "{q:?}");
+        }
+        // What such a quota did: an interval of 0 allowed every request.
+        let q = Quota::new(2_000_000, 1);
+        let mut tat = None;
+        for _ in 0..10_000 {
+            let (d, new) = decide(tat, 0, q);
+            assert!(d.allowed);
+            tat = new;
+        }
     }
 
     #[test]

@@ -40,18 +40,37 @@ pub async fn enforce(
     .header(HeaderName::from_static("ratelimit-reset"), d.reset_secs))
 }
 
-/// The in-process limiter (embedded mode and single-node deployments).
-#[derive(Default)]
-pub struct MemoryRateLimiter(MemoryLimiter);
+/// The in-process limiter (embedded mode and single-node deployments). Its clock is
+/// monotonic: a wall clock stepped back (NTP) would keep every recently active key
+/// refused for as long as the step.
+pub struct MemoryRateLimiter {
+    limiter: MemoryLimiter,
+    start: std::time::Instant,
+}
+
+impl Default for MemoryRateLimiter {
+    fn default() -> Self {
+        Self {
+            limiter: MemoryLimiter::default(),
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl MemoryRateLimiter {
+    fn now(&self) -> i64 {
+        i64::try_from(self.start.elapsed().as_micros()).unwrap_or(i64::MAX)
+    }
+}
 
 impl RateLimiter for MemoryRateLimiter {
     fn check<'a>(&'a self, key: &'a str, quota: Quota) -> BoxFuture<'a, Result<Decision, String>> {
-        let d = self.0.check(key, quota, vaultpay_core::time::now_micros());
+        let d = self.limiter.check(key, quota, self.now());
         Box::pin(async move { Ok(d) })
     }
 
     fn reset<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        self.0.reset(key);
+        self.limiter.reset(key);
         Box::pin(async { Ok(()) })
     }
 }

@@ -137,6 +137,23 @@ pub struct RateLimits {
     pub oauth_start_per_ip: Quota,
 }
 
+impl RateLimits {
+    /// Every quota with its name (for validation).
+    pub fn all(&self) -> [(&'static str, Quota); 9] {
+        [
+            ("login_per_ip", self.login_per_ip),
+            ("login_per_account", self.login_per_account),
+            ("register_per_ip", self.register_per_ip),
+            ("register_per_account", self.register_per_account),
+            ("refresh_per_ip", self.refresh_per_ip),
+            ("refresh_per_session", self.refresh_per_session),
+            ("reset_per_ip", self.reset_per_ip),
+            ("reset_per_account", self.reset_per_account),
+            ("oauth_start_per_ip", self.oauth_start_per_ip),
+        ]
+    }
+}
+
 impl Default for RateLimits {
     fn default() -> Self {
         Self {

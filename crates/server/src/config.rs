@@ -179,6 +179,27 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> any
     Ok(())
 }
 
+/// Whether a setting's name makes it a secret (taken as written, never printed).
+fn is_secret_key(key: &str) -> bool {
+    ["password", "secret", "token", "key", "url"]
+        .iter()
+        .any(|s| key.ends_with(s))
+}
+
+/// Refuses a secret-named setting whose value is not a string, naming the setting only.
+fn secrets_are_strings(table: &toml::Table, prefix: &str) -> anyhow::Result<()> {
+    for (k, v) in table {
+        let path = format!("{prefix}{k}");
+        match v {
+            toml::Value::Table(t) => secrets_are_strings(t, &format!("{path}."))?,
+            toml::Value::String(_) => {}
+            _ if is_secret_key(k) => bail!("{path} must be a string (in quotes)"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads the file (if any), applies `VAULTPAY_*` overrides from `env`.
     pub fn load(
@@ -189,8 +210,17 @@ impl Config {
             Some(f) => {
                 let text = std::fs::read_to_string(f)
                     .with_context(|| format!("reading config file {}", f.display()))?;
-                toml::from_str::<toml::Table>(&text)
-                    .with_context(|| format!("parsing config file {}", f.display()))?
+                toml::from_str::<toml::Table>(&text).map_err(|e| {
+                    // Not the error's own text: it quotes the offending line, which may
+                    // hold a secret (an unquoted `master_key = 00ab…`).
+                    let at = e.span().map_or(String::new(), |s| {
+                        let before = &text[..s.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                        format!(" at line {line}, column {col}")
+                    });
+                    anyhow::anyhow!("parsing config file {}{at}: {}", f.display(), e.message())
+                })?
             }
             None => toml::Table::new(),
         };
@@ -217,13 +247,7 @@ impl Config {
             }
             // secrets and addresses are taken as written, even when they look like a
             // number, a boolean or a quoted TOML string; other settings are TOML values
-            let secret = path.last().is_some_and(|key| {
-                key.ends_with("password")
-                    || key.ends_with("secret")
-                    || key.ends_with("token")
-                    || key.ends_with("key")
-                    || key.ends_with("url")
-            });
+            let secret = path.last().is_some_and(|key| is_secret_key(key));
             let value = if secret {
                 toml::Value::String(raw)
             } else {
@@ -231,6 +255,9 @@ impl Config {
             };
             set_path(&mut table, &path, value).with_context(|| format!("applying {k}"))?;
         }
+        // A secret that is not a string would be refused below by an error quoting
+        // its value.
+        secrets_are_strings(&table, "")?;
         let issuer_configured = table
             .get("auth")
             .and_then(|a| a.as_table())
@@ -255,6 +282,55 @@ impl Config {
         }
         if self.auth.session_idle_ttl_secs <= 0 || self.auth.session_absolute_ttl_secs <= 0 {
             bail!("auth session lifetimes must be positive");
+        }
+        // A quota that limits nothing would switch brute-force protection off silently.
+        for (name, q) in self.auth.rate_limits.all() {
+            q.validate()
+                .map_err(|e| anyhow::anyhow!("auth.rate_limits.{name}: {e}"))?;
+        }
+        self.auth
+            .mfa
+            .email_send
+            .validate()
+            .map_err(|e| anyhow::anyhow!("auth.mfa.email_send: {e}"))?;
+        let a = &self.auth;
+        for (name, value, range) in [
+            ("auth.leeway_secs", a.leeway_secs, 0..=300),
+            (
+                "auth.refresh_reuse_grace_secs",
+                a.refresh_reuse_grace_secs,
+                0..=300,
+            ),
+            (
+                "auth.permission_cache_ttl_secs",
+                i64::try_from(a.permission_cache_ttl_secs).unwrap_or(i64::MAX),
+                0..=3600,
+            ),
+            ("auth.lockout.threshold", a.lockout.threshold, 1..=1000),
+            ("auth.lockout.base_secs", a.lockout.base_secs, 1..=86_400),
+            (
+                "auth.lockout.max_secs",
+                a.lockout.max_secs,
+                a.lockout.base_secs..=366 * 86_400,
+            ),
+            (
+                "request_timeout_secs",
+                i64::try_from(self.request_timeout_secs).unwrap_or(i64::MAX),
+                1..=3600,
+            ),
+            (
+                "database.max_connections",
+                i64::from(self.database.max_connections),
+                1..=1000,
+            ),
+        ] {
+            if !range.contains(&value) {
+                bail!(
+                    "{name} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                );
+            }
         }
         if self.body_limit_bytes < 1024 {
             bail!("body_limit_bytes must be at least 1024");
@@ -434,6 +510,83 @@ mod tests {
         }
         let c = Config::load(None, env(&[("VAULTPAY_AUTH__OAUTH__CODE_TTL_SECS", "30")])).unwrap();
         assert_eq!(c.auth.oauth.code_ttl_secs, 30);
+    }
+
+    #[test]
+    fn quotas_and_limits_that_disable_protection_are_refused() {
+        let quota = |name: &str, burst: &str, period: &str| {
+            vec![
+                (format!("VAULTPAY_{name}__BURST"), burst.to_owned()),
+                (format!("VAULTPAY_{name}__PERIOD_SECS"), period.to_owned()),
+            ]
+        };
+        let one = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        for (vars, names) in [
+            (
+                quota("AUTH__RATE_LIMITS__LOGIN_PER_ACCOUNT", "10", "0"),
+                "login_per_account",
+            ),
+            (
+                quota("AUTH__RATE_LIMITS__LOGIN_PER_IP", "0", "60"),
+                "login_per_ip",
+            ),
+            (
+                quota("AUTH__RATE_LIMITS__RESET_PER_IP", "4000000000", "1"),
+                "reset_per_ip",
+            ),
+            (quota("AUTH__MFA__EMAIL_SEND", "3", "0"), "email_send"),
+            (
+                one("VAULTPAY_AUTH__LOCKOUT__THRESHOLD", "0"),
+                "lockout.threshold",
+            ),
+            (
+                one("VAULTPAY_AUTH__LOCKOUT__MAX_SECS", "1"),
+                "lockout.max_secs",
+            ),
+            (one("VAULTPAY_AUTH__LEEWAY_SECS", "-1"), "leeway_secs"),
+            (
+                one("VAULTPAY_AUTH__REFRESH_REUSE_GRACE_SECS", "86400"),
+                "refresh_reuse_grace_secs",
+            ),
+            (
+                one("VAULTPAY_REQUEST_TIMEOUT_SECS", "0"),
+                "request_timeout_secs",
+            ),
+            (
+                one("VAULTPAY_DATABASE__MAX_CONNECTIONS", "0"),
+                "max_connections",
+            ),
+        ] {
+            let e = Config::load(None, vars.clone()).unwrap_err();
+            assert!(format!("{e:#}").contains(names), "{vars:?}: {e:#}");
+        }
+        let c = Config::load(None, quota("AUTH__RATE_LIMITS__LOGIN_PER_IP", "100", "60")).unwrap();
+        assert_eq!(c.auth.rate_limits.login_per_ip.burst, 100);
+    }
+
+    #[test]
+    fn config_errors_do_not_quote_secrets() {
+        let dir = std::env::temp_dir().join(format!("vp-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        // A syntax error on a secret's line: the position, not the line.
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:1\"\nmaster_key = 00ab99ff-secret\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(!e.contains("00ab99ff"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        // A secret of the wrong type: named, not quoted.
+        std::fs::write(
+            &f,
+            "master_key = 1234567\n[auth]\nintrospection_secret = 98765432\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", Config::load(Some(&f), vec![]).unwrap_err());
+        assert!(!e.contains("1234567") && !e.contains("98765432"), "{e}");
+        assert!(e.contains("must be a string"), "{e}");
     }
 
     #[test]

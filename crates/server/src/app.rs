@@ -164,13 +164,25 @@ pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
     }
     ensure_data_dir(&cfg.data_dir)?;
     let key = MasterKey::generate();
-    write_private(&path, key.to_hex().as_bytes())?;
+    if !write_private(&path, key.to_hex().as_bytes())? {
+        // Another process starting at the same moment generated one first: use it.
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        return MasterKey::parse(&text)
+            .with_context(|| format!("master key in {}", path.display()));
+    }
     tracing::warn!(path = %path.display(), "generated a new master key; back it up with the data directory");
     Ok(key)
 }
 
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+/// Writes `data` to `path` (mode 0600) if nothing is there yet; false if something is.
+/// The file appears whole or not at all: written and synced under a temporary name,
+/// then linked into place (a crash before could otherwise leave an empty key file the
+/// server would refuse to start with, and a second process read a half-written one).
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<bool> {
     use std::io::Write;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -178,12 +190,28 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    Ok(())
+    let written = (|| {
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        anyhow::Ok(())
+    })();
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("creating {}", path.display()))),
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let linked = linked?;
+    if let Some(dir) = path.parent() {
+        // The new name is durable once its directory is.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(linked)
 }
 
 fn db_options(cfg: &Config) -> DbOptions {
@@ -702,4 +730,41 @@ async fn serve_http(
     drop(open_rx);
     open_tx.closed().await;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_master_key_appears_once_whole_and_private() {
+        let dir = std::env::temp_dir().join(format!("vp-mk-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        // A crash between creating and writing the old way: an empty file under a
+        // temporary name is not the key, and does not stop a key being made.
+        std::fs::write(dir.join(format!("master.tmp-{}", std::process::id())), b"").unwrap();
+        let first = master_key(&cfg).unwrap();
+        let path = dir.join("master.key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Another start reads it; a second writer finds it taken and leaves it.
+        assert_eq!(master_key(&cfg).unwrap().to_hex(), first.to_hex());
+        assert!(!write_private(&path, b"other").unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), *first.to_hex());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["master.key"], "no temporary file left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

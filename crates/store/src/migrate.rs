@@ -104,11 +104,17 @@ impl Db {
             Service::Auth => AUTH,
             Service::Ledger => LEDGER,
         };
+        // Under the migrations lock: two PostgreSQL servers starting together would
+        // otherwise race to create the table (`CREATE TABLE IF NOT EXISTS` is not safe
+        // against a concurrent one: the loser fails on `pg_type`'s unique index).
+        let mut tx = self.begin().await?;
+        self.lock(&mut tx, LOCK_MIGRATIONS).await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         )
-        .execute(self.writer())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         let known = list.last().map(|m| m.version).unwrap_or(0);
         let mut applied = 0;
         for m in list {

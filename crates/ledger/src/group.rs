@@ -43,15 +43,40 @@ fn request(job: &Job) -> Result<&TransferRequest, LedgerError> {
 }
 
 /// A refused transfer's `failed_transfers` row.
-struct Failure {
-    user_id: String,
-    key: Option<String>,
-    from: String,
-    to: String,
-    amount: i64,
-    currency: String,
-    reason: &'static str,
-    detail: String,
+pub(crate) struct Failure {
+    pub user_id: String,
+    pub key: Option<String>,
+    /// `transfer`, or `batch_item` for an item of a batch.
+    pub operation: &'static str,
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub currency: String,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl Failure {
+    /// The row for `req`, refused with `e`, from `job` (counted in the metrics).
+    pub(crate) fn new(
+        job: &Job,
+        operation: &'static str,
+        req: &TransferRequest,
+        e: &LedgerError,
+    ) -> Self {
+        crate::tally::count("ledger_failed_transfers_total", "reason", e.code(), 1);
+        Failure {
+            user_id: job.actor.user_id.clone(),
+            key: job.key.clone(),
+            operation,
+            from: req.from_account_id.chars().take(64).collect(),
+            to: req.to_account_id.chars().take(64).collect(),
+            amount: req.amount,
+            currency: req.currency.chars().take(16).collect(),
+            reason: e.code(),
+            detail: e.to_string(),
+        }
+    }
 }
 
 /// A posting of a run: (transfer index, account id, account seq, signed amount, balance
@@ -147,17 +172,7 @@ pub(crate) async fn run_transfers(
             }
             Err(e) if e.is_server_error() => return Err(e),
             Err(e) => {
-                crate::tally::count("ledger_failed_transfers_total", "reason", e.code(), 1);
-                failures.push(Failure {
-                    user_id: job.actor.user_id.clone(),
-                    key: job.key.clone(),
-                    from: req.from_account_id.chars().take(64).collect(),
-                    to: req.to_account_id.chars().take(64).collect(),
-                    amount: req.amount,
-                    currency: req.currency.chars().take(16).collect(),
-                    reason: e.code(),
-                    detail: e.to_string(),
-                });
+                failures.push(Failure::new(job, "transfer", req, &e));
                 let reply = Reply::problem(&e, job.origin.request_id.clone());
                 let key =
                     fingerprint_reply(job, std::mem::take(&mut fingerprints[i]), &reply, None);
@@ -329,7 +344,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
             .bind(crate::ids::new_id())
             .bind(&f.user_id)
             .bind(&f.key)
-            .bind("transfer")
+            .bind(f.operation)
             .bind(&f.from)
             .bind(&f.to)
             .bind(f.amount)
@@ -404,7 +419,7 @@ async fn write_postings(
     Ok(())
 }
 
-async fn write_failures(
+pub(crate) async fn write_failures(
     db: &Db,
     tx: &mut Tx,
     failures: &[Failure],
@@ -423,7 +438,7 @@ async fn write_failures(
                 .bind(crate::ids::new_id())
                 .bind(&f.user_id)
                 .bind(&f.key)
-                .bind("transfer")
+                .bind(f.operation)
                 .bind(&f.from)
                 .bind(&f.to)
                 .bind(f.amount)

@@ -1,5 +1,6 @@
 use crate::common::*;
 use serde_json::{json, Value};
+use sqlx::Row;
 
 fn item(from: &str, to: &str, amount: i64) -> Value {
     json!({"from_account_id": from, "to_account_id": to, "amount": amount, "currency": "USD"})
@@ -52,6 +53,28 @@ async fn batch_reports_each_outcome_or_is_all_or_nothing() {
         assert_eq!(r.body["succeeded"], 550);
         assert_eq!(r.body["failed"], 450);
         assert_eq!(app.balance(&alice, &a).await.0, 0);
+        // Every refused item is recorded, under its batch's key: 2 + 1 + 1 + 450 (an
+        // atomic batch records its failing item only).
+        let rows = sqlx::query(
+            "SELECT reason, CAST(COUNT(*) AS BIGINT) AS n FROM failed_transfers \
+             WHERE operation = 'batch_item' GROUP BY reason ORDER BY reason",
+        )
+        .fetch_all(app.db.read())
+        .await
+        .unwrap();
+        let counts: Vec<(String, i64)> = rows
+            .iter()
+            .map(|r| (r.get("reason"), r.get("n")))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                // bob's account, not alice's: not found (no existence leak)
+                ("account_not_found".to_owned(), 1),
+                ("insufficient_funds".to_owned(), 452),
+                ("same_account".to_owned(), 1),
+            ]
+        );
         app.assert_consistent().await;
     })
     .await;

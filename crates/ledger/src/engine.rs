@@ -342,18 +342,19 @@ where
 }
 
 /// The stored answer to `op` under `user`'s `key`, read outside any transaction: a
-/// replay when the key was used for this same request, `None` otherwise (never used,
-/// or used for another request: the caller's own answer stands).
+/// replay when the key was used for this same request, `idempotency_key_reused` when
+/// it was used for another, `None` when it was never used.
 pub(crate) async fn stored_replay(
     db: &Db,
     user: &str,
     key: &str,
     op: &Op,
 ) -> Result<Option<Reply>, LedgerError> {
-    let stored = lookup_key(db.read(), user, key).await?;
-    Ok(stored
-        .filter(|s| s.fingerprint == op.fingerprint())
-        .map(|s| s.replay()))
+    match lookup_key(db.read(), user, key).await? {
+        Some(s) if s.fingerprint == op.fingerprint() => Ok(Some(s.replay())),
+        Some(_) => Err(LedgerError::IdempotencyKeyReused),
+        None => Ok(None),
+    }
 }
 
 /// Looks up the stored keys of every job of a group in one statement.

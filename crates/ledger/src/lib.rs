@@ -529,7 +529,7 @@ impl Ledger {
         req: wire::TransferRequest,
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
-        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        let key = required_key(key)?;
         // An amount no transfer can have moves nothing: it goes straight to its
         // refusal (`amount_invalid`, recorded and kept under the key), not through a
         // live check or a step-up the caller could never make good on.
@@ -570,6 +570,7 @@ impl Ledger {
             };
             return match engine::stored_replay(self.db(), &actor.user_id, k, &op).await {
                 Ok(Some(replay)) => Ok(replay),
+                Err(LedgerError::IdempotencyKeyReused) => Err(LedgerError::IdempotencyKeyReused),
                 _ => Err(refused),
             };
         }
@@ -584,7 +585,7 @@ impl Ledger {
         req: wire::BatchRequest,
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
-        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        let key = required_key(key)?;
         let total = req
             .transfers
             .iter()
@@ -603,7 +604,7 @@ impl Ledger {
         req: wire::PostHoldRequest,
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
-        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        let key = required_key(key)?;
         // Posting the whole hold (no amount) is checked live whatever its size.
         let gates = self
             .check_session_for(actor, req.amount.unwrap_or(i64::MAX))
@@ -624,6 +625,9 @@ impl Ledger {
     ) -> Result<Reply, LedgerError> {
         // No money moves, but funds reserved for someone are released: not by the token
         // of a session that has ended.
+        if let Some(k) = &key {
+            engine::check_key(k)?;
+        }
         let gates = self.require_live_session(actor).await.map(|_| ());
         let op = Op::Void(id.to_owned(), req);
         self.submit_gated(actor, key, op, origin, gates).await
@@ -647,7 +651,7 @@ impl Ledger {
         deposit: bool,
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
-        let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+        let key = required_key(key)?;
         let op = if deposit {
             Op::Deposit(req)
         } else {
@@ -737,6 +741,14 @@ fn movable(amount: i64) -> i64 {
     } else {
         0
     }
+}
+
+/// The `Idempotency-Key` a money movement requires, checked before anything else (a
+/// live-session check or a step-up demand for a request that can never run).
+fn required_key(key: Option<String>) -> Result<String, LedgerError> {
+    let key = key.ok_or(LedgerError::IdempotencyKeyRequired)?;
+    engine::check_key(&key)?;
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -325,6 +325,35 @@ async fn large_transfers_need_a_recent_second_factor() {
         );
         let fresh = app.token_acr("alice", &["customer"], Some(ACR_MFA), 880);
         app.transfer(&fresh, &a, &bb, threshold).await.expect(201);
+        // The key is judged before the step-up: a malformed one is 400 (stepping up
+        // would not make the request valid), and a key already used for another
+        // request is 422, not a demand to step up for a request that cannot run.
+        let body = |amount: i64| {
+            json!({"from_account_id": a, "to_account_id": bb, "amount": amount, "currency": "USD", "description": "k"})
+        };
+        app.post("/v1/transfers", &pwd, Some("bad key"), body(threshold))
+            .await
+            .problem(400, "idempotency_key_invalid");
+        let k = key();
+        app.post("/v1/transfers", &pwd, Some(&k), body(1))
+            .await
+            .expect(201);
+        app.post("/v1/transfers", &pwd, Some(&k), body(threshold))
+            .await
+            .problem(422, "idempotency_key_reused");
+        // the same request under its key replays, even where a new one needs the step-up
+        let k = key();
+        app.post("/v1/transfers", &fresh, Some(&k), body(threshold))
+            .await
+            .expect(201);
+        let r = app
+            .post("/v1/transfers", &pwd, Some(&k), body(threshold))
+            .await
+            .expect(201);
+        assert_eq!(
+            r.headers.get("idempotent-replayed").map(|v| v.to_str().unwrap()),
+            Some("true")
+        );
     })
     .await;
 

@@ -60,10 +60,16 @@ pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
         .fetch_all(core.db.read())
         .await?;
         let full = rows.len() as i64 == EXPIRY_PAGE;
+        let mut ids = Vec::with_capacity(rows.len());
         for r in rows {
-            after_id = r.try_get("id")?;
+            ids.push(r.try_get::<String, _>("id")?);
             after_at = r.try_get("expires_at")?;
-            n += expire_one(core, &after_id, now).await;
+        }
+        if let Some(last) = ids.last() {
+            after_id = last.clone();
+        }
+        for chunk in ids.chunks(EXPIRY_TX) {
+            n += expire_together(core, chunk, now).await;
         }
         if !full {
             break;
@@ -77,6 +83,38 @@ pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
 
 /// Holds one expiry query reads.
 const EXPIRY_PAGE: i64 = 500;
+
+/// Holds expired in one transaction: a burst of holds sharing a timeout took the
+/// exclusive write lock (and a commit) once per hold, stalling transfers each time.
+const EXPIRY_TX: usize = 64;
+
+/// Expires `ids` in one transaction; if that fails, one by one (so a hold that cannot
+/// be expired fails alone). Returns how many expired.
+async fn expire_together(core: &Core, ids: &[String], now: i64) -> u64 {
+    if ids.len() == 1 {
+        return expire_one(core, &ids[0], now).await;
+    }
+    let together = async {
+        let mut tx = begin(&core.db).await?;
+        let mut expired = 0;
+        for id in ids {
+            expired += u64::from(expire_hold(core, &mut tx, id, now).await?);
+        }
+        tx.commit().await?;
+        Ok::<_, LedgerError>(expired)
+    };
+    match together.await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(holds = ids.len(), error = %e, "could not expire holds together; one by one");
+            let mut n = 0;
+            for id in ids {
+                n += expire_one(core, id, now).await;
+            }
+            n
+        }
+    }
+}
 
 /// Expires hold `id` in a transaction of its own: 1 if it did, 0 if it was resolved
 /// meanwhile or failed (logged and counted; tried again on the next run).

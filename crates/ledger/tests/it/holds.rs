@@ -514,3 +514,48 @@ async fn a_page_of_failing_holds_does_not_hide_the_ones_behind_it() {
     })
     .await;
 }
+
+/// Many holds expiring together are expired several to a transaction; one resolved
+/// meanwhile is left as it is, and every other is released exactly once.
+#[tokio::test]
+async fn a_burst_of_expired_holds_is_released_once_each() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _, a, bb) = app.alice_and_bob(1_000).await;
+        let mut ids = Vec::new();
+        for _ in 0..70 {
+            ids.push(
+                hold(&app, &alice, &a, &bb, 10, Some(1))
+                    .await
+                    .expect(201)
+                    .id(),
+            );
+        }
+        assert_eq!(app.balance(&alice, &a).await, (1_000, 300));
+        app.post(
+            &format!("/v1/transfers/{}/post", ids[3]),
+            &alice,
+            Some(&key()),
+            json!({}),
+        )
+        .await
+        .expect(200);
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let (x, y) = tokio::join!(app.ledger.expire_holds(), app.ledger.expire_holds());
+        assert_eq!(x.unwrap() + y.unwrap(), 69);
+        assert_eq!(app.ledger.expire_holds().await.unwrap(), 0);
+        assert_eq!(app.balance(&alice, &a).await, (990, 990));
+        let posted = app
+            .get(&format!("/v1/transfers/{}", ids[3]), &alice)
+            .await
+            .expect(200);
+        assert_eq!(posted.body["status"], "posted");
+        let last = app
+            .get(&format!("/v1/transfers/{}", ids[69]), &alice)
+            .await
+            .expect(200);
+        assert_eq!(last.body["status"], "expired");
+        app.assert_consistent().await;
+    })
+    .await;
+}

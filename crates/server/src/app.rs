@@ -308,8 +308,9 @@ async fn open_one(
 fn rate_limiter(cfg: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {
     match &cfg.redis_url {
         #[cfg(feature = "redis")]
-        Some(url) => Ok(Arc::new(crate::redis_limiter::RedisRateLimiter::new(
+        Some(url) => Ok(Arc::new(crate::redis_limiter::RedisRateLimiter::with_ca(
             url.expose(),
+            cfg.redis_ca_path.as_deref(),
         )?)),
         #[cfg(not(feature = "redis"))]
         Some(_) => bail!("redis_url is set but this binary was built without the `redis` feature"),

@@ -61,6 +61,9 @@ pub struct Config {
     /// PEM certificates of the authorities to trust for `auth_url`'s TLS besides the
     /// public roots (an internal CA).
     pub auth_ca_path: Option<std::path::PathBuf>,
+    /// PEM certificates of the authorities to trust for a `rediss://` `redis_url`
+    /// instead of the system's roots (an internal CA).
+    pub redis_ca_path: Option<std::path::PathBuf>,
     /// The ledger process of a split deployment: how often it reloads AuthShield's
     /// JWKS (so that a retired or rotated-out key stops verifying there too).
     pub jwks_refresh_secs: u64,
@@ -94,6 +97,7 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             auth_url: None,
             auth_ca_path: None,
+            redis_ca_path: None,
             jwks_refresh_secs: 15,
             issuer_configured: false,
         }
@@ -154,6 +158,7 @@ const TOP_LEVEL: &[&str] = &[
     "ledger",
     "auth_url",
     "auth_ca_path",
+    "redis_ca_path",
     "jwks_refresh_secs",
 ];
 

@@ -44,9 +44,15 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn new(url: &str) -> anyhow::Result<Self> {
+        Self::with_ca(url, None)
+    }
+
+    /// As [`Self::new`], trusting the PEM authorities in `ca` for `rediss://`.
+    pub fn with_ca(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let client = crate::redis_conn::client(url, ca)?;
         Ok(Self {
-            client: redis::Client::open(url)?,
-            conn: SharedConn::new(redis::Client::open(url)?),
+            client: client.clone(),
+            conn: SharedConn::new(client),
             fill: Script::new(FILL),
             prefix: "vaultpay:".into(),
         })
@@ -238,7 +244,10 @@ pub fn install(
     let Some(url) = &cfg.redis_url else {
         return Ok(None);
     };
-    let cluster = std::sync::Arc::new(RedisCluster::new(url.expose())?);
+    let cluster = std::sync::Arc::new(RedisCluster::with_ca(
+        url.expose(),
+        cfg.redis_ca_path.as_deref(),
+    )?);
     svc.set_trust_backend(cluster.clone());
     svc.set_invalidation_bus(cluster.clone());
     Ok(Some(cluster.spawn_subscriber(svc.clone(), shutdown)))

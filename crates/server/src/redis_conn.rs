@@ -9,12 +9,61 @@
 //! second instead of each waiting out a connect of its own in turn.
 
 use redis::aio::ConnectionManager;
+use redis::{ConnectionAddr, IntoConnectionInfo};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_CONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// A client for `url` (which may hold a password: never echoed). `rediss://` is TLS
+/// (rustls with ring), trusting the system's roots, or only the PEM authorities in
+/// `ca` when given (`redis_ca_path`: an internal CA). Plain `redis://` only to a
+/// loopback address or through a Unix socket: the rate limiter's counts, the trusted
+/// networks that let a login skip its email confirmation and the cache invalidations
+/// ride on this connection, and its password would cross the network in clear.
+pub fn client(url: &str, ca: Option<&Path>) -> anyhow::Result<redis::Client> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| anyhow::anyhow!("redis_url is not a Redis URL ({:?})", e.kind()))?;
+    if let ConnectionAddr::Tcp(host, _) = &info.addr {
+        if !is_loopback(host) {
+            anyhow::bail!(
+                "redis_url must be rediss:// (TLS) unless Redis is on a loopback address; \
+                 plain redis:// to {host} would carry the password and the rate limits in clear"
+            );
+        }
+    }
+    let Some(ca) = ca else {
+        return Ok(redis::Client::open(info)?);
+    };
+    if !matches!(info.addr, ConnectionAddr::TcpTls { .. }) {
+        anyhow::bail!("redis_ca_path is set, but redis_url is not rediss://");
+    }
+    let pem =
+        std::fs::read(ca).map_err(|e| anyhow::anyhow!("redis_ca_path {}: {e}", ca.display()))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("redis_ca_path {}: no PEM certificate in it", ca.display());
+    }
+    Ok(redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    )?)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 pub(crate) struct SharedConn {
     client: redis::Client,

@@ -31,9 +31,15 @@ pub struct RedisRateLimiter {
 }
 
 impl RedisRateLimiter {
+    /// A limiter on the Redis at `url` (see [`crate::redis_conn::client`]).
     pub fn new(url: &str) -> anyhow::Result<Self> {
+        Self::with_ca(url, None)
+    }
+
+    /// As [`Self::new`], trusting the PEM authorities in `ca` for `rediss://`.
+    pub fn with_ca(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
         Ok(Self {
-            conn: SharedConn::new(redis::Client::open(url)?),
+            conn: SharedConn::new(crate::redis_conn::client(url, ca)?),
             script: Script::new(GCRA),
             prefix: "vaultpay:rl:".into(),
         })

@@ -47,8 +47,82 @@ async fn unreachable_redis_fails_closed() {
 #[tokio::test]
 async fn two_servers_enforce_the_same_login_limit() {
     let Some(url) = redis_url() else { return };
+    two_servers_share_a_login_limit(&url, None).await;
+}
+
+/// The Redis with TLS named by `VAULTPAY_TEST_REDIS_TLS_URL` (`rediss://`), whose
+/// certificate the PEM authority in `VAULTPAY_TEST_REDIS_CA` signed (CI starts one).
+fn redis_tls() -> Option<(String, std::path::PathBuf)> {
+    let url = std::env::var("VAULTPAY_TEST_REDIS_TLS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let ca = std::env::var("VAULTPAY_TEST_REDIS_CA")
+        .ok()
+        .filter(|u| !u.is_empty());
+    match (url, ca) {
+        (Some(u), Some(c)) => Some((u, c.into())),
+        (None, None) => {
+            eprintln!("note: VAULTPAY_TEST_REDIS_TLS_URL is not set; Redis TLS tests skipped");
+            None
+        }
+        _ => panic!("set both VAULTPAY_TEST_REDIS_TLS_URL and VAULTPAY_TEST_REDIS_CA"),
+    }
+}
+
+/// Over TLS: trusting the configured authority it works (limiter, and two servers
+/// sharing a login limit); trusting only the system's roots, the self-signed authority
+/// is refused and the limiter fails closed.
+#[tokio::test]
+async fn rediss_with_its_authority_works_and_without_it_fails_closed() {
+    let Some((url, ca)) = redis_tls() else { return };
+    let prefix = format!("vaultpay-test:{}:", uuid::Uuid::now_v7());
+    let l = RedisRateLimiter::with_ca(&url, Some(&ca))
+        .unwrap()
+        .with_prefix(prefix.clone());
+    let q = Quota::new(1, 60);
+    assert!(l.check("k", q).await.unwrap().allowed);
+    assert!(!l.check("k", q).await.unwrap().allowed);
+    let untrusting = RedisRateLimiter::new(&url).unwrap().with_prefix(prefix);
+    assert!(untrusting.check("k2", q).await.is_err());
+    two_servers_share_a_login_limit(&url, Some(ca)).await;
+}
+
+/// Plain `redis://` carries the password and the limits in clear: only to loopback.
+#[tokio::test]
+async fn plain_redis_is_refused_off_loopback_without_echoing_the_password() {
+    for url in [
+        "redis://:hunter2-secret@10.1.2.3:6379",
+        "redis://:hunter2-secret@redis.internal/0",
+    ] {
+        let e = RedisRateLimiter::new(url).err().expect(url).to_string();
+        assert!(e.contains("rediss://"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    for url in [
+        "redis://127.0.0.1:6379",
+        "redis://localhost:6379",
+        "redis://[::1]:6379",
+        "rediss://redis.internal:6380",
+    ] {
+        assert!(RedisRateLimiter::new(url).is_ok(), "{url}");
+    }
+    let ca = std::env::temp_dir().join(format!("vp-noca-{}", uuid::Uuid::now_v7()));
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let e = RedisRateLimiter::with_ca("redis://127.0.0.1:6379", Some(&ca))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not rediss://"), "{e}");
+    let e = RedisRateLimiter::with_ca("rediss://127.0.0.1:6380", Some(&ca))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    std::fs::remove_file(&ca).unwrap();
+}
+
+async fn two_servers_share_a_login_limit(url: &str, ca: Option<std::path::PathBuf>) {
     let tweak = |cfg: &mut vaultpay_server::Config| {
-        cfg.redis_url = Some(vaultpay_core::secret::Secret::new(url.clone()));
+        cfg.redis_url = Some(vaultpay_core::secret::Secret::new(url.to_owned()));
+        cfg.redis_ca_path = ca.clone();
         cfg.auth.rate_limits.login_per_account = Quota::new(2, 60);
     };
     let one = TestApp::spawn_with(Backend::Sqlite, tweak).await;

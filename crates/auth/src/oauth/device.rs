@@ -158,10 +158,17 @@ pub(crate) async fn poll(
     let db = svc.db();
     let now = now_micros();
     let hash = sha256_hex(device_code.as_bytes());
-    if !super::tokens::code_exists(db, "oauth_device_codes", "device_code_hash", &hash).await? {
+    let Some((granted_user, granted_scope)) =
+        super::tokens::granted(db, "oauth_device_codes", "device_code_hash", &hash).await?
+    else {
         return Err(OAuthError::grant("the device code is invalid"));
-    }
-    super::tokens::prepare_answer(svc, client).await?;
+    };
+    // Approved already: what the answer reads, read before the transaction (see
+    // `answer_facts`); approved after this read, the next poll answers.
+    let facts = match &granted_user {
+        Some(u) => Some(svc.answer_facts(client, u, &granted_scope).await?),
+        None => None,
+    };
     let mut tx = db.begin().await?;
     // the approving user's row, if the code has one yet (see `lock_owner`)
     let owner =
@@ -225,7 +232,9 @@ pub(crate) async fn poll(
             let user_id: Option<String> = r.try_get("user_id")?;
             let user_id =
                 user_id.ok_or_else(|| AuthError::Internal("approved without a user".into()))?;
-            if owner.as_deref() != Some(user_id.as_str()) {
+            if owner.as_deref() != Some(user_id.as_str())
+                || granted_user.as_deref() != Some(user_id.as_str())
+            {
                 // Approved after this poll locked its user (none, while pending): the
                 // user's row was not taken first, so this poll issues nothing; the
                 // next one does.
@@ -269,7 +278,9 @@ pub(crate) async fn poll(
             )
             .await?;
             // Made before the commit, as for a code (see `exchange_code`).
-            let body = svc.user_token_body(&g, &sid).await?;
+            let facts =
+                facts.ok_or_else(|| AuthError::Internal("approved without facts".into()))?;
+            let body = svc.sign_token_body(&g, &sid, facts).await?;
             tx.commit().await?;
             Ok(super::tokens::token_answer(body, refresh))
         }

@@ -179,7 +179,7 @@ pub(crate) fn split_scope(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Longest `scope` a request may carry: this server's five scopes take 42 bytes.
+/// Longest `scope` a request may carry: this server's five scopes take 39 bytes.
 pub(crate) const MAX_SCOPE_LEN: usize = 1024;
 
 /// A request's `scope` parameter split as [`split_scope`], or `invalid_scope` when it

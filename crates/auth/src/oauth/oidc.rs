@@ -62,20 +62,20 @@ impl AuthService {
         })
     }
 
-    /// Signs an ID token for `client` (EdDSA, or ES256 if the client asked for it).
+    /// Signs an ID token for `client` (EdDSA, or ES256 if the client asked for it) with
+    /// the claims of `p` (read by [`Self::profile`] for the grant's scope).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn id_token(
         &self,
         client: &Client,
         user_id: &str,
         session_id: &str,
-        scope: &str,
+        p: Profile,
         nonce: Option<String>,
         auth_time_micros: i64,
         amr: Vec<String>,
     ) -> Result<String, AuthError> {
         let now = now_micros() / 1_000_000;
-        let p = self.profile(user_id, scope).await?;
         let claims = IdClaims {
             iss: self.config().issuer.clone(),
             sub: user_id.to_owned(),

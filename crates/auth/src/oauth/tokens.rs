@@ -256,13 +256,55 @@ impl AuthService {
         g: &Grant<'_>,
         session_id: &str,
     ) -> Result<serde_json::Value, AuthError> {
+        let facts = self.answer_facts(g.client, g.user_id, g.scope).await?;
+        self.sign_token_body(g, session_id, facts).await
+    }
+
+    /// What a user grant's answer reads (roles with `api`, the profile with `openid`,
+    /// an ES256 key made on first use), read before a grant's transaction: on
+    /// PostgreSQL reads share the writer's pool, and a read inside a transaction that
+    /// holds the audit chain's lock could wait for a connection held by a transaction
+    /// waiting for that lock; on SQLite, creating the ES256 key would wait for the
+    /// transaction's own connection.
+    pub(crate) async fn answer_facts(
+        &self,
+        client: &Client,
+        user_id: &str,
+        scope: &str,
+    ) -> Result<AnswerFacts, AuthError> {
+        let openid = has_scope(scope, "openid");
+        if openid && client.id_token_alg == "ES256" {
+            self.es256().await?;
+        }
         // Roles ride in an OAuth token only when the user granted `api`.
-        let roles = if has_scope(g.scope, "api") {
-            self.effective(g.user_id).await?.roles.clone()
+        let roles = if has_scope(scope, "api") {
+            self.effective(user_id).await?.roles.clone()
         } else {
             Vec::new()
         };
-        let facts = SessionFacts {
+        let profile = if openid {
+            Some(self.profile(user_id, scope).await?)
+        } else {
+            None
+        };
+        Ok(AnswerFacts {
+            user_id: user_id.to_owned(),
+            roles,
+            profile,
+        })
+    }
+
+    /// Signs a user grant's tokens from `facts` (no database read).
+    pub(crate) async fn sign_token_body(
+        &self,
+        g: &Grant<'_>,
+        session_id: &str,
+        facts: AnswerFacts,
+    ) -> Result<serde_json::Value, AuthError> {
+        if facts.user_id != g.user_id {
+            return Err(AuthError::Internal("token facts of another user".into()));
+        }
+        let session = SessionFacts {
             user_id: g.user_id.to_owned(),
             session_id: session_id.to_owned(),
             device_id: oauth_device(&g.client.client_id),
@@ -270,20 +312,20 @@ impl AuthService {
             amr: g.amr.clone(),
         };
         let ttl = self.config().access_token_ttl_secs;
-        let access = self.oauth_access(&facts, roles, g.scope, &g.client.client_id, ttl)?;
+        let access = self.oauth_access(&session, facts.roles, g.scope, &g.client.client_id, ttl)?;
         let mut body = serde_json::json!({
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": ttl,
             "scope": g.scope,
         });
-        if has_scope(g.scope, "openid") {
+        if let Some(profile) = facts.profile {
             body["id_token"] = self
                 .id_token(
                     g.client,
                     g.user_id,
                     session_id,
-                    g.scope,
+                    profile,
                     g.nonce.clone(),
                     g.auth_time,
                     g.amr.clone(),
@@ -293,6 +335,35 @@ impl AuthService {
         }
         Ok(body)
     }
+}
+
+/// What [`AuthService::answer_facts`] read for a user's grant.
+pub(crate) struct AnswerFacts {
+    user_id: String,
+    roles: Vec<String>,
+    profile: Option<super::oidc::Profile>,
+}
+
+/// The user (none before a device code is approved) and scope of the code or device
+/// code `hash` in `column` of `table`, read without a write transaction: one that was
+/// never issued (a guess, a flood of them) is refused without taking the writer (on
+/// SQLite, the only one) that a real one needs. Both are fixed once set.
+pub(crate) async fn granted(
+    db: &vaultpay_store::Db,
+    table: &'static str,
+    column: &'static str,
+    hash: &str,
+) -> Result<Option<(Option<String>, String)>, AuthError> {
+    let row = sqlx::query(&format!(
+        "SELECT user_id, scope FROM {table} WHERE {column} = $1"
+    ))
+    .bind(hash)
+    .fetch_optional(db.read())
+    .await?;
+    Ok(match row {
+        Some(r) => Some((r.try_get("user_id")?, r.try_get("scope")?)),
+        None => None,
+    })
 }
 
 async fn exchange_code(
@@ -309,10 +380,14 @@ async fn exchange_code(
     let db = svc.db();
     let now = now_micros();
     let code_hash = sha256_hex(code.as_bytes());
-    if !code_exists(db, "oauth_codes", "code_hash", &code_hash).await? {
+    let Some((Some(granted_user), granted_scope)) =
+        granted(db, "oauth_codes", "code_hash", &code_hash).await?
+    else {
         return Err(OAuthError::grant("the authorization code is invalid"));
-    }
-    prepare_answer(svc, client).await?;
+    };
+    let facts = svc
+        .answer_facts(client, &granted_user, &granted_scope)
+        .await?;
     let mut tx = db.begin().await?;
     let owner =
         crate::sessions::lock_owner(db, &mut tx, "oauth_codes", "code_hash", &code_hash).await?;
@@ -398,6 +473,10 @@ async fn exchange_code(
         (None, None) => {}
     }
     let scope: String = r.try_get("scope")?;
+    if scope != granted_scope || user_id != granted_user {
+        // Fixed when the code is issued: the answer's facts were read for these.
+        return Err(OAuthError::grant("the authorization code is invalid"));
+    }
     let amr: String = r.try_get("amr")?;
     let g = Grant {
         client,
@@ -436,7 +515,7 @@ async fn exchange_code(
     .await?;
     // The answer is made before the commit: a failure making it after the code is spent
     // would make the client's retry a replay, which revokes the session.
-    let body = svc.user_token_body(&g, &sid).await?;
+    let body = svc.sign_token_body(&g, &sid, facts).await?;
     tx.commit().await?;
     Ok(token_answer(body, refresh))
 }
@@ -457,16 +536,6 @@ pub(crate) async fn code_exists(
             .await?
             .is_some(),
     )
-}
-
-/// Loads what making a grant's answer inside its transaction may otherwise load through
-/// the writer: the ES256 key of a client signing ID tokens with it (created on first
-/// use), which on SQLite would wait for the transaction's own connection.
-pub(crate) async fn prepare_answer(svc: &AuthService, client: &Client) -> Result<(), AuthError> {
-    if client.id_token_alg == "ES256" {
-        svc.es256().await?;
-    }
-    Ok(())
 }
 
 /// A user grant's token response: `body` plus its refresh token, if any.

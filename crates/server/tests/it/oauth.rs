@@ -905,12 +905,15 @@ async fn authorize_bad_case(backend: Backend) {
         ))
         .await;
     assert_eq!(p.param("error").as_deref(), Some("invalid_scope"));
-    // A scope longer than any this server grants: refused before it is split.
-    let long = vec!["x"; 600].join(" ");
+    // A scope longer than any this server grants (one allowed scope repeated): refused
+    // by its length before it is split.
+    let long = vec!["openid"; 200].join(" ");
     let p = b
         .get(&authorize_query(&c.id, CB, &long, Some(&challenge)))
         .await;
     assert_eq!(p.param("error").as_deref(), Some("invalid_scope"));
+    let d = p.param("error_description").unwrap_or_default();
+    assert!(urlencoding::decode(&d).unwrap().contains("too long"), "{d}");
     // A repeated parameter (RFC 6749 §3.1): an error page, not a redirect to either
     // redirect URI, whichever a filter in front may have read.
     let requests = app.count("oauth_requests").await;

@@ -288,8 +288,10 @@ async fn unlink_identity(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// As `routes::admin`: a live first-party session holding `roles:manage`.
 async fn roles_admin(svc: &AuthService, p: &Principal) -> Result<(), AuthError> {
     svc.require_live_session(p).await?;
+    crate::oauth::require_first_party(p)?;
     svc.require(p, "roles:manage").await
 }
 

@@ -263,8 +263,12 @@ async fn revoke_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// An administrative request: a live first-party session holding `perm`. Staff powers
+/// (unlocking accounts, reading every user's audit trail) are not delegated to OAuth
+/// clients, whatever scope the user granted one.
 async fn admin(svc: &AuthService, p: &Principal, perm: &str) -> Result<(), AuthError> {
     svc.require_live_session(p).await?;
+    crate::oauth::require_first_party(p)?;
     svc.require(p, perm).await
 }
 

@@ -915,6 +915,10 @@ impl AuthService {
         p: &Principal,
         session_id: &str,
     ) -> Result<(), AuthError> {
+        // An OAuth client may end its own session, not the user's others.
+        if session_id != p.session_id() {
+            crate::oauth::require_first_party(p)?;
+        }
         self.revoke_own(
             ctx,
             p,
@@ -973,6 +977,11 @@ impl AuthService {
         // A token whose session has already ended must not act (above all, not end
         // the user's live sessions with `everywhere`).
         self.require_live_session(p).await?;
+        if everywhere {
+            // Every session of the user (and its pending codes and tickets): not for an
+            // OAuth client to decide, which may end only its own.
+            crate::oauth::require_first_party(p)?;
+        }
         let db = &self.inner.db;
         let mut tx = db.begin().await?;
         let n = if everywhere {

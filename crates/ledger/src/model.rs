@@ -44,9 +44,21 @@ impl Actor {
             return None;
         }
         let c = &p.claims;
+        // A token issued to an OAuth client acts as a customer at most: staff powers
+        // (treasury moves, freezes, reading every account) are not delegated to
+        // third-party applications, whatever scope the user granted one.
+        let roles = if c.client_id.is_some() {
+            c.roles
+                .iter()
+                .filter(|r| r.as_str() == "customer")
+                .cloned()
+                .collect()
+        } else {
+            c.roles.clone()
+        };
         Some(Self {
             user_id: p.user_id().to_owned(),
-            roles: c.roles.clone(),
+            roles,
             token: p.token.clone(),
             client_ip,
             acr: c.acr.clone(),

@@ -404,6 +404,9 @@ impl AuthService {
         req: mw::TotpDisableRequest,
     ) -> Result<wire::Accepted, AuthError> {
         self.require_live_session(p).await?;
+        // Second-factor changes are the user's own session's, removing one above all
+        // (a client holding the password and a code would strip the account's TOTP).
+        crate::oauth::require_first_party(p)?;
         let user_id = p.user_id();
         self.refuse_locked(user_id).await?;
         self.mfa_limit(ctx, user_id).await?;
@@ -640,6 +643,7 @@ impl AuthService {
         password: String,
     ) -> Result<mw::MfaStatus, AuthError> {
         self.require_live_session(p).await?;
+        crate::oauth::require_first_party(p)?;
         let user_id = p.user_id();
         self.refuse_locked(user_id).await?;
         if !self.factors(user_id).await?.email {

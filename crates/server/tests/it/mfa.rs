@@ -1022,9 +1022,11 @@ async fn large_ledger_transfers_need_step_up() {
         assert_eq!(again.status, 201, "{}", again.text);
         assert_eq!(again.header("idempotent-replayed"), Some("true"));
         assert_eq!(again.body["id"], r.body["id"]);
-        // the same key for another request is still challenged, not replayed
-        let other = ledger_post(&app, "/v1/transfers", &u.access, "t-big", transfer(100_001)).await;
-        assert_step_up_challenge(&other);
+        // the same key for another request is neither replayed nor challenged: it can
+        // never run under this key, whatever the step-up
+        ledger_post(&app, "/v1/transfers", &u.access, "t-big", transfer(100_001))
+            .await
+            .assert_problem(422, "idempotency_key_reused");
         let r = app.get(&format!("/v1/accounts/{b}"), Some(&stepped)).await;
         assert_eq!(r.body["balance"], 100_110, "{}", r.text);
         app.stop().await;
@@ -1920,6 +1922,28 @@ async fn oauth_clients_cannot_enrol_factors_or_change_credentials() {
         // the user's own session enrols
         let r = app.post("/v1/mfa/totp", Some(&own.access), json!({})).await;
         assert!(r.status.is_success(), "{}", r.text);
+        // nor removes a factor, ends the user's other sessions, or logs out everywhere
+        for (path, body) in [
+            (
+                "/v1/mfa/totp/disable",
+                json!({ "password": PASSWORD, "code": "123456" }),
+            ),
+            ("/v1/mfa/email/disable", json!({ "password": PASSWORD })),
+            ("/v1/auth/logout", json!({ "everywhere": true })),
+        ] {
+            app.post(path, Some(&delegated), body)
+                .await
+                .assert_problem(403, "first_party_session_required");
+        }
+        let own_sid = jwt_part(&own.access, 1)["sid"].as_str().unwrap().to_owned();
+        app.delete(&format!("/v1/sessions/{own_sid}"), Some(&delegated))
+            .await
+            .assert_problem(403, "first_party_session_required");
+        assert_eq!(
+            app.get("/v1/me", Some(&own.access)).await.status,
+            StatusCode::OK,
+            "the user's own session is untouched"
+        );
         // an administrator's delegated token manages no OAuth clients (a deletion ends
         // every session of the client's users); their own session does
         let (verifier, challenge) = pkce();
@@ -1948,10 +1972,38 @@ async fn oauth_clients_cannot_enrol_factors_or_change_credentials() {
         )
         .await
         .assert_problem(403, "first_party_session_required");
+        // nor exercises an administrator's powers: unlocking, reading the audit trail,
+        // moving the treasury's money
+        let own_user = jwt_part(&own.access, 1)["sub"].as_str().unwrap().to_owned();
+        app.post(
+            &format!("/v1/admin/users/{own_user}/unlock"),
+            Some(&delegated_admin),
+            json!({}),
+        )
+        .await
+        .assert_problem(403, "first_party_session_required");
+        app.get("/v1/admin/audit", Some(&delegated_admin))
+            .await
+            .assert_problem(403, "first_party_session_required");
+        let r = ledger_post(
+            &app,
+            "/v1/admin/deposits",
+            &delegated_admin,
+            "delegated-deposit",
+            json!({ "account_id": "acc_x", "amount": 100, "currency": "USD", "reference": "r" }),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
         let r = app
             .post("/v1/admin/clients", Some(&admin.access), new_client)
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        // a client may still end its own session
+        let delegated_sid = jwt_part(&delegated, 1)["sid"].as_str().unwrap().to_owned();
+        let r = app
+            .delete(&format!("/v1/sessions/{delegated_sid}"), Some(&delegated))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
         app.stop().await;
     });
 }

@@ -94,27 +94,31 @@ const MAX_KEYS_PER_SHARD: usize = 50_000;
 /// sweep left), so a sweep's cost is spread over the inserts since the last one.
 const FIRST_SWEEP: usize = 1024;
 
-/// One shard's keys and the size at which it is next swept.
+/// One shard's keys (each with its TAT and its quota's tolerance) and the size at
+/// which it is next swept.
 #[derive(Default)]
 struct Shard {
-    tats: HashMap<String, i64>,
+    tats: HashMap<String, (i64, i64)>,
     sweep_at: usize,
 }
 
 impl Shard {
     /// Drops the keys whose TAT has passed (a TAT in the past equals no entry). If the
     /// shard is still near its cap (more live keys than it holds: someone spraying
-    /// addresses or emails), it also drops the keys nearest to their TAT, down to three
-    /// quarters of the cap: those are the ones closest to a full budget anyway, so the
-    /// memory stays bounded at the cost of a little budget for the least limited keys.
+    /// addresses or emails), it also drops the keys with the least of their quota's
+    /// budget spent, down to three quarters of the cap: those are the ones closest to
+    /// a full budget anyway, so the memory stays bounded at the cost of a little budget
+    /// for the least limited keys. Measured against each key's own quota: a spent
+    /// login budget (60 s) outlives one request under a 10-minute registration quota.
     fn sweep(&mut self, now: i64, max: usize) {
-        self.tats.retain(|_, tat| *tat > now);
+        self.tats.retain(|_, (tat, _)| *tat > now);
         if self.tats.len() >= max - max / 10 {
+            let spent = |tat: i64, tau: i64| (tat - now) as f64 / tau.max(1) as f64;
             let excess = self.tats.len() - (max - max / 4);
-            let mut tats: Vec<i64> = self.tats.values().copied().collect();
-            let (_, cutoff, _) = tats.select_nth_unstable(excess);
+            let mut ranks: Vec<f64> = self.tats.values().map(|&(t, tau)| spent(t, tau)).collect();
+            let (_, cutoff, _) = ranks.select_nth_unstable_by(excess, f64::total_cmp);
             let cutoff = *cutoff;
-            self.tats.retain(|_, tat| *tat > cutoff);
+            self.tats.retain(|_, &mut (t, tau)| spent(t, tau) > cutoff);
         }
         self.sweep_at = (self.tats.len() * 2).clamp(FIRST_SWEEP.min(max), max);
     }
@@ -154,13 +158,13 @@ impl MemoryLimiter {
     pub fn check(&self, key: &str, quota: Quota, now: i64) -> Decision {
         let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
         let mut shard = self.shards[idx].lock();
-        let stored = shard.tats.get(key).copied();
+        let stored = shard.tats.get(key).map(|&(tat, _)| tat);
         let (decision, new_tat) = decide(stored, now, quota);
         if let Some(tat) = new_tat {
             if stored.is_none() && shard.tats.len() >= shard.sweep_at {
                 shard.sweep(now, self.max_per_shard);
             }
-            shard.tats.insert(key.to_owned(), tat);
+            shard.tats.insert(key.to_owned(), (tat, quota.tolerance()));
         }
         decision
     }
@@ -227,6 +231,22 @@ mod tests {
         assert!(lim.len() <= SHARDS * 200, "{} keys", lim.len());
         // The spent key outlived the spray: its TAT is the furthest ahead.
         assert!(!lim.check("victim", q, now + 100_000).allowed);
+    }
+
+    #[test]
+    fn a_spent_short_budget_outlives_single_hits_on_long_quotas() {
+        let lim = MemoryLimiter::with_max_keys(200);
+        let login = Quota::new(10, 60); // spent: TAT 60 s ahead, all of its budget
+        let register = Quota::new(5, 600); // one hit: TAT 120 s ahead, a fifth of it
+        let now = 1_000 * S;
+        for _ in 0..10 {
+            assert!(lim.check("login:victim", login, now).allowed);
+        }
+        for i in 0..50_000 {
+            assert!(lim.check(&format!("register:{i}"), register, now).allowed);
+        }
+        assert!(lim.len() <= SHARDS * 200, "{} keys", lim.len());
+        assert!(!lim.check("login:victim", login, now).allowed);
     }
 
     #[test]

@@ -35,8 +35,9 @@ pub trait EventSink: Send + Sync {
     ) -> futures::future::BoxFuture<'a, Result<(), String>>;
 }
 
-/// Voids every hold whose timeout has passed; each exactly once, each in a transaction
-/// of its own. A hold that cannot be expired is logged and counted
+/// Voids every hold whose timeout has passed; each exactly once, up to 64 in a
+/// transaction (one by one if such a transaction fails). A hold that cannot be expired
+/// is logged and counted
 /// (`ledger_hold_expiry_failures_total`) and tried again on the next run; it does not
 /// stop the holds after it (they would stay reserved, and unpostable, for good).
 /// Returns how many were expired.

@@ -15,7 +15,9 @@
 //! rows in ascending id order, then its idempotency keys, then [`CHAIN_LOCK`] for its
 //! audit entries, and nothing after that. An exclusive writer holding the chain lock
 //! therefore never waits for a row held by a plain group (none runs beside it), and a
-//! plain group holding the chain lock waits for nothing but its commit.
+//! plain group holding the chain lock waits for nothing but its commit. An exclusive
+//! writer may lock several jobs' rows in turn (a group, expiring holds in one
+//! transaction): no other writer runs beside it, so their order cannot deadlock.
 
 use crate::error::LedgerError;
 use crate::model::Actor;

@@ -181,8 +181,9 @@ pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
 /// server would refuse to start with, and a second process read a half-written one).
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<bool> {
     use std::io::Write;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    // A name no other process uses (two containers sharing the directory may both be
+    // PID 1), never removed before use.
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::now_v7().simple()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -198,13 +199,27 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<bool> {
         f.sync_all()?;
         anyhow::Ok(())
     })();
-    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("creating {}", path.display()))),
+    let linked = written.map(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Some(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(false),
+        // A filesystem without hard links (FAT, some network mounts): written in place.
+        Err(_) => None,
     });
     let _ = std::fs::remove_file(&tmp);
-    let linked = linked?;
+    let linked = match linked? {
+        Some(linked) => linked,
+        None => match opts.open(path) {
+            Ok(mut f) => {
+                f.write_all(data)?;
+                f.sync_all()?;
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("creating {}", path.display())))
+            }
+        },
+    };
     if let Some(dir) = path.parent() {
         // The new name is durable once its directory is.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -746,9 +761,6 @@ mod tests {
             data_dir: dir.clone(),
             ..Config::default()
         };
-        // A crash between creating and writing the old way: an empty file under a
-        // temporary name is not the key, and does not stop a key being made.
-        std::fs::write(dir.join(format!("master.tmp-{}", std::process::id())), b"").unwrap();
         let first = master_key(&cfg).unwrap();
         let path = dir.join("master.key");
         #[cfg(unix)]

@@ -219,7 +219,7 @@ impl Config {
                     // Not the error's own text: it quotes the offending line, which may
                     // hold a secret (an unquoted `master_key = 00ab…`).
                     let at = e.span().map_or(String::new(), |s| {
-                        let before = &text[..s.start.min(text.len())];
+                        let before = text.get(..s.start).unwrap_or(&text);
                         let line = before.matches('\n').count() + 1;
                         let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
                         format!(" at line {line}, column {col}")

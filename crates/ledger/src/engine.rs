@@ -316,8 +316,21 @@ fn unpack_body(packed: &[u8]) -> Result<String, LedgerError> {
         .map_err(|e| LedgerError::Internal(format!("stored response is not UTF-8: {e}")))
 }
 
-/// Stored keys of a whole group, fetched with one query, by (user, key).
-pub(crate) type Prefetched = HashMap<(String, String), StoredKey>;
+/// What a group found of a key before running its job.
+pub(crate) enum Found {
+    /// Answered before: replayed (or 422 for another request).
+    Stored(StoredKey),
+    /// Running in another process (PostgreSQL, several replicas): 409.
+    Running,
+}
+
+/// The keys of a whole group that were answered or are running, by (user, key).
+pub(crate) type Prefetched = HashMap<(String, String), Found>;
+
+/// Advisory lock class (the first of the two-key form, apart from the one-key locks
+/// such as [`WRITE_LOCK`]) under which a PostgreSQL transaction claims the keys of the
+/// jobs it runs, by a hash of user and key, until it ends.
+const KEY_CLAIM_CLASS: i32 = 0x5650_4b43; // "VPKC"
 
 /// An idempotency record to write with the job's outcome.
 pub(crate) struct NewKey {
@@ -359,7 +372,11 @@ pub(crate) async fn stored_replay(
     }
 }
 
-/// Looks up the stored keys of every job of a group in one statement.
+/// Looks up the stored keys of every job of a group in one statement. On PostgreSQL the
+/// same statement claims each key not yet answered for this transaction: a request with
+/// the same key in flight on another replica is answered 409, as one in flight in this
+/// process is by its in-memory claim (without it, the second ran too and its whole
+/// group failed on the key's primary key, then was retried job by job).
 async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched, LedgerError> {
     let keys: Vec<(&str, &str)> = jobs
         .iter()
@@ -372,20 +389,34 @@ async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched
     // By the primary key (user, key): a join with the group's pairs is a primary-key
     // search per pair on both backends (SQLite scans the whole index for a row-value
     // `IN (VALUES …)`), so no second index on `key` alone is kept up to date.
-    let sql = format!(
-        "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body, k.body_lz4 FROM (VALUES {}) AS v \
-         JOIN idempotency_keys k ON k.user_id = v.column1 AND k.key = v.column2",
-        vaultpay_store::params::values(db.backend(), keys.len(), 2)
-    );
+    let values = vaultpay_store::params::values(db.backend(), keys.len(), 2);
+    let postgres = db.backend() == vaultpay_store::Backend::Postgres;
+    let sql = if postgres {
+        format!(
+            "SELECT v.column1 AS user_id, v.column2 AS key, k.fingerprint, k.status, k.body, k.body_lz4, \
+             k.fingerprint IS NOT NULL OR pg_try_advisory_xact_lock({KEY_CLAIM_CLASS}, \
+             hashtext(v.column1 || ' ' || v.column2)) AS claimed \
+             FROM (VALUES {values}) AS v \
+             LEFT JOIN idempotency_keys k ON k.user_id = v.column1 AND k.key = v.column2"
+        )
+    } else {
+        format!(
+            "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body, k.body_lz4 FROM (VALUES {values}) AS v \
+             JOIN idempotency_keys k ON k.user_id = v.column1 AND k.key = v.column2"
+        )
+    };
     let mut q = sqlx::query(&sql).persistent(false);
     for (user, key) in &keys {
         q = q.bind(*user).bind(*key);
     }
     for r in q.fetch_all(&mut **tx).await? {
-        out.insert(
-            (r.try_get("user_id")?, r.try_get("key")?),
-            StoredKey::from_row(&r)?,
-        );
+        let id = (r.try_get("user_id")?, r.try_get("key")?);
+        let stored: Option<String> = r.try_get("fingerprint")?;
+        if stored.is_some() {
+            out.insert(id, Found::Stored(StoredKey::from_row(&r)?));
+        } else if postgres && !r.try_get::<bool, _>("claimed")? {
+            out.insert(id, Found::Running);
+        }
     }
     Ok(out)
 }
@@ -443,13 +474,10 @@ pub(crate) async fn exec_job(
         if let Some(reply) = stored_reply(job, &fingerprint, prefetched) {
             return Ok((reply, None));
         }
-    } else if let Some(key) = &job.key {
-        if let Some(s) = lookup_key(&mut **tx, &job.actor.user_id, key).await? {
-            let mut p = Prefetched::new();
-            p.insert((job.actor.user_id.clone(), key.clone()), s);
-            if let Some(reply) = stored_reply(job, &fingerprint, Some(&p)) {
-                return Ok((reply, None));
-            }
+    } else if job.key.is_some() {
+        let own = prefetch_keys(&core.db, tx, &[job]).await?;
+        if let Some(reply) = stored_reply(job, &fingerprint, Some(&own)) {
+            return Ok((reply, None));
         }
     }
     let (reply, resource) = match ops::run(core, tx, job).await {
@@ -472,7 +500,15 @@ pub(crate) fn stored_reply(
     prefetched: Option<&Prefetched>,
 ) -> Option<Reply> {
     let key = job.key.as_ref()?;
-    let s = prefetched?.get(&(job.actor.user_id.clone(), key.clone()))?;
+    let s = match prefetched?.get(&(job.actor.user_id.clone(), key.clone()))? {
+        Found::Stored(s) => s,
+        Found::Running => {
+            return Some(Reply::problem(
+                &LedgerError::IdempotencyInProgress,
+                job.origin.request_id.clone(),
+            ))
+        }
+    };
     if s.fingerprint != fingerprint {
         return Some(Reply::problem(
             &LedgerError::IdempotencyKeyReused,

@@ -67,6 +67,7 @@ pub struct TestApp {
     pub router: axum::Router,
     pub signer: Signer25519,
     pub introspector: Arc<TestIntrospector>,
+    verifier: Arc<TokenVerifier>,
 }
 
 pub struct Resp {
@@ -151,7 +152,7 @@ impl TestApp {
             Arc::new(StaticKeys(keys.clone())),
             keys,
         ));
-        let router = ledger.router().layer(axum::Extension(verifier));
+        let router = ledger.router().layer(axum::Extension(verifier.clone()));
         TestApp {
             backend,
             db,
@@ -159,6 +160,29 @@ impl TestApp {
             router,
             signer,
             introspector,
+            verifier,
+        }
+    }
+
+    /// A second ledger process on the same database (a replica), with its own
+    /// committer and in-memory state, accepting the same tokens.
+    pub fn replica(&self) -> TestApp {
+        let ledger = Ledger::new(
+            self.db.clone(),
+            self.ledger.config().clone(),
+            self.introspector.clone(),
+        );
+        let router = ledger
+            .router()
+            .layer(axum::Extension(self.verifier.clone()));
+        TestApp {
+            backend: self.backend,
+            db: self.db.clone(),
+            ledger,
+            router,
+            signer: self.signer.clone(),
+            introspector: self.introspector.clone(),
+            verifier: self.verifier.clone(),
         }
     }
 

@@ -309,3 +309,62 @@ async fn purge_deletes_a_backlog_in_chunks() {
     })
     .await;
 }
+
+/// PostgreSQL with two ledger processes on one database: a request whose key is in
+/// flight on one replica gets 409 on the other (not a second run that then fails the
+/// other replica's whole group on the key's primary key), and once the first has
+/// committed, the retry replays its answer. The first is held in flight by a test
+/// transaction holding its payer's row.
+#[tokio::test]
+async fn a_key_in_flight_on_another_replica_is_409_then_replays() {
+    if !vaultpay_store::testing::backends().contains(&vaultpay_store::Backend::Postgres) {
+        eprintln!("note: PostgreSQL not configured; replica test skipped");
+        return;
+    }
+    let app = std::sync::Arc::new(TestApp::new(vaultpay_store::Backend::Postgres).await);
+    let other = app.replica();
+    let (alice, _, a, bb) = app.alice_and_bob(1_000).await;
+    let k = key();
+    let body = json!({"from_account_id": a, "to_account_id": bb, "amount": 7, "currency": "USD"});
+    let mut hold = app.db.writer().begin().await.unwrap();
+    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(&a)
+        .fetch_one(&mut *hold)
+        .await
+        .unwrap();
+    let first = {
+        let (app, alice, k, body) = (app.clone(), alice.clone(), k.clone(), body.clone());
+        tokio::spawn(async move { app.post("/v1/transfers", &alice, Some(&k), body).await })
+    };
+    // the first waits for the payer's row, holding its claim on the key
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(app.db.read())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        other.post("/v1/transfers", &alice, Some(&k), body.clone()),
+    )
+    .await
+    .expect("the replica ran the request (waiting for the payer) instead of answering 409")
+    .problem(409, "idempotency_request_in_progress");
+    hold.rollback().await.unwrap();
+    let first = first.await.unwrap().expect(201);
+    let again = other
+        .post("/v1/transfers", &alice, Some(&k), body)
+        .await
+        .expect(201);
+    assert!(again.replayed());
+    assert_eq!(again.id(), first.id());
+    assert_eq!(app.balance(&alice, &a).await.0, 993, "paid exactly once");
+    app.assert_consistent().await;
+}

@@ -78,9 +78,9 @@ impl AuthService {
     /// Policy, bundled list and (optionally) the breached-password range API.
     async fn check_new_password(&self, password: &str, inputs: &[&str]) -> Result<(), AuthError> {
         self.inner
-            .cfg
-            .password_policy
-            .check(password, inputs)
+            .hashes
+            .check_policy(self.inner.cfg.password_policy.clone(), password, inputs)
+            .await?
             .map_err(AuthError::Password)?;
         if let Some(hibp) = &self.inner.hibp {
             match hibp.check(password).await {

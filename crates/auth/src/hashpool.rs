@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use tokio::sync::oneshot;
-use vaultpay_core::password::PasswordHasher;
+use vaultpay_core::password::{PasswordHasher, PasswordPolicy, PolicyViolation};
 
 /// Jobs waiting beyond the ones running.
 const QUEUE: usize = 4096;
@@ -27,6 +27,12 @@ enum Job {
     Hash {
         password: String,
         reply: oneshot::Sender<Result<String, String>>,
+    },
+    Policy {
+        password: String,
+        inputs: Vec<String>,
+        policy: PasswordPolicy,
+        reply: oneshot::Sender<Result<(), PolicyViolation>>,
     },
 }
 
@@ -77,6 +83,27 @@ impl HashPool {
             .map_err(|_| AuthError::Internal("hash thread dropped a job".into()))
     }
 
+    /// `policy`'s verdict on `password`, on the hashing threads: zxcvbn's matching can
+    /// take a second of CPU on a crafted password (l33t substitutions multiply its
+    /// dictionary lookups), so it runs off the async runtime, as many at once as
+    /// hashes, behind the same bounded queue.
+    pub async fn check_policy(
+        &self,
+        policy: PasswordPolicy,
+        password: &str,
+        inputs: &[&str],
+    ) -> Result<Result<(), PolicyViolation>, AuthError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Policy {
+            password: password.to_owned(),
+            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            policy,
+            reply,
+        })?;
+        rx.await
+            .map_err(|_| AuthError::Internal("hash thread dropped a job".into()))
+    }
+
     /// A new PHC string for `password`.
     pub async fn hash(&self, password: String) -> Result<String, AuthError> {
         let (reply, rx) = oneshot::channel();
@@ -105,6 +132,17 @@ fn work(rx: &Mutex<Receiver<Job>>, hasher: &PasswordHasher) {
                 let phc = hasher.hash(&password).map_err(|e| e.to_string());
                 drop(zeroize::Zeroizing::new(password));
                 let _ = reply.send(phc);
+            }
+            Ok(Job::Policy {
+                password,
+                inputs,
+                policy,
+                reply,
+            }) => {
+                let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                let verdict = policy.check(&password, &inputs);
+                drop(zeroize::Zeroizing::new(password));
+                let _ = reply.send(verdict);
             }
             Err(_) => return,
         }

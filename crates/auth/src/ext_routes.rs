@@ -111,6 +111,18 @@ pub(crate) fn page(
     button: &str,
     token: &str,
 ) -> ApiResult<Response> {
+    page_with(title, text, action, button, token, "")
+}
+
+/// [`page`] with `fields` (trusted HTML: inputs) in its form before the button.
+pub(crate) fn page_with(
+    title: &str,
+    text: &str,
+    action: &str,
+    button: &str,
+    token: &str,
+    fields: &str,
+) -> ApiResult<Response> {
     let ok = !token.is_empty()
         && token.len() <= 128
         && token
@@ -119,11 +131,26 @@ pub(crate) fn page(
     if !ok {
         return Err(AuthError::BadEmailToken.into());
     }
+    Ok(html_page(
+        title,
+        &format!(
+            "<p>{text}</p><form method=\"post\" action=\"{action}\">\
+             <input type=\"hidden\" name=\"token\" value=\"{token}\">{fields}\
+             <button type=\"submit\">{button}</button></form>"
+        ),
+    ))
+}
+
+/// A page saying `text` (trusted), e.g. after a form of [`page_with`] was sent.
+pub(crate) fn done_page(title: &str, text: &str) -> Response {
+    html_page(title, &format!("<p>{text}</p>"))
+}
+
+/// A page of `body` (trusted HTML), not stored, framed or sent with a referrer.
+fn html_page(title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body>\
-         <h1>{title}</h1><p>{text}</p><form method=\"post\" action=\"{action}\">\
-         <input type=\"hidden\" name=\"token\" value=\"{token}\"><button type=\"submit\">{button}</button>\
-         </form></body></html>"
+         <h1>{title}</h1>{body}</body></html>"
     );
     let mut res = no_store(StatusCode::OK, axum::response::Html(html));
     let h = res.headers_mut();
@@ -135,7 +162,7 @@ pub(crate) fn page(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    Ok(res)
+    res
 }
 
 /// The emailed "this was me" link: a page whose button confirms.

@@ -28,7 +28,10 @@ pub fn router(svc: AuthService) -> Router {
         )
         .route("/v1/auth/verify-email/resend", post(resend_verification))
         .route("/v1/auth/password/forgot", post(forgot_password))
-        .route("/v1/auth/password/reset", post(reset_password))
+        .route(
+            "/v1/auth/password/reset",
+            get(reset_password_link).post(reset_password),
+        )
         .route("/v1/auth/password/change", post(change_password))
         .route("/v1/auth/email/change", post(change_email))
         .route("/v1/me", get(me))
@@ -53,7 +56,7 @@ pub fn router(svc: AuthService) -> Router {
 #[openapi(
     paths(
         register, login, logout, verify_email, verify_email_link, resend_verification, forgot_password,
-        reset_password, change_password, change_email, me, list_sessions, revoke_session, list_roles, get_user, grant_role,
+        reset_password, reset_password_link, change_password, change_email, me, list_sessions, revoke_session, list_roles, get_user, grant_role,
         revoke_role, unlock, list_audit, token, introspect, jwks
     ),
     components(schemas(
@@ -194,15 +197,48 @@ async fn forgot_password(
         .into_response())
 }
 
-/// Set a new password with a reset token; every session is revoked.
+/// Set a new password with a reset token; every session is revoked. JSON
+/// `{token, new_password}`, or the same fields form-encoded from the emailed link's page.
 #[utoipa::path(post, path = "/v1/auth/password/reset", tag = "auth", request_body = wire::ResetPasswordRequest,
     responses((status = 200, body = wire::Accepted), (status = 400, body = Problem), (status = 422, body = Problem)))]
 async fn reset_password(
     State(svc): State<AuthService>,
     ctx: Ctx,
-    ApiJson(req): ApiJson<wire::ResetPasswordRequest>,
-) -> ApiResult<Json<wire::Accepted>> {
-    Ok(Json(svc.reset_password(&ctx, req).await?))
+    req: axum::extract::Request,
+) -> ApiResult<Response> {
+    use axum::extract::FromRequest;
+    let form = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
+    if form {
+        let vaultpay_web::ApiForm(r) =
+            vaultpay_web::ApiForm::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
+        svc.reset_password(&ctx, r).await?;
+        return Ok(crate::ext_routes::done_page(
+            "Password changed",
+            "Your password has been changed and every session signed out. Sign in with the new password.",
+        ));
+    }
+    let ApiJson(r) = ApiJson::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
+    Ok(Json(svc.reset_password(&ctx, r).await?).into_response())
+}
+
+/// The emailed reset link itself (opened in a browser): a page with a new-password
+/// field whose button posts it with the token. Opening it changes nothing.
+#[utoipa::path(get, path = "/v1/auth/password/reset", tag = "auth", params(TokenQuery),
+    responses((status = 200, description = "HTML page to choose a new password"), (status = 400, body = Problem)))]
+async fn reset_password_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Response> {
+    crate::ext_routes::page_with(
+        "Choose a new password",
+        "Enter the new password for your VaultPay account.",
+        "/v1/auth/password/reset",
+        "Change password",
+        &q.token,
+        "<p><label>New password <input type=\"password\" name=\"new_password\" \
+         autocomplete=\"new-password\" required maxlength=\"128\"></label></p>",
+    )
 }
 
 /// Start changing the email address (current password and a recent authentication

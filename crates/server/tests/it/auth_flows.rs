@@ -892,3 +892,45 @@ async fn admin_grants_and_revokes_roles() {
         app.stop().await;
     });
 }
+
+/// The emailed reset link opens a page (opening it changes nothing) whose form posts
+/// the token with the new password; the password changes once.
+#[tokio::test]
+async fn the_reset_link_opens_a_form_that_resets_once() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let email = "erin@example.com";
+    app.user(email).await;
+    let token = reset_link(&app, email).await;
+    let page = app
+        .get(&format!("/v1/auth/password/reset?token={token}"), None)
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+    assert!(
+        page.text.contains("action=\"/v1/auth/password/reset\"")
+            && page.text.contains(&format!("value=\"{token}\""))
+            && page.text.contains("name=\"new_password\""),
+        "{}",
+        page.text
+    );
+    app.login(email, PASSWORD).await; // the old password still works
+    let form = |pw: &'static str| {
+        let token = token.clone();
+        let req = app
+            .http
+            .post(format!("{}/v1/auth/password/reset", app.base))
+            .form(&[("token", token.as_str()), ("new_password", pw)]);
+        async move { read(req.send().await.unwrap()).await }
+    };
+    // a weak one is refused without spending the token
+    form("password")
+        .await
+        .assert_problem(422, "password_too_short");
+    let r = form(NEW_PASSWORD).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.text.contains("Password changed"), "{}", r.text);
+    form(NEW_PASSWORD)
+        .await
+        .assert_problem(400, "invalid_token");
+    app.login(email, NEW_PASSWORD).await;
+    app.stop().await;
+}

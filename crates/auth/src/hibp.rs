@@ -60,6 +60,33 @@ pub enum HibpVerdict {
     Unavailable(String),
 }
 
+impl HibpConfig {
+    /// Refuses a base URL that is not an absolute https URL (http only to a loopback
+    /// address: in clear text anyone on the way could answer "breached" or "clean" at
+    /// will) without query or fragment, and a zero timeout.
+    pub fn validate(&self) -> Result<(), String> {
+        let base = self.base_url.trim().trim_end_matches('/');
+        let url = Url::parse(base).map_err(|e| format!("hibp.base_url {base:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.cannot_be_a_base()
+            || !crate::outbound::is_secure_url(base)
+        {
+            return Err(format!(
+                "hibp.base_url {base:?}: must be an https:// URL (http:// only to a loopback address)"
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "hibp.base_url {base:?}: must not have a query or fragment"
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err("hibp.timeout_ms must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
 /// Client for the range API; cheap to clone and share.
 #[derive(Debug, Clone)]
 pub struct HibpClient {
@@ -79,24 +106,12 @@ impl HibpClient {
     /// A message naming the setting when the base URL is not an absolute `http(s)`
     /// URL without query or fragment, or the timeout is zero.
     pub fn new(cfg: &HibpConfig) -> Result<Self, String> {
+        cfg.validate()?;
         let base = cfg.base_url.trim().trim_end_matches('/');
-        let url = Url::parse(base).map_err(|e| format!("hibp.base_url {base:?}: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-            return Err(format!(
-                "hibp.base_url {base:?}: must be an http:// or https:// URL"
-            ));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(format!(
-                "hibp.base_url {base:?}: must not have a query or fragment"
-            ));
-        }
-        if cfg.timeout_ms == 0 {
-            return Err("hibp.timeout_ms must be at least 1".to_owned());
-        }
         let timeout = Duration::from_millis(cfg.timeout_ms);
         let http = reqwest::Client::builder()
             .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!(
@@ -237,6 +252,9 @@ mod tests {
             "http://127.0.0.1:9/hibp"
         );
         assert!(with("ftp://x.example").is_err());
+        // in clear text only to this host
+        assert!(with("http://x.example").is_err());
+        assert!(with("http://localhost:9").is_ok());
         assert!(with("x.example").is_err());
         assert!(with("https://x.example/?q=1").is_err());
         assert!(HibpClient::new(&HibpConfig {

@@ -54,10 +54,14 @@ impl Default for IpTrustConfig {
 }
 
 impl IpTrustConfig {
-    /// Refuses prefixes longer than the address and non-positive lifetimes.
+    /// Refuses prefixes longer than the address or so short that one network is a
+    /// large share of the Internet (`ipv4_prefix = 0` trusted everyone after a first
+    /// login), and non-positive lifetimes.
     pub fn validate(&self) -> Result<(), String> {
-        if self.ipv4_prefix > 32 || self.ipv6_prefix > 128 {
-            return Err("ipv4_prefix must be at most 32 and ipv6_prefix at most 128".into());
+        if !(16..=32).contains(&self.ipv4_prefix) || !(32..=128).contains(&self.ipv6_prefix) {
+            return Err(
+                "ipv4_prefix must be between 16 and 32 and ipv6_prefix between 32 and 128".into(),
+            );
         }
         if self.trust_ttl_days <= 0 || self.hold_ttl_secs <= 0 {
             return Err("trust_ttl_days and hold_ttl_secs must be positive".into());

@@ -294,6 +294,11 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("auth.rate_limits.{name}: {e}"))?;
         }
         self.auth
+            .hibp
+            .validate()
+            .map_err(anyhow::Error::msg)
+            .context("auth.hibp")?;
+        self.auth
             .mfa
             .email_send
             .validate()
@@ -301,6 +306,27 @@ impl Config {
         let a = &self.auth;
         for (name, value, range) in [
             ("auth.leeway_secs", a.leeway_secs, 0..=300),
+            ("auth.me_cache_ttl_ms", a.me_cache_ttl_ms, 0..=60_000),
+            (
+                "auth.password_policy.min_length",
+                i64::try_from(a.password_policy.min_length).unwrap_or(i64::MAX),
+                8..=128,
+            ),
+            (
+                "auth.password_policy.max_length",
+                i64::try_from(a.password_policy.max_length).unwrap_or(i64::MAX),
+                i64::try_from(a.password_policy.min_length).unwrap_or(i64::MAX)..=1024,
+            ),
+            (
+                "auth.password_policy.min_zxcvbn_score",
+                i64::from(a.password_policy.min_zxcvbn_score),
+                0..=4,
+            ),
+            (
+                "auth.password_history",
+                i64::try_from(a.password_history).unwrap_or(i64::MAX),
+                0..=100,
+            ),
             (
                 "auth.refresh_reuse_grace_secs",
                 a.refresh_reuse_grace_secs,
@@ -560,6 +586,30 @@ mod tests {
             (
                 one("VAULTPAY_DATABASE__MAX_CONNECTIONS", "0"),
                 "max_connections",
+            ),
+            (
+                one("VAULTPAY_AUTH__ME_CACHE_TTL_MS", "3600000"),
+                "me_cache_ttl_ms",
+            ),
+            (
+                one("VAULTPAY_AUTH__PASSWORD_POLICY__MIN_LENGTH", "4"),
+                "min_length",
+            ),
+            (
+                one("VAULTPAY_AUTH__PASSWORD_POLICY__MAX_LENGTH", "10"),
+                "max_length",
+            ),
+            (
+                one("VAULTPAY_AUTH__PASSWORD_POLICY__MIN_ZXCVBN_SCORE", "5"),
+                "min_zxcvbn_score",
+            ),
+            (
+                one("VAULTPAY_AUTH__IP_TRUST__IPV4_PREFIX", "0"),
+                "ipv4_prefix",
+            ),
+            (
+                one("VAULTPAY_AUTH__HIBP__BASE_URL", "http://hibp.example"),
+                "hibp.base_url",
             ),
         ] {
             let e = Config::load(None, vars.clone()).unwrap_err();

@@ -161,10 +161,16 @@ async fn endpoints(up: &UpstreamConfig) -> Result<Endpoints, AuthError> {
             if doc["issuer"].as_str() != Some(iss) {
                 return Err(upstream_err("discovery issuer mismatch"));
             }
-            // The discovery document's endpoints get the secret and the tokens too.
+            // The discovery document's endpoints get the secret and the tokens too:
+            // https, or plain http only when the issuer itself is on this host (a
+            // provider's document must not point this server at its own loopback
+            // services).
+            let https = |u: &str| reqwest::Url::parse(u).is_ok_and(|u| u.scheme() == "https");
+            let local_issuer = !https(iss) && is_secure_url(iss);
             let s = |k: &str| {
                 doc[k].as_str().map(str::to_owned).filter(|u| {
-                    is_secure_url(u) || {
+                    let ok = is_secure_url(u) && (https(u) || local_issuer);
+                    ok || {
                         tracing::warn!(endpoint = k, url = %u, "upstream endpoint refused: not https");
                         false
                     }

@@ -650,7 +650,12 @@ impl AuthService {
         crate::oauth::require_api_scope(p)?;
         let now = now_micros();
         let cache = &self.inner.me;
-        let ttl = self.inner.cfg.me_cache_ttl_ms.saturating_mul(1_000);
+        // Not while deaf to other nodes' invalidations (see `Bus::deaf`).
+        let ttl = if self.inner.bus.deaf() {
+            0
+        } else {
+            self.inner.cfg.me_cache_ttl_ms.saturating_mul(1_000)
+        };
         let e = match cache.get(p.session_id(), p.user_id(), now, ttl) {
             Some(e) => e,
             None => {
@@ -678,7 +683,9 @@ impl AuthService {
                     idle_expires_at: r.try_get("idle_expires_at")?,
                     cached_at: now,
                 });
-                cache.insert(generation, p.session_id(), e.clone());
+                if ttl > 0 {
+                    cache.insert(generation, p.session_id(), e.clone());
+                }
                 e
             }
         };

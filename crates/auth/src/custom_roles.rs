@@ -22,9 +22,21 @@ pub trait InvalidationBus: Send + Sync + 'static {
     fn publish<'a>(&'a self, user: Option<&'a str>) -> BoxFuture<'a, Result<(), String>>;
 }
 
-/// The installed bus, if any.
+/// The installed bus, if any, and whether this node currently hears it.
 #[derive(Default)]
-pub(crate) struct Bus(RwLock<Option<Arc<dyn InvalidationBus>>>);
+pub(crate) struct Bus(
+    RwLock<Option<Arc<dyn InvalidationBus>>>,
+    std::sync::atomic::AtomicBool,
+);
+
+impl Bus {
+    /// A bus is installed but this node is not subscribed to it (not yet, or its
+    /// subscription was lost): invalidations from other nodes may be missed, so the
+    /// permission and `/v1/me` caches are not used meanwhile.
+    pub(crate) fn deaf(&self) -> bool {
+        self.0.read().is_some() && !self.1.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
 
 const MAX_ROLE_NAME: usize = 48;
 const MAX_DESCRIPTION: usize = 200;
@@ -64,6 +76,23 @@ impl AuthService {
         *self.inner.bus.0.write() = Some(bus);
     }
 
+    /// Whether this node hears the other nodes' invalidations (true without a bus).
+    pub fn invalidations_heard(&self) -> bool {
+        !self.inner.bus.deaf()
+    }
+
+    /// Whether this node's subscription to the bus is live (the subscriber says so on
+    /// each (re)subscription and loss). While it is not, caches are bypassed.
+    pub fn set_invalidations_heard(&self, heard: bool) {
+        self.inner
+            .bus
+            .1
+            .store(heard, std::sync::atomic::Ordering::Release);
+        if !heard {
+            self.drop_cached_permissions(None);
+        }
+    }
+
     /// Drops cached permissions, and the sessions and profile `/v1/me` caches, on
     /// this node only (what a bus subscriber calls).
     pub fn drop_cached_permissions(&self, user: Option<&str>) {
@@ -81,7 +110,20 @@ impl AuthService {
         let bus = self.inner.bus.0.read().clone();
         if let Some(bus) = bus {
             if let Err(e) = bus.publish(user).await {
-                tracing::warn!(error = %e, "could not publish a permission invalidation");
+                // The other nodes would keep the old permissions until their cache
+                // entries expire: keep trying, in the background, until then.
+                tracing::warn!(error = %e, "could not publish a permission invalidation; retrying");
+                let user = user.map(str::to_owned);
+                let ttl = self.inner.cfg.permission_cache_ttl_secs.max(1);
+                tokio::spawn(async move {
+                    for _ in 0..ttl {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        if bus.publish(user.as_deref()).await.is_ok() {
+                            return;
+                        }
+                    }
+                    tracing::error!("a permission invalidation was never published; other nodes kept cached permissions until they expired");
+                });
             }
         }
     }
@@ -273,5 +315,73 @@ impl AuthService {
         tx.commit().await?;
         self.invalidate_everywhere(None).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A bus that never delivers (publishing fails).
+    struct Silent;
+
+    impl InvalidationBus for Silent {
+        fn publish<'a>(&'a self, _: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Err("down".to_owned()) })
+        }
+    }
+
+    async fn role_count(svc: &AuthService, user: &str) -> usize {
+        svc.effective(user).await.unwrap().roles.len()
+    }
+
+    /// With a bus installed, permissions are cached only while this node hears it: a
+    /// role removed without an invalidation (another node's, missed) stops counting
+    /// at once while deaf, and is served from the cache once heard again.
+    #[tokio::test]
+    async fn a_node_deaf_to_the_bus_does_not_cache_permissions() {
+        use vaultpay_store::{testing, Backend, Service};
+        let db = testing::fresh_db(Service::Auth, Backend::Sqlite)
+            .await
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("vaultpay-bus-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = AuthService::new(
+            db.clone(),
+            crate::config::AuthConfig::default(),
+            &vaultpay_core::crypto::MasterKey::generate(),
+            Arc::new(vaultpay_web::MemoryRateLimiter::default()),
+            &dir,
+        )
+        .await
+        .unwrap();
+        let set = |sql: &'static str| {
+            let db = db.clone();
+            async move {
+                sqlx::query(sql).execute(db.writer()).await.unwrap();
+            }
+        };
+        set(
+            "INSERT INTO users (id, email, name, password_hash, created_at, updated_at) \
+             VALUES ('u1', 'u1@example.com', 'U', '!', 0, 0)",
+        )
+        .await;
+        set("INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ('u1', 'support', 0, 't')").await;
+        assert!(svc.invalidations_heard(), "no bus: caches in use");
+        svc.set_invalidation_bus(Arc::new(Silent));
+        assert!(!svc.invalidations_heard(), "not subscribed yet");
+        assert_eq!(role_count(&svc, "u1").await, 1);
+        set("DELETE FROM user_roles WHERE user_id = 'u1'").await;
+        assert_eq!(role_count(&svc, "u1").await, 0, "deaf: read every time");
+        svc.set_invalidations_heard(true);
+        set("INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ('u1', 'support', 0, 't')").await;
+        assert_eq!(role_count(&svc, "u1").await, 1);
+        set("DELETE FROM user_roles WHERE user_id = 'u1'").await;
+        assert_eq!(role_count(&svc, "u1").await, 1, "heard: cached");
+        // losing the subscription drops what was cached
+        svc.set_invalidations_heard(false);
+        assert_eq!(role_count(&svc, "u1").await, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -106,7 +106,8 @@ impl AuthService {
     /// The user's roles and effective permissions (cached, invalidated on change).
     pub async fn effective(&self, user_id: &str) -> Result<Shared, AuthError> {
         let cache = &self.inner.perms;
-        if let Some(e) = cache.get(user_id) {
+        let cached = !self.inner.bus.deaf();
+        if let Some(e) = cache.get(user_id).filter(|_| cached) {
             return Ok(e);
         }
         let generation = cache.generation.load(Ordering::Acquire);
@@ -129,7 +130,9 @@ impl AuthService {
             roles: roles.into_iter().collect(),
             permissions,
         });
-        cache.put(user_id, generation, e.clone());
+        if cached {
+            cache.put(user_id, generation, e.clone());
+        }
         Ok(e)
     }
 

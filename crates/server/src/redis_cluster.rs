@@ -104,6 +104,7 @@ impl RedisCluster {
                         ))
                     })??;
                     svc.drop_cached_permissions(None);
+                    svc.set_invalidations_heard(true);
                     let (mut sink, mut stream) = pubsub.split();
                     // A subscription only reads: a connection that died without a word
                     // (a NAT or load balancer dropping it, a failover) would leave it
@@ -138,6 +139,9 @@ impl RedisCluster {
                 };
                 tokio::select! {
                     r = run => {
+                        // Until subscribed again, other nodes' invalidations are missed:
+                        // the caches are bypassed meanwhile.
+                        svc.set_invalidations_heard(false);
                         if let Err(e) = r {
                             tracing::warn!(error = %e, "permission invalidation subscription lost; reconnecting");
                         }

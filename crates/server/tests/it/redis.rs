@@ -235,6 +235,15 @@ async fn a_silently_dead_subscription_is_noticed() {
         c.auth.permission_cache_ttl_secs = 3_600;
     })
     .await;
+    // Until its subscription is up, a node uses no permission cache (it could miss an
+    // invalidation): wait for it (bounded), so that the cache is in play below.
+    for _ in 0..300 {
+        if app.auth().invalidations_heard() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(app.auth().invalidations_heard(), "never subscribed");
     let email = format!("deaf-{}@example.com", uuid::Uuid::now_v7().simple());
     let id = crate::auth_flows::id_of(&app.register(&email).await);
     sqlx::query("INSERT INTO user_roles (user_id, role, granted_at, granted_by) VALUES ($1, 'compliance', 0, 'test')")

@@ -106,10 +106,17 @@ pub enum Which {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Verify the hash chain; names the first broken link. Exit status 1 if broken.
+    /// Verify the hash chain; names the first broken link and prints the head (seq and
+    /// hash) to record elsewhere. Exit status 1 if broken or an --expect anchor is not
+    /// in the chain.
     Verify {
         #[arg(long, value_enum, default_value_t = Which::All)]
         service: Which,
+        /// A head printed by an earlier run, `SEQ:HASH`: the chain must still hold that
+        /// entry with that hash (a chain cut short, or rewritten after it, verifies on
+        /// its own). Needs `--service auth` or `--service ledger`.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect: Option<String>,
     },
 }
 
@@ -214,8 +221,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => keys(&cfg, command).await,
         Command::Clients { command } => clients(&cfg, command).await,
         Command::Audit {
-            command: AuditCommand::Verify { service },
-        } => audit_verify(&cfg, service).await,
+            command: AuditCommand::Verify { service, expect },
+        } => audit_verify(&cfg, service, expect.as_deref()).await,
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => {
@@ -362,16 +369,59 @@ fn which_mode(which: Which) -> Mode {
     }
 }
 
-async fn audit_verify(cfg: &Config, which: Which) -> anyhow::Result<ExitCode> {
+async fn audit_verify(
+    cfg: &Config,
+    which: Which,
+    expect: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let anchor = match expect {
+        None => None,
+        Some(_) if which == Which::All => {
+            anyhow::bail!("--expect names one chain: add --service auth or --service ledger")
+        }
+        Some(a) => {
+            let (seq, hash) = a
+                .split_once(':')
+                .and_then(|(s, h)| Some((s.parse::<i64>().ok()?, h)))
+                .filter(|(s, h)| {
+                    *s > 0 && h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--expect must be SEQ:HASH (a head printed by audit verify)")
+                })?;
+            Some((seq, hash.to_ascii_lowercase()))
+        }
+    };
     let mode = which_mode(which);
     let (auth, ledger) = app::open_existing_dbs(cfg, mode).await?;
     let mut ok = true;
     for db in [auth, ledger].into_iter().flatten() {
+        let name = db.service().name();
         match vaultpay_store::audit::verify_chain(&db).await? {
-            ChainReport::Intact { entries } => println!(
-                "{}: audit chain intact ({entries} entries)",
-                db.service().name()
-            ),
+            ChainReport::Intact { entries } => {
+                let head = match vaultpay_store::audit::head(&db).await? {
+                    Some((seq, hash)) => format!("; head {seq}:{hash}"),
+                    None => String::new(),
+                };
+                println!("{name}: audit chain intact ({entries} entries{head})");
+                if let Some((seq, hash)) = &anchor {
+                    match vaultpay_store::audit::hash_at(&db, *seq).await? {
+                        Some(h) if h.eq_ignore_ascii_case(hash) => {
+                            println!("{name}: holds the expected entry {seq}:{hash}");
+                        }
+                        found => {
+                            ok = false;
+                            println!(
+                                "{name}: AUDIT CHAIN DOES NOT HOLD {seq}:{hash} ({}): cut short or rewritten",
+                                match found {
+                                    Some(h) => format!("entry {seq} has hash {h}"),
+                                    None => format!("no entry {seq}"),
+                                }
+                            );
+                        }
+                    }
+                }
+            }
             ChainReport::Broken { checked, link } => {
                 ok = false;
                 println!(

@@ -403,6 +403,30 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
     }
 }
 
+/// The newest entry's `seq` and hash (`None` for an empty chain): what an operator
+/// records elsewhere to check later that the chain still holds it (`audit verify
+/// --expect`), since a chain cut short, or rewritten from some point on by someone who
+/// can write the table, verifies on its own.
+pub async fn head(db: &Db) -> Result<Option<(i64, String)>, StoreError> {
+    let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(db.read())
+        .await?;
+    Ok(match row {
+        Some(r) => Some((r.try_get("seq")?, r.try_get("hash")?)),
+        None => None,
+    })
+}
+
+/// The hash of entry `seq`, if there is one.
+pub async fn hash_at(db: &Db, seq: i64) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+            .bind(seq)
+            .fetch_optional(db.read())
+            .await?,
+    )
+}
+
 /// Filters for listing audit entries, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {

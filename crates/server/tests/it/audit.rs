@@ -572,6 +572,11 @@ async fn the_database_refuses_update_and_delete_on_the_audit_log() {
 
 /// Runs `vaultpay audit verify --service <which>` against the app's databases.
 fn cli_audit_verify(cfg: &vaultpay_server::Config, which: &str) -> (i32, String) {
+    cli_audit_verify_with(cfg, &["--service", which])
+}
+
+/// `vaultpay audit verify` with `args` against the app's databases.
+fn cli_audit_verify_with(cfg: &vaultpay_server::Config, args: &[&str]) -> (i32, String) {
     let mut env = vec![
         ("VAULTPAY_DATABASE__AUTH_URL", cfg.auth_db()),
         ("VAULTPAY_DATABASE__LEDGER_URL", cfg.ledger_db()),
@@ -580,7 +585,60 @@ fn cli_audit_verify(cfg: &vaultpay_server::Config, which: &str) -> (i32, String)
     if let Some(k) = &cfg.master_key {
         env.push(("VAULTPAY_MASTER_KEY", k.expose().to_owned()));
     }
-    run_cli(&["audit", "verify", "--service", which], &env)
+    let mut all = vec!["audit", "verify"];
+    all.extend_from_slice(args);
+    run_cli(&all, &env)
+}
+
+/// `audit verify` prints the head to record elsewhere; `--expect` a recorded head
+/// then finds a chain cut short below it (which verifies on its own), and a wrong hash.
+#[tokio::test]
+async fn a_recorded_head_finds_a_chain_cut_short() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.user("anchor@example.com").await;
+    let (code, text) = cli_audit_verify(&app.cfg, "auth");
+    assert_eq!(code, 0, "{text}");
+    let head = text
+        .split("; head ")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .unwrap_or_else(|| panic!("no head in {text}"))
+        .to_owned();
+    let (seq, hash) = head.split_once(':').unwrap();
+    let seq: i64 = seq.parse().unwrap();
+    // more entries later: the recorded head is still held
+    app.user("anchor2@example.com").await;
+    let (code, text) = cli_audit_verify_with(&app.cfg, &["--service", "auth", "--expect", &head]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("holds the expected entry"), "{text}");
+    // a wrong hash, or the anchor without a single service: refused
+    let wrong = format!("{seq}:{}", "0".repeat(64));
+    let (code, text) = cli_audit_verify_with(&app.cfg, &["--service", "auth", "--expect", &wrong]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("DOES NOT HOLD"), "{text}");
+    let (code, _) = cli_audit_verify_with(&app.cfg, &["--expect", &head]);
+    assert_ne!(code, 0);
+    // someone who can write the table cuts the chain short below the recorded head
+    let db = app.auth_db().clone();
+    sqlx::query("DROP TRIGGER audit_log_no_delete")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_log WHERE seq >= $1")
+        .bind(seq - 1)
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let (code, text) = cli_audit_verify(&app.cfg, "auth");
+    assert_eq!(code, 0, "a prefix verifies on its own: {text}");
+    let (code, text) = cli_audit_verify_with(&app.cfg, &["--service", "auth", "--expect", &head]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("no entry {seq}")), "{text}");
+    assert!(
+        !text.contains(hash) || text.contains("DOES NOT HOLD"),
+        "{text}"
+    );
+    app.stop().await;
 }
 
 /// Runs the `vaultpay` binary with `args` and only the environment `env`; returns its

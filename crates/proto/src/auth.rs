@@ -3,13 +3,15 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub email: String,
     pub password: String,
     pub name: String,
 }
+
+debug_redacted!(RegisterRequest { email, name } hides { password });
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -20,13 +22,15 @@ pub struct DeviceInfo {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     pub email: String,
     pub password: String,
     pub device: DeviceInfo,
 }
+
+debug_redacted!(LoginRequest { email, device } hides { password });
 
 /// The OAuth 2.0 token response shape (RFC 6749 §5.1).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -89,11 +93,13 @@ pub struct SessionList {
     pub sessions: Vec<Session>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequestBody {
     pub token: String,
 }
+
+debug_redacted!(TokenRequestBody {  } hides { token });
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -101,29 +107,35 @@ pub struct EmailRequest {
     pub email: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetPasswordRequest {
     pub token: String,
     pub new_password: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+debug_redacted!(ResetPasswordRequest {  } hides { token, new_password });
+
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordRequest {
     pub current_password: String,
     pub new_password: String,
 }
 
+debug_redacted!(ChangePasswordRequest {  } hides { current_password, new_password });
+
 /// `POST /v1/auth/email/change`: the new address gets a confirmation link; the
 /// change happens when it is opened.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeEmailRequest {
     pub new_email: String,
     /// The current password.
     pub password: String,
 }
+
+debug_redacted!(ChangeEmailRequest { new_email } hides { password });
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -204,4 +216,44 @@ pub struct Introspection {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
     pub status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_with_secrets_do_not_print_them() {
+        let login = LoginRequest {
+            email: "a@example.com".into(),
+            password: "hunter2-secret".into(),
+            device: DeviceInfo {
+                id: "d1".into(),
+                name: "laptop".into(),
+            },
+        };
+        let shown = format!("{login:?}");
+        assert!(
+            shown.contains("a@example.com") && shown.contains("laptop"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let reset = ResetPasswordRequest {
+            token: "tok-secret".into(),
+            new_password: "pw-secret".into(),
+        };
+        assert!(!format!("{reset:?}").contains("secret"));
+        let mfa = crate::mfa::MfaVerifyRequest {
+            mfa_ticket: "ticket-secret".into(),
+            code: "123456".into(),
+            method: Some("totp".into()),
+            device_id: None,
+        };
+        let shown = format!("{mfa:?}");
+        assert!(
+            !shown.contains("ticket-secret") && !shown.contains("123456"),
+            "{shown}"
+        );
+        assert!(shown.contains("totp"), "{shown}");
+    }
 }

@@ -5,7 +5,7 @@ use utoipa::ToSchema;
 
 /// A pending TOTP enrolment: show the QR code (or the secret) in an authenticator
 /// app, then confirm with a code.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct TotpEnrollment {
     /// The shared secret, base32 (RFC 4648) without padding.
     pub secret: String,
@@ -15,11 +15,15 @@ pub struct TotpEnrollment {
     pub qr_svg: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+debug_redacted!(TotpEnrollment {  } hides { secret, otpauth_uri, qr_svg });
+
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CodeRequest {
     pub code: String,
 }
+
+debug_redacted!(CodeRequest {  } hides { code });
 
 /// TOTP is on; the recovery codes are shown this once (stored hashed).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -28,7 +32,7 @@ pub struct TotpConfirmed {
     pub recovery_codes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TotpDisableRequest {
     /// The account password.
@@ -36,6 +40,8 @@ pub struct TotpDisableRequest {
     /// A current TOTP code, or a recovery code when the authenticator is lost.
     pub code: String,
 }
+
+debug_redacted!(TotpDisableRequest {  } hides { password, code });
 
 /// `POST /v1/admin/users/{id}/mfa/reset`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -50,12 +56,14 @@ pub struct MfaResetRequest {
     pub require_password_reset: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordRequest {
     /// The account password.
     pub password: String,
 }
+
+debug_redacted!(PasswordRequest {  } hides { password });
 
 /// The caller's second factors.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -78,7 +86,7 @@ pub struct MfaChallenge {
     pub expires_in: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MfaVerifyRequest {
     pub mfa_ticket: String,
@@ -91,14 +99,18 @@ pub struct MfaVerifyRequest {
     pub device_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+debug_redacted!(MfaVerifyRequest { method, device_id } hides { mfa_ticket, code });
+
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MfaTicketRequest {
     pub mfa_ticket: String,
 }
 
+debug_redacted!(MfaTicketRequest {  } hides { mfa_ticket });
+
 /// `POST /v1/auth/step-up`: prove a second factor again for the current session.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepUpRequest {
     pub code: String,
@@ -106,3 +118,5 @@ pub struct StepUpRequest {
     #[serde(default)]
     pub method: Option<String>,
 }
+
+debug_redacted!(StepUpRequest { method } hides { code });

@@ -135,11 +135,15 @@ pub struct RateLimits {
     /// OAuth requests started from one address (`GET /oauth/authorize`,
     /// `POST /oauth/device_authorization`): each writes a pending request, anonymously.
     pub oauth_start_per_ip: Quota,
+    /// Token revocations (`POST /oauth/revoke`) by one client: a revoked
+    /// client-credentials token is kept (and reloaded by every replica) until it
+    /// expires, so a client minting and revoking in a loop would grow that set.
+    pub oauth_revoke_per_client: Quota,
 }
 
 impl RateLimits {
     /// Every quota with its name (for validation).
-    pub fn all(&self) -> [(&'static str, Quota); 9] {
+    pub fn all(&self) -> [(&'static str, Quota); 10] {
         [
             ("login_per_ip", self.login_per_ip),
             ("login_per_account", self.login_per_account),
@@ -150,6 +154,7 @@ impl RateLimits {
             ("reset_per_ip", self.reset_per_ip),
             ("reset_per_account", self.reset_per_account),
             ("oauth_start_per_ip", self.oauth_start_per_ip),
+            ("oauth_revoke_per_client", self.oauth_revoke_per_client),
         ]
     }
 }
@@ -166,6 +171,7 @@ impl Default for RateLimits {
             reset_per_ip: Quota::new(10, 600),
             reset_per_account: Quota::new(3, 600),
             oauth_start_per_ip: Quota::new(60, 60),
+            oauth_revoke_per_client: Quota::new(600, 60),
         }
     }
 }

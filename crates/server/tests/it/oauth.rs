@@ -2596,3 +2596,49 @@ async fn a_deleted_clients_tokens_are_not_active() {
     assert!(!app.auth().introspect_token(&at).await.unwrap().active);
     app.stop().await;
 }
+
+/// Revocations are limited per client (each revoked client-credentials token is kept,
+/// and reloaded by every replica, until it expires); other clients are not affected.
+#[tokio::test]
+async fn token_revocations_are_rate_limited_per_client() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.auth.rate_limits.oauth_revoke_per_client = vaultpay_core::gcra::Quota::new(2, 600);
+    })
+    .await;
+    let admin = app.admin().await.access;
+    let body = json!({ "name": "svc", "grant_types": ["client_credentials"] });
+    let a = create_client(&app, &admin, body.clone()).await;
+    let b = create_client(&app, &admin, body).await;
+    let revoke = |c: &OClient, token: String| {
+        let (id, secret) = (c.id.clone(), c.secret.clone().unwrap());
+        let app = &app;
+        async move {
+            form_post(
+                app,
+                "/oauth/revoke",
+                Some((&id, &secret)),
+                &[("token", &token)],
+            )
+            .await
+        }
+    };
+    for _ in 0..2 {
+        let t = client_credentials_grant(&app, &a.id, a.secret.as_deref().unwrap()).await;
+        let at = t.body["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(revoke(&a, at).await.status, StatusCode::OK);
+    }
+    let t = client_credentials_grant(&app, &a.id, a.secret.as_deref().unwrap()).await;
+    let at = t.body["access_token"].as_str().unwrap().to_owned();
+    let r = revoke(&a, at.clone()).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        introspect(&app, &a, &at).await.body["active"],
+        true,
+        "the refused revocation wrote nothing"
+    );
+    let t = client_credentials_grant(&app, &b.id, b.secret.as_deref().unwrap()).await;
+    let bt = t.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(revoke(&b, bt).await.status, StatusCode::OK);
+    app.stop().await;
+}

@@ -104,28 +104,44 @@ impl AuthService {
     }
 
     /// Drops cached permissions (and `/v1/me` entries) here and tells the other nodes
-    /// to do the same.
+    /// to do the same. The telling runs in a task of its own, which the caller waits for
+    /// up to its first attempt: a request whose future is dropped after its commit (the
+    /// client went away) still has the other nodes told, and a failed publish is
+    /// retried in the background for as long as the other nodes' entries could live.
     pub(crate) async fn invalidate_everywhere(&self, user: Option<&str>) {
         self.drop_cached_permissions(user);
         let bus = self.inner.bus.0.read().clone();
-        if let Some(bus) = bus {
-            if let Err(e) = bus.publish(user).await {
-                // The other nodes would keep the old permissions until their cache
-                // entries expire: keep trying, in the background, until then.
-                tracing::warn!(error = %e, "could not publish a permission invalidation; retrying");
-                let user = user.map(str::to_owned);
-                let ttl = self.inner.cfg.permission_cache_ttl_secs.max(1);
-                tokio::spawn(async move {
-                    for _ in 0..ttl {
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        if bus.publish(user.as_deref()).await.is_ok() {
-                            return;
+        let Some(bus) = bus else {
+            return;
+        };
+        let user = user.map(str::to_owned);
+        let ttl = self.inner.cfg.permission_cache_ttl_secs.max(1);
+        let (first, first_done) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut first = Some(first);
+            for attempt in 0..=ttl {
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                match bus.publish(user.as_deref()).await {
+                    Ok(()) => {
+                        if let Some(f) = first.take() {
+                            let _ = f.send(());
+                        }
+                        return;
+                    }
+                    Err(e) if attempt == 0 => {
+                        tracing::warn!(error = %e, "could not publish a permission invalidation; retrying");
+                        if let Some(f) = first.take() {
+                            let _ = f.send(());
                         }
                     }
-                    tracing::error!("a permission invalidation was never published; other nodes kept cached permissions until they expired");
-                });
+                    Err(_) => {}
+                }
             }
-        }
+            tracing::error!("a permission invalidation was never published; other nodes kept cached permissions until they expired");
+        });
+        let _ = first_done.await;
     }
 
     /// Refuses, with the first permission missing, an actor who does not hold every
@@ -319,7 +335,7 @@ impl AuthService {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -332,15 +348,23 @@ mod tests {
         }
     }
 
-    async fn role_count(svc: &AuthService, user: &str) -> usize {
-        svc.effective(user).await.unwrap().roles.len()
+    /// A bus whose publishes wait for a go-ahead, counting those that went out.
+    struct Gated {
+        go: Arc<tokio::sync::Notify>,
+        sent: Arc<std::sync::atomic::AtomicUsize>,
     }
 
-    /// With a bus installed, permissions are cached only while this node hears it: a
-    /// role removed without an invalidation (another node's, missed) stops counting
-    /// at once while deaf, and is served from the cache once heard again.
-    #[tokio::test]
-    async fn a_node_deaf_to_the_bus_does_not_cache_permissions() {
+    impl InvalidationBus for Gated {
+        fn publish<'a>(&'a self, _: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async move {
+                self.go.notified().await;
+                self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    async fn service() -> (AuthService, vaultpay_store::Db, std::path::PathBuf) {
         use vaultpay_store::{testing, Backend, Service};
         let db = testing::fresh_db(Service::Auth, Backend::Sqlite)
             .await
@@ -356,6 +380,46 @@ mod tests {
         )
         .await
         .unwrap();
+        (svc, db, dir)
+    }
+
+    /// A request dropped after its commit (the client went away) while publishing its
+    /// invalidation: the publish still goes out.
+    #[tokio::test]
+    async fn an_invalidation_is_published_even_if_the_request_is_dropped() {
+        let (svc, _db, dir) = service().await;
+        let go = Arc::new(tokio::sync::Notify::new());
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        svc.set_invalidation_bus(Arc::new(Gated {
+            go: go.clone(),
+            sent: sent.clone(),
+        }));
+        {
+            let request = svc.invalidate_everywhere(Some("u1"));
+            tokio::pin!(request);
+            assert!(futures::poll!(&mut request).is_pending());
+        } // dropped mid-publish
+        go.notify_one();
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while sent.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the invalidation was never published");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    async fn role_count(svc: &AuthService, user: &str) -> usize {
+        svc.effective(user).await.unwrap().roles.len()
+    }
+
+    /// With a bus installed, permissions are cached only while this node hears it: a
+    /// role removed without an invalidation (another node's, missed) stops counting
+    /// at once while deaf, and is served from the cache once heard again.
+    #[tokio::test]
+    async fn a_node_deaf_to_the_bus_does_not_cache_permissions() {
+        let (svc, db, dir) = service().await;
         let set = |sql: &'static str| {
             let db = db.clone();
             async move {

@@ -130,8 +130,11 @@ pub trait TrustBackend: Send + Sync + 'static {
 
 /// How long a node keeps a user's network list before reloading it.
 const LOCAL_TTL: Duration = Duration::from_secs(30);
-/// Longest a shared (Redis) set lives before it is refilled from the database.
-const SHARED_TTL_SECS: i64 = 3_600;
+/// Longest a shared (Redis) set lives before it is refilled from the database; also
+/// how long a failed drop of one is retried for, so that a network revoked while Redis
+/// could not be reached is trusted elsewhere at most this long (it was an hour, with
+/// retries for three minutes).
+const SHARED_TTL_SECS: i64 = 600;
 /// A sliding expiry is written back at most this often per network.
 const TOUCH_EVERY: i64 = 3_600 * 1_000_000;
 
@@ -233,7 +236,9 @@ impl AuthService {
                 }
                 tokio::spawn(async move {
                     let mut wait = std::time::Duration::from_millis(250);
-                    for _ in 0..12 {
+                    let give_up = Instant::now()
+                        + std::time::Duration::from_secs(SHARED_TTL_SECS.unsigned_abs());
+                    while Instant::now() < give_up {
                         tokio::time::sleep(wait).await;
                         retrying.lock().insert(user.clone(), false);
                         match b.forget(&user).await {

@@ -77,6 +77,12 @@ fn validate_name(name: &str) -> Result<String, AuthError> {
 impl AuthService {
     /// Policy, bundled list and (optionally) the breached-password range API.
     async fn check_new_password(&self, password: &str, inputs: &[&str]) -> Result<(), AuthError> {
+        // Length and the bundled list at once; only zxcvbn waits for a hashing thread.
+        self.inner
+            .cfg
+            .password_policy
+            .check_shape(password)
+            .map_err(AuthError::Password)?;
         self.inner
             .hashes
             .check_policy(self.inner.cfg.password_policy.clone(), password, inputs)
@@ -400,7 +406,9 @@ impl AuthService {
             let link = format!("{}/v1/auth/password/reset?token={token}", self.public_url());
             let text = format!(
                 "Someone asked to reset the password of your VaultPay account.\n\n\
-                 To choose a new password, POST it with this token to /v1/auth/password/reset:\n\n{token}\n\n({link})\n\n\
+                 To choose a new password, open this link:\n\n{link}\n\n\
+                 (An application may instead send this token with the new password to \
+                 POST /v1/auth/password/reset: {token})\n\n\
                  The token works once and expires in {} minutes. If it was not you, ignore this message; \
                  your password is unchanged.\n",
                 self.inner.cfg.password_reset_ttl_secs / 60

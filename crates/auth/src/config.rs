@@ -135,9 +135,9 @@ pub struct RateLimits {
     /// OAuth requests started from one address (`GET /oauth/authorize`,
     /// `POST /oauth/device_authorization`): each writes a pending request, anonymously.
     pub oauth_start_per_ip: Quota,
-    /// Token revocations (`POST /oauth/revoke`) by one client: a revoked
-    /// client-credentials token is kept (and reloaded by every replica) until it
-    /// expires, so a client minting and revoking in a loop would grow that set.
+    /// Revocations of client-credentials tokens (`POST /oauth/revoke`) by one client: a
+    /// revoked one is kept (and reloaded by every replica) until it expires, so a
+    /// client minting and revoking in a loop would grow that set.
     pub oauth_revoke_per_client: Quota,
 }
 

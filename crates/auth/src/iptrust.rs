@@ -222,7 +222,7 @@ impl AuthService {
         if let Some(b) = backend {
             if let Err(e) = b.forget(user_id).await {
                 // Other replicas would go on trusting what was just revoked until the
-                // set's TTL (up to an hour): keep trying, in the background.
+                // set's TTL (10 minutes): keep trying, in the background, until then.
                 tracing::warn!(error = %e, "could not drop the shared trusted-network set; retrying");
                 let user = user_id.to_owned();
                 let retrying = self.inner.iptrust.retrying.clone();

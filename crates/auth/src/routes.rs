@@ -211,7 +211,10 @@ async fn reset_password(
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
+        .is_some_and(|ct| {
+            ct.get(..33)
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+        });
     if form {
         let vaultpay_web::ApiForm(r) =
             vaultpay_web::ApiForm::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
@@ -237,7 +240,7 @@ async fn reset_password_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Res
         "Change password",
         &q.token,
         "<p><label>New password <input type=\"password\" name=\"new_password\" \
-         autocomplete=\"new-password\" required maxlength=\"128\"></label></p>",
+         autocomplete=\"new-password\" required></label></p>",
     )
 }
 

@@ -354,17 +354,8 @@ impl Default for PasswordPolicy {
 }
 
 impl PasswordPolicy {
-    /// Checks a candidate password, in this order: too short, too long, on the
-    /// common-password list, too weak by zxcvbn. Returns the first violation.
-    ///
-    /// `user_inputs` are strings the user is known by (email, name, username).
-    /// zxcvbn treats passwords built from them as easy to guess; besides each whole
-    /// input, its alphanumeric pieces of three characters or more are used too
-    /// (`alice.smith@example.com` also yields `alice`, `smith`, `example`).
-    ///
-    /// The breach check ([`PolicyViolation::Breached`]) needs network access and is
-    /// done by the caller with [`hibp_prefix_suffix`] and [`hibp_count_in_range`].
-    pub fn check(&self, password: &str, user_inputs: &[&str]) -> Result<(), PolicyViolation> {
+    /// The cheap part of [`Self::check`]: too short, too long, on the bundled list.
+    pub fn check_shape(&self, password: &str) -> Result<(), PolicyViolation> {
         let length = password.chars().count();
         if length < self.min_length {
             return Err(PolicyViolation::TooShort {
@@ -381,7 +372,21 @@ impl PasswordPolicy {
         if is_common_password(password) {
             return Err(PolicyViolation::Common);
         }
+        Ok(())
+    }
 
+    /// Checks a candidate password, in this order: too short, too long, on the
+    /// common-password list, too weak by zxcvbn. Returns the first violation.
+    ///
+    /// `user_inputs` are strings the user is known by (email, name, username).
+    /// zxcvbn treats passwords built from them as easy to guess; besides each whole
+    /// input, its alphanumeric pieces of three characters or more are used too
+    /// (`alice.smith@example.com` also yields `alice`, `smith`, `example`).
+    ///
+    /// The breach check ([`PolicyViolation::Breached`]) needs network access and is
+    /// done by the caller with [`hibp_prefix_suffix`] and [`hibp_count_in_range`].
+    pub fn check(&self, password: &str, user_inputs: &[&str]) -> Result<(), PolicyViolation> {
+        self.check_shape(password)?;
         let inputs = expand_user_inputs(user_inputs);
         let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
         // zxcvbn's l33t matching multiplies its dictionary lookups per substitutable

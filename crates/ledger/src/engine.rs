@@ -327,10 +327,11 @@ pub(crate) enum Found {
 /// The keys of a whole group that were answered or are running, by (user, key).
 pub(crate) type Prefetched = HashMap<(String, String), Found>;
 
-/// Advisory lock class (the first of the two-key form, apart from the one-key locks
-/// such as [`WRITE_LOCK`]) under which a PostgreSQL transaction claims the keys of the
-/// jobs it runs, by a hash of user and key, until it ends.
-const KEY_CLAIM_CLASS: i32 = 0x5650_4b43; // "VPKC"
+// A PostgreSQL transaction claims the keys of the jobs it runs until it ends with an
+// advisory lock in the two-key form (apart from the one-key locks such as
+// `WRITE_LOCK`; nothing else here uses the two-key form): (hash of the user, hash of
+// the key), 64 bits, so two different keys in flight at once practically never share
+// a claim (a spurious 409).
 
 /// An idempotency record to write with the job's outcome.
 pub(crate) struct NewKey {
@@ -394,8 +395,8 @@ async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched
     let sql = if postgres {
         format!(
             "SELECT v.column1 AS user_id, v.column2 AS key, k.fingerprint, k.status, k.body, k.body_lz4, \
-             k.fingerprint IS NOT NULL OR pg_try_advisory_xact_lock({KEY_CLAIM_CLASS}, \
-             hashtext(v.column1 || ' ' || v.column2)) AS claimed \
+             k.fingerprint IS NOT NULL OR pg_try_advisory_xact_lock(hashtext(v.column1), \
+             hashtext(v.column2)) AS claimed \
              FROM (VALUES {values}) AS v \
              LEFT JOIN idempotency_keys k ON k.user_id = v.column1 AND k.key = v.column2"
         )

@@ -13,13 +13,15 @@ pub struct LoginHeld {
     pub login_ticket: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginCompleteRequest {
     pub login_ticket: String,
     /// The `device.id` the held login was made with.
     pub device_id: String,
 }
+
+debug_redacted!(LoginCompleteRequest { device_id } hides { login_ticket });
 
 /// A network a user trusts: the exact address, or its configured prefix.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

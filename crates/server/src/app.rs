@@ -199,11 +199,19 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<bool> {
         f.sync_all()?;
         anyhow::Ok(())
     })();
-    let linked = written.map(|()| match std::fs::hard_link(&tmp, path) {
-        Ok(()) => Some(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(false),
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(Some(true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Some(false)),
         // A filesystem without hard links (FAT, some network mounts): written in place.
-        Err(_) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("creating {}", path.display()))),
     });
     let _ = std::fs::remove_file(&tmp);
     let linked = match linked? {

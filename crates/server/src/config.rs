@@ -293,11 +293,13 @@ impl Config {
             q.validate()
                 .map_err(|e| anyhow::anyhow!("auth.rate_limits.{name}: {e}"))?;
         }
-        self.auth
-            .hibp
-            .validate()
-            .map_err(anyhow::Error::msg)
-            .context("auth.hibp")?;
+        if self.auth.hibp.enabled {
+            self.auth
+                .hibp
+                .validate()
+                .map_err(anyhow::Error::msg)
+                .context("auth.hibp")?;
+        }
         self.auth
             .mfa
             .email_send
@@ -608,7 +610,13 @@ mod tests {
                 "ipv4_prefix",
             ),
             (
-                one("VAULTPAY_AUTH__HIBP__BASE_URL", "http://hibp.example"),
+                vec![
+                    ("VAULTPAY_AUTH__HIBP__ENABLED".to_owned(), "true".to_owned()),
+                    (
+                        "VAULTPAY_AUTH__HIBP__BASE_URL".to_owned(),
+                        "http://hibp.example".to_owned(),
+                    ),
+                ],
                 "hibp.base_url",
             ),
         ] {

@@ -841,15 +841,20 @@ pub(crate) async fn revoke(
     let token = f
         .token
         .ok_or_else(|| OAuthError::request("token is required"))?;
-    vaultpay_web::enforce(
-        &*svc.limiter(),
-        &format!("oauth:revoke:client:{}", client.client_id),
-        svc.config().rate_limits.oauth_revoke_per_client,
-    )
-    .await?;
     let db = svc.db();
     match find(&svc, &token).await? {
         Found::Access(c) if c.client_id.as_deref() == Some(client.client_id.as_str()) => {
+            if c.sid.is_empty() {
+                // A revoked client-credentials token is kept (and reloaded by every
+                // replica) until it expires: limited per client. Users' sign-outs are
+                // not charged (a public client's id is no secret).
+                vaultpay_web::enforce(
+                    &*svc.limiter(),
+                    &format!("oauth:revoke:client:{}", client.client_id),
+                    svc.config().rate_limits.oauth_revoke_per_client,
+                )
+                .await?;
+            }
             let mut tx = db.begin().await?;
             if c.sid.is_empty() {
                 sqlx::query(&format!(

@@ -336,8 +336,13 @@ async fn a_key_in_flight_on_another_replica_is_409_then_replays() {
         let (app, alice, k, body) = (app.clone(), alice.clone(), k.clone(), body.clone());
         tokio::spawn(async move { app.post("/v1/transfers", &alice, Some(&k), body).await })
     };
-    // the first waits for the payer's row, holding its claim on the key
+    // the first waits for the payer's row, holding its claim on the key (bounded)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never waited"
+        );
         let waiting: i64 = sqlx::query_scalar(
             "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
              WHERE wait_event_type = 'Lock' AND datname = current_database()",

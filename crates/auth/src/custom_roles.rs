@@ -364,30 +364,11 @@ mod tests {
         }
     }
 
-    async fn service() -> (AuthService, vaultpay_store::Db, std::path::PathBuf) {
-        use vaultpay_store::{testing, Backend, Service};
-        let db = testing::fresh_db(Service::Auth, Backend::Sqlite)
-            .await
-            .unwrap();
-        let dir = std::env::temp_dir().join(format!("vaultpay-bus-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let svc = AuthService::new(
-            db.clone(),
-            crate::config::AuthConfig::default(),
-            &vaultpay_core::crypto::MasterKey::generate(),
-            Arc::new(vaultpay_web::MemoryRateLimiter::default()),
-            &dir,
-        )
-        .await
-        .unwrap();
-        (svc, db, dir)
-    }
-
     /// A request dropped after its commit (the client went away) while publishing its
     /// invalidation: the publish still goes out.
     #[tokio::test]
     async fn an_invalidation_is_published_even_if_the_request_is_dropped() {
-        let (svc, _db, dir) = service().await;
+        let (svc, _db, dir) = crate::service::test_service().await;
         let go = Arc::new(tokio::sync::Notify::new());
         let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         svc.set_invalidation_bus(Arc::new(Gated {
@@ -419,7 +400,7 @@ mod tests {
     /// at once while deaf, and is served from the cache once heard again.
     #[tokio::test]
     async fn a_node_deaf_to_the_bus_does_not_cache_permissions() {
-        let (svc, db, dir) = service().await;
+        let (svc, db, dir) = crate::service::test_service().await;
         let set = |sql: &'static str| {
             let db = db.clone();
             async move {

@@ -1033,21 +1033,7 @@ mod tests {
         Attempts,
         std::path::PathBuf,
     ) {
-        use vaultpay_store::{testing, Backend, Service};
-        let db = testing::fresh_db(Service::Auth, Backend::Sqlite)
-            .await
-            .unwrap();
-        let dir = std::env::temp_dir().join(format!("vaultpay-iptrust-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let svc = AuthService::new(
-            db,
-            crate::config::AuthConfig::default(),
-            &vaultpay_core::crypto::MasterKey::generate(),
-            Arc::new(vaultpay_web::MemoryRateLimiter::default()),
-            &dir,
-        )
-        .await
-        .unwrap();
+        let (svc, _db, dir) = crate::service::test_service().await;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let backend: Arc<dyn TrustBackend> = Arc::new(Scripted(tx));
         svc.set_trust_backend(backend.clone());

@@ -295,6 +295,29 @@ fn is_password_hash(stored: &str) -> bool {
     stored.starts_with("$argon2id$")
 }
 
+/// A service on a fresh SQLite database with the default configuration, an in-memory
+/// limiter and a data directory of its own (unit tests).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn test_service() -> (AuthService, vaultpay_store::Db, std::path::PathBuf) {
+    use vaultpay_store::{testing, Backend, Service};
+    let db = testing::fresh_db(Service::Auth, Backend::Sqlite)
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("vaultpay-svc-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svc = AuthService::new(
+        db.clone(),
+        crate::config::AuthConfig::default(),
+        &vaultpay_core::crypto::MasterKey::generate(),
+        std::sync::Arc::new(vaultpay_web::MemoryRateLimiter::default()),
+        &dir,
+    )
+    .await
+    .unwrap();
+    (svc, db, dir)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

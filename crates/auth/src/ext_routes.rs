@@ -248,12 +248,7 @@ async fn email_confirm(
 /// posts it) or JSON `{"token": …}` (an API client).
 pub(crate) async fn link_token(req: axum::extract::Request) -> ApiResult<String> {
     use axum::extract::FromRequest;
-    let form = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-    Ok(if form {
+    Ok(if is_form(&req) {
         ApiForm::<TokenParam>::from_request(req, &()).await?.0.token
     } else {
         ApiJson::<wire::TokenRequestBody>::from_request(req, &())
@@ -261,6 +256,16 @@ pub(crate) async fn link_token(req: axum::extract::Request) -> ApiResult<String>
             .0
             .token
     })
+}
+
+/// Whether `req`'s body is form-encoded (a page's form), not JSON (an API client).
+pub(crate) fn is_form(req: &axum::extract::Request) -> bool {
+    const FORM: &str = "application/x-www-form-urlencoded";
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.get(..FORM.len()))
+        .is_some_and(|t| t.eq_ignore_ascii_case(FORM))
 }
 
 /// The caller's trusted networks.

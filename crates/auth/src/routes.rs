@@ -207,15 +207,7 @@ async fn reset_password(
     req: axum::extract::Request,
 ) -> ApiResult<Response> {
     use axum::extract::FromRequest;
-    let form = req
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.get(..33)
-                .is_some_and(|t| t.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
-        });
-    if form {
+    if crate::ext_routes::is_form(&req) {
         let vaultpay_web::ApiForm(r) =
             vaultpay_web::ApiForm::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
         svc.reset_password(&ctx, r).await?;

@@ -88,6 +88,11 @@ impl Default for ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// The last entry verified so far, `(seq, hash)` (`None` before the first).
+    pub fn last(&self) -> Option<(i64, &str)> {
+        (self.checked > 0).then_some((self.prev_seq, self.prev_hash.as_str()))
+    }
+
     pub fn push(&mut self, e: &AuditEntry) -> Result<(), BrokenLink> {
         let broken = |reason| Err(BrokenLink { seq: e.seq, reason });
         if e.seq != self.prev_seq + 1 {

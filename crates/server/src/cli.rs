@@ -397,9 +397,10 @@ async fn audit_verify(
     let mut ok = true;
     for db in [auth, ledger].into_iter().flatten() {
         let name = db.service().name();
-        match vaultpay_store::audit::verify_chain(&db).await? {
+        let (report, head) = vaultpay_store::audit::verify_chain_to_head(&db).await?;
+        match report {
             ChainReport::Intact { entries } => {
-                let head = match vaultpay_store::audit::head(&db).await? {
+                let head = match head {
                     Some((seq, hash)) => format!("; head {seq}:{hash}"),
                     None => String::new(),
                 };

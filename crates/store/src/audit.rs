@@ -376,7 +376,21 @@ pub enum ChainReport {
 
 /// Walks the whole chain in order and reports the first broken link.
 pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
+    Ok(verify_chain_to_head(db).await?.0)
+}
+
+/// [`verify_chain`], with the last entry it verified, `(seq, hash)`: the head to record
+/// elsewhere (read by the walk itself, so never an entry appended after it).
+pub async fn verify_chain_to_head(
+    db: &Db,
+) -> Result<(ChainReport, Option<(i64, String)>), StoreError> {
     let mut verifier = ChainVerifier::default();
+    let report = walk(db, &mut verifier).await?;
+    let head = verifier.last().map(|(s, h)| (s, h.to_owned()));
+    Ok((report, head))
+}
+
+async fn walk(db: &Db, verifier: &mut ChainVerifier) -> Result<ChainReport, StoreError> {
     let mut after = 0i64;
     loop {
         let rows = sqlx::query(&format!(
@@ -401,20 +415,6 @@ pub async fn verify_chain(db: &Db) -> Result<ChainReport, StoreError> {
             after = e.seq;
         }
     }
-}
-
-/// The newest entry's `seq` and hash (`None` for an empty chain): what an operator
-/// records elsewhere to check later that the chain still holds it (`audit verify
-/// --expect`), since a chain cut short, or rewritten from some point on by someone who
-/// can write the table, verifies on its own.
-pub async fn head(db: &Db) -> Result<Option<(i64, String)>, StoreError> {
-    let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(db.read())
-        .await?;
-    Ok(match row {
-        Some(r) => Some((r.try_get("seq")?, r.try_get("hash")?)),
-        None => None,
-    })
 }
 
 /// The hash of entry `seq`, if there is one.

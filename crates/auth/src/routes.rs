@@ -199,8 +199,10 @@ async fn forgot_password(
 
 /// Set a new password with a reset token; every session is revoked. JSON
 /// `{token, new_password}`, or the same fields form-encoded from the emailed link's page.
-#[utoipa::path(post, path = "/v1/auth/password/reset", tag = "auth", request_body = wire::ResetPasswordRequest,
-    responses((status = 200, body = wire::Accepted), (status = 400, body = Problem), (status = 422, body = Problem)))]
+#[utoipa::path(post, path = "/v1/auth/password/reset", tag = "auth",
+    request_body(content = wire::ResetPasswordRequest, description = "JSON, or the same fields form-encoded (the reset page's form, answered with HTML pages)"),
+    responses((status = 200, body = wire::Accepted, description = "Changed (a form post: an HTML page)"),
+        (status = 400, body = Problem), (status = 422, body = Problem, description = "Refused by the password policy (a form post: the form again, with the reason)")))]
 async fn reset_password(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -210,14 +212,52 @@ async fn reset_password(
     if crate::ext_routes::is_form(&req) {
         let vaultpay_web::ApiForm(r) =
             vaultpay_web::ApiForm::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
-        svc.reset_password(&ctx, r).await?;
-        return Ok(crate::ext_routes::done_page(
-            "Password changed",
-            "Your password has been changed and every session signed out. Sign in with the new password.",
-        ));
+        let token = r.token.clone();
+        // A person at the page: the answer is a page too. A password the policy refuses
+        // leaves the token unspent, so the form comes back with the reason.
+        return Ok(match svc.reset_password(&ctx, r).await {
+            Ok(_) => crate::ext_routes::done_page(
+                "Password changed",
+                "Your password has been changed and every session signed out. Sign in with the new password.",
+            ),
+            Err(AuthError::Password(v)) => {
+                let mut res = reset_form(
+                    &token,
+                    &format!(
+                        "That password cannot be used: {} Choose another.",
+                        crate::oauth::pages::esc(&v.message())
+                    ),
+                )?;
+                *res.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+                res
+            }
+            Err(e) => {
+                let e = vaultpay_web::ApiError::from(e);
+                let detail = e.problem.detail.clone().unwrap_or_default();
+                let mut res = crate::ext_routes::done_page(
+                    "Password not changed",
+                    &crate::oauth::pages::esc(&detail),
+                );
+                *res.status_mut() = e.status();
+                res
+            }
+        });
     }
     let ApiJson(r) = ApiJson::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
     Ok(Json(svc.reset_password(&ctx, r).await?).into_response())
+}
+
+/// The reset page: the token and a new-password field, under `text` (trusted HTML).
+fn reset_form(token: &str, text: &str) -> ApiResult<Response> {
+    crate::ext_routes::page_with(
+        "Choose a new password",
+        text,
+        "/v1/auth/password/reset",
+        "Change password",
+        token,
+        "<p><label>New password <input type=\"password\" name=\"new_password\" \
+         autocomplete=\"new-password\" required></label></p>",
+    )
 }
 
 /// The emailed reset link itself (opened in a browser): a page with a new-password
@@ -225,14 +265,9 @@ async fn reset_password(
 #[utoipa::path(get, path = "/v1/auth/password/reset", tag = "auth", params(TokenQuery),
     responses((status = 200, description = "HTML page to choose a new password"), (status = 400, body = Problem)))]
 async fn reset_password_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Response> {
-    crate::ext_routes::page_with(
-        "Choose a new password",
-        "Enter the new password for your VaultPay account.",
-        "/v1/auth/password/reset",
-        "Change password",
+    reset_form(
         &q.token,
-        "<p><label>New password <input type=\"password\" name=\"new_password\" \
-         autocomplete=\"new-password\" required></label></p>",
+        "Enter the new password for your VaultPay account.",
     )
 }
 

@@ -224,7 +224,7 @@ async fn reset_password(
                 let mut res = reset_form(
                     &token,
                     &format!(
-                        "That password cannot be used: {} Choose another.",
+                        "That password cannot be used: {}",
                         crate::oauth::pages::esc(&v.message())
                     ),
                 )?;

@@ -9,15 +9,20 @@ pub fn is_secure_url(url: &str) -> bool {
     };
     match u.scheme() {
         "https" => u.host().is_some(),
-        "http" => u.host_str().is_some_and(|h| {
-            h.eq_ignore_ascii_case("localhost")
-                || h.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }),
+        "http" => u.host_str().is_some_and(is_loopback_host),
         _ => false,
     }
+}
+
+/// Whether `host` (a name, an IP address, or an IPv6 address in brackets) is this
+/// host: `localhost` or a loopback address.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Sends `req` and reads a 2xx answer's body, refusing one over `max` bytes before

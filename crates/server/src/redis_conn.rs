@@ -29,7 +29,7 @@ pub fn client(url: &str, ca: Option<&Path>) -> anyhow::Result<redis::Client> {
         .into_connection_info()
         .map_err(|e| anyhow::anyhow!("redis_url is not a Redis URL ({:?})", e.kind()))?;
     if let ConnectionAddr::Tcp(host, _) = &info.addr {
-        if !is_loopback(host) {
+        if !vaultpay_auth::outbound::is_loopback_host(host) {
             anyhow::bail!(
                 "redis_url must be rediss:// (TLS) unless Redis is on a loopback address; \
                  plain redis:// to {host} would carry the password and the rate limits in clear"
@@ -54,15 +54,6 @@ pub fn client(url: &str, ca: Option<&Path>) -> anyhow::Result<redis::Client> {
             root_cert: Some(pem),
         },
     )?)
-}
-
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 pub(crate) struct SharedConn {

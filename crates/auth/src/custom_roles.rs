@@ -22,7 +22,7 @@ pub trait InvalidationBus: Send + Sync + 'static {
     fn publish<'a>(&'a self, user: Option<&'a str>) -> BoxFuture<'a, Result<(), String>>;
 }
 
-/// The installed bus, if any, and whether this node currently hears it.
+/// The installed bus, if any, and whether this node is deaf to it.
 #[derive(Default)]
 pub(crate) struct Bus(
     RwLock<Option<Arc<dyn InvalidationBus>>>,
@@ -32,9 +32,10 @@ pub(crate) struct Bus(
 impl Bus {
     /// A bus is installed but this node is not subscribed to it (not yet, or its
     /// subscription was lost): invalidations from other nodes may be missed, so the
-    /// permission and `/v1/me` caches are not used meanwhile.
+    /// permission and `/v1/me` caches are not used meanwhile. One atomic load: it is
+    /// read on every permission and `/v1/me` lookup.
     pub(crate) fn deaf(&self) -> bool {
-        self.0.read().is_some() && !self.1.load(std::sync::atomic::Ordering::Acquire)
+        self.1.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -74,6 +75,11 @@ impl AuthService {
     /// Installs the bus that carries permission invalidations to other nodes.
     pub fn set_invalidation_bus(&self, bus: Arc<dyn InvalidationBus>) {
         *self.inner.bus.0.write() = Some(bus);
+        // Deaf until the subscriber says it hears (`set_invalidations_heard`).
+        self.inner
+            .bus
+            .1
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether this node hears the other nodes' invalidations (true without a bus).
@@ -84,10 +90,11 @@ impl AuthService {
     /// Whether this node's subscription to the bus is live (the subscriber says so on
     /// each (re)subscription and loss). While it is not, caches are bypassed.
     pub fn set_invalidations_heard(&self, heard: bool) {
+        let installed = self.inner.bus.0.read().is_some();
         self.inner
             .bus
             .1
-            .store(heard, std::sync::atomic::Ordering::Release);
+            .store(installed && !heard, std::sync::atomic::Ordering::Release);
         if !heard {
             self.drop_cached_permissions(None);
         }

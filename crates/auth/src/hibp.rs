@@ -67,10 +67,7 @@ impl HibpConfig {
     pub fn validate(&self) -> Result<(), String> {
         let base = self.base_url.trim().trim_end_matches('/');
         let url = Url::parse(base).map_err(|e| format!("hibp.base_url {base:?}: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https")
-            || url.cannot_be_a_base()
-            || !crate::outbound::is_secure_url(base)
-        {
+        if url.cannot_be_a_base() || !crate::outbound::is_secure_url(base) {
             return Err(format!(
                 "hibp.base_url {base:?}: must be an https:// URL (http:// only to a loopback address)"
             ));

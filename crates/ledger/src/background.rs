@@ -92,49 +92,38 @@ const EXPIRY_TX: usize = 64;
 /// Expires `ids` in one transaction; if that fails, one by one (so a hold that cannot
 /// be expired fails alone). Returns how many expired.
 async fn expire_together(core: &Core, ids: &[String], now: i64) -> u64 {
-    if ids.len() == 1 {
-        return expire_one(core, &ids[0], now).await;
-    }
-    let together = async {
-        let mut tx = begin(&core.db).await?;
-        let mut expired = 0;
-        for id in ids {
-            expired += u64::from(expire_hold(core, &mut tx, id, now).await?);
-        }
-        tx.commit().await?;
-        Ok::<_, LedgerError>(expired)
-    };
-    match together.await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(holds = ids.len(), error = %e, "could not expire holds together; one by one");
-            let mut n = 0;
-            for id in ids {
-                n += expire_one(core, id, now).await;
+    if ids.len() > 1 {
+        match expire_in_one_tx(core, ids, now).await {
+            Ok(n) => return n,
+            Err(e) => {
+                tracing::warn!(holds = ids.len(), error = %e, "could not expire holds together; one by one");
             }
-            n
         }
     }
+    let mut n = 0;
+    for id in ids {
+        match expire_in_one_tx(core, std::slice::from_ref(id), now).await {
+            Ok(expired) => n += expired,
+            Err(e) => {
+                // Logged and counted; tried again on the next run.
+                tracing::error!(hold = %id, error = %e, "could not expire a hold; going on with the others");
+                metrics::counter!("ledger_hold_expiry_failures_total").increment(1);
+            }
+        }
+    }
+    n
 }
 
-/// Expires hold `id` in a transaction of its own: 1 if it did, 0 if it was resolved
-/// meanwhile or failed (logged and counted; tried again on the next run).
-async fn expire_one(core: &Core, id: &str, now: i64) -> u64 {
-    let one = async {
-        let mut tx = begin(&core.db).await?;
-        let expired = expire_hold(core, &mut tx, id, now).await?;
-        tx.commit().await?;
-        Ok::<_, LedgerError>(expired)
-    };
-    match one.await {
-        Ok(true) => 1,
-        Ok(false) => 0,
-        Err(e) => {
-            tracing::error!(hold = %id, error = %e, "could not expire a hold; going on with the others");
-            metrics::counter!("ledger_hold_expiry_failures_total").increment(1);
-            0
-        }
+/// Expires `ids` in one transaction: how many expired (the others were resolved
+/// meanwhile).
+async fn expire_in_one_tx(core: &Core, ids: &[String], now: i64) -> Result<u64, LedgerError> {
+    let mut tx = begin(&core.db).await?;
+    let mut expired = 0;
+    for id in ids {
+        expired += u64::from(expire_hold(core, &mut tx, id, now).await?);
     }
+    tx.commit().await?;
+    Ok(expired)
 }
 
 /// Deletes idempotency keys older than the configured TTL (at least 24 hours), except

@@ -155,11 +155,9 @@ fn check_request(
             "this client may not use the authorization code grant",
         );
     }
-    let scope = match get("scope") {
-        Some(s) if s.len() > super::MAX_SCOPE_LEN => {
-            return fail("invalid_scope", "the scope is too long")
-        }
-        Some(s) => split_scope(s),
+    let scope = match get("scope").map(super::requested_scope) {
+        Some(Ok(s)) => s,
+        Some(Err(_)) => return fail("invalid_scope", "the scope is too long"),
         None => vec!["openid".to_owned()],
     };
     if scope.is_empty() || scope.iter().any(|s| !client.allows_scope(s)) {

@@ -364,11 +364,7 @@ async fn sessions_list_revoke_and_logout_everywhere() {
 
 /// The verification page's button: the token as a form field.
 async fn verify_form(app: &TestApp, token: &str) -> Resp {
-    let req = app
-        .http
-        .post(format!("{}/v1/auth/verify-email", app.base))
-        .form(&[("token", token)]);
-    read(req.send().await.unwrap()).await
+    crate::oauth::form_post(app, "/v1/auth/verify-email", None, &[("token", token)]).await
 }
 
 #[tokio::test]
@@ -915,11 +911,16 @@ async fn the_reset_link_opens_a_form_that_resets_once() {
     app.login(email, PASSWORD).await; // the old password still works
     let form = |pw: &'static str| {
         let token = token.clone();
-        let req = app
-            .http
-            .post(format!("{}/v1/auth/password/reset", app.base))
-            .form(&[("token", token.as_str()), ("new_password", pw)]);
-        async move { read(req.send().await.unwrap()).await }
+        let app = &app;
+        async move {
+            crate::oauth::form_post(
+                app,
+                "/v1/auth/password/reset",
+                None,
+                &[("token", &token), ("new_password", pw)],
+            )
+            .await
+        }
     };
     // a weak one is refused without spending the token: the form again, with why
     let r = form("password").await;

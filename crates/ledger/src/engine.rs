@@ -299,14 +299,15 @@ const PACK_FROM: usize = 4096;
 
 /// The columns `body` and `body_lz4` to store for a response body.
 fn pack_body(body: &str) -> (&str, Option<Vec<u8>>) {
-    if body.len() >= PACK_FROM {
-        (
-            "",
-            Some(lz4_flex::block::compress_prepend_size(body.as_bytes())),
-        )
-    } else {
-        (body, None)
+    match packed_body(body) {
+        Some(packed) => ("", Some(packed)),
+        None => (body, None),
     }
+}
+
+/// `body` compressed as an idempotency key stores it, if it is long enough to be.
+pub(crate) fn packed_body(body: &str) -> Option<Vec<u8>> {
+    (body.len() >= PACK_FROM).then(|| lz4_flex::block::compress_prepend_size(body.as_bytes()))
 }
 
 fn unpack_body(packed: &[u8]) -> Result<String, LedgerError> {
@@ -340,6 +341,8 @@ pub(crate) struct NewKey {
     fingerprint: String,
     status: i64,
     body: String,
+    /// `body` already compressed (see [`packed_body`]), if it was.
+    packed: Option<Vec<u8>>,
     resource: Option<String>,
 }
 
@@ -431,8 +434,13 @@ async fn store_keys(db: &Db, tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerE
             db.insert_or_fail(),
             vaultpay_store::params::values(db.backend(), chunk.len(), 8)
         );
-        let packed: Vec<(&str, Option<Vec<u8>>)> =
-            chunk.iter().map(|k| pack_body(&k.body)).collect();
+        let packed: Vec<(&str, Option<Vec<u8>>)> = chunk
+            .iter()
+            .map(|k| match &k.packed {
+                Some(_) => ("", None),
+                None => pack_body(&k.body),
+            })
+            .collect();
         let mut q = sqlx::query(&sql).persistent(false);
         for (k, (body, lz4)) in chunk.iter().zip(&packed) {
             q = q
@@ -441,7 +449,7 @@ async fn store_keys(db: &Db, tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerE
                 .bind(&k.fingerprint)
                 .bind(k.status)
                 .bind(*body)
-                .bind(lz4.as_deref())
+                .bind(k.packed.as_deref().or(lz4.as_deref()))
                 .bind(&k.resource)
                 .bind(now);
         }
@@ -481,15 +489,19 @@ pub(crate) async fn exec_job(
             return Ok((reply, None));
         }
     }
-    let (reply, resource) = match ops::run(core, tx, job).await {
-        Ok(done) => (done.reply, done.resource),
+    let (reply, resource, packed) = match ops::run(core, tx, job).await {
+        Ok(done) => (done.reply, done.resource, done.packed),
         Err(e) if e.is_server_error() => return Err(e),
         Err(e) => {
             ops::record_failure(tx, job, &e).await?;
-            (Reply::problem(&e, job.origin.request_id.clone()), None)
+            (
+                Reply::problem(&e, job.origin.request_id.clone()),
+                None,
+                None,
+            )
         }
     };
-    let new_key = fingerprint_reply(job, fingerprint, &reply, resource);
+    let new_key = fingerprint_reply(job, fingerprint, &reply, resource, packed);
     Ok((reply, new_key))
 }
 
@@ -525,13 +537,20 @@ pub(crate) fn fingerprint_reply(
     fingerprint: String,
     reply: &Reply,
     resource: Option<String>,
+    packed: Option<Vec<u8>>,
 ) -> Option<NewKey> {
     job.key.as_ref().map(|key| NewKey {
         user_id: job.actor.user_id.clone(),
         key: key.clone(),
         fingerprint,
         status: i64::from(reply.status),
-        body: reply.body.clone(),
+        // A compressed body is stored without its text (see `pack_body`).
+        body: if packed.is_some() {
+            String::new()
+        } else {
+            reply.body.clone()
+        },
+        packed,
         resource,
     })
 }

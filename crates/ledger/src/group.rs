@@ -166,6 +166,7 @@ pub(crate) async fn run_transfers(
                     std::mem::take(&mut fingerprints[i]),
                     &reply,
                     Some(t.id.clone()),
+                    None,
                 );
                 outcomes[i] = Some((reply, key));
                 transfers.push(t);
@@ -174,8 +175,13 @@ pub(crate) async fn run_transfers(
             Err(e) => {
                 failures.push(Failure::new(job, "transfer", req, &e));
                 let reply = Reply::problem(&e, job.origin.request_id.clone());
-                let key =
-                    fingerprint_reply(job, std::mem::take(&mut fingerprints[i]), &reply, None);
+                let key = fingerprint_reply(
+                    job,
+                    std::mem::take(&mut fingerprints[i]),
+                    &reply,
+                    None,
+                    None,
+                );
                 outcomes[i] = Some((reply, key));
             }
         }

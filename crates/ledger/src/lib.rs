@@ -18,6 +18,7 @@ mod group;
 mod ids;
 mod model;
 mod ops;
+mod pipeline;
 mod query;
 mod routes;
 mod tally;

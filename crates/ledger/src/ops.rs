@@ -19,6 +19,18 @@ use vaultpay_store::{Db, Tx};
 pub(crate) struct Done {
     pub reply: Reply,
     pub resource: Option<String>,
+    /// The body as the idempotency key stores it, when already compressed.
+    pub packed: Option<Vec<u8>>,
+}
+
+impl Done {
+    fn new(reply: Reply, resource: Option<String>) -> Self {
+        Done {
+            reply,
+            resource,
+            packed: None,
+        }
+    }
 }
 
 pub(crate) async fn run(core: &Core, tx: &mut Tx, job: &Job) -> Result<Done, LedgerError> {
@@ -27,53 +39,29 @@ pub(crate) async fn run(core: &Core, tx: &mut Tx, job: &Job) -> Result<Done, Led
     match &job.op {
         Op::Open(req) => {
             let a = open_account(core, tx, actor, origin, req).await?;
-            Ok(Done {
-                reply: Reply::json(201, &a.to_wire(actor))?,
-                resource: Some(a.id),
-            })
+            Ok(Done::new(Reply::json(201, &a.to_wire(actor))?, Some(a.id)))
         }
         Op::Transfer(req) => {
             let t = transfer(core, tx, actor, origin, req, None).await?;
-            Ok(Done {
-                reply: Reply::json(201, &t.to_wire())?,
-                resource: Some(t.id),
-            })
+            Ok(Done::new(Reply::json(201, &t.to_wire())?, Some(t.id)))
         }
         Op::Deposit(req) => {
             let t = treasury(core, tx, actor, origin, req, true).await?;
-            Ok(Done {
-                reply: Reply::json(201, &t.to_wire())?,
-                resource: Some(t.id),
-            })
+            Ok(Done::new(Reply::json(201, &t.to_wire())?, Some(t.id)))
         }
         Op::Withdraw(req) => {
             let t = treasury(core, tx, actor, origin, req, false).await?;
-            Ok(Done {
-                reply: Reply::json(201, &t.to_wire())?,
-                resource: Some(t.id),
-            })
+            Ok(Done::new(Reply::json(201, &t.to_wire())?, Some(t.id)))
         }
         Op::Post(id, req) => {
             let t = post_hold(core, tx, actor, origin, id, req.amount).await?;
-            Ok(Done {
-                reply: Reply::json(200, &t.to_wire())?,
-                resource: Some(t.id),
-            })
+            Ok(Done::new(Reply::json(200, &t.to_wire())?, Some(t.id)))
         }
         Op::Void(id, req) => {
             let t = void_hold(core, tx, actor, origin, id, req.reason.as_deref()).await?;
-            Ok(Done {
-                reply: Reply::json(200, &t.to_wire())?,
-                resource: Some(t.id),
-            })
+            Ok(Done::new(Reply::json(200, &t.to_wire())?, Some(t.id)))
         }
-        Op::Batch(req) => {
-            let r = batch(core, tx, job, req).await?;
-            Ok(Done {
-                reply: Reply::json(200, &r)?,
-                resource: None,
-            })
-        }
+        Op::Batch(req) => batch(core, tx, job, req).await,
     }
 }
 
@@ -947,7 +935,7 @@ async fn batch(
     tx: &mut Tx,
     job: &Job,
     req: &BatchRequest,
-) -> Result<BatchResponse, LedgerError> {
+) -> Result<Done, LedgerError> {
     let n = req.transfers.len();
     if n == 0 {
         return Err(LedgerError::InvalidRequest(
@@ -958,31 +946,26 @@ async fn batch(
         return Err(LedgerError::BatchTooLarge(n, core.config.max_batch));
     }
     let batch_id = crate::ids::new_id();
+    // Batches of plain transfers take the bulk path: all accounts locked with a few
+    // statements, every item checked in memory, rows written with multi-row statements.
+    if !req
+        .transfers
+        .iter()
+        .any(|t| t.pending || t.timeout_secs.is_some())
+    {
+        return bulk_batch(core, tx, job, req, &batch_id).await;
+    }
     let mut items = Vec::with_capacity(n);
     let mut failures: Vec<(usize, LedgerError)> = Vec::new();
     // No savepoint per item: `transfer` validates everything before its first write,
     // so a refused item has written nothing (and a storage error fails the whole job).
     // Savepoints per item would also push PostgreSQL past its 64 cached subtransactions.
-    // Batches of plain transfers take the bulk path: all accounts locked with a few
-    // statements, every item checked in memory, rows written with multi-row statements.
-    let bulk = !req
-        .transfers
-        .iter()
-        .any(|t| t.pending || t.timeout_secs.is_some());
-    // The item-by-item path needs a savepoint to undo the items applied before an
-    // atomic batch's failure. The bulk path writes nothing until every item is checked,
-    // so it needs none (on SQLite, an open savepoint copies every page the batch
-    // touches into the sub-journal).
-    if !bulk {
-        exec_sql(tx, "SAVEPOINT batch").await?;
-    }
-    if bulk {
-        bulk_transfers(core, tx, job, req, &batch_id, &mut items, &mut failures).await?;
-    }
-    // The item-by-item path counts each applied transfer; an atomic batch that fails
-    // rolls them back to its savepoint, and their counts go with them.
+    // One savepoint undoes the items applied before an atomic batch's failure.
+    exec_sql(tx, "SAVEPOINT batch").await?;
+    // Each applied transfer is counted; an atomic batch that fails rolls them back to
+    // its savepoint, and their counts go with them.
     let (applied, tally) = crate::tally::collect(async {
-        for (index, item) in req.transfers.iter().enumerate().filter(|_| !bulk) {
+        for (index, item) in req.transfers.iter().enumerate() {
             match transfer(core, tx, &job.actor, &job.origin, item, Some(&batch_id)).await {
                 Ok(t) => {
                     items.push(posted_item(index, &t));
@@ -1004,52 +987,97 @@ async fn batch(
     let failed = failures.len();
     if req.atomic && failed > 0 {
         drop(tally);
-        if !bulk {
-            exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;
-            exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
-        }
-        // Report only the failing item: nothing else was applied.
-        let items: Vec<BatchItem> = items.into_iter().filter(|i| i.status >= 400).collect();
-        record_item_failures(core, tx, job, req, &failures).await?;
-        return Err(LedgerError::BatchFailed(Box::new(BatchResponse {
-            atomic: true,
-            succeeded: 0,
-            failed,
-            items,
-        })));
+        exec_sql(tx, "ROLLBACK TO SAVEPOINT batch").await?;
+        exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+        return Err(atomic_batch_failed(core, tx, job, req, items, &failures).await?);
     }
     tally.keep();
-    if !bulk {
-        exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
-    }
-    record_item_failures(core, tx, job, req, &failures).await?;
-    let succeeded = n - failed;
-    if succeeded > 0 {
-        let ids: Vec<&str> = items
-            .iter()
-            .filter_map(|i| i.transfer.as_ref().map(|t| t.id.as_str()))
-            .collect();
-        let meta = serde_json::json!({"batch_id": batch_id, "succeeded": succeeded, "failed": failed, "transfers": ids});
-        audit::append_many_locked(
-            &core.db,
-            tx,
-            &[(
-                &job.origin,
-                NewAudit::success("ledger.batch.posted")
-                    .actor(&job.actor.user_id)
-                    .resource(&batch_id)
-                    .metadata(meta.clone()),
-            )],
-        )
-        .await?;
-        outbox(tx, "ledger.batch.posted", &meta, now_micros()).await?;
-    }
-    Ok(BatchResponse {
+    exec_sql(tx, "RELEASE SAVEPOINT batch").await?;
+    let response = BatchResponse {
         atomic: req.atomic,
-        succeeded,
+        succeeded: n - failed,
         failed,
         items,
+    };
+    finish_batch(core, tx, job, req, &batch_id, &failures, &response).await?;
+    let (reply, packed) = render(job, 200, &response)?;
+    Ok(Done {
+        reply,
+        resource: None,
+        packed,
     })
+}
+
+/// The reply to `job` with `status` and body `v`, and the body as its idempotency key
+/// stores it when that is compressed (see `engine::packed_body`).
+fn render<T: serde::Serialize>(
+    job: &Job,
+    status: u16,
+    v: &T,
+) -> Result<(Reply, Option<Vec<u8>>), LedgerError> {
+    let reply = Reply::json(status, v)?;
+    let packed = job
+        .key
+        .as_ref()
+        .and_then(|_| crate::engine::packed_body(&reply.body));
+    Ok((reply, packed))
+}
+
+/// An atomic batch refused by one of its items: records the refusal and answers with
+/// the failing item only (nothing else was applied).
+async fn atomic_batch_failed(
+    core: &Core,
+    tx: &mut Tx,
+    job: &Job,
+    req: &BatchRequest,
+    items: Vec<BatchItem>,
+    failures: &[(usize, LedgerError)],
+) -> Result<LedgerError, LedgerError> {
+    let items: Vec<BatchItem> = items.into_iter().filter(|i| i.status >= 400).collect();
+    record_item_failures(core, tx, job, req, failures).await?;
+    Ok(LedgerError::BatchFailed(Box::new(BatchResponse {
+        atomic: true,
+        succeeded: 0,
+        failed: failures.len(),
+        items,
+    })))
+}
+
+/// What a batch writes once its transfers are: its refused items, and when any item
+/// posted, its audit entry and outbox event.
+async fn finish_batch(
+    core: &Core,
+    tx: &mut Tx,
+    job: &Job,
+    req: &BatchRequest,
+    batch_id: &str,
+    failures: &[(usize, LedgerError)],
+    response: &BatchResponse,
+) -> Result<(), LedgerError> {
+    record_item_failures(core, tx, job, req, failures).await?;
+    if response.succeeded == 0 {
+        return Ok(());
+    }
+    let ids: Vec<&str> = response
+        .items
+        .iter()
+        .filter_map(|i| i.transfer.as_ref().map(|t| t.id.as_str()))
+        .collect();
+    let meta = serde_json::json!({"batch_id": batch_id, "succeeded": response.succeeded, "failed": response.failed, "transfers": ids});
+    audit::append_many_locked(
+        &core.db,
+        tx,
+        &[(
+            &job.origin,
+            NewAudit::success("ledger.batch.posted")
+                .actor(&job.actor.user_id)
+                .resource(batch_id)
+                .metadata(meta.clone()),
+        )],
+    )
+    .await?;
+    outbox(tx, "ledger.batch.posted", &meta, now_micros()).await?;
+    Ok(())
 }
 
 /// Records a batch's refused items in `failed_transfers`, several rows per statement
@@ -1203,17 +1231,18 @@ pub(crate) async fn save_balances(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn bulk_transfers(
+/// A batch of plain transfers: every account locked at once (ascending id order, as
+/// everywhere), every item checked against the in-memory accounts in order, then the
+/// rows written with multi-row statements, each built while the one before it runs,
+/// and the reply rendered beside the first (see `pipeline`). An atomic batch with a
+/// refused item writes nothing but its failure row.
+async fn bulk_batch(
     core: &Core,
     tx: &mut Tx,
     job: &Job,
     req: &BatchRequest,
     batch_id: &str,
-    items: &mut Vec<BatchItem>,
-    failures: &mut Vec<(usize, LedgerError)>,
-) -> Result<(), LedgerError> {
-    // Lock every account of the batch, in ascending id order across chunks.
+) -> Result<Done, LedgerError> {
     let mut ids: Vec<&str> = req
         .transfers
         .iter()
@@ -1226,9 +1255,12 @@ async fn bulk_transfers(
         accts.extend(lock_accounts(&core.db, tx, chunk).await?);
     }
     let now = now_micros();
-    let mut transfers: Vec<TransferRow> = Vec::new();
-    // (transfer id, account id, account seq, signed amount, currency, balance after, time)
-    let mut postings: Vec<(String, String, i64, i64, String, i64, i64)> = Vec::new();
+    let n = req.transfers.len();
+    let mut items = Vec::with_capacity(n);
+    let mut failures: Vec<(usize, LedgerError)> = Vec::new();
+    let mut transfers: Vec<TransferRow> = Vec::with_capacity(n);
+    // (transfer index, account id, account seq, signed amount, balance after, time)
+    let mut postings: Vec<(usize, String, i64, i64, i64, i64)> = Vec::with_capacity(n * 2);
     for (index, item) in req.transfers.iter().enumerate() {
         match check_and_apply(&job.actor, item, &mut accts) {
             Ok(amount) => {
@@ -1248,6 +1280,9 @@ async fn bulk_transfers(
                     created_at: now,
                     updated_at: now,
                 };
+                // The running balance of a posting is the balance after it: postings
+                // of one account are numbered in item order, so the in-memory values
+                // at the time of each item are right.
                 for (acct, signed) in [
                     (&item.from_account_id, -amount),
                     (&item.to_account_id, amount),
@@ -1255,11 +1290,10 @@ async fn bulk_transfers(
                     if let Some(a) = accts.get_mut(acct) {
                         let at = a.posting_time(now);
                         postings.push((
-                            t.id.clone(),
+                            transfers.len(),
                             a.id.clone(),
                             a.posting_seq,
                             signed,
-                            a.currency.clone(),
                             a.balance,
                             at,
                         ));
@@ -1272,56 +1306,92 @@ async fn bulk_transfers(
                 items.push(refused_item(index, &e, job));
                 failures.push((index, e));
                 if req.atomic {
-                    // Nothing has been written yet.
-                    return Ok(());
+                    // Nothing has been written.
+                    return Err(atomic_batch_failed(core, tx, job, req, items, &failures).await?);
                 }
             }
         }
     }
-    // The running balance of a posting is the balance after it: postings of one account
-    // are numbered in item order, so the in-memory values at the time of each item are
-    // right. Write transfers, then postings, then the final balances.
-    for chunk in bulk_chunks(&transfers) {
-        let sql = format!(
-            "{} INTO transfers ({TRANSFER_COLS}) VALUES {}",
-            core.db.insert_or_fail(),
-            placeholders(&core.db, chunk.len(), 14)
-        );
-        let mut q = sqlx::query(&sql);
-        for t in chunk {
-            q = bind_transfer(q, t);
-        }
-        q.execute(&mut **tx).await?;
-    }
-    for chunk in bulk_chunks(&postings) {
-        let sql = format!(
-            "{} INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
-            core.db.insert_or_fail(),
-            placeholders(&core.db, chunk.len(), 8)
-        );
-        let mut q = sqlx::query(&sql);
-        for (tid, acct, seq, amount, currency, after, at) in chunk {
-            q = q
-                .bind(crate::ids::new_id())
-                .bind(tid)
-                .bind(acct)
-                .bind(*seq)
-                .bind(*amount)
-                .bind(currency)
-                .bind(*after)
-                .bind(*at);
-        }
-        q.execute(&mut **tx).await?;
-    }
+    let failed = failures.len();
+    let response = BatchResponse {
+        atomic: req.atomic,
+        succeeded: n - failed,
+        failed,
+        items,
+    };
+    // Transfers, then postings, then the final balances.
+    let db = &core.db;
     let touched = touched(&accts, postings.iter().map(|p| p.1.as_str()));
-    save_balances(&core.db, tx, &touched, now).await?;
+    let transfer_sql: Vec<(String, &[TransferRow])> = bulk_chunks(&transfers)
+        .map(|c| {
+            let sql = format!(
+                "{} INTO transfers ({TRANSFER_COLS}) VALUES {}",
+                db.insert_or_fail(),
+                placeholders(db, c.len(), 14)
+            );
+            (sql, c)
+        })
+        .collect();
+    let posting_sql: Vec<(String, &[_])> = bulk_chunks(&postings)
+        .map(|c| {
+            let sql = format!(
+                "{} INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
+                db.insert_or_fail(),
+                placeholders(db, c.len(), 8)
+            );
+            (sql, c)
+        })
+        .collect();
+    let balance_sql: Vec<(String, &[&AccountRow])> = bulk_chunks(&touched)
+        .map(|c| (balances_sql(db, 1, c.len()), c))
+        .collect();
+    let mut statements: Vec<crate::pipeline::Build<'_>> = Vec::new();
+    for (sql, chunk) in &transfer_sql {
+        statements.push(Box::new(move || {
+            chunk
+                .iter()
+                .fold(sqlx::query(sql), |q, t| bind_transfer(q, t))
+        }));
+    }
+    let transfers_ref = &transfers;
+    for (sql, chunk) in &posting_sql {
+        statements.push(Box::new(move || {
+            chunk
+                .iter()
+                .fold(sqlx::query(sql), |q, (ti, acct, seq, amount, after, at)| {
+                    let t = &transfers_ref[*ti];
+                    q.bind(crate::ids::new_id())
+                        .bind(&t.id)
+                        .bind(acct)
+                        .bind(*seq)
+                        .bind(*amount)
+                        .bind(&t.currency)
+                        .bind(*after)
+                        .bind(*at)
+                })
+        }));
+    }
+    for (sql, chunk) in &balance_sql {
+        statements.push(Box::new(move || {
+            chunk
+                .iter()
+                .fold(sqlx::query(sql), |q, a| bind_balance(q, a, now))
+        }));
+    }
+    let (reply, packed) =
+        crate::pipeline::run_pipelined(tx, statements, || render(job, 200, &response)).await??;
     crate::tally::count(
         "ledger_transfers_total",
         "kind",
         "transfer",
         transfers.len() as u64,
     );
-    Ok(())
+    finish_batch(core, tx, job, req, batch_id, &failures, &response).await?;
+    Ok(Done {
+        reply,
+        resource: None,
+        packed,
+    })
 }
 
 #[cfg(test)]

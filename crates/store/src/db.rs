@@ -46,6 +46,20 @@ impl Service {
         }
     }
 
+    /// The page size a new SQLite database of this service is created with (an
+    /// existing one keeps its own). The ledger's commits append thousands of rows
+    /// (a batch writes ~650 bytes a transfer over four B-trees): 16 KiB pages made a
+    /// quarter as many WAL frames and page splits, and the batch and single-transfer
+    /// benchmarks faster (BENCHMARKS.md, 2026-12-07 evening). AuthShield's commits are
+    /// a few small rows, where larger pages only add bytes to each commit: SQLite's
+    /// default, 4 KiB.
+    pub fn sqlite_page_size(self) -> u32 {
+        match self {
+            Service::Auth => 4096,
+            Service::Ledger => 16384,
+        }
+    }
+
     /// Stable id of this service's advisory lock namespace on PostgreSQL.
     pub(crate) fn lock_base(self) -> i64 {
         match self {
@@ -93,9 +107,14 @@ struct Checkpointer {
 
 /// How often the background checkpointer runs on SQLite.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
-/// WAL frames (pages) after which the writer checkpoints by itself, should the
-/// background checkpointer fall behind (SQLite's default is 1,000).
-const WRITER_AUTOCHECKPOINT: u32 = 8192;
+/// WAL bytes after which the writer checkpoints by itself, should the background
+/// checkpointer fall behind (SQLite's default is 1,000 frames, 4 MiB of 4 KiB pages);
+/// set in frames of the service's page size. Measured under the ledger's batch and
+/// single-transfer load, 32 MiB still had the writer checkpointing inside its commits
+/// (1.4% of its thread in `perf`, and 3-15% fewer transfers/s than 128 MiB in
+/// alternating runs). The cost is disk: the WAL file may grow to about this size, and
+/// recovery after a crash reads it.
+const WRITER_AUTOCHECKPOINT_BYTES: u32 = 128 << 20;
 
 /// A pooled PostgreSQL connection idle for at least this long is pinged before use.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
@@ -139,7 +158,7 @@ fn ping_if_idle(opts: AnyPoolOptions, backend: Backend, idle: Duration) -> AnyPo
 /// database file and fsyncing it) at 16% of the SQLite writer thread's time under batch
 /// load. Durability is unchanged: every commit is still fsynced in the WAL
 /// (`synchronous` applies to this connection's checkpoints as well). The writer keeps
-/// an auto-checkpoint at [`WRITER_AUTOCHECKPOINT`] frames as a backstop.
+/// an auto-checkpoint at [`WRITER_AUTOCHECKPOINT_BYTES`] as a backstop.
 async fn checkpointer(
     url: String,
     pragmas: Arc<str>,
@@ -283,17 +302,21 @@ impl Db {
                 };
                 // recursive_triggers: a REPLACE that deletes a row to make room fires its
                 // DELETE triggers only with it, so without it `INSERT OR REPLACE` could
-                // overwrite a row of the append-only audit log.
+                // overwrite a row of the append-only audit log. page_size comes first: it
+                // only counts before the file has its first page (journal_mode = WAL
+                // writes one).
                 let pragmas: Arc<str> = Arc::from(format!(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
-                     PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA recursive_triggers = ON;"
+                    "PRAGMA page_size = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+                     PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA recursive_triggers = ON;",
+                    service.sqlite_page_size()
                 ));
                 let p2 = pragmas.clone();
                 // The single writer connection gets a larger page cache (64 MiB, grown
                 // only as used): with the default 2 MiB, every group commit re-read the
                 // index pages it updates through read(2).
                 let pragmas: Arc<str> = Arc::from(format!(
-                    "{pragmas} PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT};"
+                    "{pragmas} PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = {};",
+                    WRITER_AUTOCHECKPOINT_BYTES / service.sqlite_page_size()
                 ));
                 let p3 = p2.clone();
                 let writer = acquire_policy(AnyPoolOptions::new(), backend)
@@ -644,6 +667,59 @@ mod tests {
         assert!(task.is_finished());
         assert!(db.inner.checkpointer.lock().is_none());
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// A new SQLite database gets its service's page size (see
+    /// [`Service::sqlite_page_size`]) and the writer's auto-checkpoint threshold stays
+    /// the same number of bytes; an existing database keeps the page size it has.
+    #[tokio::test]
+    async fn new_sqlite_databases_get_their_services_page_size() {
+        let dir = std::env::temp_dir().join("vaultpay-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        for service in [Service::Auth, Service::Ledger] {
+            let path = dir.join(format!("pages_{}.db", uuid::Uuid::now_v7().simple()));
+            let location = path.display().to_string();
+            let size = |db: &Db| {
+                let db = db.clone();
+                async move {
+                    let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+                        .fetch_one(db.writer())
+                        .await
+                        .unwrap();
+                    let frames: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+                        .fetch_one(db.writer())
+                        .await
+                        .unwrap();
+                    (page, frames)
+                }
+            };
+            let db = Db::connect(&location, service, &DbOptions::default())
+                .await
+                .unwrap();
+            sqlx::query("CREATE TABLE t (x TEXT)")
+                .execute(db.writer())
+                .await
+                .unwrap();
+            let want = i64::from(service.sqlite_page_size());
+            assert_eq!(
+                size(&db).await,
+                (want, i64::from(WRITER_AUTOCHECKPOINT_BYTES) / want)
+            );
+            db.close().await;
+            // Opened as the other service, the file keeps its pages.
+            let other = match service {
+                Service::Auth => Service::Ledger,
+                Service::Ledger => Service::Auth,
+            };
+            let db = Db::connect(&location, other, &DbOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(size(&db).await.0, want);
+            db.close().await;
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{location}{suffix}"));
+            }
+        }
     }
 
     #[test]

@@ -848,6 +848,7 @@ async fn commit_and_answer(
         }
         Err(e) if commit_refused(&e) => {
             tracing::warn!(error = %e, jobs = group.len(), "group commit refused; retrying its jobs one by one");
+            await_released_claims(&core.db, group).await;
             retry_one_by_one(core, group).await;
         }
         Err(e) => {
@@ -870,6 +871,47 @@ fn refused_by_deferred_check(e: &sqlx::Error) -> bool {
 /// unknown.
 fn commit_refused(e: &sqlx::Error) -> bool {
     refused_by_deferred_check(e) || vaultpay_store::is_transient(Some(e))
+}
+
+/// How long a retry after a refused COMMIT waits for that transaction's claims.
+const CLAIM_WAIT: &str = "2s";
+
+/// PostgreSQL: waits (up to [`CLAIM_WAIT`]) until no transaction holds the
+/// idempotency claims of `group`'s keys (see [`prefetch_keys`]). PostgreSQL reports a
+/// COMMIT refused by a deferred check to the client before it rolls the transaction
+/// back and releases its advisory locks, so a retry sent straight after could find its
+/// own group's claim still held and answer 409 (seen as a flaky test). A claim still
+/// held after the wait belongs to another process: the retry then answers 409, as it
+/// should.
+async fn await_released_claims(db: &Db, group: &[Queued]) {
+    if db.backend() != vaultpay_store::Backend::Postgres {
+        return;
+    }
+    let keys: Vec<(&str, &str)> = group
+        .iter()
+        .filter_map(|(j, _)| Some((j.actor.user_id.as_str(), j.key.as_deref()?)))
+        .collect();
+    if keys.is_empty() {
+        return;
+    }
+    let Ok(mut tx) = db.begin().await else {
+        return;
+    };
+    let sql = format!(
+        "SELECT pg_advisory_xact_lock(hashtext(v.column1), hashtext(v.column2))::text \
+         FROM (VALUES {}) AS v",
+        vaultpay_store::params::values(db.backend(), keys.len(), 2)
+    );
+    let mut q = sqlx::query(&sql).persistent(false);
+    for (user, key) in &keys {
+        q = q.bind(*user).bind(*key);
+    }
+    let timeout = format!("SET LOCAL lock_timeout = '{CLAIM_WAIT}'");
+    if exec_sql(&mut tx, &timeout).await.is_ok() {
+        let _ = q.fetch_all(&mut *tx).await;
+    }
+    // Releases whatever it took.
+    let _ = tx.rollback().await;
 }
 
 /// Answers a group that did not commit (and wrote nothing) by running each job in a

@@ -3,7 +3,7 @@
 
 use crate::{AuthError, AuthService};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -146,6 +146,43 @@ pub(crate) fn done_page(title: &str, text: &str) -> Response {
     html_page(title, &format!("<p>{text}</p>"))
 }
 
+/// A page titled `title` saying what went wrong (`e`'s detail), with `e`'s status: the
+/// answer to a person at one of the mailed links' pages when the action failed.
+pub(crate) fn failed_page(title: &str, e: impl Into<ApiError>) -> Response {
+    let e: ApiError = e.into();
+    let detail = e.problem.detail.clone().unwrap_or_default();
+    let mut res = done_page(title, &crate::oauth::pages::esc(&detail));
+    *res.status_mut() = e.status();
+    res
+}
+
+/// The outcome of a mailed link's button for a person at its page: a page saying
+/// `done` (title, text) or, when it failed, [`failed_page`] titled `failed`.
+pub(crate) fn link_outcome<T>(
+    r: Result<T, AuthError>,
+    done: (&str, &str),
+    failed: &str,
+) -> Response {
+    match r {
+        Ok(_) => done_page(done.0, done.1),
+        Err(e) => failed_page(failed, e),
+    }
+}
+
+/// Whether a mailed link's form post comes from a person at its page: a browser's form
+/// submission is form-encoded and asks for HTML (`Accept: text/html, …`). An API client
+/// posting the same fields without asking for HTML gets JSON.
+pub(crate) fn wants_page(headers: &HeaderMap) -> bool {
+    form_encoded(headers)
+        && headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|range| range.split(';').next())
+            .any(|t| t.trim().eq_ignore_ascii_case("text/html"))
+}
+
 /// A page of `body` (trusted HTML), not stored, framed or sent with a referrer.
 fn html_page(title: &str, body: &str) -> Response {
     let html = format!(
@@ -178,16 +215,28 @@ async fn confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> 
     )
 }
 
-/// Confirm the network of a held login (form field `token`).
+/// Confirm the network of a held login (form field `token`). A browser's post (one
+/// that asks for `text/html`) is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/login/confirm", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = wire::Accepted), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::Accepted, description = "Confirmed (a browser's post: an HTML page)"), (status = 400, body = Problem)))]
 async fn confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
+    headers: HeaderMap,
     ApiForm(f): ApiForm<TokenParam>,
 ) -> ApiResult<Response> {
-    let done = svc.confirm_login_network(&ctx, &f.token).await?;
-    Ok(no_store(StatusCode::OK, Json(done)))
+    let done = svc.confirm_login_network(&ctx, &f.token).await;
+    if wants_page(&headers) {
+        return Ok(link_outcome(
+            done,
+            (
+                "Sign-in confirmed",
+                "The sign-in can finish now, and its network is trusted from now on. You can close this page.",
+            ),
+            "Sign-in not confirmed",
+        ));
+    }
+    Ok(no_store(StatusCode::OK, Json(done?)))
 }
 
 /// The emailed "this wasn't me" link: a page whose button locks the account.
@@ -204,15 +253,27 @@ async fn deny_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
 }
 
 /// "This wasn't me": every session ends; the account is locked until a password reset.
+/// A browser's post (one that asks for `text/html`) is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/login/deny", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = wire::Accepted), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::Accepted, description = "Locked (a browser's post: an HTML page)"), (status = 400, body = Problem)))]
 async fn deny(
     State(svc): State<AuthService>,
     ctx: Ctx,
+    headers: HeaderMap,
     ApiForm(f): ApiForm<TokenParam>,
 ) -> ApiResult<Response> {
-    let done = svc.deny_login_network(&ctx, &f.token).await?;
-    Ok(no_store(StatusCode::OK, Json(done)))
+    let done = svc.deny_login_network(&ctx, &f.token).await;
+    if wants_page(&headers) {
+        return Ok(link_outcome(
+            done,
+            (
+                "Account locked",
+                "Every session has been signed out and the account is locked. Reset your password to unlock it.",
+            ),
+            "Account not locked",
+        ));
+    }
+    Ok(no_store(StatusCode::OK, Json(done?)))
 }
 
 /// The link mailed to a new email address: a page whose button confirms the change
@@ -231,17 +292,29 @@ async fn email_confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Resp
 }
 
 /// Complete an email change: the token from the link, as the page's form field
-/// `token` or as JSON `{"token": …}`.
+/// `token` or as JSON `{"token": …}`. A browser's post (one that asks for `text/html`)
+/// is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/email/confirm", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User), (status = 400, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = wire::User, description = "Changed (a browser's post: an HTML page)"), (status = 400, body = Problem), (status = 409, body = Problem)))]
 async fn email_confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
     req: axum::extract::Request,
 ) -> ApiResult<Response> {
+    let page = wants_page(req.headers());
     let token = link_token(req).await?;
-    let user = svc.confirm_email_change(&ctx, &token).await?;
-    Ok(no_store(StatusCode::OK, Json(user)))
+    let user = svc.confirm_email_change(&ctx, &token).await;
+    if page {
+        return Ok(link_outcome(
+            user,
+            (
+                "Email address changed",
+                "Your VaultPay account uses this address from now on.",
+            ),
+            "Email address not changed",
+        ));
+    }
+    Ok(no_store(StatusCode::OK, Json(user?)))
 }
 
 /// The token of a mailed link's confirmation: the form field `token` (the link's page
@@ -260,8 +333,12 @@ pub(crate) async fn link_token(req: axum::extract::Request) -> ApiResult<String>
 
 /// Whether `req`'s body is form-encoded (a page's form), not JSON (an API client).
 pub(crate) fn is_form(req: &axum::extract::Request) -> bool {
+    form_encoded(req.headers())
+}
+
+fn form_encoded(headers: &HeaderMap) -> bool {
     const FORM: &str = "application/x-www-form-urlencoded";
-    req.headers()
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| ct.get(..FORM.len()))

@@ -133,16 +133,29 @@ async fn logout(
 }
 
 /// Confirm an email address with the token from the emailed link: the link's page
-/// posts it as the form field `token`; an API client sends JSON `{"token": …}`.
+/// posts it as the form field `token` (a browser's post, asking for `text/html`, is
+/// answered with a page); an API client sends JSON `{"token": …}`.
 #[utoipa::path(post, path = "/v1/auth/verify-email", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::User, description = "Verified (a browser's post: an HTML page)"), (status = 400, body = Problem)))]
 async fn verify_email(
     State(svc): State<AuthService>,
     ctx: Ctx,
     req: axum::extract::Request,
-) -> ApiResult<Json<wire::User>> {
+) -> ApiResult<Response> {
+    let page = crate::ext_routes::wants_page(req.headers());
     let token = crate::ext_routes::link_token(req).await?;
-    Ok(Json(svc.verify_email(&ctx, &token).await?))
+    let user = svc.verify_email(&ctx, &token).await;
+    if page {
+        return Ok(crate::ext_routes::link_outcome(
+            user,
+            (
+                "Email address confirmed",
+                "Thank you: your VaultPay account's email address is confirmed.",
+            ),
+            "Email address not confirmed",
+        ));
+    }
+    Ok(Json(user?).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -231,16 +244,7 @@ async fn reset_password(
                 *res.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
                 res
             }
-            Err(e) => {
-                let e = vaultpay_web::ApiError::from(e);
-                let detail = e.problem.detail.clone().unwrap_or_default();
-                let mut res = crate::ext_routes::done_page(
-                    "Password not changed",
-                    &crate::oauth::pages::esc(&detail),
-                );
-                *res.status_mut() = e.status();
-                res
-            }
+            Err(e) => crate::ext_routes::failed_page("Password not changed", e),
         });
     }
     let ApiJson(r) = ApiJson::<wire::ResetPasswordRequest>::from_request(req, &()).await?;

@@ -367,6 +367,24 @@ async fn verify_form(app: &TestApp, token: &str) -> Resp {
     crate::oauth::form_post(app, "/v1/auth/verify-email", None, &[("token", token)]).await
 }
 
+/// A person who presses the verification page's button gets a page back, not JSON.
+#[tokio::test]
+async fn a_browser_confirming_its_address_gets_pages() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        app.register("dora@example.com").await;
+        let token = mail_token(&app, "dora@example.com", "verify-email?token=");
+        let r = browser_post(&app, "/v1/auth/verify-email", &[("token", &token)]).await;
+        assert_page(&r, 200, "Email address confirmed");
+        let t = app.login("dora@example.com", PASSWORD).await;
+        let me = app.get("/v1/me", Some(&t.access)).await;
+        assert_eq!(me.body["email_verified"], true, "{}", me.text);
+        let again = browser_post(&app, "/v1/auth/verify-email", &[("token", &token)]).await;
+        assert_page(&again, 400, "Email address not confirmed");
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn email_verification_through_the_outbox() {
     each_backend!(|backend: Backend| async move {

@@ -35,6 +35,28 @@ pub async fn aged_token(app: &TestApp, t: &Tokens, secs: i64) -> String {
     r.body["access_token"].as_str().unwrap().to_owned()
 }
 
+/// A person who presses the email-change page's button gets a page back, not JSON.
+#[tokio::test]
+async fn a_browser_confirming_a_new_address_gets_pages() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        app.register("ed@example.com").await;
+        let t = app.login("ed@example.com", PASSWORD).await;
+        let r = change(&app, &t.access, "edd@example.com", PASSWORD).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let token = mail_token(&app, "edd@example.com", LINK);
+        let r = browser_post(&app, "/v1/auth/email/confirm", &[("token", &token)]).await;
+        assert_page(&r, 200, "Email address changed");
+        assert_eq!(
+            app.get("/v1/me", Some(&t.access)).await.body["email"],
+            "edd@example.com"
+        );
+        let again = browser_post(&app, "/v1/auth/email/confirm", &[("token", &token)]).await;
+        assert_page(&again, 400, "Email address not changed");
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn email_change_is_confirmed_by_the_new_address() {
     each_backend!(|backend: Backend| async move {

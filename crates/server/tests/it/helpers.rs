@@ -593,3 +593,31 @@ where
     .expect("the steps neither waited nor answered");
     (a, b)
 }
+
+/// A browser submitting one of the mailed links' pages: the form's fields, asking for
+/// HTML as browsers do.
+pub async fn browser_post(app: &TestApp, path: &str, fields: &[(&str, &str)]) -> Resp {
+    let req = app
+        .http
+        .post(format!("{}{path}", app.base))
+        .header(
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        )
+        .form(fields);
+    read(req.send().await.unwrap()).await
+}
+
+/// Asserts that `r` is a page (not JSON) with `status` and the heading `title`, served
+/// with the pages' content security policy.
+pub fn assert_page(r: &Resp, status: u16, title: &str) {
+    assert_eq!(r.status.as_u16(), status, "{}", r.text);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "{:?}",
+        r.header("content-type")
+    );
+    assert!(r.header("content-security-policy").is_some());
+    assert!(r.text.contains(&format!("<h1>{title}</h1>")), "{}", r.text);
+}

@@ -474,6 +474,40 @@ async fn this_wasnt_me_revokes_every_session_and_locks_until_reset() {
     });
 }
 
+/// A person who presses the button of a mailed sign-in link's page gets a page back,
+/// not JSON: the confirmation, or what went wrong (a second press of a spent link).
+#[tokio::test]
+async fn a_browser_at_the_sign_in_links_gets_pages() {
+    each_backend!(|backend: Backend| async move {
+        let app = spawn_proxied(backend, |_| {}).await;
+        let email = "page@example.com";
+        let (_, t) = user_at(&app, email, HOME).await;
+        let ticket = ticket_of(&login_from(&app, AWAY, email, "dev-2").await);
+        let confirm = mail_token(&app, email, "login/confirm?token=");
+        let deny = mail_token(&app, email, "login/deny?token=");
+        let r = browser_post(&app, "/v1/auth/login/confirm", &[("token", &confirm)]).await;
+        assert_page(&r, 200, "Sign-in confirmed");
+        let done = complete_from(&app, AWAY, &ticket, "dev-2").await;
+        assert_eq!(done.status, StatusCode::OK, "{}", done.text);
+        let again = browser_post(&app, "/v1/auth/login/confirm", &[("token", &confirm)]).await;
+        assert_page(&again, 400, "Sign-in not confirmed");
+        assert!(
+            again.text.contains("invalid, expired or already used"),
+            "{}",
+            again.text
+        );
+
+        let r = browser_post(&app, "/v1/auth/login/deny", &[("token", &deny)]).await;
+        assert_page(&r, 200, "Account locked");
+        send_from(&app, HOME, Method::GET, "/v1/me", Some(&t.access), None)
+            .await
+            .assert_problem(401, "session_revoked");
+        let again = browser_post(&app, "/v1/auth/login/deny", &[("token", &deny)]).await;
+        assert_page(&again, 400, "Account not locked");
+        app.stop().await;
+    });
+}
+
 #[tokio::test]
 async fn a_confirmed_network_is_untrusted_again_by_this_wasnt_me() {
     each_backend!(|backend: Backend| async move {

@@ -148,11 +148,21 @@ pub(crate) fn done_page(title: &str, text: &str) -> Response {
 
 /// A page titled `title` saying what went wrong (`e`'s detail), with `e`'s status: the
 /// answer to a person at one of the mailed links' pages when the action failed.
+/// A server error's outcome is unknown, so its page says only that (not `title`); its
+/// headers (`Retry-After`) are kept.
 pub(crate) fn failed_page(title: &str, e: impl Into<ApiError>) -> Response {
     let e: ApiError = e.into();
     let detail = e.problem.detail.clone().unwrap_or_default();
+    let title = if e.status().is_server_error() {
+        "Something went wrong"
+    } else {
+        title
+    };
     let mut res = done_page(title, &crate::oauth::pages::esc(&detail));
     *res.status_mut() = e.status();
+    for (k, v) in e.headers {
+        res.headers_mut().append(k, v);
+    }
     res
 }
 
@@ -170,17 +180,16 @@ pub(crate) fn link_outcome<T>(
 }
 
 /// Whether a mailed link's form post comes from a person at its page: a browser's form
-/// submission is form-encoded and asks for HTML (`Accept: text/html, …`). An API client
-/// posting the same fields without asking for HTML gets JSON.
+/// submission is form-encoded and a navigation (`Sec-Fetch-Mode: navigate`, which
+/// current browsers send and scripts cannot set). An `Accept` header is no sign: some
+/// HTTP libraries ask for `text/html` by default. Anything else (an API client, an
+/// older browser) gets JSON, as before.
 pub(crate) fn wants_page(headers: &HeaderMap) -> bool {
     form_encoded(headers)
         && headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|range| range.split(';').next())
-            .any(|t| t.trim().eq_ignore_ascii_case("text/html"))
+            .get("sec-fetch-mode")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("navigate"))
 }
 
 /// A page of `body` (trusted HTML), not stored, framed or sent with a referrer.
@@ -430,4 +439,59 @@ async fn delete_role(
     roles_admin(&svc, &p).await?;
     svc.delete_role(&ctx, &p, &name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// Only a browser's form submission (a navigation) gets a page: not a client that
+    /// asks for HTML, not a navigation that posts JSON.
+    #[test]
+    fn only_a_browsers_form_submission_wants_a_page() {
+        const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+        assert!(wants_page(&headers(&[
+            FORM,
+            ("sec-fetch-mode", "navigate")
+        ])));
+        assert!(wants_page(&headers(&[
+            (
+                "content-type",
+                "Application/X-WWW-Form-Urlencoded; charset=utf-8"
+            ),
+            ("sec-fetch-mode", " Navigate "),
+        ])));
+        assert!(!wants_page(&headers(&[FORM, ("accept", "text/html")])));
+        assert!(!wants_page(&headers(&[FORM, ("sec-fetch-mode", "cors")])));
+        assert!(!wants_page(&headers(&[FORM])));
+        assert!(!wants_page(&headers(&[
+            ("content-type", "application/json"),
+            ("sec-fetch-mode", "navigate"),
+        ])));
+    }
+
+    /// A refusal's page has the caller's title and status; a server error's says only
+    /// that something went wrong (its outcome is unknown) and keeps `Retry-After`.
+    #[test]
+    fn failed_pages_keep_the_status_and_say_less_for_server_errors() {
+        let r = failed_page("Not confirmed", AuthError::BadEmailToken);
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = failed_page("Not confirmed", ApiError::unavailable("down"));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+        let body =
+            futures::executor::block_on(axum::body::to_bytes(r.into_body(), 1 << 16)).unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains("<h1>Something went wrong</h1>"), "{body}");
+        assert!(!body.contains("Not confirmed"), "{body}");
+    }
 }

@@ -594,8 +594,8 @@ where
     (a, b)
 }
 
-/// A browser submitting one of the mailed links' pages: the form's fields, asking for
-/// HTML as browsers do.
+/// A browser submitting one of the mailed links' pages: the form's fields, with the
+/// headers of a browser's form submission (a navigation).
 pub async fn browser_post(app: &TestApp, path: &str, fields: &[(&str, &str)]) -> Resp {
     let req = app
         .http
@@ -603,6 +603,26 @@ pub async fn browser_post(app: &TestApp, path: &str, fields: &[(&str, &str)]) ->
         .header(
             "accept",
             "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        )
+        .header("sec-fetch-mode", "navigate")
+        .header("sec-fetch-dest", "document")
+        .form(fields);
+    read(req.send().await.unwrap()).await
+}
+
+/// An HTTP library that asks for HTML by default (Java's `HttpURLConnection` does),
+/// posting the same form: not a browser.
+pub async fn html_accepting_client_post(
+    app: &TestApp,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> Resp {
+    let req = app
+        .http
+        .post(format!("{}{path}", app.base))
+        .header(
+            "accept",
+            "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2",
         )
         .form(fields);
     read(req.send().await.unwrap()).await

@@ -491,6 +491,10 @@ async fn a_browser_at_the_sign_in_links_gets_pages() {
         assert_eq!(done.status, StatusCode::OK, "{}", done.text);
         let again = browser_post(&app, "/v1/auth/login/confirm", &[("token", &confirm)]).await;
         assert_page(&again, 400, "Sign-in not confirmed");
+        // a client that merely accepts HTML is still answered with JSON
+        html_accepting_client_post(&app, "/v1/auth/login/confirm", &[("token", &confirm)])
+            .await
+            .assert_problem(400, "invalid_token");
         assert!(
             again.text.contains("invalid, expired or already used"),
             "{}",

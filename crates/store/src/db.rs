@@ -314,10 +314,7 @@ impl Db {
                 // The single writer connection gets a larger page cache (64 MiB, grown
                 // only as used): with the default 2 MiB, every group commit re-read the
                 // index pages it updates through read(2).
-                let pragmas: Arc<str> = Arc::from(format!(
-                    "{pragmas} PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = {};",
-                    WRITER_AUTOCHECKPOINT_BYTES / service.sqlite_page_size()
-                ));
+                let pragmas: Arc<str> = Arc::from(format!("{pragmas} PRAGMA cache_size = -65536;"));
                 let p3 = p2.clone();
                 let writer = acquire_policy(AnyPoolOptions::new(), backend)
                     .max_connections(1)
@@ -326,6 +323,16 @@ impl Db {
                         let p = pragmas.clone();
                         Box::pin(async move {
                             conn.execute(sqlx::raw_sql(&p)).await?;
+                            // In frames of the file's page size (an existing file keeps
+                            // the one it was created with).
+                            let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+                                .fetch_one(&mut *conn)
+                                .await?;
+                            let frames = i64::from(WRITER_AUTOCHECKPOINT_BYTES) / page.max(512);
+                            conn.execute(sqlx::raw_sql(&format!(
+                                "PRAGMA wal_autocheckpoint = {frames};"
+                            )))
+                            .await?;
                             Ok(())
                         })
                     })
@@ -706,7 +713,8 @@ mod tests {
                 (want, i64::from(WRITER_AUTOCHECKPOINT_BYTES) / want)
             );
             db.close().await;
-            // Opened as the other service, the file keeps its pages.
+            // Opened as the other service, the file keeps its pages, and the threshold
+            // is counted in them.
             let other = match service {
                 Service::Auth => Service::Ledger,
                 Service::Ledger => Service::Auth,
@@ -714,7 +722,10 @@ mod tests {
             let db = Db::connect(&location, other, &DbOptions::default())
                 .await
                 .unwrap();
-            assert_eq!(size(&db).await.0, want);
+            assert_eq!(
+                size(&db).await,
+                (want, i64::from(WRITER_AUTOCHECKPOINT_BYTES) / want)
+            );
             db.close().await;
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{location}{suffix}"));

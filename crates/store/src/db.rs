@@ -46,20 +46,6 @@ impl Service {
         }
     }
 
-    /// The page size a new SQLite database of this service is created with (an
-    /// existing one keeps its own). The ledger's commits append thousands of rows
-    /// (a batch writes ~650 bytes a transfer over four B-trees): 16 KiB pages made a
-    /// quarter as many WAL frames and page splits, and the batch and single-transfer
-    /// benchmarks faster (BENCHMARKS.md, 2026-12-07 evening). AuthShield's commits are
-    /// a few small rows, where larger pages only add bytes to each commit: SQLite's
-    /// default, 4 KiB.
-    pub fn sqlite_page_size(self) -> u32 {
-        match self {
-            Service::Auth => 4096,
-            Service::Ledger => 16384,
-        }
-    }
-
     /// Stable id of this service's advisory lock namespace on PostgreSQL.
     pub(crate) fn lock_base(self) -> i64 {
         match self {
@@ -109,10 +95,10 @@ struct Checkpointer {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// WAL bytes after which the writer checkpoints by itself, should the background
 /// checkpointer fall behind (SQLite's default is 1,000 frames, 4 MiB of 4 KiB pages);
-/// set in frames of the service's page size. Measured under the ledger's batch and
-/// single-transfer load, 32 MiB still had the writer checkpointing inside its commits
-/// (1.4% of its thread in `perf`, and 3-15% fewer transfers/s than 128 MiB in
-/// alternating runs). The cost is disk: the WAL file may grow to about this size, and
+/// set in frames of the file's page size. Under the ledger's batch load, 32 MiB still
+/// had the writer checkpointing inside its commits (1.4% of its thread in `perf`), and
+/// three alternating rounds gave 3-15% fewer transfers/s (single and batch) than
+/// 128 MiB (BENCHMARKS.md, 2026-12-07 afternoon). The cost is disk: the WAL file may grow to about this size, and
 /// recovery after a crash reads it.
 const WRITER_AUTOCHECKPOINT_BYTES: u32 = 128 << 20;
 
@@ -302,13 +288,10 @@ impl Db {
                 };
                 // recursive_triggers: a REPLACE that deletes a row to make room fires its
                 // DELETE triggers only with it, so without it `INSERT OR REPLACE` could
-                // overwrite a row of the append-only audit log. page_size comes first: it
-                // only counts before the file has its first page (journal_mode = WAL
-                // writes one).
+                // overwrite a row of the append-only audit log.
                 let pragmas: Arc<str> = Arc::from(format!(
-                    "PRAGMA page_size = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
-                     PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA recursive_triggers = ON;",
-                    service.sqlite_page_size()
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+                     PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA recursive_triggers = ON;"
                 ));
                 let p2 = pragmas.clone();
                 // The single writer connection gets a larger page cache (64 MiB, grown
@@ -323,8 +306,8 @@ impl Db {
                         let p = pragmas.clone();
                         Box::pin(async move {
                             conn.execute(sqlx::raw_sql(&p)).await?;
-                            // In frames of the file's page size (an existing file keeps
-                            // the one it was created with).
+                            // In frames of the file's page size (SQLite's default for a
+                            // new file; an existing one keeps the size it was made with).
                             let page: i64 = sqlx::query_scalar("PRAGMA page_size")
                                 .fetch_one(&mut *conn)
                                 .await?;
@@ -676,55 +659,47 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    /// A new SQLite database gets its service's page size (see
-    /// [`Service::sqlite_page_size`]) and the writer's auto-checkpoint threshold stays
-    /// the same number of bytes; an existing database keeps the page size it has.
+    /// The writer's backstop checkpoint is the same number of bytes whatever the
+    /// file's page size (SQLite counts it in pages).
     #[tokio::test]
-    async fn new_sqlite_databases_get_their_services_page_size() {
+    async fn the_writers_checkpoint_threshold_is_counted_in_the_files_pages() {
         let dir = std::env::temp_dir().join("vaultpay-tests");
         std::fs::create_dir_all(&dir).unwrap();
-        for service in [Service::Auth, Service::Ledger] {
+        for page in [None, Some(8192_i64), Some(1024)] {
             let path = dir.join(format!("pages_{}.db", uuid::Uuid::now_v7().simple()));
             let location = path.display().to_string();
-            let size = |db: &Db| {
+            if let Some(page) = page {
+                // A file made elsewhere with another page size.
+                use sqlx::Connection;
+                let mut c =
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{location}?mode=rwc"))
+                        .await
+                        .unwrap();
+                sqlx::raw_sql(&format!(
+                    "PRAGMA page_size = {page}; CREATE TABLE t (x TEXT);"
+                ))
+                .execute(&mut c)
+                .await
+                .unwrap();
+                c.close().await.unwrap();
+            }
+            let db = Db::connect(&location, Service::Ledger, &DbOptions::default())
+                .await
+                .unwrap();
+            let q = |sql: &'static str| {
                 let db = db.clone();
                 async move {
-                    let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+                    sqlx::query_scalar::<_, i64>(sql)
                         .fetch_one(db.writer())
                         .await
-                        .unwrap();
-                    let frames: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
-                        .fetch_one(db.writer())
-                        .await
-                        .unwrap();
-                    (page, frames)
+                        .unwrap()
                 }
             };
-            let db = Db::connect(&location, service, &DbOptions::default())
-                .await
-                .unwrap();
-            sqlx::query("CREATE TABLE t (x TEXT)")
-                .execute(db.writer())
-                .await
-                .unwrap();
-            let want = i64::from(service.sqlite_page_size());
+            let size = q("PRAGMA page_size").await;
+            assert_eq!(size, page.unwrap_or(4096));
             assert_eq!(
-                size(&db).await,
-                (want, i64::from(WRITER_AUTOCHECKPOINT_BYTES) / want)
-            );
-            db.close().await;
-            // Opened as the other service, the file keeps its pages, and the threshold
-            // is counted in them.
-            let other = match service {
-                Service::Auth => Service::Ledger,
-                Service::Ledger => Service::Auth,
-            };
-            let db = Db::connect(&location, other, &DbOptions::default())
-                .await
-                .unwrap();
-            assert_eq!(
-                size(&db).await,
-                (want, i64::from(WRITER_AUTOCHECKPOINT_BYTES) / want)
+                q("PRAGMA wal_autocheckpoint").await,
+                i64::from(WRITER_AUTOCHECKPOINT_BYTES) / size
             );
             db.close().await;
             for suffix in ["", "-wal", "-shm"] {

@@ -81,7 +81,24 @@ impl Failure {
 
 /// A posting of a run: (transfer index, account id, account seq, signed amount, balance
 /// after, time).
-type Posting = (usize, String, i64, i64, i64, i64);
+pub(crate) type Posting = (usize, String, i64, i64, i64, i64);
+
+/// Binds a posting's row (`id, transfer_id, account_id, account_seq, amount, currency,
+/// balance_after, created_at`), `t` being its transfer.
+pub(crate) fn bind_posting<'q>(
+    q: ops::AnyQuery<'q>,
+    t: &'q TransferRow,
+    (_, acct, seq, amount, after, at): &'q Posting,
+) -> ops::AnyQuery<'q> {
+    q.bind(crate::ids::new_id())
+        .bind(&t.id)
+        .bind(acct)
+        .bind(*seq)
+        .bind(*amount)
+        .bind(&t.currency)
+        .bind(*after)
+        .bind(*at)
+}
 
 /// The audit entries of a run, appended by [`append_audits`]: (job index, transfer id,
 /// metadata) per posted transfer.
@@ -330,20 +347,12 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
     for t in rows.transfers {
         q = ops::bind_transfer(q, t);
     }
-    for (ti, acct, seq, amount, after, at) in rows.postings {
+    for p in rows.postings {
         let t = rows
             .transfers
-            .get(*ti)
+            .get(p.0)
             .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
-        q = q
-            .bind(crate::ids::new_id())
-            .bind(&t.id)
-            .bind(acct)
-            .bind(*seq)
-            .bind(*amount)
-            .bind(&t.currency)
-            .bind(*after)
-            .bind(*at);
+        q = bind_posting(q, t, p);
     }
     for f in rows.failures {
         q = q
@@ -406,19 +415,11 @@ async fn write_postings(
             placeholders(db, chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql).persistent(false);
-        for (ti, acct, seq, amount, after, at) in chunk {
+        for p in chunk {
             let t = transfers
-                .get(*ti)
+                .get(p.0)
                 .ok_or_else(|| LedgerError::Internal("posting without transfer".into()))?;
-            q = q
-                .bind(crate::ids::new_id())
-                .bind(&t.id)
-                .bind(acct)
-                .bind(*seq)
-                .bind(*amount)
-                .bind(&t.currency)
-                .bind(*after)
-                .bind(*at);
+            q = bind_posting(q, t, p);
         }
         q.execute(&mut **tx).await?;
     }

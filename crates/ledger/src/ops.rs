@@ -1259,8 +1259,7 @@ async fn bulk_batch(
     let mut items = Vec::with_capacity(n);
     let mut failures: Vec<(usize, LedgerError)> = Vec::new();
     let mut transfers: Vec<TransferRow> = Vec::with_capacity(n);
-    // (transfer index, account id, account seq, signed amount, balance after, time)
-    let mut postings: Vec<(usize, String, i64, i64, i64, i64)> = Vec::with_capacity(n * 2);
+    let mut postings: Vec<crate::group::Posting> = Vec::with_capacity(n * 2);
     for (index, item) in req.transfers.iter().enumerate() {
         match check_and_apply(&job.actor, item, &mut accts) {
             Ok(amount) => {
@@ -1356,19 +1355,10 @@ async fn bulk_batch(
     let transfers_ref = &transfers;
     for (sql, chunk) in &posting_sql {
         statements.push(Box::new(move || {
-            chunk
-                .iter()
-                .fold(sqlx::query(sql), |q, (ti, acct, seq, amount, after, at)| {
-                    let t = &transfers_ref[*ti];
-                    q.bind(crate::ids::new_id())
-                        .bind(&t.id)
-                        .bind(acct)
-                        .bind(*seq)
-                        .bind(*amount)
-                        .bind(&t.currency)
-                        .bind(*after)
-                        .bind(*at)
-                })
+            // Each posting's index was its transfer's position when both were pushed.
+            chunk.iter().fold(sqlx::query(sql), |q, p| {
+                crate::group::bind_posting(q, &transfers_ref[p.0], p)
+            })
         }));
     }
     for (sql, chunk) in &balance_sql {

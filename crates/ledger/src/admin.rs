@@ -37,11 +37,9 @@ pub(crate) async fn account_action(
     if !actor.is_admin() {
         return Err(LedgerError::Forbidden("accounts:manage"));
     }
-    if reason.trim().is_empty() || reason.chars().count() > 500 {
-        return Err(LedgerError::InvalidRequest(
-            "reason must be 1 to 500 characters".into(),
-        ));
-    }
+    // Not empty, at most 500 characters, no control characters (it goes into the
+    // audit log and the outbox event as it is).
+    crate::ops::check_text("reason", reason, 500, true)?;
     let mut tx = begin(&core.db).await?;
     let mut accts = lock_accounts(&core.db, &mut tx, &[id]).await?;
     let mut a = accts.remove(id).ok_or(LedgerError::AccountNotFound)?;

@@ -47,6 +47,8 @@ pub enum LedgerError {
     InvalidRequest(String),
     #[error("batch of {0} transfers is larger than the limit of {1}")]
     BatchTooLarge(usize, usize),
+    #[error("the statement would hold more than {0} transactions; choose a shorter period with `from` and `to`")]
+    StatementTooLarge(usize),
     #[error("the atomic batch failed; no transfer in it was applied")]
     BatchFailed(Box<BatchResponse>),
     #[error("this operation needs the {0} permission")]
@@ -133,9 +135,8 @@ impl LedgerError {
             | CurrencyUnknown(_)
             | AmountInvalid(_)
             | SameAccount => StatusCode::UNPROCESSABLE_ENTITY,
-            InvalidRequest(_) | BatchTooLarge(..) | BatchFailed(_) | IdempotencyKeyReused => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            InvalidRequest(_) | BatchTooLarge(..) | StatementTooLarge(_) | BatchFailed(_)
+            | IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AccountFrozen(_)
             | AccountClosed(_)
             | HoldNotPending(_)
@@ -178,6 +179,7 @@ impl LedgerError {
             SettlementAccount => "settlement_account",
             InvalidRequest(_) => "invalid_request",
             BatchTooLarge(..) => "batch_too_large",
+            StatementTooLarge(_) => "statement_too_large",
             BatchFailed(_) => "batch_failed",
             Forbidden(_) => "forbidden",
             IdempotencyKeyRequired => "idempotency_key_required",

@@ -72,6 +72,9 @@ pub struct LedgerConfig {
     pub group_max: usize,
     /// Largest page a list endpoint returns.
     pub page_size_max: i64,
+    /// Most transactions in one CSV statement (the whole statement is built in memory
+    /// and answered at once); a longer period is refused with `statement_too_large`.
+    pub statement_max_rows: usize,
     pub expiry_interval_ms: u64,
     pub purge_interval_secs: u64,
     pub outbox_interval_ms: u64,
@@ -94,6 +97,7 @@ impl Default for LedgerConfig {
             group_commit: true,
             group_max: 256,
             page_size_max: 200,
+            statement_max_rows: 100_000,
             expiry_interval_ms: 1000,
             purge_interval_secs: 300,
             outbox_interval_ms: 200,
@@ -699,7 +703,15 @@ impl Ledger {
         from: Option<i64>,
         to: Option<i64>,
     ) -> Result<String, LedgerError> {
-        query::statement(self.db(), actor, account_id, from, to).await
+        query::statement(
+            self.db(),
+            actor,
+            account_id,
+            from,
+            to,
+            self.config().statement_max_rows,
+        )
+        .await
     }
 
     /// `GET /v1/admin/failed-transfers` (compliance, admin).

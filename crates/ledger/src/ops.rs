@@ -176,7 +176,12 @@ fn check_amount(amount: i64) -> Result<Amount, LedgerError> {
     })
 }
 
-fn check_text(field: &str, s: &str, max: usize, required: bool) -> Result<(), LedgerError> {
+pub(crate) fn check_text(
+    field: &str,
+    s: &str,
+    max: usize,
+    required: bool,
+) -> Result<(), LedgerError> {
     if required && s.trim().is_empty() {
         return Err(LedgerError::InvalidRequest(format!(
             "{field} must not be empty"

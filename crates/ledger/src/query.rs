@@ -238,23 +238,30 @@ fn csv_field(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// The CSV statement of an account (oldest first) between `from` and `to`.
+/// The CSV statement of an account (oldest first) between `from` and `to`, of at most
+/// `max_rows` transactions (more: `statement_too_large`, before any is formatted
+/// beyond the limit).
 pub(crate) async fn statement(
     db: &Db,
     actor: &Actor,
     account_id: &str,
     from: Option<i64>,
     to: Option<i64>,
+    max_rows: usize,
 ) -> Result<String, LedgerError> {
     let acct = visible_account(db, actor, account_id).await?;
     let currency = Currency::parse(&acct.currency)?;
     let mut out = String::from("date,transaction_id,transfer_id,kind,description,counterparty_account_id,amount,balance_after,currency\n");
     let mut after = 0i64;
+    let mut rows_out = 0usize;
     loop {
+        // One row past the limit tells a statement that is too long from one that
+        // fills it exactly.
+        let left = max_rows.saturating_sub(rows_out).saturating_add(1);
         let f = HistoryFilter {
             from,
             to,
-            limit: 1000,
+            limit: i64::try_from(left.min(1000)).unwrap_or(1000),
             ascending: true,
             after_seq: Some(after),
             ..Default::default()
@@ -262,6 +269,10 @@ pub(crate) async fn statement(
         let rows = history(db, account_id, &f).await?;
         if rows.is_empty() {
             break;
+        }
+        rows_out += rows.len();
+        if rows_out > max_rows {
+            return Err(LedgerError::StatementTooLarge(max_rows));
         }
         for t in &rows {
             let kind = serde_json::to_value(t.kind)

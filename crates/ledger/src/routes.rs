@@ -188,7 +188,8 @@ async fn transactions(
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}/statement.csv", tag = "ledger", params(("id" = String, Path), HistoryQuery),
-    responses((status = 200, content_type = "text/csv", body = String), (status = 404, body = Problem)))]
+    responses((status = 200, content_type = "text/csv", body = String), (status = 404, body = Problem),
+        (status = 422, body = Problem, description = "`statement_too_large`: more transactions in the period than `ledger.statement_max_rows`")))]
 async fn statement(
     State(l): State<Ledger>,
     ctx: Ctx,

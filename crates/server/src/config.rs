@@ -371,6 +371,14 @@ impl Config {
         if self.ledger.batch_body_limit_bytes < 1024 {
             bail!("ledger.batch_body_limit_bytes must be at least 1024");
         }
+        // 0 or less made every list request fail (an empty clamp range); a huge page
+        // or statement is a memory bound gone.
+        if !(1..=1000).contains(&self.ledger.page_size_max) {
+            bail!("ledger.page_size_max must be between 1 and 1000");
+        }
+        if !(1..=1_000_000).contains(&self.ledger.statement_max_rows) {
+            bail!("ledger.statement_max_rows must be between 1 and 1000000");
+        }
         let o = &self.auth.oauth;
         for (name, value, range) in [
             ("code_ttl_secs", o.code_ttl_secs, 1..=600),
@@ -608,6 +616,11 @@ mod tests {
             (
                 one("VAULTPAY_AUTH__IP_TRUST__IPV4_PREFIX", "0"),
                 "ipv4_prefix",
+            ),
+            (one("VAULTPAY_LEDGER__PAGE_SIZE_MAX", "0"), "page_size_max"),
+            (
+                one("VAULTPAY_LEDGER__STATEMENT_MAX_ROWS", "0"),
+                "statement_max_rows",
             ),
             (
                 vec![

@@ -25,6 +25,15 @@ async fn freeze_unfreeze_close_are_audited_and_need_admin_and_a_live_session() {
         )
         .await
         .problem(422, "invalid_request");
+        // the reason goes into the audit log and the outbox event as it is
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &admin,
+            None,
+            json!({"reason": "kyc\nforged: line"}),
+        )
+        .await
+        .problem(422, "invalid_request");
         let f = app
             .post(
                 &format!("/v1/admin/accounts/{a}/freeze"),

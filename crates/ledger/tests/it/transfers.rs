@@ -1,5 +1,6 @@
 use crate::common::*;
 use serde_json::json;
+use vaultpay_ledger::LedgerConfig;
 
 #[tokio::test]
 async fn transfer_moves_money_with_double_entry() {
@@ -743,6 +744,47 @@ async fn the_relay_marks_events_published_only_once_the_sink_took_them() {
             assert!(app.ledger.relay_outbox().await.unwrap() > 0);
             assert_eq!(unpublished().await, 0);
         }
+    })
+    .await;
+}
+
+/// A CSV statement is built whole in memory: one longer than `statement_max_rows`
+/// transactions is refused (422 `statement_too_large`) instead of built; one that
+/// fills the limit exactly, or a shorter period of the same account, is answered.
+#[tokio::test]
+async fn a_statement_longer_than_the_limit_is_refused() {
+    each_backend(|b| async move {
+        let app = TestApp::with_config(
+            b,
+            LedgerConfig {
+                statement_max_rows: 3,
+                ..LedgerConfig::default()
+            },
+        )
+        .await;
+        let alice = app.customer("alice");
+        // a deposit and a transfer out: two rows on `a`
+        let (a, bb) = app.funded_pair(&alice, 100).await;
+        let path = format!("/v1/accounts/{a}/statement.csv");
+        app.transfer(&alice, &a, &bb, 10).await.expect(201);
+        let lines = |r: Resp| r.expect(200).text.lines().count();
+        assert_eq!(lines(app.get(&path, &alice).await), 3);
+        // a third: exactly the limit
+        app.transfer(&alice, &a, &bb, 10).await.expect(201);
+        assert_eq!(lines(app.get(&path, &alice).await), 4);
+        let mid = rfc(vaultpay_core::time::now_micros());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // a fourth: over it
+        app.transfer(&alice, &a, &bb, 10).await.expect(201);
+        app.get(&path, &alice)
+            .await
+            .problem(422, "statement_too_large");
+        // a shorter period still works
+        assert_eq!(
+            lines(app.get(&format!("{path}?from={mid}"), &alice).await),
+            2
+        );
+        app.assert_consistent().await;
     })
     .await;
 }

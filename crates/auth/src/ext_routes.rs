@@ -166,17 +166,20 @@ pub(crate) fn failed_page(title: &str, e: impl Into<ApiError>) -> Response {
     res
 }
 
-/// The outcome of a mailed link's button for a person at its page: a page saying
-/// `done` (title, text) or, when it failed, [`failed_page`] titled `failed`.
-pub(crate) fn link_outcome<T>(
+/// The answer to a mailed link's button: for a person at its page (`page`, see
+/// [`wants_page`]) a page saying `done` (title, text) or, when it failed,
+/// [`failed_page`] titled `failed`; for an API client the JSON of `r` (or its problem).
+pub(crate) fn link_answer<T: serde::Serialize>(
+    page: bool,
     r: Result<T, AuthError>,
     done: (&str, &str),
     failed: &str,
-) -> Response {
-    match r {
-        Ok(_) => done_page(done.0, done.1),
-        Err(e) => failed_page(failed, e),
-    }
+) -> ApiResult<Response> {
+    Ok(match (page, r) {
+        (true, Ok(_)) => done_page(done.0, done.1),
+        (true, Err(e)) => failed_page(failed, e),
+        (false, r) => no_store(StatusCode::OK, Json(r?)),
+    })
 }
 
 /// Whether a mailed link's form post comes from a person at its page: a browser's form
@@ -224,10 +227,10 @@ async fn confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> 
     )
 }
 
-/// Confirm the network of a held login (form field `token`). A browser's post (one
-/// that asks for `text/html`) is answered with a page.
+/// Confirm the network of a held login (form field `token`). A browser's form
+/// submission is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/login/confirm", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = wire::Accepted, description = "Confirmed (a browser's post: an HTML page)"), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::Accepted, description = "Confirmed (a browser's form submission: an HTML page)"), (status = 400, body = Problem)))]
 async fn confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -235,17 +238,15 @@ async fn confirm(
     ApiForm(f): ApiForm<TokenParam>,
 ) -> ApiResult<Response> {
     let done = svc.confirm_login_network(&ctx, &f.token).await;
-    if wants_page(&headers) {
-        return Ok(link_outcome(
-            done,
-            (
+    link_answer(
+        wants_page(&headers),
+        done,
+        (
                 "Sign-in confirmed",
                 "The sign-in can finish now, and its network is trusted from now on. You can close this page.",
-            ),
-            "Sign-in not confirmed",
-        ));
-    }
-    Ok(no_store(StatusCode::OK, Json(done?)))
+        ),
+        "Sign-in not confirmed",
+    )
 }
 
 /// The emailed "this wasn't me" link: a page whose button locks the account.
@@ -262,9 +263,9 @@ async fn deny_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
 }
 
 /// "This wasn't me": every session ends; the account is locked until a password reset.
-/// A browser's post (one that asks for `text/html`) is answered with a page.
+/// A browser's form submission is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/login/deny", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = wire::Accepted, description = "Locked (a browser's post: an HTML page)"), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::Accepted, description = "Locked (a browser's form submission: an HTML page)"), (status = 400, body = Problem)))]
 async fn deny(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -272,17 +273,15 @@ async fn deny(
     ApiForm(f): ApiForm<TokenParam>,
 ) -> ApiResult<Response> {
     let done = svc.deny_login_network(&ctx, &f.token).await;
-    if wants_page(&headers) {
-        return Ok(link_outcome(
-            done,
-            (
+    link_answer(
+        wants_page(&headers),
+        done,
+        (
                 "Account locked",
                 "Every session has been signed out and the account is locked. Reset your password to unlock it.",
-            ),
-            "Account not locked",
-        ));
-    }
-    Ok(no_store(StatusCode::OK, Json(done?)))
+        ),
+        "Account not locked",
+    )
 }
 
 /// The link mailed to a new email address: a page whose button confirms the change
@@ -301,10 +300,10 @@ async fn email_confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Resp
 }
 
 /// Complete an email change: the token from the link, as the page's form field
-/// `token` or as JSON `{"token": …}`. A browser's post (one that asks for `text/html`)
-/// is answered with a page.
+/// `token` or as JSON `{"token": …}`. A browser's form submission is answered with a
+/// page.
 #[utoipa::path(post, path = "/v1/auth/email/confirm", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User, description = "Changed (a browser's post: an HTML page)"), (status = 400, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = wire::User, description = "Changed (a browser's form submission: an HTML page)"), (status = 400, body = Problem), (status = 409, body = Problem)))]
 async fn email_confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -313,17 +312,15 @@ async fn email_confirm(
     let page = wants_page(req.headers());
     let token = link_token(req).await?;
     let user = svc.confirm_email_change(&ctx, &token).await;
-    if page {
-        return Ok(link_outcome(
-            user,
-            (
-                "Email address changed",
-                "Your VaultPay account uses this address from now on.",
-            ),
-            "Email address not changed",
-        ));
-    }
-    Ok(no_store(StatusCode::OK, Json(user?)))
+    link_answer(
+        page,
+        user,
+        (
+            "Email address changed",
+            "Your VaultPay account uses this address from now on.",
+        ),
+        "Email address not changed",
+    )
 }
 
 /// The token of a mailed link's confirmation: the form field `token` (the link's page

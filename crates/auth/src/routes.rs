@@ -133,10 +133,10 @@ async fn logout(
 }
 
 /// Confirm an email address with the token from the emailed link: the link's page
-/// posts it as the form field `token` (a browser's post, asking for `text/html`, is
-/// answered with a page); an API client sends JSON `{"token": …}`.
+/// posts it as the form field `token` (a browser's form submission is answered with a
+/// page); an API client sends JSON `{"token": …}`.
 #[utoipa::path(post, path = "/v1/auth/verify-email", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User, description = "Verified (a browser's post: an HTML page)"), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::User, description = "Verified (a browser's form submission: an HTML page)"), (status = 400, body = Problem)))]
 async fn verify_email(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -144,18 +144,15 @@ async fn verify_email(
 ) -> ApiResult<Response> {
     let page = crate::ext_routes::wants_page(req.headers());
     let token = crate::ext_routes::link_token(req).await?;
-    let user = svc.verify_email(&ctx, &token).await;
-    if page {
-        return Ok(crate::ext_routes::link_outcome(
-            user,
-            (
-                "Email address confirmed",
-                "Thank you: your VaultPay account's email address is confirmed.",
-            ),
-            "Email address not confirmed",
-        ));
-    }
-    Ok(Json(user?).into_response())
+    crate::ext_routes::link_answer(
+        page,
+        svc.verify_email(&ctx, &token).await,
+        (
+            "Email address confirmed",
+            "Thank you: your VaultPay account's email address is confirmed.",
+        ),
+        "Email address not confirmed",
+    )
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

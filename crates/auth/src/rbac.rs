@@ -106,9 +106,13 @@ impl AuthService {
     /// The user's roles and effective permissions (cached, invalidated on change).
     pub async fn effective(&self, user_id: &str) -> Result<Shared, AuthError> {
         let cache = &self.inner.perms;
+        // A node deaf to the bus neither reads nor fills the cache (see
+        // `invalidations_heard`).
         let cached = !self.inner.bus.deaf();
-        if let Some(e) = cache.get(user_id).filter(|_| cached) {
-            return Ok(e);
+        if cached {
+            if let Some(e) = cache.get(user_id) {
+                return Ok(e);
+            }
         }
         let generation = cache.generation.load(Ordering::Acquire);
         let rows = sqlx::query(

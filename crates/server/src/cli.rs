@@ -407,7 +407,8 @@ async fn audit_verify(
                 println!("{name}: audit chain intact ({entries} entries{head})");
                 if let Some((seq, hash)) = &anchor {
                     match vaultpay_store::audit::hash_at(&db, *seq).await? {
-                        Some(h) if h.eq_ignore_ascii_case(hash) => {
+                        // `hash` was lowercased when parsed, as stored hashes are.
+                        Some(h) if h == *hash => {
                             println!("{name}: holds the expected entry {seq}:{hash}");
                         }
                         found => {

@@ -356,6 +356,14 @@ impl Config {
                 i64::from(self.database.max_connections),
                 1..=1000,
             ),
+            // 0 or less made every list request fail (an empty clamp range); a huge
+            // page or statement is a memory bound gone.
+            ("ledger.page_size_max", self.ledger.page_size_max, 1..=1000),
+            (
+                "ledger.statement_max_rows",
+                i64::try_from(self.ledger.statement_max_rows).unwrap_or(i64::MAX),
+                1..=1_000_000,
+            ),
         ] {
             if !range.contains(&value) {
                 bail!(
@@ -370,14 +378,6 @@ impl Config {
         }
         if self.ledger.batch_body_limit_bytes < 1024 {
             bail!("ledger.batch_body_limit_bytes must be at least 1024");
-        }
-        // 0 or less made every list request fail (an empty clamp range); a huge page
-        // or statement is a memory bound gone.
-        if !(1..=1000).contains(&self.ledger.page_size_max) {
-            bail!("ledger.page_size_max must be between 1 and 1000");
-        }
-        if !(1..=1_000_000).contains(&self.ledger.statement_max_rows) {
-            bail!("ledger.statement_max_rows must be between 1 and 1000000");
         }
         let o = &self.auth.oauth;
         for (name, value, range) in [

@@ -297,14 +297,6 @@ impl StoredKey {
 /// single transfer's, ~600 bytes) are stored as they are.
 const PACK_FROM: usize = 4096;
 
-/// The columns `body` and `body_lz4` to store for a response body.
-fn pack_body(body: &str) -> (&str, Option<Vec<u8>>) {
-    match packed_body(body) {
-        Some(packed) => ("", Some(packed)),
-        None => (body, None),
-    }
-}
-
 /// `body` compressed as an idempotency key stores it, if it is long enough to be.
 pub(crate) fn packed_body(body: &str) -> Option<Vec<u8>> {
     (body.len() >= PACK_FROM).then(|| lz4_flex::block::compress_prepend_size(body.as_bytes()))
@@ -340,8 +332,9 @@ pub(crate) struct NewKey {
     key: String,
     fingerprint: String,
     status: i64,
+    /// The response body, empty when it is stored compressed in `packed`.
     body: String,
-    /// `body` already compressed (see [`packed_body`]), if it was.
+    /// The body compressed (see [`packed_body`]): the column `body_lz4`.
     packed: Option<Vec<u8>>,
     resource: Option<String>,
 }
@@ -429,27 +422,22 @@ async fn prefetch_keys(db: &Db, tx: &mut Tx, jobs: &[&Job]) -> Result<Prefetched
 async fn store_keys(db: &Db, tx: &mut Tx, keys: &[NewKey]) -> Result<(), LedgerError> {
     let now = vaultpay_core::time::now_micros();
     for chunk in keys.chunks(500) {
-        let sql = format!(
-            "{} INTO idempotency_keys (user_id, key, fingerprint, status, body, body_lz4, resource_id, created_at) VALUES {}",
-            db.insert_or_fail(),
-            vaultpay_store::params::values(db.backend(), chunk.len(), 8)
+        let sql = crate::ops::insert_sql(
+            db,
+            "idempotency_keys",
+            "user_id, key, fingerprint, status, body, body_lz4, resource_id, created_at",
+            chunk.len(),
+            8,
         );
-        let packed: Vec<(&str, Option<Vec<u8>>)> = chunk
-            .iter()
-            .map(|k| match &k.packed {
-                Some(_) => ("", None),
-                None => pack_body(&k.body),
-            })
-            .collect();
         let mut q = sqlx::query(&sql).persistent(false);
-        for (k, (body, lz4)) in chunk.iter().zip(&packed) {
+        for k in chunk {
             q = q
                 .bind(&k.user_id)
                 .bind(&k.key)
                 .bind(&k.fingerprint)
                 .bind(k.status)
-                .bind(*body)
-                .bind(k.packed.as_deref().or(lz4.as_deref()))
+                .bind(&k.body)
+                .bind(k.packed.as_deref())
                 .bind(&k.resource)
                 .bind(now);
         }
@@ -479,15 +467,17 @@ pub(crate) async fn exec_job(
     prefetched: Option<&Prefetched>,
 ) -> Result<(Reply, Option<NewKey>), LedgerError> {
     let fingerprint = job.fingerprint.clone();
-    if prefetched.is_some() {
-        if let Some(reply) = stored_reply(job, &fingerprint, prefetched) {
-            return Ok((reply, None));
+    // A job outside a group looks its own key up.
+    let own;
+    let prefetched = match prefetched {
+        None if job.key.is_some() => {
+            own = prefetch_keys(&core.db, tx, &[job]).await?;
+            Some(&own)
         }
-    } else if job.key.is_some() {
-        let own = prefetch_keys(&core.db, tx, &[job]).await?;
-        if let Some(reply) = stored_reply(job, &fingerprint, Some(&own)) {
-            return Ok((reply, None));
-        }
+        p => p,
+    };
+    if let Some(reply) = stored_reply(job, &fingerprint, prefetched) {
+        return Ok((reply, None));
     }
     let (reply, resource, packed) = match ops::run(core, tx, job).await {
         Ok(done) => (done.reply, done.resource, done.packed),
@@ -531,7 +521,9 @@ pub(crate) fn stored_reply(
     Some(s.replay())
 }
 
-/// The idempotency record to store for `job`'s outcome (none without a key).
+/// The idempotency record to store for `job`'s outcome (none without a key). `packed`:
+/// the body already compressed, if the caller did it; otherwise a long body is
+/// compressed here (see [`PACK_FROM`]) and stored without its text.
 pub(crate) fn fingerprint_reply(
     job: &Job,
     fingerprint: String,
@@ -539,12 +531,13 @@ pub(crate) fn fingerprint_reply(
     resource: Option<String>,
     packed: Option<Vec<u8>>,
 ) -> Option<NewKey> {
-    job.key.as_ref().map(|key| NewKey {
+    let key = job.key.as_ref()?;
+    let packed = packed.or_else(|| packed_body(&reply.body));
+    Some(NewKey {
         user_id: job.actor.user_id.clone(),
         key: key.clone(),
         fingerprint,
         status: i64::from(reply.status),
-        // A compressed body is stored without its text (see `pack_body`).
         body: if packed.is_some() {
             String::new()
         } else {

@@ -15,8 +15,8 @@
 
 use crate::engine::{fingerprint_reply, Job, NewKey, Op, Prefetched, Reply};
 use crate::error::LedgerError;
-use crate::model::{AccountRow, TransferRow, TRANSFER_COLS};
-use crate::ops::{self, check_and_apply, placeholders};
+use crate::model::{AccountRow, TransferRow, POSTING_COLS, TRANSFER_COLS};
+use crate::ops::{self, check_and_apply};
 use crate::Core;
 use std::collections::HashMap;
 use vaultpay_core::time::now_micros;
@@ -313,7 +313,7 @@ async fn write_combined_pg(db: &Db, tx: &mut Tx, rows: &Rows<'_>) -> Result<(), 
     }
     if !rows.postings.is_empty() {
         parts.push(format!(
-            "p AS (INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {})",
+            "p AS (INSERT INTO postings ({POSTING_COLS}) VALUES {})",
             values_from(b, n, rows.postings.len(), 8)
         ));
         n += rows.postings.len() * 8;
@@ -388,11 +388,7 @@ async fn write_transfers(
     transfers: &[TransferRow],
 ) -> Result<(), LedgerError> {
     for chunk in transfers.chunks(CHUNK) {
-        let sql = format!(
-            "{} INTO transfers ({TRANSFER_COLS}) VALUES {}",
-            db.insert_or_fail(),
-            placeholders(db, chunk.len(), 14)
-        );
+        let sql = ops::insert_sql(db, "transfers", TRANSFER_COLS, chunk.len(), 14);
         let mut q = sqlx::query(&sql).persistent(false);
         for t in chunk {
             q = ops::bind_transfer(q, t);
@@ -409,11 +405,7 @@ async fn write_postings(
     postings: &[Posting],
 ) -> Result<(), LedgerError> {
     for chunk in postings.chunks(CHUNK) {
-        let sql = format!(
-            "{} INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
-            db.insert_or_fail(),
-            placeholders(db, chunk.len(), 8)
-        );
+        let sql = ops::insert_sql(db, "postings", POSTING_COLS, chunk.len(), 8);
         let mut q = sqlx::query(&sql).persistent(false);
         for p in chunk {
             let t = transfers
@@ -433,11 +425,13 @@ pub(crate) async fn write_failures(
     now: i64,
 ) -> Result<(), LedgerError> {
     for chunk in failures.chunks(CHUNK) {
-        let sql = format!(
-            "{} INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
-             amount, currency, reason, detail, created_at) VALUES {}",
-            db.insert_or_fail(),
-            placeholders(db, chunk.len(), 11)
+        let sql = ops::insert_sql(
+            db,
+            "failed_transfers",
+            "id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
+             amount, currency, reason, detail, created_at",
+            chunk.len(),
+            11,
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for f in chunk {
@@ -466,10 +460,12 @@ async fn write_outbox(
     now: i64,
 ) -> Result<(), LedgerError> {
     for chunk in bodies.chunks(CHUNK) {
-        let sql = format!(
-            "{} INTO outbox (id, topic, payload, created_at) VALUES {}",
-            db.insert_or_fail(),
-            placeholders(db, chunk.len(), 4)
+        let sql = ops::insert_sql(
+            db,
+            "outbox",
+            "id, topic, payload, created_at",
+            chunk.len(),
+            4,
         );
         let mut q = sqlx::query(&sql).persistent(false);
         for body in chunk {

@@ -206,6 +206,10 @@ pub(crate) const TRANSFER_COLS: &str =
     "id, kind, from_account_id, to_account_id, amount, captured, currency, \
      description, status, expires_at, initiated_by, batch_id, created_at, updated_at";
 
+/// The columns a posting is inserted with (bound by `group::bind_posting`).
+pub(crate) const POSTING_COLS: &str =
+    "id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at";
+
 #[derive(Debug, Clone)]
 pub(crate) struct TransferRow {
     pub id: String,

@@ -4,7 +4,7 @@
 
 use crate::engine::{exec_sql, Job, Op, Reply};
 use crate::error::LedgerError;
-use crate::model::{AccountRow, Actor, TransferRow, ACCOUNT_COLS, TRANSFER_COLS};
+use crate::model::{AccountRow, Actor, TransferRow, ACCOUNT_COLS, POSTING_COLS, TRANSFER_COLS};
 use crate::Core;
 use std::collections::HashMap;
 use vaultpay_core::money::{checked_add_balance, checked_sub_balance, Amount, Currency};
@@ -1184,6 +1184,22 @@ pub(crate) fn bulk_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// `INSERT` (failing on a conflict) of `rows` rows of `width` columns `cols` into
+/// `table`.
+pub(crate) fn insert_sql(db: &Db, table: &str, cols: &str, rows: usize, width: usize) -> String {
+    format!(
+        "{} INTO {table} ({cols}) VALUES {}",
+        db.insert_or_fail(),
+        placeholders(db, rows, width)
+    )
+}
+
+/// `rows` in [`bulk_chunks`], each with the text of its statement, `sql` of its row
+/// count (built before the statements that borrow it).
+fn chunk_statements<T>(rows: &[T], sql: impl Fn(usize) -> String) -> Vec<(String, &[T])> {
+    bulk_chunks(rows).map(|c| (sql(c.len()), c)).collect()
+}
+
 /// The accounts of `ids` (first occurrence order, each once), e.g. those a run of
 /// postings touched.
 pub(crate) fn touched<'a, 'b>(
@@ -1326,29 +1342,13 @@ async fn bulk_batch(
     // Transfers, then postings, then the final balances.
     let db = &core.db;
     let touched = touched(&accts, postings.iter().map(|p| p.1.as_str()));
-    let transfer_sql: Vec<(String, &[TransferRow])> = bulk_chunks(&transfers)
-        .map(|c| {
-            let sql = format!(
-                "{} INTO transfers ({TRANSFER_COLS}) VALUES {}",
-                db.insert_or_fail(),
-                placeholders(db, c.len(), 14)
-            );
-            (sql, c)
-        })
-        .collect();
-    let posting_sql: Vec<(String, &[_])> = bulk_chunks(&postings)
-        .map(|c| {
-            let sql = format!(
-                "{} INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) VALUES {}",
-                db.insert_or_fail(),
-                placeholders(db, c.len(), 8)
-            );
-            (sql, c)
-        })
-        .collect();
-    let balance_sql: Vec<(String, &[&AccountRow])> = bulk_chunks(&touched)
-        .map(|c| (balances_sql(db, 1, c.len()), c))
-        .collect();
+    let transfer_sql = chunk_statements(&transfers, |n| {
+        insert_sql(db, "transfers", TRANSFER_COLS, n, 14)
+    });
+    let posting_sql = chunk_statements(&postings, |n| {
+        insert_sql(db, "postings", POSTING_COLS, n, 8)
+    });
+    let balance_sql = chunk_statements(&touched, |n| balances_sql(db, 1, n));
     let mut statements: Vec<crate::pipeline::Build<'_>> = Vec::new();
     for (sql, chunk) in &transfer_sql {
         statements.push(Box::new(move || {

@@ -380,7 +380,14 @@ async fn a_login_ticket_is_not_opened_after_a_reset() {
     )
     .await;
     assert!(reset.status.is_success(), "{}", reset.text);
-    login.assert_problem(401, "invalid_credentials");
+    // Queued as intended, the login's ticket transaction runs after the reset and
+    // refuses the old password. The helper cannot always hold that order (once in a
+    // while in CI the login finished before the reset took the row, answering 202);
+    // then the reset ended the ticket it opened. Either way no ticket outlives it.
+    match login.status.as_u16() {
+        202 => assert!(login.body["mfa_ticket"].is_string(), "{}", login.text),
+        _ => login.assert_problem(401, "invalid_credentials"),
+    }
     assert_eq!(
         app.count_where("mfa_tickets", "device_id = 'dev-late' AND used_at IS NULL")
             .await,

@@ -718,11 +718,13 @@ impl Ledger {
     pub async fn failed_transfers(
         &self,
         actor: &Actor,
+        user: Option<&str>,
         cursor: Option<&str>,
         limit: Option<i64>,
     ) -> Result<wire::FailedTransferList, LedgerError> {
         self.require_live_auditor(actor).await?;
-        query::failed_transfers(self.db(), actor, cursor, limit, self.config().page_size_max).await
+        let max = self.config().page_size_max;
+        query::failed_transfers(self.db(), actor, user, cursor, limit, max).await
     }
 
     /// `GET /v1/admin/ledger/audit` (compliance, admin).

@@ -300,6 +300,7 @@ pub(crate) async fn statement(
 pub(crate) async fn failed_transfers(
     db: &Db,
     actor: &Actor,
+    user: Option<&str>,
     cursor: Option<&str>,
     limit: Option<i64>,
     max: i64,
@@ -308,12 +309,22 @@ pub(crate) async fn failed_transfers(
         return Err(LedgerError::Forbidden("audit:read"));
     }
     let limit = clamp_limit(limit, max);
-    let rows = sqlx::query(&format!(
+    // newest first; one user's attempts through the (user_id, id) index
+    let by_user = if user.is_some() {
+        "user_id = $2 AND "
+    } else {
+        ""
+    };
+    let sql = format!(
         "SELECT id, user_id, idempotency_key, operation, from_account_id, to_account_id, amount, currency, reason, detail, created_at \
-         FROM failed_transfers WHERE id < $1 ORDER BY id DESC LIMIT {}",
+         FROM failed_transfers WHERE {by_user}id < $1 ORDER BY id DESC LIMIT {}",
         limit + 1
-    ))
-    .bind(cursor.unwrap_or("~"))
+    );
+    let rows = sqlx::query(&sql).bind(cursor.unwrap_or("~"));
+    let rows = match user {
+        Some(u) => rows.bind(u),
+        None => rows,
+    }
     .fetch_all(db.read())
     .await?;
     let mut items = Vec::with_capacity(rows.len());

@@ -99,12 +99,48 @@ pub(crate) struct PageQuery {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HistoryQuery {
+    /// Opaque cursor from the previous page's `next_cursor`.
     cursor: Option<String>,
     limit: Option<i64>,
     /// RFC 3339, inclusive.
     from: Option<String>,
     /// RFC 3339, exclusive.
     to: Option<String>,
+}
+
+/// A statement is the whole period in one file (at most `ledger.statement_max_rows`
+/// transactions), so it takes no cursor or limit: a request naming one is refused
+/// rather than answered with a file that silently ignores it.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatementQuery {
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FailedTransfersQuery {
+    /// Opaque cursor from the previous page's `next_cursor`.
+    cursor: Option<String>,
+    limit: Option<i64>,
+    /// Only the attempts this user made.
+    user_id: Option<String>,
+}
+
+/// The ledger's audit log pages by sequence number only (it keeps no index by actor,
+/// action or time; see migration 0003).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditQuery {
+    /// Opaque cursor from the previous page's `next_cursor`.
+    cursor: Option<String>,
+    limit: Option<i64>,
 }
 
 fn time_param(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
@@ -187,7 +223,7 @@ async fn transactions(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{id}/statement.csv", tag = "ledger", params(("id" = String, Path), HistoryQuery),
+#[utoipa::path(get, path = "/v1/accounts/{id}/statement.csv", tag = "ledger", params(("id" = String, Path), StatementQuery),
     responses((status = 200, content_type = "text/csv", body = String), (status = 404, body = Problem),
         (status = 422, body = Problem, description = "`statement_too_large`: more transactions in the period than `ledger.statement_max_rows`")))]
 async fn statement(
@@ -195,7 +231,7 @@ async fn statement(
     ctx: Ctx,
     p: Principal,
     Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<HistoryQuery>,
+    ApiQuery(q): ApiQuery<StatementQuery>,
 ) -> ApiResult<Response> {
     let from = time_param("from", q.from.as_deref())?;
     let to = time_param("to", q.to.as_deref())?;
@@ -368,27 +404,32 @@ async fn close(
     account_action(l, ctx, p, id, AccountAction::Close, req).await
 }
 
-#[utoipa::path(get, path = "/v1/admin/failed-transfers", tag = "ledger-admin", params(PageQuery),
+#[utoipa::path(get, path = "/v1/admin/failed-transfers", tag = "ledger-admin", params(FailedTransfersQuery),
     responses((status = 200, body = wire::FailedTransferList), (status = 403, body = Problem)))]
 async fn failed_transfers(
     State(l): State<Ledger>,
     ctx: Ctx,
     p: Principal,
-    ApiQuery(q): ApiQuery<PageQuery>,
+    ApiQuery(q): ApiQuery<FailedTransfersQuery>,
 ) -> ApiResult<axum::Json<wire::FailedTransferList>> {
     Ok(axum::Json(
-        l.failed_transfers(&actor(&p, &ctx)?, q.cursor.as_deref(), q.limit)
-            .await?,
+        l.failed_transfers(
+            &actor(&p, &ctx)?,
+            q.user_id.as_deref(),
+            q.cursor.as_deref(),
+            q.limit,
+        )
+        .await?,
     ))
 }
 
-#[utoipa::path(get, path = "/v1/admin/ledger/audit", tag = "ledger-admin", params(PageQuery),
+#[utoipa::path(get, path = "/v1/admin/ledger/audit", tag = "ledger-admin", params(AuditQuery),
     responses((status = 200, body = wire::AuditList), (status = 403, body = Problem)))]
 async fn audit_log(
     State(l): State<Ledger>,
     ctx: Ctx,
     p: Principal,
-    ApiQuery(q): ApiQuery<PageQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<axum::Json<wire::AuditList>> {
     Ok(axum::Json(
         l.audit_log(&actor(&p, &ctx)?, q.cursor.as_deref(), q.limit)
@@ -415,9 +456,11 @@ async fn audit_log(
 struct LedgerApi;
 
 /// What every ledger route shares, said once instead of on each annotation: a bearer
-/// access token (`security`), and the refusals any route can give, a 401 for the
-/// token and, for a POST, 400 (malformed JSON, a missing or bad `Idempotency-Key`),
-/// 413 (body over the limit) and 415 (not JSON).
+/// access token (`security`), and the refusals any route can give: a 401 for the
+/// token, a 503 when the database (or, for a check of the session, AuthShield) cannot
+/// be reached, for a GET with query parameters a 400 (unknown parameter, bad cursor
+/// or time) and, for a POST, 400 (malformed JSON, a missing or bad
+/// `Idempotency-Key`), 413 (body over the limit) and 415 (not JSON).
 struct EveryRouteAuthenticated;
 
 impl utoipa::Modify for EveryRouteAuthenticated {
@@ -440,6 +483,20 @@ impl utoipa::Modify for EveryRouteAuthenticated {
             let post = item.post.is_some();
             // a hold's post and void take an optional body of any content type
             let any_body = path.ends_with("/post") || path.ends_with("/void");
+            if let Some(op) = &mut item.get {
+                let has_query =
+                    op.parameters.iter().flatten().any(|p| {
+                        matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Query)
+                    });
+                if has_query {
+                    op.responses
+                        .responses
+                        .entry("400".to_owned())
+                        .or_insert_with(|| {
+                            problem("`invalid_query` (an unknown parameter, a bad limit or time) or `invalid_cursor`").into()
+                        });
+                }
+            }
             for op in [&mut item.get, &mut item.post].into_iter().flatten() {
                 op.security = Some(vec![SecurityRequirement::new(
                     "bearer",
@@ -451,6 +508,7 @@ impl utoipa::Modify for EveryRouteAuthenticated {
                         .or_insert_with(|| problem(what).into());
                 };
                 add("401", "No valid access token: missing, malformed, expired or revoked, or step-up required (`insufficient_user_authentication`)");
+                add("503", "`service_unavailable`: the database, or AuthShield for a live-session check, cannot be reached; nothing was written, retry after `Retry-After`");
                 if post {
                     add(
                         "400",

@@ -64,6 +64,7 @@ const LEDGER: &[Migration] = &[
     migration!(7, "ledger", "0007_idempotency_body_lz4"),
     migration!(8, "ledger", "0008_posting_times_by_sequence"),
     migration!(9, "ledger", "0009_idempotency_body_compressed"),
+    migration!(10, "ledger", "0010_failed_transfers_by_user"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

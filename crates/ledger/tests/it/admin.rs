@@ -222,6 +222,12 @@ async fn revoked_sessions_are_refused_for_sensitive_operations_only() {
         for path in ["/v1/admin/ledger/audit", "/v1/admin/failed-transfers"] {
             app.get(path, &auditor).await.expect(200);
         }
+        // the audit log pages by sequence only; a filter it does not have is refused
+        for q in ["owner_id=alice", "actor=alice"] {
+            app.get(&format!("/v1/admin/ledger/audit?{q}"), &auditor)
+                .await
+                .problem(400, "invalid_query");
+        }
         app.introspector.revoked.lock().insert("s-comp".into());
         for path in ["/v1/admin/ledger/audit", "/v1/admin/failed-transfers"] {
             app.get(path, &auditor)

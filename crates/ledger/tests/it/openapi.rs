@@ -40,7 +40,8 @@ fn openapi_documents_every_ledger_route() {
 }
 
 /// Every ledger operation says it needs a bearer token and documents the 401 a
-/// request without a valid one gets; every POST its 400, 413 and 415.
+/// request without a valid one gets and the 503 of an unreachable database; every GET
+/// with query parameters its 400; every POST its 400, 413 and 415.
 #[test]
 fn every_ledger_operation_documents_its_authentication() {
     let v = serde_json::to_value(vaultpay_ledger::openapi()).unwrap();
@@ -54,7 +55,13 @@ fn every_ledger_operation_documents_its_authentication() {
                 "{method} {path}"
             );
             let responses = op["responses"].as_object().unwrap();
-            let mut want = vec!["401"];
+            let mut want = vec!["401", "503"];
+            let has_query = op["parameters"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+            if method == "get" && has_query {
+                want.push("400");
+            }
             if method == "post" {
                 want.extend(["400", "413"]);
                 if !path.ends_with("/post") && !path.ends_with("/void") {

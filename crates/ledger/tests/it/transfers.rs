@@ -233,6 +233,45 @@ async fn every_failure_has_its_code_and_is_recorded() {
             .await
             .expect(200);
         assert_ne!(p.body["items"][0]["id"], p2.body["items"][0]["id"]);
+        // one user's attempts: bob's refused try at alice's account, none of alice's
+        let bobs = app
+            .get("/v1/admin/failed-transfers?user_id=bob&limit=100", &c)
+            .await
+            .expect(200);
+        let bobs = bobs.body["items"].as_array().unwrap().clone();
+        assert_eq!(bobs.len(), 1, "{bobs:?}");
+        assert_eq!(bobs[0]["user_id"], "bob");
+        assert_eq!(bobs[0]["reason"], "account_not_found");
+        let alices = app
+            .get("/v1/admin/failed-transfers?user_id=alice&limit=2", &c)
+            .await
+            .expect(200);
+        let cur = alices.body["next_cursor"].as_str().unwrap().to_owned();
+        let rest = app
+            .get(
+                &format!("/v1/admin/failed-transfers?user_id=alice&limit=100&cursor={cur}"),
+                &c,
+            )
+            .await
+            .expect(200);
+        let alices: Vec<&serde_json::Value> = alices.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(rest.body["items"].as_array().unwrap())
+            .collect();
+        assert!(alices.iter().all(|f| f["user_id"] == "alice"), "{alices:?}");
+        // every failure but bob's and the admin's, each once
+        assert_eq!(alices.len(), list.body["items"].as_array().unwrap().len() - 2);
+        let none = app
+            .get("/v1/admin/failed-transfers?user_id=nobody", &c)
+            .await
+            .expect(200);
+        assert_eq!(none.body["items"], json!([]));
+        // a parameter this list does not have is refused, not ignored
+        app.get("/v1/admin/failed-transfers?owner_id=bob", &c)
+            .await
+            .problem(400, "invalid_query");
         app.get("/v1/admin/failed-transfers", &alice)
             .await
             .problem(403, "forbidden");
@@ -322,6 +361,12 @@ async fn history_has_running_balance_pagination_time_filters_and_csv() {
         assert!(lines[0].starts_with("date,"));
         assert!(lines[1].ends_with(",100.00,100.00,USD"), "{}", lines[1]);
         assert!(lines[5].ends_with(",0.50,94.50,USD"), "{}", lines[5]);
+        // a statement is the whole period: it takes no cursor or limit
+        for q in ["limit=1", "cursor=x"] {
+            app.get(&format!("/v1/accounts/{a}/statement.csv?{q}"), &alice)
+                .await
+                .problem(400, "invalid_query");
+        }
 
         // IDOR on history
         app.get(&format!("/v1/accounts/{a}/transactions"), &bob)

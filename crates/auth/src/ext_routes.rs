@@ -404,10 +404,10 @@ async fn unlink_identity(
 }
 
 /// As `routes::admin`: a live first-party session holding `roles:manage`.
-async fn roles_admin(svc: &AuthService, p: &Principal) -> Result<(), AuthError> {
+async fn roles_admin(svc: &AuthService, ctx: &Ctx, p: &Principal) -> Result<(), AuthError> {
     svc.require_live_session(p).await?;
     crate::oauth::require_first_party(p)?;
-    svc.require(p, "roles:manage").await
+    svc.require(ctx, p, "roles:manage").await
 }
 
 /// Create a custom role (`roles:manage`; only permissions the caller holds).
@@ -419,7 +419,7 @@ async fn create_role(
     p: Principal,
     ApiJson(req): ApiJson<iwire::CreateRoleRequest>,
 ) -> ApiResult<Response> {
-    roles_admin(&svc, &p).await?;
+    roles_admin(&svc, &ctx, &p).await?;
     let role = svc.create_role(&ctx, &p, req).await?;
     Ok((StatusCode::CREATED, Json(role)).into_response())
 }
@@ -433,7 +433,7 @@ async fn delete_role(
     p: Principal,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    roles_admin(&svc, &p).await?;
+    roles_admin(&svc, &ctx, &p).await?;
     svc.delete_role(&ctx, &p, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

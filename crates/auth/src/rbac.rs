@@ -140,18 +140,30 @@ impl AuthService {
         Ok(e)
     }
 
-    /// Refuses unless the caller's live permissions include `perm`.
-    pub async fn require(&self, p: &Principal, perm: &str) -> Result<(), AuthError> {
+    /// Refuses unless the caller's live permissions include `perm`. A refusal is
+    /// recorded in the audit log (`access.denied`, at most
+    /// [`DenialLog::PER_ACTOR`](vaultpay_store::audit::DenialLog) a minute per user).
+    pub async fn require(&self, ctx: &Ctx, p: &Principal, perm: &str) -> Result<(), AuthError> {
         if self
             .effective(p.user_id())
             .await?
             .permissions
             .contains(perm)
         {
-            Ok(())
-        } else {
-            Err(AuthError::Forbidden(perm.to_owned()))
+            return Ok(());
         }
+        metrics::counter!("auth_permission_refused_total").increment(1);
+        self.inner
+            .denials
+            .record(
+                &self.inner.db,
+                &ctx.origin(),
+                "access.denied",
+                p.user_id(),
+                perm,
+            )
+            .await;
+        Err(AuthError::Forbidden(perm.to_owned()))
     }
 
     pub async fn list_roles(&self) -> Result<wire::RoleList, AuthError> {

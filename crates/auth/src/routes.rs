@@ -333,19 +333,20 @@ async fn revoke_session(
 /// An administrative request: a live first-party session holding `perm`. Staff powers
 /// (unlocking accounts, reading every user's audit trail) are not delegated to OAuth
 /// clients, whatever scope the user granted one.
-async fn admin(svc: &AuthService, p: &Principal, perm: &str) -> Result<(), AuthError> {
+async fn admin(svc: &AuthService, ctx: &Ctx, p: &Principal, perm: &str) -> Result<(), AuthError> {
     svc.require_live_session(p).await?;
     crate::oauth::require_first_party(p)?;
-    svc.require(p, perm).await
+    svc.require(ctx, p, perm).await
 }
 
 /// Roles and their permissions (`roles:manage`).
 #[utoipa::path(get, path = "/v1/admin/roles", tag = "auth", responses((status = 200, body = wire::RoleList), (status = 403, body = Problem)), security(("bearer" = [])))]
 async fn list_roles(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     p: Principal,
 ) -> ApiResult<Json<wire::RoleList>> {
-    admin(&svc, &p, "roles:manage").await?;
+    admin(&svc, &ctx, &p, "roles:manage").await?;
     Ok(Json(svc.list_roles().await?))
 }
 
@@ -354,10 +355,11 @@ async fn list_roles(
     responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem)), security(("bearer" = [])))]
 async fn get_user(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     p: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<wire::User>> {
-    admin(&svc, &p, "users:read").await?;
+    admin(&svc, &ctx, &p, "users:read").await?;
     Ok(Json(svc.user(&id).await?))
 }
 
@@ -371,7 +373,7 @@ async fn grant_role(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<wire::RoleChange>,
 ) -> ApiResult<Json<wire::User>> {
-    admin(&svc, &p, "roles:manage").await?;
+    admin(&svc, &ctx, &p, "roles:manage").await?;
     Ok(Json(svc.grant_role(&ctx, &p, &id, &req.role).await?))
 }
 
@@ -384,7 +386,7 @@ async fn revoke_role(
     p: Principal,
     Path((id, role)): Path<(String, String)>,
 ) -> ApiResult<Json<wire::User>> {
-    admin(&svc, &p, "roles:manage").await?;
+    admin(&svc, &ctx, &p, "roles:manage").await?;
     Ok(Json(svc.revoke_role(&ctx, &p, &id, &role).await?))
 }
 
@@ -397,7 +399,7 @@ async fn unlock(
     p: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<wire::User>> {
-    admin(&svc, &p, "users:manage").await?;
+    admin(&svc, &ctx, &p, "users:manage").await?;
     Ok(Json(svc.unlock(&ctx, &p, &id).await?))
 }
 
@@ -434,10 +436,11 @@ fn time_param(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
     responses((status = 200, body = wire::AuditPage), (status = 403, body = Problem)), security(("bearer" = [])))]
 async fn list_audit(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     p: Principal,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<wire::AuditPage>> {
-    admin(&svc, &p, "audit:read").await?;
+    admin(&svc, &ctx, &p, "audit:read").await?;
     let before_seq = q
         .cursor
         .as_deref()

@@ -36,6 +36,8 @@ pub(crate) struct Inner {
     pub bus: crate::custom_roles::Bus,
     pub oauth: crate::oauth::OAuthState,
     pub me: crate::me_cache::MeCache,
+    /// Refused uses of a permission, recorded in the audit log (rate-limited per user).
+    pub denials: vaultpay_store::audit::DenialLog,
 }
 
 /// AuthShield. Cheap to clone.
@@ -135,6 +137,7 @@ impl AuthService {
                 bus: Default::default(),
                 oauth: Default::default(),
                 me: Default::default(),
+                denials: Default::default(),
                 cfg,
             }),
         })

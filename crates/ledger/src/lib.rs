@@ -122,6 +122,8 @@ struct Inner {
     events: broadcast::Sender<OutboxEvent>,
     /// Where relayed events go besides in-process subscribers.
     sink: OnceLock<Arc<dyn EventSink>>,
+    /// Refused staff requests, recorded in the audit log (rate-limited per actor).
+    denials: vaultpay_store::audit::DenialLog,
 }
 
 /// What a session has moved, and how much of it AuthShield has confirmed it live for.
@@ -245,6 +247,7 @@ impl Ledger {
                 committer: OnceLock::new(),
                 events,
                 sink: OnceLock::new(),
+                denials: Default::default(),
             }),
         }
     }
@@ -319,27 +322,59 @@ impl Ledger {
         &self,
         actor: &Actor,
         admin: &'static str,
+        origin: &Origin,
     ) -> Result<(), LedgerError> {
-        self.require_live_role(actor, &["admin"], admin).await
+        self.require_live_role(actor, &["admin"], admin, origin)
+            .await
     }
 
     /// The caller holds one of `roles` by its token, its session is live, and
-    /// AuthShield reports it still holds one of them; else 403 for `perm`.
+    /// AuthShield reports it still holds one of them; else 403 for `perm`, recorded in
+    /// the audit log.
     async fn require_live_role(
         &self,
         actor: &Actor,
         roles: &[&str],
         perm: &'static str,
+        origin: &Origin,
     ) -> Result<(), LedgerError> {
-        if !roles.iter().any(|r| actor.has(r)) {
-            return Err(LedgerError::Forbidden(perm));
+        let checked = async {
+            if !roles.iter().any(|r| actor.has(r)) {
+                return Err(LedgerError::Forbidden(perm));
+            }
+            let live = self.require_live_session(actor).await?;
+            if !live.is_some_and(|l| l.iter().any(|r| roles.contains(&r.as_str()))) {
+                metrics::counter!("ledger_role_revoked_total").increment(1);
+                return Err(LedgerError::Forbidden(perm));
+            }
+            Ok(())
+        };
+        self.audit_refusal(actor, origin, checked.await).await
+    }
+
+    /// `r`, with a refused permission (403 `forbidden`) first recorded in the ledger's
+    /// audit log (at most [`DenialLog::PER_ACTOR`](vaultpay_store::audit::DenialLog)
+    /// entries per actor per minute).
+    async fn audit_refusal<T>(
+        &self,
+        actor: &Actor,
+        origin: &Origin,
+        r: Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        if let Err(LedgerError::Forbidden(perm)) = &r {
+            metrics::counter!("ledger_permission_refused_total").increment(1);
+            self.inner
+                .denials
+                .record(
+                    self.db(),
+                    origin,
+                    "ledger.access.denied",
+                    &actor.user_id,
+                    perm,
+                )
+                .await;
         }
-        let live = self.require_live_session(actor).await?;
-        if !live.is_some_and(|l| l.iter().any(|r| roles.contains(&r.as_str()))) {
-            metrics::counter!("ledger_role_revoked_total").increment(1);
-            return Err(LedgerError::Forbidden(perm));
-        }
-        Ok(())
+        r
     }
 
     /// Asks AuthShield whether the caller's session is still live; returns the roles it
@@ -507,16 +542,11 @@ impl Ledger {
         owner: Option<&str>,
         cursor: Option<&str>,
         limit: Option<i64>,
+        origin: &Origin,
     ) -> Result<wire::AccountList, LedgerError> {
-        query::list_accounts(
-            self.db(),
-            actor,
-            owner,
-            cursor,
-            limit,
-            self.config().page_size_max,
-        )
-        .await
+        let max = self.config().page_size_max;
+        let r = query::list_accounts(self.db(), actor, owner, cursor, limit, max).await;
+        self.audit_refusal(actor, origin, r).await
     }
 
     /// `GET /v1/accounts/{id}`: 404 unless the caller owns it or is staff.
@@ -662,7 +692,9 @@ impl Ledger {
         } else {
             Op::Withdraw(req)
         };
-        let gates = self.require_live_admin(actor, "treasury:move").await;
+        let gates = self
+            .require_live_admin(actor, "treasury:move", &origin)
+            .await;
         self.submit_gated(actor, Some(key), op, origin, gates).await
     }
 
@@ -675,7 +707,8 @@ impl Ledger {
         reason: &str,
         origin: Origin,
     ) -> Result<wire::Account, LedgerError> {
-        self.require_live_admin(actor, "accounts:manage").await?;
+        self.require_live_admin(actor, "accounts:manage", &origin)
+            .await?;
         Ok(
             admin::account_action(&self.inner.core, actor, &origin, id, action, reason)
                 .await?
@@ -721,8 +754,9 @@ impl Ledger {
         user: Option<&str>,
         cursor: Option<&str>,
         limit: Option<i64>,
+        origin: &Origin,
     ) -> Result<wire::FailedTransferList, LedgerError> {
-        self.require_live_auditor(actor).await?;
+        self.require_live_auditor(actor, origin).await?;
         let max = self.config().page_size_max;
         query::failed_transfers(self.db(), actor, user, cursor, limit, max).await
     }
@@ -733,8 +767,9 @@ impl Ledger {
         actor: &Actor,
         cursor: Option<&str>,
         limit: Option<i64>,
+        origin: &Origin,
     ) -> Result<wire::AuditList, LedgerError> {
-        self.require_live_auditor(actor).await?;
+        self.require_live_auditor(actor, origin).await?;
         query::audit_log(self.db(), actor, cursor, limit).await
     }
 
@@ -742,8 +777,12 @@ impl Ledger {
     /// like an admin action, AuthShield confirms that the caller's session is live and
     /// that it still holds compliance or admin, so a revoked session or role stops
     /// reading at once, not when the token expires.
-    async fn require_live_auditor(&self, actor: &Actor) -> Result<(), LedgerError> {
-        self.require_live_role(actor, &["compliance", "admin"], "audit:read")
+    async fn require_live_auditor(
+        &self,
+        actor: &Actor,
+        origin: &Origin,
+    ) -> Result<(), LedgerError> {
+        self.require_live_role(actor, &["compliance", "admin"], "audit:read", origin)
             .await
     }
 }

@@ -186,6 +186,7 @@ async fn list_accounts(
             q.owner_id.as_deref(),
             q.cursor.as_deref(),
             q.limit,
+            &ctx.origin(),
         )
         .await?,
     ))
@@ -418,6 +419,7 @@ async fn failed_transfers(
             q.user_id.as_deref(),
             q.cursor.as_deref(),
             q.limit,
+            &ctx.origin(),
         )
         .await?,
     ))
@@ -432,8 +434,13 @@ async fn audit_log(
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<axum::Json<wire::AuditList>> {
     Ok(axum::Json(
-        l.audit_log(&actor(&p, &ctx)?, q.cursor.as_deref(), q.limit)
-            .await?,
+        l.audit_log(
+            &actor(&p, &ctx)?,
+            q.cursor.as_deref(),
+            q.limit,
+            &ctx.origin(),
+        )
+        .await?,
     ))
 }
 

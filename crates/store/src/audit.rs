@@ -480,6 +480,63 @@ pub async fn list(db: &Db, f: &AuditFilter) -> Result<Vec<AuditEntry>, StoreErro
         .collect()
 }
 
+/// Refused uses of a permission (a customer calling an admin route, a staff member
+/// whose role was revoked), written to the audit chain as `outcome = "failure"`
+/// entries: who, which permission, from where. At most [`DenialLog::PER_ACTOR`] per
+/// actor per minute reach the chain, so a caller hammering a staff route cannot turn
+/// every refusal into a write (on SQLite, one through the single writer); the rest
+/// are only logged. A refusal stands whether or not its entry could be written.
+#[derive(Default)]
+pub struct DenialLog {
+    limiter: vaultpay_core::gcra::MemoryLimiter,
+}
+
+impl DenialLog {
+    /// Entries per actor per minute (all of them may come at once).
+    pub const PER_ACTOR: u32 = 10;
+
+    /// Records that `actor` was refused `permission`, as `action`, in its own
+    /// transaction; returns whether an entry was written.
+    pub async fn record(
+        &self,
+        db: &Db,
+        origin: &Origin,
+        action: &str,
+        actor: &str,
+        permission: &str,
+    ) -> bool {
+        let quota = vaultpay_core::gcra::Quota::new(Self::PER_ACTOR, 60);
+        let now = vaultpay_core::time::now_micros();
+        if !self.limiter.check(actor, quota, now).allowed {
+            tracing::warn!(
+                actor,
+                permission,
+                action,
+                "permission refused (over the audit rate, not in the chain)"
+            );
+            return false;
+        }
+        let entry = NewAudit::failure(action)
+            .actor(actor)
+            .resource(permission)
+            .metadata(serde_json::json!({ "permission": permission }));
+        let written = async {
+            let mut tx = db.begin().await?;
+            append(db, &mut tx, origin, entry).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(actor, permission, action, error = %e, "permission refused; its audit entry could not be written");
+                false
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -96,7 +96,7 @@ async fn admin_reset(
     ApiJson(req): ApiJson<mw::MfaResetRequest>,
 ) -> ApiResult<Json<wire::Accepted>> {
     svc.require_live_session(&p).await?;
-    svc.require(&p, "users:manage").await?;
+    svc.require(&ctx, &p, "users:manage").await?;
     Ok(Json(svc.admin_reset_mfa(&ctx, &p, &id, &req).await?))
 }
 

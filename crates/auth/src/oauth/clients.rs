@@ -400,10 +400,10 @@ pub async fn delete(
 /// Client management is the administrator's own session's: a token an OAuth client
 /// holds for them (with `api`) registers and deletes no clients (a deletion ends every
 /// session of the client's users).
-async fn admin(svc: &AuthService, p: &Principal) -> Result<(), AuthError> {
+async fn admin(svc: &AuthService, ctx: &Ctx, p: &Principal) -> Result<(), AuthError> {
     super::require_first_party(p)?;
     svc.require_live_session(p).await?;
-    svc.require(p, "clients:manage").await
+    svc.require(ctx, p, "clients:manage").await
 }
 
 /// Register an OAuth client (`clients:manage`); the secret is shown once.
@@ -416,7 +416,7 @@ pub(crate) async fn create_route(
     p: Principal,
     ApiJson(req): ApiJson<NewClient>,
 ) -> Result<Response, ApiError> {
-    admin(&svc, &p).await?;
+    admin(&svc, &ctx, &p).await?;
     let created = create(svc.db(), &svc.inner.env, &ctx.origin(), p.user_id(), req).await?;
     let mut res = (StatusCode::CREATED, Json(created)).into_response();
     res.headers_mut().insert(
@@ -431,9 +431,10 @@ pub(crate) async fn create_route(
     responses((status = 200, body = ClientList), (status = 403, body = vaultpay_proto::Problem)), security(("bearer" = [])))]
 pub(crate) async fn list_route(
     State(svc): State<AuthService>,
+    ctx: Ctx,
     p: Principal,
 ) -> Result<Json<ClientList>, ApiError> {
-    admin(&svc, &p).await?;
+    admin(&svc, &ctx, &p).await?;
     let clients = list(svc.db()).await?.iter().map(Client::view).collect();
     Ok(Json(ClientList { clients }))
 }
@@ -448,7 +449,7 @@ pub(crate) async fn delete_route(
     p: Principal,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    admin(&svc, &p).await?;
+    admin(&svc, &ctx, &p).await?;
     let deleted = delete(svc.db(), &ctx.origin(), p.user_id(), &id).await?;
     svc.inner.oauth.forget_client(&id);
     if deleted {

@@ -442,3 +442,89 @@ async fn refused_treasury_moves_create_no_settlement_account() {
     })
     .await;
 }
+
+/// A refused staff request (freeze, deposit, a staff read, another user's accounts) is
+/// in the ledger's audit log: who was refused which permission. Hammering a staff
+/// route does not become a write per request: at most `DenialLog::PER_ACTOR` entries
+/// per actor per minute reach the chain, which still verifies.
+#[tokio::test]
+async fn refused_staff_requests_are_audited_at_a_bounded_rate() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let mallory = app.customer("mallory");
+        let admin = app.admin();
+        let (a, _) = app.funded_pair(&app.customer("alice"), 100).await;
+        let started = std::time::Instant::now();
+        app.post(
+            &format!("/v1/admin/accounts/{a}/freeze"),
+            &mallory,
+            None,
+            json!({"reason": "x"}),
+        )
+        .await
+        .problem(403, "forbidden");
+        app.post(
+            "/v1/admin/deposits",
+            &mallory,
+            Some(&key()),
+            json!({"account_id": a, "amount": 5, "currency": "USD", "reference": "x"}),
+        )
+        .await
+        .problem(403, "forbidden");
+        app.get("/v1/admin/failed-transfers", &mallory)
+            .await
+            .problem(403, "forbidden");
+        app.get("/v1/accounts?owner_id=alice", &mallory)
+            .await
+            .problem(403, "forbidden");
+
+        let denials = |log: &serde_json::Value| -> Vec<String> {
+            log["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["action"] == "ledger.access.denied")
+                .map(|e| {
+                    assert_eq!(e["actor"], "mallory", "{e}");
+                    assert_eq!(e["metadata"]["permission"], e["resource"], "{e}");
+                    e["resource"].as_str().unwrap().to_owned()
+                })
+                .collect()
+        };
+        let log = app
+            .get("/v1/admin/ledger/audit?limit=200", &admin)
+            .await
+            .expect(200);
+        let mut seen = denials(&log.body);
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "accounts:manage",
+                "accounts:read",
+                "audit:read",
+                "treasury:move"
+            ]
+        );
+
+        // 20 more: the chain takes at most PER_ACTOR a minute from one actor
+        for _ in 0..20 {
+            app.get("/v1/admin/ledger/audit", &mallory)
+                .await
+                .problem(403, "forbidden");
+        }
+        let per_actor = u64::from(vaultpay_store::audit::DenialLog::PER_ACTOR);
+        // after the first PER_ACTOR, one more per 60 s / PER_ACTOR
+        let refilled = started.elapsed().as_secs() * per_actor / 60 + 1;
+        let log = app
+            .get("/v1/admin/ledger/audit?limit=200", &admin)
+            .await
+            .expect(200);
+        let n = denials(&log.body).len() as u64;
+        assert!(n >= per_actor, "{n} entries");
+        assert!(n <= per_actor + refilled, "{n} entries");
+        assert!(n < 24, "every refusal was written ({n})");
+        app.assert_consistent().await;
+    })
+    .await;
+}

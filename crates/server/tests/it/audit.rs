@@ -511,9 +511,39 @@ async fn audit_filters_and_cursor_pagination() {
             StatusCode::OK
         );
         let s = app.login("p2@example.com", PASSWORD).await;
+        let started = std::time::Instant::now();
         app.get("/v1/admin/audit?limit=1", Some(&s.access))
             .await
             .assert_problem(403, "forbidden");
+        // the refusal is audited: who, which permission, from where
+        let denied = crate::auth_flows::audit_action(&app, &c.access, "access.denied").await;
+        assert_eq!(denied.len(), 1, "{denied:?}");
+        assert_eq!(denied[0]["actor"], ids[1].as_str());
+        assert_eq!(denied[0]["resource"], "audit:read");
+        assert_eq!(denied[0]["outcome"], "failure");
+        assert_eq!(denied[0]["metadata"]["permission"], "audit:read");
+        assert!(denied[0]["ip"].is_string(), "{}", denied[0]);
+        // hammering an admin route does not write an entry per refusal
+        for path in ["/v1/admin/roles", "/v1/admin/clients", "/v1/admin/audit"] {
+            for _ in 0..6 {
+                app.get(path, Some(&s.access))
+                    .await
+                    .assert_problem(403, "forbidden");
+            }
+        }
+        let n = crate::auth_flows::audit_action(&app, &c.access, "access.denied")
+            .await
+            .len() as u64;
+        let per_actor = u64::from(vaultpay_store::audit::DenialLog::PER_ACTOR);
+        let refilled = started.elapsed().as_secs() * per_actor / 60 + 1;
+        assert!(n >= per_actor && n <= per_actor + refilled, "{n} entries");
+        assert!(n < 19, "every refusal was written ({n})");
+        assert_eq!(
+            verify_chain(app.auth_db()).await.unwrap(),
+            ChainReport::Intact {
+                entries: app.count("audit_log").await as u64
+            }
+        );
         app.stop().await;
     });
 }

@@ -22,11 +22,13 @@ pub trait InvalidationBus: Send + Sync + 'static {
     fn publish<'a>(&'a self, user: Option<&'a str>) -> BoxFuture<'a, Result<(), String>>;
 }
 
-/// The installed bus, if any, and whether this node is deaf to it.
+/// The installed bus, if any, whether this node is deaf to it, and the background
+/// retries of invalidations it failed to publish.
 #[derive(Default)]
 pub(crate) struct Bus(
     RwLock<Option<Arc<dyn InvalidationBus>>>,
     std::sync::atomic::AtomicBool,
+    crate::retry::Retrier,
 );
 
 impl Bus {
@@ -123,30 +125,25 @@ impl AuthService {
         };
         let user = user.map(str::to_owned);
         let ttl = self.inner.cfg.permission_cache_ttl_secs.max(1);
+        let retrier = self.inner.bus.2.clone();
         let (first, first_done) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            let mut first = Some(first);
-            for attempt in 0..=ttl {
-                if attempt > 0 {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-                match bus.publish(user.as_deref()).await {
-                    Ok(()) => {
-                        if let Some(f) = first.take() {
-                            let _ = f.send(());
-                        }
-                        return;
-                    }
-                    Err(e) if attempt == 0 => {
-                        tracing::warn!(error = %e, "could not publish a permission invalidation; retrying");
-                        if let Some(f) = first.take() {
-                            let _ = f.send(());
-                        }
-                    }
-                    Err(_) => {}
-                }
+            let published = bus.publish(user.as_deref()).await;
+            let _ = first.send(());
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "could not publish a permission invalidation; retrying");
+                // one task per user (`*` for everyone) however many changes fail
+                let key = user.clone().unwrap_or_else(|| "*".to_owned());
+                retrier.retry(
+                    key,
+                    std::time::Duration::from_secs(ttl),
+                    "publishing a permission invalidation",
+                    move || {
+                        let (bus, user) = (bus.clone(), user.clone());
+                        async move { bus.publish(user.as_deref()).await }
+                    },
+                );
             }
-            tracing::error!("a permission invalidation was never published; other nodes kept cached permissions until they expired");
         });
         let _ = first_done.await;
     }

@@ -161,9 +161,8 @@ pub(crate) struct TrustState {
     local: RwLock<HashMap<String, Arc<Known>>>,
     backend: RwLock<Option<Arc<dyn TrustBackend>>>,
     /// Users whose shared set a background task is still trying to drop (one task
-    /// each, however many changes fail meanwhile), and whether a change came since its
-    /// current attempt began (then it must drop the set once more).
-    retrying: Arc<parking_lot::Mutex<HashMap<String, bool>>>,
+    /// each, however many changes fail meanwhile).
+    retrying: crate::retry::Retrier,
 }
 
 /// Result of a trust check.
@@ -225,40 +224,15 @@ impl AuthService {
                 // set's TTL (10 minutes): keep trying, in the background, until then.
                 tracing::warn!(error = %e, "could not drop the shared trusted-network set; retrying");
                 let user = user_id.to_owned();
-                let retrying = self.inner.iptrust.retrying.clone();
-                {
-                    let mut pending = retrying.lock();
-                    if let Some(changed) = pending.get_mut(&user) {
-                        *changed = true; // the running task drops the set once more
-                        return;
-                    }
-                    pending.insert(user.clone(), false);
-                }
-                tokio::spawn(async move {
-                    let mut wait = std::time::Duration::from_millis(250);
-                    let give_up = Instant::now()
-                        + std::time::Duration::from_secs(SHARED_TTL_SECS.unsigned_abs());
-                    while Instant::now() < give_up {
-                        tokio::time::sleep(wait).await;
-                        retrying.lock().insert(user.clone(), false);
-                        match b.forget(&user).await {
-                            Ok(()) => {
-                                let mut pending = retrying.lock();
-                                if pending.get(&user) == Some(&false) {
-                                    pending.remove(&user);
-                                    return;
-                                }
-                                // changed again while this attempt ran: once more
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "trusted-network set still not dropped")
-                            }
-                        }
-                        wait = (wait * 2).min(std::time::Duration::from_secs(30));
-                    }
-                    retrying.lock().remove(&user);
-                    tracing::error!(user = %user, "gave up dropping the shared trusted-network set; it lapses with its TTL");
-                });
+                self.inner.iptrust.retrying.retry(
+                    user.clone(),
+                    std::time::Duration::from_secs(SHARED_TTL_SECS.unsigned_abs()),
+                    "dropping a shared trusted-network set",
+                    move || {
+                        let (b, user) = (b.clone(), user.clone());
+                        async move { b.forget(&user).await }
+                    },
+                );
             }
         }
     }
@@ -1025,31 +999,24 @@ mod tests {
         }
     }
 
-    /// A service on a fresh SQLite database whose shared trust store is `Scripted`
-    /// (returned too): its `forget` calls come out of the receiver.
-    async fn scripted_service() -> (
-        AuthService,
-        Arc<dyn TrustBackend>,
-        Attempts,
-        std::path::PathBuf,
-    ) {
+    /// A service on a fresh SQLite database whose shared trust store is `Scripted`:
+    /// its `forget` calls come out of the receiver.
+    async fn scripted_service() -> (AuthService, Attempts, std::path::PathBuf) {
         let (svc, _db, dir) = crate::service::test_service().await;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let backend: Arc<dyn TrustBackend> = Arc::new(Scripted(tx));
-        svc.set_trust_backend(backend.clone());
-        (svc, backend, rx, dir)
+        svc.set_trust_backend(Arc::new(Scripted(tx)));
+        (svc, rx, dir)
     }
 
-    /// Retry tasks alive: each holds the store (besides the service and the test), and
-    /// lets it go when it ends.
-    fn retry_tasks(backend: &Arc<dyn TrustBackend>) -> usize {
-        Arc::strong_count(backend) - 2
+    /// Retry tasks alive (one per user being retried).
+    fn retry_tasks(svc: &AuthService) -> usize {
+        svc.inner.iptrust.retrying.tasks()
     }
 
     /// Waits (bounded) until `n` retry tasks are alive.
-    async fn until_tasks(backend: &Arc<dyn TrustBackend>, n: usize) {
+    async fn until_tasks(svc: &AuthService, n: usize) {
         guard(async {
-            while retry_tasks(backend) != n {
+            while retry_tasks(svc) != n {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -1085,40 +1052,40 @@ mod tests {
     /// the set once more; once it is done, the next failure starts a new task.
     #[tokio::test]
     async fn a_failed_shared_drop_has_one_retry_task_that_drops_again_after_a_change() {
-        let (svc, backend, mut attempts, dir) = scripted_service().await;
+        let (svc, mut attempts, dir) = scripted_service().await;
         let ok = |(_, answer): Attempt| answer.send(Ok(())).unwrap();
 
         failed_change(&svc, &mut attempts, "u1").await;
-        assert_eq!(retry_tasks(&backend), 1);
+        assert_eq!(retry_tasks(&svc), 1);
         // the retry task's first attempt, held in flight
         let held = next_attempt(&mut attempts).await;
         assert_eq!(held.0, "u1");
         // more changes meanwhile, whose own drops fail too: no task of their own
         for _ in 0..3 {
             failed_change(&svc, &mut attempts, "u1").await;
-            assert_eq!(retry_tasks(&backend), 1, "a second retry task for one user");
+            assert_eq!(retry_tasks(&svc), 1, "a second retry task for one user");
         }
         // another user's failed drop does get a retry task of its own
         failed_change(&svc, &mut attempts, "u2").await;
-        assert_eq!(retry_tasks(&backend), 2);
+        assert_eq!(retry_tasks(&svc), 2);
         let other = next_attempt(&mut attempts).await;
         assert_eq!(other.0, "u2");
         ok(other);
-        until_tasks(&backend, 1).await;
+        until_tasks(&svc, 1).await;
 
         // the held attempt succeeds, but changes came while it ran: once more
         ok(held);
         let again = guard(async {
             tokio::select! {
                 a = attempts.recv() => Some(a.unwrap()),
-                () = until_tasks(&backend, 0) => None,
+                () = until_tasks(&svc, 0) => None,
             }
         })
         .await
         .expect("the retry task ended without dropping the set once more");
         assert_eq!(again.0, "u1");
         ok(again);
-        until_tasks(&backend, 0).await;
+        until_tasks(&svc, 0).await;
         assert!(
             attempts.try_recv().is_err(),
             "an attempt after the task ended"
@@ -1126,15 +1093,11 @@ mod tests {
 
         // the task is done: the next failure starts a new one
         failed_change(&svc, &mut attempts, "u1").await;
-        assert_eq!(
-            retry_tasks(&backend),
-            1,
-            "no retry task after a failed drop"
-        );
+        assert_eq!(retry_tasks(&svc), 1, "no retry task after a failed drop");
         let retry = next_attempt(&mut attempts).await;
         assert_eq!(retry.0, "u1");
         ok(retry);
-        until_tasks(&backend, 0).await;
+        until_tasks(&svc, 0).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 }

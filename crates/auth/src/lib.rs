@@ -21,6 +21,7 @@ mod mfa;
 pub mod oauth;
 pub mod outbound;
 mod rbac;
+mod retry;
 mod rotation;
 mod routes;
 mod service;

@@ -93,25 +93,29 @@ pub(crate) async fn transfer_row(db: &Db, id: &str) -> Result<Option<TransferRow
     })
 }
 
+/// The transfer if `actor` may see it (staff, or the owner of either account); 404
+/// otherwise. One statement either way, so someone else's transfer answers like a
+/// missing one, in the same time (no existence leak by timing either).
 pub(crate) async fn get_transfer(
     db: &Db,
     actor: &Actor,
     id: &str,
 ) -> Result<wire::Transfer, LedgerError> {
-    let t = transfer_row(db, id)
-        .await?
-        .ok_or(LedgerError::TransferNotFound)?;
-    if actor.can_read_any() {
-        return Ok(t.to_wire());
-    }
-    for acct in [&t.from_account_id, &t.to_account_id] {
-        if let Some(a) = account_row(db, acct).await? {
-            if a.owned_by(actor) {
-                return Ok(t.to_wire());
-            }
-        }
-    }
-    Err(LedgerError::TransferNotFound)
+    let row = if actor.can_read_any() {
+        transfer_row(db, id).await?
+    } else {
+        let row = sqlx::query(&format!(
+            "SELECT {TRANSFER_COLS} FROM transfers WHERE id = $1 AND EXISTS (\
+             SELECT 1 FROM accounts a WHERE a.owner_id = $2 \
+             AND a.id IN (transfers.from_account_id, transfers.to_account_id))"
+        ))
+        .bind(id)
+        .bind(&actor.user_id)
+        .fetch_optional(db.read())
+        .await?;
+        row.as_ref().map(TransferRow::from_row).transpose()?
+    };
+    Ok(row.ok_or(LedgerError::TransferNotFound)?.to_wire())
 }
 
 /// Filters of an account history.

@@ -24,7 +24,25 @@ async fn transfer_moves_money_with_double_entry() {
         app.get(&format!("/v1/transfers/{tid}"), &bob)
             .await
             .expect(200);
-        app.get(&format!("/v1/transfers/{tid}"), &app.customer("eve"))
+        let hidden = app
+            .get(&format!("/v1/transfers/{tid}"), &app.customer("eve"))
+            .await
+            .problem(404, "transfer_not_found");
+        // ... answered like a transfer that does not exist
+        let missing = app
+            .get(
+                "/v1/transfers/0190c0de-0000-7000-8000-000000000000",
+                &app.customer("eve"),
+            )
+            .await
+            .problem(404, "transfer_not_found");
+        assert_eq!(hidden.body["detail"], missing.body["detail"]);
+        // a settlement account's owner (none) matches nobody: deposits stay the payee's
+        let dep = app.deposit(&a, 1, "USD").await.expect(201).id();
+        app.get(&format!("/v1/transfers/{dep}"), &alice)
+            .await
+            .expect(200);
+        app.get(&format!("/v1/transfers/{dep}"), &bob)
             .await
             .problem(404, "transfer_not_found");
         app.get(

@@ -890,8 +890,12 @@ async fn await_released_claims(db: &Db, group: &[Queued]) {
     if keys.is_empty() {
         return;
     }
-    let Ok(mut tx) = db.begin().await else {
-        return;
+    let mut tx = match db.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not wait for a refused group's idempotency claims; retrying its jobs at once");
+            return;
+        }
     };
     let sql = format!(
         "SELECT pg_advisory_xact_lock(hashtext(v.column1), hashtext(v.column2))::text \
@@ -903,10 +907,23 @@ async fn await_released_claims(db: &Db, group: &[Queued]) {
         q = q.bind(*user).bind(*key);
     }
     let timeout = format!("SET LOCAL lock_timeout = '{CLAIM_WAIT}'");
-    if exec_sql(&mut tx, &timeout).await.is_ok() {
-        let _ = q.fetch_all(&mut *tx).await;
+    let waited = match sqlx::query(&timeout).execute(&mut *tx).await {
+        Ok(_) => q.fetch_all(&mut *tx).await.map(drop),
+        Err(e) => Err(e),
+    };
+    match waited {
+        Ok(()) => {}
+        // lock_not_available: a claim still held after the wait is another process's
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03") => {
+            tracing::debug!(
+                "a refused group's idempotency claim is still held by another transaction"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not wait for a refused group's idempotency claims; retrying its jobs at once");
+        }
     }
-    // Releases whatever it took.
+    // Releases whatever it took (a failed rollback closes the connection).
     let _ = tx.rollback().await;
 }
 

@@ -208,11 +208,12 @@ async fn forgot_password(
 }
 
 /// Set a new password with a reset token; every session is revoked. JSON
-/// `{token, new_password}`, or the same fields form-encoded from the emailed link's page.
+/// `{token, new_password}`, or the same fields form-encoded; the emailed link's page
+/// posting them from a browser (`Sec-Fetch-Mode: navigate`) is answered with pages.
 #[utoipa::path(post, path = "/v1/auth/password/reset", tag = "auth",
-    request_body(content = wire::ResetPasswordRequest, description = "JSON, or the same fields form-encoded (the reset page's form, answered with HTML pages)"),
-    responses((status = 200, body = wire::Accepted, description = "Changed (a form post: an HTML page)"),
-        (status = 400, body = Problem), (status = 422, body = Problem, description = "Refused by the password policy (a form post: the form again, with the reason)")))]
+    request_body(content = wire::ResetPasswordRequest, description = "JSON, or the same fields form-encoded (the reset page's form: a browser's submission is answered with HTML pages)"),
+    responses((status = 200, body = wire::Accepted, description = "Changed (a browser's form submission: an HTML page)"),
+        (status = 400, body = Problem), (status = 422, body = Problem, description = "Refused by the password policy (a browser's form submission: the form again, with the reason)")))]
 async fn reset_password(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -220,8 +221,13 @@ async fn reset_password(
 ) -> ApiResult<Response> {
     use axum::extract::FromRequest;
     if crate::ext_routes::is_form(&req) {
+        let page = crate::ext_routes::wants_page(req.headers());
         let vaultpay_web::ApiForm(r) =
             vaultpay_web::ApiForm::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
+        if !page {
+            // form-encoded from a script or an HTTP library: the API's answers
+            return Ok(Json(svc.reset_password(&ctx, r).await?).into_response());
+        }
         let token = r.token.clone();
         // A person at the page: the answer is a page too. A password the policy refuses
         // leaves the token unspent, so the form comes back with the reason.

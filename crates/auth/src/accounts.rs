@@ -414,6 +414,22 @@ impl AuthService {
                 self.inner.cfg.password_reset_ttl_secs / 60
             );
             self.send_mail(&email, "Reset your password", text).await;
+        } else {
+            // The same answer, and about the same work: one write transaction (an
+            // audit entry in place of the token and its entry), so that the time taken
+            // does not tell whether the address has an account (mail is queued, not
+            // waited for, with SMTP). The entry also shows someone trying addresses.
+            let db = &self.inner.db;
+            let mut tx = db.begin().await?;
+            append(
+                db,
+                &mut tx,
+                &ctx.origin(),
+                NewAudit::failure("password.reset_requested")
+                    .metadata(serde_json::json!({ "email": email, "reason": "unknown_email" })),
+            )
+            .await?;
+            tx.commit().await?;
         }
         Ok(wire::Accepted {
             status: "accepted".into(),

@@ -557,6 +557,17 @@ async fn password_reset_flow() {
             before + 1,
             "only the known account gets mail"
         );
+        // both cost one audited write: the unknown address's shows someone trying it
+        let admin = app.admin().await.access;
+        let asked = audit_action(&app, &admin, "password.reset_requested").await;
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        let (failed, done): (Vec<&Value>, Vec<&Value>) =
+            asked.iter().partition(|e| e["outcome"] == "failure");
+        assert_eq!((failed.len(), done.len()), (1, 1), "{asked:?}");
+        assert_eq!(failed[0]["metadata"]["email"], "nobody@example.com");
+        assert_eq!(failed[0]["metadata"]["reason"], "unknown_email");
+        assert!(failed[0]["resource"].is_null(), "{}", failed[0]);
+        assert!(done[0]["resource"].is_string(), "{}", done[0]);
         let token = mail_token(&app, "dave@example.com", "password/reset?token=");
 
         // policy and history errors do not burn the token

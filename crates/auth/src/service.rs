@@ -235,7 +235,7 @@ impl AuthService {
         };
         let signer = self.inner.signer.read().clone();
         let token = signer
-            .sign(&claims)
+            .sign_access(&claims)
             .map_err(|e| AuthError::Internal(e.to_string()))?;
         metrics::counter!("auth_tokens_issued_total", "kind" => "access").increment(1);
         Ok((token, ttl))

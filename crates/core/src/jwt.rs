@@ -36,6 +36,8 @@ pub enum JwtError {
     Audience,
     #[error("token could not be signed")]
     Sign,
+    #[error("token is not an access token (its typ must be at+jwt)")]
+    TokenType,
 }
 
 /// An `aud` claim: one string or an array of strings (RFC 7519 §4.1.3).
@@ -94,12 +96,17 @@ pub struct Rules {
     pub leeway_secs: i64,
 }
 
+/// The `typ` header of an access token (RFC 9068 §2.1).
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
+
 /// A private signing key with its key id.
 #[derive(Clone)]
 pub struct Signer25519 {
     kid: String,
     key: SigningKey,
-    /// The encoded header, computed once.
+    /// The encoded headers, computed once: an access token's (`typ: at+jwt`, RFC 9068)
+    /// and any other JWT's (`typ: JWT`, e.g. an ID token).
+    access_header_b64: String,
     header_b64: String,
 }
 
@@ -112,12 +119,15 @@ impl std::fmt::Debug for Signer25519 {
 impl Signer25519 {
     pub fn new(kid: impl Into<String>, secret: &[u8; 32]) -> Self {
         let kid = kid.into();
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
-        let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
+        let header = |typ: &str| {
+            let h = serde_json::json!({"alg": "EdDSA", "typ": typ, "kid": kid});
+            URL_SAFE_NO_PAD.encode(h.to_string())
+        };
         Self {
-            kid,
+            access_header_b64: header(ACCESS_TOKEN_TYP),
+            header_b64: header("JWT"),
             key: SigningKey::from_bytes(secret),
-            header_b64,
+            kid,
         }
     }
 
@@ -136,11 +146,21 @@ impl Signer25519 {
         self.key.verifying_key().to_bytes()
     }
 
-    /// Signs any serialisable claims set.
+    /// Signs an access token (header `typ: at+jwt`, the only kind [`verify`] accepts).
+    pub fn sign_access<C: Serialize>(&self, claims: &C) -> Result<String, JwtError> {
+        self.sign_with(&self.access_header_b64, claims)
+    }
+
+    /// Signs any other claims set (header `typ: JWT`): an ID token, say, which is then
+    /// refused where an access token is expected.
     pub fn sign<C: Serialize>(&self, claims: &C) -> Result<String, JwtError> {
+        self.sign_with(&self.header_b64, claims)
+    }
+
+    fn sign_with<C: Serialize>(&self, header_b64: &str, claims: &C) -> Result<String, JwtError> {
         let payload = serde_json::to_vec(claims).map_err(|_| JwtError::Sign)?;
-        let mut out = String::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 90);
-        out.push_str(&self.header_b64);
+        let mut out = String::with_capacity(header_b64.len() + payload.len() * 4 / 3 + 90);
+        out.push_str(header_b64);
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut out);
         let sig: Signature = self.key.sign(out.as_bytes());
@@ -235,9 +255,15 @@ impl KeySet {
         Ok(set)
     }
 
-    /// Checks the header and signature of `token` and returns its decoded payload.
-    /// Claims are not checked here; see [`verify`].
+    /// Checks the header and signature of `token` (a JWT of any `typ`) and returns its
+    /// decoded payload. Claims are not checked here; see [`verify`].
     pub fn verify_signature<C: DeserializeOwned>(&self, token: &str) -> Result<C, JwtError> {
+        self.verify_typed(token, false)
+    }
+
+    /// [`Self::verify_signature`], also refusing a token whose header does not say it
+    /// is an access token when `access` is set.
+    fn verify_typed<C: DeserializeOwned>(&self, token: &str, access: bool) -> Result<C, JwtError> {
         let mut parts = token.splitn(3, '.');
         let (Some(h), Some(p), Some(s)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(JwtError::Malformed);
@@ -253,6 +279,9 @@ impl KeySet {
         }
         let kid = header.kid.ok_or(JwtError::UnknownKey)?;
         let key = self.keys.get(kid).ok_or(JwtError::UnknownKey)?;
+        if access && !header.typ.is_some_and(is_access_typ) {
+            return Err(JwtError::TokenType);
+        }
         let mut sig = [0u8; 64];
         match URL_SAFE_NO_PAD.decode_slice(s, &mut sig) {
             Ok(64) => {}
@@ -267,10 +296,19 @@ impl KeySet {
     }
 }
 
+/// RFC 9068 §4: `at+jwt` or `application/at+jwt`, compared case-insensitively.
+fn is_access_typ(typ: &str) -> bool {
+    let t = typ.as_bytes();
+    let at = |s: &[u8]| s.eq_ignore_ascii_case(ACCESS_TOKEN_TYP.as_bytes());
+    at(t) || (t.len() == 18 && t[..12].eq_ignore_ascii_case(b"application/") && at(&t[12..]))
+}
+
 #[derive(Deserialize)]
 struct Header<'a> {
     #[serde(borrow)]
     alg: &'a str,
+    #[serde(borrow, default)]
+    typ: Option<&'a str>,
     #[serde(borrow, default)]
     kid: Option<&'a str>,
     #[serde(default)]
@@ -284,7 +322,7 @@ pub fn verify(
     rules: &Rules,
     now_secs: i64,
 ) -> Result<AccessClaims, JwtError> {
-    let claims: AccessClaims = keys.verify_signature(token)?;
+    let claims: AccessClaims = keys.verify_typed(token, true)?;
     check_registered(
         &claims.iss,
         &claims.aud,
@@ -376,7 +414,7 @@ mod tests {
     #[test]
     fn accepts_a_valid_token() {
         let (signer, keys) = setup();
-        let tok = signer.sign(&claims()).unwrap();
+        let tok = signer.sign_access(&claims()).unwrap();
         assert_eq!(verify(&tok, &keys, &rules(), NOW).unwrap(), claims());
     }
 
@@ -419,7 +457,7 @@ mod tests {
     #[test]
     fn refuses_unknown_kid_and_missing_kid() {
         let (signer, _) = setup();
-        let tok = signer.sign(&claims()).unwrap();
+        let tok = signer.sign_access(&claims()).unwrap();
         let (other, _) = Signer25519::generate("k2");
         let mut keys = KeySet::default();
         keys.insert("k2", &other.public_key()).unwrap();
@@ -438,14 +476,14 @@ mod tests {
     fn refuses_a_key_swapped_under_the_same_kid() {
         let (_, keys) = setup();
         let (evil, _) = Signer25519::generate("k1");
-        let tok = evil.sign(&claims()).unwrap();
+        let tok = evil.sign_access(&claims()).unwrap();
         assert_eq!(verify(&tok, &keys, &rules(), NOW), Err(JwtError::Signature));
     }
 
     #[test]
     fn refuses_tampered_payload() {
         let (signer, keys) = setup();
-        let tok = signer.sign(&claims()).unwrap();
+        let tok = signer.sign_access(&claims()).unwrap();
         let mut c = claims();
         c.roles = vec!["admin".into()];
         let parts: Vec<&str> = tok.split('.').collect();
@@ -459,6 +497,51 @@ mod tests {
             verify(&forged, &keys, &rules(), NOW),
             Err(JwtError::Signature)
         );
+    }
+
+    /// RFC 9068: only a token whose header says `at+jwt` is an access token. An ID
+    /// token (or any other JWT) signed by the same key, with the right issuer and
+    /// audience, is refused: token confusion.
+    #[test]
+    fn refuses_a_jwt_that_is_not_an_access_token() {
+        let (signer, keys) = setup();
+        let other = signer.sign(&claims()).unwrap();
+        assert_eq!(
+            verify(&other, &keys, &rules(), NOW),
+            Err(JwtError::TokenType)
+        );
+        // it is still a valid signature for whoever reads other JWTs
+        assert!(keys.verify_signature::<AccessClaims>(&other).is_ok());
+        for (typ, ok) in [
+            (Some("at+jwt"), true),
+            (Some("AT+JWT"), true),
+            (Some("application/at+jwt"), true),
+            (Some("Application/At+Jwt"), true),
+            (Some("JWT"), false),
+            (None, false),
+            (Some(""), false),
+            (Some("at+jwtx"), false),
+            (Some("xapplication/at+jwt"), false),
+            (Some("application/jwt"), false),
+            (Some("application:at+jwt"), false),
+        ] {
+            let mut header = serde_json::json!({"alg": "EdDSA", "kid": "k1"});
+            if let Some(t) = typ {
+                header["typ"] = t.into();
+            }
+            let unsigned = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header.to_string()),
+                URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims()).unwrap())
+            );
+            let sig = signer.key.sign(unsigned.as_bytes());
+            let tok = format!("{unsigned}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+            let r = verify(&tok, &keys, &rules(), NOW);
+            assert_eq!(r.is_ok(), ok, "typ {typ:?}: {r:?}");
+            if !ok {
+                assert_eq!(r, Err(JwtError::TokenType), "typ {typ:?}");
+            }
+        }
     }
 
     #[test]
@@ -478,7 +561,7 @@ mod tests {
     #[test]
     fn checks_time_issuer_audience() {
         let (signer, keys) = setup();
-        let tok = signer.sign(&claims()).unwrap();
+        let tok = signer.sign_access(&claims()).unwrap();
         assert_eq!(
             verify(&tok, &keys, &rules(), NOW + 300),
             Err(JwtError::Expired)
@@ -505,7 +588,7 @@ mod tests {
         assert_eq!(verify(&tok, &keys, &r, NOW), Err(JwtError::Audience));
         let mut c = claims();
         c.aud = Audience::Many(vec!["x".into(), "vaultpay".into()]);
-        assert!(verify(&signer.sign(&c).unwrap(), &keys, &rules(), NOW).is_ok());
+        assert!(verify(&signer.sign_access(&c).unwrap(), &keys, &rules(), NOW).is_ok());
     }
 
     #[test]
@@ -535,7 +618,7 @@ mod tests {
         assert_eq!(doc["keys"][0]["kty"], "OKP");
         assert!(doc["keys"][0].get("d").is_none(), "no private part in JWKS");
         let again = KeySet::from_jwks(&doc).unwrap();
-        let tok = signer.sign(&claims()).unwrap();
+        let tok = signer.sign_access(&claims()).unwrap();
         assert!(verify(&tok, &again, &rules(), NOW).is_ok());
     }
 }

@@ -64,7 +64,7 @@ fn jwt_verification() {
         scope: None,
         client_id: None,
     };
-    let token = signer.sign(&claims).unwrap();
+    let token = signer.sign_access(&claims).unwrap();
     let rules = Rules {
         issuer: claims.iss.clone(),
         audience: "vaultpay".into(),

@@ -365,7 +365,7 @@ mod tests {
     #[tokio::test]
     async fn cached_tokens_stop_verifying_when_their_key_is_retired() {
         let (signer, v, now) = setup();
-        let token = signer.sign(&claims(now)).unwrap();
+        let token = signer.sign_access(&claims(now)).unwrap();
         assert_eq!(v.verify(&token).await.unwrap().sub, "u1");
         assert_eq!(
             v.verify(&token).await.unwrap().sub,
@@ -380,7 +380,7 @@ mod tests {
     #[tokio::test]
     async fn cached_tokens_stop_verifying_when_their_kid_gets_another_key() {
         let (signer, v, now) = setup();
-        let token = signer.sign(&claims(now)).unwrap();
+        let token = signer.sign_access(&claims(now)).unwrap();
         v.verify(&token).await.unwrap();
         // same key ids, the same key: the cache stays
         let mut same = KeySet::default();
@@ -398,11 +398,11 @@ mod tests {
     #[tokio::test]
     async fn a_different_payload_with_a_cached_signature_is_not_a_hit() {
         let (signer, v, now) = setup();
-        let token = signer.sign(&claims(now)).unwrap();
+        let token = signer.sign_access(&claims(now)).unwrap();
         v.verify(&token).await.unwrap();
         let mut evil = claims(now);
         evil.roles = vec!["admin".into()];
-        let evil_payload = signer.sign(&evil).unwrap();
+        let evil_payload = signer.sign_access(&evil).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
         let evil_parts: Vec<&str> = evil_payload.split('.').collect();
         let forged = format!("{}.{}.{}", parts[0], evil_parts[1], parts[2]);
@@ -414,7 +414,7 @@ mod tests {
         let (signer, v, now) = setup();
         let mut c = claims(now);
         c.exp = now - 1;
-        let token = signer.sign(&c).unwrap();
+        let token = signer.sign_access(&c).unwrap();
         assert_eq!(v.verify(&token).await, Err(JwtError::Expired));
         // even if it had been cached while valid, a hit re-checks exp
         v.verified.put(&token, &c);
@@ -426,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_key_set_from_the_source_keeps_the_keys_held() {
         let (signer, v, now) = setup();
-        let token = signer.sign(&claims(now)).unwrap();
+        let token = signer.sign_access(&claims(now)).unwrap();
         assert!(
             v.refresh().await.is_err(),
             "the fixed source answers no keys"

@@ -245,7 +245,7 @@ impl AuthService {
         let signer = self.inner.signer.read().clone();
         metrics::counter!("auth_tokens_issued_total", "kind" => "oauth_access").increment(1);
         signer
-            .sign(&claims)
+            .sign_access(&claims)
             .map_err(|e| AuthError::Internal(e.to_string()))
     }
 

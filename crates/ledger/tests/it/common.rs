@@ -208,7 +208,7 @@ impl TestApp {
             scope: None,
             client_id: None,
         };
-        self.signer.sign(&claims).unwrap()
+        self.signer.sign_access(&claims).unwrap()
     }
 
     /// A token whose `acr` and `auth_time` (this many seconds ago) are as given.
@@ -237,7 +237,7 @@ impl TestApp {
             scope: None,
             client_id: None,
         };
-        self.signer.sign(&claims).unwrap()
+        self.signer.sign_access(&claims).unwrap()
     }
 
     pub fn token(&self, user: &str, roles: &[&str]) -> String {

@@ -23,7 +23,7 @@ async fn sign_with_real_key(app: &TestApp, claims: &Value) -> String {
     let loaded = vaultpay_auth::keys::load(app.auth_db(), &envelope(app))
         .await
         .unwrap();
-    loaded.signer.sign(claims).unwrap()
+    loaded.signer.sign_access(claims).unwrap()
 }
 
 fn hex_decode(s: &str) -> Vec<u8> {
@@ -707,10 +707,10 @@ async fn forged_and_garbage_tokens_are_refused() {
                 "HS256 keyed with the JWK x string",
                 hs256(&hs_hdr, &claims, x.as_bytes()),
             ),
-            ("unknown kid", attacker.sign(&claims).unwrap()),
+            ("unknown kid", attacker.sign_access(&claims).unwrap()),
             (
                 "real kid, attacker key",
-                attacker_same_kid.sign(&admin_claims).unwrap(),
+                attacker_same_kid.sign_access(&admin_claims).unwrap(),
             ),
             (
                 "no kid",
@@ -754,6 +754,17 @@ async fn forged_and_garbage_tokens_are_refused() {
         ok["nbf"] = json!(now);
         ok["exp"] = json!(now + 60);
         let control = sign_with_real_key(&app, &ok).await;
+        // the same claims under the real key, but typed as some other JWT (an ID
+        // token's `typ: JWT`): not an access token (RFC 9068), refused
+        let loaded = vaultpay_auth::keys::load(app.auth_db(), &envelope(&app))
+            .await
+            .unwrap();
+        let other_jwt = loaded.signer.sign(&ok).unwrap();
+        assert_refused(
+            &me_with(&app, &[bearer(&other_jwt)]).await,
+            "invalid_token",
+            "typ JWT",
+        );
         assert_eq!(
             me_with(&app, &[bearer(&control)]).await.status,
             StatusCode::OK,

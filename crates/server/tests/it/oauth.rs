@@ -309,6 +309,13 @@ async fn code_flow_case(backend: Backend) {
     let keys = vaultpay_core::jwt::KeySet::from_jwks(&jwks).unwrap();
     let claims: Value = keys.verify_signature(&id_token).unwrap();
     assert_eq!(jwt_part(&id_token, 0)["alg"], "EdDSA");
+    // an access token says so in its header (RFC 9068); an ID token does not, and is
+    // refused where an access token is expected
+    assert_eq!(jwt_part(&access, 0)["typ"], "at+jwt");
+    assert_eq!(jwt_part(&id_token, 0)["typ"], "JWT");
+    let r = app.get("/userinfo", Some(&id_token)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+    assert_eq!(r.body["error"], "invalid_token", "{}", r.text);
     assert_eq!(claims["aud"], c.id.as_str());
     assert_eq!(claims["nonce"], "n-456");
     assert_eq!(claims["email"], "olivia@example.com");

@@ -237,7 +237,7 @@ async fn run(backend: Backend) {
     let (evil, _) = vaultpay_core::jwt::Signer25519::generate("evil");
     let now = vaultpay_core::time::now_micros() / 1_000_000;
     let forged = evil
-        .sign(&json!({"iss": format!("http://127.0.0.1:{pa}"), "sub": "x", "aud": "vaultpay", "exp": now + 60, "iat": now, "nbf": now, "jti": "j", "auth_time": now, "roles": ["admin"]}))
+        .sign_access(&json!({"iss": format!("http://127.0.0.1:{pa}"), "sub": "x", "aud": "vaultpay", "exp": now + 60, "iat": now, "nbf": now, "jti": "j", "auth_time": now, "roles": ["admin"]}))
         .unwrap();
     let r = read(
         http.get(format!("{l}/v1/accounts"))

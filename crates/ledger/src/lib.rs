@@ -48,8 +48,9 @@ use vaultpay_web::Introspector;
 pub struct LedgerConfig {
     /// Transfers of at least this many minor units need a live session (introspection).
     pub introspection_threshold_minor: i64,
-    /// Transfers (and batches) at or above `introspection_threshold_minor` also need a
-    /// second factor within `step_up_max_age_secs` (RFC 9470 step-up at AuthShield).
+    /// Transfers (and batches), deposits and withdrawals at or above
+    /// `introspection_threshold_minor` also need a second factor within
+    /// `step_up_max_age_secs` (RFC 9470 step-up at AuthShield).
     pub step_up_large_transfers: bool,
     /// How recent that second factor must be (match `[auth.step_up] max_age_secs`).
     pub step_up_max_age_secs: i64,
@@ -687,14 +688,23 @@ impl Ledger {
         origin: Origin,
     ) -> Result<Reply, LedgerError> {
         let key = required_key(key)?;
+        let amount = movable(req.amount);
         let op = if deposit {
             Op::Deposit(req)
         } else {
             Op::Withdraw(req)
         };
-        let gates = self
+        // Money entering or leaving the ledger: a live admin session and, from the
+        // threshold on, a recent second factor, as for a transfer that large.
+        let gates = match self
             .require_live_admin(actor, "treasury:move", &origin)
-            .await;
+            .await
+        {
+            Ok(()) if amount >= self.config().introspection_threshold_minor => {
+                self.require_step_up(actor)
+            }
+            r => r,
+        };
         self.submit_gated(actor, Some(key), op, origin, gates).await
     }
 

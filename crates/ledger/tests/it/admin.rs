@@ -340,6 +340,33 @@ async fn large_transfers_need_a_recent_second_factor() {
         );
         let fresh = app.token_acr("alice", &["customer"], Some(ACR_MFA), 880);
         app.transfer(&fresh, &a, &bb, threshold).await.expect(201);
+        // money entering or leaving the ledger: the same threshold, for the admin
+        let treasury = |path: &'static str, tok: String, amount: i64| {
+            let app = &app;
+            let a = a.clone();
+            async move {
+                app.post(
+                    path,
+                    &tok,
+                    Some(&key()),
+                    json!({"account_id": a, "amount": amount, "currency": "USD", "reference": "t"}),
+                )
+                .await
+            }
+        };
+        let admin_pwd = app.token_acr("admin-1", &["admin"], None, 0);
+        let admin_mfa = app.token_acr("admin-1", &["admin"], Some(ACR_MFA), 10);
+        for path in ["/v1/admin/deposits", "/v1/admin/withdrawals"] {
+            treasury(path, admin_pwd.clone(), threshold - 1)
+                .await
+                .expect(201);
+            treasury(path, admin_pwd.clone(), threshold)
+                .await
+                .problem(401, "insufficient_user_authentication");
+            treasury(path, admin_mfa.clone(), threshold)
+                .await
+                .expect(201);
+        }
         // The key is judged before the step-up: a malformed one is 400 (stepping up
         // would not make the request valid), and a key already used for another
         // request is 422, not a demand to step up for a request that cannot run.

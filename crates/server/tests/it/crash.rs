@@ -138,6 +138,9 @@ async fn run(backend: Backend) {
             ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com".into()),
             ("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD.into()),
             ("VAULTPAY_LOG_FORMAT", "pretty".into()),
+            // the funding deposits are over the step-up threshold, and the bootstrap admin
+            // has no second factor (step-up is tested in the mfa and ledger tests)
+            ("VAULTPAY_LEDGER__STEP_UP_LARGE_TRANSFERS", "false".into()),
             ("VAULTPAY_LOG_LEVEL", "warn".into()),
             (
                 "VAULTPAY_AUTH__RATE_LIMITS__LOGIN_PER_IP",

@@ -943,14 +943,29 @@ async fn large_ledger_transfers_need_step_up() {
         };
         let a = open("open-a").await;
         let b = open("open-b").await;
+        // money entering the ledger at the threshold or more: the admin steps up too
+        let deposit =
+            json!({"account_id": a, "amount": 500_000, "currency": "USD", "reference": "x"});
         let r = ledger_post(
             &app,
             "/v1/admin/deposits",
             &admin.access,
             "dep-1",
-            json!({"account_id": a, "amount": 500_000, "currency": "USD", "reference": "x"}),
+            deposit.clone(),
         )
         .await;
+        assert_step_up_challenge(&r);
+        let (admin_secret, _) = enable_totp(&app, &admin.access).await;
+        let r = app
+            .post(
+                "/v1/auth/step-up",
+                Some(&admin.access),
+                json!({"code": code(&admin_secret, 0)}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let admin_stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let r = ledger_post(&app, "/v1/admin/deposits", &admin_stepped, "dep-1", deposit).await;
         assert!(r.status.is_success(), "{}", r.text);
         let transfer = |amount: i64| json!({"from_account_id": a, "to_account_id": b, "amount": amount, "currency": "USD", "description": "t"});
         // small: the password session is enough

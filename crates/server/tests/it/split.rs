@@ -158,16 +158,23 @@ async fn run(backend: Backend) {
     .await;
     let other_id = other.body["id"].as_str().unwrap().to_owned();
 
-    // an admin action: introspected over HTTP, roles from the token
-    let dep = post(
-        &l,
-        "/v1/admin/deposits",
-        Some(&admin),
-        Some("dep-1"),
-        json!({"account_id": acct_id, "amount": 500_000, "currency": "USD", "reference": "split"}),
-    )
-    .await;
-    assert!(dep.status.is_success(), "{}", dep.text);
+    // an admin action: introspected over HTTP, roles from the token; 500,000 in
+    // deposits under the step-up threshold (100,000: the bootstrap admin has no
+    // second factor)
+    for (n, amount) in [99_999, 99_999, 99_999, 99_999, 99_999, 5]
+        .into_iter()
+        .enumerate()
+    {
+        let dep = post(
+            &l,
+            "/v1/admin/deposits",
+            Some(&admin),
+            Some(&format!("dep-{n}")),
+            json!({"account_id": acct_id, "amount": amount, "currency": "USD", "reference": "split"}),
+        )
+        .await;
+        assert!(dep.status.is_success(), "{}", dep.text);
+    }
 
     // a large transfer (>= the introspection threshold) needs step-up (RFC 9470)…
     let t = json!({"from_account_id": acct_id, "to_account_id": other_id, "amount": 200_000, "currency": "USD", "description": "big"});

@@ -17,21 +17,38 @@ use vaultpay_web::{Ctx, Principal};
 pub(crate) const MAX_EMAIL: usize = 254;
 pub(crate) const MAX_NAME: usize = 100;
 
-/// Trims and lower-cases an email address and checks its shape.
+/// Trims, NFC-normalises and lower-cases an email address, writes its domain in its
+/// ASCII form (IDNA, UTS 46: `bücher.de` is `xn--bcher-kva.de`) and checks its shape.
+/// One mailbox so has one spelling: a domain typed in Unicode or in Punycode, or a
+/// character composed or decomposed, is the same account, and an admin sees a
+/// look-alike domain as the Punycode it is.
 pub(crate) fn normalise_email(raw: &str) -> Result<String, AuthError> {
+    use unicode_normalization::UnicodeNormalization;
     let bad = |why: &str| {
         AuthError::Invalid(
             "email_invalid",
             format!("The email address is invalid: {why}."),
         )
     };
-    let email = raw.trim().to_lowercase();
-    if email.is_empty() || email.len() > MAX_EMAIL {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() || trimmed.len() > 4 * MAX_EMAIL {
         return Err(bad("it must be 1 to 254 characters"));
     }
+    let email: String = trimmed.nfc().collect::<String>().to_lowercase();
     let Some((local, domain)) = email.rsplit_once('@') else {
         return Err(bad("it has no @"));
     };
+    let domain = if domain.is_ascii() && !domain.contains("xn--") {
+        domain.to_owned()
+    } else {
+        idna::domain_to_ascii_strict(domain)
+            .map_err(|_| bad("the domain is not a valid host name"))?
+    };
+    let email = format!("{local}@{domain}");
+    if email.len() > MAX_EMAIL {
+        return Err(bad("it must be 1 to 254 characters"));
+    }
+    let (local, domain) = (local, domain.as_str());
     if local.is_empty() || local.len() > 64 || local.contains('@') {
         return Err(bad("the part before @ is empty, too long or has another @"));
     }
@@ -729,6 +746,78 @@ impl AuthService {
         })
     }
 
+    /// Rewrites stored addresses that an earlier version kept in another spelling
+    /// than [`normalise_email`] gives now (an internationalised domain in Unicode, a
+    /// decomposed character), so their owners still sign in with them. Only rows with
+    /// non-ASCII addresses are read. An address whose new spelling another account
+    /// already has is left as it is and named in the log (two accounts for one mailbox:
+    /// an administrator decides which stays). Each rewrite is audited
+    /// (`user.email_normalised`). Returns how many were rewritten.
+    pub async fn normalise_stored_emails(&self) -> Result<u64, AuthError> {
+        let db = &self.inner.db;
+        let sql = match db.backend() {
+            vaultpay_store::Backend::Sqlite => {
+                "SELECT id, email FROM users WHERE length(CAST(email AS BLOB)) <> length(email)"
+            }
+            vaultpay_store::Backend::Postgres => {
+                "SELECT id, email FROM users WHERE octet_length(email) <> char_length(email)"
+            }
+        };
+        let rows = sqlx::query(sql).fetch_all(db.read()).await?;
+        let mut rewritten = 0;
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            let old: String = r.try_get("email")?;
+            let new = match normalise_email(&old) {
+                Ok(n) if n != old => n,
+                Ok(_) => continue,
+                Err(_) => {
+                    tracing::warn!(user_id = %id, "a stored email address is not valid under the current rules; left as it is");
+                    continue;
+                }
+            };
+            let mut tx = db.begin().await?;
+            let taken = sqlx::query("SELECT id FROM users WHERE email = $1")
+                .bind(&new)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if taken.is_some() {
+                tracing::error!(user_id = %id, email = %new, "two accounts for one mailbox: this one's address was left in its old spelling");
+                continue;
+            }
+            let n = sqlx::query(
+                "UPDATE users SET email = $1, updated_at = $2 WHERE id = $3 AND email = $4",
+            )
+            .bind(&new)
+            .bind(now_micros())
+            .bind(&id)
+            .bind(&old)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                append(
+                    db,
+                    &mut tx,
+                    &Origin::default(),
+                    NewAudit::success("user.email_normalised")
+                        .resource(&id)
+                        .metadata(serde_json::json!({ "from": old, "to": new })),
+                )
+                .await?;
+                tx.commit().await?;
+                rewritten += 1;
+            }
+        }
+        if rewritten > 0 {
+            tracing::info!(
+                rewritten,
+                "stored email addresses rewritten in their normalised spelling"
+            );
+        }
+        Ok(rewritten)
+    }
+
     /// Creates the first administrator when the database has no users.
     pub async fn bootstrap(&self, b: Bootstrap) -> Result<Option<BootstrapOutcome>, AuthError> {
         let any = sqlx::query("SELECT id FROM users LIMIT 1")
@@ -827,6 +916,7 @@ pub(crate) async fn void_email_tokens(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -853,5 +943,39 @@ mod tests {
         }
         let long = format!("{}@example.com", "a".repeat(250));
         assert!(normalise_email(&long).is_err());
+    }
+
+    /// One mailbox, one spelling: an internationalised domain is stored in its ASCII
+    /// (Punycode) form whether typed in Unicode, in Punycode, upper-case, or with its
+    /// characters decomposed; a look-alike domain shows as the Punycode it is.
+    #[test]
+    fn internationalised_emails_have_one_spelling() {
+        let ascii = Some("anna@xn--bcher-kva.de");
+        for typed in [
+            "anna@bücher.de",
+            "Anna@BÜCHER.de",
+            "anna@bu\u{0308}cher.de", // u + combining diaeresis
+            "anna@xn--bcher-kva.de",
+            "ANNA@XN--BCHER-KVA.DE",
+        ] {
+            assert_eq!(normalise_email(typed).ok().as_deref(), ascii, "{typed}");
+        }
+        // Cyrillic "а" in place of the Latin one: another domain, and it looks it
+        let lookalike = normalise_email("alice@ex\u{0430}mple.com").unwrap();
+        assert!(lookalike.starts_with("alice@xn--"), "{lookalike}");
+        assert_ne!(lookalike, "alice@example.com");
+        // a composed and a decomposed local part are the same address
+        assert_eq!(
+            normalise_email("jose\u{0301}@example.com").unwrap(),
+            normalise_email("jos\u{00e9}@example.com").unwrap()
+        );
+        for bad in [
+            "a@xn--.com",          // empty Punycode
+            "a@xn--a-ecp.ru.xn--", // a label that is only the prefix
+            "a@bü_cher.de",        // not a host name character
+            "a@bücher..de",
+        ] {
+            assert!(normalise_email(bad).is_err(), "{bad}");
+        }
     }
 }

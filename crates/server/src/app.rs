@@ -413,6 +413,9 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
             )
             .await
             .context("starting AuthShield")?;
+            svc.normalise_stored_emails()
+                .await
+                .context("normalising stored email addresses")?;
             if let Some(done) = svc
                 .bootstrap(bootstrap)
                 .await

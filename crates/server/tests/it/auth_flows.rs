@@ -984,3 +984,55 @@ async fn the_reset_link_opens_a_form_that_resets_once() {
     app.login(email, NEW_PASSWORD).await;
     app.stop().await;
 }
+
+/// Addresses an earlier version stored in another spelling (an internationalised
+/// domain in Unicode) are rewritten at start, so their owners still sign in with
+/// them, however they type them; one whose new spelling another account already has
+/// is left as it is; each rewrite is audited; a second pass has nothing to do.
+#[tokio::test]
+async fn stored_emails_in_an_old_spelling_are_rewritten() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        app.user("anna@bücher.de").await;
+        app.user("bob@BÜCHER.de").await;
+        app.user("bob2@example.com").await;
+        let db = app.auth_db();
+        let set = |new: &'static str, old: &'static str| async move {
+            let n = sqlx::query("UPDATE users SET email = $1 WHERE email = $2")
+                .bind(new)
+                .bind(old)
+                .execute(db.writer())
+                .await
+                .unwrap()
+                .rows_affected();
+            assert_eq!(n, 1, "{old}");
+        };
+        // stored as an earlier version did: the domain in Unicode
+        set("anna@bücher.de", "anna@xn--bcher-kva.de").await;
+        // a second account for bob's mailbox, in the old spelling
+        set("bob@bücher.de", "bob2@example.com").await;
+        assert_eq!(app.auth().normalise_stored_emails().await.unwrap(), 1);
+        let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM users ORDER BY email")
+            .fetch_all(db.read())
+            .await
+            .unwrap();
+        for e in [
+            "anna@xn--bcher-kva.de",
+            "bob@xn--bcher-kva.de",
+            "bob@bücher.de",
+        ] {
+            assert!(emails.iter().any(|x| x == e), "{e} in {emails:?}");
+        }
+        assert!(!emails.iter().any(|x| x == "anna@bücher.de"), "{emails:?}");
+        for typed in ["anna@bücher.de", "Anna@BÜCHER.DE", "anna@xn--bcher-kva.de"] {
+            app.login(typed, PASSWORD).await;
+        }
+        let admin = app.admin().await.access;
+        let done = audit_action(&app, &admin, "user.email_normalised").await;
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(done[0]["metadata"]["from"], "anna@bücher.de");
+        assert_eq!(done[0]["metadata"]["to"], "anna@xn--bcher-kva.de");
+        assert_eq!(app.auth().normalise_stored_emails().await.unwrap(), 0);
+        app.stop().await;
+    });
+}

@@ -402,6 +402,17 @@ mod tests {
         (signer, keys)
     }
 
+    /// `claims()` under `header`, validly signed by `signer`'s key.
+    fn signed_with(signer: &Signer25519, header: &serde_json::Value) -> String {
+        let unsigned = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims()).unwrap())
+        );
+        let sig = signer.key.sign(unsigned.as_bytes());
+        format!("{unsigned}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
     fn forge(header: serde_json::Value, claims: &AccessClaims, sig: &[u8]) -> String {
         format!(
             "{}.{}.{}",
@@ -529,14 +540,7 @@ mod tests {
             if let Some(t) = typ {
                 header["typ"] = t.into();
             }
-            let unsigned = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(header.to_string()),
-                URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims()).unwrap())
-            );
-            let sig = signer.key.sign(unsigned.as_bytes());
-            let tok = format!("{unsigned}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
-            let r = verify(&tok, &keys, &rules(), NOW);
+            let r = verify(&signed_with(&signer, &header), &keys, &rules(), NOW);
             assert_eq!(r.is_ok(), ok, "typ {typ:?}: {r:?}");
             if !ok {
                 assert_eq!(r, Err(JwtError::TokenType), "typ {typ:?}");
@@ -548,13 +552,7 @@ mod tests {
     fn refuses_crit_header() {
         let (signer, keys) = setup();
         let header = serde_json::json!({"alg": "EdDSA", "kid": "k1", "crit": ["exp"]});
-        let unsigned = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims()).unwrap())
-        );
-        let sig = signer.key.sign(unsigned.as_bytes());
-        let tok = format!("{unsigned}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+        let tok = signed_with(&signer, &header);
         assert_eq!(verify(&tok, &keys, &rules(), NOW), Err(JwtError::Algorithm));
     }
 

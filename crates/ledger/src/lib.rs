@@ -54,6 +54,9 @@ pub struct LedgerConfig {
     pub step_up_large_transfers: bool,
     /// How recent that second factor must be (match `[auth.step_up] max_age_secs`).
     pub step_up_max_age_secs: i64,
+    /// Unfreezing and closing an account also need the admin's second factor within
+    /// `step_up_max_age_secs`. Freezing does not: stopping money must be quick.
+    pub step_up_account_actions: bool,
     /// Timeout of a hold when the request names none.
     pub hold_default_timeout_secs: i64,
     /// Longest hold timeout a request may ask for.
@@ -90,6 +93,7 @@ impl Default for LedgerConfig {
             introspection_threshold_minor: 100_000,
             step_up_large_transfers: true,
             step_up_max_age_secs: 900,
+            step_up_account_actions: true,
             hold_default_timeout_secs: 7 * 86_400,
             hold_max_timeout_secs: 30 * 86_400,
             idempotency_ttl_secs: 86_400,
@@ -431,10 +435,16 @@ impl Ledger {
 
     /// Refuses a large transfer whose token shows no recent second factor.
     fn require_step_up(&self, actor: &Actor) -> Result<(), LedgerError> {
-        let cfg = self.config();
-        if !cfg.step_up_large_transfers {
+        if !self.config().step_up_large_transfers {
             return Ok(());
         }
+        self.require_fresh_mfa(actor)
+    }
+
+    /// Refuses a token that shows no second factor within `step_up_max_age_secs`
+    /// (401 `insufficient_user_authentication`, the RFC 9470 challenge).
+    fn require_fresh_mfa(&self, actor: &Actor) -> Result<(), LedgerError> {
+        let cfg = self.config();
         let now = vaultpay_core::time::now_micros() / 1_000_000;
         if vaultpay_core::step_up::is_fresh_mfa(
             actor.acr.as_deref(),
@@ -708,7 +718,8 @@ impl Ledger {
         self.submit_gated(actor, Some(key), op, origin, gates).await
     }
 
-    /// `POST /v1/admin/accounts/{id}/freeze|unfreeze|close` (admin, audited).
+    /// `POST /v1/admin/accounts/{id}/freeze|unfreeze|close` (admin, audited; unfreeze
+    /// and close need a recent second factor, see `step_up_account_actions`).
     pub async fn account_action(
         &self,
         actor: &Actor,
@@ -719,6 +730,9 @@ impl Ledger {
     ) -> Result<wire::Account, LedgerError> {
         self.require_live_admin(actor, "accounts:manage", &origin)
             .await?;
+        if action != AccountAction::Freeze && self.config().step_up_account_actions {
+            self.require_fresh_mfa(actor)?;
+        }
         Ok(
             admin::account_action(&self.inner.core, actor, &origin, id, action, reason)
                 .await?

@@ -555,3 +555,48 @@ async fn refused_staff_requests_are_audited_at_a_bounded_rate() {
     })
     .await;
 }
+
+/// Unfreezing and closing an account need the admin's recent second factor; freezing
+/// does not (an incident must be able to stop money at once). A refused unfreeze
+/// changes nothing.
+#[tokio::test]
+async fn unfreeze_and_close_need_a_recent_second_factor_and_freeze_does_not() {
+    use vaultpay_core::step_up::ACR_MFA;
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let a = app.open(&app.customer("alice"), "USD").await;
+        let pwd = app.token_acr("admin-1", &["admin"], None, 0);
+        let stale = app.token_acr("admin-1", &["admin"], Some(ACR_MFA), 901);
+        let mfa = app.token_acr("admin-1", &["admin"], Some(ACR_MFA), 10);
+        let act = |what: &'static str, tok: String| {
+            let (app, a) = (&app, a.clone());
+            async move {
+                app.post(
+                    &format!("/v1/admin/accounts/{a}/{what}"),
+                    &tok,
+                    None,
+                    json!({"reason": "kyc"}),
+                )
+                .await
+            }
+        };
+        act("freeze", pwd.clone()).await.expect(200);
+        for tok in [pwd.clone(), stale.clone()] {
+            act("unfreeze", tok)
+                .await
+                .problem(401, "insufficient_user_authentication");
+        }
+        let still = app
+            .get(&format!("/v1/accounts/{a}"), &mfa)
+            .await
+            .expect(200);
+        assert_eq!(still.body["status"], "frozen");
+        act("unfreeze", mfa.clone()).await.expect(200);
+        act("close", pwd)
+            .await
+            .problem(401, "insufficient_user_authentication");
+        let closed = act("close", mfa).await.expect(200);
+        assert_eq!(closed.body["status"], "closed");
+    })
+    .await;
+}

@@ -955,16 +955,7 @@ async fn large_ledger_transfers_need_step_up() {
         )
         .await;
         assert_step_up_challenge(&r);
-        let (admin_secret, _) = enable_totp(&app, &admin.access).await;
-        let r = app
-            .post(
-                "/v1/auth/step-up",
-                Some(&admin.access),
-                json!({"code": code(&admin_secret, 0)}),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        let admin_stepped = r.body["access_token"].as_str().unwrap().to_owned();
+        let admin_stepped = app.admin_mfa().await.access;
         let r = ledger_post(&app, "/v1/admin/deposits", &admin_stepped, "dep-1", deposit).await;
         assert!(r.status.is_success(), "{}", r.text);
         let transfer = |amount: i64| json!({"from_account_id": a, "to_account_id": b, "amount": amount, "currency": "USD", "description": "t"});

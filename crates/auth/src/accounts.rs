@@ -34,21 +34,29 @@ pub(crate) fn normalise_email(raw: &str) -> Result<String, AuthError> {
     if trimmed.is_empty() || trimmed.len() > 4 * MAX_EMAIL {
         return Err(bad("it must be 1 to 254 characters"));
     }
-    let email: String = trimmed.nfc().collect::<String>().to_lowercase();
-    let Some((local, domain)) = email.rsplit_once('@') else {
+    // (NFC leaves ASCII as it is: the usual address skips it)
+    let lowered = if trimmed.is_ascii() {
+        trimmed.to_ascii_lowercase()
+    } else {
+        trimmed.nfc().collect::<String>().to_lowercase()
+    };
+    let Some(at) = lowered.rfind('@') else {
         return Err(bad("it has no @"));
     };
-    let domain = if domain.is_ascii() && !domain.contains("xn--") {
-        domain.to_owned()
+    // A domain in Unicode or Punycode is replaced by its checked ASCII form; the part
+    // before the @ stays, so `at` still splits the address.
+    let domain = &lowered[at + 1..];
+    let email = if domain.is_ascii() && !domain.contains("xn--") {
+        lowered
     } else {
-        idna::domain_to_ascii_strict(domain)
-            .map_err(|_| bad("the domain is not a valid host name"))?
+        let domain = idna::domain_to_ascii_strict(domain)
+            .map_err(|_| bad("the domain is not a valid host name"))?;
+        format!("{}@{domain}", &lowered[..at])
     };
-    let email = format!("{local}@{domain}");
     if email.len() > MAX_EMAIL {
         return Err(bad("it must be 1 to 254 characters"));
     }
-    let (local, domain) = (local, domain.as_str());
+    let (local, domain) = (&email[..at], &email[at + 1..]);
     if local.is_empty() || local.len() > 64 || local.contains('@') {
         return Err(bad("the part before @ is empty, too long or has another @"));
     }
@@ -436,17 +444,12 @@ impl AuthService {
             // audit entry in place of the token and its entry), so that the time taken
             // does not tell whether the address has an account (mail is queued, not
             // waited for, with SMTP). The entry also shows someone trying addresses.
-            let db = &self.inner.db;
-            let mut tx = db.begin().await?;
-            append(
-                db,
-                &mut tx,
-                &ctx.origin(),
+            self.audit_only(
+                ctx,
                 NewAudit::failure("password.reset_requested")
                     .metadata(serde_json::json!({ "email": email, "reason": "unknown_email" })),
             )
             .await?;
-            tx.commit().await?;
         }
         Ok(wire::Accepted {
             status: "accepted".into(),
@@ -659,10 +662,7 @@ impl AuthService {
 
     /// Writes one audit entry on its own (for refusals that change nothing else).
     pub(crate) async fn audit_only(&self, ctx: &Ctx, new: NewAudit<'_>) -> Result<(), AuthError> {
-        let db = &self.inner.db;
-        let mut tx = db.begin().await?;
-        append(db, &mut tx, &ctx.origin(), new).await?;
-        tx.commit().await?;
+        vaultpay_store::audit::append_alone(&self.inner.db, &ctx.origin(), new).await?;
         Ok(())
     }
 

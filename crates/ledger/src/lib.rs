@@ -433,9 +433,11 @@ impl Ledger {
         r.map(|_| ())
     }
 
-    /// Refuses a large transfer whose token shows no recent second factor.
-    fn require_step_up(&self, actor: &Actor) -> Result<(), LedgerError> {
-        if !self.config().step_up_large_transfers {
+    /// Refuses to move `amount` (a transfer, a batch's total, a deposit or withdrawal)
+    /// at or over the threshold for a token that shows no recent second factor.
+    fn require_step_up(&self, actor: &Actor, amount: i64) -> Result<(), LedgerError> {
+        let cfg = self.config();
+        if !cfg.step_up_large_transfers || amount < cfg.introspection_threshold_minor {
             return Ok(());
         }
         self.require_fresh_mfa(actor)
@@ -590,9 +592,7 @@ impl Ledger {
     async fn money_gates(&self, actor: &Actor, amount: i64) -> Result<(), LedgerError> {
         if amount > 0 {
             self.check_session_for(actor, amount).await?;
-            if amount >= self.config().introspection_threshold_minor {
-                self.require_step_up(actor)?;
-            }
+            self.require_step_up(actor, amount)?;
         }
         Ok(())
     }
@@ -710,10 +710,8 @@ impl Ledger {
             .require_live_admin(actor, "treasury:move", &origin)
             .await
         {
-            Ok(()) if amount >= self.config().introspection_threshold_minor => {
-                self.require_step_up(actor)
-            }
-            r => r,
+            Ok(()) => self.require_step_up(actor, amount),
+            refused => refused,
         };
         self.submit_gated(actor, Some(key), op, origin, gates).await
     }

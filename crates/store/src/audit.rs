@@ -96,6 +96,15 @@ pub async fn append(
     append_many(db, tx, &[(origin, new)]).await
 }
 
+/// Appends one entry in a transaction of its own (a refusal or a request that changes
+/// nothing else); returns its sequence number.
+pub async fn append_alone(db: &Db, origin: &Origin, new: NewAudit<'_>) -> Result<i64, StoreError> {
+    let mut tx = db.begin().await?;
+    let seq = append(db, &mut tx, origin, new).await?;
+    tx.commit().await?;
+    Ok(seq)
+}
+
 /// Appends several entries, in order, within `tx` with one multi-row statement (the
 /// group writers use it: one audit round trip per group, not per change). Returns the
 /// sequence number of the last one; an empty slice appends nothing and returns 0.
@@ -520,15 +529,8 @@ impl DenialLog {
             .actor(actor)
             .resource(permission)
             .metadata(serde_json::json!({ "permission": permission }));
-        let written = async {
-            let mut tx = db.begin().await?;
-            append(db, &mut tx, origin, entry).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        }
-        .await;
-        match written {
-            Ok(()) => true,
+        match append_alone(db, origin, entry).await {
+            Ok(_) => true,
             Err(e) => {
                 tracing::warn!(actor, permission, action, error = %e, "permission refused; its audit entry could not be written");
                 false

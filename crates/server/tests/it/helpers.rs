@@ -594,20 +594,32 @@ where
     (a, b)
 }
 
+/// A form post of `fields` to `path` with `headers`.
+async fn form_post_with(
+    app: &TestApp,
+    path: &str,
+    headers: &[(&str, &str)],
+    fields: &[(&str, &str)],
+) -> Resp {
+    let mut req = app.http.post(format!("{}{path}", app.base)).form(fields);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    read(req.send().await.unwrap()).await
+}
+
 /// A browser submitting one of the mailed links' pages: the form's fields, with the
 /// headers of a browser's form submission (a navigation).
 pub async fn browser_post(app: &TestApp, path: &str, fields: &[(&str, &str)]) -> Resp {
-    let req = app
-        .http
-        .post(format!("{}{path}", app.base))
-        .header(
+    let headers = [
+        (
             "accept",
             "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-        )
-        .header("sec-fetch-mode", "navigate")
-        .header("sec-fetch-dest", "document")
-        .form(fields);
-    read(req.send().await.unwrap()).await
+        ),
+        ("sec-fetch-mode", "navigate"),
+        ("sec-fetch-dest", "document"),
+    ];
+    form_post_with(app, path, &headers, fields).await
 }
 
 /// An HTTP library that asks for HTML by default (Java's `HttpURLConnection` does),
@@ -617,15 +629,11 @@ pub async fn html_accepting_client_post(
     path: &str,
     fields: &[(&str, &str)],
 ) -> Resp {
-    let req = app
-        .http
-        .post(format!("{}{path}", app.base))
-        .header(
-            "accept",
-            "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2",
-        )
-        .form(fields);
-    read(req.send().await.unwrap()).await
+    let accept = (
+        "accept",
+        "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2",
+    );
+    form_post_with(app, path, &[accept], fields).await
 }
 
 /// Asserts that `r` is a page (not JSON) with `status` and the heading `title`, served

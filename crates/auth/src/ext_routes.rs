@@ -327,7 +327,7 @@ async fn email_confirm(
 /// posts it) or JSON `{"token": …}` (an API client).
 pub(crate) async fn link_token(req: axum::extract::Request) -> ApiResult<String> {
     use axum::extract::FromRequest;
-    Ok(if is_form(&req) {
+    Ok(if form_encoded(req.headers()) {
         ApiForm::<TokenParam>::from_request(req, &()).await?.0.token
     } else {
         ApiJson::<wire::TokenRequestBody>::from_request(req, &())
@@ -337,12 +337,8 @@ pub(crate) async fn link_token(req: axum::extract::Request) -> ApiResult<String>
     })
 }
 
-/// Whether `req`'s body is form-encoded (a page's form), not JSON (an API client).
-pub(crate) fn is_form(req: &axum::extract::Request) -> bool {
-    form_encoded(req.headers())
-}
-
-fn form_encoded(headers: &HeaderMap) -> bool {
+/// Whether a body is form-encoded (a page's form), not JSON (an API client).
+pub(crate) fn form_encoded(headers: &HeaderMap) -> bool {
     const FORM: &str = "application/x-www-form-urlencoded";
     headers
         .get(header::CONTENT_TYPE)
@@ -403,13 +399,6 @@ async fn unlink_identity(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// As `routes::admin`: a live first-party session holding `roles:manage`.
-async fn roles_admin(svc: &AuthService, ctx: &Ctx, p: &Principal) -> Result<(), AuthError> {
-    svc.require_live_session(p).await?;
-    crate::oauth::require_first_party(p)?;
-    svc.require(ctx, p, "roles:manage").await
-}
-
 /// Create a custom role (`roles:manage`; only permissions the caller holds).
 #[utoipa::path(post, path = "/v1/admin/roles", tag = "auth", request_body = iwire::CreateRoleRequest,
     responses((status = 201, body = wire::Role), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
@@ -419,7 +408,7 @@ async fn create_role(
     p: Principal,
     ApiJson(req): ApiJson<iwire::CreateRoleRequest>,
 ) -> ApiResult<Response> {
-    roles_admin(&svc, &ctx, &p).await?;
+    crate::routes::admin(&svc, &ctx, &p, "roles:manage").await?;
     let role = svc.create_role(&ctx, &p, req).await?;
     Ok((StatusCode::CREATED, Json(role)).into_response())
 }
@@ -433,7 +422,7 @@ async fn delete_role(
     p: Principal,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    roles_admin(&svc, &ctx, &p).await?;
+    crate::routes::admin(&svc, &ctx, &p, "roles:manage").await?;
     svc.delete_role(&ctx, &p, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

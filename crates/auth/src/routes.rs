@@ -220,7 +220,7 @@ async fn reset_password(
     req: axum::extract::Request,
 ) -> ApiResult<Response> {
     use axum::extract::FromRequest;
-    if crate::ext_routes::is_form(&req) {
+    if crate::ext_routes::form_encoded(req.headers()) {
         let page = crate::ext_routes::wants_page(req.headers());
         let vaultpay_web::ApiForm(r) =
             vaultpay_web::ApiForm::<wire::ResetPasswordRequest>::from_request(req, &()).await?;
@@ -339,7 +339,12 @@ async fn revoke_session(
 /// An administrative request: a live first-party session holding `perm`. Staff powers
 /// (unlocking accounts, reading every user's audit trail) are not delegated to OAuth
 /// clients, whatever scope the user granted one.
-async fn admin(svc: &AuthService, ctx: &Ctx, p: &Principal, perm: &str) -> Result<(), AuthError> {
+pub(crate) async fn admin(
+    svc: &AuthService,
+    ctx: &Ctx,
+    p: &Principal,
+    perm: &str,
+) -> Result<(), AuthError> {
     svc.require_live_session(p).await?;
     crate::oauth::require_first_party(p)?;
     svc.require(ctx, p, perm).await

@@ -80,19 +80,6 @@ fn page<T>(items: &mut Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Option
     }
 }
 
-pub(crate) async fn transfer_row(db: &Db, id: &str) -> Result<Option<TransferRow>, LedgerError> {
-    let row = sqlx::query(&format!(
-        "SELECT {TRANSFER_COLS} FROM transfers WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(db.read())
-    .await?;
-    Ok(match row {
-        Some(r) => Some(TransferRow::from_row(&r)?),
-        None => None,
-    })
-}
-
 /// The transfer if `actor` may see it (staff, or the owner of either account); 404
 /// otherwise. One statement either way, so someone else's transfer answers like a
 /// missing one, in the same time (no existence leak by timing either).
@@ -101,21 +88,23 @@ pub(crate) async fn get_transfer(
     actor: &Actor,
     id: &str,
 ) -> Result<wire::Transfer, LedgerError> {
-    let row = if actor.can_read_any() {
-        transfer_row(db, id).await?
+    let owner = (!actor.can_read_any()).then_some(actor.user_id.as_str());
+    let owned = if owner.is_some() {
+        " AND EXISTS (SELECT 1 FROM accounts a WHERE a.owner_id = $2 \
+         AND a.id IN (transfers.from_account_id, transfers.to_account_id))"
     } else {
-        let row = sqlx::query(&format!(
-            "SELECT {TRANSFER_COLS} FROM transfers WHERE id = $1 AND EXISTS (\
-             SELECT 1 FROM accounts a WHERE a.owner_id = $2 \
-             AND a.id IN (transfers.from_account_id, transfers.to_account_id))"
-        ))
-        .bind(id)
-        .bind(&actor.user_id)
-        .fetch_optional(db.read())
-        .await?;
-        row.as_ref().map(TransferRow::from_row).transpose()?
+        ""
     };
-    Ok(row.ok_or(LedgerError::TransferNotFound)?.to_wire())
+    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = $1{owned}");
+    let q = sqlx::query(&sql).bind(id);
+    let row = match owner {
+        Some(o) => q.bind(o),
+        None => q,
+    }
+    .fetch_optional(db.read())
+    .await?;
+    let row = row.ok_or(LedgerError::TransferNotFound)?;
+    Ok(TransferRow::from_row(&row)?.to_wire())
 }
 
 /// Filters of an account history.

@@ -16,7 +16,7 @@
 use crate::engine::{fingerprint_reply, Job, NewKey, Op, Prefetched, Reply};
 use crate::error::LedgerError;
 use crate::model::{AccountRow, TransferRow, POSTING_COLS, TRANSFER_COLS};
-use crate::ops::{self, check_and_apply};
+use crate::ops;
 use crate::Core;
 use std::collections::HashMap;
 use vaultpay_core::time::now_micros;
@@ -147,37 +147,20 @@ pub(crate) async fn run_transfers(
             continue;
         }
         let req = request(job)?;
-        match check_and_apply(&job.actor, req, &mut accts) {
-            Ok(amount) => {
-                let t = TransferRow {
-                    id: crate::ids::new_id(),
-                    kind: "transfer".to_owned(),
-                    from_account_id: req.from_account_id.clone(),
-                    to_account_id: req.to_account_id.clone(),
-                    amount,
-                    captured: 0,
-                    currency: req.currency.clone(),
-                    description: req.description.clone(),
-                    status: "posted".to_owned(),
-                    expires_at: None,
-                    initiated_by: job.actor.user_id.clone(),
-                    batch_id: None,
-                    created_at: now,
-                    updated_at: now,
-                };
-                let ti = transfers.len();
-                for (acct, signed) in [
-                    (&req.from_account_id, -amount),
-                    (&req.to_account_id, amount),
-                ] {
-                    if let Some(a) = accts.get_mut(acct) {
-                        let at = a.posting_time(now);
-                        postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance, at));
-                    }
-                }
+        let ti = transfers.len();
+        match ops::apply_and_post(
+            &job.actor,
+            req,
+            None,
+            now,
+            &mut accts,
+            &mut transfers,
+            &mut postings,
+        ) {
+            Ok(t) => {
                 let reply = Reply::json(201, &t.to_wire())?;
                 bodies.push(reply.body.clone());
-                audits.push((i, ti, ops::transfer_meta(&t, serde_json::Value::Null)));
+                audits.push((i, ti, ops::transfer_meta(t, serde_json::Value::Null)));
                 let key = fingerprint_reply(
                     job,
                     std::mem::take(&mut fingerprints[i]),
@@ -186,7 +169,6 @@ pub(crate) async fn run_transfers(
                     None,
                 );
                 outcomes[i] = Some((reply, key));
-                transfers.push(t);
             }
             Err(e) if e.is_server_error() => return Err(e),
             Err(e) => {

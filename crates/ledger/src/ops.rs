@@ -1104,9 +1104,52 @@ async fn record_item_failures(
     crate::group::write_failures(&core.db, tx, &rows, now_micros()).await
 }
 
+/// [`check_and_apply`] for `req`, then the posted transfer it makes, pushed onto
+/// `transfers` with its two postings onto `postings`: numbered, and with the running
+/// balances, as the accounts stand once it is applied (so the postings of one account
+/// follow the order of the calls). Returns the transfer.
+pub(crate) fn apply_and_post<'t>(
+    actor: &Actor,
+    req: &TransferRequest,
+    batch_id: Option<&str>,
+    now: i64,
+    accts: &mut HashMap<String, AccountRow>,
+    transfers: &'t mut Vec<TransferRow>,
+    postings: &mut Vec<crate::group::Posting>,
+) -> Result<&'t TransferRow, LedgerError> {
+    let amount = check_and_apply(actor, req, accts)?;
+    let ti = transfers.len();
+    for (acct, signed) in [
+        (&req.from_account_id, -amount),
+        (&req.to_account_id, amount),
+    ] {
+        if let Some(a) = accts.get_mut(acct) {
+            let at = a.posting_time(now);
+            postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance, at));
+        }
+    }
+    transfers.push(TransferRow {
+        id: crate::ids::new_id(),
+        kind: "transfer".to_owned(),
+        from_account_id: req.from_account_id.clone(),
+        to_account_id: req.to_account_id.clone(),
+        amount,
+        captured: 0,
+        currency: req.currency.clone(),
+        description: req.description.clone(),
+        status: "posted".to_owned(),
+        expires_at: None,
+        initiated_by: actor.user_id.clone(),
+        batch_id: batch_id.map(str::to_owned),
+        created_at: now,
+        updated_at: now,
+    });
+    Ok(&transfers[ti])
+}
+
 /// Checks one plain transfer of a batch against the in-memory (locked) accounts and,
 /// when it is valid, applies it to them. Same checks, same order, as [`transfer`].
-pub(crate) fn check_and_apply(
+fn check_and_apply(
     actor: &Actor,
     req: &TransferRequest,
     accts: &mut HashMap<String, AccountRow>,
@@ -1282,46 +1325,16 @@ async fn bulk_batch(
     let mut transfers: Vec<TransferRow> = Vec::with_capacity(n);
     let mut postings: Vec<crate::group::Posting> = Vec::with_capacity(n * 2);
     for (index, item) in req.transfers.iter().enumerate() {
-        match check_and_apply(&job.actor, item, &mut accts) {
-            Ok(amount) => {
-                let t = TransferRow {
-                    id: crate::ids::new_id(),
-                    kind: "transfer".to_owned(),
-                    from_account_id: item.from_account_id.clone(),
-                    to_account_id: item.to_account_id.clone(),
-                    amount,
-                    captured: 0,
-                    currency: item.currency.clone(),
-                    description: item.description.clone(),
-                    status: "posted".to_owned(),
-                    expires_at: None,
-                    initiated_by: job.actor.user_id.clone(),
-                    batch_id: Some(batch_id.to_owned()),
-                    created_at: now,
-                    updated_at: now,
-                };
-                // The running balance of a posting is the balance after it: postings
-                // of one account are numbered in item order, so the in-memory values
-                // at the time of each item are right.
-                for (acct, signed) in [
-                    (&item.from_account_id, -amount),
-                    (&item.to_account_id, amount),
-                ] {
-                    if let Some(a) = accts.get_mut(acct) {
-                        let at = a.posting_time(now);
-                        postings.push((
-                            transfers.len(),
-                            a.id.clone(),
-                            a.posting_seq,
-                            signed,
-                            a.balance,
-                            at,
-                        ));
-                    }
-                }
-                items.push(posted_item(index, &t));
-                transfers.push(t);
-            }
+        match apply_and_post(
+            &job.actor,
+            item,
+            Some(batch_id),
+            now,
+            &mut accts,
+            &mut transfers,
+            &mut postings,
+        ) {
+            Ok(t) => items.push(posted_item(index, t)),
             Err(e) => {
                 items.push(refused_item(index, &e, job));
                 failures.push((index, e));

@@ -548,6 +548,35 @@ mod tests {
         assert_eq!(f("mysql://h/db"), None);
     }
 
+    /// The bundled SQLite is built with the options `.cargo/config.toml` sets (see its
+    /// comments): a build that lost them (the file moved, the variable renamed by a
+    /// libsqlite3-sys upgrade) would be correct but measurably slower.
+    #[tokio::test]
+    async fn sqlite_is_built_with_the_workspace_compile_options() {
+        sqlx::any::install_default_drivers();
+        let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_LOOKASIDE=200,6000"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+        // Still what libsqlite3-sys and this project rely on.
+        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
+    }
+
     /// A PostgreSQL connection that died (server restart, dropped socket) is replaced:
     /// after an idle spell before use (no failed query), and in steady use after at
     /// most one failed query per pooled connection.

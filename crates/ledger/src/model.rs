@@ -238,6 +238,33 @@ pub(crate) fn kind_wire(kind: &str) -> wire::TransferKind {
 }
 
 impl TransferRow {
+    /// A new posted transfer of `amount` as `req` asks, initiated by `actor` at `now`
+    /// (a hold is this with its kind, status and expiry changed before it is written).
+    pub fn posted(
+        actor: &crate::model::Actor,
+        req: &wire::TransferRequest,
+        amount: i64,
+        batch_id: Option<&str>,
+        now: i64,
+    ) -> Self {
+        Self {
+            id: crate::ids::new_id(),
+            kind: "transfer".to_owned(),
+            from_account_id: req.from_account_id.clone(),
+            to_account_id: req.to_account_id.clone(),
+            amount,
+            captured: 0,
+            currency: req.currency.clone(),
+            description: req.description.clone(),
+            status: "posted".to_owned(),
+            expires_at: None,
+            initiated_by: actor.user_id.clone(),
+            batch_id: batch_id.map(str::to_owned),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     pub fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: r.try_get("id")?,

@@ -566,11 +566,7 @@ pub(crate) async fn transfer(
     req: &TransferRequest,
     batch_id: Option<&str>,
 ) -> Result<TransferRow, LedgerError> {
-    let amount = check_amount(req.amount)?.get();
-    if req.from_account_id == req.to_account_id {
-        return Err(LedgerError::SameAccount);
-    }
-    check_text("description", &req.description, 500, false)?;
+    let amount = check_request(req)?;
     let timeout = if req.pending {
         let t = req
             .timeout_secs
@@ -591,48 +587,15 @@ pub(crate) async fn transfer(
     };
     let mut accts =
         lock_accounts(&core.db, tx, &[&req.from_account_id, &req.to_account_id]).await?;
-    let mut from = accts
-        .remove(&req.from_account_id)
-        .ok_or(LedgerError::AccountNotFound)?;
-    if !from.visible_to(actor) {
+    check_parties(actor, req, amount, &accts)?;
+    let (Some(mut from), Some(mut to)) = (
+        accts.remove(&req.from_account_id),
+        accts.remove(&req.to_account_id),
+    ) else {
         return Err(LedgerError::AccountNotFound);
-    }
-    if !from.owned_by(actor) {
-        return Err(LedgerError::NotAccountOwner);
-    }
-    let mut to = accts
-        .remove(&req.to_account_id)
-        .ok_or(LedgerError::AccountNotFound)?;
-    if to.is_settlement() {
-        return Err(LedgerError::AccountNotFound);
-    }
-    check_currency(&req.currency, &from)?;
-    check_currency(&req.currency, &to)?;
-    check_active(&from)?;
-    check_active(&to)?;
-    if from.available() < amount {
-        return Err(LedgerError::InsufficientFunds {
-            available: from.available(),
-            requested: amount,
-        });
-    }
-    let now = now_micros();
-    let mut t = TransferRow {
-        id: crate::ids::new_id(),
-        kind: "transfer".to_owned(),
-        from_account_id: from.id.clone(),
-        to_account_id: to.id.clone(),
-        amount,
-        captured: 0,
-        currency: from.currency.clone(),
-        description: req.description.clone(),
-        status: "posted".to_owned(),
-        expires_at: None,
-        initiated_by: actor.user_id.clone(),
-        batch_id: batch_id.map(str::to_owned),
-        created_at: now,
-        updated_at: now,
     };
+    let now = now_micros();
+    let mut t = TransferRow::posted(actor, req, amount, batch_id, now);
     if let Some(timeout) = timeout {
         from.held = checked_add_balance(from.held, amount)?;
         from.updated_at = now;
@@ -1128,37 +1091,32 @@ pub(crate) fn apply_and_post<'t>(
             postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance, at));
         }
     }
-    transfers.push(TransferRow {
-        id: crate::ids::new_id(),
-        kind: "transfer".to_owned(),
-        from_account_id: req.from_account_id.clone(),
-        to_account_id: req.to_account_id.clone(),
-        amount,
-        captured: 0,
-        currency: req.currency.clone(),
-        description: req.description.clone(),
-        status: "posted".to_owned(),
-        expires_at: None,
-        initiated_by: actor.user_id.clone(),
-        batch_id: batch_id.map(str::to_owned),
-        created_at: now,
-        updated_at: now,
-    });
+    transfers.push(TransferRow::posted(actor, req, amount, batch_id, now));
     Ok(&transfers[ti])
 }
 
-/// Checks one plain transfer of a batch against the in-memory (locked) accounts and,
-/// when it is valid, applies it to them. Same checks, same order, as [`transfer`].
-fn check_and_apply(
-    actor: &Actor,
-    req: &TransferRequest,
-    accts: &mut HashMap<String, AccountRow>,
-) -> Result<i64, LedgerError> {
+/// What a transfer request must satisfy before any account is read: a valid amount
+/// (returned), two different accounts, a description within bounds.
+fn check_request(req: &TransferRequest) -> Result<i64, LedgerError> {
     let amount = check_amount(req.amount)?.get();
     if req.from_account_id == req.to_account_id {
         return Err(LedgerError::SameAccount);
     }
     check_text("description", &req.description, 500, false)?;
+    Ok(amount)
+}
+
+/// What moving `amount` as `req` asks needs of the (locked) accounts in `accts`, in
+/// this order: the payer exists and `actor` may see it (else not found: no existence
+/// leak) and owns it; the payee exists and is no settlement account; both are in the
+/// requested currency and active; the payer's available funds cover the amount.
+/// The single transfer ([`transfer`]) and the batch ([`check_and_apply`]) both call it.
+fn check_parties(
+    actor: &Actor,
+    req: &TransferRequest,
+    amount: i64,
+    accts: &HashMap<String, AccountRow>,
+) -> Result<(), LedgerError> {
     let from = accts
         .get(&req.from_account_id)
         .ok_or(LedgerError::AccountNotFound)?;
@@ -1184,6 +1142,24 @@ fn check_and_apply(
             requested: amount,
         });
     }
+    Ok(())
+}
+
+/// Checks one plain transfer of a batch against the in-memory (locked) accounts and,
+/// when it is valid, applies it to them. The same checks as [`transfer`].
+fn check_and_apply(
+    actor: &Actor,
+    req: &TransferRequest,
+    accts: &mut HashMap<String, AccountRow>,
+) -> Result<i64, LedgerError> {
+    let amount = check_request(req)?;
+    check_parties(actor, req, amount, accts)?;
+    let (Some(from), Some(to)) = (
+        accts.get(&req.from_account_id),
+        accts.get(&req.to_account_id),
+    ) else {
+        return Err(LedgerError::AccountNotFound);
+    };
     let (from_balance, to_balance) = plan_move(from, to, amount)?;
     for (id, balance) in [
         (&req.from_account_id, from_balance),

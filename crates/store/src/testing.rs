@@ -116,16 +116,22 @@ pub async fn fresh_location(backend: Backend) -> Result<String, StoreError> {
                 .execute(&mut conn)
                 .await?;
             conn.close().await?;
-            let base = match admin.rfind('/') {
-                Some(i) if admin[..i].contains("://") && i > admin.find("://").unwrap_or(0) + 2 => {
-                    &admin[..i]
-                }
-                _ => admin.as_str(),
-            };
-            let query = admin.find('?').map(|q| &admin[q..]).unwrap_or("");
-            Ok(format!("{base}/{name}{query}"))
+            Ok(with_database(&admin, &name))
         }
     }
+}
+
+/// `url` (a PostgreSQL URL) naming database `name` instead of its own, with its
+/// query kept: `postgres://u@h:5432/postgres?sslmode=disable` and a Unix socket's
+/// `postgres://u@localhost/postgres?host=/var/run/postgresql` (whose query holds a `/`).
+fn with_database(url: &str, name: &str) -> String {
+    let (path, query) = url.split_at(url.find('?').unwrap_or(url.len()));
+    let authority = path.find("://").map_or(0, |i| i + 3);
+    let base = match path[authority..].find('/') {
+        Some(i) => &path[..authority + i],
+        None => path,
+    };
+    format!("{base}/{name}{query}")
 }
 
 /// The error of a transaction that lost a race, from `backend` itself: on SQLite a
@@ -180,7 +186,29 @@ pub async fn fresh_db(service: Service, backend: Backend) -> Result<Db, StoreErr
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::created_ms;
+    use super::{created_ms, with_database};
+
+    #[test]
+    fn a_test_database_url_keeps_host_port_and_query() {
+        let f = |u: &str| with_database(u, "vp_test_x");
+        assert_eq!(
+            f("postgres://postgres@127.0.0.1:5432/postgres"),
+            "postgres://postgres@127.0.0.1:5432/vp_test_x"
+        );
+        assert_eq!(
+            f("postgres://u:p@h/db?sslmode=disable"),
+            "postgres://u:p@h/vp_test_x?sslmode=disable"
+        );
+        assert_eq!(
+            f("postgres://postgres@localhost/postgres?host=/var/run/postgresql"),
+            "postgres://postgres@localhost/vp_test_x?host=/var/run/postgresql"
+        );
+        assert_eq!(f("postgres://h:5432"), "postgres://h:5432/vp_test_x");
+        assert_eq!(
+            f("postgresql://h?host=/tmp"),
+            "postgresql://h/vp_test_x?host=/tmp"
+        );
+    }
 
     #[test]
     fn creation_time_comes_from_the_uuid_v7_name() {

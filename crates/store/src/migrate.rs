@@ -65,6 +65,7 @@ const LEDGER: &[Migration] = &[
     migration!(8, "ledger", "0008_posting_times_by_sequence"),
     migration!(9, "ledger", "0009_idempotency_body_compressed"),
     migration!(10, "ledger", "0010_failed_transfers_by_user"),
+    migration!(11, "ledger", "0011_ledger_history_guarded"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

@@ -382,6 +382,17 @@ impl TestApp {
         )
     }
 
+    /// Drops the trigger that refuses changes to postings (migration 0011), so that a
+    /// test can corrupt a posting as a broken database or a hand edit would, and check
+    /// that `verify` names it.
+    pub async fn unguard_postings(&self) {
+        let sql = match self.backend {
+            Backend::Sqlite => "DROP TRIGGER postings_no_update",
+            Backend::Postgres => "DROP TRIGGER postings_no_change ON postings",
+        };
+        sqlx::raw_sql(sql).execute(self.db.writer()).await.unwrap();
+    }
+
     pub async fn assert_consistent(&self) {
         let report = vaultpay_ledger::verify(&self.db).await.unwrap();
         assert!(report.is_consistent(), "{:?}: {report}", self.backend);

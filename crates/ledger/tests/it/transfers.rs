@@ -489,6 +489,7 @@ async fn history_time_windows_match_a_scan() {
         // posting stamped (out of order) with the last posting's time is outside the
         // range the search finds for that time, so it is not listed.
         let (last_seq, last_at) = *times.last().unwrap();
+        app.unguard_postings().await;
         sqlx::query("UPDATE postings SET created_at = $1 WHERE account_id = $2 AND account_seq = 1")
             .bind(last_at)
             .bind(&a)
@@ -551,6 +552,7 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
         // last posting time is not its last posting's; or one whose running balance
         // (shown by history and statements) is wrong on a posting before its last, or
         // whose postings' numbers have a gap.
+        app.unguard_postings().await;
         for (tamper, undo, invariant) in [
             (
                 "UPDATE postings SET created_at = created_at + 1 WHERE account_id = $1 AND account_seq = 1",
@@ -587,6 +589,106 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
             sqlx::query(undo).bind(&bb).execute(app.db.writer()).await.unwrap();
             app.assert_consistent().await;
         }
+    })
+    .await;
+}
+
+/// The database itself refuses to rewrite the ledger's history (migration 0011):
+/// postings are never changed or removed, transfers never removed and their terms never
+/// changed, accounts never removed and their identity never changed. What the service
+/// does update (balances, holds, status, times) still can be, and nothing refused
+/// changed anything.
+#[tokio::test]
+async fn the_database_refuses_to_rewrite_ledger_history() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
+        app.transfer(&alice, &a, &bb, 2_500).await.expect(201);
+        let count = |sql: &'static str| {
+            let db = app.db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(db.read())
+                    .await
+                    .unwrap()
+            }
+        };
+        let before = (
+            count("SELECT COUNT(*) FROM postings").await,
+            count("SELECT COUNT(*) FROM transfers").await,
+            count("SELECT COUNT(*) FROM accounts").await,
+            count("SELECT CAST(SUM(amount) AS BIGINT) FROM postings WHERE amount > 0").await,
+        );
+        let mut refused = vec![
+            (
+                "UPDATE postings SET amount = amount * 2",
+                "postings are append-only",
+            ),
+            (
+                "UPDATE postings SET created_at = created_at",
+                "postings are append-only",
+            ),
+            ("DELETE FROM postings", "postings are append-only"),
+            ("DELETE FROM transfers", "transfers are never deleted"),
+            (
+                "UPDATE transfers SET amount = amount + 1",
+                "the terms of a transfer never change",
+            ),
+            (
+                "UPDATE transfers SET to_account_id = from_account_id",
+                "the terms of a transfer never change",
+            ),
+            (
+                "UPDATE transfers SET initiated_by = 'mallory'",
+                "the terms of a transfer never change",
+            ),
+            (
+                "DELETE FROM accounts WHERE kind <> 'settlement'",
+                "accounts are closed, never deleted",
+            ),
+            (
+                "UPDATE accounts SET owner_id = 'mallory'",
+                "the identity of an account never changes",
+            ),
+            (
+                "UPDATE accounts SET currency = 'EUR'",
+                "the identity of an account never changes",
+            ),
+            (
+                "UPDATE accounts SET number = id",
+                "the identity of an account never changes",
+            ),
+        ];
+        if b == vaultpay_store::Backend::Postgres {
+            refused.extend([
+                ("TRUNCATE postings", "postings are append-only"),
+                ("TRUNCATE transfers, postings", "never deleted"),
+                ("TRUNCATE accounts, transfers, postings", "never deleted"),
+            ]);
+        }
+        for (sql, why) in refused {
+            let err = sqlx::raw_sql(sql)
+                .execute(app.db.writer())
+                .await
+                .expect_err(sql)
+                .to_string();
+            assert!(err.contains(why), "{b:?} {sql}: {err}");
+        }
+        let after = (
+            count("SELECT COUNT(*) FROM postings").await,
+            count("SELECT COUNT(*) FROM transfers").await,
+            count("SELECT COUNT(*) FROM accounts").await,
+            count("SELECT CAST(SUM(amount) AS BIGINT) FROM postings WHERE amount > 0").await,
+        );
+        assert_eq!(after, before, "{b:?}");
+        // What the service updates is not guarded.
+        for sql in [
+            "UPDATE accounts SET updated_at = updated_at, status = status, held = held",
+            "UPDATE transfers SET updated_at = updated_at, status = status, captured = captured",
+        ] {
+            sqlx::raw_sql(sql).execute(app.db.writer()).await.unwrap();
+        }
+        app.assert_consistent().await;
     })
     .await;
 }

@@ -106,6 +106,17 @@ const CHECKS: &[(&str, &str)] = &[
         "SELECT id AS detail FROM accounts WHERE kind <> 'settlement' AND (balance < 0 OR balance - held < 0)",
     ),
     ("closed_account_empty", "SELECT id AS detail FROM accounts WHERE status = 'closed' AND (balance <> 0 OR held <> 0)"),
+    (
+        // Every posting belongs to a transfer, and every transfer and posting to
+        // accounts that exist. The foreign keys say so as rows are written; a restore,
+        // a replica or a session that bypassed them would not, and an orphaned pair of
+        // postings sums to zero, so no check above would see it.
+        "references_exist",
+        "SELECT p.id AS detail FROM postings p LEFT JOIN transfers t ON t.id = p.transfer_id WHERE t.id IS NULL \
+         UNION SELECT p.id AS detail FROM postings p LEFT JOIN accounts a ON a.id = p.account_id WHERE a.id IS NULL \
+         UNION SELECT t.id AS detail FROM transfers t LEFT JOIN accounts a ON a.id = t.from_account_id WHERE a.id IS NULL \
+         UNION SELECT t.id AS detail FROM transfers t LEFT JOIN accounts a ON a.id = t.to_account_id WHERE a.id IS NULL",
+    ),
 ];
 
 /// Checks every invariant; `Ok(report)` lists the violations (empty = consistent).

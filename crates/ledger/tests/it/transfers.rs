@@ -693,6 +693,85 @@ async fn the_database_refuses_to_rewrite_ledger_history() {
     .await;
 }
 
+/// `verify` names rows whose references lead nowhere, written as a restore or a
+/// session that bypassed the foreign keys would (SQLite with `foreign_keys` off,
+/// PostgreSQL with `session_replication_role = replica`): a voided hold from an
+/// account that does not exist, and a pair of postings (summing to zero, so no other
+/// check sees them) of a transfer that does not exist.
+#[tokio::test]
+async fn verify_names_rows_whose_references_lead_nowhere() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (_alice, _bob, a, bb) = app.alice_and_bob(1_000).await;
+        app.assert_consistent().await;
+        let insert = format!(
+            "INSERT INTO transfers (id, kind, from_account_id, to_account_id, amount, captured, currency, \
+             description, status, expires_at, initiated_by, batch_id, created_at, updated_at) \
+             VALUES ('t-orphan', 'hold', 'no-such-account', '{bb}', 5, 0, 'USD', 'x', 'voided', NULL, 'u', NULL, 1, 1);"
+        );
+        let (bypass, restore) = match b {
+            vaultpay_store::Backend::Sqlite => (
+                "PRAGMA foreign_keys = OFF;".to_owned(),
+                "PRAGMA foreign_keys = ON;",
+            ),
+            vaultpay_store::Backend::Postgres => (
+                "BEGIN; SET LOCAL session_replication_role = replica;".to_owned(),
+                "COMMIT;",
+            ),
+        };
+        sqlx::raw_sql(&format!("{bypass} {insert} {restore}"))
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        let report = vaultpay_ledger::verify(&app.db).await.unwrap();
+        assert_eq!(
+            report
+                .violations
+                .iter()
+                .map(|v| (v.invariant, v.detail.as_str()))
+                .collect::<Vec<_>>(),
+            [("references_exist", "t-orphan")],
+            "{b:?}"
+        );
+
+        // Two postings of a transfer that does not exist, +3 and -3 on accounts that do,
+        // each the account's next posting.
+        let seq = |id: &str| {
+            let db = app.db.clone();
+            let id = id.to_owned();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT posting_seq FROM accounts WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(db.read())
+                    .await
+                    .unwrap()
+            }
+        };
+        let (sa, sb) = (seq(&a).await, seq(&bb).await);
+        let postings = format!(
+            "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
+             VALUES ('p-orphan-1', 'no-such-transfer', '{a}', {}, -3, 'USD', 0, 1), \
+             ('p-orphan-2', 'no-such-transfer', '{bb}', {}, 3, 'USD', 0, 1);",
+            sa + 1,
+            sb + 1
+        );
+        sqlx::raw_sql(&format!("{bypass} {postings} {restore}"))
+            .execute(app.db.writer())
+            .await
+            .unwrap();
+        let report = vaultpay_ledger::verify(&app.db).await.unwrap();
+        let mut named: Vec<&str> = report
+            .violations
+            .iter()
+            .filter(|v| v.invariant == "references_exist")
+            .map(|v| v.detail.as_str())
+            .collect();
+        named.sort_unstable();
+        assert_eq!(named, ["p-orphan-1", "p-orphan-2", "t-orphan"], "{b:?}: {report}");
+    })
+    .await;
+}
+
 /// Two relays at once (the background task and a direct call) publish every event
 /// exactly once between them; what one backs off from goes out on the next run.
 #[tokio::test]

@@ -127,9 +127,10 @@ async fn expire_in_one_tx(core: &Core, ids: &[String], now: i64) -> Result<u64, 
 }
 
 /// Deletes idempotency keys older than the configured TTL (at least 24 hours), except
-/// those whose resource is a hold still pending: a partial post retried with its key
-/// after a day would otherwise capture again (holds live up to
-/// `hold_max_timeout_secs`). They go once the hold is resolved.
+/// those whose resource is a hold still pending, or a batch with a hold still pending
+/// (a batch's key names its batch id when it may have placed holds): a partial post or
+/// a batch retried with its key after a day would otherwise capture or hold again
+/// (holds live up to `hold_max_timeout_secs`). They go once the holds are resolved.
 ///
 /// Deletes in chunks of [`PURGE_CHUNK`], each its own statement, so that a backlog (a
 /// day of keys after a day down) never holds the writer for one long DELETE while
@@ -143,6 +144,8 @@ pub async fn purge_idempotency(core: &Core) -> Result<u64, LedgerError> {
             "DELETE FROM idempotency_keys WHERE (user_id, key) IN (SELECT user_id, key FROM idempotency_keys \
              WHERE created_at < $1 AND NOT EXISTS \
              (SELECT 1 FROM transfers t WHERE t.id = idempotency_keys.resource_id AND t.status = 'pending') \
+             AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.batch_id = idempotency_keys.resource_id \
+             AND t.status = 'pending') \
              ORDER BY created_at LIMIT $2)",
         )
         .bind(cutoff)

@@ -969,9 +969,11 @@ async fn batch(
     };
     finish_batch(core, tx, job, req, &batch_id, &failures, &response).await?;
     let (reply, packed) = render(job, 200, &response)?;
+    // This path is the one that places holds: the key names the batch, so that the
+    // purge keeps it while any of its holds is pending (see `purge_idempotency`).
     Ok(Done {
         reply,
-        resource: None,
+        resource: Some(batch_id),
         packed,
     })
 }

@@ -66,6 +66,7 @@ const LEDGER: &[Migration] = &[
     migration!(9, "ledger", "0009_idempotency_body_compressed"),
     migration!(10, "ledger", "0010_failed_transfers_by_user"),
     migration!(11, "ledger", "0011_ledger_history_guarded"),
+    migration!(12, "ledger", "0012_pending_holds_by_batch"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

@@ -219,6 +219,89 @@ async fn keys_of_a_pending_hold_outlive_the_purge() {
     .await;
 }
 
+/// A batch that placed holds keeps its key past the 24-hour purge while any of them is
+/// pending: retried after a day, it is replayed instead of holding the money again.
+/// Once its holds are resolved, the purge takes the key; a batch of plain transfers
+/// (nothing pending) goes at 24 hours as before.
+#[tokio::test]
+async fn the_key_of_a_batch_with_pending_holds_outlives_the_purge() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (alice, _bob, a, bb) = app.alice_and_bob(1_000).await;
+        let batch = |key: &'static str, pending: bool| {
+            let app = &app;
+            let (alice, a, bb) = (alice.clone(), a.clone(), bb.clone());
+            async move {
+                app.post(
+                    "/v1/transfers/batch",
+                    &alice,
+                    Some(key),
+                    json!({"transfers": [
+                        {"from_account_id": a, "to_account_id": bb, "amount": 100, "currency": "USD", "pending": pending},
+                        {"from_account_id": a, "to_account_id": bb, "amount": 10, "currency": "USD"},
+                    ]}),
+                )
+                .await
+                .expect(200)
+            }
+        };
+        let first = batch("batch-holds", true).await;
+        let hold = first.body["items"][0]["transfer"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        batch("batch-plain", false).await;
+        let pending = || {
+            let db = app.db.read().clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT COUNT(*) FROM transfers WHERE status = 'pending'",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(pending().await, 1);
+        let age = || async {
+            let aged = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
+            sqlx::query("UPDATE idempotency_keys SET created_at = $1")
+                .bind(aged)
+                .execute(app.db.writer())
+                .await
+                .unwrap();
+        };
+        let kept = |k: &'static str| {
+            let db = app.db.read().clone();
+            async move {
+                sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = $1")
+                    .bind(k)
+                    .fetch_optional(&db)
+                    .await
+                    .unwrap()
+                    .is_some()
+            }
+        };
+        age().await;
+        app.ledger.purge_idempotency().await.unwrap();
+        assert!(kept("batch-holds").await, "{b:?}: a hold of the batch is pending");
+        assert!(!kept("batch-plain").await, "{b:?}: nothing of it is pending");
+        let again = batch("batch-holds", true).await;
+        assert!(again.replayed());
+        assert_eq!(again.body, first.body);
+        assert_eq!(pending().await, 1, "{b:?}: no second hold");
+        // resolved: the purge takes the key
+        app.post(&format!("/v1/transfers/{hold}/void"), &alice, Some(&key()), json!({}))
+            .await
+            .expect(200);
+        age().await;
+        app.ledger.purge_idempotency().await.unwrap();
+        assert!(!kept("batch-holds").await, "{b:?}");
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
 /// Makes inserting a transfer described "boom" fail inside the database.
 async fn install_fault(app: &TestApp) {
     let sqls: &[&str] = match app.backend {

@@ -393,6 +393,17 @@ impl TestApp {
         sqlx::raw_sql(sql).execute(self.db.writer()).await.unwrap();
     }
 
+    /// What `verify` finds: (invariant, detail) for each violation.
+    pub async fn violations(&self) -> Vec<(&'static str, String)> {
+        vaultpay_ledger::verify(&self.db)
+            .await
+            .unwrap()
+            .violations
+            .into_iter()
+            .map(|v| (v.invariant, v.detail))
+            .collect()
+    }
+
     pub async fn assert_consistent(&self) {
         let report = vaultpay_ledger::verify(&self.db).await.unwrap();
         assert!(report.is_consistent(), "{:?}: {report}", self.backend);

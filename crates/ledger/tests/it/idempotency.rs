@@ -128,13 +128,7 @@ async fn keys_are_kept_a_day_then_purged() {
         .await
         .expect(201);
         assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 0);
-        // age the key past 24 hours
-        let old = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
-        sqlx::query("UPDATE idempotency_keys SET created_at = $1")
-            .bind(old)
-            .execute(app.db.writer())
-            .await
-            .unwrap();
+        age_keys(&app).await;
         assert_eq!(app.ledger.purge_idempotency().await.unwrap(), 1);
         // the key is usable again (a new account is opened)
         let r = app
@@ -179,27 +173,11 @@ async fn keys_of_a_pending_hold_outlive_the_purge() {
             .await
         };
         post().await.expect(200);
-        let aged = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
-        sqlx::query("UPDATE idempotency_keys SET created_at = $1")
-            .bind(aged)
-            .execute(app.db.writer())
-            .await
-            .unwrap();
+        age_keys(&app).await;
         // the keys of the hold and of its partial post stay (the deposit's and the
         // accounts' go)
         app.ledger.purge_idempotency().await.unwrap();
-        let kept = |k: &'static str| {
-            let db = app.db.read().clone();
-            async move {
-                sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = $1")
-                    .bind(k)
-                    .fetch_optional(&db)
-                    .await
-                    .unwrap()
-                    .is_some()
-            }
-        };
-        assert!(kept("hold-1").await && kept("post-1").await);
+        assert!(kept(&app, "hold-1").await && kept(&app, "post-1").await);
         let again = post().await.expect(200);
         assert!(again.replayed());
         assert_eq!(app.balance(&bob, &bb).await, (200, 200));
@@ -207,13 +185,9 @@ async fn keys_of_a_pending_hold_outlive_the_purge() {
         app.post(&format!("/v1/transfers/{h}/void"), &alice, Some(&key()), json!({}))
             .await
             .expect(200);
-        sqlx::query("UPDATE idempotency_keys SET created_at = $1")
-            .bind(aged)
-            .execute(app.db.writer())
-            .await
-            .unwrap();
+        age_keys(&app).await;
         app.ledger.purge_idempotency().await.unwrap();
-        assert!(!kept("hold-1").await && !kept("post-1").await);
+        assert!(!kept(&app, "hold-1").await && !kept(&app, "post-1").await);
         app.assert_consistent().await;
     })
     .await;
@@ -263,29 +237,10 @@ async fn the_key_of_a_batch_with_pending_holds_outlives_the_purge() {
             }
         };
         assert_eq!(pending().await, 1);
-        let age = || async {
-            let aged = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
-            sqlx::query("UPDATE idempotency_keys SET created_at = $1")
-                .bind(aged)
-                .execute(app.db.writer())
-                .await
-                .unwrap();
-        };
-        let kept = |k: &'static str| {
-            let db = app.db.read().clone();
-            async move {
-                sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = $1")
-                    .bind(k)
-                    .fetch_optional(&db)
-                    .await
-                    .unwrap()
-                    .is_some()
-            }
-        };
-        age().await;
+        age_keys(&app).await;
         app.ledger.purge_idempotency().await.unwrap();
-        assert!(kept("batch-holds").await, "{b:?}: a hold of the batch is pending");
-        assert!(!kept("batch-plain").await, "{b:?}: nothing of it is pending");
+        assert!(kept(&app, "batch-holds").await, "{b:?}: a hold of the batch is pending");
+        assert!(!kept(&app, "batch-plain").await, "{b:?}: nothing of it is pending");
         let again = batch("batch-holds", true).await;
         assert!(again.replayed());
         assert_eq!(again.body, first.body);
@@ -294,12 +249,32 @@ async fn the_key_of_a_batch_with_pending_holds_outlives_the_purge() {
         app.post(&format!("/v1/transfers/{hold}/void"), &alice, Some(&key()), json!({}))
             .await
             .expect(200);
-        age().await;
+        age_keys(&app).await;
         app.ledger.purge_idempotency().await.unwrap();
-        assert!(!kept("batch-holds").await, "{b:?}");
+        assert!(!kept(&app, "batch-holds").await, "{b:?}");
         app.assert_consistent().await;
     })
     .await;
+}
+
+/// Makes every stored idempotency key older than 24 hours (the purge's minimum age).
+async fn age_keys(app: &TestApp) {
+    let aged = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(86_401);
+    sqlx::query("UPDATE idempotency_keys SET created_at = $1")
+        .bind(aged)
+        .execute(app.db.writer())
+        .await
+        .unwrap();
+}
+
+/// Whether an idempotency key `k` is stored (any user's).
+async fn kept(app: &TestApp, k: &str) -> bool {
+    sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = $1")
+        .bind(k)
+        .fetch_optional(app.db.read())
+        .await
+        .unwrap()
+        .is_some()
 }
 
 /// Makes inserting a transfer described "boom" fail inside the database.

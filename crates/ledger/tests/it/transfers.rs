@@ -576,14 +576,9 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
             ),
         ] {
             sqlx::query(tamper).bind(&bb).execute(app.db.writer()).await.unwrap();
-            let report = vaultpay_ledger::verify(&app.db).await.unwrap();
             assert_eq!(
-                report
-                    .violations
-                    .iter()
-                    .map(|v| (v.invariant, v.detail.as_str()))
-                    .collect::<Vec<_>>(),
-                [(invariant, bb.as_str())],
+                app.violations().await,
+                [(invariant, bb.clone())],
                 "{tamper}"
             );
             sqlx::query(undo).bind(&bb).execute(app.db.writer()).await.unwrap();
@@ -723,14 +718,9 @@ async fn verify_names_rows_whose_references_lead_nowhere() {
             .execute(app.db.writer())
             .await
             .unwrap();
-        let report = vaultpay_ledger::verify(&app.db).await.unwrap();
         assert_eq!(
-            report
-                .violations
-                .iter()
-                .map(|v| (v.invariant, v.detail.as_str()))
-                .collect::<Vec<_>>(),
-            [("references_exist", "t-orphan")],
+            app.violations().await,
+            [("references_exist", "t-orphan".to_owned())],
             "{b:?}"
         );
 
@@ -759,15 +749,14 @@ async fn verify_names_rows_whose_references_lead_nowhere() {
             .execute(app.db.writer())
             .await
             .unwrap();
-        let report = vaultpay_ledger::verify(&app.db).await.unwrap();
-        let mut named: Vec<&str> = report
-            .violations
+        let found = app.violations().await;
+        let mut named: Vec<&str> = found
             .iter()
-            .filter(|v| v.invariant == "references_exist")
-            .map(|v| v.detail.as_str())
+            .filter(|v| v.0 == "references_exist")
+            .map(|v| v.1.as_str())
             .collect();
         named.sort_unstable();
-        assert_eq!(named, ["p-orphan-1", "p-orphan-2", "t-orphan"], "{b:?}: {report}");
+        assert_eq!(named, ["p-orphan-1", "p-orphan-2", "t-orphan"], "{b:?}: {found:?}");
     })
     .await;
 }

@@ -706,13 +706,10 @@ impl Ledger {
         };
         // Money entering or leaving the ledger: a live admin session and, from the
         // threshold on, a recent second factor, as for a transfer that large.
-        let gates = match self
+        let gates = self
             .require_live_admin(actor, "treasury:move", &origin)
             .await
-        {
-            Ok(()) => self.require_step_up(actor, amount),
-            refused => refused,
-        };
+            .and_then(|()| self.require_step_up(actor, amount));
         self.submit_gated(actor, Some(key), op, origin, gates).await
     }
 

@@ -1069,10 +1069,12 @@ async fn record_item_failures(
     crate::group::write_failures(&core.db, tx, &rows, now_micros()).await
 }
 
-/// [`check_and_apply`] for `req`, then the posted transfer it makes, pushed onto
-/// `transfers` with its two postings onto `postings`: numbered, and with the running
-/// balances, as the accounts stand once it is applied (so the postings of one account
-/// follow the order of the calls). Returns the transfer.
+/// Checks one plain transfer (of a batch or a group) against the in-memory, locked
+/// accounts, with the same checks as [`transfer`]; when it is valid, applies it to them
+/// and pushes the posted transfer onto `transfers` and its two postings onto
+/// `postings`: numbered, and with the running balances, as the accounts stand once it
+/// is applied (so the postings of one account follow the order of the calls). Returns
+/// the transfer.
 pub(crate) fn apply_and_post<'t>(
     actor: &Actor,
     req: &TransferRequest,
@@ -1082,13 +1084,17 @@ pub(crate) fn apply_and_post<'t>(
     transfers: &'t mut Vec<TransferRow>,
     postings: &mut Vec<crate::group::Posting>,
 ) -> Result<&'t TransferRow, LedgerError> {
-    let amount = check_and_apply(actor, req, accts)?;
+    let amount = check_request(req)?;
+    let (from, to) = check_parties(actor, req, amount, accts)?;
+    let (from_balance, to_balance) = plan_move(from, to, amount)?;
     let ti = transfers.len();
-    for (acct, signed) in [
-        (&req.from_account_id, -amount),
-        (&req.to_account_id, amount),
+    for (acct, signed, balance) in [
+        (&req.from_account_id, -amount, from_balance),
+        (&req.to_account_id, amount, to_balance),
     ] {
         if let Some(a) = accts.get_mut(acct) {
+            a.balance = balance;
+            a.posting_seq += 1;
             let at = a.posting_time(now);
             postings.push((ti, a.id.clone(), a.posting_seq, signed, a.balance, at));
         }
@@ -1112,13 +1118,14 @@ fn check_request(req: &TransferRequest) -> Result<i64, LedgerError> {
 /// this order: the payer exists and `actor` may see it (else not found: no existence
 /// leak) and owns it; the payee exists and is no settlement account; both are in the
 /// requested currency and active; the payer's available funds cover the amount.
-/// The single transfer ([`transfer`]) and the batch ([`check_and_apply`]) both call it.
-fn check_parties(
+/// Returns the payer and the payee. The single transfer ([`transfer`]) and the
+/// batch and group paths ([`apply_and_post`]) both call it.
+fn check_parties<'a>(
     actor: &Actor,
     req: &TransferRequest,
     amount: i64,
-    accts: &HashMap<String, AccountRow>,
-) -> Result<(), LedgerError> {
+    accts: &'a HashMap<String, AccountRow>,
+) -> Result<(&'a AccountRow, &'a AccountRow), LedgerError> {
     let from = accts
         .get(&req.from_account_id)
         .ok_or(LedgerError::AccountNotFound)?;
@@ -1144,35 +1151,7 @@ fn check_parties(
             requested: amount,
         });
     }
-    Ok(())
-}
-
-/// Checks one plain transfer of a batch against the in-memory (locked) accounts and,
-/// when it is valid, applies it to them. The same checks as [`transfer`].
-fn check_and_apply(
-    actor: &Actor,
-    req: &TransferRequest,
-    accts: &mut HashMap<String, AccountRow>,
-) -> Result<i64, LedgerError> {
-    let amount = check_request(req)?;
-    check_parties(actor, req, amount, accts)?;
-    let (Some(from), Some(to)) = (
-        accts.get(&req.from_account_id),
-        accts.get(&req.to_account_id),
-    ) else {
-        return Err(LedgerError::AccountNotFound);
-    };
-    let (from_balance, to_balance) = plan_move(from, to, amount)?;
-    for (id, balance) in [
-        (&req.from_account_id, from_balance),
-        (&req.to_account_id, to_balance),
-    ] {
-        if let Some(a) = accts.get_mut(id) {
-            a.balance = balance;
-            a.posting_seq += 1;
-        }
-    }
-    Ok(amount)
+    Ok((from, to))
 }
 
 /// `(…), (…)` placeholders for `rows` rows of `cols` parameters (see

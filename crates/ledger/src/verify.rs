@@ -117,6 +117,15 @@ const CHECKS: &[(&str, &str)] = &[
          UNION SELECT t.id AS detail FROM transfers t LEFT JOIN accounts a ON a.id = t.from_account_id WHERE a.id IS NULL \
          UNION SELECT t.id AS detail FROM transfers t LEFT JOIN accounts a ON a.id = t.to_account_id WHERE a.id IS NULL",
     ),
+    (
+        // Every posting is on its transfer's payer (the debit) or payee (the credit),
+        // in its transfer's currency. A posting moved to a third account sums, balances
+        // and references as well as the right one would; only this sees it.
+        "postings_follow_their_transfer",
+        "SELECT p.id AS detail FROM postings p JOIN transfers t ON t.id = p.transfer_id \
+         WHERE p.currency <> t.currency OR (p.amount < 0 AND p.account_id <> t.from_account_id) \
+         OR (p.amount > 0 AND p.account_id <> t.to_account_id)",
+    ),
 ];
 
 /// Checks every invariant; `Ok(report)` lists the violations (empty = consistent).

@@ -761,6 +761,85 @@ async fn verify_names_rows_whose_references_lead_nowhere() {
     .await;
 }
 
+/// `verify` names a posting that is not on its transfer's accounts or not in its
+/// currency, written with everything else consistent (the postings sum to zero, the
+/// balances, sequences and times follow them, every reference exists): a transfer
+/// from Alice to Carol whose credit went to Bob, and one in EUR whose postings are in
+/// dollars.
+#[tokio::test]
+async fn verify_names_postings_off_their_transfer() {
+    use sqlx::Row;
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let (_alice, _bob, a, bb) = app.alice_and_bob(1_000).await;
+        let carol = app.customer("carol");
+        let c = app.open(&carol, "USD").await;
+        app.assert_consistent().await;
+        // Writes transfer `id` (Alice to `to`, 5 in `currency`) with its postings on
+        // Alice's and Bob's accounts in USD, each the account's next one.
+        let write = |id: &'static str, to: String, currency: &'static str| {
+            let (db, a, bb) = (app.db.clone(), a.clone(), bb.clone());
+            async move {
+                let state = |id: String| {
+                    let db = db.clone();
+                    async move {
+                        let r = sqlx::query("SELECT balance, posting_seq, last_posted_at FROM accounts WHERE id = $1")
+                            .bind(id)
+                            .fetch_one(db.read())
+                            .await
+                            .unwrap();
+                        (
+                            r.get::<i64, _>("balance"),
+                            r.get::<i64, _>("posting_seq"),
+                            r.get::<i64, _>("last_posted_at"),
+                        )
+                    }
+                };
+                let (ba, sa, ta) = state(a.clone()).await;
+                let (bbal, sb, tb) = state(bb.clone()).await;
+                let at = ta.max(tb) + 1;
+                let sql = format!(
+                    "INSERT INTO transfers (id, kind, from_account_id, to_account_id, amount, captured, currency, \
+                     description, status, expires_at, initiated_by, batch_id, created_at, updated_at) \
+                     VALUES ('{id}', 'transfer', '{a}', '{to}', 5, 0, '{currency}', 'x', 'posted', NULL, 'u', NULL, {at}, {at}); \
+                     INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
+                     VALUES ('{id}-debit', '{id}', '{a}', {}, -5, 'USD', {}, {at}), \
+                     ('{id}-credit', '{id}', '{bb}', {}, 5, 'USD', {}, {at}); \
+                     UPDATE accounts SET balance = balance - 5, posting_seq = posting_seq + 1, last_posted_at = {at} WHERE id = '{a}'; \
+                     UPDATE accounts SET balance = balance + 5, posting_seq = posting_seq + 1, last_posted_at = {at} WHERE id = '{bb}';",
+                    sa + 1,
+                    ba - 5,
+                    sb + 1,
+                    bbal + 5,
+                );
+                sqlx::raw_sql(&sql).execute(db.writer()).await.unwrap();
+            }
+        };
+        // The same rows as the transfer would have written pass.
+        write("t-honest", bb.clone(), "USD").await;
+        app.assert_consistent().await;
+        write("t-to-carol", c.clone(), "USD").await;
+        assert_eq!(
+            app.violations().await,
+            [("postings_follow_their_transfer", "t-to-carol-credit".to_owned())],
+            "{b:?}"
+        );
+        write("t-in-euros", bb.clone(), "EUR").await;
+        let mut found = app.violations().await;
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("postings_follow_their_transfer", "t-in-euros-credit".to_owned()),
+                ("postings_follow_their_transfer", "t-in-euros-debit".to_owned()),
+                ("postings_follow_their_transfer", "t-to-carol-credit".to_owned()),
+            ],
+            "{b:?}"
+        );
+    })
+    .await;
+}
+
 /// Two relays at once (the background task and a direct call) publish every event
 /// exactly once between them; what one backs off from goes out on the next run.
 #[tokio::test]

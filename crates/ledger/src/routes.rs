@@ -90,6 +90,9 @@ type ApiResult<T> = Result<T, ApiError>;
 pub(crate) struct PageQuery {
     /// Opaque cursor from the previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Entries per page: at least 1 (default 50); more than the server's maximum
+    /// (`ledger.page_size_max`, 200 unless configured) is capped to it.
+    #[param(minimum = 1)]
     limit: Option<i64>,
     /// Staff only: list another user's accounts.
     owner_id: Option<String>,
@@ -101,6 +104,9 @@ pub(crate) struct PageQuery {
 pub(crate) struct HistoryQuery {
     /// Opaque cursor from the previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Entries per page: at least 1 (default 50); more than the server's maximum
+    /// (`ledger.page_size_max`, 200 unless configured) is capped to it.
+    #[param(minimum = 1)]
     limit: Option<i64>,
     /// RFC 3339, inclusive.
     from: Option<String>,
@@ -127,6 +133,9 @@ pub(crate) struct StatementQuery {
 pub(crate) struct FailedTransfersQuery {
     /// Opaque cursor from the previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Entries per page: at least 1 (default 50); more than the server's maximum
+    /// (`ledger.page_size_max`, 200 unless configured) is capped to it.
+    #[param(minimum = 1)]
     limit: Option<i64>,
     /// Only the attempts this user made.
     user_id: Option<String>,
@@ -140,7 +149,21 @@ pub(crate) struct FailedTransfersQuery {
 pub(crate) struct AuditQuery {
     /// Opaque cursor from the previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Entries per page: at least 1 (default 50); more than 499 is capped to 499.
+    #[param(minimum = 1)]
     limit: Option<i64>,
+}
+
+/// A page size as asked for: at least 1 (a larger one than the server allows is capped
+/// where it is used).
+fn limit_param(limit: Option<i64>) -> ApiResult<Option<i64>> {
+    match limit {
+        Some(n) if n < 1 => Err(ApiError::bad_request(
+            "invalid_query",
+            "`limit` must be at least 1.",
+        )),
+        _ => Ok(limit),
+    }
 }
 
 fn time_param(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
@@ -185,7 +208,7 @@ async fn list_accounts(
             &actor(&p, &ctx)?,
             q.owner_id.as_deref(),
             q.cursor.as_deref(),
-            q.limit,
+            limit_param(q.limit)?,
             &ctx.origin(),
         )
         .await?,
@@ -215,7 +238,7 @@ async fn transactions(
     let filter = HistoryFilter {
         from: time_param("from", q.from.as_deref())?,
         to: time_param("to", q.to.as_deref())?,
-        limit: q.limit.unwrap_or(50),
+        limit: limit_param(q.limit)?.unwrap_or(50),
         ..Default::default()
     };
     Ok(axum::Json(
@@ -418,7 +441,7 @@ async fn failed_transfers(
             &actor(&p, &ctx)?,
             q.user_id.as_deref(),
             q.cursor.as_deref(),
-            q.limit,
+            limit_param(q.limit)?,
             &ctx.origin(),
         )
         .await?,
@@ -437,7 +460,7 @@ async fn audit_log(
         l.audit_log(
             &actor(&p, &ctx)?,
             q.cursor.as_deref(),
-            q.limit,
+            limit_param(q.limit)?,
             &ctx.origin(),
         )
         .await?,

@@ -245,6 +245,14 @@ pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     })?;
     let token = match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
+        // `Bearer` alone (a client that sent `Bearer ` with an empty variable: the
+        // trailing space does not survive as part of the value)
+        None if value.trim().eq_ignore_ascii_case("bearer") => {
+            return Err(ApiError::unauthorized(
+                "invalid_token",
+                "The Authorization header names the Bearer scheme but carries no token.",
+            ))
+        }
         _ => {
             return Err(ApiError::unauthorized(
                 "invalid_token",
@@ -342,6 +350,35 @@ mod tests {
     }
 
     /// A signer, a verifier trusting its key, and the current time in seconds.
+    /// Each malformed Authorization header is refused with what is wrong with it.
+    #[test]
+    fn bearer_token_says_what_is_wrong() {
+        let parse = |value: &'static str| {
+            let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+            parts.headers.insert(
+                header::AUTHORIZATION,
+                axum::http::HeaderValue::from_static(value),
+            );
+            bearer_token(&parts)
+                .map(str::to_owned)
+                .map_err(|e| e.problem.detail.unwrap_or_default())
+        };
+        assert_eq!(parse("Bearer abc.def-ghi").unwrap(), "abc.def-ghi");
+        assert_eq!(parse("bearer abc").unwrap(), "abc");
+        for empty in ["Bearer", "bearer", "BEARER"] {
+            assert!(
+                parse(empty).unwrap_err().contains("carries no token"),
+                "{empty}"
+            );
+        }
+        assert!(parse("Basic dXNlcjpwYXNz")
+            .unwrap_err()
+            .contains("must be Bearer"));
+        assert!(parse("Bearertoken").unwrap_err().contains("must be Bearer"));
+        assert!(parse("Bearer a b").unwrap_err().contains("malformed"));
+        assert!(parse("Bearer  ").unwrap_err().contains("malformed"));
+    }
+
     fn setup() -> (Signer25519, TokenVerifier, i64) {
         let (signer, _) = Signer25519::generate("k1");
         let mut keys = KeySet::default();

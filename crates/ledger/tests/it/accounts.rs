@@ -172,6 +172,24 @@ async fn bad_input_is_never_a_500() {
         app.get(&format!("/v1/accounts/{id}/transactions?limit=x"), &alice)
             .await
             .problem(400, "invalid_query");
+        // a page of no or fewer than no entries is refused, on every paged list; one
+        // over the server's maximum is capped to it
+        let admin = app.admin();
+        for (path, token) in [
+            (format!("/v1/accounts/{id}/transactions"), &alice),
+            ("/v1/accounts".to_owned(), &alice),
+            ("/v1/admin/failed-transfers".to_owned(), &admin),
+            ("/v1/admin/ledger/audit".to_owned(), &admin),
+        ] {
+            for bad in ["0", "-1"] {
+                app.get(&format!("{path}?limit={bad}"), token)
+                    .await
+                    .problem(400, "invalid_query");
+            }
+            app.get(&format!("{path}?limit=100000"), token)
+                .await
+                .expect(200);
+        }
     })
     .await;
 }

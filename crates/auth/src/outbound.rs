@@ -28,12 +28,18 @@ pub fn is_loopback_host(host: &str) -> bool {
 /// Sends `req` and reads a 2xx answer's body, refusing one over `max` bytes before
 /// reading past it (a broken or hostile peer must not fill this server's memory).
 pub async fn read_capped(req: reqwest::RequestBuilder, max: usize) -> Result<Vec<u8>, String> {
-    let mut res = req
+    let res = req
         .send()
         .await
         .map_err(|e| e.to_string())?
         .error_for_status()
         .map_err(|e| e.to_string())?;
+    read_body_capped(res, max).await
+}
+
+/// Reads `res`'s body (whatever its status), refusing one over `max` bytes before
+/// reading past it.
+pub async fn read_body_capped(mut res: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
     let too_large = || format!("answer larger than {max} bytes");
     if res.content_length().is_some_and(|n| n > max as u64) {
         return Err(too_large());

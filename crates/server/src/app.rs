@@ -49,6 +49,9 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
     dbs: Vec<Db>,
+    /// The locks on this server's SQLite databases ([`lock_sqlite_databases`]), held
+    /// until everything above has stopped.
+    _locks: Vec<std::fs::File>,
 }
 
 impl Running {
@@ -250,6 +253,74 @@ pub async fn open_dbs(cfg: &Config, mode: Mode) -> anyhow::Result<(Option<Db>, O
     open_each(cfg, mode, false).await
 }
 
+/// Takes an exclusive lock on `<database>.lock` beside each SQLite database that
+/// `mode` serves, so that a second server started on the same files (the same
+/// `--data-dir` twice) refuses to start instead of running beside the first: a
+/// server keeps state about its databases in memory (the audit chain's head, the
+/// permission and session caches, one writer and its background tasks) that another
+/// process writing the same files would leave stale. The operating system releases the
+/// lock when the process ends however it ends (`SIGKILL` included), so a crash never
+/// leaves a stale lock behind. PostgreSQL databases take no lock: several replicas
+/// may share one. The commands that inspect a database (`ledger verify`, `audit
+/// verify`, `keys`, `clients`) take none either and run beside a server.
+pub fn lock_sqlite_databases(cfg: &Config, mode: Mode) -> anyhow::Result<Vec<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let mut locations = Vec::new();
+    if mode.auth() {
+        locations.push(cfg.auth_db());
+    }
+    if mode.ledger() {
+        locations.push(cfg.ledger_db());
+    }
+    let mut locks = Vec::new();
+    for file in locations
+        .iter()
+        .filter_map(|l| vaultpay_store::sqlite_file(l))
+    {
+        if file.parent() == Some(cfg.data_dir.as_path()) {
+            ensure_data_dir(&cfg.data_dir)?;
+        }
+        let mut name = file.clone().into_os_string();
+        name.push(".lock");
+        let path = std::path::PathBuf::from(name);
+        let mut lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = lock.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                };
+                bail!(
+                    "{} is in use by another vaultpay server{holder}: one server per SQLite \
+                     database (for several replicas, use PostgreSQL)",
+                    file.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        // For the message above, in the next server that finds the lock taken.
+        lock.set_len(0)
+            .and_then(|()| lock.rewind())
+            .and_then(|()| writeln!(lock, "{}", std::process::id()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        locks.push(lock);
+    }
+    Ok(locks)
+}
+
 /// Opens the databases of `mode` that must already exist, for the commands that
 /// inspect or administer them (`audit verify`, `ledger verify`, `keys`, `clients`): a
 /// database file that is not there (a wrong `--data-dir`) or a database without
@@ -303,6 +374,19 @@ async fn open_one(
     }
     if let Some(file) = vaultpay_store::sqlite_file(location) {
         if !file.is_file() {
+            // A split deployment's data dir holds one service's database: name the
+            // flag that picks it rather than suggest creating an empty one.
+            let (other_file, other) = match service {
+                Service::Auth => ("ledger.db", "ledger"),
+                Service::Ledger => ("auth.db", "auth"),
+            };
+            if file.with_file_name(other_file).is_file() {
+                bail!(
+                    "{what}'s database {} does not exist, but the {other} service's does: \
+                     this looks like a split deployment's data dir (add --service {other})",
+                    file.display()
+                );
+            }
             bail!(
                 "{what}'s database {} does not exist (is --data-dir right? `vaultpay migrate` creates it)",
                 file.display()
@@ -387,6 +471,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         bail!("nats_url is set but this binary was built without the `nats` feature");
     }
     let prometheus = telemetry::prometheus();
+    let locks = lock_sqlite_databases(&cfg, mode)?;
     let (auth_db, ledger_db) = open_dbs(&cfg, mode).await?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut background = Vec::new();
@@ -474,6 +559,9 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         (None, None) => bail!("the ledger alone needs --auth-url (where AuthShield runs)"),
     };
 
+    // Set while a separately run AuthShield refuses the ledger's introspection
+    // credentials (`/readyz` then answers 503).
+    let mut introspection_refused = None;
     let ledger = match &ledger_db {
         Some(db) => {
             dbs.push(db.clone());
@@ -485,10 +573,23 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                         .introspection_secret
                         .clone()
                         .context("the ledger alone needs auth.introspection_secret (VAULTPAY_AUTH__INTROSPECTION_SECRET)")?;
-                    Arc::new(
+                    let remote = Arc::new(
                         remote::HttpIntrospector::new(url, secret, &auth_ca)
                             .map_err(anyhow::Error::msg)?,
-                    )
+                    );
+                    introspection_refused = Some(remote.credentials_refused());
+                    // At start (the first tick is at once) and with every JWKS reload.
+                    let probe = remote.clone();
+                    background.push(vaultpay_web::every(
+                        "introspection_credentials_probe",
+                        std::time::Duration::from_secs(cfg.jwks_refresh_secs),
+                        shutdown_rx.clone(),
+                        move || {
+                            let probe = probe.clone();
+                            async move { probe.probe().await }
+                        },
+                    ));
+                    remote
                 }
                 (None, None) => bail!("the ledger alone needs --auth-url"),
             };
@@ -537,7 +638,14 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         )
         .route(
             "/readyz",
-            get(move || readyz(ready_dbs.clone(), ready_keys.clone(), keys_stale_after)),
+            get(move || {
+                readyz(
+                    ready_dbs.clone(),
+                    ready_keys.clone(),
+                    keys_stale_after,
+                    introspection_refused.clone(),
+                )
+            }),
         )
         .route(
             "/metrics",
@@ -586,6 +694,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         server,
         background,
         dbs,
+        _locks: locks,
     })
 }
 
@@ -593,7 +702,16 @@ async fn readyz(
     dbs: Vec<Db>,
     keys: Option<Arc<TokenVerifier>>,
     stale_after: std::time::Duration,
+    introspection_refused: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Response {
+    if introspection_refused.is_some_and(|r| r.load(std::sync::atomic::Ordering::Relaxed)) {
+        return ApiError::unavailable(
+            "AuthShield refuses this ledger's introspection credentials: \
+             auth.introspection_secret differs between the two processes, and every \
+             sensitive operation answers 503",
+        )
+        .into_response();
+    }
     for db in &dbs {
         if let Err(e) = db.ping().await {
             return ApiError::unavailable(format!("{} database: {e}", db.service().name()))
@@ -763,6 +881,47 @@ async fn serve_http(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Each SQLite database is locked by the server that serves it: AuthShield alone
+    /// and the ledger alone may share a data directory (each its own file), a third
+    /// server wanting either file is refused while it is held, and PostgreSQL takes no
+    /// lock (replicas share it).
+    #[test]
+    fn each_sqlite_database_is_served_by_one_server_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("vp-lock-{}", uuid::Uuid::now_v7()));
+        let mut cfg = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        let auth = lock_sqlite_databases(&cfg, Mode::Auth).unwrap();
+        let ledger = lock_sqlite_databases(&cfg, Mode::Ledger).unwrap();
+        assert_eq!((auth.len(), ledger.len()), (1, 1));
+        let pid = format!("(pid {})", std::process::id());
+        let err = format!("{:#}", lock_sqlite_databases(&cfg, Mode::All).unwrap_err());
+        assert!(
+            err.contains("auth.db is in use by another vaultpay server"),
+            "{err}"
+        );
+        assert!(err.contains(&pid), "{err}");
+        drop(auth);
+        let err = format!("{:#}", lock_sqlite_databases(&cfg, Mode::All).unwrap_err());
+        assert!(err.contains("ledger.db is in use"), "{err}");
+        drop(ledger);
+        assert_eq!(lock_sqlite_databases(&cfg, Mode::All).unwrap().len(), 2);
+        let pg = || {
+            Some(vaultpay_core::secret::Secret::new(
+                "postgres://vaultpay@127.0.0.1/vaultpay".to_owned(),
+            ))
+        };
+        cfg.database.auth_url = pg();
+        cfg.database.ledger_url = pg();
+        let (one, two) = (
+            lock_sqlite_databases(&cfg, Mode::All).unwrap(),
+            lock_sqlite_databases(&cfg, Mode::All).unwrap(),
+        );
+        assert!(one.is_empty() && two.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_generated_master_key_appears_once_whole_and_private() {

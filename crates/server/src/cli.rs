@@ -21,7 +21,8 @@ pub struct Cli {
     /// Configuration file (TOML); `VAULTPAY_*` environment variables override it.
     #[arg(long, global = true, env = "VAULTPAY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Data directory (SQLite files, master key, mail outbox).
+    /// Data directory (SQLite files, master key, mail outbox); default `./data`, or
+    /// `data_dir` in the configuration file, or `VAULTPAY_DATA_DIR`.
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -124,6 +125,7 @@ pub enum AuditCommand {
 pub enum ClientsCommand {
     /// Register a client; prints its id and (confidential clients) its secret, once.
     Create {
+        /// The client's name, shown to users on the consent page.
         #[arg(long)]
         name: String,
         /// Exact redirect URI (repeatable).
@@ -162,9 +164,24 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// Says which `VAULTPAY_*` variables name no setting: in the log (`logging`: the
+/// server and `migrate`), or on standard error (the other commands, which log nothing).
+fn warn_ignored_env(cfg: &Config, logging: bool) {
+    for w in &cfg.ignored_env {
+        if logging {
+            tracing::warn!("{w}");
+        } else {
+            eprintln!("warning: {w}");
+        }
+    }
+}
+
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut cfg = load_config(&cli)?;
+    if !matches!(cli.command, Command::Serve { .. } | Command::Migrate { .. }) {
+        warn_ignored_env(&cfg, false);
+    }
     match cli.command {
         Command::Serve {
             what,
@@ -178,6 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.auth_url = auth_url;
             }
             crate::telemetry::init_logging(&cfg);
+            warn_ignored_env(&cfg, true);
             let mode = match what {
                 ServeWhat::All => Mode::All,
                 ServeWhat::Auth => Mode::Auth,
@@ -208,6 +226,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate { service } => {
             crate::telemetry::init_logging(&cfg);
+            warn_ignored_env(&cfg, true);
             app::open_dbs(&cfg, which_mode(service)).await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)

@@ -71,6 +71,11 @@ pub struct Config {
     /// follows the listen address; a configured one is kept as it is).
     #[serde(skip)]
     pub issuer_configured: bool,
+    /// `VAULTPAY_*` variables that name no setting (a misspelling such as
+    /// `VAULTPAY_LISTN`), each with the setting it is probably meant to be: logged as
+    /// warnings once logging is set up, instead of being dropped silently.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 impl Default for Config {
@@ -100,6 +105,7 @@ impl Default for Config {
             redis_ca_path: None,
             jwks_refresh_secs: 15,
             issuer_configured: false,
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -161,6 +167,54 @@ const TOP_LEVEL: &[&str] = &[
     "redis_ca_path",
     "jwks_refresh_secs",
 ];
+
+/// `VAULTPAY_*` variables (after the prefix) that are read elsewhere, not settings:
+/// the config file's path, the bootstrap administrator, the log filter, and what the
+/// tests and benchmarks read.
+const NOT_SETTINGS: &[&str] = &[
+    "CONFIG",
+    "BOOTSTRAP_ADMIN_EMAIL",
+    "BOOTSTRAP_ADMIN_PASSWORD",
+    "LOG",
+    "TEST_",
+    "BENCH_",
+    "CRASH_",
+];
+
+/// The warning for variable `var` whose first key `key` is no setting, naming the
+/// closest setting when one is a typo away.
+fn unknown_variable(var: &str, key: &str) -> String {
+    let closest = TOP_LEVEL
+        .iter()
+        .map(|t| (edit_distance(key, t), *t))
+        .min()
+        .filter(|(d, _)| *d <= 2);
+    match closest {
+        Some((_, t)) => format!(
+            "{var} names no setting and is ignored (did you mean VAULTPAY_{}?)",
+            t.to_uppercase()
+        ),
+        None => format!("{var} names no setting and is ignored"),
+    }
+}
+
+/// Levenshtein distance (the keys are short ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
 
 fn parse_env_value(raw: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {raw}"))
@@ -234,6 +288,7 @@ impl Config {
             .filter(|(k, _)| k.starts_with("VAULTPAY_"))
             .collect();
         vars.sort();
+        let mut ignored_env = Vec::new();
         for (k, v) in vars {
             let rest = &k["VAULTPAY_".len()..];
             // `…_FILE`: the value is the file's text (without its final line break),
@@ -248,6 +303,9 @@ impl Config {
             };
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             if !TOP_LEVEL.contains(&path[0].as_str()) {
+                if !NOT_SETTINGS.iter().any(|p| rest.starts_with(p)) {
+                    ignored_env.push(unknown_variable(&k, &path[0]));
+                }
                 continue;
             }
             // secrets and addresses are taken as written, even when they look like a
@@ -271,6 +329,7 @@ impl Config {
             .try_into()
             .context("invalid configuration")?;
         cfg.issuer_configured = issuer_configured;
+        cfg.ignored_env = ignored_env;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -491,6 +550,40 @@ impl Config {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A `VAULTPAY_*` variable that names no setting is reported (with the setting a
+    /// typo away, if any), not dropped silently; the variables read elsewhere are not.
+    #[test]
+    fn variables_that_name_no_setting_are_reported() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("VAULTPAY_LISTN", "0.0.0.0:9000"),
+                ("VAULTPAY_SMTP__PASSWORD", "hunter2"),
+                ("VAULTPAY_LISTEN", "127.0.0.1:9001"),
+                ("VAULTPAY_CONFIG", "/etc/vaultpay.toml"),
+                ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "a@example.com"),
+                ("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD", "x"),
+                ("VAULTPAY_LOG", "debug"),
+                ("VAULTPAY_TEST_PG_URL", "postgres://x"),
+                ("VAULTPAY_BENCH_SECS", "10"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.ignored_env,
+            [
+                "VAULTPAY_LISTN names no setting and is ignored (did you mean VAULTPAY_LISTEN?)",
+                "VAULTPAY_SMTP__PASSWORD names no setting and is ignored",
+            ]
+        );
+        // the value is not in the warning (it may be a secret)
+        assert!(!c.ignored_env.concat().contains("hunter2"));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(edit_distance("listn", "listen"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("redis_ur", "redis_url"), 1);
+    }
 
     fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
         v.iter()

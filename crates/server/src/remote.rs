@@ -3,8 +3,10 @@
 
 use futures::future::BoxFuture;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-use vaultpay_auth::outbound::read_capped;
+use vaultpay_auth::outbound::{read_body_capped, read_capped};
 use vaultpay_core::jwt::KeySet;
 use vaultpay_core::secret::Secret;
 use vaultpay_proto::auth::Introspection;
@@ -75,7 +77,15 @@ pub struct HttpIntrospector {
     url: String,
     secret: Secret,
     http: reqwest::Client,
+    /// Whether AuthShield's last answer refused this ledger's credentials (401): the
+    /// two processes were given different `auth.introspection_secret`s, and every
+    /// sensitive operation answers 503 until that is fixed (see [`Self::probe`]).
+    refused: Arc<AtomicBool>,
 }
+
+/// The name of the token [`HttpIntrospector::probe`] asks about (no token has it:
+/// AuthShield answers `active: false` to a caller it accepts).
+const PROBE_TOKEN: &str = "vaultpay-ledger-credentials-probe";
 
 impl HttpIntrospector {
     pub fn new(
@@ -87,7 +97,22 @@ impl HttpIntrospector {
             url: format!("{}/oauth/introspect", auth_url.trim_end_matches('/')),
             secret,
             http: client(ca)?,
+            refused: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Set while AuthShield refuses this ledger's credentials (for `/readyz`).
+    pub fn credentials_refused(&self) -> Arc<AtomicBool> {
+        self.refused.clone()
+    }
+
+    /// Asks AuthShield about a token that does not exist, to learn whether it accepts
+    /// this ledger's credentials before a user's sensitive operation finds out: run at
+    /// start and then periodically. An unreachable AuthShield changes nothing here
+    /// (the JWKS reloads tell `/readyz` about that).
+    pub async fn probe(&self) -> Result<u64, String> {
+        use vaultpay_web::Introspector;
+        self.introspect(PROBE_TOKEN, None).await.map(|_| 0)
     }
 }
 
@@ -112,11 +137,29 @@ impl vaultpay_web::Introspector for HttpIntrospector {
             if let Some(id) = vaultpay_web::current_request_id() {
                 req = req.header("x-request-id", id);
             }
-            let body = read_capped(req, MAX_INTROSPECTION_BYTES)
+            let res = req
+                .send()
                 .await
                 .map_err(|e| format!("introspection: {e}"))?;
-            serde_json::from_slice::<Introspection>(&body)
-                .map_err(|e| format!("introspection: {e}"))
+            let status = res.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                self.refused.store(true, Ordering::Relaxed);
+                return Err(
+                    "introspection: AuthShield refuses this ledger's credentials (401): \
+                     auth.introspection_secret differs between the two"
+                        .to_owned(),
+                );
+            }
+            if !status.is_success() {
+                return Err(format!("introspection: AuthShield answered {status}"));
+            }
+            let body = read_body_capped(res, MAX_INTROSPECTION_BYTES)
+                .await
+                .map_err(|e| format!("introspection: {e}"))?;
+            let answer = serde_json::from_slice::<Introspection>(&body)
+                .map_err(|e| format!("introspection: {e}"))?;
+            self.refused.store(false, Ordering::Relaxed);
+            Ok(answer)
         })
     }
 }

@@ -850,6 +850,16 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
         assert!(text.contains("does not exist"), "{args:?}: {text}");
         assert!(!missing.exists(), "{args:?} created {}", missing.display());
     }
+    // a split ledger's data dir (its database only): the hint names the flag that
+    // picks it, and no empty AuthShield database appears
+    let split = temp_dir();
+    let d = split.display().to_string();
+    let (code, text) = run_cli(&["migrate", "--service", "ledger", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = run_cli(&["audit", "verify", "--data-dir", &d], &[]);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("add --service ledger"), "{text}");
+    assert!(!split.join("auth.db").exists(), "{text}");
     // a sqlite: URL naming a file that is not there: refused, and not created
     let url = format!("sqlite://{}/auth.db", missing.display());
     let (code, text) = run_cli(

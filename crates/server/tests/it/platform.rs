@@ -239,6 +239,37 @@ async fn a_lost_master_key_is_not_silently_replaced() {
     TestApp::start(cfg).await.stop().await;
 }
 
+/// One server per SQLite database: a second server started on the same data directory
+/// refuses to start, naming the database and the first server's pid, while the first
+/// goes on serving; once the first has stopped, the next one starts. (A killed
+/// server's lock goes with its process: the crash test restarts after `SIGKILL`.)
+#[tokio::test]
+async fn a_second_server_on_the_same_sqlite_files_refuses_to_start() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let cfg = app.cfg.clone();
+    let bootstrap = || vaultpay_auth::Bootstrap {
+        admin_email: None,
+        admin_password: None,
+    };
+    for mode in [vaultpay_server::Mode::All, vaultpay_server::Mode::Auth] {
+        let err = match vaultpay_server::start(cfg.clone(), mode, bootstrap()).await {
+            Ok(_) => panic!("a second server started on the same SQLite files ({mode:?})"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("is in use by another vaultpay server"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
+    }
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+    app.stop().await;
+    TestApp::start(cfg).await.stop().await;
+}
+
 /// Shutdown does not wait on a client still sending its request head: a connection
 /// answering no request is closed at once, whatever the header and request timeouts
 /// (an hour each here). (The 60 s bound keeps a regression, which would wait the

@@ -400,3 +400,74 @@ async fn a_ledger_without_authshield_keys_is_not_ready() {
     r.assert_problem(503, "service_unavailable");
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
 }
+
+/// A ledger run alone with another introspection secret than AuthShield's is not
+/// ready, and says why: it probes AuthShield's introspection at start (and with every
+/// JWKS reload) instead of letting the first user's sensitive operation find out. The
+/// keys still load, so nothing else would tell.
+#[tokio::test]
+async fn a_ledger_whose_introspection_secret_authshield_refuses_is_not_ready() {
+    let (pa, pl) = (free_port(), free_port());
+    let env = |dir: &std::path::Path, secret: &str| {
+        vec![
+            ("VAULTPAY_DATA_DIR", dir.display().to_string()),
+            ("VAULTPAY_DATABASE__SQLITE_SYNCHRONOUS_FULL", "false".into()),
+            ("VAULTPAY_AUTH__INTROSPECTION_SECRET", secret.into()),
+            ("VAULTPAY_AUTH__ISSUER", format!("http://127.0.0.1:{pa}")),
+            ("VAULTPAY_JWKS_REFRESH_SECS", "1".into()),
+            ("VAULTPAY_LOG_FORMAT", "pretty".into()),
+        ]
+    };
+    let (da, dl) = (temp_dir(), temp_dir());
+    let mut auth = Proc::spawn(
+        &["serve", "auth", "--listen", &format!("127.0.0.1:{pa}")],
+        &env(&da, "the-secret-authshield-has"),
+        da.join("auth.log"),
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    auth.wait_ready(&http, &format!("http://127.0.0.1:{pa}"))
+        .await;
+    let _ledger = Proc::spawn(
+        &[
+            "serve",
+            "ledger",
+            "--listen",
+            &format!("127.0.0.1:{pl}"),
+            "--auth-url",
+            &format!("http://127.0.0.1:{pa}"),
+        ],
+        &env(&dl, "another-secret-entirely"),
+        dl.join("ledger.log"),
+    );
+    let base = format!("http://127.0.0.1:{pl}");
+    // `/readyz` answers a generic 503 (its reasons go to the log, not to whoever
+    // probes it): wait for one given for the credentials.
+    let log = || std::fs::read_to_string(dl.join("ledger.log")).unwrap_or_default();
+    let mut refused = None;
+    for _ in 0..600 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            let r = read(r).await;
+            if r.status == 503
+                && log().contains("AuthShield refuses this ledger's introspection credentials")
+            {
+                refused = Some(r);
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = refused.unwrap_or_else(|| {
+        panic!(
+            "the ledger never reported the refused credentials; see {}",
+            dl.join("ledger.log").display()
+        )
+    });
+    r.assert_problem(503, "service_unavailable");
+    assert!(!r.text.contains("secret"), "{}", r.text);
+    // the probe named the setting to fix
+    assert!(
+        log().contains("auth.introspection_secret differs"),
+        "{}",
+        log()
+    );
+}

@@ -561,17 +561,23 @@ mod tests {
             .fetch_all(&mut c)
             .await
             .unwrap();
+        // Cargo reads `.cargo/config.toml` only when run inside the checkout, and a
+        // LIBSQLITE3_FLAGS in the environment replaces it: either builds a SQLite
+        // that is correct but slower, which this test is here to notice.
+        let why = "SQLite was built without the workspace's LIBSQLITE3_FLAGS \
+                   (.cargo/config.toml): was cargo run from outside the checkout, or is \
+                   LIBSQLITE3_FLAGS set in the environment?";
         assert!(
             options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
-            "{options:?}"
+            "{why} {options:?}"
         );
         assert!(
             options.iter().any(|o| o == "DEFAULT_LOOKASIDE=200,6000"),
-            "{options:?}"
+            "{why} {options:?}"
         );
         assert!(
             !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
-            "{options:?}"
+            "{why} {options:?}"
         );
         // Still what libsqlite3-sys and this project rely on.
         assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");

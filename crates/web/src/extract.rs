@@ -11,9 +11,22 @@ use vaultpay_store::audit::Origin;
 /// serde's wording for a field of the wrong type, with the type names a client knows
 /// (`expected i64` is `expected an integer`).
 fn plain_types(text: &str) -> String {
+    // axum's wording around serde's ("Failed to deserialize the JSON body into the
+    // target type: amount: invalid type: …") says nothing the client needs.
+    let text = text
+        .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+        .unwrap_or(text);
     let mut out = text.to_owned();
     for int in ["i64", "u64", "i32", "u32", "u16", "u8", "usize", "isize"] {
         out = out.replace(&format!("expected {int}"), "expected an integer");
+    }
+    // serde_json reads an integer too large for 64 bits as a float: say why it fails
+    if out.contains("invalid type: floating point") && out.contains("expected an integer") {
+        out = out.replacen(
+            "expected an integer",
+            "expected a whole number between -9223372036854775808 and 9223372036854775807",
+            1,
+        );
     }
     out.replace("expected f64", "expected a number")
 }
@@ -449,6 +462,36 @@ mod tests {
             .with_header(header);
         p.extensions.insert(Arc::new(cfg));
         p
+    }
+
+    /// A body of the wrong shape is refused naming the field and what it should be,
+    /// in the API's terms rather than Rust's or axum's.
+    #[test]
+    fn typed_rejections_speak_the_apis_terms() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            amount: i64,
+            rate: Option<f64>,
+        }
+        let detail = |body: &str| {
+            let err = match axum::Json::<T>::from_bytes(body.as_bytes()) {
+                Err(e) => e,
+                Ok(v) => panic!("{body} was accepted: {v:?}"),
+            };
+            plain_types(&err.body_text())
+        };
+        let d = detail(r#"{"amount": "5"}"#);
+        assert!(d.starts_with("amount: invalid type: string"), "{d}");
+        assert!(d.contains("expected an integer"), "{d}");
+        let d = detail(r#"{"amount": 99999999999999999999999}"#);
+        assert!(
+            d.contains("expected a whole number between -9223372036854775808"),
+            "{d}"
+        );
+        let d = detail(r#"{"amount": 1, "rate": "x"}"#);
+        assert!(d.contains("expected a number"), "{d}");
+        assert!(!d.contains("Failed to deserialize"), "{d}");
     }
 
     #[test]

@@ -83,7 +83,9 @@ pub(crate) fn held(ticket: String) -> Response {
 
 /// Finish a held login once its network was confirmed by email (`202` until then).
 #[utoipa::path(post, path = "/v1/auth/login/complete", tag = "auth", request_body = iwire::LoginCompleteRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 202, body = iwire::LoginHeld), (status = 400, body = Problem), (status = 423, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = iwire::LoginHeld),
+        (status = 400, body = Problem, description = "`invalid_login_ticket`: the ticket is invalid, expired, already used, or used from another device or network"),
+        (status = 423, body = Problem, description = "`account_locked` or `password_reset_required`")))]
 async fn complete_login(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -216,7 +218,7 @@ fn html_page(title: &str, body: &str) -> Response {
 
 /// The emailed "this was me" link: a page whose button confirms.
 #[utoipa::path(get, path = "/v1/auth/login/confirm", tag = "auth", params(TokenParam),
-    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem)))]
+    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem, description = "`invalid_token`: the token is malformed")))]
 async fn confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
     page(
         "Confirm this sign-in",
@@ -230,7 +232,7 @@ async fn confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> 
 /// Confirm the network of a held login (form field `token`). A browser's form
 /// submission is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/login/confirm", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = wire::Accepted, description = "Confirmed (a browser's form submission: an HTML page)"), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::Accepted, description = "Confirmed (a browser's form submission: an HTML page)"), (status = 400, body = Problem, description = "`invalid_token`: the link is invalid, expired or already used")))]
 async fn confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -251,7 +253,7 @@ async fn confirm(
 
 /// The emailed "this wasn't me" link: a page whose button locks the account.
 #[utoipa::path(get, path = "/v1/auth/login/deny", tag = "auth", params(TokenParam),
-    responses((status = 200, description = "HTML page"), (status = 400, body = Problem)))]
+    responses((status = 200, description = "HTML page"), (status = 400, body = Problem, description = "`invalid_token`: the token is malformed")))]
 async fn deny_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
     page(
         "This wasn't me",
@@ -265,7 +267,7 @@ async fn deny_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
 /// "This wasn't me": every session ends; the account is locked until a password reset.
 /// A browser's form submission is answered with a page.
 #[utoipa::path(post, path = "/v1/auth/login/deny", tag = "auth", request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = wire::Accepted, description = "Locked (a browser's form submission: an HTML page)"), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::Accepted, description = "Locked (a browser's form submission: an HTML page)"), (status = 400, body = Problem, description = "`invalid_token`: the link is invalid, expired or already used")))]
 async fn deny(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -288,7 +290,7 @@ async fn deny(
 /// (a mail scanner that prefetches links must not move the account to an address
 /// its owner mistyped).
 #[utoipa::path(get, path = "/v1/auth/email/confirm", tag = "auth", params(TokenParam),
-    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem)))]
+    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem, description = "`invalid_token`: the token is malformed")))]
 async fn email_confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Response> {
     page(
         "Confirm your new email address",
@@ -303,7 +305,7 @@ async fn email_confirm_page(ApiQuery(q): ApiQuery<TokenParam>) -> ApiResult<Resp
 /// `token` or as JSON `{"token": …}`. A browser's form submission is answered with a
 /// page.
 #[utoipa::path(post, path = "/v1/auth/email/confirm", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User, description = "Changed (a browser's form submission: an HTML page)"), (status = 400, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = wire::User, description = "Changed (a browser's form submission: an HTML page)"), (status = 400, body = Problem, description = "`invalid_token`: the link is invalid, expired or already used"), (status = 409, body = Problem, description = "`email_taken`")))]
 async fn email_confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -401,7 +403,8 @@ async fn unlink_identity(
 
 /// Create a custom role (`roles:manage`; only permissions the caller holds).
 #[utoipa::path(post, path = "/v1/admin/roles", tag = "auth", request_body = iwire::CreateRoleRequest,
-    responses((status = 201, body = wire::Role), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+    responses((status = 201, body = wire::Role), (status = 403, body = Problem), (status = 409, body = Problem),
+        (status = 422, body = Problem, description = "`role_name_invalid`, `description_invalid`, `permissions_invalid`, `permission_unknown` or `permission_not_delegable`")), security(("bearer" = [])))]
 async fn create_role(
     State(svc): State<AuthService>,
     ctx: Ctx,

@@ -87,7 +87,8 @@ fn no_store<T: IntoResponse>(status: StatusCode, body: T) -> Response {
 
 /// Register an account (role `customer`); a verification link is mailed.
 #[utoipa::path(post, path = "/v1/auth/register", tag = "auth", request_body = wire::RegisterRequest,
-    responses((status = 201, body = wire::User), (status = 409, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 201, body = wire::User), (status = 409, body = Problem, description = "`email_taken`"),
+        (status = 422, body = Problem, description = "`email_invalid`, `name_invalid` or a password-policy refusal (`password_too_short`, `password_too_long`, `password_common`, `password_weak`, `password_breached`)"), (status = 429, body = Problem)))]
 async fn register(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -100,7 +101,9 @@ async fn register(
 /// Log in with email and password; answers an OAuth-shaped token response, or 202
 /// `mfa_required` with a ticket for `/v1/auth/mfa/verify` when a second factor is on.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = wire::LoginRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::mfa::MfaChallenge, description = "A second factor is needed (`mfa_required`), or, with a `LoginHeld` body, the network must be confirmed first (`ip_confirmation_required`)"), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 202, body = vaultpay_proto::mfa::MfaChallenge, description = "A second factor is needed (`mfa_required`), or, with a `LoginHeld` body, the network must be confirmed first (`ip_confirmation_required`)"), (status = 401, body = Problem, description = "`invalid_credentials`: the email or password is wrong"),
+        (status = 422, body = Problem, description = "`device_invalid`: the device id or name is refused"),
+        (status = 423, body = Problem, description = "`account_locked` (too many failures; retry after `Retry-After`) or `password_reset_required` (a sign-in was reported as not the owner's)"), (status = 429, body = Problem)))]
 async fn login(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -136,7 +139,7 @@ async fn logout(
 /// posts it as the form field `token` (a browser's form submission is answered with a
 /// page); an API client sends JSON `{"token": …}`.
 #[utoipa::path(post, path = "/v1/auth/verify-email", tag = "auth", request_body = wire::TokenRequestBody,
-    responses((status = 200, body = wire::User, description = "Verified (a browser's form submission: an HTML page)"), (status = 400, body = Problem)))]
+    responses((status = 200, body = wire::User, description = "Verified (a browser's form submission: an HTML page)"), (status = 400, body = Problem, description = "`invalid_token`: the link is invalid, expired or already used")))]
 async fn verify_email(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -166,7 +169,7 @@ struct TokenQuery {
 /// address. Opening the link changes nothing, so a mail scanner that prefetches links
 /// cannot verify an address for whoever registered it.
 #[utoipa::path(get, path = "/v1/auth/verify-email", tag = "auth", params(TokenQuery),
-    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem)))]
+    responses((status = 200, description = "HTML confirmation page"), (status = 400, body = Problem, description = "`invalid_token`: the token is malformed")))]
 async fn verify_email_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Response> {
     crate::ext_routes::page(
         "Confirm your email address",
@@ -213,7 +216,7 @@ async fn forgot_password(
 #[utoipa::path(post, path = "/v1/auth/password/reset", tag = "auth",
     request_body(content = wire::ResetPasswordRequest, description = "JSON, or the same fields form-encoded (the reset page's form: a browser's submission is answered with HTML pages)"),
     responses((status = 200, body = wire::Accepted, description = "Changed (a browser's form submission: an HTML page)"),
-        (status = 400, body = Problem), (status = 422, body = Problem, description = "Refused by the password policy (a browser's form submission: the form again, with the reason)")))]
+        (status = 400, body = Problem, description = "`invalid_token`: the link is invalid, expired or already used"), (status = 422, body = Problem, description = "Refused by the password policy (a browser's form submission: the form again, with the reason)")))]
 async fn reset_password(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -270,7 +273,7 @@ fn reset_form(token: &str, text: &str) -> ApiResult<Response> {
 /// The emailed reset link itself (opened in a browser): a page with a new-password
 /// field whose button posts it with the token. Opening it changes nothing.
 #[utoipa::path(get, path = "/v1/auth/password/reset", tag = "auth", params(TokenQuery),
-    responses((status = 200, description = "HTML page to choose a new password"), (status = 400, body = Problem)))]
+    responses((status = 200, description = "HTML page to choose a new password"), (status = 400, body = Problem, description = "`invalid_token`: the token is malformed")))]
 async fn reset_password_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Response> {
     reset_form(
         &q.token,
@@ -281,8 +284,11 @@ async fn reset_password_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Res
 /// Start changing the email address (current password and a recent authentication
 /// required): the new address gets a confirmation link, the old one a notice.
 #[utoipa::path(post, path = "/v1/auth/email/change", tag = "auth", request_body = wire::ChangeEmailRequest,
-    responses((status = 202, body = wire::Accepted), (status = 401, body = Problem), (status = 409, body = Problem),
-        (status = 422, body = Problem), (status = 429, body = Problem)), security(("bearer" = [])))]
+    responses((status = 202, body = wire::Accepted),
+        (status = 401, body = Problem, description = "`invalid_credentials`: the current password is wrong; or no valid access token (`missing_token`, `invalid_token`, `session_revoked`, `insufficient_user_authentication`)"),
+        (status = 409, body = Problem, description = "`email_taken`"),
+        (status = 422, body = Problem, description = "`email_invalid` or `email_unchanged`"), (status = 423, body = Problem, description = "`account_locked`: too many wrong passwords; retry after `Retry-After`"),
+        (status = 429, body = Problem)), security(("bearer" = [])))]
 async fn change_email(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -298,7 +304,10 @@ async fn change_email(
 
 /// Change the password (current one required); other sessions are revoked.
 #[utoipa::path(post, path = "/v1/auth/password/change", tag = "auth", request_body = wire::ChangePasswordRequest,
-    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = wire::Accepted),
+        (status = 401, body = Problem, description = "`invalid_credentials`: the current password is wrong; or no valid access token (`missing_token`, `invalid_token`, `session_revoked`, `insufficient_user_authentication`)"),
+        (status = 422, body = Problem, description = "a password-policy refusal (`password_too_short`, `password_too_long`, `password_common`, `password_weak`, `password_breached`), or `password_reused`"),
+        (status = 423, body = Problem, description = "`account_locked`: too many wrong passwords; retry after `Retry-After`")), security(("bearer" = [])))]
 async fn change_password(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -376,7 +385,8 @@ async fn get_user(
 
 /// Grant a role (`roles:manage`).
 #[utoipa::path(post, path = "/v1/admin/users/{id}/roles", tag = "auth", params(("id" = String, Path)), request_body = wire::RoleChange,
-    responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = wire::User), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem, description = "`role_unknown`")), security(("bearer" = [])))]
 async fn grant_role(
     State(svc): State<AuthService>,
     ctx: Ctx,

@@ -182,7 +182,8 @@ fn time_param(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
 
 #[utoipa::path(post, path = "/v1/accounts", tag = "ledger", request_body = wire::OpenAccountRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the request safely retryable")),
-    responses((status = 201, body = wire::Account), (status = 422, body = Problem)))]
+    responses((status = 201, body = wire::Account),
+        (status = 422, body = Problem, description = "`currency_unknown`, `invalid_request` (a field's value is refused) or `idempotency_key_reused`")))]
 async fn open_account(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -278,7 +279,11 @@ async fn statement(
 
 #[utoipa::path(post, path = "/v1/transfers", tag = "ledger", request_body = wire::TransferRequest,
     params(("Idempotency-Key" = String, Header, description = "Required; scoped to the caller")),
-    responses((status = 201, body = wire::Transfer), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = wire::Transfer),
+        (status = 403, body = Problem, description = "`not_account_owner`: the caller does not own the source account; or `forbidden`, `untrusted_network`"),
+        (status = 404, body = Problem, description = "`account_not_found`"),
+        (status = 409, body = Problem, description = "`account_frozen`, `account_closed` or `idempotency_request_in_progress`"),
+        (status = 422, body = Problem, description = "`amount_invalid`, `same_account`, `currency_unknown`, `currency_mismatch`, `insufficient_funds`, `invalid_request` (a field's value is refused) or `idempotency_key_reused`")))]
 async fn create_transfer(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -293,7 +298,8 @@ async fn create_transfer(
 
 #[utoipa::path(post, path = "/v1/transfers/batch", tag = "ledger", request_body = wire::BatchRequest,
     params(("Idempotency-Key" = String, Header, description = "Required; scoped to the caller")),
-    responses((status = 200, body = wire::BatchResponse), (status = 422, body = Problem)))]
+    responses((status = 200, body = wire::BatchResponse),
+        (status = 422, body = Problem, description = "`batch_too_large`, `batch_failed` (an atomic batch with a refused item: nothing was posted), `invalid_request` or `idempotency_key_reused`")))]
 async fn batch(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -318,7 +324,11 @@ async fn get_transfer(
 
 #[utoipa::path(post, path = "/v1/transfers/{id}/post", tag = "ledger", request_body = wire::PostHoldRequest,
     params(("id" = String, Path), ("Idempotency-Key" = String, Header)),
-    responses((status = 200, body = wire::Transfer), (status = 409, body = Problem)))]
+    responses((status = 200, body = wire::Transfer),
+        (status = 403, body = Problem, description = "`not_account_owner`; or `forbidden`, `untrusted_network`"),
+        (status = 404, body = Problem, description = "`transfer_not_found` (no such hold, or not the caller's) or `account_not_found`"),
+        (status = 409, body = Problem, description = "`hold_not_pending`, `hold_expired`, `account_frozen`, `account_closed` or `idempotency_request_in_progress`"),
+        (status = 422, body = Problem, description = "`amount_invalid` (more than the hold), `invalid_request` or `idempotency_key_reused`")))]
 async fn post_hold(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -334,7 +344,11 @@ async fn post_hold(
 
 #[utoipa::path(post, path = "/v1/transfers/{id}/void", tag = "ledger", request_body = wire::VoidHoldRequest,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
-    responses((status = 200, body = wire::Transfer), (status = 409, body = Problem)))]
+    responses((status = 200, body = wire::Transfer),
+        (status = 403, body = Problem, description = "`not_account_owner`; or `forbidden`, `untrusted_network`"),
+        (status = 404, body = Problem, description = "`transfer_not_found` (no such hold, or not the caller's) or `account_not_found`"),
+        (status = 409, body = Problem, description = "`hold_not_pending`, `hold_expired` or `idempotency_request_in_progress`"),
+        (status = 422, body = Problem, description = "`invalid_request` (the reason is refused) or `idempotency_key_reused`")))]
 async fn void_hold(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -350,7 +364,10 @@ async fn void_hold(
 
 #[utoipa::path(post, path = "/v1/admin/deposits", tag = "ledger-admin", request_body = wire::TreasuryRequest,
     params(("Idempotency-Key" = String, Header)),
-    responses((status = 201, body = wire::Transfer), (status = 403, body = Problem)))]
+    responses((status = 201, body = wire::Transfer), (status = 403, body = Problem),
+        (status = 404, body = Problem, description = "`account_not_found`"),
+        (status = 409, body = Problem, description = "`settlement_account` (a settlement account cannot be named), `account_frozen`, `account_closed` or `idempotency_request_in_progress`"),
+        (status = 422, body = Problem, description = "`amount_invalid`, `currency_unknown`, `currency_mismatch`, `invalid_request` (a field's value is refused) or `idempotency_key_reused`")))]
 async fn deposit(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -365,7 +382,10 @@ async fn deposit(
 
 #[utoipa::path(post, path = "/v1/admin/withdrawals", tag = "ledger-admin", request_body = wire::TreasuryRequest,
     params(("Idempotency-Key" = String, Header)),
-    responses((status = 201, body = wire::Transfer), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = wire::Transfer), (status = 403, body = Problem),
+        (status = 404, body = Problem, description = "`account_not_found`"),
+        (status = 409, body = Problem, description = "`settlement_account` (a settlement account cannot be named), `account_frozen`, `account_closed` or `idempotency_request_in_progress`"),
+        (status = 422, body = Problem, description = "`amount_invalid`, `insufficient_funds`, `currency_unknown`, `currency_mismatch`, `invalid_request` (a field's value is refused) or `idempotency_key_reused`")))]
 async fn withdraw(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -393,7 +413,10 @@ async fn account_action(
 }
 
 #[utoipa::path(post, path = "/v1/admin/accounts/{id}/freeze", tag = "ledger-admin", request_body = wire::AccountActionRequest,
-    params(("id" = String, Path)), responses((status = 200, body = wire::Account), (status = 409, body = Problem)))]
+    params(("id" = String, Path)), responses((status = 200, body = wire::Account),
+        (status = 404, body = Problem, description = "`account_not_found`"),
+        (status = 409, body = Problem, description = "`account_frozen` (already), `account_closed` or `settlement_account`"),
+        (status = 422, body = Problem, description = "`invalid_request`: the reason is missing, too long or contains control characters")))]
 async fn freeze(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -405,7 +428,10 @@ async fn freeze(
 }
 
 #[utoipa::path(post, path = "/v1/admin/accounts/{id}/unfreeze", tag = "ledger-admin", request_body = wire::AccountActionRequest,
-    params(("id" = String, Path)), responses((status = 200, body = wire::Account), (status = 409, body = Problem)))]
+    params(("id" = String, Path)), responses((status = 200, body = wire::Account),
+        (status = 404, body = Problem, description = "`account_not_found`"),
+        (status = 409, body = Problem, description = "`account_not_frozen`, `account_closed` or `settlement_account`"),
+        (status = 422, body = Problem, description = "`invalid_request`: the reason is missing, too long or contains control characters")))]
 async fn unfreeze(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -417,7 +443,10 @@ async fn unfreeze(
 }
 
 #[utoipa::path(post, path = "/v1/admin/accounts/{id}/close", tag = "ledger-admin", request_body = wire::AccountActionRequest,
-    params(("id" = String, Path)), responses((status = 200, body = wire::Account), (status = 409, body = Problem)))]
+    params(("id" = String, Path)), responses((status = 200, body = wire::Account),
+        (status = 404, body = Problem, description = "`account_not_found`"),
+        (status = 409, body = Problem, description = "`account_not_empty` (a balance or a pending hold remains), `account_closed` (already) or `settlement_account`"),
+        (status = 422, body = Problem, description = "`invalid_request`: the reason is missing, too long or contains control characters")))]
 async fn close(
     State(l): State<Ledger>,
     ctx: Ctx,
@@ -487,15 +516,19 @@ struct LedgerApi;
 
 /// What every ledger route shares, said once instead of on each annotation: a bearer
 /// access token (`security`), and the refusals any route can give: a 401 for the
-/// token, a 503 when the database (or, for a check of the session, AuthShield) cannot
-/// be reached, for a GET with query parameters a 400 (unknown parameter, bad cursor
-/// or time) and, for a POST, 400 (malformed JSON, a missing or bad
-/// `Idempotency-Key`), 413 (body over the limit) and 415 (not JSON).
+/// token, a 403 for a token without the `api` scope (or a permission the route needs),
+/// a 503 when the database (or, for a check of the session, AuthShield) cannot be
+/// reached, for a GET with query parameters a 400 (unknown parameter, bad cursor or
+/// time) and, for a POST, 400 (malformed JSON, a missing or bad `Idempotency-Key`),
+/// 413 (body over the limit) and 415 (not JSON); for one that takes an
+/// `Idempotency-Key`, the 409 of a request still running under the same key and the
+/// 422 of a key reused for another request.
 struct EveryRouteAuthenticated;
 
 impl utoipa::Modify for EveryRouteAuthenticated {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::path::ParameterIn;
         use utoipa::openapi::security::SecurityRequirement;
         use utoipa::openapi::{Ref, ResponseBuilder};
         let problem = |what: &str| {
@@ -510,24 +543,21 @@ impl utoipa::Modify for EveryRouteAuthenticated {
                 .build()
         };
         for (path, item) in doc.paths.paths.iter_mut() {
-            let post = item.post.is_some();
             // a hold's post and void take an optional body of any content type
             let any_body = path.ends_with("/post") || path.ends_with("/void");
-            if let Some(op) = &mut item.get {
-                let has_query =
+            let ops = [(false, &mut item.get), (true, &mut item.post)];
+            for (post, op) in ops
+                .into_iter()
+                .filter_map(|(p, op)| Some((p, op.as_mut()?)))
+            {
+                let param = |place: ParameterIn, name: Option<&str>| {
                     op.parameters.iter().flatten().any(|p| {
-                        matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Query)
-                    });
-                if has_query {
-                    op.responses
-                        .responses
-                        .entry("400".to_owned())
-                        .or_insert_with(|| {
-                            problem("`invalid_query` (an unknown parameter, a bad limit or time) or `invalid_cursor`").into()
-                        });
-                }
-            }
-            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                        p.parameter_in == place
+                            && name.is_none_or(|n| p.name.eq_ignore_ascii_case(n))
+                    })
+                };
+                let has_query = param(ParameterIn::Query, None);
+                let idempotent = param(ParameterIn::Header, Some(IDEMPOTENCY_KEY_HEADER));
                 op.security = Some(vec![SecurityRequirement::new(
                     "bearer",
                     Vec::<String>::new(),
@@ -537,17 +567,28 @@ impl utoipa::Modify for EveryRouteAuthenticated {
                     r.entry(status.to_owned())
                         .or_insert_with(|| problem(what).into());
                 };
-                add("401", "No valid access token: missing, malformed, expired or revoked, or step-up required (`insufficient_user_authentication`)");
+                if !post && has_query {
+                    add("400", "`invalid_query` (an unknown parameter, a bad limit or time) or `invalid_cursor`");
+                }
+                add("401", "No valid access token: missing, malformed, expired or revoked (`missing_token`, `invalid_token`, `session_revoked`), or step-up required (`insufficient_user_authentication`)");
+                add("403", "`forbidden`: the token lacks the `api` scope or the permission this route needs; or `untrusted_network`: the request comes from a network the account has not confirmed");
                 add("503", "`service_unavailable`: the database, or AuthShield for a live-session check, cannot be reached; nothing was written, retry after `Retry-After`");
                 if post {
                     add(
                         "400",
-                        "Malformed JSON, or a missing or invalid Idempotency-Key",
+                        "`malformed_json` (the body is not valid JSON), or `idempotency_key_required` / `idempotency_key_invalid` (the `Idempotency-Key` header is missing where required, repeated or malformed)",
                     );
-                    add("413", "Body over the limit");
+                    add("413", "`body_too_large`: the body is over the limit");
                     if !any_body {
-                        add("415", "Body is not application/json");
+                        add(
+                            "415",
+                            "`unsupported_media_type`: the body is not application/json",
+                        );
                     }
+                }
+                if idempotent {
+                    add("409", "`idempotency_request_in_progress`: a request with this `Idempotency-Key` is still running; retry it later");
+                    add("422", "`idempotency_key_reused`: this `Idempotency-Key` was used for a different request");
                 }
             }
         }

@@ -87,7 +87,7 @@ async fn status(State(svc): State<AuthService>, p: Principal) -> ApiResult<Json<
     responses((status = 200, body = wire::Accepted),
         (status = 401, description = "`insufficient_user_authentication`: step up first (RFC 9470)", body = Problem),
         (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
-        (status = 422, body = Problem)), security(("bearer" = [])))]
+        (status = 422, body = Problem, description = "`reason_invalid`, or `mfa_reset_self` (an administrator's own second factor is turned off by its owner)")), security(("bearer" = [])))]
 async fn admin_reset(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -114,7 +114,8 @@ async fn totp_enroll(
 
 /// Confirm TOTP with a current code: enables it and answers 10 recovery codes, once.
 #[utoipa::path(post, path = "/v1/mfa/totp/confirm", tag = "auth", request_body = mw::CodeRequest,
-    responses((status = 200, body = mw::TotpConfirmed), (status = 401, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = mw::TotpConfirmed), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`totp_not_pending`: no enrolment to confirm")), security(("bearer" = [])))]
 async fn totp_confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -127,7 +128,8 @@ async fn totp_confirm(
 
 /// Turn TOTP off (password and a current code required); recovery codes die with it.
 #[utoipa::path(post, path = "/v1/mfa/totp/disable", tag = "auth", request_body = mw::TotpDisableRequest,
-    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem), (status = 423, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`mfa_method_required` (the account has both factors: say which), `mfa_method_unavailable` or `mfa_method_unknown`"), (status = 423, body = Problem)), security(("bearer" = [])))]
 async fn totp_disable(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -163,7 +165,8 @@ async fn email_confirm(
 
 /// Turn emailed codes off: the password and a stepped-up token (`/v1/auth/step-up`).
 #[utoipa::path(post, path = "/v1/mfa/email/disable", tag = "auth", request_body = mw::PasswordRequest,
-    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem), (status = 423, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`mfa_method_unavailable`: emailed codes are not on"), (status = 423, body = Problem)), security(("bearer" = [])))]
 async fn email_disable(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -176,7 +179,8 @@ async fn email_disable(
 /// Finish a login that answered `mfa_required`: ticket + code → tokens
 /// (`amr` `["pwd","otp","mfa"]`, `acr` `urn:vaultpay:acr:mfa`).
 #[utoipa::path(post, path = "/v1/auth/mfa/verify", tag = "auth", request_body = mw::MfaVerifyRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 423, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`mfa_method_required` (the account has both factors: say which), `mfa_method_unavailable` or `mfa_method_unknown`"), (status = 423, body = Problem), (status = 429, body = Problem)))]
 async fn mfa_verify(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -188,7 +192,8 @@ async fn mfa_verify(
 
 /// Mail the login code for an MFA ticket (rate limited).
 #[utoipa::path(post, path = "/v1/auth/mfa/email", tag = "auth", request_body = mw::MfaTicketRequest,
-    responses((status = 202, body = wire::Accepted), (status = 401, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 202, body = wire::Accepted), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`mfa_method_unavailable`: emailed codes are not on for this account"), (status = 429, body = Problem)))]
 async fn mfa_email(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -201,7 +206,8 @@ async fn mfa_email(
 /// Step-up (RFC 9470): prove a second factor for the current session; answers a new
 /// access token for the same session with `acr`, `amr` and `auth_time` updated.
 #[utoipa::path(post, path = "/v1/auth/step-up", tag = "auth", request_body = mw::StepUpRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 422, body = Problem), (status = 423, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`mfa_not_enrolled` (no second factor to step up with), `mfa_method_required` (the account has both factors: say which), `mfa_method_unavailable` or `mfa_method_unknown`"), (status = 423, body = Problem)), security(("bearer" = [])))]
 async fn step_up(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -214,7 +220,8 @@ async fn step_up(
 
 /// Mail a step-up code for the current session.
 #[utoipa::path(post, path = "/v1/auth/step-up/email", tag = "auth",
-    responses((status = 202, body = wire::Accepted), (status = 401, body = Problem), (status = 429, body = Problem)), security(("bearer" = [])))]
+    responses((status = 202, body = wire::Accepted), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "`mfa_method_unavailable`: emailed codes are not on for this account"), (status = 429, body = Problem)), security(("bearer" = [])))]
 async fn step_up_email(
     State(svc): State<AuthService>,
     ctx: Ctx,

@@ -780,7 +780,8 @@ pub(crate) struct CodeForm {
 
 /// The second-factor step: a TOTP, emailed or recovery code of the signed-in user.
 #[utoipa::path(post, path = "/oauth/authorize/second-factor", tag = "oauth",
-    responses((status = 200, description = "Consent page (HTML)", content_type = "text/html")))]
+    responses((status = 200, description = "Consent page (HTML)", content_type = "text/html"),
+        (status = 401, description = "The second-factor page again: the code is wrong", content_type = "text/html")))]
 pub(crate) async fn second_factor(
     State(svc): State<AuthService>,
     ctx: Ctx,

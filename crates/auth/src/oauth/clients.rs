@@ -408,7 +408,8 @@ async fn admin(svc: &AuthService, ctx: &Ctx, p: &Principal) -> Result<(), AuthEr
 
 /// Register an OAuth client (`clients:manage`); the secret is shown once.
 #[utoipa::path(post, path = "/v1/admin/clients", tag = "oauth", request_body = NewClient,
-    responses((status = 201, body = CreatedClient), (status = 403, body = vaultpay_proto::Problem), (status = 422, body = vaultpay_proto::Problem)),
+    responses((status = 201, body = CreatedClient), (status = 403, body = vaultpay_proto::Problem),
+        (status = 422, body = vaultpay_proto::Problem, description = "`invalid_client_metadata`: a redirect URI, grant, scope or other field is refused")),
     security(("bearer" = [])))]
 pub(crate) async fn create_route(
     State(svc): State<AuthService>,

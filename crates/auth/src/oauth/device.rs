@@ -49,7 +49,7 @@ fn display(code: &str) -> String {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct DeviceAuthForm {
     client_id: Option<String>,
     client_secret: Option<String>,
@@ -58,6 +58,7 @@ pub(crate) struct DeviceAuthForm {
 
 /// Device authorization request (RFC 8628 §3.1).
 #[utoipa::path(post, path = "/oauth/device_authorization", tag = "oauth",
+    request_body(content = DeviceAuthForm, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, description = "device_code, user_code, verification_uri(_complete), expires_in, interval"),
         (status = 400, body = vaultpay_proto::auth::OAuthError), (status = 401, body = vaultpay_proto::auth::OAuthError),
         (status = 429, body = vaultpay_proto::auth::OAuthError, description = "Too many requests from this address")))]
@@ -495,7 +496,10 @@ pub(crate) struct DeviceForm {
 
 /// The device page's post: sign in and approve or deny.
 #[utoipa::path(post, path = "/oauth/device", tag = "oauth",
-    responses((status = 200, description = "Result page (HTML)", content_type = "text/html")))]
+    responses((status = 200, description = "Result page (HTML)", content_type = "text/html"),
+        (status = 400, description = "The page again, or an error page: the form is incomplete, or no pending request has this code", content_type = "text/html"),
+        (status = 401, description = "The page again, with the reason: wrong credentials or second-factor code, or the account is locked", content_type = "text/html"),
+        (status = 403, description = "Error page: the CSRF check failed", content_type = "text/html")))]
 pub(crate) async fn device_submit(
     State(svc): State<AuthService>,
     ctx: Ctx,

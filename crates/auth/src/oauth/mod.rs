@@ -494,7 +494,7 @@ impl AuthService {
         oidc::discovery, oidc::userinfo
     ),
     components(schemas(clients::NewClient, clients::ClientView, clients::CreatedClient, clients::ClientList,
-        device::ApproveRequest, tokens::TokenOnlyForm, tokens::TokenParams)),
+        device::ApproveRequest, device::DeviceAuthForm, tokens::TokenOnlyForm, tokens::TokenParams)),
     tags((name = "oauth", description = "OAuth 2.0 / OpenID Connect provider"))
 )]
 struct OAuthApi;

@@ -160,7 +160,9 @@ fn bearer_error(status: StatusCode, error: &str, description: &str) -> Response 
 /// The signed-in user's claims (bearer access token with the `openid` scope):
 /// `sub`, and by scope `email`, `email_verified`, `name`.
 #[utoipa::path(method(get, post), path = "/userinfo", tag = "oauth",
-    responses((status = 200, description = "Claims"), (status = 401, description = "invalid_token"), (status = 403, description = "insufficient_scope")),
+    responses((status = 200, description = "Claims"),
+        (status = 401, body = vaultpay_proto::auth::OAuthError, description = "`invalid_token` (RFC 6750; also in `WWW-Authenticate`)"),
+        (status = 403, body = vaultpay_proto::auth::OAuthError, description = "`insufficient_scope`: the token lacks `openid`")),
     security(("bearer" = [])))]
 pub(crate) async fn userinfo(
     State(svc): State<AuthService>,

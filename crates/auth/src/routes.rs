@@ -124,14 +124,10 @@ async fn logout(
     State(svc): State<AuthService>,
     ctx: Ctx,
     p: Principal,
-    body: axum::body::Bytes,
+    // none, or JSON under any content type (`curl -X POST` sends none), refused as
+    // every other body is: 400 malformed, 413 too large, 422 of the wrong shape
+    vaultpay_web::OptionalJson(req): vaultpay_web::OptionalJson<wire::LogoutRequest>,
 ) -> ApiResult<Json<wire::Accepted>> {
-    let req: wire::LogoutRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        wire::LogoutRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::unprocessable("invalid_request", e.to_string()))?
-    };
     Ok(Json(svc.logout(&ctx, &p, req.everywhere).await?))
 }
 

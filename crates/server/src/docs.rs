@@ -43,8 +43,6 @@ enum Body {
     JsonOrForm,
     /// `OptionalJson`: none, or JSON under any content type (as `curl -d` sends it).
     OptionalJson,
-    /// Read whole and parsed leniently: anything unreadable is a 422 (logout).
-    Lenient,
     /// `ApiForm`, answering problem documents.
     Form,
     /// An OAuth endpoint's form: every refusal is an RFC 6749 error object.
@@ -58,7 +56,7 @@ const BODIES: &[(&str, &str, Body)] = &[
     ("post", "/v1/auth/verify-email", Body::JsonOrForm),
     ("post", "/v1/auth/email/confirm", Body::JsonOrForm),
     ("post", "/v1/auth/password/reset", Body::JsonOrForm),
-    ("post", "/v1/auth/logout", Body::Lenient),
+    ("post", "/v1/auth/logout", Body::OptionalJson),
     ("post", "/v1/transfers/{id}/post", Body::OptionalJson),
     ("post", "/v1/transfers/{id}/void", Body::OptionalJson),
     ("post", "/oauth/token", Body::OAuthForm),
@@ -368,9 +366,6 @@ fn refusals(doc: &mut OpenApi) {
                     );
                     add("422", problem("`invalid_request`: the body is not a JSON object, a field is unknown or of the wrong type, or text contains NUL"));
                 }
-                Body::Lenient => {
-                    add("422", problem("`invalid_request`: the body is neither empty nor a JSON object of the documented fields"));
-                }
                 Body::Form => {
                     add(
                         "413",
@@ -615,8 +610,6 @@ mod tests {
                     match kind {
                         // any content type is read as JSON: no 415
                         Body::OptionalJson => &["400", "413", "422"],
-                        // read whole and parsed leniently: everything is a 422
-                        Body::Lenient => &["422"],
                         other => panic!("{method} {path}: a JSON body read as {other:?}"),
                     }
                 }
@@ -639,7 +632,7 @@ mod tests {
         assert_eq!(
             other_bodies,
             [
-                "post /v1/auth/logout Lenient",
+                "post /v1/auth/logout OptionalJson",
                 "post /v1/transfers/{id}/post OptionalJson",
                 "post /v1/transfers/{id}/void OptionalJson",
             ]

@@ -473,6 +473,44 @@ async fn bad_login_and_token_input_is_refused_and_writes_nothing() {
     });
 }
 
+/// Logout reads its optional body as every endpoint reads one: malformed JSON is 400
+/// `malformed_json`, a body over the limit 413 `body_too_large` (it was plain text),
+/// both problem documents, and the session lives on; no body at all logs out.
+#[tokio::test]
+async fn logout_refuses_an_unreadable_body_as_every_endpoint_does() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    id_of_dup(&app).await;
+    let t = app.login("dup@example.com", PASSWORD).await;
+    let logout = |body: Vec<u8>| {
+        let req = app
+            .http
+            .post(format!("{}/v1/auth/logout", app.base))
+            .bearer_auth(&t.access)
+            .header("content-type", "application/json")
+            .body(body);
+        async move { read(req.send().await.unwrap()).await }
+    };
+    let r = logout(b"{not json".to_vec()).await;
+    assert_clean_refusal("malformed", &r, 400, Some("malformed_json"));
+    let big = format!(
+        "{{\"everywhere\": false, \"pad\": \"{}\"}}",
+        "x".repeat(200_000)
+    );
+    let r = logout(big.into_bytes()).await;
+    assert_clean_refusal("oversized", &r, 413, Some("body_too_large"));
+    assert_eq!(
+        app.get("/v1/me", Some(&t.access)).await.status,
+        StatusCode::OK
+    );
+    let r = logout(Vec::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        app.get("/v1/me", Some(&t.access)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bad_admin_input_is_refused() {
     let app = TestApp::spawn(Backend::Sqlite).await;

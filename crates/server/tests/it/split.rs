@@ -62,18 +62,7 @@ async fn run(backend: Backend) {
         ledger_env.push((proxy, "http://127.0.0.1:9".into()));
     }
     ledger_env.push(("VAULTPAY_JWKS_REFRESH_SECS", "1".into()));
-    let mut ledger = Proc::spawn(
-        &[
-            "serve",
-            "ledger",
-            "--listen",
-            &format!("127.0.0.1:{pl}"),
-            "--auth-url",
-            &format!("http://127.0.0.1:{pa}"),
-        ],
-        &ledger_env,
-        dir.join("ledger.log"),
-    );
+    let mut ledger = spawn_ledger(pl, pa, &ledger_env, dir.join("ledger.log"));
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let (a, l) = (
         format!("http://127.0.0.1:{pa}"),
@@ -350,18 +339,7 @@ async fn a_ledger_without_authshield_keys_is_not_ready() {
         ),
         ("VAULTPAY_LOG_FORMAT", "pretty".into()),
     ];
-    let _ledger = Proc::spawn(
-        &[
-            "serve",
-            "ledger",
-            "--listen",
-            &format!("127.0.0.1:{pl}"),
-            "--auth-url",
-            &format!("http://127.0.0.1:{nowhere}"),
-        ],
-        &env,
-        dir.join("ledger.log"),
-    );
+    let _ledger = spawn_ledger(pl, nowhere, &env, dir.join("ledger.log"));
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = format!("http://127.0.0.1:{pl}");
     // up (healthz), not ready
@@ -427,15 +405,9 @@ async fn a_ledger_whose_introspection_secret_authshield_refuses_is_not_ready() {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     auth.wait_ready(&http, &format!("http://127.0.0.1:{pa}"))
         .await;
-    let _ledger = Proc::spawn(
-        &[
-            "serve",
-            "ledger",
-            "--listen",
-            &format!("127.0.0.1:{pl}"),
-            "--auth-url",
-            &format!("http://127.0.0.1:{pa}"),
-        ],
+    let _ledger = spawn_ledger(
+        pl,
+        pa,
         &env(&dl, "another-secret-entirely"),
         dl.join("ledger.log"),
     );
@@ -470,4 +442,20 @@ async fn a_ledger_whose_introspection_secret_authshield_refuses_is_not_ready() {
         "{}",
         log()
     );
+}
+
+/// `vaultpay serve ledger` on port `port`, with AuthShield at `http://127.0.0.1:{auth}`.
+fn spawn_ledger(port: u16, auth: u16, env: &[(&str, String)], log: std::path::PathBuf) -> Proc {
+    Proc::spawn(
+        &[
+            "serve",
+            "ledger",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--auth-url",
+            &format!("http://127.0.0.1:{auth}"),
+        ],
+        env,
+        log,
+    )
 }

@@ -36,6 +36,120 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| describe())
         })
         .as_ref()
+}
+
+/// Every metric this server records, with its `# HELP` text (the labels each takes in
+/// brackets). A metric missing here is served without one: `platform` tests that
+/// none is.
+const METRICS: &[(&str, &str)] = &[
+    (
+        "http_requests_total",
+        "HTTP requests answered [method, route, status]",
+    ),
+    (
+        "http_request_duration_seconds",
+        "HTTP request latency in seconds [method, route, status]",
+    ),
+    (
+        "rate_limited_total",
+        "Requests refused by a rate limit with 429 [scope]",
+    ),
+    (
+        "auth_logins_total",
+        "Sign-ins by outcome [outcome: success, failure, locked, held, mfa_required]",
+    ),
+    (
+        "auth_tokens_issued_total",
+        "Tokens issued [kind: access, refresh, oauth_access, id]",
+    ),
+    (
+        "auth_refresh_reuse_detected_total",
+        "Spent refresh tokens presented again (each revoked its session)",
+    ),
+    (
+        "auth_refresh_group_size",
+        "Refresh rotations committed together in one transaction",
+    ),
+    ("auth_mfa_failures_total", "Wrong second-factor codes"),
+    (
+        "auth_step_up_required_total",
+        "Operations refused until the user proves a second factor again [op]",
+    ),
+    (
+        "auth_permission_refused_total",
+        "Uses of a staff permission by a user without it",
+    ),
+    (
+        "auth_oauth_client_auth_failures_total",
+        "OAuth client authentications that failed",
+    ),
+    (
+        "auth_oauth_code_reuse_total",
+        "OAuth authorization codes presented a second time (their tokens were revoked)",
+    ),
+    (
+        "ledger_transfers_total",
+        "Transfers committed [kind: transfer, hold, deposit, withdrawal]",
+    ),
+    (
+        "ledger_failed_transfers_total",
+        "Transfers refused, recorded in failed_transfers [reason]",
+    ),
+    (
+        "ledger_group_commit_size",
+        "Ledger operations committed together in one transaction",
+    ),
+    (
+        "ledger_holds_expired_total",
+        "Holds voided by the server at their timeout",
+    ),
+    (
+        "ledger_hold_expiry_failures_total",
+        "Hold expiry runs that failed (retried on the next run)",
+    ),
+    (
+        "ledger_outbox_publish_failures_total",
+        "Outbox relay runs whose publishing failed (retried)",
+    ),
+    (
+        "ledger_outbox_events_truncated_total",
+        "Outbox events published without their full payload (over the size limit)",
+    ),
+    (
+        "ledger_permission_refused_total",
+        "Uses of a staff permission by a user without it (ledger)",
+    ),
+    (
+        "ledger_role_revoked_total",
+        "Staff operations refused because AuthShield no longer grants the token's role",
+    ),
+    (
+        "ledger_session_revoked_total",
+        "Sensitive operations refused because the session has ended",
+    ),
+    (
+        "ledger_step_up_required_total",
+        "Sensitive operations refused until the user proves a second factor again",
+    ),
+    (
+        "ledger_untrusted_network_total",
+        "Sensitive operations refused from a network the user has not trusted",
+    ),
+    (
+        "ledger_posting_clock_behind_total",
+        "Postings dated at their account's last posting time because the clock went back",
+    ),
+];
+
+fn describe() {
+    for (name, help) in METRICS {
+        if name.ends_with("_seconds") || name.ends_with("_size") {
+            metrics::describe_histogram!(*name, *help);
+        } else {
+            metrics::describe_counter!(*name, *help);
+        }
+    }
 }

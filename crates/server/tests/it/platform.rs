@@ -129,6 +129,21 @@ async fn ledger_counters_reach_metrics() {
     ] {
         assert!(m.contains(line), "{line} missing from {m}");
     }
+    // every metric served says what it counts
+    let helped: std::collections::HashSet<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let typed: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(typed.len() >= 5, "{m}");
+    for name in typed {
+        assert!(helped.contains(name), "{name} has no # HELP line in {m}");
+    }
     app.stop().await;
 }
 

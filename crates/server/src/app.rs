@@ -272,15 +272,37 @@ pub fn lock_sqlite_databases(cfg: &Config, mode: Mode) -> anyhow::Result<Vec<std
     if mode.ledger() {
         locations.push(cfg.ledger_db());
     }
+    if cfg.auth_db() == cfg.ledger_db() {
+        bail!("AuthShield and the ledger must not share a database");
+    }
+    // As `open_each` does before SQLite creates its files there.
+    if locations.iter().any(|l| !l.contains("://")) {
+        ensure_data_dir(&cfg.data_dir)?;
+    }
     let mut locks = Vec::new();
+    let mut locked = Vec::new();
     for file in locations
         .iter()
         .filter_map(|l| vaultpay_store::sqlite_file(l))
     {
-        if file.parent() == Some(cfg.data_dir.as_path()) {
-            ensure_data_dir(&cfg.data_dir)?;
+        // One name per file however it is spelled (relative, `sqlite:` URL, through
+        // a symbolic link): the file itself once it exists, else its directory's.
+        let real = match std::fs::canonicalize(&file) {
+            Ok(real) => real,
+            Err(_) => {
+                let dir = file
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let dir = std::fs::canonicalize(dir)
+                    .with_context(|| format!("the directory of {}", file.display()))?;
+                dir.join(file.file_name().unwrap_or_default())
+            }
+        };
+        if locked.contains(&real) {
+            bail!("AuthShield and the ledger must not share a database");
         }
-        let mut name = file.clone().into_os_string();
+        let mut name = real.clone().into_os_string();
         name.push(".lock");
         let path = std::path::PathBuf::from(name);
         let mut lock = std::fs::OpenOptions::new()
@@ -317,6 +339,7 @@ pub fn lock_sqlite_databases(cfg: &Config, mode: Mode) -> anyhow::Result<Vec<std
             .and_then(|()| writeln!(lock, "{}", std::process::id()))
             .with_context(|| format!("writing {}", path.display()))?;
         locks.push(lock);
+        locked.push(real);
     }
     Ok(locks)
 }
@@ -383,7 +406,8 @@ async fn open_one(
             if file.with_file_name(other_file).is_file() {
                 bail!(
                     "{what}'s database {} does not exist, but the {other} service's does: \
-                     this looks like a split deployment's data dir (add --service {other})",
+                     this looks like the data dir of a `serve {other}` process (`audit verify` \
+                     takes --service {other})",
                     file.display()
                 );
             }
@@ -907,14 +931,52 @@ mod tests {
         let err = format!("{:#}", lock_sqlite_databases(&cfg, Mode::All).unwrap_err());
         assert!(err.contains("ledger.db is in use"), "{err}");
         drop(ledger);
-        assert_eq!(lock_sqlite_databases(&cfg, Mode::All).unwrap().len(), 2);
-        let pg = || {
-            Some(vaultpay_core::secret::Secret::new(
-                "postgres://vaultpay@127.0.0.1/vaultpay".to_owned(),
-            ))
+        let both = lock_sqlite_databases(&cfg, Mode::All).unwrap();
+        assert_eq!(both.len(), 2);
+        // another spelling of the same files (relative to a symbolic link of the
+        // directory, and as a `sqlite:` URL) is the same database
+        #[cfg(unix)]
+        {
+            let link = std::env::temp_dir().join(format!("vp-lock-link-{}", uuid::Uuid::now_v7()));
+            std::os::unix::fs::symlink(&dir, &link).unwrap();
+            let mut other = cfg.clone();
+            other.data_dir = link.clone();
+            other.database.ledger_url = Some(vaultpay_core::secret::Secret::new(format!(
+                "sqlite://{}/ledger.db",
+                link.display()
+            )));
+            for mode in [Mode::Auth, Mode::Ledger] {
+                let err = format!("{:#}", lock_sqlite_databases(&other, mode).unwrap_err());
+                assert!(err.contains("is in use"), "{mode:?}: {err}");
+            }
+            std::fs::remove_file(&link).unwrap();
+        }
+        drop(both);
+        // both services on one file, however spelled, is refused as such
+        let mut same = cfg.clone();
+        same.database.ledger_url = Some(vaultpay_core::secret::Secret::new(format!(
+            "sqlite://{}/./auth.db",
+            dir.display()
+        )));
+        let err = format!("{:#}", lock_sqlite_databases(&same, Mode::All).unwrap_err());
+        assert!(err.contains("must not share a database"), "{err}");
+        // a database in a data dir not created yet (spelled differently from it)
+        let fresh = std::env::temp_dir().join(format!("vp-lock-new-{}", uuid::Uuid::now_v7()));
+        let mut later = cfg.clone();
+        later.data_dir = fresh.clone();
+        later.database.auth_url = Some(vaultpay_core::secret::Secret::new(format!(
+            "{}/./auth.db",
+            fresh.display()
+        )));
+        assert_eq!(lock_sqlite_databases(&later, Mode::Auth).unwrap().len(), 1);
+        std::fs::remove_dir_all(&fresh).unwrap();
+        let pg = |db: &str| {
+            Some(vaultpay_core::secret::Secret::new(format!(
+                "postgres://vaultpay@127.0.0.1/{db}"
+            )))
         };
-        cfg.database.auth_url = pg();
-        cfg.database.ledger_url = pg();
+        cfg.database.auth_url = pg("auth");
+        cfg.database.ledger_url = pg("ledger");
         let (one, two) = (
             lock_sqlite_databases(&cfg, Mode::All).unwrap(),
             lock_sqlite_databases(&cfg, Mode::All).unwrap(),

@@ -176,10 +176,10 @@ const NOT_SETTINGS: &[&str] = &[
     "BOOTSTRAP_ADMIN_EMAIL",
     "BOOTSTRAP_ADMIN_PASSWORD",
     "LOG",
-    "TEST_",
-    "BENCH_",
-    "CRASH_",
 ];
+
+/// Prefixes of the variables the tests and benchmarks read.
+const NOT_SETTINGS_PREFIXES: &[&str] = &["TEST_", "BENCH_", "CRASH_"];
 
 /// The warning for variable `var` whose first key `key` is no setting, naming the
 /// closest setting when one is a typo away.
@@ -191,8 +191,9 @@ fn unknown_variable(var: &str, key: &str) -> String {
         .filter(|(d, _)| *d <= 2);
     match closest {
         Some((_, t)) => format!(
-            "{var} names no setting and is ignored (did you mean VAULTPAY_{}?)",
-            t.to_uppercase()
+            "{var} names no setting and is ignored (did you mean VAULTPAY_{}{}?)",
+            t.to_uppercase(),
+            if var.ends_with("_FILE") { "_FILE" } else { "" }
         ),
         None => format!("{var} names no setting and is ignored"),
     }
@@ -303,7 +304,9 @@ impl Config {
             };
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             if !TOP_LEVEL.contains(&path[0].as_str()) {
-                if !NOT_SETTINGS.iter().any(|p| rest.starts_with(p)) {
+                if !NOT_SETTINGS.contains(&rest)
+                    && !NOT_SETTINGS_PREFIXES.iter().any(|p| rest.starts_with(p))
+                {
                     ignored_env.push(unknown_variable(&k, &path[0]));
                 }
                 continue;
@@ -560,6 +563,8 @@ mod tests {
             env(&[
                 ("VAULTPAY_LISTN", "0.0.0.0:9000"),
                 ("VAULTPAY_SMTP__PASSWORD", "hunter2"),
+                ("VAULTPAY_LOG_FORMATT", "json"),
+                ("VAULTPAY_CONFIGX", "x"),
                 ("VAULTPAY_LISTEN", "127.0.0.1:9001"),
                 ("VAULTPAY_CONFIG", "/etc/vaultpay.toml"),
                 ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "a@example.com"),
@@ -573,7 +578,9 @@ mod tests {
         assert_eq!(
             c.ignored_env,
             [
+                "VAULTPAY_CONFIGX names no setting and is ignored",
                 "VAULTPAY_LISTN names no setting and is ignored (did you mean VAULTPAY_LISTEN?)",
+                "VAULTPAY_LOG_FORMATT names no setting and is ignored (did you mean VAULTPAY_LOG_FORMAT?)",
                 "VAULTPAY_SMTP__PASSWORD names no setting and is ignored",
             ]
         );

@@ -858,7 +858,10 @@ async fn verify_commands_refuse_a_missing_or_empty_database() {
     assert_eq!(code, 0, "{text}");
     let (code, text) = run_cli(&["audit", "verify", "--data-dir", &d], &[]);
     assert_ne!(code, 0, "{text}");
-    assert!(text.contains("add --service ledger"), "{text}");
+    assert!(
+        text.contains("`audit verify` takes --service ledger"),
+        "{text}"
+    );
     assert!(!split.join("auth.db").exists(), "{text}");
     // a sqlite: URL naming a file that is not there: refused, and not created
     let url = format!("sqlite://{}/auth.db", missing.display());

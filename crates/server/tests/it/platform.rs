@@ -408,3 +408,45 @@ async fn metrics_can_require_a_token() {
     );
     app.stop().await;
 }
+
+/// The bootstrap administrator's credentials can come from files, as every secret can
+/// (`VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD_FILE`, e.g. a mounted secret ending in a line
+/// break): the server signs in with the file's password, not a generated one.
+#[tokio::test]
+async fn the_bootstrap_password_can_come_from_a_file() {
+    let dir = temp_dir();
+    let secret = dir.join("admin-password");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&secret, format!("{PASSWORD}\n")).unwrap();
+    let port = free_port();
+    let mut server = Proc::spawn(
+        &["serve", "--listen", &format!("127.0.0.1:{port}")],
+        &[
+            ("VAULTPAY_DATA_DIR", dir.join("data").display().to_string()),
+            ("VAULTPAY_DATABASE__SQLITE_SYNCHRONOUS_FULL", "false".into()),
+            ("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL", "boot@example.com".into()),
+            (
+                "VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD_FILE",
+                secret.display().to_string(),
+            ),
+            ("VAULTPAY_LOG_FORMAT", "pretty".into()),
+        ],
+        dir.join("server.log"),
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    server.wait_ready(&http, &base).await;
+    let r = read(
+        http.post(format!("{base}/v1/auth/login"))
+            .json(&serde_json::json!({
+                "email": "boot@example.com", "password": PASSWORD,
+                "device": {"id": "d", "name": "d"}
+            }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{}", r.text);
+    assert!(server.terminate().success());
+}

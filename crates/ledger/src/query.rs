@@ -53,6 +53,7 @@ pub(crate) async fn list_accounts(
         None => actor.user_id.as_str(),
     };
     let limit = clamp_limit(limit, max);
+    let cursor = id_cursor(cursor)?;
     let rows = sqlx::query(&format!(
         "SELECT {ACCOUNT_COLS} FROM accounts WHERE owner_id = $1 AND id > $2 ORDER BY id LIMIT {}",
         limit + 1
@@ -67,6 +68,18 @@ pub(crate) async fn list_accounts(
     }
     let next_cursor = page(&mut items, limit, |a| a.id.clone());
     Ok(wire::AccountList { items, next_cursor })
+}
+
+/// A cursor that is an id of the ledger's (what `next_cursor` gives for lists ordered
+/// by id): anything else is refused, not read as a place in the order (a mangled one
+/// answered the first page again, and a client following cursors looped).
+fn id_cursor(cursor: Option<&str>) -> Result<Option<&str>, LedgerError> {
+    match cursor {
+        Some(c) if uuid::Uuid::try_parse(c).is_err() => {
+            Err(LedgerError::InvalidCursor(c.chars().take(64).collect()))
+        }
+        _ => Ok(cursor),
+    }
 }
 
 /// Truncates to `limit` and returns the cursor of the last item when more exist.
@@ -302,6 +315,7 @@ pub(crate) async fn failed_transfers(
         return Err(LedgerError::Forbidden("audit:read"));
     }
     let limit = clamp_limit(limit, max);
+    let cursor = id_cursor(cursor)?;
     // newest first; one user's attempts through the (user_id, id) index
     let by_user = if user.is_some() {
         "user_id = $2 AND "

@@ -134,7 +134,8 @@ pub enum ClientsCommand {
         /// Grant type (repeatable; default authorization_code + refresh_token).
         #[arg(long = "grant-type")]
         grant_types: Vec<String>,
-        /// Allowed scope (repeatable; default openid profile email offline_access).
+        /// Allowed scope (repeatable; default openid profile email offline_access; a
+        /// client_credentials-only client takes none: its tokens carry no user).
         #[arg(long = "scope")]
         scopes: Vec<String>,
         /// A public client (no secret; PKCE required).

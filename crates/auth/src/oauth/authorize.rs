@@ -802,7 +802,13 @@ pub(crate) async fn second_factor(
             Some("The code is wrong."),
         );
     }
-    let amr = format!("{} mfa", p.amr.as_deref().unwrap_or("pwd"));
+    // as a first-party sign-in's second factor says it (`mfa::with_mfa_amr`)
+    let amr = format!(
+        "{} {} {}",
+        p.amr.as_deref().unwrap_or("pwd"),
+        vaultpay_core::step_up::AMR_OTP,
+        vaultpay_core::step_up::AMR_MFA
+    );
     match advance(
         &svc,
         &ctx,

@@ -241,6 +241,15 @@ fn check(new: &NewClient) -> Result<(Vec<String>, Vec<String>, String), AuthErro
                 s.chars().take(80).collect::<String>()
             )));
         }
+        // Every scope there is concerns a user; a client that only acts for itself
+        // could never be granted one (`/oauth/token` refuses them), so say so now.
+        if service_only {
+            return Err(invalid(format!(
+                "scope `{}` concerns a user: a client_credentials-only client acts for \
+                 itself (its tokens carry no user and no roles) and takes no scopes",
+                s.chars().take(80).collect::<String>()
+            )));
+        }
     }
     let alg = new.id_token_alg.clone().unwrap_or_else(|| "EdDSA".into());
     if alg != "EdDSA" && alg != "ES256" {

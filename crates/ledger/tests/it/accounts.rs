@@ -189,6 +189,10 @@ async fn bad_input_is_never_a_500() {
             app.get(&format!("{path}?limit=100000"), token)
                 .await
                 .expect(200);
+            // a cursor the server did not give is refused, not read as the start
+            app.get(&format!("{path}?cursor=zzz"), token)
+                .await
+                .problem(400, "invalid_cursor");
         }
     })
     .await;

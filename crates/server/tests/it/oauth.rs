@@ -1284,10 +1284,22 @@ async fn client_credentials_case(backend: Backend) {
         .await;
     r.assert_problem(422, "invalid_client_metadata");
 
+    // A user scope makes no sense without a user: refused at registration too.
+    for scope in ["openid", "api"] {
+        let r = app
+            .post(
+                "/v1/admin/clients",
+                Some(&admin),
+                json!({ "name": "Batch job", "grant_types": ["client_credentials"], "scopes": [scope] }),
+            )
+            .await;
+        r.assert_problem(422, "invalid_client_metadata");
+        assert!(r.text.contains("acts for itself"), "{}", r.text);
+    }
     let svc = create_client(
         &app,
         &admin,
-        json!({ "name": "Batch job", "grant_types": ["client_credentials"], "scopes": ["openid"] }),
+        json!({ "name": "Batch job", "grant_types": ["client_credentials"] }),
     )
     .await;
     let secret = svc.secret.clone().unwrap();

@@ -595,7 +595,7 @@ impl AuthService {
         )
         .await?;
         self.login_failed(ctx, email, true).await?;
-        Err(AuthError::InvalidCredentials)
+        Err(crate::error::current_password_wrong())
     }
 
     /// Changes the password given the current one; ends every other session.

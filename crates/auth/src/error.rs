@@ -69,6 +69,18 @@ impl From<sqlx::Error> for AuthError {
     }
 }
 
+/// A wrong current password given to confirm a change by a signed-in user (password or
+/// email change, turning a second factor off): 403, not 401. The bearer token is
+/// fine; a 401 would tell clients to drop it (and RFC 9110 wants a 401 to carry a
+/// `WWW-Authenticate` challenge, which would name the token). It still counts as a
+/// failed sign-in toward the lockout.
+pub(crate) fn current_password_wrong() -> AuthError {
+    AuthError::Api(
+        ApiError::new(StatusCode::FORBIDDEN, "current_password_wrong", "Forbidden")
+            .detail("The current password is wrong."),
+    )
+}
+
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {

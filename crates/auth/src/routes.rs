@@ -281,7 +281,8 @@ async fn reset_password_link(ApiQuery(q): ApiQuery<TokenQuery>) -> ApiResult<Res
 /// required): the new address gets a confirmation link, the old one a notice.
 #[utoipa::path(post, path = "/v1/auth/email/change", tag = "auth", request_body = wire::ChangeEmailRequest,
     responses((status = 202, body = wire::Accepted),
-        (status = 401, body = Problem, description = "`invalid_credentials`: the current password is wrong; or no valid access token (`missing_token`, `invalid_token`, `session_revoked`, `insufficient_user_authentication`)"),
+        (status = 401, body = Problem, description = "No valid access token (`missing_token`, `invalid_token`, `session_revoked`, `insufficient_user_authentication`)"),
+        (status = 403, body = Problem, description = "`current_password_wrong`: the current password is wrong (it counts toward the lockout)"),
         (status = 409, body = Problem, description = "`email_taken`"),
         (status = 422, body = Problem, description = "`email_invalid` or `email_unchanged`"), (status = 423, body = Problem, description = "`account_locked`: too many wrong passwords; retry after `Retry-After`"),
         (status = 429, body = Problem)), security(("bearer" = [])))]
@@ -301,7 +302,8 @@ async fn change_email(
 /// Change the password (current one required); other sessions are revoked.
 #[utoipa::path(post, path = "/v1/auth/password/change", tag = "auth", request_body = wire::ChangePasswordRequest,
     responses((status = 200, body = wire::Accepted),
-        (status = 401, body = Problem, description = "`invalid_credentials`: the current password is wrong; or no valid access token (`missing_token`, `invalid_token`, `session_revoked`, `insufficient_user_authentication`)"),
+        (status = 401, body = Problem, description = "No valid access token (`missing_token`, `invalid_token`, `session_revoked`, `insufficient_user_authentication`)"),
+        (status = 403, body = Problem, description = "`current_password_wrong`: the current password is wrong (it counts toward the lockout)"),
         (status = 422, body = Problem, description = "a password-policy refusal (`password_too_short`, `password_too_long`, `password_common`, `password_weak`, `password_breached`), or `password_reused`"),
         (status = 423, body = Problem, description = "`account_locked`: too many wrong passwords; retry after `Retry-After`")), security(("bearer" = [])))]
 async fn change_password(

@@ -105,9 +105,20 @@ impl Factors {
     }
 }
 
+/// A wrong code where the code is what signs the user in (the second step of a
+/// login): 401.
 fn code_invalid() -> AuthError {
     AuthError::Api(
         ApiError::new(StatusCode::UNAUTHORIZED, "mfa_code_invalid", "Unauthorized")
+            .detail("The code is wrong, expired or already used."),
+    )
+}
+
+/// A wrong code from a signed-in user (enrolling, turning a factor off, stepping up):
+/// 403, as [`crate::error::current_password_wrong`] says why.
+fn code_rejected() -> AuthError {
+    AuthError::Api(
+        ApiError::new(StatusCode::FORBIDDEN, "mfa_code_invalid", "Forbidden")
             .detail("The code is wrong, expired or already used."),
     )
 }
@@ -337,7 +348,7 @@ impl AuthService {
                     .resource(user_id),
             )
             .await?;
-            return Err(code_invalid());
+            return Err(code_rejected());
         };
         sqlx::query("UPDATE mfa_totp SET enabled_at = $1, last_step = $2 WHERE user_id = $3")
             .bind(now)
@@ -430,7 +441,7 @@ impl AuthService {
             )
             .await?;
             self.login_failed(ctx, &email, true).await?;
-            return Err(AuthError::InvalidCredentials);
+            return Err(crate::error::current_password_wrong());
         }
         let db = &self.inner.db;
         let mut tx = crate::sessions::begin_as_caller(db, p, Some(&phc)).await?;
@@ -449,7 +460,7 @@ impl AuthService {
                 drop(tx);
                 self.factor_failed(ctx, user_id, &email, "mfa.totp_disable_failed")
                     .await?;
-                return Err(code_invalid());
+                return Err(code_rejected());
             }
         }
         sqlx::query("DELETE FROM mfa_totp WHERE user_id = $1")
@@ -601,7 +612,7 @@ impl AuthService {
                         .resource(user_id),
                 )
                 .await?;
-                return Err(code_invalid());
+                return Err(code_rejected());
             }
         }
         let added = sqlx::query(
@@ -673,7 +684,7 @@ impl AuthService {
             )
             .await?;
             self.login_failed(ctx, &email, true).await?;
-            return Err(AuthError::InvalidCredentials);
+            return Err(crate::error::current_password_wrong());
         }
         let db = &self.inner.db;
         let mut tx = crate::sessions::begin_as_caller(db, p, Some(&phc)).await?;
@@ -1490,7 +1501,7 @@ impl AuthService {
                 tx.commit().await?;
                 self.factor_failed(ctx, user_id, &email, "mfa.step_up_failed")
                     .await?;
-                return Err(code_invalid());
+                return Err(code_rejected());
             }
         };
         let row = sqlx::query(&format!(

@@ -114,7 +114,7 @@ async fn totp_enroll(
 
 /// Confirm TOTP with a current code: enables it and answers 10 recovery codes, once.
 #[utoipa::path(post, path = "/v1/mfa/totp/confirm", tag = "auth", request_body = mw::CodeRequest,
-    responses((status = 200, body = mw::TotpConfirmed), (status = 401, body = Problem),
+    responses((status = 200, body = mw::TotpConfirmed), (status = 401, body = Problem), (status = 403, body = Problem, description = "`mfa_code_invalid`: the code is wrong, expired or already used"),
         (status = 422, body = Problem, description = "`totp_not_pending`: no enrolment to confirm")), security(("bearer" = [])))]
 async fn totp_confirm(
     State(svc): State<AuthService>,
@@ -128,7 +128,7 @@ async fn totp_confirm(
 
 /// Turn TOTP off (password and a current code required); recovery codes die with it.
 #[utoipa::path(post, path = "/v1/mfa/totp/disable", tag = "auth", request_body = mw::TotpDisableRequest,
-    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem),
+    responses((status = 200, body = wire::Accepted), (status = 401, body = Problem), (status = 403, body = Problem, description = "`current_password_wrong` (it counts toward the lockout) or `mfa_code_invalid`: the code is wrong, expired or already used"),
         (status = 422, body = Problem, description = "`mfa_method_required` (the account has both factors: say which), `mfa_method_unavailable` or `mfa_method_unknown`"), (status = 423, body = Problem)), security(("bearer" = [])))]
 async fn totp_disable(
     State(svc): State<AuthService>,
@@ -153,7 +153,7 @@ async fn email_enable(
 
 /// Confirm the emailed code: emailed codes become a login factor.
 #[utoipa::path(post, path = "/v1/mfa/email/confirm", tag = "auth", request_body = mw::CodeRequest,
-    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem), (status = 403, body = Problem, description = "`mfa_code_invalid`: the code is wrong, expired or already used")), security(("bearer" = [])))]
 async fn email_confirm(
     State(svc): State<AuthService>,
     ctx: Ctx,
@@ -165,7 +165,7 @@ async fn email_confirm(
 
 /// Turn emailed codes off: the password and a stepped-up token (`/v1/auth/step-up`).
 #[utoipa::path(post, path = "/v1/mfa/email/disable", tag = "auth", request_body = mw::PasswordRequest,
-    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem),
+    responses((status = 200, body = mw::MfaStatus), (status = 401, body = Problem), (status = 403, body = Problem, description = "`current_password_wrong`: the password is wrong (it counts toward the lockout)"),
         (status = 422, body = Problem, description = "`mfa_method_unavailable`: emailed codes are not on"), (status = 423, body = Problem)), security(("bearer" = [])))]
 async fn email_disable(
     State(svc): State<AuthService>,
@@ -206,7 +206,7 @@ async fn mfa_email(
 /// Step-up (RFC 9470): prove a second factor for the current session; answers a new
 /// access token for the same session with `acr`, `amr` and `auth_time` updated.
 #[utoipa::path(post, path = "/v1/auth/step-up", tag = "auth", request_body = mw::StepUpRequest,
-    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem),
+    responses((status = 200, body = wire::TokenResponse), (status = 401, body = Problem), (status = 403, body = Problem, description = "`mfa_code_invalid`: the code is wrong, expired or already used"),
         (status = 422, body = Problem, description = "`mfa_not_enrolled` (no second factor to step up with), `mfa_method_required` (the account has both factors: say which), `mfa_method_unavailable` or `mfa_method_unknown`"), (status = 423, body = Problem)), security(("bearer" = [])))]
 async fn step_up(
     State(svc): State<AuthService>,

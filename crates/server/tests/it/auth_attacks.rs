@@ -359,7 +359,7 @@ async fn password_change_guesses_lock_the_account() {
         for _ in 0..3 {
             change("Wrong-guess-1234!")
                 .await
-                .assert_problem(401, "invalid_credentials");
+                .assert_problem(403, "current_password_wrong");
         }
         change("Wrong-guess-1234!")
             .await

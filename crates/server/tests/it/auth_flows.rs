@@ -652,7 +652,9 @@ async fn password_change_needs_current_and_keeps_this_session() {
                 json!({ "current_password": "not-my-Password-99", "new_password": NEW_PASSWORD }),
             )
             .await;
-        wrong.assert_problem(401, "invalid_credentials");
+        // 403, not 401: the token is fine (a 401 tells clients to drop it)
+        wrong.assert_problem(403, "current_password_wrong");
+        assert!(wrong.header("www-authenticate").is_none());
         // nothing changed: both sessions live
         assert_eq!(app.get("/v1/me", Some(&at2)).await.status, StatusCode::OK);
 

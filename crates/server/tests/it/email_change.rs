@@ -78,7 +78,7 @@ async fn email_change_is_confirmed_by_the_new_address() {
             .assert_problem(409, "email_taken");
         change(&app, &t.access, "new@example.com", "Wrong-password-1!")
             .await
-            .assert_problem(401, "invalid_credentials");
+            .assert_problem(403, "current_password_wrong");
         app.post(
             "/v1/auth/email/change",
             None,

@@ -169,7 +169,7 @@ async fn totp_enrol_confirm_login_and_replay_refused() {
                 json!({ "code": code(&secret, 3) }),
             )
             .await;
-        r.assert_problem(401, "mfa_code_invalid");
+        r.assert_problem(403, "mfa_code_invalid");
         away_from_step_boundary().await;
         let confirm_code = code(&secret, -1);
         let r = app
@@ -637,7 +637,7 @@ async fn disabling_totp_needs_password_and_code() {
                 json!({"password": "wrong-password-123", "code": code(&secret, 0)}),
             )
             .await;
-        r.assert_problem(401, "invalid_credentials");
+        r.assert_problem(403, "current_password_wrong");
         let r = app
             .post(
                 "/v1/mfa/totp/disable",
@@ -645,7 +645,7 @@ async fn disabling_totp_needs_password_and_code() {
                 json!({"password": PASSWORD, "code": code(&secret, 4)}),
             )
             .await;
-        r.assert_problem(401, "mfa_code_invalid");
+        r.assert_problem(403, "mfa_code_invalid");
         assert_eq!(
             app.get("/v1/mfa", Some(&t.access)).await.body["totp_enabled"],
             true
@@ -731,7 +731,7 @@ async fn step_up_challenge_and_satisfying_it_without_logging_out() {
                 json!({"code": code(&secret, 5)}),
             )
             .await;
-        r.assert_problem(401, "mfa_code_invalid");
+        r.assert_problem(403, "mfa_code_invalid");
         let failed: i64 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = $1")
             .bind(who)
             .fetch_one(app.auth_db().read())
@@ -778,7 +778,7 @@ async fn step_up_challenge_and_satisfying_it_without_logging_out() {
         let r = app
             .post("/v1/auth/step-up", Some(&old), json!({"code": used}))
             .await;
-        r.assert_problem(401, "mfa_code_invalid");
+        r.assert_problem(403, "mfa_code_invalid");
         let admin = app.admin().await;
         assert_eq!(
             audit_action(&app, &admin.access, "mfa.step_up").await.len(),
@@ -886,7 +886,7 @@ async fn step_up_by_emailed_code_and_for_role_changes() {
                 json!({"code": c, "method": "email"}),
             )
             .await;
-        r.assert_problem(401, "mfa_code_invalid");
+        r.assert_problem(403, "mfa_code_invalid");
         // turning emailed codes off: step-up and the password
         let off = json!({"password": PASSWORD});
         assert_step_up_challenge(
@@ -899,7 +899,7 @@ async fn step_up_by_emailed_code_and_for_role_changes() {
             json!({"password": "wrong-password-123"}),
         )
         .await
-        .assert_problem(401, "invalid_credentials");
+        .assert_problem(403, "current_password_wrong");
         let r = app.post("/v1/mfa/email/disable", Some(&stepped), off).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!(r.body["email_enabled"], false);
@@ -1160,7 +1160,7 @@ async fn one_totp_code_raced_on_several_tickets_logs_in_once() {
         let access = winner.body["access_token"].as_str().unwrap();
         app.post("/v1/auth/step-up", Some(access), json!({ "code": c }))
             .await
-            .assert_problem(401, "mfa_code_invalid");
+            .assert_problem(403, "mfa_code_invalid");
         // a revoked session cannot step up
         app.post("/v1/auth/logout", Some(access), json!({})).await;
         app.post(

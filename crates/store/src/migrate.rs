@@ -53,6 +53,7 @@ const AUTH: &[Migration] = &[
     migration!(9, "auth", "0009_sessions_by_provider"),
     migration!(10, "auth", "0010_oauth_expiry_indexes"),
     migration!(11, "auth", "0011_oauth_fresh_login"),
+    migration!(12, "auth", "0012_support_role_description"),
 ];
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),

@@ -107,7 +107,7 @@ pub fn second_factor(status: StatusCode, csrf: &str, error: Option<&str>) -> Res
         status,
         "Second factor",
         &format!(
-            "<p>Enter the code from your authenticator.</p>{err}\
+            "<p>Enter the code from your authenticator app, the code we emailed you, or one of your recovery codes.</p>{err}\
              <form method=\"post\" action=\"/oauth/authorize/second-factor\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
              <label>Code <input name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required></label>\

@@ -49,6 +49,22 @@ async fn custom_role_create_assign_effective_delete() {
             .cloned()
             .unwrap();
         assert_eq!(auditor["permissions"], json!(["audit:read", "users:read"]));
+        // a built-in role says what its permissions let it do (auth migration 0012)
+        let support = roles.body["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "support")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            support["description"],
+            "Reads customer profiles and ledger accounts to help them"
+        );
+        assert_eq!(
+            support["permissions"],
+            json!(["accounts:read", "users:read"])
+        );
 
         let r = app
             .post(

@@ -246,6 +246,15 @@ async fn reset_password(
                 *res.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
                 res
             }
+            // so does a recent password (the page was a dead end)
+            Err(AuthError::PasswordReused) => {
+                let mut res = reset_form(
+                    &token,
+                    "That password was used recently; choose one you have not used before.",
+                )?;
+                *res.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+                res
+            }
             Err(e) => crate::ext_routes::failed_page("Password not changed", e),
         });
     }

@@ -971,6 +971,14 @@ async fn the_reset_link_opens_a_form_that_resets_once() {
         "{}",
         r.text
     );
+    // so is the current (a recent) password: the form again, not a dead end
+    let r = form(PASSWORD).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+    assert!(
+        r.text.contains("used recently") && r.text.contains(&format!("value=\"{token}\"")),
+        "{}",
+        r.text
+    );
     let r = form(NEW_PASSWORD).await;
     assert_page(&r, 200, "Password changed");
     let r = form(NEW_PASSWORD).await;

@@ -170,6 +170,23 @@ fn qr_svg(data: &str) -> Result<String, AuthError> {
         .build())
 }
 
+/// The subject of an emailed code's mail, and what the user did to ask for it, by
+/// the kind of its purpose (`send_email_code`): a user who did none of it learns
+/// which step someone with their password attempted.
+fn email_code_words(kind: &str) -> (&'static str, &'static str) {
+    match kind {
+        "enrol" => (
+            "Confirm emailed sign-in codes for VaultPay",
+            "ask to turn on emailed sign-in codes",
+        ),
+        "step_up" => (
+            "Your VaultPay confirmation code",
+            "ask to confirm a sensitive action (a large payment, a security change)",
+        ),
+        _ => ("Your VaultPay sign-in code", "try to sign in"),
+    }
+}
+
 fn with_mfa_amr(amr: &[String]) -> Vec<String> {
     let mut out: Vec<String> = amr
         .iter()
@@ -558,12 +575,13 @@ impl AuthService {
         .await?;
         tx.commit().await?;
         let minutes = (cfg.email_code_ttl_secs + 59) / 60;
+        let (subject, what) = email_code_words(kind);
         self.send_mail(
             &email,
-            "Your VaultPay sign-in code",
+            subject,
             format!(
                 "Your VaultPay code is {}.\n\nIt expires in {minutes} minutes and works once. \
-                 If you did not try to sign in, change your password.\n",
+                 If you did not {what}, change your password.\n",
                 &*code
             ),
         )
@@ -1574,6 +1592,24 @@ impl AuthService {
 
 #[cfg(test)]
 mod tests {
+    /// Each emailed code says what it is for: enrolling, a step-up, or signing in
+    /// (first-party and browser sign-ins alike).
+    #[test]
+    fn emailed_codes_say_what_they_are_for() {
+        assert!(super::email_code_words("enrol")
+            .1
+            .contains("turn on emailed"));
+        assert!(super::email_code_words("step_up")
+            .1
+            .contains("sensitive action"));
+        for sign_in in ["login", "browser"] {
+            assert_eq!(
+                super::email_code_words(sign_in),
+                ("Your VaultPay sign-in code", "try to sign in")
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -79,15 +79,19 @@ async fn verify(app: &TestApp, ticket: &str, code: &str, method: Option<&str>) -
     app.post("/v1/auth/mfa/verify", None, body).await
 }
 
+/// The newest mail with an emailed code sent to `to`.
+fn code_mail(app: &TestApp, to: &str) -> String {
+    app.mails()
+        .into_iter()
+        .rev()
+        .find(|m| m.contains(&format!("To: {to}")) && m.contains("Your VaultPay code is "))
+        .unwrap_or_else(|| panic!("no code mailed to {to}"))
+}
+
 /// The newest emailed code sent to `to`.
 fn mailed_code(app: &TestApp, to: &str) -> String {
-    let mails = app.mails();
+    let mail = code_mail(app, to);
     let marker = "Your VaultPay code is ";
-    let mail = mails
-        .iter()
-        .rev()
-        .find(|m| m.contains(&format!("To: {to}")) && m.contains(marker))
-        .unwrap_or_else(|| panic!("no code mailed to {to}"));
     let start = mail.rfind(marker).unwrap() + marker.len();
     mail[start..start + 6].to_owned()
 }
@@ -99,6 +103,13 @@ async fn enable_email(app: &TestApp, token: &str, who: &str) {
         .post("/v1/mfa/email/enable", Some(token), json!({}))
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    // the mail says what the code is for
+    let mail = code_mail(app, who);
+    assert!(
+        mail.contains("Subject: Confirm emailed sign-in codes for VaultPay")
+            && mail.contains("If you did not ask to turn on emailed sign-in codes"),
+        "{mail}"
+    );
     let c = mailed_code(app, who);
     let r = app
         .post("/v1/mfa/email/confirm", Some(token), json!({ "code": c }))
@@ -820,6 +831,12 @@ async fn an_ambiguous_code_asks_for_its_method() {
             .post("/v1/auth/mfa/email", None, json!({ "mfa_ticket": tk }))
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let mail = code_mail(&app, who);
+        assert!(
+            mail.contains("Subject: Your VaultPay sign-in code")
+                && mail.contains("If you did not try to sign in"),
+            "{mail}"
+        );
         let c = mailed_code(&app, who);
         let r = verify(&app, &tk, &c, None).await;
         r.assert_problem(422, "mfa_method_required");
@@ -864,6 +881,12 @@ async fn step_up_by_emailed_code_and_for_role_changes() {
             .post("/v1/auth/step-up/email", Some(&admin.access), json!({}))
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let mail = code_mail(&app, "admin@example.com");
+        assert!(
+            mail.contains("Subject: Your VaultPay confirmation code")
+                && mail.contains("confirm a sensitive action"),
+            "{mail}"
+        );
         let c = mailed_code(&app, "admin@example.com");
         let r = app
             .post(

@@ -42,6 +42,10 @@ use vaultpay_store::audit::Origin;
 use vaultpay_store::Db;
 use vaultpay_web::Introspector;
 
+/// The roles that read any customer's accounts (`Actor::can_read_any`), confirmed live
+/// with AuthShield for each such read.
+const STAFF_READERS: &[&str] = &["support", "compliance", "admin"];
+
 /// Ledger settings (the `[ledger]` table of the server config).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
@@ -557,16 +561,47 @@ impl Ledger {
         limit: Option<i64>,
         origin: &Origin,
     ) -> Result<wire::AccountList, LedgerError> {
+        // Another user's list is a staff read, checked live (see `readable_account`).
+        if owner.is_some_and(|o| o != actor.user_id) && actor.can_read_any() {
+            self.require_live_role(actor, STAFF_READERS, "accounts:read", origin)
+                .await?;
+        }
         let max = self.config().page_size_max;
         let r = query::list_accounts(self.db(), actor, owner, cursor, limit, max).await;
         self.audit_refusal(actor, origin, r).await
     }
 
     /// `GET /v1/accounts/{id}`: 404 unless the caller owns it or is staff.
-    pub async fn get_account(&self, actor: &Actor, id: &str) -> Result<wire::Account, LedgerError> {
-        Ok(query::visible_account(self.db(), actor, id)
+    pub async fn get_account(
+        &self,
+        actor: &Actor,
+        id: &str,
+        origin: &Origin,
+    ) -> Result<wire::Account, LedgerError> {
+        Ok(self
+            .readable_account(actor, id, origin)
             .await?
             .to_wire(actor))
+    }
+
+    /// The account `id` as `actor` may read it: its own (404 for anyone else's), or
+    /// any for staff. A staff read of someone else's account is checked live with
+    /// AuthShield, as the audit reads are: the token's roles are as they were when it
+    /// was signed, and a support agent whose role was revoked (or whose session ended)
+    /// must not go on reading customers' money for the token's last minutes. An
+    /// owner's reads of their own accounts ask AuthShield nothing.
+    async fn readable_account(
+        &self,
+        actor: &Actor,
+        id: &str,
+        origin: &Origin,
+    ) -> Result<model::AccountRow, LedgerError> {
+        let a = query::visible_account(self.db(), actor, id).await?;
+        if !a.owned_by(actor) {
+            self.require_live_role(actor, STAFF_READERS, "accounts:read", origin)
+                .await?;
+        }
+        Ok(a)
     }
 
     /// `POST /v1/transfers` (Idempotency-Key required).
@@ -742,9 +777,11 @@ impl Ledger {
         account_id: &str,
         mut filter: HistoryFilter,
         cursor: Option<&str>,
+        origin: &Origin,
     ) -> Result<wire::TransactionList, LedgerError> {
         filter.limit = filter.limit.clamp(1, self.config().page_size_max);
-        query::transactions(self.db(), actor, account_id, filter, cursor).await
+        let acct = self.readable_account(actor, account_id, origin).await?;
+        query::transactions(self.db(), &acct, filter, cursor).await
     }
 
     /// `GET /v1/accounts/{id}/statement.csv`.
@@ -754,16 +791,10 @@ impl Ledger {
         account_id: &str,
         from: Option<i64>,
         to: Option<i64>,
+        origin: &Origin,
     ) -> Result<String, LedgerError> {
-        query::statement(
-            self.db(),
-            actor,
-            account_id,
-            from,
-            to,
-            self.config().statement_max_rows,
-        )
-        .await
+        let acct = self.readable_account(actor, account_id, origin).await?;
+        query::statement(self.db(), &acct, from, to, self.config().statement_max_rows).await
     }
 
     /// `GET /v1/admin/failed-transfers` (compliance, admin).

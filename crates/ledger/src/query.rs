@@ -213,14 +213,14 @@ fn first_at(name: &str, at: &str) -> String {
     )
 }
 
+/// The history of `acct`, which the caller may read (`Ledger::readable_account`).
 pub(crate) async fn transactions(
     db: &Db,
-    actor: &Actor,
-    account_id: &str,
+    acct: &AccountRow,
     mut f: HistoryFilter,
     cursor: Option<&str>,
 ) -> Result<wire::TransactionList, LedgerError> {
-    visible_account(db, actor, account_id).await?;
+    let account_id = acct.id.as_str();
     if let Some(c) = cursor {
         f.before_seq = Some(
             c.parse::<i64>()
@@ -249,13 +249,12 @@ fn csv_field(s: &str) -> String {
 /// beyond the limit).
 pub(crate) async fn statement(
     db: &Db,
-    actor: &Actor,
-    account_id: &str,
+    acct: &AccountRow,
     from: Option<i64>,
     to: Option<i64>,
     max_rows: usize,
 ) -> Result<String, LedgerError> {
-    let acct = visible_account(db, actor, account_id).await?;
+    let account_id = acct.id.as_str();
     let currency = Currency::parse(&acct.currency)?;
     let mut out = String::from("date,transaction_id,transfer_id,kind,description,counterparty_account_id,amount,balance_after,currency\n");
     let mut after = 0i64;

@@ -224,7 +224,9 @@ async fn get_account(
     p: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<wire::Account>> {
-    Ok(axum::Json(l.get_account(&actor(&p, &ctx)?, &id).await?))
+    Ok(axum::Json(
+        l.get_account(&actor(&p, &ctx)?, &id, &ctx.origin()).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}/transactions", tag = "ledger", params(("id" = String, Path), HistoryQuery),
@@ -243,8 +245,14 @@ async fn transactions(
         ..Default::default()
     };
     Ok(axum::Json(
-        l.transactions(&actor(&p, &ctx)?, &id, filter, q.cursor.as_deref())
-            .await?,
+        l.transactions(
+            &actor(&p, &ctx)?,
+            &id,
+            filter,
+            q.cursor.as_deref(),
+            &ctx.origin(),
+        )
+        .await?,
     ))
 }
 
@@ -260,7 +268,9 @@ async fn statement(
 ) -> ApiResult<Response> {
     let from = time_param("from", q.from.as_deref())?;
     let to = time_param("to", q.to.as_deref())?;
-    let csv = l.statement_csv(&actor(&p, &ctx)?, &id, from, to).await?;
+    let csv = l
+        .statement_csv(&actor(&p, &ctx)?, &id, from, to, &ctx.origin())
+        .await?;
     let disposition = format!(
         "attachment; filename=\"statement-{}.csv\"",
         id.chars()

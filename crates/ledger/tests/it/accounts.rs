@@ -247,3 +247,50 @@ async fn deposits_and_withdrawals_go_through_settlement() {
     })
     .await;
 }
+
+/// A staff read of a customer's accounts (the account, its history, its statement,
+/// the customer's list) is confirmed live with AuthShield: once the agent's support
+/// role is revoked, or their session ends, the next read is refused, while the token
+/// would still verify for minutes. The owner's reads of their own accounts ask
+/// AuthShield nothing.
+#[tokio::test]
+async fn staff_reads_of_customer_accounts_are_checked_live() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let a = app.open(&alice, "USD").await;
+        let reads = [
+            format!("/v1/accounts/{a}"),
+            format!("/v1/accounts/{a}/transactions"),
+            format!("/v1/accounts/{a}/statement.csv"),
+            "/v1/accounts?owner_id=alice".to_owned(),
+        ];
+        // the owner: no introspection
+        let calls = *app.introspector.calls.lock();
+        for path in &reads[..3] {
+            app.get(path, &alice).await.expect(200);
+        }
+        assert_eq!(*app.introspector.calls.lock(), calls);
+        // support, live: every read is confirmed
+        let support = app.token("agent-1", &["support"]);
+        for path in &reads {
+            app.get(path, &support).await.expect(200);
+        }
+        assert_eq!(*app.introspector.calls.lock(), calls + reads.len() as u64);
+        // the role revoked: refused at once with the same token
+        app.introspector.demoted.lock().insert("agent-1".into());
+        for path in &reads {
+            app.get(path, &support).await.problem(403, "forbidden");
+        }
+        // another agent whose session ended: refused as such
+        let other = app.token("agent-2", &["support"]);
+        app.get(&reads[0], &other).await.expect(200);
+        app.introspector.revoked.lock().insert("sid-agent-2".into());
+        for path in &reads {
+            app.get(path, &other).await.problem(401, "session_revoked");
+        }
+        // the owner is unaffected
+        app.get(&reads[0], &alice).await.expect(200);
+    })
+    .await;
+}

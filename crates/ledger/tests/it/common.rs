@@ -25,10 +25,12 @@ impl KeySource for StaticKeys {
     }
 }
 
-/// Sessions are live unless their `sid` was revoked.
+/// Sessions are live unless their `sid` was revoked; users keep their token's roles
+/// unless they were `demoted` (AuthShield then reports none).
 pub struct TestIntrospector {
     keys: KeySet,
     pub revoked: Mutex<HashSet<String>>,
+    pub demoted: Mutex<HashSet<String>>,
     pub calls: Mutex<u64>,
 }
 
@@ -45,6 +47,11 @@ impl Introspector for TestIntrospector {
                 .verify_signature(token)
                 .map_err(|e| e.to_string())?;
             let active = !self.revoked.lock().contains(&claims.sid);
+            let roles = if self.demoted.lock().contains(&claims.sub) {
+                Vec::new()
+            } else {
+                claims.roles
+            };
             Ok(Introspection {
                 active,
                 sub: Some(claims.sub),
@@ -52,7 +59,7 @@ impl Introspector for TestIntrospector {
                 exp: Some(claims.exp),
                 iat: Some(claims.iat),
                 token_type: Some("Bearer".into()),
-                roles: Some(claims.roles),
+                roles: Some(roles),
                 client_id: None,
                 network_trusted: None,
             })
@@ -139,6 +146,7 @@ impl TestApp {
         let introspector = Arc::new(TestIntrospector {
             keys: keys.clone(),
             revoked: Mutex::default(),
+            demoted: Mutex::default(),
             calls: Mutex::new(0),
         });
         let ledger = Ledger::new(db.clone(), config, introspector.clone());

@@ -41,22 +41,21 @@ async fn custom_role_create_assign_effective_delete() {
         assert_eq!(r.body["builtin"], false);
         assert_eq!(r.body["permissions"], json!(["audit:read", "users:read"]));
         let roles = app.get("/v1/admin/roles", Some(&admin)).await;
-        let auditor = roles.body["roles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == "auditor")
-            .cloned()
-            .unwrap();
-        assert_eq!(auditor["permissions"], json!(["audit:read", "users:read"]));
+        let role = |name: &str| {
+            roles.body["roles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            role("auditor")["permissions"],
+            json!(["audit:read", "users:read"])
+        );
         // a built-in role says what its permissions let it do (auth migration 0012)
-        let support = roles.body["roles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == "support")
-            .cloned()
-            .unwrap();
+        let support = role("support");
         assert_eq!(
             support["description"],
             "Reads customer profiles and ledger accounts to help them"

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vaultpay_auth::Bootstrap;
-use vaultpay_core::secret::Secret;
 use vaultpay_store::audit::ChainReport;
 
 #[derive(Parser, Debug)]
@@ -165,20 +164,6 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-/// The variable `name`, or the text of the file `name_FILE` names (without its final
-/// line break), as every setting can be given; `None` when neither is set or the value
-/// is empty.
-fn env_or_file(name: &str) -> anyhow::Result<Option<String>> {
-    let value = match std::env::var(format!("{name}_FILE")) {
-        Ok(path) => std::fs::read_to_string(&path)
-            .with_context(|| format!("{name}_FILE: reading {path}"))?
-            .trim_end_matches(['\n', '\r'])
-            .to_owned(),
-        Err(_) => std::env::var(name).unwrap_or_default(),
-    };
-    Ok(Some(value).filter(|v| !v.is_empty()))
-}
-
 /// Says which `VAULTPAY_*` variables name no setting: in the log (`logging`: the
 /// server and `migrate`), or on standard error (the other commands, which log nothing).
 fn warn_ignored_env(cfg: &Config, logging: bool) {
@@ -226,8 +211,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             let bootstrap = Bootstrap {
-                admin_email: env_or_file("VAULTPAY_BOOTSTRAP_ADMIN_EMAIL")?,
-                admin_password: env_or_file("VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD")?.map(Secret::new),
+                admin_email: cfg.bootstrap_admin_email.clone(),
+                admin_password: cfg.bootstrap_admin_password.clone(),
             };
             let running = app::start(cfg, mode, bootstrap).await?;
             println!("VaultPay listening on http://{}", running.addr);

@@ -76,6 +76,13 @@ pub struct Config {
     /// warnings once logging is set up, instead of being dropped silently.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+    /// The bootstrap administrator `VAULTPAY_BOOTSTRAP_ADMIN_EMAIL` and
+    /// `VAULTPAY_BOOTSTRAP_ADMIN_PASSWORD` name (or their `_FILE` forms), read with the
+    /// settings and used at first start only; never shown by `config show`.
+    #[serde(skip)]
+    pub bootstrap_admin_email: Option<String>,
+    #[serde(skip)]
+    pub bootstrap_admin_password: Option<Secret>,
 }
 
 impl Default for Config {
@@ -106,6 +113,8 @@ impl Default for Config {
             jwks_refresh_secs: 15,
             issuer_configured: false,
             ignored_env: Vec::new(),
+            bootstrap_admin_email: None,
+            bootstrap_admin_password: None,
         }
     }
 }
@@ -169,14 +178,9 @@ const TOP_LEVEL: &[&str] = &[
 ];
 
 /// `VAULTPAY_*` variables (after the prefix) that are read elsewhere, not settings:
-/// the config file's path, the bootstrap administrator, the log filter, and what the
-/// tests and benchmarks read.
-const NOT_SETTINGS: &[&str] = &[
-    "CONFIG",
-    "BOOTSTRAP_ADMIN_EMAIL",
-    "BOOTSTRAP_ADMIN_PASSWORD",
-    "LOG",
-];
+/// the config file's path (by the CLI) and the log filter (by the logger). The
+/// bootstrap administrator's are read here, into `bootstrap_admin_*`.
+const NOT_SETTINGS: &[&str] = &["CONFIG", "LOG"];
 
 /// Prefixes of the variables the tests and benchmarks read.
 const NOT_SETTINGS_PREFIXES: &[&str] = &["TEST_", "BENCH_", "CRASH_"];
@@ -290,6 +294,7 @@ impl Config {
             .collect();
         vars.sort();
         let mut ignored_env = Vec::new();
+        let (mut bootstrap_email, mut bootstrap_password) = (None, None);
         for (k, v) in vars {
             let rest = &k["VAULTPAY_".len()..];
             // `…_FILE`: the value is the file's text (without its final line break),
@@ -302,6 +307,18 @@ impl Config {
                 }
                 None => (rest, v),
             };
+            // (sorted, a `_FILE` form comes after the plain one and wins)
+            match rest {
+                "BOOTSTRAP_ADMIN_EMAIL" => {
+                    bootstrap_email = Some(raw).filter(|r| !r.is_empty());
+                    continue;
+                }
+                "BOOTSTRAP_ADMIN_PASSWORD" => {
+                    bootstrap_password = Some(raw).filter(|r| !r.is_empty()).map(Secret::new);
+                    continue;
+                }
+                _ => {}
+            }
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             if !TOP_LEVEL.contains(&path[0].as_str()) {
                 if !NOT_SETTINGS.contains(&rest)
@@ -333,6 +350,8 @@ impl Config {
             .context("invalid configuration")?;
         cfg.issuer_configured = issuer_configured;
         cfg.ignored_env = ignored_env;
+        cfg.bootstrap_admin_email = bootstrap_email;
+        cfg.bootstrap_admin_password = bootstrap_password;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -586,6 +605,13 @@ mod tests {
         );
         // the value is not in the warning (it may be a secret)
         assert!(!c.ignored_env.concat().contains("hunter2"));
+        // the bootstrap administrator is read with the settings, not shown with them
+        assert_eq!(c.bootstrap_admin_email.as_deref(), Some("a@example.com"));
+        assert_eq!(
+            c.bootstrap_admin_password.as_ref().map(|p| p.expose()),
+            Some("x")
+        );
+        assert!(!c.show().unwrap().contains("a@example.com"));
         assert_eq!(c.listen.to_string(), "127.0.0.1:9001");
         assert_eq!(edit_distance("listn", "listen"), 1);
         assert_eq!(edit_distance("", "abc"), 3);

@@ -42,9 +42,7 @@ use vaultpay_store::audit::Origin;
 use vaultpay_store::Db;
 use vaultpay_web::Introspector;
 
-/// The roles that read any customer's accounts (`Actor::can_read_any`), confirmed live
-/// with AuthShield for each such read.
-const STAFF_READERS: &[&str] = &["support", "compliance", "admin"];
+use model::{AUDITORS, STAFF_READERS};
 
 /// Ledger settings (the `[ledger]` table of the server config).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -832,7 +830,7 @@ impl Ledger {
         actor: &Actor,
         origin: &Origin,
     ) -> Result<(), LedgerError> {
-        self.require_live_role(actor, &["compliance", "admin"], "audit:read", origin)
+        self.require_live_role(actor, AUDITORS, "audit:read", origin)
             .await
     }
 }

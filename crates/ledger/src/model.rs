@@ -86,9 +86,9 @@ impl Actor {
         self.has("customer") || self.has("admin")
     }
 
-    /// May read any account and transfer (support, compliance, admin).
+    /// May read any account and transfer ([`STAFF_READERS`]).
     pub fn can_read_any(&self) -> bool {
-        self.has("support") || self.has("compliance") || self.has("admin")
+        STAFF_READERS.iter().any(|r| self.has(r))
     }
 
     /// Treasury (deposits, withdrawals) and account management (freeze, close).
@@ -96,11 +96,18 @@ impl Actor {
         self.has("admin")
     }
 
-    /// Failed transfers and the ledger audit log (compliance, admin).
+    /// Failed transfers and the ledger audit log ([`AUDITORS`]).
     pub fn can_audit(&self) -> bool {
-        self.has("compliance") || self.has("admin")
+        AUDITORS.iter().any(|r| self.has(r))
     }
 }
+
+/// The roles that read any customer's accounts and transfers (confirmed live with
+/// AuthShield for each read of someone else's: `Ledger::readable_account`).
+pub(crate) const STAFF_READERS: &[&str] = &["support", "compliance", "admin"];
+
+/// The roles that read failed transfers and the ledger's audit log.
+pub(crate) const AUDITORS: &[&str] = &["compliance", "admin"];
 
 pub(crate) const ACCOUNT_COLS: &str =
     "id, number, owner_id, kind, name, currency, status, balance, held, posting_seq, created_at, updated_at, last_posted_at";

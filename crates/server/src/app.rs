@@ -272,33 +272,15 @@ pub fn lock_sqlite_databases(cfg: &Config, mode: Mode) -> anyhow::Result<Vec<std
     if mode.ledger() {
         locations.push(cfg.ledger_db());
     }
-    if cfg.auth_db() == cfg.ledger_db() {
-        bail!("AuthShield and the ledger must not share a database");
-    }
-    // As `open_each` does before SQLite creates its files there.
-    if locations.iter().any(|l| !l.contains("://")) {
-        ensure_data_dir(&cfg.data_dir)?;
-    }
+    prepare_data_dir(cfg)?;
     let mut locks = Vec::new();
     let mut locked = Vec::new();
     for file in locations
         .iter()
         .filter_map(|l| vaultpay_store::sqlite_file(l))
     {
-        // One name per file however it is spelled (relative, `sqlite:` URL, through
-        // a symbolic link): the file itself once it exists, else its directory's.
-        let real = match std::fs::canonicalize(&file) {
-            Ok(real) => real,
-            Err(_) => {
-                let dir = file
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                let dir = std::fs::canonicalize(dir)
-                    .with_context(|| format!("the directory of {}", file.display()))?;
-                dir.join(file.file_name().unwrap_or_default())
-            }
-        };
+        let real = canonical_file(&file)?;
+        // (the same text twice too: PostgreSQL's is refused by `open_each`)
         if locked.contains(&real) {
             bail!("AuthShield and the ledger must not share a database");
         }
@@ -344,6 +326,30 @@ pub fn lock_sqlite_databases(cfg: &Config, mode: Mode) -> anyhow::Result<Vec<std
     Ok(locks)
 }
 
+/// One name for a database file however it is spelled (relative, a `sqlite:` URL,
+/// through a symbolic link): the file itself once it exists, else its directory's.
+fn canonical_file(file: &Path) -> anyhow::Result<std::path::PathBuf> {
+    if let Ok(real) = std::fs::canonicalize(file) {
+        return Ok(real);
+    }
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("the directory of {}", file.display()))?;
+    Ok(dir.join(file.file_name().unwrap_or_default()))
+}
+
+/// Creates the data directory when a database is a file path (SQLite creates its
+/// files there, not the directories above them).
+fn prepare_data_dir(cfg: &Config) -> anyhow::Result<()> {
+    if !cfg.auth_db().contains("://") || !cfg.ledger_db().contains("://") {
+        ensure_data_dir(&cfg.data_dir)?;
+    }
+    Ok(())
+}
+
 /// Opens the databases of `mode` that must already exist, for the commands that
 /// inspect or administer them (`audit verify`, `ledger verify`, `keys`, `clients`): a
 /// database file that is not there (a wrong `--data-dir`) or a database without
@@ -364,9 +370,8 @@ async fn open_each(
     if cfg.auth_db() == cfg.ledger_db() {
         bail!("AuthShield and the ledger must not share a database");
     }
-    let needs_dir = !cfg.auth_db().contains("://") || !cfg.ledger_db().contains("://");
-    if needs_dir && !existing {
-        ensure_data_dir(&cfg.data_dir)?;
+    if !existing {
+        prepare_data_dir(cfg)?;
     }
     let opts = db_options(cfg);
     let mut dbs = (None, None);

@@ -401,6 +401,14 @@ impl TestApp {
         sqlx::raw_sql(sql).execute(self.db.writer()).await.unwrap();
     }
 
+    /// The one integer `sql` selects (a count, a sum, a column of one row).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(self.db.read())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// What `verify` finds: (invariant, detail) for each violation.
     pub async fn violations(&self) -> Vec<(&'static str, String)> {
         vaultpay_ledger::verify(&self.db)

@@ -225,17 +225,7 @@ async fn the_key_of_a_batch_with_pending_holds_outlives_the_purge() {
             .unwrap()
             .to_owned();
         batch("batch-plain", false).await;
-        let pending = || {
-            let db = app.db.read().clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT COUNT(*) FROM transfers WHERE status = 'pending'",
-                )
-                .fetch_one(&db)
-                .await
-                .unwrap()
-            }
-        };
+        let pending = || app.scalar("SELECT COUNT(*) FROM transfers WHERE status = 'pending'");
         assert_eq!(pending().await, 1);
         age_keys(&app).await;
         app.ledger.purge_idempotency().await.unwrap();

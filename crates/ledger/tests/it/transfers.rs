@@ -604,20 +604,12 @@ async fn the_database_refuses_to_rewrite_ledger_history() {
         let app = TestApp::new(b).await;
         let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
         app.transfer(&alice, &a, &bb, 2_500).await.expect(201);
-        let count = |sql: &'static str| {
-            let db = app.db.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(db.read())
-                    .await
-                    .unwrap()
-            }
-        };
         let before = (
-            count("SELECT COUNT(*) FROM postings").await,
-            count("SELECT COUNT(*) FROM transfers").await,
-            count("SELECT COUNT(*) FROM accounts").await,
-            count("SELECT CAST(SUM(amount) AS BIGINT) FROM postings WHERE amount > 0").await,
+            app.scalar("SELECT COUNT(*) FROM postings").await,
+            app.scalar("SELECT COUNT(*) FROM transfers").await,
+            app.scalar("SELECT COUNT(*) FROM accounts").await,
+            app.scalar("SELECT CAST(SUM(amount) AS BIGINT) FROM postings WHERE amount > 0")
+                .await,
         );
         let mut refused = vec![
             (
@@ -675,10 +667,11 @@ async fn the_database_refuses_to_rewrite_ledger_history() {
             assert!(err.contains(why), "{b:?} {sql}: {err}");
         }
         let after = (
-            count("SELECT COUNT(*) FROM postings").await,
-            count("SELECT COUNT(*) FROM transfers").await,
-            count("SELECT COUNT(*) FROM accounts").await,
-            count("SELECT CAST(SUM(amount) AS BIGINT) FROM postings WHERE amount > 0").await,
+            app.scalar("SELECT COUNT(*) FROM postings").await,
+            app.scalar("SELECT COUNT(*) FROM transfers").await,
+            app.scalar("SELECT COUNT(*) FROM accounts").await,
+            app.scalar("SELECT CAST(SUM(amount) AS BIGINT) FROM postings WHERE amount > 0")
+                .await,
         );
         assert_eq!(after, before, "{b:?}");
         // What the service updates is not guarded.
@@ -731,18 +724,8 @@ async fn verify_names_rows_whose_references_lead_nowhere() {
 
         // Two postings of a transfer that does not exist, +3 and -3 on accounts that do,
         // each the account's next posting.
-        let seq = |id: &str| {
-            let db = app.db.clone();
-            let id = id.to_owned();
-            async move {
-                sqlx::query_scalar::<_, i64>("SELECT posting_seq FROM accounts WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(db.read())
-                    .await
-                    .unwrap()
-            }
-        };
-        let (sa, sb) = (seq(&a).await, seq(&bb).await);
+        let seq = |id: &str| format!("SELECT posting_seq FROM accounts WHERE id = '{id}'");
+        let (sa, sb) = (app.scalar(&seq(&a)).await, app.scalar(&seq(&bb)).await);
         let postings = format!(
             "INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
              VALUES ('p-orphan-1', 'no-such-transfer', '{a}', {}, -3, 'USD', 0, 1), \
@@ -773,7 +756,6 @@ async fn verify_names_rows_whose_references_lead_nowhere() {
 /// dollars.
 #[tokio::test]
 async fn verify_names_postings_off_their_transfer() {
-    use sqlx::Row;
     each_backend(|b| async move {
         let app = TestApp::new(b).await;
         let (_alice, _bob, a, bb) = app.alice_and_bob(1_000).await;
@@ -783,41 +765,32 @@ async fn verify_names_postings_off_their_transfer() {
         // Writes transfer `id` (Alice to `to`, 5 in `currency`) with its postings on
         // Alice's and Bob's accounts in USD, each the account's next one.
         let write = |id: &'static str, to: String, currency: &'static str| {
-            let (db, a, bb) = (app.db.clone(), a.clone(), bb.clone());
+            let (app, a, bb) = (&app, a.clone(), bb.clone());
             async move {
-                let state = |id: String| {
-                    let db = db.clone();
-                    async move {
-                        let r = sqlx::query("SELECT balance, posting_seq, last_posted_at FROM accounts WHERE id = $1")
-                            .bind(id)
-                            .fetch_one(db.read())
-                            .await
-                            .unwrap();
-                        (
-                            r.get::<i64, _>("balance"),
-                            r.get::<i64, _>("posting_seq"),
-                            r.get::<i64, _>("last_posted_at"),
-                        )
-                    }
+                let at = app
+                    .scalar(&format!(
+                        "SELECT MAX(last_posted_at) + 1 FROM accounts WHERE id IN ('{a}', '{bb}')"
+                    ))
+                    .await;
+                // the account's next sequence number, and its balance after `amount`
+                let next = |acct: &str, amount: i64| {
+                    format!(
+                        "(SELECT posting_seq + 1 FROM accounts WHERE id = '{acct}'), {amount}, 'USD', \
+                         (SELECT balance + {amount} FROM accounts WHERE id = '{acct}')"
+                    )
                 };
-                let (ba, sa, ta) = state(a.clone()).await;
-                let (bbal, sb, tb) = state(bb.clone()).await;
-                let at = ta.max(tb) + 1;
                 let sql = format!(
                     "INSERT INTO transfers (id, kind, from_account_id, to_account_id, amount, captured, currency, \
                      description, status, expires_at, initiated_by, batch_id, created_at, updated_at) \
                      VALUES ('{id}', 'transfer', '{a}', '{to}', 5, 0, '{currency}', 'x', 'posted', NULL, 'u', NULL, {at}, {at}); \
                      INSERT INTO postings (id, transfer_id, account_id, account_seq, amount, currency, balance_after, created_at) \
-                     VALUES ('{id}-debit', '{id}', '{a}', {}, -5, 'USD', {}, {at}), \
-                     ('{id}-credit', '{id}', '{bb}', {}, 5, 'USD', {}, {at}); \
+                     VALUES ('{id}-debit', '{id}', '{a}', {}, {at}), ('{id}-credit', '{id}', '{bb}', {}, {at}); \
                      UPDATE accounts SET balance = balance - 5, posting_seq = posting_seq + 1, last_posted_at = {at} WHERE id = '{a}'; \
                      UPDATE accounts SET balance = balance + 5, posting_seq = posting_seq + 1, last_posted_at = {at} WHERE id = '{bb}';",
-                    sa + 1,
-                    ba - 5,
-                    sb + 1,
-                    bbal + 5,
+                    next(&a, -5),
+                    next(&bb, 5),
                 );
-                sqlx::raw_sql(&sql).execute(db.writer()).await.unwrap();
+                sqlx::raw_sql(&sql).execute(app.db.writer()).await.unwrap();
             }
         };
         // The same rows as the transfer would have written pass.
@@ -945,12 +918,7 @@ async fn published_outbox_events_are_purged_after_their_retention() {
         let app = TestApp::new(b).await;
         let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
         app.transfer(&alice, &a, &bb, 100).await.expect(201);
-        let count = || async {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox")
-                .fetch_one(app.db.read())
-                .await
-                .unwrap()
-        };
+        let count = || app.scalar("SELECT COUNT(*) FROM outbox");
         let old = vaultpay_core::time::now_micros() - vaultpay_core::time::secs(30 * 86_400);
         let age = || {
             let db = app.db.clone();
@@ -1025,12 +993,7 @@ async fn the_relay_marks_events_published_only_once_the_sink_took_them() {
         assert!(app.ledger.set_event_sink(broker.clone()));
         let (alice, _bob, a, bb) = app.alice_and_bob(10_000).await;
         app.transfer(&alice, &a, &bb, 100).await.expect(201);
-        let unpublished = || async {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
-                .fetch_one(app.db.read())
-                .await
-                .unwrap()
-        };
+        let unpublished = || app.scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL");
         let pending = unpublished().await;
         assert!(pending >= 3, "{pending}");
 

@@ -503,9 +503,17 @@ fn served() -> serde_json::Result<serde_json::Value> {
 }
 
 pub async fn openapi_json() -> Response {
-    match served().and_then(|v| serde_json::to_string(&v)) {
+    // The document is the binary's own: built (and post-processed) once, not per
+    // request.
+    static JSON: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    let json = JSON.get_or_init(|| {
+        served()
+            .and_then(|v| serde_json::to_string(&v))
+            .map_err(|e| e.to_string())
+    });
+    match json {
         Ok(json) => {
-            let mut res = json.into_response();
+            let mut res = json.clone().into_response();
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),

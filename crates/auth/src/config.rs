@@ -27,6 +27,11 @@ pub struct AuthConfig {
     pub refresh_reuse_grace_secs: i64,
     /// Clock skew allowed when verifying tokens.
     pub leeway_secs: i64,
+    /// `vaultpay keys rotate` publishes the new signing keys this long before they sign,
+    /// so that relying parties that cached the JWKS (served with `max-age=60`; running
+    /// servers reload keys every 15 s) know a key before its first token reaches them.
+    /// `keys rotate --now` skips it (key compromise).
+    pub key_publish_ahead_secs: i64,
     pub argon2: Argon2Params,
     /// Concurrent password hashes (0 = number of CPUs).
     pub hash_concurrency: usize,
@@ -67,6 +72,7 @@ impl Default for AuthConfig {
             session_absolute_ttl_secs: 30 * 86_400,
             refresh_reuse_grace_secs: 0,
             leeway_secs: 5,
+            key_publish_ahead_secs: 90,
             argon2: Argon2Params::default(),
             hash_concurrency: 0,
             password_policy: PasswordPolicy::default(),

@@ -89,8 +89,15 @@ pub enum ConfigCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
-    /// Add a new signing key; the old one keeps verifying until its tokens expire.
-    Rotate,
+    /// Add a new signing key, published now and signing after
+    /// `auth.key_publish_ahead_secs`; the old one signs until then and keeps verifying
+    /// until its tokens expire.
+    Rotate {
+        /// Sign with the new key at once (a compromised key; then `keys retire` it).
+        /// Relying parties that cached the JWKS refuse its tokens until they refetch.
+        #[arg(long)]
+        now: bool,
+    },
     /// List signing keys.
     List,
     /// Stop a rotated-out key from verifying anything, now (key compromise).
@@ -280,15 +287,33 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     let env = checked_master_key(cfg, &db).await?;
     vaultpay_auth::keys::ensure_key(&db, &env).await?;
     match command {
-        KeysCommand::Rotate => {
-            let (overlap, id_overlap) = rotation_overlaps(cfg);
+        KeysCommand::Rotate { now } => {
+            let (overlap_secs, id_overlap_secs) = rotation_overlaps(cfg);
+            let ahead = if now {
+                0
+            } else {
+                cfg.auth.key_publish_ahead_secs
+            };
+            let r = vaultpay_auth::keys::Rotation {
+                publish_ahead_secs: ahead,
+                overlap_secs,
+                id_overlap_secs,
+            };
             // both keys in one transaction: both rotate, or neither does
-            let (kid, id_kid) =
-                vaultpay_auth::keys::rotate_all(&db, &env, overlap, id_overlap, "cli").await?;
-            println!("new signing key {kid}; previous keys verify for {overlap} more seconds");
+            let (kid, id_kid, switch) =
+                vaultpay_auth::keys::rotate_all(&db, &env, r, "cli").await?;
+            let at = vaultpay_core::time::rfc3339(switch);
+            let when = if ahead == 0 {
+                "signs now".to_owned()
+            } else {
+                format!("is in the JWKS now and signs from {at} (in {ahead} s); the previous key signs until then")
+            };
+            println!(
+                "new signing key {kid} {when}; previous keys verify for {overlap_secs} s after {at}"
+            );
             if let Some(kid) = id_kid {
                 println!(
-                    "new ES256 ID-token key {kid}; the previous one stays in the JWKS for {id_overlap} more seconds"
+                    "new ES256 ID-token key {kid} signs from {at}; the previous one stays in the JWKS for {id_overlap_secs} s after"
                 );
             }
         }
@@ -300,7 +325,8 @@ async fn keys(cfg: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Retire { kid } => {
             if !vaultpay_auth::keys::retire(&db, &kid, "cli").await? {
                 eprintln!(
-                    "no rotated-out key {kid} (the signing key cannot be retired; rotate first)"
+                    "no key {kid} that has stopped signing (a key that signs, or signs until a \
+                     rotation's switch, cannot be retired: `keys rotate --now` first)"
                 );
                 return Ok(ExitCode::FAILURE);
             }

@@ -389,6 +389,11 @@ impl Config {
         let a = &self.auth;
         for (name, value, range) in [
             ("auth.leeway_secs", a.leeway_secs, 0..=300),
+            (
+                "auth.key_publish_ahead_secs",
+                a.key_publish_ahead_secs,
+                0..=86_400,
+            ),
             ("auth.me_cache_ttl_ms", a.me_cache_ttl_ms, 0..=60_000),
             (
                 "auth.password_policy.min_length",

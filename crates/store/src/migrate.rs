@@ -54,6 +54,7 @@ const AUTH: &[Migration] = &[
     migration!(10, "auth", "0010_oauth_expiry_indexes"),
     migration!(11, "auth", "0011_oauth_fresh_login"),
     migration!(12, "auth", "0012_support_role_description"),
+    migration!(13, "auth", "0013_keys_sign_from"),
 ];
 const LEDGER: &[Migration] = &[
     migration!(1, "ledger", "0001_init"),

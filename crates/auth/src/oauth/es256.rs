@@ -1,9 +1,10 @@
 //! The P-256 key that signs ES256 ID tokens for clients without EdDSA support.
 //! Stored like the Ed25519 keys (private half sealed by the master key), created on
 //! first use under a lock, published in the JWKS. `vaultpay keys rotate` rotates it
-//! with the Ed25519 key when it exists: the old key stops signing and stays in the JWKS
-//! for the ID-token lifetime (`keys retire` drops it at once); servers pick the new one
-//! up with their periodic key reload.
+//! with the Ed25519 key when it exists, at the same switch time: the new key is in the
+//! JWKS at once and signs from the switch; the old key signs until then and stays in
+//! the JWKS for the ID-token lifetime after (`keys retire` drops it at once); servers
+//! pick the new one up with their periodic key reload.
 
 use crate::{AuthError, AuthService};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -77,8 +78,8 @@ fn public_jwk(kid: &str, vk: VerifyingKey) -> serde_json::Value {
 }
 
 impl AuthService {
-    /// The ES256 signer: the newest key not rotated out, loaded (or created) on first
-    /// use and replaced by [`AuthService::reload_es256`].
+    /// The ES256 signer: the newest key that signs now (`keys::signs_at`), loaded (or
+    /// created) on first use and replaced by [`AuthService::reload_es256`].
     pub(crate) async fn es256(&self) -> Result<Arc<Es256Key>, AuthError> {
         if let Some(k) = self.inner.oauth.es256.read().clone() {
             return Ok(k);
@@ -98,9 +99,11 @@ impl AuthService {
             .read()
             .as_ref()
             .map(|k| k.kid.clone());
-        let newest: Option<String> = sqlx::query_scalar(
-            "SELECT kid FROM oauth_es256_keys WHERE retired_at IS NULL ORDER BY created_at DESC LIMIT 1",
-        )
+        let newest: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT kid FROM oauth_es256_keys WHERE {} ORDER BY created_at DESC LIMIT 1",
+            crate::keys::SIGNS_AT_SQL
+        ))
+        .bind(now_micros())
         .fetch_optional(self.db().read())
         .await?;
         if newest.is_some() && newest != current {
@@ -111,16 +114,19 @@ impl AuthService {
     }
 }
 
-/// Rotates the ES256 key if there is one: the signing key is rotated out (it stays in
-/// the JWKS for `overlap_secs`) and a new one made. Returns the new key's id.
+/// Rotates the ES256 key if there is one: a new one is made, in the JWKS at once and
+/// signing `publish_ahead_secs` later; the signing key signs until then and stays in the
+/// JWKS for `overlap_secs` after. Returns the new key's id.
 pub async fn rotate(
     db: &Db,
     env: &Envelope,
+    publish_ahead_secs: i64,
     overlap_secs: i64,
     actor: &str,
 ) -> Result<Option<String>, AuthError> {
     let mut tx = db.begin().await?;
-    let kid = rotate_in(db, env, &mut tx, overlap_secs, actor).await?;
+    let switch = now_micros() + vaultpay_core::time::secs(publish_ahead_secs);
+    let kid = rotate_in(db, env, &mut tx, switch, overlap_secs, actor).await?;
     tx.commit().await?;
     Ok(kid)
 }
@@ -130,14 +136,19 @@ pub(crate) async fn rotate_in(
     db: &Db,
     env: &Envelope,
     tx: &mut vaultpay_store::Tx,
+    switch: i64,
     overlap_secs: i64,
     actor: &str,
 ) -> Result<Option<String>, AuthError> {
     db.lock(tx, LOCK_ES256).await?;
-    if crate::keys::rotate_out(tx, "oauth_es256_keys", overlap_secs).await? == 0 {
+    if crate::keys::rotate_out(tx, "oauth_es256_keys", switch, overlap_secs).await? == 0 {
         return Ok(None);
     }
-    Ok(Some(create(db, env, tx, "key.rotated", actor).await?.kid))
+    Ok(Some(
+        create(db, env, tx, "key.rotated", actor, Some(switch))
+            .await?
+            .kid,
+    ))
 }
 
 /// Makes sure the P-256 key exists. Called when an ES256 client is registered, so
@@ -149,10 +160,12 @@ pub async fn ensure_key(db: &Db, env: &Envelope) -> Result<(), AuthError> {
 async fn load_or_create(db: &Db, env: &Envelope) -> Result<Es256Key, AuthError> {
     let mut tx = db.begin().await?;
     db.lock(&mut tx, LOCK_ES256).await?;
-    let row = sqlx::query(
-        "SELECT kid, private_key_sealed FROM oauth_es256_keys WHERE retired_at IS NULL \
+    let row = sqlx::query(&format!(
+        "SELECT kid, private_key_sealed FROM oauth_es256_keys WHERE {} \
          ORDER BY created_at DESC LIMIT 1",
-    )
+        crate::keys::SIGNS_AT_SQL
+    ))
+    .bind(now_micros())
     .fetch_optional(&mut *tx)
     .await?;
     let key = if let Some(r) = row {
@@ -165,7 +178,7 @@ async fn load_or_create(db: &Db, env: &Envelope) -> Result<Es256Key, AuthError> 
             .map_err(|_| AuthError::Internal("bad ES256 key".into()))?;
         Es256Key::new(kid, sk)
     } else {
-        create(db, env, &mut tx, "key.created", "system").await?
+        create(db, env, &mut tx, "key.created", "system", None).await?
     };
     tx.commit().await?;
     Ok(key)
@@ -179,6 +192,7 @@ async fn create(
     tx: &mut vaultpay_store::Tx,
     action: &'static str,
     actor: &str,
+    signs_from: Option<i64>,
 ) -> Result<Es256Key, AuthError> {
     let kid = format!("es256-{}", uuid::Uuid::now_v7());
     let sk = SigningKey::random(&mut rand::rngs::OsRng);
@@ -188,12 +202,14 @@ async fn create(
         .map_err(|e| AuthError::Internal(e.to_string()))?;
     let public = hex::encode(VerifyingKey::from(&sk).to_encoded_point(false).as_bytes());
     sqlx::query(
-        "INSERT INTO oauth_es256_keys (kid, public_key, private_key_sealed, created_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO oauth_es256_keys (kid, public_key, private_key_sealed, created_at, signs_from) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&kid)
     .bind(&public)
     .bind(&sealed)
     .bind(now_micros())
+    .bind(signs_from)
     .execute(&mut **tx)
     .await?;
     vaultpay_store::audit::append(
@@ -203,7 +219,13 @@ async fn create(
         vaultpay_store::audit::NewAudit::success(action)
             .actor(actor)
             .resource(&kid)
-            .metadata(serde_json::json!({ "alg": "ES256" })),
+            .metadata(match signs_from {
+                Some(t) => serde_json::json!({
+                    "alg": "ES256",
+                    "signs_from": vaultpay_core::time::rfc3339(t),
+                }),
+                None => serde_json::json!({ "alg": "ES256" }),
+            }),
     )
     .await?;
     Ok(Es256Key::new(kid, sk))

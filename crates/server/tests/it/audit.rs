@@ -951,3 +951,53 @@ async fn key_commands_refuse_a_master_key_that_does_not_open_the_keys() {
     let (code, text) = run_cli(&["keys", "rotate", "--data-dir", &d], &[]);
     assert_eq!(code, 0, "the right key rotates: {text}");
 }
+
+/// `vaultpay keys rotate` publishes the new key first (it signs after
+/// `auth.key_publish_ahead_secs`), so the key still signing cannot be retired; `--now`
+/// switches at once, after which the old key can be retired.
+#[tokio::test]
+async fn keys_rotate_publishes_before_it_signs_and_now_skips_the_wait() {
+    let dir = temp_dir().join("stage");
+    let d = dir.display().to_string();
+    let (code, text) = run_cli(&["migrate", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+    let list = || {
+        let (code, text) = run_cli(&["keys", "list", "--data-dir", &d], &[]);
+        assert_eq!(code, 0, "{text}");
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect::<Vec<_>>()
+    };
+    let first = list();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let old = first[0]["kid"].as_str().unwrap().to_owned();
+
+    let (code, text) = run_cli(&["keys", "rotate", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("signs from") && text.contains("in 90 s"),
+        "{text}"
+    );
+    let keys = list();
+    let staged = &keys[0];
+    assert_eq!(staged["signing"], false, "{keys:?}");
+    assert!(staged["signs_from"].is_string(), "{keys:?}");
+    assert_eq!(keys[1]["kid"], old.as_str());
+    assert_eq!(
+        keys[1]["signing"], true,
+        "the old key signs until the switch"
+    );
+    let (code, text) = run_cli(&["keys", "retire", &old, "--data-dir", &d], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("keys rotate --now"), "{text}");
+
+    let (code, text) = run_cli(&["keys", "rotate", "--now", "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("signs now"), "{text}");
+    let keys = list();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys[0]["signing"], true, "{keys:?}");
+    assert!(keys[1..].iter().all(|k| k["signing"] == false), "{keys:?}");
+    let (code, text) = run_cli(&["keys", "retire", &old, "--data-dir", &d], &[]);
+    assert_eq!(code, 0, "{text}");
+}

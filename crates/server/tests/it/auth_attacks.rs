@@ -885,7 +885,8 @@ async fn rotated_out_keys_stop_verifying_when_retired() {
         let env = envelope(&app);
         let db = app.auth_db();
 
-        let new_kid = vaultpay_auth::keys::rotate(db, &env, 3600, "test")
+        // no publication delay: the new key signs at once
+        let new_kid = vaultpay_auth::keys::rotate(db, &env, 0, 3600, "test")
             .await
             .unwrap();
         assert_ne!(new_kid, old_kid);
@@ -951,6 +952,100 @@ async fn rotated_out_keys_stop_verifying_when_retired() {
             audit_action(&app, &admin.access, "key.retired").await.len(),
             1
         );
+        app.stop().await;
+    });
+}
+
+/// The kids a server's JWKS publishes.
+async fn published_kids(app: &TestApp) -> Vec<String> {
+    let jwks = app.get("/.well-known/jwks.json", None).await;
+    jwks.body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The kid that signs the next login's access token (after the server reloads its keys).
+async fn signing_kid(app: &TestApp, email: &str) -> String {
+    app.auth().reload_keys().await.unwrap();
+    let t = app.login(email, PASSWORD).await;
+    jwt_part(&t.access, 0)["kid"].as_str().unwrap().to_owned()
+}
+
+/// `keys rotate` publishes the new key before it signs: a relying party that cached the
+/// JWKS would refuse tokens of a key it has not fetched. Until the switch the old key
+/// signs and cannot be retired; at the switch the new one signs and the old one
+/// verifies for the overlap. `keys rotate --now` (a compromised key) skips the wait.
+#[tokio::test]
+async fn a_rotated_in_key_is_published_before_it_signs() {
+    each_backend!(|backend: Backend| async move {
+        let app = TestApp::spawn(backend).await;
+        let email = "herald@example.com";
+        let old = app.user(email).await;
+        let old_kid = jwt_part(&old.access, 0)["kid"].as_str().unwrap().to_owned();
+        let env = envelope(&app);
+        let db = app.auth_db();
+
+        let staged = vaultpay_auth::keys::rotate(db, &env, 3600, 600, "test")
+            .await
+            .unwrap();
+        app.auth().reload_keys().await.unwrap();
+        let kids = published_kids(&app).await;
+        assert!(
+            kids.contains(&staged) && kids.contains(&old_kid),
+            "{kids:?}"
+        );
+        assert_eq!(signing_kid(&app, email).await, old_kid, "not yet switched");
+        let list = vaultpay_auth::keys::list(db).await.unwrap();
+        let row = |kid: &str| list.iter().find(|k| k.kid == kid).unwrap().clone();
+        assert!(row(&old_kid).signing && !row(&staged).signing, "{list:?}");
+        assert!(row(&staged).signs_from.is_some(), "{list:?}");
+        assert_eq!(row(&old_kid).retired_at, row(&staged).signs_from);
+        // the key that still signs cannot be retired, nor can the one about to
+        for kid in [&old_kid, &staged] {
+            assert!(!vaultpay_auth::keys::retire(db, kid, "test").await.unwrap());
+        }
+
+        // an hour passes: every key time moves an hour back
+        let hour = 3_600_000_000_i64;
+        for col in ["signs_from", "retired_at", "verify_until", "created_at"] {
+            sqlx::query(&format!(
+                "UPDATE signing_keys SET {col} = {col} - {hour} WHERE {col} IS NOT NULL"
+            ))
+            .execute(db.writer())
+            .await
+            .unwrap();
+        }
+        assert_eq!(signing_kid(&app, email).await, staged, "switched");
+        assert_eq!(
+            app.get("/v1/me", Some(&old.access)).await.status,
+            StatusCode::OK,
+            "the old key's tokens verify for the overlap"
+        );
+        assert!(published_kids(&app).await.contains(&old_kid));
+        assert!(vaultpay_auth::keys::retire(db, &old_kid, "test")
+            .await
+            .unwrap());
+
+        // a compromise during a staged rotation: `--now` signs with a newer key at once;
+        // the staged key never signs and can be retired straight away
+        let staged2 = vaultpay_auth::keys::rotate(db, &env, 3600, 600, "test")
+            .await
+            .unwrap();
+        let now_kid = vaultpay_auth::keys::rotate(db, &env, 0, 600, "test")
+            .await
+            .unwrap();
+        assert_eq!(signing_kid(&app, email).await, now_kid);
+        for kid in [&staged, &staged2] {
+            assert!(vaultpay_auth::keys::retire(db, kid, "test").await.unwrap());
+        }
+        app.auth().reload_keys().await.unwrap();
+        assert_eq!(published_kids(&app).await, vec![now_kid.clone()]);
+        assert!(!vaultpay_auth::keys::retire(db, &now_kid, "test")
+            .await
+            .unwrap());
         app.stop().await;
     });
 }

@@ -685,7 +685,10 @@ async fn es256_rotation_case(backend: Backend) {
     let admin = app.admin().await.access;
     let env = crate::auth_attacks::envelope(&app);
     let db = app.auth_db();
-    assert_eq!(es256::rotate(db, &env, 3600, "test").await.unwrap(), None);
+    assert_eq!(
+        es256::rotate(db, &env, 0, 3600, "test").await.unwrap(),
+        None
+    );
     let c = create_client(
         &app,
         &admin,
@@ -715,7 +718,7 @@ async fn es256_rotation_case(backend: Backend) {
     let old = id_token_kid().await;
     assert_eq!(ec_kids().await, vec![old.clone()]);
 
-    let new = es256::rotate(db, &env, 3600, "test")
+    let new = es256::rotate(db, &env, 0, 3600, "test")
         .await
         .unwrap()
         .unwrap();
@@ -728,16 +731,32 @@ async fn es256_rotation_case(backend: Backend) {
     assert!(vaultpay_auth::keys::retire(db, &old, "test").await.unwrap());
     assert_eq!(ec_kids().await, vec![new.clone()]);
     assert_eq!(id_token_kid().await, new);
+    // a staged rotation: the next key is in the JWKS at once, the current one signs on
+    let staged = es256::rotate(db, &env, 3600, 3600, "test")
+        .await
+        .unwrap()
+        .unwrap();
+    app.auth().reload_keys().await.unwrap();
+    assert_eq!(ec_kids().await, vec![staged.clone(), new.clone()]);
+    assert_eq!(id_token_kid().await, new);
+    assert!(!vaultpay_auth::keys::retire(db, &new, "test").await.unwrap());
     assert_eq!(
         app.count_where(
             "audit_log",
             "action = 'key.rotated' AND metadata LIKE '%ES256%'"
         )
         .await,
-        1
+        2
     );
     app.stop().await;
 }
+
+/// Both keys rotated with no publication delay, the old ones verifying for an hour.
+const NOW_3600: vaultpay_auth::keys::Rotation = vaultpay_auth::keys::Rotation {
+    publish_ahead_secs: 0,
+    overlap_secs: 3600,
+    id_overlap_secs: 3600,
+};
 
 /// `vaultpay keys rotate` rotates the Ed25519 signing key and the ES256 ID-token key in
 /// one transaction: when the second cannot be made, the first is not rotated either.
@@ -777,11 +796,9 @@ async fn rotating_both_keys_is_all_or_nothing() {
         for s in sqls {
             sqlx::raw_sql(s).execute(db.writer()).await.unwrap();
         }
-        assert!(
-            vaultpay_auth::keys::rotate_all(db, &env, 3600, 3600, "test")
-                .await
-                .is_err()
-        );
+        assert!(vaultpay_auth::keys::rotate_all(db, &env, NOW_3600, "test")
+            .await
+            .is_err());
         assert_eq!(keys().await, before, "a half rotation");
         sqlx::raw_sql(match backend {
             Backend::Sqlite => "DROP TRIGGER no_ec",
@@ -790,7 +807,7 @@ async fn rotating_both_keys_is_all_or_nothing() {
         .execute(db.writer())
         .await
         .unwrap();
-        let (_, ec) = vaultpay_auth::keys::rotate_all(db, &env, 3600, 3600, "test")
+        let (_, ec, _) = vaultpay_auth::keys::rotate_all(db, &env, NOW_3600, "test")
             .await
             .unwrap();
         assert!(ec.is_some());

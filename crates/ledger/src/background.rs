@@ -42,7 +42,11 @@ pub trait EventSink: Send + Sync {
 /// stop the holds after it (they would stay reserved, and unpostable, for good).
 /// Returns how many were expired.
 pub async fn expire_holds(core: &Core) -> Result<u64, LedgerError> {
-    let now = now_micros();
+    expire_holds_as_of(core, now_micros()).await
+}
+
+/// [`expire_holds`] as if the time were `now` (microseconds).
+pub async fn expire_holds_as_of(core: &Core, now: i64) -> Result<u64, LedgerError> {
     let mut n = 0;
     // Page by page in (expires_at, id) order, each page after the last hold of the one
     // before: a page's worth of holds that keep failing does not hide the holds behind

@@ -302,6 +302,13 @@ impl Ledger {
         background::expire_holds(&self.inner.core).await
     }
 
+    /// [`Self::expire_holds`] as if the time were `now` (microseconds since the epoch):
+    /// tests whose holds expire in the future (a hold's expiry cannot be changed).
+    #[doc(hidden)]
+    pub async fn expire_holds_as_of(&self, now: i64) -> Result<u64, LedgerError> {
+        background::expire_holds_as_of(&self.inner.core, now).await
+    }
+
     /// Runs the outbox relay once.
     pub async fn relay_outbox(&self) -> Result<u64, LedgerError> {
         background::relay_outbox(

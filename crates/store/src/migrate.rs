@@ -69,6 +69,7 @@ const LEDGER: &[Migration] = &[
     migration!(10, "ledger", "0010_failed_transfers_by_user"),
     migration!(11, "ledger", "0011_ledger_history_guarded"),
     migration!(12, "ledger", "0012_pending_holds_by_batch"),
+    migration!(13, "ledger", "0013_hold_expiry_fixed"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

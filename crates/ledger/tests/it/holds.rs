@@ -344,15 +344,8 @@ async fn a_hold_that_fails_to_expire_does_not_block_the_others() {
             .await
             .expect(201)
             .id();
-        // both overdue, the stuck one first in the expiry order
-        for (id, at) in [(&stuck, 1i64), (&other, 2)] {
-            sqlx::query("UPDATE transfers SET expires_at = $1 WHERE id = $2")
-                .bind(at)
-                .bind(id)
-                .execute(app.db.writer())
-                .await
-                .unwrap();
-        }
+        // both overdue two hours on, the stuck one (made first) first in the expiry order
+        let later = vaultpay_core::time::now_micros() + 7_200_000_000;
         let sqls: Vec<String> = match app.backend {
             vaultpay_store::Backend::Sqlite => vec![format!(
                 "CREATE TRIGGER stuck BEFORE UPDATE ON transfers WHEN OLD.id = '{stuck}' \
@@ -372,7 +365,7 @@ async fn a_hold_that_fails_to_expire_does_not_block_the_others() {
         for s in &sqls {
             sqlx::raw_sql(s).execute(app.db.writer()).await.unwrap();
         }
-        assert_eq!(app.ledger.expire_holds().await.unwrap(), 1);
+        assert_eq!(app.ledger.expire_holds_as_of(later).await.unwrap(), 1);
         let status = |id: String| {
             let app = &app;
             let alice = alice.clone();
@@ -396,7 +389,7 @@ async fn a_hold_that_fails_to_expire_does_not_block_the_others() {
         .execute(app.db.writer())
         .await
         .unwrap();
-        assert_eq!(app.ledger.expire_holds().await.unwrap(), 1);
+        assert_eq!(app.ledger.expire_holds_as_of(later).await.unwrap(), 1);
         assert_eq!(status(stuck).await, "expired");
         assert_eq!(app.balance(&alice, &a).await, (1_000, 1_000));
         app.assert_consistent().await;
@@ -478,16 +471,8 @@ async fn a_page_of_failing_holds_does_not_hide_the_ones_behind_it() {
             .await
             .expect(201)
             .id();
-        // all overdue, the stuck ones first in the expiry order
-        sqlx::query("UPDATE transfers SET expires_at = 1 WHERE description = 'stuck'")
-            .execute(app.db.writer())
-            .await
-            .unwrap();
-        sqlx::query("UPDATE transfers SET expires_at = 2 WHERE id = $1")
-            .bind(&good)
-            .execute(app.db.writer())
-            .await
-            .unwrap();
+        // all overdue two hours on, the stuck ones (made first) first in the expiry order
+        let later = vaultpay_core::time::now_micros() + 7_200_000_000;
         let sqls: Vec<&str> = match app.backend {
             vaultpay_store::Backend::Sqlite => vec![
                 "CREATE TRIGGER stuck BEFORE UPDATE ON transfers WHEN OLD.description = 'stuck' \
@@ -504,7 +489,7 @@ async fn a_page_of_failing_holds_does_not_hide_the_ones_behind_it() {
         for s in sqls {
             sqlx::raw_sql(s).execute(app.db.writer()).await.unwrap();
         }
-        assert_eq!(app.ledger.expire_holds().await.unwrap(), 1);
+        assert_eq!(app.ledger.expire_holds_as_of(later).await.unwrap(), 1);
         let t = app
             .get(&format!("/v1/transfers/{good}"), &alice)
             .await

@@ -595,7 +595,8 @@ async fn postings_stay_in_time_order_when_the_clock_goes_back() {
 
 /// The database itself refuses to rewrite the ledger's history (migration 0011):
 /// postings are never changed or removed, transfers never removed and their terms never
-/// changed, accounts never removed and their identity never changed. What the service
+/// changed (a hold's expiry included, migration 0013), accounts never removed and their
+/// identity never changed. What the service
 /// does update (balances, holds, status, times) still can be, and nothing refused
 /// changed anything.
 #[tokio::test]
@@ -632,6 +633,10 @@ async fn the_database_refuses_to_rewrite_ledger_history() {
             ),
             (
                 "UPDATE transfers SET initiated_by = 'mallory'",
+                "the terms of a transfer never change",
+            ),
+            (
+                "UPDATE transfers SET expires_at = 4102444800000000",
                 "the terms of a transfer never change",
             ),
             (

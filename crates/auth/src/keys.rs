@@ -182,7 +182,8 @@ async fn rotate_in(
 
 /// Makes every key of `table` ("signing_keys", or the ES256 ID-token keys) that would
 /// still sign at `switch` stop then: it stays verifiable (in the JWKS) for
-/// `overlap_secs` after. A key already due to stop earlier keeps its times. Returns how
+/// `overlap_secs` after (never longer than it already would: a key `retire`d keeps its
+/// end). A key already due to stop earlier keeps its times. Returns how
 /// many keys it rotated out (none: the table has no key yet).
 pub(crate) async fn rotate_out(
     tx: &mut vaultpay_store::Tx,
@@ -191,7 +192,8 @@ pub(crate) async fn rotate_out(
     overlap_secs: i64,
 ) -> Result<u64, AuthError> {
     let n = sqlx::query(&format!(
-        "UPDATE {table} SET retired_at = $1, verify_until = $2 \
+        "UPDATE {table} SET retired_at = $1, \
+         verify_until = CASE WHEN verify_until IS NOT NULL AND verify_until < $2 THEN verify_until ELSE $2 END \
          WHERE retired_at IS NULL OR retired_at > $1"
     ))
     .bind(switch)
@@ -201,6 +203,12 @@ pub(crate) async fn rotate_out(
     .rows_affected();
     Ok(n)
 }
+
+/// How long relying parties may cache the JWKS (its `Cache-Control`): a rotated-in key
+/// is published at least this long plus [`RELOAD_EVERY_SECS`] before it signs.
+pub const JWKS_MAX_AGE_SECS: i64 = 60;
+/// The JWKS `Cache-Control` header, [`JWKS_MAX_AGE_SECS`] spelt out.
+pub const JWKS_CACHE_CONTROL: &str = "public, max-age=60";
 
 /// How often running servers reload their keys: a rotated-out key still signs on them
 /// for up to this long, so a rotation's overlap includes it.
@@ -380,6 +388,14 @@ impl vaultpay_web::KeySource for DbKeySource {
 #[cfg(test)]
 mod tests {
     use super::signs_at;
+
+    #[test]
+    fn the_jwks_cache_control_says_its_max_age() {
+        assert_eq!(
+            super::JWKS_CACHE_CONTROL,
+            format!("public, max-age={}", super::JWKS_MAX_AGE_SECS)
+        );
+    }
 
     #[test]
     fn a_key_signs_from_its_switch_until_it_is_rotated_out() {

@@ -607,7 +607,7 @@ async fn jwks(State(svc): State<AuthService>) -> Result<Response, ApiError> {
     let mut res = Json(doc).into_response();
     res.headers_mut().insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=60"),
+        HeaderValue::from_static(crate::keys::JWKS_CACHE_CONTROL),
     );
     Ok(res)
 }

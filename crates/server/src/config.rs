@@ -389,11 +389,6 @@ impl Config {
         let a = &self.auth;
         for (name, value, range) in [
             ("auth.leeway_secs", a.leeway_secs, 0..=300),
-            (
-                "auth.key_publish_ahead_secs",
-                a.key_publish_ahead_secs,
-                0..=86_400,
-            ),
             ("auth.me_cache_ttl_ms", a.me_cache_ttl_ms, 0..=60_000),
             (
                 "auth.password_policy.min_length",
@@ -458,6 +453,18 @@ impl Config {
                     range.end()
                 );
             }
+        }
+        // Publishing a key for less than the JWKS max-age plus a key reload protects
+        // nobody: 0 (sign at once) or at least that.
+        let ahead = a.key_publish_ahead_secs;
+        use vaultpay_auth::keys::{JWKS_MAX_AGE_SECS, RELOAD_EVERY_SECS};
+        let least = JWKS_MAX_AGE_SECS + RELOAD_EVERY_SECS;
+        if ahead != 0 && !(least..=86_400).contains(&ahead) {
+            bail!(
+                "auth.key_publish_ahead_secs must be 0 (new keys sign at once) or between {least} \
+                 (the JWKS max-age, {JWKS_MAX_AGE_SECS} s, plus the {RELOAD_EVERY_SECS} s key \
+                 reload) and 86400"
+            );
         }
         if self.body_limit_bytes < 1024 {
             bail!("body_limit_bytes must be at least 1024");
@@ -716,6 +723,14 @@ mod tests {
                 "lockout.max_secs",
             ),
             (one("VAULTPAY_AUTH__LEEWAY_SECS", "-1"), "leeway_secs"),
+            (
+                one("VAULTPAY_AUTH__KEY_PUBLISH_AHEAD_SECS", "30"),
+                "key_publish_ahead_secs",
+            ),
+            (
+                one("VAULTPAY_AUTH__KEY_PUBLISH_AHEAD_SECS", "-1"),
+                "key_publish_ahead_secs",
+            ),
             (
                 one("VAULTPAY_AUTH__REFRESH_REUSE_GRACE_SECS", "86400"),
                 "refresh_reuse_grace_secs",

@@ -1028,6 +1028,21 @@ async fn a_rotated_in_key_is_published_before_it_signs() {
         assert!(vaultpay_auth::keys::retire(db, &old_kid, "test")
             .await
             .unwrap());
+        // a later rotation never lengthens a retired key's life, even when a clock
+        // that ran ahead put its stop time after the new switch
+        sqlx::query("UPDATE signing_keys SET retired_at = retired_at + 7200000000 WHERE kid = $1")
+            .bind(&old_kid)
+            .execute(db.writer())
+            .await
+            .unwrap();
+        let until = || async {
+            sqlx::query_scalar::<_, i64>("SELECT verify_until FROM signing_keys WHERE kid = $1")
+                .bind(&old_kid)
+                .fetch_one(db.read())
+                .await
+                .unwrap()
+        };
+        let retired_until = until().await;
 
         // a compromise during a staged rotation: `--now` signs with a newer key at once;
         // the staged key never signs and can be retired straight away
@@ -1037,6 +1052,7 @@ async fn a_rotated_in_key_is_published_before_it_signs() {
         let now_kid = vaultpay_auth::keys::rotate(db, &env, 0, 600, "test")
             .await
             .unwrap();
+        assert_eq!(until().await, retired_until, "a retired key stays retired");
         assert_eq!(signing_kid(&app, email).await, now_kid);
         for kid in [&staged, &staged2] {
             assert!(vaultpay_auth::keys::retire(db, kid, "test").await.unwrap());

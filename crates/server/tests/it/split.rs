@@ -260,7 +260,8 @@ async fn run(backend: Backend) {
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
     };
-    cli(&["keys", "rotate"]);
+    // a compromised key: the new one signs at once, then the old one is retired
+    cli(&["keys", "rotate", "--now"]);
     let accounts = || {
         let r = http.get(format!("{l}/v1/accounts")).bearer_auth(&admin);
         async move { read(r.send().await.unwrap()).await }

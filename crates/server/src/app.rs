@@ -396,9 +396,12 @@ async fn open_one(
     existing: bool,
 ) -> anyhow::Result<Db> {
     if !existing {
-        return Db::open(location, service, opts)
-            .await
-            .with_context(|| format!("opening {what}'s database"));
+        return Db::open(location, service, opts).await.with_context(|| {
+            format!(
+                "opening {what}'s database ({})",
+                crate::config::database_url_shown(location)
+            )
+        });
     }
     if let Some(file) = vaultpay_store::sqlite_file(location) {
         if !file.is_file() {
@@ -412,7 +415,8 @@ async fn open_one(
                 bail!(
                     "{what}'s database {} does not exist, but the {other} service's does: \
                      this looks like the data dir of a `serve {other}` process (`audit verify` \
-                     takes --service {other})",
+                     takes --service {other}; `keys` and `clients` need AuthShield's data dir, \
+                     `ledger verify` the ledger's)",
                     file.display()
                 );
             }
@@ -424,7 +428,12 @@ async fn open_one(
     }
     let db = Db::connect(location, service, opts)
         .await
-        .with_context(|| format!("opening {what}'s database"))?;
+        .with_context(|| {
+            format!(
+                "opening {what}'s database ({})",
+                crate::config::database_url_shown(location)
+            )
+        })?;
     let applied: Result<i64, _> =
         vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
             .fetch_one(db.read())
@@ -558,9 +567,26 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         None => None,
     };
 
+    // Set while a separately run AuthShield names another issuer than `auth.issuer`.
+    let mut issuer_mismatch = None;
     let verifier: Arc<TokenVerifier> = match (&auth, &cfg.auth_url) {
         (Some(a), _) => a.verifier(),
         (None, Some(url)) => {
+            let issuer = Arc::new(
+                remote::IssuerProbe::new(url, &cfg.auth.issuer, &auth_ca)
+                    .map_err(anyhow::Error::msg)?,
+            );
+            issuer_mismatch = Some(issuer.mismatch());
+            // At start (the first tick is at once) and with every JWKS reload.
+            background.push(vaultpay_web::every(
+                "issuer_probe",
+                std::time::Duration::from_secs(cfg.jwks_refresh_secs),
+                shutdown_rx.clone(),
+                move || {
+                    let issuer = issuer.clone();
+                    async move { issuer.probe().await }
+                },
+            ));
             let source =
                 Arc::new(remote::JwksSource::new(url, &auth_ca).map_err(anyhow::Error::msg)?);
             let rules = Rules {
@@ -673,6 +699,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                     ready_keys.clone(),
                     keys_stale_after,
                     introspection_refused.clone(),
+                    issuer_mismatch.clone(),
                 )
             }),
         )
@@ -732,7 +759,15 @@ async fn readyz(
     keys: Option<Arc<TokenVerifier>>,
     stale_after: std::time::Duration,
     introspection_refused: Option<Arc<std::sync::atomic::AtomicBool>>,
+    issuer_mismatch: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Response {
+    if issuer_mismatch.is_some_and(|m| m.load(std::sync::atomic::Ordering::Relaxed)) {
+        return ApiError::unavailable(
+            "AuthShield names another issuer than this ledger's auth.issuer, and every \
+             token is refused",
+        )
+        .into_response();
+    }
     if introspection_refused.is_some_and(|r| r.load(std::sync::atomic::Ordering::Relaxed)) {
         return ApiError::unavailable(
             "AuthShield refuses this ledger's introspection credentials: \

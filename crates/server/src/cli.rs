@@ -236,6 +236,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Show,
         } => {
+            // the issuer `serve` would use: its listen address when none is set
+            let mut cfg = cfg;
+            if let Some(issuer) = issuer_from_listen(&cfg) {
+                cfg.auth.issuer = issuer;
+            }
             print!("{}", cfg.show()?);
             Ok(ExitCode::SUCCESS)
         }

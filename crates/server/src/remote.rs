@@ -72,6 +72,67 @@ impl vaultpay_web::KeySource for JwksSource {
     }
 }
 
+/// Largest discovery document read from AuthShield.
+const MAX_DISCOVERY_BYTES: usize = 64 * 1024;
+
+/// Checks that AuthShield's tokens carry the issuer this ledger expects: a ledger given
+/// another `auth.issuer` than AuthShield's refuses every token (`invalid_token`), which
+/// its users see and its operator cannot tell from a bad token. Asked at start and with
+/// every JWKS reload; `/readyz` answers 503 while they differ.
+pub struct IssuerProbe {
+    url: String,
+    expected: String,
+    http: reqwest::Client,
+    mismatch: Arc<AtomicBool>,
+}
+
+impl IssuerProbe {
+    pub fn new(
+        auth_url: &str,
+        expected: &str,
+        ca: &[reqwest::Certificate],
+    ) -> Result<Self, String> {
+        Ok(Self {
+            url: format!(
+                "{}/.well-known/openid-configuration",
+                auth_url.trim_end_matches('/')
+            ),
+            expected: expected.to_owned(),
+            http: client(ca)?,
+            mismatch: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Set while AuthShield names another issuer (for `/readyz`).
+    pub fn mismatch(&self) -> Arc<AtomicBool> {
+        self.mismatch.clone()
+    }
+
+    /// Reads AuthShield's issuer from its discovery document. An unreachable AuthShield
+    /// or an unreadable answer changes nothing (the JWKS reloads tell `/readyz` about
+    /// that); a different issuer is an error naming both and the setting to change.
+    pub async fn probe(&self) -> Result<u64, String> {
+        let body = read_capped(self.http.get(&self.url), MAX_DISCOVERY_BYTES)
+            .await
+            .map_err(|e| format!("AuthShield's discovery document: {e}"))?;
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("AuthShield's discovery document: {e}"))?;
+        let Some(theirs) = doc.get("issuer").and_then(|i| i.as_str()) else {
+            return Err("AuthShield's discovery document names no issuer".to_owned());
+        };
+        let differs = theirs != self.expected;
+        self.mismatch.store(differs, Ordering::Relaxed);
+        if differs {
+            return Err(format!(
+                "AuthShield issues tokens as {theirs:?} but this ledger's auth.issuer is {:?}: \
+                 every token is refused until VAULTPAY_AUTH__ISSUER={theirs} is set here",
+                self.expected
+            ));
+        }
+        Ok(0)
+    }
+}
+
 /// Introspection at `{auth_url}/oauth/introspect` as client `vaultpay-ledger`.
 pub struct HttpIntrospector {
     url: String,

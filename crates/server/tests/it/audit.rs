@@ -1001,3 +1001,24 @@ async fn keys_rotate_publishes_before_it_signs_and_now_skips_the_wait() {
     let (code, text) = run_cli(&["keys", "retire", &old, "--data-dir", &d], &[]);
     assert_eq!(code, 0, "{text}");
 }
+
+/// `config show` prints the issuer `serve` uses: its listen address when no issuer is
+/// set (an operator copies it into a separately run ledger's `auth.issuer`), and the
+/// one set when there is one.
+#[test]
+fn config_show_prints_the_issuer_serve_uses() {
+    let listen = ("VAULTPAY_LISTEN", "127.0.0.1:18081".to_owned());
+    let (code, text) = run_cli(&["config", "show"], std::slice::from_ref(&listen));
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("issuer = \"http://127.0.0.1:18081\""),
+        "{text}"
+    );
+    let named = ("VAULTPAY_AUTH__ISSUER", "https://id.example.com".to_owned());
+    let (code, text) = run_cli(&["config", "show"], &[listen, named]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("issuer = \"https://id.example.com\""),
+        "{text}"
+    );
+}

@@ -386,13 +386,59 @@ async fn a_ledger_without_authshield_keys_is_not_ready() {
 /// keys still load, so nothing else would tell.
 #[tokio::test]
 async fn a_ledger_whose_introspection_secret_authshield_refuses_is_not_ready() {
+    let (r, log) = not_ready_while(
+        |_| ("the-secret-authshield-has", None),
+        |_| ("another-secret-entirely", None),
+        "AuthShield refuses this ledger's introspection credentials",
+    )
+    .await;
+    assert!(!r.text.contains("secret"), "{}", r.text);
+    // the probe named the setting to fix
+    assert!(log.contains("auth.introspection_secret differs"), "{log}");
+}
+
+/// A ledger run alone that expects another issuer than AuthShield's (the issuer an
+/// operator copied from somewhere else, `localhost` for `127.0.0.1`) is not ready and
+/// names the issuer to set: before, it called itself ready and refused every token as
+/// `invalid_token`.
+#[tokio::test]
+async fn a_ledger_expecting_another_issuer_than_authshields_is_not_ready() {
+    let (_, log) = not_ready_while(
+        |_| ("the-same-secret-both-have", None),
+        |pa| {
+            (
+                "the-same-secret-both-have",
+                Some(format!("http://localhost:{pa}")),
+            )
+        },
+        "AuthShield issues tokens as",
+    )
+    .await;
+    assert!(
+        log.contains("VAULTPAY_AUTH__ISSUER=http://127.0.0.1:"),
+        "{log}"
+    );
+}
+
+/// Runs AuthShield and a ledger alone (each given an introspection secret and, for the
+/// ledger, an issuer other than AuthShield's own when `Some`, as functions of
+/// AuthShield's port), waits until the ledger's log says `needle` while its `/readyz`
+/// answers 503, and returns that answer and the log.
+async fn not_ready_while(
+    auth: impl Fn(u16) -> (&'static str, Option<String>),
+    ledger: impl Fn(u16) -> (&'static str, Option<String>),
+    needle: &str,
+) -> (crate::helpers::Resp, String) {
     let (pa, pl) = (free_port(), free_port());
-    let env = |dir: &std::path::Path, secret: &str| {
+    let env = |dir: &std::path::Path, (secret, issuer): (&str, Option<String>)| {
         vec![
             ("VAULTPAY_DATA_DIR", dir.display().to_string()),
             ("VAULTPAY_DATABASE__SQLITE_SYNCHRONOUS_FULL", "false".into()),
             ("VAULTPAY_AUTH__INTROSPECTION_SECRET", secret.into()),
-            ("VAULTPAY_AUTH__ISSUER", format!("http://127.0.0.1:{pa}")),
+            (
+                "VAULTPAY_AUTH__ISSUER",
+                issuer.unwrap_or_else(|| format!("http://127.0.0.1:{pa}")),
+            ),
             ("VAULTPAY_JWKS_REFRESH_SECS", "1".into()),
             ("VAULTPAY_LOG_FORMAT", "pretty".into()),
         ]
@@ -400,49 +446,31 @@ async fn a_ledger_whose_introspection_secret_authshield_refuses_is_not_ready() {
     let (da, dl) = (temp_dir(), temp_dir());
     let mut auth = Proc::spawn(
         &["serve", "auth", "--listen", &format!("127.0.0.1:{pa}")],
-        &env(&da, "the-secret-authshield-has"),
+        &env(&da, auth(pa)),
         da.join("auth.log"),
     );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     auth.wait_ready(&http, &format!("http://127.0.0.1:{pa}"))
         .await;
-    let _ledger = spawn_ledger(
-        pl,
-        pa,
-        &env(&dl, "another-secret-entirely"),
-        dl.join("ledger.log"),
-    );
+    let _ledger = spawn_ledger(pl, pa, &env(&dl, ledger(pa)), dl.join("ledger.log"));
     let base = format!("http://127.0.0.1:{pl}");
     // `/readyz` answers a generic 503 (its reasons go to the log, not to whoever
-    // probes it): wait for one given for the credentials.
+    // probes it): wait for one given for `needle`.
     let log = || std::fs::read_to_string(dl.join("ledger.log")).unwrap_or_default();
-    let mut refused = None;
     for _ in 0..600 {
         if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
             let r = read(r).await;
-            if r.status == 503
-                && log().contains("AuthShield refuses this ledger's introspection credentials")
-            {
-                refused = Some(r);
-                break;
+            if r.status == 503 && log().contains(needle) {
+                r.assert_problem(503, "service_unavailable");
+                return (r, log());
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let r = refused.unwrap_or_else(|| {
-        panic!(
-            "the ledger never reported the refused credentials; see {}",
-            dl.join("ledger.log").display()
-        )
-    });
-    r.assert_problem(503, "service_unavailable");
-    assert!(!r.text.contains("secret"), "{}", r.text);
-    // the probe named the setting to fix
-    assert!(
-        log().contains("auth.introspection_secret differs"),
-        "{}",
-        log()
-    );
+    panic!(
+        "the ledger never reported {needle:?}; see {}",
+        dl.join("ledger.log").display()
+    )
 }
 
 /// `vaultpay serve ledger` on port `port`, with AuthShield at `http://127.0.0.1:{auth}`.

@@ -140,6 +140,27 @@ pub(crate) async fn refuse_new_key_for_sealed_data(cfg: &Config, db: &Db) -> any
     Ok(())
 }
 
+/// The master-key refusals that need no database, made before any is opened (and
+/// migrated): a key given that is no key, or none where none may be generated.
+fn refuse_unusable_master_key(cfg: &Config) -> anyhow::Result<()> {
+    match &cfg.master_key {
+        Some(k) => MasterKey::parse(k.expose()).context("master_key").map(drop),
+        None if !master_key_path(cfg).exists() && must_give_master_key(cfg) => {
+            bail!(NO_MASTER_KEY)
+        }
+        None => Ok(()),
+    }
+}
+
+const NO_MASTER_KEY: &str = "no master key: set VAULTPAY_MASTER_KEY (64 hex digits, e.g. from \
+     `openssl rand -hex 32`) or master_key_file; it is only generated in embedded mode";
+
+/// Whether the master key must be given (not generated): outside embedded mode, or
+/// when a key file is named.
+fn must_give_master_key(cfg: &Config) -> bool {
+    cfg.master_key_file.is_some() || cfg.auth_db().starts_with("postgres")
+}
+
 /// The master key from config/env, or (embedded mode only) the one generated once
 /// into `<data_dir>/master.key` with mode 0600.
 pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
@@ -162,8 +183,8 @@ pub fn master_key(cfg: &Config) -> anyhow::Result<MasterKey> {
         return MasterKey::parse(&text)
             .with_context(|| format!("master key in {}", path.display()));
     }
-    if cfg.master_key_file.is_some() || cfg.auth_db().starts_with("postgres") {
-        bail!("no master key: set VAULTPAY_MASTER_KEY (or master_key_file); it is only generated in embedded mode");
+    if must_give_master_key(cfg) {
+        bail!(NO_MASTER_KEY);
     }
     ensure_data_dir(&cfg.data_dir)?;
     let key = MasterKey::generate();
@@ -507,6 +528,9 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     #[cfg(not(feature = "nats"))]
     if cfg.nats_url.is_some() && mode != Mode::Auth {
         bail!("nats_url is set but this binary was built without the `nats` feature");
+    }
+    if mode != Mode::Ledger {
+        refuse_unusable_master_key(&cfg)?;
     }
     let prometheus = telemetry::prometheus();
     let locks = lock_sqlite_databases(&cfg, mode)?;

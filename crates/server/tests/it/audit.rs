@@ -1022,3 +1022,49 @@ fn config_show_prints_the_issuer_serve_uses() {
         "{text}"
     );
 }
+
+/// `serve` refuses an unusable master key (none given outside embedded mode, or one
+/// that is no key) before it opens, and so migrates, any database.
+#[tokio::test]
+async fn serve_refuses_a_bad_master_key_before_touching_the_databases() {
+    if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let auth = vaultpay_store::testing::fresh_location(Backend::Postgres)
+        .await
+        .unwrap();
+    let ledger = vaultpay_store::testing::fresh_location(Backend::Postgres)
+        .await
+        .unwrap();
+    let dir = temp_dir().join("nokey");
+    let base = vec![
+        ("VAULTPAY_DATABASE__AUTH_URL", auth.clone()),
+        ("VAULTPAY_DATABASE__LEDGER_URL", ledger.clone()),
+        ("VAULTPAY_DATA_DIR", dir.display().to_string()),
+        ("VAULTPAY_LISTEN", "127.0.0.1:0".to_owned()),
+    ];
+    let mut bad = base.clone();
+    bad.push(("VAULTPAY_MASTER_KEY", "hunter2".to_owned()));
+    for (env, says) in [
+        (&base, "no master key"),
+        (&bad, "master key must be 32 bytes"),
+    ] {
+        let (code, text) = run_cli(&["serve"], env);
+        assert_ne!(code, 0, "{text}");
+        assert!(text.contains(says), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+    for url in [&auth, &ledger] {
+        let db =
+            vaultpay_store::Db::connect(url, vaultpay_store::Service::Auth, &Default::default())
+                .await
+                .unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_one(db.read())
+        .await
+        .unwrap();
+        assert_eq!(tables, 0, "{url} was migrated");
+    }
+}

@@ -891,15 +891,9 @@ async fn rotated_out_keys_stop_verifying_when_retired() {
             .unwrap();
         assert_ne!(new_kid, old_kid);
         app.auth().reload_keys().await.unwrap();
-        let jwks = app.get("/.well-known/jwks.json", None).await;
-        let kids: Vec<&str> = jwks.body["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["kid"].as_str().unwrap())
-            .collect();
-        assert_eq!(kids.len(), 2, "{}", jwks.text);
-        assert!(kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()));
+        let kids = published_kids(&app).await;
+        assert_eq!(kids.len(), 2, "{kids:?}");
+        assert!(kids.contains(&old_kid) && kids.contains(&new_kid));
         // the overlap: tokens of the old key still verify; new ones use the new key
         assert_eq!(
             app.get("/v1/me", Some(&old.access)).await.status,
@@ -920,14 +914,7 @@ async fn rotated_out_keys_stop_verifying_when_retired() {
             .await
             .unwrap());
         app.auth().reload_keys().await.unwrap();
-        let jwks = app.get("/.well-known/jwks.json", None).await;
-        let kids: Vec<&str> = jwks.body["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["kid"].as_str().unwrap())
-            .collect();
-        assert_eq!(kids, vec![new_kid.as_str()], "{}", jwks.text);
+        assert_eq!(published_kids(&app).await, vec![new_kid.clone()]);
         let r = app.get("/v1/me", Some(&old.access)).await;
         assert_refused(&r, "invalid_token", "token of a retired key");
         assert_eq!(
@@ -954,6 +941,18 @@ async fn rotated_out_keys_stop_verifying_when_retired() {
         );
         app.stop().await;
     });
+}
+
+/// Moves every time of the keys in `table` an hour back, as if an hour had passed.
+pub(crate) async fn an_hour_passes_for(db: &vaultpay_store::Db, table: &str) {
+    for col in ["signs_from", "retired_at", "verify_until", "created_at"] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET {col} = {col} - 3600000000 WHERE {col} IS NOT NULL"
+        ))
+        .execute(db.writer())
+        .await
+        .unwrap();
+    }
 }
 
 /// The kids a server's JWKS publishes.
@@ -1008,16 +1007,7 @@ async fn a_rotated_in_key_is_published_before_it_signs() {
             assert!(!vaultpay_auth::keys::retire(db, kid, "test").await.unwrap());
         }
 
-        // an hour passes: every key time moves an hour back
-        let hour = 3_600_000_000_i64;
-        for col in ["signs_from", "retired_at", "verify_until", "created_at"] {
-            sqlx::query(&format!(
-                "UPDATE signing_keys SET {col} = {col} - {hour} WHERE {col} IS NOT NULL"
-            ))
-            .execute(db.writer())
-            .await
-            .unwrap();
-        }
+        an_hour_passes_for(db, "signing_keys").await;
         assert_eq!(signing_kid(&app, email).await, staged, "switched");
         assert_eq!(
             app.get("/v1/me", Some(&old.access)).await.status,

@@ -741,14 +741,7 @@ async fn es256_rotation_case(backend: Backend) {
     assert_eq!(id_token_kid().await, new);
     assert!(!vaultpay_auth::keys::retire(db, &new, "test").await.unwrap());
     // an hour on, the staged key signs; the one it replaced is still in the JWKS
-    for col in ["signs_from", "retired_at", "verify_until", "created_at"] {
-        sqlx::query(&format!(
-            "UPDATE oauth_es256_keys SET {col} = {col} - 3600000000 WHERE {col} IS NOT NULL"
-        ))
-        .execute(db.writer())
-        .await
-        .unwrap();
-    }
+    crate::auth_attacks::an_hour_passes_for(db, "oauth_es256_keys").await;
     app.auth().reload_keys().await.unwrap();
     assert_eq!(id_token_kid().await, staged);
     assert_eq!(ec_kids().await, vec![staged.clone(), new.clone()]);

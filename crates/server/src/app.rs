@@ -420,7 +420,7 @@ async fn open_one(
         return Db::open(location, service, opts).await.with_context(|| {
             format!(
                 "opening {what}'s database ({})",
-                crate::config::database_url_shown(location)
+                vaultpay_store::redact_url(location)
             )
         });
     }
@@ -452,7 +452,7 @@ async fn open_one(
         .with_context(|| {
             format!(
                 "opening {what}'s database ({})",
-                crate::config::database_url_shown(location)
+                vaultpay_store::redact_url(location)
             )
         })?;
     let applied: Result<i64, _> =

@@ -239,6 +239,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // the issuer `serve` would use: its listen address when none is set
             let mut cfg = cfg;
             if let Some(issuer) = issuer_from_listen(&cfg) {
+                println!(
+                    "# auth.issuer is not set: `serve` and `serve auth` use their listen address \
+                     (`serve ledger` needs it set, to AuthShield's)"
+                );
                 cfg.auth.issuer = issuer;
             }
             print!("{}", cfg.show()?);

@@ -587,53 +587,13 @@ impl Config {
                 if let Some(url) = url {
                     db.insert(
                         key.to_owned(),
-                        toml::Value::String(database_url_shown(url.expose())),
+                        toml::Value::String(vaultpay_store::redact_url(url.expose())),
                     );
                 }
             }
         }
         Ok(toml::to_string_pretty(&v)?)
     }
-}
-
-/// A database URL as `config show` prints it: `scheme://user@host:port/database`, a
-/// password and any query (which may hold one, `?password=`) replaced by `**redacted**`.
-/// Anything it cannot take apart with certainty is redacted whole; a SQLite path is shown
-/// as it is.
-pub(crate) fn database_url_shown(url: &str) -> String {
-    const REDACTED: &str = "**redacted**";
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // a SQLite file's path (every other database is named by a URL)
-        return url.to_owned();
-    };
-    // the userinfo ends at the last '@' (a raw '@', '/' or '?' in a password included)
-    let (user, rest) = match rest.rfind('@') {
-        Some(i) => {
-            let info = &rest[..i];
-            let user = info.split_once(':').map_or(info, |(u, _)| u);
-            let user = if info.contains(':') {
-                format!("{user}:{REDACTED}@")
-            } else {
-                format!("{user}@")
-            };
-            (user, &rest[i + 1..])
-        }
-        None => (String::new(), rest),
-    };
-    let (place, query) = match rest.split_once('?') {
-        Some((p, _)) => (p, format!("?{REDACTED}")),
-        None => (rest, String::new()),
-    };
-    let plain = |s: &str, extra: &str| {
-        s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c) || extra.contains(c))
-    };
-    let (host, path) = place.split_at(place.find('/').unwrap_or(place.len()));
-    let user_name = user.split([':', '@']).next().unwrap_or_default();
-    if !plain(scheme, "+") || !plain(host, ":[]") || !plain(path, "/") || !plain(user_name, "%") {
-        return REDACTED.to_owned();
-    }
-    format!("{scheme}://{user}{host}{path}{query}")
 }
 
 #[cfg(test)]
@@ -991,42 +951,6 @@ mod tests {
             shown.contains("auth_url = \"postgres://u:**redacted**@h/db\""),
             "{shown}"
         );
-    }
-
-    #[test]
-    fn database_urls_are_shown_without_their_secrets() {
-        for (url, shown) in [
-            (
-                "postgres://vp:hunter2@db.internal:5432/vaultpay_auth",
-                "postgres://vp:**redacted**@db.internal:5432/vaultpay_auth",
-            ),
-            (
-                "postgres://postgres@127.0.0.1:5432/auth",
-                "postgres://postgres@127.0.0.1:5432/auth",
-            ),
-            (
-                "postgres://h/db?user=vp&password=hunter2",
-                "postgres://h/db?**redacted**",
-            ),
-            // raw '@', '/', '?' and ':' in a password
-            (
-                "postgres://vp:hu@n/t?e:r2@h/db",
-                "postgres://vp:**redacted**@h/db",
-            ),
-            ("postgres://[::1]:5432/db", "postgres://[::1]:5432/db"),
-            (
-                "sqlite:///var/lib/vp/auth.db",
-                "sqlite:///var/lib/vp/auth.db",
-            ),
-            ("/var/lib/vp/auth.db", "/var/lib/vp/auth.db"),
-            // what it cannot take apart is redacted whole
-            ("postgres://h/d b", "**redacted**"),
-            ("postgres://h%2Fhunter2/db", "**redacted**"),
-        ] {
-            let got = database_url_shown(url);
-            assert_eq!(got, shown, "{url}");
-            assert!(!got.contains("hunter2") && !got.contains("e:r2"), "{url}");
-        }
     }
 
     #[test]

@@ -232,16 +232,47 @@ pub fn normalise_url(location: &str) -> Result<(Backend, String), StoreError> {
     ))
 }
 
-/// The URL without its password, for messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..s], user, &url[at + 1..])
-        }
-        _ => url.to_owned(),
+/// A database location as messages and `config show` print it: a SQLite path as it is;
+/// a URL as `scheme://user:**redacted**@host:port/database`, rebuilt from its parsed
+/// parts (as sqlx reads it), its password and any query (which may hold one:
+/// `?password=`, `sslpassword=`) redacted, a fragment dropped. A URL that does not
+/// parse is redacted whole.
+pub fn redact_url(location: &str) -> String {
+    const REDACTED: &str = "**redacted**";
+    let Some((scheme, _)) = location.split_once(':') else {
+        return location.to_owned(); // a path
+    };
+    let looks_like_scheme = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !looks_like_scheme {
+        return location.to_owned(); // a path with a ':' in it
     }
+    let Ok(u) = url::Url::parse(location) else {
+        return REDACTED.to_owned();
+    };
+    let mut out = format!("{}://", u.scheme());
+    if !u.username().is_empty() || u.password().is_some() {
+        out.push_str(u.username());
+        if u.password().is_some() {
+            out.push(':');
+            out.push_str(REDACTED);
+        }
+        out.push('@');
+    }
+    if let Some(host) = u.host_str() {
+        out.push_str(host);
+    }
+    if let Some(port) = u.port() {
+        out.push_str(&format!(":{port}"));
+    }
+    out.push_str(u.path());
+    if u.query().is_some() {
+        out.push('?');
+        out.push_str(REDACTED);
+    }
+    out
 }
 
 impl Db {
@@ -760,7 +791,64 @@ mod tests {
         assert!(normalise_url("mysql://x").is_err());
         assert_eq!(
             redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
+            "postgres://u:**redacted**@h/db"
         );
+    }
+
+    #[test]
+    fn database_urls_are_printed_without_their_secrets() {
+        for (url, shown) in [
+            (
+                "postgres://vp:hunter2@db.internal:5432/vaultpay_auth",
+                "postgres://vp:**redacted**@db.internal:5432/vaultpay_auth",
+            ),
+            (
+                "postgresql://postgres@127.0.0.1:5432/auth",
+                "postgresql://postgres@127.0.0.1:5432/auth",
+            ),
+            (
+                "postgres://h/db?user=vp&password=hunter2",
+                "postgres://h/db?**redacted**",
+            ),
+            // a query password with an '@' (or ':') after a user without one
+            (
+                "postgres://vp@db/vaultpay?password=hunter2@x",
+                "postgres://vp@db/vaultpay?**redacted**",
+            ),
+            (
+                "postgres://vp@db/v?password=hunter2:x@y",
+                "postgres://vp@db/v?**redacted**",
+            ),
+            // read as sqlx reads it: the host ends at the first '/'
+            (
+                "postgres://vp:hunter2@n/t?e:r2@h/db",
+                "postgres://vp:**redacted**@n/t?**redacted**",
+            ),
+            (
+                "postgres://vp:hu%40nter2@h/db#hunter2",
+                "postgres://vp:**redacted**@h/db",
+            ),
+            ("postgres://[::1]:5432/db", "postgres://[::1]:5432/db"),
+            (
+                "sqlite:///var/lib/vp/auth.db",
+                "sqlite:///var/lib/vp/auth.db",
+            ),
+            ("/var/lib/vp/auth.db", "/var/lib/vp/auth.db"),
+            ("data/auth.db", "data/auth.db"),
+            // what does not parse (nor would for sqlx) is redacted whole
+            ("postgres://vp:hunter2@h:port/db", "**redacted**"),
+            (
+                "postgres://u:hunter2@/db?host=/var/run/postgresql",
+                "**redacted**",
+            ),
+            ("postgre://h:99999/db?password=hunter2", "**redacted**"),
+        ] {
+            let got = redact_url(url);
+            assert!(
+                !got.contains("hunter2") && !got.contains("e:r2"),
+                "{url}: {got}"
+            );
+            assert_eq!(got, shown, "{url}");
+        }
     }
 }

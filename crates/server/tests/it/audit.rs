@@ -1027,6 +1027,31 @@ fn config_show_prints_the_issuer_serve_uses() {
 /// that is no key) before it opens, and so migrates, any database.
 #[tokio::test]
 async fn serve_refuses_a_bad_master_key_before_touching_the_databases() {
+    // SQLite: a master key file named but missing (a key is generated only when none
+    // is named)
+    // (`master_key_file` in the config file: the variable VAULTPAY_MASTER_KEY_FILE
+    // would read `master_key` from that file, refused at load)
+    let dir = temp_dir().join("missing-key");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("vaultpay.toml");
+    std::fs::write(
+        &config,
+        format!("master_key_file = {:?}\n", dir.join("nowhere.key")),
+    )
+    .unwrap();
+    let (code, text) = run_cli(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &config.display().to_string(),
+        ],
+        &[("VAULTPAY_DATA_DIR", dir.display().to_string())],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("no master key"), "{text}");
+    assert!(!dir.join("auth.db").exists(), "{text}");
     if !vaultpay_store::testing::backends().contains(&Backend::Postgres) {
         return;
     }

@@ -411,11 +411,14 @@ async fn a_ledger_expecting_another_issuer_than_authshields_is_not_ready() {
                 Some(format!("http://localhost:{pa}")),
             )
         },
-        "AuthShield issues tokens as",
+        // `/readyz`'s own reason, logged with its 503
+        "AuthShield names another issuer",
     )
     .await;
+    // the probe named the value to set
     assert!(
-        log.contains("VAULTPAY_AUTH__ISSUER=http://127.0.0.1:"),
+        log.contains("AuthShield issues tokens as")
+            && log.contains("VAULTPAY_AUTH__ISSUER=http://127.0.0.1:"),
         "{log}"
     );
 }

@@ -32,10 +32,14 @@ pub struct KeyInfo {
     pub kid: String,
     pub alg: String,
     pub created_at: String,
-    pub retired_at: Option<String>,
-    pub verify_until: Option<String>,
     /// When it starts signing; absent: from its creation.
     pub signs_from: Option<String>,
+    /// When it stops (or stopped) signing, rotated out; absent: not yet rotated out.
+    /// A staged rotation's switch may lie ahead.
+    pub signs_until: Option<String>,
+    /// When it stops (or stopped) verifying, and leaves the JWKS.
+    pub verify_until: Option<String>,
+    /// Whether it signs now (servers switch within their 15-second key reload).
     pub signing: bool,
 }
 
@@ -344,9 +348,9 @@ pub async fn list(db: &Db) -> Result<Vec<KeyInfo>, AuthError> {
                     kid: r.try_get("kid")?,
                     alg: r.try_get("alg")?,
                     created_at: vaultpay_core::time::rfc3339(r.try_get("created_at")?),
-                    retired_at: retired.map(vaultpay_core::time::rfc3339),
-                    verify_until: until.map(vaultpay_core::time::rfc3339),
                     signs_from: from.map(vaultpay_core::time::rfc3339),
+                    signs_until: retired.map(vaultpay_core::time::rfc3339),
+                    verify_until: until.map(vaultpay_core::time::rfc3339),
                     signing,
                 },
             ));

@@ -984,6 +984,10 @@ async fn keys_rotate_publishes_before_it_signs_and_now_skips_the_wait() {
     assert!(staged["signs_from"].is_string(), "{keys:?}");
     assert_eq!(keys[1]["kid"], old.as_str());
     assert_eq!(
+        keys[1]["signs_until"], staged["signs_from"],
+        "the old key signs until the new one starts"
+    );
+    assert_eq!(
         keys[1]["signing"], true,
         "the old key signs until the switch"
     );

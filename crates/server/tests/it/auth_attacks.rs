@@ -1001,7 +1001,7 @@ async fn a_rotated_in_key_is_published_before_it_signs() {
         let row = |kid: &str| list.iter().find(|k| k.kid == kid).unwrap().clone();
         assert!(row(&old_kid).signing && !row(&staged).signing, "{list:?}");
         assert!(row(&staged).signs_from.is_some(), "{list:?}");
-        assert_eq!(row(&old_kid).retired_at, row(&staged).signs_from);
+        assert_eq!(row(&old_kid).signs_until, row(&staged).signs_from);
         // the key that still signs cannot be retired, nor can the one about to
         for kid in [&old_kid, &staged] {
             assert!(!vaultpay_auth::keys::retire(db, kid, "test").await.unwrap());

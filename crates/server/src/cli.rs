@@ -505,9 +505,58 @@ fn issuer_from_listen(cfg: &Config) -> Option<String> {
         .then(|| format!("http://{listen}"))
 }
 
+/// An error and its causes on one line, each cause once: a cause whose text the line
+/// already holds (a database error that quotes its source, which quotes its own) is not
+/// repeated.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("role \"vp\" does not exist")
+            }
+        }
+        impl std::error::Error for Inner {}
+        #[derive(Debug)]
+        struct Quoting(Inner);
+        impl std::fmt::Display for Quoting {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "database error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Quoting {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Quoting(Inner)).context("opening AuthShield's database");
+        assert_eq!(
+            error_text(&e),
+            "opening AuthShield's database: database error: role \"vp\" does not exist"
+        );
+        let plain = anyhow::anyhow!("refused").context("starting");
+        assert_eq!(error_text(&plain), "starting: refused");
+    }
 
     #[test]
     fn a_rotated_key_verifies_as_long_as_anything_it_signed() {

@@ -7,7 +7,7 @@ async fn main() -> ExitCode {
     match vaultpay_server::cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", vaultpay_server::cli::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -275,6 +275,16 @@ pub fn redact_url(location: &str) -> String {
     out
 }
 
+/// Why the PostgreSQL server at `url` cannot be reached: one direct connection attempt
+/// (bounded to 5 s), after a pool's attempts ran out of time without saying.
+async fn why_unreachable(url: &str) -> StoreError {
+    use sqlx::Connection;
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::AnyConnection::connect(url)).await {
+        Ok(Err(e)) => e.into(),
+        Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut.into(),
+    }
+}
+
 impl Db {
     /// Connects and applies this service's migrations.
     pub async fn open(
@@ -297,11 +307,18 @@ impl Db {
         let (backend, url) = normalise_url(location)?;
         let inner = match backend {
             Backend::Postgres => {
-                let pool = acquire_policy(AnyPoolOptions::new(), backend)
+                let pool = match acquire_policy(AnyPoolOptions::new(), backend)
                     .max_connections(opts.max_connections)
                     .acquire_timeout(opts.acquire_timeout)
                     .connect(&url)
-                    .await?;
+                    .await
+                {
+                    Ok(pool) => pool,
+                    // The pool retried until its timeout and says only that: one
+                    // direct attempt says why (connection refused, no route, ...).
+                    Err(sqlx::Error::PoolTimedOut) => return Err(why_unreachable(&url).await),
+                    Err(e) => return Err(e.into()),
+                };
                 Inner {
                     writer: pool.clone(),
                     reader: pool,
@@ -793,6 +810,34 @@ mod tests {
             redact_url("postgres://u:secret@h/db"),
             "postgres://u:**redacted**@h/db"
         );
+    }
+
+    /// A PostgreSQL server that refuses the connection is named as such, not as a pool
+    /// that timed out.
+    #[tokio::test]
+    async fn an_unreachable_postgres_says_why() {
+        // a port nothing listens on
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = DbOptions {
+            acquire_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let Err(e) = Db::connect(
+            &format!("postgres://u@127.0.0.1:{port}/db"),
+            Service::Auth,
+            &opts,
+        )
+        .await
+        else {
+            panic!("connected to a closed port");
+        };
+        let text = e.to_string();
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+        assert!(e.is_unreachable(), "{text}");
     }
 
     #[test]

@@ -601,7 +601,31 @@ impl Ledger {
         id: &str,
         origin: &Origin,
     ) -> Result<model::AccountRow, LedgerError> {
-        let a = query::visible_account(self.db(), actor, id).await?;
+        let a = match query::account_row(self.db(), id).await? {
+            Some(a) if a.visible_to(actor) => a,
+            Some(a) => {
+                // Someone else's account: the same 404 as no account at all, but
+                // recorded (an IDOR probe), off the request path so that the answer
+                // takes no longer than for an id that does not exist.
+                metrics::counter!("ledger_foreign_account_reads_total").increment(1);
+                let (l, origin, user) = (self.clone(), origin.clone(), actor.user_id.clone());
+                tokio::spawn(async move {
+                    l.inner
+                        .denials
+                        .record_on(
+                            l.db(),
+                            &origin,
+                            "ledger.access.denied",
+                            &user,
+                            "accounts:read",
+                            &a.id,
+                        )
+                        .await;
+                });
+                return Err(LedgerError::AccountNotFound);
+            }
+            None => return Err(LedgerError::AccountNotFound),
+        };
         if !a.owned_by(actor) {
             self.require_live_role(actor, STAFF_READERS, "accounts:read", origin)
                 .await?;

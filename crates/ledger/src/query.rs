@@ -21,18 +21,6 @@ pub(crate) async fn account_row(db: &Db, id: &str) -> Result<Option<AccountRow>,
     })
 }
 
-/// The account if `actor` may see it; 404 otherwise (no existence leak).
-pub(crate) async fn visible_account(
-    db: &Db,
-    actor: &Actor,
-    id: &str,
-) -> Result<AccountRow, LedgerError> {
-    match account_row(db, id).await? {
-        Some(a) if a.visible_to(actor) => Ok(a),
-        _ => Err(LedgerError::AccountNotFound),
-    }
-}
-
 pub(crate) fn clamp_limit(limit: Option<i64>, max: i64) -> i64 {
     limit.unwrap_or(50).clamp(1, max)
 }

@@ -514,6 +514,21 @@ impl DenialLog {
         actor: &str,
         permission: &str,
     ) -> bool {
+        self.record_on(db, origin, action, actor, permission, permission)
+            .await
+    }
+
+    /// [`Self::record`] for a refusal about one record (`resource`, e.g. the account a
+    /// customer asked for that is someone else's).
+    pub async fn record_on(
+        &self,
+        db: &Db,
+        origin: &Origin,
+        action: &str,
+        actor: &str,
+        permission: &str,
+        resource: &str,
+    ) -> bool {
         let quota = vaultpay_core::gcra::Quota::new(Self::PER_ACTOR, 60);
         let now = vaultpay_core::time::now_micros();
         if !self.limiter.check(actor, quota, now).allowed {
@@ -527,7 +542,7 @@ impl DenialLog {
         }
         let entry = NewAudit::failure(action)
             .actor(actor)
-            .resource(permission)
+            .resource(resource)
             .metadata(serde_json::json!({ "permission": permission }));
         match append_alone(db, origin, entry).await {
             Ok(_) => true,

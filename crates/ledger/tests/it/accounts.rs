@@ -90,6 +90,63 @@ async fn open_list_get_with_masking_and_no_existence_leak() {
     .await;
 }
 
+/// A customer asking for someone else's account gets the same 404 as for an id that
+/// does not exist, but the probe is in the ledger's audit log (who asked for which
+/// account); an id that does not exist leaves nothing there.
+#[tokio::test]
+async fn reads_of_someone_elses_account_are_audited() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let alice = app.customer("alice");
+        let bob = app.customer("bob");
+        let admin = app.admin();
+        let id = app.open(&alice, "USD").await;
+        let theirs = app
+            .get(&format!("/v1/accounts/{id}"), &bob)
+            .await
+            .problem(404, "account_not_found");
+        let missing = app
+            .get("/v1/accounts/01a252d0-0000-7000-8000-000000000000", &bob)
+            .await
+            .problem(404, "account_not_found");
+        assert_eq!(theirs.body["detail"], missing.body["detail"]);
+        app.get(&format!("/v1/accounts/{id}/transactions"), &bob)
+            .await
+            .problem(404, "account_not_found");
+        // written off the request path: wait for both entries
+        let probes = || async {
+            let log = app
+                .get("/v1/admin/ledger/audit?limit=200", &admin)
+                .await
+                .expect(200);
+            log.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["action"] == "ledger.access.denied")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            seen = probes().await;
+            if seen.len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        for e in &seen {
+            assert_eq!(e["actor"], "bob", "{e}");
+            assert_eq!(e["resource"], id.as_str(), "{e}");
+            assert_eq!(e["outcome"], "failure", "{e}");
+            assert_eq!(e["metadata"]["permission"], "accounts:read", "{e}");
+        }
+        app.assert_consistent().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bad_input_is_never_a_500() {
     each_backend(|b| async move {

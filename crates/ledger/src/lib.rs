@@ -605,23 +605,29 @@ impl Ledger {
             Some(a) if a.visible_to(actor) => a,
             Some(a) => {
                 // Someone else's account: the same 404 as no account at all, but
-                // recorded (an IDOR probe), off the request path so that the answer
-                // takes no longer than for an id that does not exist.
-                metrics::counter!("ledger_foreign_account_reads_total").increment(1);
-                let (l, origin, user) = (self.clone(), origin.clone(), actor.user_id.clone());
-                tokio::spawn(async move {
-                    l.inner
-                        .denials
-                        .record_on(
-                            l.db(),
+                // recorded (an IDOR probe; at most `DenialLog::PER_ACTOR` a minute per
+                // user, the rest dropped), off the request path so that the answer
+                // takes no longer than for an id that does not exist. No metric: an
+                // open `/metrics` would tell a caller which ids exist.
+                if self.inner.denials.admit(&actor.user_id) {
+                    let (db, origin, user, account) = (
+                        self.db().clone(),
+                        origin.clone(),
+                        actor.user_id.clone(),
+                        a.id,
+                    );
+                    tokio::spawn(async move {
+                        vaultpay_store::audit::DenialLog::write(
+                            &db,
                             &origin,
                             "ledger.access.denied",
                             &user,
                             "accounts:read",
-                            &a.id,
+                            &account,
                         )
-                        .await;
-                });
+                        .await
+                    });
+                }
                 return Err(LedgerError::AccountNotFound);
             }
             None => return Err(LedgerError::AccountNotFound),

@@ -505,20 +505,23 @@ fn issuer_from_listen(cfg: &Config) -> Option<String> {
         .then(|| format!("http://{listen}"))
 }
 
-/// An error and its causes on one line, each cause once: a cause whose text the line
-/// already holds (a database error that quotes its source, which quotes its own) is not
-/// repeated.
+/// An error and its causes on one line, each cause once: a cause whose text ends the
+/// cause before it (a database error that quotes its source, which quotes its own) is
+/// not repeated.
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
+    let mut before = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.contains(&text) {
+        if !before.is_empty() && before.ends_with(&text) {
+            before = text;
             continue;
         }
         if !out.is_empty() {
             out.push_str(": ");
         }
         out.push_str(&text);
+        before = text;
     }
     out
 }
@@ -556,6 +559,12 @@ mod tests {
         );
         let plain = anyhow::anyhow!("refused").context("starting");
         assert_eq!(error_text(&plain), "starting: refused");
+        // a cause that only happens to appear in an earlier one is kept
+        let kept = anyhow::anyhow!("timed out").context("connecting (timed out once already)");
+        assert_eq!(
+            error_text(&kept),
+            "connecting (timed out once already): timed out"
+        );
     }
 
     #[test]

@@ -119,10 +119,6 @@ const METRICS: &[(&str, &str)] = &[
         "Outbox events published without their full payload (over the size limit)",
     ),
     (
-        "ledger_foreign_account_reads_total",
-        "Reads of another customer's account, answered 404 like a missing one (audited)",
-    ),
-    (
         "ledger_permission_refused_total",
         "Uses of a staff permission by a user without it (ledger)",
     ),

@@ -514,24 +514,7 @@ impl DenialLog {
         actor: &str,
         permission: &str,
     ) -> bool {
-        self.record_on(db, origin, action, actor, permission, permission)
-            .await
-    }
-
-    /// [`Self::record`] for a refusal about one record (`resource`, e.g. the account a
-    /// customer asked for that is someone else's).
-    pub async fn record_on(
-        &self,
-        db: &Db,
-        origin: &Origin,
-        action: &str,
-        actor: &str,
-        permission: &str,
-        resource: &str,
-    ) -> bool {
-        let quota = vaultpay_core::gcra::Quota::new(Self::PER_ACTOR, 60);
-        let now = vaultpay_core::time::now_micros();
-        if !self.limiter.check(actor, quota, now).allowed {
+        if !self.admit(actor) {
             tracing::warn!(
                 actor,
                 permission,
@@ -540,6 +523,28 @@ impl DenialLog {
             );
             return false;
         }
+        Self::write(db, origin, action, actor, permission, permission).await
+    }
+
+    /// Whether `actor`'s next refusal may reach the chain (at most [`Self::PER_ACTOR`]
+    /// a minute); counts it when it may.
+    pub fn admit(&self, actor: &str) -> bool {
+        let quota = vaultpay_core::gcra::Quota::new(Self::PER_ACTOR, 60);
+        let now = vaultpay_core::time::now_micros();
+        self.limiter.check(actor, quota, now).allowed
+    }
+
+    /// Writes one refusal [`Self::admit`] let through: `actor` refused `permission` on
+    /// `resource` (the permission itself, or the record asked for). Returns whether it
+    /// was written.
+    pub async fn write(
+        db: &Db,
+        origin: &Origin,
+        action: &str,
+        actor: &str,
+        permission: &str,
+        resource: &str,
+    ) -> bool {
         let entry = NewAudit::failure(action)
             .actor(actor)
             .resource(resource)

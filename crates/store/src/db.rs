@@ -276,12 +276,18 @@ pub fn redact_url(location: &str) -> String {
 }
 
 /// Why the PostgreSQL server at `url` cannot be reached: one direct connection attempt
-/// (bounded to 5 s), after a pool's attempts ran out of time without saying.
-async fn why_unreachable(url: &str) -> StoreError {
+/// (bounded by `timeout`, at most 5 s), after a pool's attempts ran out of time without
+/// saying. Still "pool timed out" when the attempt connects or times out too.
+async fn why_unreachable(url: &str, timeout: Duration) -> StoreError {
     use sqlx::Connection;
-    match tokio::time::timeout(Duration::from_secs(5), sqlx::AnyConnection::connect(url)).await {
+    let attempt = sqlx::AnyConnection::connect(url);
+    match tokio::time::timeout(timeout.min(Duration::from_secs(5)), attempt).await {
         Ok(Err(e)) => e.into(),
-        Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut.into(),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            sqlx::Error::PoolTimedOut.into()
+        }
+        Err(_) => sqlx::Error::PoolTimedOut.into(),
     }
 }
 
@@ -316,7 +322,9 @@ impl Db {
                     Ok(pool) => pool,
                     // The pool retried until its timeout and says only that: one
                     // direct attempt says why (connection refused, no route, ...).
-                    Err(sqlx::Error::PoolTimedOut) => return Err(why_unreachable(&url).await),
+                    Err(sqlx::Error::PoolTimedOut) => {
+                        return Err(why_unreachable(&url, opts.acquire_timeout).await)
+                    }
                     Err(e) => return Err(e.into()),
                 };
                 Inner {

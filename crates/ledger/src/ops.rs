@@ -95,15 +95,16 @@ pub(crate) async fn record_failure(
         // Batches record their failed items themselves; opening an account moves nothing.
         Op::Batch(_) | Op::Open(_) => return Ok(()),
     };
-    let op = match &job.op {
-        Op::Post(id, _) | Op::Void(id, _) => format!("{}:{id}", job.op.name()),
-        other => other.name().to_owned(),
+    let hold = match &job.op {
+        Op::Post(id, _) | Op::Void(id, _) => Some(id.as_str()),
+        _ => None,
     };
     insert_failure(
         tx,
         &job.actor,
         job.key.as_deref(),
-        &op,
+        job.op.name(),
+        hold,
         from,
         to,
         amount,
@@ -119,6 +120,7 @@ async fn insert_failure(
     actor: &Actor,
     key: Option<&str>,
     op: &str,
+    hold: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
     amount: Option<i64>,
@@ -127,13 +129,15 @@ async fn insert_failure(
 ) -> Result<(), LedgerError> {
     let currency: Option<String> = currency.map(|c| c.chars().take(16).collect());
     sqlx::query(
-        "INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, from_account_id, to_account_id, \
-         amount, currency, reason, detail, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "INSERT INTO failed_transfers (id, user_id, idempotency_key, operation, transfer_id, from_account_id, \
+         to_account_id, amount, currency, reason, detail, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(crate::ids::new_id())
     .bind(&actor.user_id)
     .bind(key)
     .bind(op)
+    .bind(hold.map(|s| s.chars().take(64).collect::<String>()))
     .bind(from.map(|s| s.chars().take(64).collect::<String>()))
     .bind(to.map(|s| s.chars().take(64).collect::<String>()))
     .bind(amount)

@@ -310,7 +310,8 @@ pub(crate) async fn failed_transfers(
         ""
     };
     let sql = format!(
-        "SELECT id, user_id, idempotency_key, operation, from_account_id, to_account_id, amount, currency, reason, detail, created_at \
+        "SELECT id, user_id, idempotency_key, operation, transfer_id, from_account_id, to_account_id, amount, currency, \
+         reason, detail, created_at \
          FROM failed_transfers WHERE {by_user}id < $1 ORDER BY id DESC LIMIT {}",
         limit + 1
     );
@@ -327,6 +328,7 @@ pub(crate) async fn failed_transfers(
             id: r.try_get("id")?,
             user_id: r.try_get("user_id")?,
             operation: r.try_get("operation")?,
+            transfer_id: r.try_get("transfer_id")?,
             idempotency_key: r.try_get("idempotency_key")?,
             from_account_id: r.try_get("from_account_id")?,
             to_account_id: r.try_get("to_account_id")?,

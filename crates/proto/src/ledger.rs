@@ -214,7 +214,11 @@ pub struct TransactionList {
 pub struct FailedTransfer {
     pub id: String,
     pub user_id: String,
+    /// `transfer`, `deposit`, `withdrawal`, `post_hold` or `void_hold`.
     pub operation: String,
+    /// The hold a refused `post_hold` or `void_hold` named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -70,6 +70,7 @@ const LEDGER: &[Migration] = &[
     migration!(11, "ledger", "0011_ledger_history_guarded"),
     migration!(12, "ledger", "0012_pending_holds_by_batch"),
     migration!(13, "ledger", "0013_hold_expiry_fixed"),
+    migration!(14, "ledger", "0014_failed_transfers_hold_id"),
 ];
 
 const LOCK_MIGRATIONS: i64 = 1;

@@ -144,6 +144,16 @@ async fn void_releases_and_resolves_once() {
         assert_eq!(app.balance(&alice, &a).await, (900, 900));
         app.post(&format!("/v1/transfers/{id}/void"), &alice, None, json!({})).await.problem(409, "hold_not_pending");
         app.post(&format!("/v1/transfers/{id}/post"), &alice, Some(&key()), json!({})).await.problem(409, "hold_not_pending");
+        // both refusals are on record, naming the hold in its own member
+        let failed = app.get("/v1/admin/failed-transfers?user_id=alice", &app.admin()).await.expect(200);
+        let mut ops: Vec<(String, String)> = failed.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["operation"].as_str().unwrap().to_owned(), f["transfer_id"].as_str().unwrap_or("").to_owned()))
+            .collect();
+        ops.sort();
+        assert_eq!(ops, [("post_hold".to_owned(), id.clone()), ("void_hold".to_owned(), id.clone())], "{}", failed.text);
         app.post(&format!("/v1/transfers/{id}/void"), &alice, None, json!({"bogus": 1})).await.problem(422, "invalid_request");
         // bad timeouts
         hold(&app, &alice, &a, &bb, 1, Some(0)).await.problem(422, "invalid_request");

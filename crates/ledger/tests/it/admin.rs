@@ -600,3 +600,50 @@ async fn unfreeze_and_close_need_a_recent_second_factor_and_freeze_does_not() {
     })
     .await;
 }
+
+/// Ledger migration 0014 splits the failed posts and voids an earlier version recorded
+/// (`post_hold:<hold id>`) into `operation` and `transfer_id`, and leaves other rows as
+/// they are: the migration run again on a database put back as it was before it.
+#[tokio::test]
+async fn migration_0014_splits_old_failed_hold_operations() {
+    each_backend(|b| async move {
+        let app = TestApp::new(b).await;
+        let admin = app.admin();
+        for sql in [
+            "ALTER TABLE failed_transfers DROP COLUMN transfer_id",
+            "DELETE FROM schema_migrations WHERE version = 14",
+            "INSERT INTO failed_transfers (id, user_id, operation, reason, detail, created_at) VALUES \
+             ('f1', 'alice', 'post_hold:0190-hold-a', 'hold_not_pending', 'x', 1), \
+             ('f2', 'alice', 'void_hold:0190-hold-b', 'hold_expired', 'x', 2), \
+             ('f3', 'alice', 'transfer', 'insufficient_funds', 'x', 3)",
+        ] {
+            sqlx::raw_sql(sql).execute(app.db.writer()).await.unwrap();
+        }
+        assert_eq!(app.db.migrate().await.unwrap(), 1);
+        let list = app
+            .get("/v1/admin/failed-transfers?user_id=alice", &admin)
+            .await
+            .expect(200);
+        let mut rows: Vec<(String, String, String)> = list.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["id"].as_str().unwrap().to_owned(),
+                    f["operation"].as_str().unwrap().to_owned(),
+                    f["transfer_id"].as_str().unwrap_or("-").to_owned(),
+                )
+            })
+            .collect();
+        rows.sort();
+        let want = [
+            ("f1", "post_hold", "0190-hold-a"),
+            ("f2", "void_hold", "0190-hold-b"),
+            ("f3", "transfer", "-"),
+        ]
+        .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()));
+        assert_eq!(rows, want, "{}", list.text);
+    })
+    .await;
+}

@@ -443,6 +443,9 @@ struct AuditQuery {
     /// RFC 3339, exclusive.
     to: Option<String>,
     cursor: Option<String>,
+    /// Entries per page: at least 1 (default 50); more than 500 is capped to 500, as
+    /// the ledger's lists cap theirs.
+    #[param(minimum = 1)]
     limit: Option<i64>,
 }
 
@@ -478,12 +481,13 @@ async fn list_audit(
         })
         .transpose()?;
     let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
+    if limit < 1 {
         return Err(ApiError::bad_request(
             "invalid_query",
-            "`limit` must be between 1 and 500.",
+            "`limit` must be at least 1.",
         ));
     }
+    let limit = limit.min(500);
     let f = AuditFilter {
         from: time_param("from", &q.from)?,
         to: time_param("to", &q.to)?,

@@ -449,19 +449,6 @@ struct AuditQuery {
     limit: Option<i64>,
 }
 
-fn time_param(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
-    v.as_deref()
-        .map(|s| {
-            vaultpay_core::time::parse_rfc3339(s).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    format!("`{name}` must be an RFC 3339 time."),
-                )
-            })
-        })
-        .transpose()
-}
-
 /// The audit log, newest first (`audit:read`: admin and compliance).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "auth", params(AuditQuery),
     responses((status = 200, body = wire::AuditPage), (status = 403, body = Problem)), security(("bearer" = [])))]
@@ -480,17 +467,10 @@ async fn list_audit(
                 .map_err(|_| ApiError::bad_request("invalid_cursor", "The cursor is not valid."))
         })
         .transpose()?;
-    let limit = q.limit.unwrap_or(50);
-    if limit < 1 {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "`limit` must be at least 1.",
-        ));
-    }
-    let limit = limit.min(500);
+    let limit = vaultpay_web::limit_param(q.limit)?.unwrap_or(50).min(500);
     let f = AuditFilter {
-        from: time_param("from", &q.from)?,
-        to: time_param("to", &q.to)?,
+        from: vaultpay_web::time_param("from", q.from.as_deref())?,
+        to: vaultpay_web::time_param("to", q.to.as_deref())?,
         actor: q.actor,
         action: q.action,
         request_id: q.request_id,

@@ -15,7 +15,9 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 use vaultpay_proto::ledger::{self as wire, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER};
 use vaultpay_proto::{Problem, PROBLEM_CONTENT_TYPE};
-use vaultpay_web::{ApiError, ApiJson, ApiQuery, Ctx, OptionalJson, Principal};
+use vaultpay_web::{
+    limit_param, time_param, ApiError, ApiJson, ApiQuery, Ctx, OptionalJson, Principal,
+};
 
 pub(crate) fn router(ledger: Ledger) -> Router {
     // A route's own limit replaces the server-wide one (`DefaultBodyLimit` is read by
@@ -152,32 +154,6 @@ pub(crate) struct AuditQuery {
     /// Entries per page: at least 1 (default 50); more than 499 is capped to 499.
     #[param(minimum = 1)]
     limit: Option<i64>,
-}
-
-/// A page size as asked for: at least 1 (a larger one than the server allows is capped
-/// where it is used).
-fn limit_param(limit: Option<i64>) -> ApiResult<Option<i64>> {
-    match limit {
-        Some(n) if n < 1 => Err(ApiError::bad_request(
-            "invalid_query",
-            "`limit` must be at least 1.",
-        )),
-        _ => Ok(limit),
-    }
-}
-
-fn time_param(name: &str, v: Option<&str>) -> ApiResult<Option<i64>> {
-    match v {
-        None => Ok(None),
-        Some(s) => vaultpay_core::time::parse_rfc3339(s)
-            .map(Some)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    format!("{name} must be an RFC 3339 timestamp"),
-                )
-            }),
-    }
 }
 
 #[utoipa::path(post, path = "/v1/accounts", tag = "ledger", request_body = wire::OpenAccountRequest,

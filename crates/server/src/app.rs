@@ -416,13 +416,16 @@ async fn open_one(
     opts: &DbOptions,
     existing: bool,
 ) -> anyhow::Result<Db> {
+    let opening = || {
+        format!(
+            "opening {what}'s database ({})",
+            vaultpay_store::redact_url(location)
+        )
+    };
     if !existing {
-        return Db::open(location, service, opts).await.with_context(|| {
-            format!(
-                "opening {what}'s database ({})",
-                vaultpay_store::redact_url(location)
-            )
-        });
+        return Db::open(location, service, opts)
+            .await
+            .with_context(opening);
     }
     if let Some(file) = vaultpay_store::sqlite_file(location) {
         if !file.is_file() {
@@ -449,12 +452,7 @@ async fn open_one(
     }
     let db = Db::connect(location, service, opts)
         .await
-        .with_context(|| {
-            format!(
-                "opening {what}'s database ({})",
-                vaultpay_store::redact_url(location)
-            )
-        })?;
+        .with_context(opening)?;
     let applied: Result<i64, _> =
         vaultpay_store::sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
             .fetch_one(db.read())

@@ -238,7 +238,7 @@ pub fn normalise_url(location: &str) -> Result<(Backend, String), StoreError> {
 /// `?password=`, `sslpassword=`) redacted, a fragment dropped. A URL that does not
 /// parse is redacted whole.
 pub fn redact_url(location: &str) -> String {
-    const REDACTED: &str = "**redacted**";
+    use vaultpay_core::secret::REDACTED;
     let Some((scheme, _)) = location.split_once(':') else {
         return location.to_owned(); // a path
     };

@@ -435,6 +435,31 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     }
 }
 
+/// A list's `limit` query parameter as asked for: at least 1 (400 `invalid_query`
+/// below); a larger one than the list gives is capped where it is used.
+pub fn limit_param(limit: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match limit {
+        Some(n) if n < 1 => Err(ApiError::bad_request(
+            "invalid_query",
+            "`limit` must be at least 1.",
+        )),
+        _ => Ok(limit),
+    }
+}
+
+/// A time query parameter (`from`, `to`): RFC 3339, else 400 `invalid_query` naming it.
+pub fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
+    v.map(|s| {
+        vaultpay_core::time::parse_rfc3339(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("`{name}` must be an RFC 3339 time."),
+            )
+        })
+    })
+    .transpose()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

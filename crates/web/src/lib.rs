@@ -21,8 +21,9 @@ pub use authn::{bearer_token, Introspector, KeySource, MaybePrincipal, Principal
 pub use background::every;
 pub use error::{current_request_id, ApiError, REQUEST_ID};
 pub use extract::{
-    client_ip, json_has_nul, nul_refused, path_is_utf8, path_not_utf8, urlencoded_has_nul, ApiForm,
-    ApiJson, ApiQuery, ClientIpConfig, Ctx, ForwardedHeader, OptionalJson,
+    client_ip, json_has_nul, limit_param, nul_refused, path_is_utf8, path_not_utf8, time_param,
+    urlencoded_has_nul, ApiForm, ApiJson, ApiQuery, ClientIpConfig, Ctx, ForwardedHeader,
+    OptionalJson,
 };
 pub use ratelimit::{enforce, MemoryRateLimiter, RateLimiter};
 pub use step_up::{reauthentication_required, require_step_up, step_up_required};

@@ -492,7 +492,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     }
     // The introspection secret and users' tokens go to AuthShield, and the keys that
     // verify every token come from it: never in clear text across a network.
-    let mut auth_ca = Vec::new();
+    let mut auth_http = None;
     if mode == Mode::Ledger {
         if let Some(url) = cfg
             .auth_url
@@ -501,11 +501,13 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         {
             bail!("--auth-url must be https (http only to a loopback address), not {url:?}");
         }
-        if let Some(f) = &cfg.auth_ca_path {
-            auth_ca = remote::load_ca(f)
+        let ca = match &cfg.auth_ca_path {
+            Some(f) => remote::load_ca(f)
                 .map_err(anyhow::Error::msg)
-                .context("auth_ca_path")?;
-        }
+                .context("auth_ca_path")?,
+            None => Vec::new(),
+        };
+        auth_http = Some(remote::client(&ca).map_err(anyhow::Error::msg)?);
     }
     if mode == Mode::Ledger && !cfg.issuer_configured {
         bail!(
@@ -589,16 +591,26 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         None => None,
     };
 
-    // Set while a separately run AuthShield names another issuer than `auth.issuer`.
-    let mut issuer_mismatch = None;
+    // What a ledger run alone finds wrong at AuthShield (another issuer, its
+    // introspection credentials refused): set while it lasts, `/readyz` then answers
+    // 503 with the reason in the log.
+    let mut faults: Vec<(Arc<std::sync::atomic::AtomicBool>, &'static str)> = Vec::new();
     let verifier: Arc<TokenVerifier> = match (&auth, &cfg.auth_url) {
         (Some(a), _) => a.verifier(),
         (None, Some(url)) => {
-            let issuer = Arc::new(
-                remote::IssuerProbe::new(url, &cfg.auth.issuer, &auth_ca)
-                    .map_err(anyhow::Error::msg)?,
-            );
-            issuer_mismatch = Some(issuer.mismatch());
+            let http = auth_http
+                .clone()
+                .context("the ledger alone needs --auth-url")?;
+            let issuer = Arc::new(remote::IssuerProbe::new(
+                url,
+                &cfg.auth.issuer,
+                http.clone(),
+            ));
+            faults.push((
+                issuer.mismatch(),
+                "AuthShield names another issuer than this ledger's auth.issuer, and every \
+                 token is refused",
+            ));
             // At start (the first tick is at once) and with every JWKS reload.
             background.push(vaultpay_web::every(
                 "issuer_probe",
@@ -609,8 +621,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                     async move { issuer.probe().await }
                 },
             ));
-            let source =
-                Arc::new(remote::JwksSource::new(url, &auth_ca).map_err(anyhow::Error::msg)?);
+            let source = Arc::new(remote::JwksSource::new(url, http));
             let rules = Rules {
                 issuer: cfg.auth.issuer.clone(),
                 audience: cfg.auth.audience.clone(),
@@ -636,9 +647,6 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
         (None, None) => bail!("the ledger alone needs --auth-url (where AuthShield runs)"),
     };
 
-    // Set while a separately run AuthShield refuses the ledger's introspection
-    // credentials (`/readyz` then answers 503).
-    let mut introspection_refused = None;
     let ledger = match &ledger_db {
         Some(db) => {
             dbs.push(db.clone());
@@ -650,11 +658,16 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                         .introspection_secret
                         .clone()
                         .context("the ledger alone needs auth.introspection_secret (VAULTPAY_AUTH__INTROSPECTION_SECRET)")?;
-                    let remote = Arc::new(
-                        remote::HttpIntrospector::new(url, secret, &auth_ca)
-                            .map_err(anyhow::Error::msg)?,
-                    );
-                    introspection_refused = Some(remote.credentials_refused());
+                    let http = auth_http
+                        .clone()
+                        .context("the ledger alone needs --auth-url")?;
+                    let remote = Arc::new(remote::HttpIntrospector::new(url, secret, http));
+                    faults.push((
+                        remote.credentials_refused(),
+                        "AuthShield refuses this ledger's introspection credentials: \
+                         auth.introspection_secret differs between the two processes, and \
+                         every sensitive operation answers 503",
+                    ));
                     // At start (the first tick is at once) and with every JWKS reload.
                     let probe = remote.clone();
                     background.push(vaultpay_web::every(
@@ -701,6 +714,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
     };
 
     let ready_dbs = dbs.clone();
+    let faults: Arc<[_]> = faults.into();
     let metrics_token = cfg.metrics_token.clone();
     // A ledger run alone is ready once it holds AuthShield's keys as well.
     let ready_keys = auth.is_none().then(|| verifier.clone());
@@ -720,8 +734,7 @@ pub async fn start(cfg: Config, mode: Mode, bootstrap: Bootstrap) -> anyhow::Res
                     ready_dbs.clone(),
                     ready_keys.clone(),
                     keys_stale_after,
-                    introspection_refused.clone(),
-                    issuer_mismatch.clone(),
+                    faults.clone(),
                 )
             }),
         )
@@ -780,23 +793,13 @@ async fn readyz(
     dbs: Vec<Db>,
     keys: Option<Arc<TokenVerifier>>,
     stale_after: std::time::Duration,
-    introspection_refused: Option<Arc<std::sync::atomic::AtomicBool>>,
-    issuer_mismatch: Option<Arc<std::sync::atomic::AtomicBool>>,
+    faults: Arc<[(Arc<std::sync::atomic::AtomicBool>, &'static str)]>,
 ) -> Response {
-    if issuer_mismatch.is_some_and(|m| m.load(std::sync::atomic::Ordering::Relaxed)) {
-        return ApiError::unavailable(
-            "AuthShield names another issuer than this ledger's auth.issuer, and every \
-             token is refused",
-        )
-        .into_response();
-    }
-    if introspection_refused.is_some_and(|r| r.load(std::sync::atomic::Ordering::Relaxed)) {
-        return ApiError::unavailable(
-            "AuthShield refuses this ledger's introspection credentials: \
-             auth.introspection_secret differs between the two processes, and every \
-             sensitive operation answers 503",
-        )
-        .into_response();
+    let fault = faults
+        .iter()
+        .find(|(set, _)| set.load(std::sync::atomic::Ordering::Relaxed));
+    if let Some((_, why)) = fault {
+        return ApiError::unavailable(*why).into_response();
     }
     for db in &dbs {
         if let Err(e) = db.ping().await {

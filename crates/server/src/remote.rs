@@ -27,10 +27,11 @@ pub fn load_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, Stri
     Ok(certs)
 }
 
-/// The HTTP client for AuthShield: no proxy from the environment (`HTTP_PROXY` would
-/// see the introspection secret and users' tokens, and could serve its own JWKS), no
-/// redirects, and `ca` trusted besides the public roots.
-fn client(ca: &[reqwest::Certificate]) -> Result<reqwest::Client, String> {
+/// The HTTP client for AuthShield, one for everything a ledger run alone asks it (its
+/// JWKS, introspection, the issuer probe): no proxy from the environment (`HTTP_PROXY`
+/// would see the introspection secret and users' tokens, and could serve its own
+/// JWKS), no redirects, and `ca` trusted besides the public roots.
+pub fn client(ca: &[reqwest::Certificate]) -> Result<reqwest::Client, String> {
     ca.iter()
         .fold(reqwest::Client::builder(), |b, c| {
             b.add_root_certificate(c.clone())
@@ -51,11 +52,11 @@ pub struct JwksSource {
 }
 
 impl JwksSource {
-    pub fn new(auth_url: &str, ca: &[reqwest::Certificate]) -> Result<Self, String> {
-        Ok(Self {
+    pub fn new(auth_url: &str, http: reqwest::Client) -> Self {
+        Self {
             url: format!("{}/.well-known/jwks.json", auth_url.trim_end_matches('/')),
-            http: client(ca)?,
-        })
+            http,
+        }
     }
 }
 
@@ -87,20 +88,16 @@ pub struct IssuerProbe {
 }
 
 impl IssuerProbe {
-    pub fn new(
-        auth_url: &str,
-        expected: &str,
-        ca: &[reqwest::Certificate],
-    ) -> Result<Self, String> {
-        Ok(Self {
+    pub fn new(auth_url: &str, expected: &str, http: reqwest::Client) -> Self {
+        Self {
             url: format!(
                 "{}/.well-known/openid-configuration",
                 auth_url.trim_end_matches('/')
             ),
             expected: expected.to_owned(),
-            http: client(ca)?,
+            http,
             mismatch: Arc::new(AtomicBool::new(false)),
-        })
+        }
     }
 
     /// Set while AuthShield names another issuer (for `/readyz`).
@@ -149,17 +146,13 @@ pub struct HttpIntrospector {
 const PROBE_TOKEN: &str = "vaultpay-ledger-credentials-probe";
 
 impl HttpIntrospector {
-    pub fn new(
-        auth_url: &str,
-        secret: Secret,
-        ca: &[reqwest::Certificate],
-    ) -> Result<Self, String> {
-        Ok(Self {
+    pub fn new(auth_url: &str, secret: Secret, http: reqwest::Client) -> Self {
+        Self {
             url: format!("{}/oauth/introspect", auth_url.trim_end_matches('/')),
             secret,
-            http: client(ca)?,
+            http,
             refused: Arc::new(AtomicBool::new(false)),
-        })
+        }
     }
 
     /// Set while AuthShield refuses this ledger's credentials (for `/readyz`).
